@@ -105,7 +105,7 @@ def scan_affine(G: torch.Tensor, X: torch.Tensor, dim: int = -3) -> Tuple[torch.
     dim = dim % G.dim()
     C = G.shape[dim]
     d = 1
-    while d < C:
+    while 2 * d < C:
         head = lambda x: x.narrow(dim, 0, d)          # positions < d: already complete
         earlier = lambda x: x.narrow(dim, 0, C - d)   # the map ending at t - d
         later = lambda x: x.narrow(dim, d, C - d)     # the map ending at t

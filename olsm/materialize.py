@@ -1,0 +1,116 @@
+"""Evaluate IR expressions on torch tensors (sympy -> lambdified torch functions).
+
+Every expression is evaluated in one broadcast layout ``[B, T, H, K, V]``: a per-key symbol
+is ``[B, T, H, K, 1]``, a per-value one ``[B, T, H, 1, V]``, a per-head one
+``[B, T, H, 1, 1]``, a ``[H, V, K]`` parameter ``[1, 1, H, K, V]``. Results are then reduced
+to their natural shape (a key vector ``[B, T, H, K]``, a gate ``[B, T, H, K, V]``...).
+sympy is touched once per expression (lambdify is cached); calls only run torch code.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, Tuple
+
+import sympy as sp
+import torch
+
+from .errors import BackendError
+from .symbols import expr_axes, k_n, kk, v_j
+
+#: sympy function name -> torch implementation, for lambdify's namespace
+TORCH_FUNCS = {
+    "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "Abs": torch.abs,
+    "log1p": torch.log1p, "expm1": torch.expm1, "tanh": torch.tanh, "sign": torch.sign,
+    "sin": torch.sin, "cos": torch.cos, "Max": torch.maximum, "Min": torch.minimum,
+    "sigmoid": torch.sigmoid, "pi": torch.pi, "E": torch.e,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def compile_expr(expr: sp.Expr, names: Tuple[str, ...]):
+    """Lambdify ``expr`` over the symbols named ``names`` (cached)."""
+    syms = sorted(expr.free_symbols, key=lambda s: s.name)
+    missing = [s.name for s in syms if s.name not in names]
+    if missing:
+        raise BackendError(f"expression {expr} uses {missing}, which no input provides")
+    try:
+        fn = sp.lambdify(syms, expr, modules=[TORCH_FUNCS])
+    except Exception as e:  # pragma: no cover - sympy printer gaps
+        raise BackendError(f"cannot turn {expr} into torch code: {e}") from e
+    return fn, tuple(s.name for s in syms)
+
+
+def build_env(rec, k: torch.Tensor, v: torch.Tensor, coefs: Dict[str, torch.Tensor], dtype) -> dict:
+    """Symbol name -> tensor in the broadcast layout, for k, v, kᵀk, inputs and aux.
+
+    Args:
+        rec: the recurrence (for ``inputs`` and ``aux``).
+        k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
+        coefs: coefficient tensors by name (validated already).
+        dtype: computation dtype (float32 or float64).
+
+    Returns:
+        dict name -> tensor.
+    """
+    k = k.to(dtype)
+    env = {k_n.name: k[..., :, None], v_j.name: v.to(dtype)[..., None, :],
+           kk.name: (k * k).sum(-1)[..., None, None]}
+    for spec in rec.inputs:
+        x = coefs[spec.name].to(dtype)
+        if spec.per_token:
+            x = {(): x[..., None, None], ("K",): x[..., :, None], ("V",): x[..., None, :]}[spec.axes]
+        else:
+            x = {(): x[:, None, None], ("K",): x[:, :, None], ("V",): x[:, None, :],
+                 ("V", "K"): x.transpose(-1, -2)}[spec.axes][None, None]
+        env[spec.symbol.name] = x
+    for sym, expr in rec.aux:
+        env[sym.name] = evaluate(expr, env)
+    return env
+
+
+def evaluate(expr, env: dict) -> torch.Tensor:
+    """Evaluate ``expr`` in ``env`` (broadcast layout); constants become 0-d tensors."""
+    expr = sp.sympify(expr)
+    fn, names = compile_expr(expr, tuple(sorted(env)))
+    out = fn(*(env[n] for n in names))
+    if not torch.is_tensor(out):
+        ref = env[k_n.name]
+        out = torch.tensor(float(out), dtype=ref.dtype, device=ref.device)
+    return out
+
+
+
+def materialize(rec, k, v, coefs, dtype) -> dict:
+    """Per-token tensors the numeric backends take.
+
+    Returns:
+        matrix class: ``dict(w, u, log_decay, lowrank)``; elementwise: ``dict(w, u, gate)``.
+        Shapes as in :mod:`olsm.backends.reference`.
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    env = build_env(rec, k, v, coefs, dtype)
+    full = (B, T, H, K, V)
+
+    def key_vec(e):
+        return evaluate(e, env).expand(B, T, H, K, 1)[..., 0]
+
+    def value_vec(e):
+        return evaluate(e, env).expand(B, T, H, 1, V)[..., 0, :]
+
+    out = dict(w=key_vec(rec.write_key), u=value_vec(rec.write_value))
+    if rec.kind == "elementwise":
+        out["gate"] = evaluate(rec.gate, env).expand(full)
+        return out
+    ld = sp.sympify(rec.log_decay)
+    if ld == 0:
+        out["log_decay"] = None
+    elif "K" in expr_axes(ld):
+        out["log_decay"] = key_vec(ld)
+    else:
+        out["log_decay"] = evaluate(ld, env).expand(B, T, H, 1, 1)[..., 0, 0]
+    # the scalar coefficient is folded into a: the backends see pairs (a, b)
+    out["lowrank"] = tuple(
+        ((evaluate(lr.coef, env) * evaluate(lr.a, env)).expand(B, T, H, K, 1)[..., 0], key_vec(lr.b))
+        for lr in rec.lowrank)
+    return out
