@@ -1,0 +1,1 @@
+"""Triton sources (importable as olsm.kernels)."""
