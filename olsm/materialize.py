@@ -57,15 +57,23 @@ def build_env(rec, k: torch.Tensor, v: torch.Tensor, coefs: Dict[str, torch.Tens
            kk.name: (k * k).sum(-1)[..., None, None]}
     for spec in rec.inputs:
         x = coefs[spec.name].to(dtype)
-        if spec.per_token:
-            x = {(): x[..., None, None], ("K",): x[..., :, None], ("V",): x[..., None, :]}[spec.axes]
-        else:
-            x = {(): x[:, None, None], ("K",): x[:, :, None], ("V",): x[:, None, :],
-                 ("V", "K"): x.transpose(-1, -2)}[spec.axes][None, None]
-        env[spec.symbol.name] = x
+        env[spec.symbol.name] = _broadcast(x, spec)
     for sym, expr in rec.aux:
         env[sym.name] = evaluate(expr, env)
     return env
+
+
+def _broadcast(x: torch.Tensor, spec) -> torch.Tensor:
+    """Put an input into the ``[B, T, H, K, V]`` broadcast layout."""
+    if not spec.per_token:
+        x = x[None, None]  # [H, ...] -> [1, 1, H, ...]
+    if spec.axes == ():
+        return x[..., None, None]
+    if spec.axes == ("K",):
+        return x[..., :, None]
+    if spec.axes == ("V",):
+        return x[..., None, :]
+    return x.transpose(-1, -2)  # [.., H, V, K] -> [.., H, K, V]
 
 
 def evaluate(expr, env: dict) -> torch.Tensor:

@@ -69,7 +69,7 @@ def elementwise(
 
     # Padded tokens are the identity map (G = 1, X = 0), so the final state is exact.
     qc, wc, uc = (to_chunks(x.to(acc), C, 0.0) for x in (q, w, u))   # [B, H, N, C, K|V]
-    Gc = to_chunks(gate.to(acc), C, 1.0)                              # [B, H, N, C, K, V]
+    Gc = to_chunks(gate.to(acc), C, 0.0)                              # [B, H, N, C, K, V]
     Xc = wc[..., :, None] * uc[..., None, :]                          # w_t u_tᵀ
     G_hat, X_hat = scan_affine(Gc, Xc)                                # maps from each chunk start
 
@@ -105,7 +105,7 @@ def scan_affine(G: torch.Tensor, X: torch.Tensor, dim: int = -3) -> Tuple[torch.
     dim = dim % G.dim()
     C = G.shape[dim]
     d = 1
-    while 2 * d < C:
+    while d < C:
         head = lambda x: x.narrow(dim, 0, d)          # positions < d: already complete
         earlier = lambda x: x.narrow(dim, 0, C - d)   # the map ending at t - d
         later = lambda x: x.narrow(dim, d, C - d)     # the map ending at t
