@@ -69,7 +69,7 @@ def elementwise(
 
     # Padded tokens are the identity map (G = 1, X = 0), so the final state is exact.
     qc, wc, uc = (to_chunks(x.to(acc), C, 0.0) for x in (q, w, u))   # [B, H, N, C, K|V]
-    Gc = to_chunks(gate.to(acc), C, 0.0)                              # [B, H, N, C, K, V]
+    Gc = to_chunks(gate.to(acc), C, 1.0)                              # [B, H, N, C, K, V]
     Xc = wc[..., :, None] * uc[..., None, :]                          # w_t u_tᵀ
     G_hat, X_hat = scan_affine(Gc, Xc)                                # maps from each chunk start
 
