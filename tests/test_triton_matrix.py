@@ -1,0 +1,210 @@
+"""The Triton matrix-class kernel (``olsm.kernels.matrix.chunk_matrix``) against the reference.
+
+On a machine without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``,
+set below before any kernel module is imported; Triton picks the interpreter when a kernel is
+decorated). The interpreter is slow and only float32 works there, so shapes are tiny (B, H of
+1-2, T = 37 with chunks of 16 or 32) and the cases cover every specialisation once:
+decay none / scalar / per-key x low rank none / delta form / general, plus Longhorn, packed
+sequences, initial states, odd lengths, K != V (non-powers of two) and the error paths.
+
+Each case compares, against the float64 reference, the outputs, the final state and the
+gradient of every input (q, w, u, log_decay, each a and b, initial_state) with
+``max|x - y| / max(1, max|y|) < 1e-4``.
+
+bf16/fp16/fp32 at realistic shapes on the GPU: ``tests/test_triton_matrix_gpu.py``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pathlib
+import sys
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # must precede the import of any kernel module (the decorator picks the interpreter)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from olsm.backends import reference  # noqa: E402
+from olsm.errors import BackendError, InputError  # noqa: E402
+
+
+def _import_kernels():
+    """``olsm.kernels.matrix``; from the source tree when olsm is not pip-installed (the
+    package-dir mapping kernels/ -> olsm.kernels exists only in an installed olsm)."""
+    try:
+        return importlib.import_module("olsm.kernels.matrix")
+    except ModuleNotFoundError:
+        root = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "olsm.kernels", root / "__init__.py", submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["olsm.kernels"] = module
+        spec.loader.exec_module(module)
+        return importlib.import_module("olsm.kernels.matrix")
+
+
+km = _import_kernels()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-4
+CU_SEQLENS = (0, 9, 46, 61)  # three packed sequences of odd lengths 9, 37, 15
+
+
+def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
+    """``max|x - y| / max(1, max|y|)``; ``y`` is the reference."""
+    return ((x.double() - y.double()).abs().max() / y.abs().max().clamp_min(1.0)).item()
+
+
+def make_inputs(seed, *, B=1, T=37, H=2, K=5, V=7, decay="none", lowrank="none", h0=True,
+                N=None, strong=False):
+    """float64 inputs of one catalogue member.
+
+    decay: none | scalar | key. lowrank: none | delta (Gated DeltaNet form: a = -α β k, b = k,
+    w = k, u = β v) | longhorn (a = -ε k, b = k, u = ε v, ε = β / (1 + β kᵀk)) | general
+    (rank 1) | general2 (rank 2). Returns (q, w, u, log_decay, lowrank pairs, initial_state).
+    """
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q, w, u = rand(B, T, H, K), rand(B, T, H, K) / K ** 0.5, rand(B, T, H, V)
+    log_decay = None
+    lo = -8.0 if strong else -0.5
+    if decay == "scalar":
+        log_decay = lo * torch.rand(B, T, H, generator=g, dtype=torch.float64)
+    elif decay == "key":
+        log_decay = lo * torch.rand(B, T, H, K, generator=g, dtype=torch.float64)
+    pairs = []
+    if lowrank in ("delta", "longhorn"):
+        k = torch.nn.functional.normalize(rand(B, T, H, K), dim=-1)
+        beta = torch.rand(B, T, H, 1, generator=g, dtype=torch.float64)
+        if lowrank == "longhorn":
+            beta = beta / (1 + beta * (k * k).sum(-1, keepdim=True))
+        alpha = 1.0 if decay != "scalar" else log_decay.exp()[..., None]
+        pairs = [(-alpha * beta * k, k)]
+        w, u = k, beta * u   # scalar decay: α(I − βkkᵀ)S + βkvᵀ = αS − αβ k (kᵀS) + βkvᵀ
+    elif lowrank.startswith("general"):
+        pairs = [(0.4 * rand(B, T, H, K), 0.4 * rand(B, T, H, K))
+                 for _ in range(2 if lowrank == "general2" else 1)]
+    n = B if N is None else N
+    s0 = rand(n, H, K, V) if h0 else None
+    return q, w, u, log_decay, pairs, s0
+
+
+def check(inputs, *, chunk_size=16, cu_seqlens=None, scale=0.7, final=True, dtype=torch.float32):
+    """Run reference (float64) and kernel (``dtype``) on ``inputs``; compare o, S and grads."""
+    q, w, u, g, pairs, s0 = inputs
+    leaves64 = [q, w, u, g, *[t for p in pairs for t in p], s0]
+    leaves64 = [None if t is None else t.detach().clone().requires_grad_() for t in leaves64]
+    leaves = [None if t is None else t.detach().to(DEVICE, dtype).requires_grad_() for t in leaves64]
+
+    def call(fn, ls, **kw):
+        q_, w_, u_, g_, *rest = ls
+        lr, h0 = rest[:-1], rest[-1]
+        pairs_ = [(lr[2 * i], lr[2 * i + 1]) for i in range(len(lr) // 2)]
+        cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=q_.device)
+        return fn(q_, w_, u_, g_, pairs_, scale=scale, initial_state=h0, output_final_state=final,
+                  cu_seqlens=cu, **kw)
+
+    o_ref, S_ref = call(reference.matrix, leaves64)
+    o, S = call(km.chunk_matrix, leaves, chunk_size=chunk_size)
+    assert o.dtype == dtype and o.shape == o_ref.shape
+    assert rel_err(o.cpu(), o_ref) < TOL, "outputs"
+    gen = torch.Generator().manual_seed(123)
+    d_o = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64)
+    loss_ref = (o_ref * d_o).sum()
+    loss = (o * d_o.to(DEVICE, dtype)).sum()
+    if final:
+        assert S.dtype == torch.float32 and S.shape == S_ref.shape
+        assert rel_err(S.cpu(), S_ref) < TOL, "final state"
+        d_S = torch.randn(S_ref.shape, generator=gen, dtype=torch.float64)
+        loss_ref = loss_ref + (S_ref * d_S).sum()
+        loss = loss + (S * d_S.to(DEVICE)).sum()
+    else:
+        assert S is None
+    live = [i for i, t in enumerate(leaves64) if t is not None]
+    grads_ref = torch.autograd.grad(loss_ref, [leaves64[i] for i in live])
+    grads = torch.autograd.grad(loss, [leaves[i] for i in live])
+    names = ["q", "w", "u", "log_decay"] + [f"lowrank{i}" for i in range(len(leaves) - 5)] + ["h0"]
+    for i, a, b in zip(live, grads, grads_ref):
+        assert a.shape == b.shape
+        assert rel_err(a.cpu(), b) < TOL, f"gradient of {names[i]}: {rel_err(a.cpu(), b):.2e}"
+
+
+CASES = [
+    # (decay, lowrank, chunk_size, extra make_inputs kwargs): the catalogue, one case each
+    ("none", "none", 16, {}),                       # linear attention
+    ("scalar", "none", 16, {}),                     # RetNet / Mamba2
+    ("key", "none", 32, {}),                        # GLA, two sub-blocks: off-diagonal path
+    ("none", "delta", 16, {}),                      # DeltaNet
+    ("scalar", "delta", 16, {}),                    # Gated DeltaNet
+    ("key", "delta", 16, {"H": 1}),                 # gated delta with per-key decay (KDA-like)
+    ("none", "longhorn", 16, {"B": 2, "H": 1}),     # Longhorn
+    ("none", "general2", 16, {"H": 1}),             # DeltaProduct-like rank 2
+    ("scalar", "general", 32, {"H": 1, "K": 16, "V": 16}),
+    ("key", "general", 32, {"H": 1, "K": 9, "V": 20}),   # RWKV-7-like DPLR
+]
+
+
+@pytest.mark.parametrize("decay,lowrank,chunk,kw", CASES, ids=[f"{c[0]}-{c[1]}-C{c[2]}" for c in CASES])
+def test_matches_reference(decay, lowrank, chunk, kw):
+    check(make_inputs(zlib.crc32(f"{decay}{lowrank}".encode()), decay=decay, lowrank=lowrank, **kw), chunk_size=chunk)
+
+
+@pytest.mark.parametrize("decay,lowrank", [("none", "none"), ("scalar", "delta"), ("key", "general")])
+def test_packed_sequences(decay, lowrank):
+    T = CU_SEQLENS[-1]
+    check(make_inputs(7, T=T, H=1, decay=decay, lowrank=lowrank, N=len(CU_SEQLENS) - 1),
+          cu_seqlens=CU_SEQLENS)
+
+
+def test_no_initial_state_no_final_state_short_sequence():
+    # T < chunk and T = 1, without initial state and without the final state's gradient
+    check(make_inputs(3, T=5, decay="scalar", lowrank="delta", h0=False), final=False)
+    check(make_inputs(4, T=1, decay="key", lowrank="none", h0=False, H=1), final=True)
+
+
+def test_strong_per_key_decay_stays_finite():
+    # per-step log-decays down to -8: exponents of the factored form would overflow float32 if
+    # taken from the chunk start; the sub-block reference points keep them <= 0
+    check(make_inputs(5, H=1, decay="key", lowrank="general", strong=True), chunk_size=64)
+
+
+def test_non_contiguous_inputs():
+    q, w, u, g, pairs, s0 = make_inputs(6, decay="scalar")
+    q = q.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    u = u.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not u.is_contiguous()
+    check((q, w, u, g, pairs, s0))
+
+
+def _small(dtype=torch.float32, K=4, V=4):
+    return (torch.randn(1, 3, 1, K, dtype=dtype), torch.randn(1, 3, 1, K, dtype=dtype),
+            torch.randn(1, 3, 1, V, dtype=dtype))
+
+
+def test_errors(monkeypatch):
+    q, w, u = _small()
+    with pytest.raises(InputError, match="dtype"):
+        km.chunk_matrix(q, w.double(), u)
+    with pytest.raises(InputError, match="dtype"):
+        km.chunk_matrix(q, w.half(), u)
+    with pytest.raises(InputError, match="chunk_size"):
+        km.chunk_matrix(q, w, u, chunk_size=24)
+    with pytest.raises(InputError, match="shape"):
+        km.chunk_matrix(q, w[:, :2], u)
+    with pytest.raises(InputError, match="B == 1"):
+        km.chunk_matrix(*(torch.cat([t, t]) for t in (q, w, u)), cu_seqlens=torch.tensor([0, 3]))
+    with pytest.raises(BackendError, match="256"):
+        km.chunk_matrix(*_small(K=4, V=300))
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(BackendError, match="CUDA"):
+            km.chunk_matrix(q, w, u)
+    monkeypatch.setattr(triton, "__version__", "2.1.0")
+    with pytest.raises(BackendError, match="too old"):
+        km.chunk_matrix(q, w, u)
