@@ -1,0 +1,292 @@
+"""Time olsm's Triton matrix-class kernel against FLA 0.6.0 and SDPA on one GPU.
+
+Recurrences (bf16, per head D = K = V):
+
+| ours (``chunk_matrix``)                   | FLA 0.6.0                 |
+|-------------------------------------------|---------------------------|
+| linear attention (no decay)               | ``chunk_simple_gla`` g=None |
+| Mamba2 (scalar decay [B,T,H])             | ``chunk_simple_gla``      |
+| GLA (per-key decay [B,T,H,K])             | ``chunk_gla``             |
+| DeltaNet (a=-βk, b=k, u=βv)               | ``chunk_delta_rule``      |
+| Gated DeltaNet (+ scalar decay)           | ``chunk_gated_delta_rule``|
+| DPLR (RWKV-7-like, per-key decay, a ≠ b)  | ``chunk_dplr_delta_rule`` |
+| Longhorn (a=-εk, ε=β/(1+βkᵀk))            | — (ours only)             |
+| SDPA causal (flash attention)             | —                         |
+
+Timing: ``triton.testing.do_bench`` (CUDA events, warm-up, median ms) of the forward and of
+forward+backward. It also measures device-to-device copy bandwidth and prints the I/O floor
+(read q, k, v and write o once: 4·B·T·H·D bf16 elements forward, 11 forward+backward).
+FLA kernels that refuse (its gated backward on Hopper with Triton < 3.7.1) are recorded as
+"refused". Results: ``benchmarks/results/matrix_bench.{md,csv,png}`` (or ``--out``).
+
+Usage (on the GPU machine; FLA from a carried wheel)::
+
+    python benchmarks/bench_matrix.py [--shapes 8,2048,16,128 ...] [--budget-s 300] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import pathlib
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHAPES = [(8, 2048, 16, 128), (2, 8192, 16, 128), (1, 32768, 16, 128)]
+METHODS = ["linear_attention", "mamba2", "gla", "deltanet", "gated_deltanet", "dplr", "longhorn", "sdpa"]
+FLA_NAME = {"linear_attention": "chunk_simple_gla", "mamba2": "chunk_simple_gla", "gla": "chunk_gla",
+            "deltanet": "chunk_delta_rule", "gated_deltanet": "chunk_gated_delta_rule",
+            "dplr": "chunk_dplr_delta_rule"}
+
+
+def import_chunk_matrix():
+    try:
+        from olsm.kernels.matrix import chunk_matrix
+    except ModuleNotFoundError:  # source checkout without `pip install -e .`
+        sys.path.insert(0, str(ROOT / "tests"))
+        from test_triton_matrix import _import_kernels
+
+        chunk_matrix = _import_kernels().chunk_matrix
+    return chunk_matrix
+
+
+def import_fla():
+    try:
+        import fla  # noqa: F401
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule
+        from fla.ops.gla import chunk_gla
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as err:  # noqa: BLE001 - report and carry on without FLA
+        print(f"FLA unavailable: {err!r}")
+        return None
+    return dict(chunk_simple_gla=chunk_simple_gla, chunk_gla=chunk_gla, chunk_delta_rule=chunk_delta_rule,
+                chunk_gated_delta_rule=chunk_gated_delta_rule, chunk_dplr_delta_rule=chunk_dplr_delta_rule)
+
+
+def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0):
+    """Random leaf tensors in the ranges models use: unit keys, β in (0, 1), log-sigmoid gates."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.float32)  # noqa: E731
+    x = dict(
+        q=r(B, T, H, D), k=F.normalize(r(B, T, H, D), dim=-1), v=r(B, T, H, D),
+        beta=torch.rand(B, T, H, generator=g, device="cuda"),
+        g=F.logsigmoid(r(B, T, H) + 4.0), gk=F.logsigmoid(r(B, T, H, D) + 3.0) / 4,
+        b=F.normalize(r(B, T, H, D), dim=-1),
+    )
+    out = {}
+    for name, t in x.items():
+        t = t.to(torch.float32 if name in ("g", "gk") else dtype)
+        out[name] = t.requires_grad_()
+    return out
+
+
+def ours(method, x, chunk_matrix):
+    """The recurrence as a user of olsm writes it (coefficient algebra included in the time)."""
+    q, k, v, beta, g, gk, b = (x[n] for n in ("q", "k", "v", "beta", "g", "gk", "b"))
+    scale = q.shape[-1] ** -0.5
+    bt = beta[..., None]
+    if method == "linear_attention":
+        return chunk_matrix(q, k, v, scale=scale)[0]
+    if method == "mamba2":
+        return chunk_matrix(q, k, v, g, scale=scale)[0]
+    if method == "gla":
+        return chunk_matrix(q, k, v, gk, scale=scale)[0]
+    if method == "deltanet":
+        return chunk_matrix(q, k, bt * v, None, [(-bt * k, k)], scale=scale)[0]
+    if method == "gated_deltanet":
+        return chunk_matrix(q, k, bt * v, g, [(-(g.exp()[..., None] * bt).to(k.dtype) * k, k)], scale=scale)[0]
+    if method == "dplr":
+        return chunk_matrix(q, k, v, gk, [(-bt * k, b)], scale=scale)[0]
+    if method == "longhorn":
+        eps = bt / (1 + bt * (k * k).sum(-1, keepdim=True))
+        return chunk_matrix(q, k, eps * v, None, [(-eps * k, k)], scale=scale)[0]
+    raise ValueError(method)
+
+
+def theirs(method, x, fla):
+    q, k, v, beta, g, gk, b = (x[n] for n in ("q", "k", "v", "beta", "g", "gk", "b"))
+    scale = q.shape[-1] ** -0.5
+    if method == "sdpa":
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=True).transpose(1, 2)
+    fn = fla[FLA_NAME[method]]
+    if method == "linear_attention":
+        return fn(q, k, v, scale=scale)[0]
+    if method == "mamba2":
+        return fn(q, k, v, g=g, scale=scale)[0]
+    if method == "gla":
+        return fn(q, k, v, gk, scale=scale)[0]
+    if method == "deltanet":
+        return fn(q, k, v, beta, scale=scale)[0]
+    if method == "gated_deltanet":
+        return fn(q, k, v, g, beta, scale=scale)[0]
+    if method == "dplr":
+        return fn(q, k, v, -beta[..., None] * k, b, gk, scale=scale)[0]
+    raise ValueError(method)
+
+
+def bench(fn, x, backward):
+    """Median ms of ``fn(x)`` (and its backward), or the error text if it refuses."""
+    import triton
+
+    leaves = list(x.values())
+    try:
+        if backward:
+            o = fn(x)
+            d_o = torch.randn_like(o)
+
+            def step():
+                fn(x).backward(d_o)
+        else:
+            def step():
+                with torch.no_grad():
+                    fn(x)
+        step()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=leaves, return_mode="median")
+    except Exception as err:  # noqa: BLE001 - FLA refusals and OOMs become table entries
+        msg = f"{type(err).__name__}: {err}".splitlines()[0][:160]
+        print(f"    refused/failed: {msg}")
+        return "refused" if ("Triton" in msg or "Hopper" in msg or "NotImplemented" in msg) else "failed"
+
+
+def copy_bandwidth():
+    import triton
+
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=100, return_mode="median")
+    return 2 * x.numel() / (ms * 1e-3) / 1e12  # TB/s, bytes read + written
+
+
+def fmt(t):
+    return f"{t:.2f}" if isinstance(t, float) else str(t)
+
+
+def main():
+    from tqdm import tqdm
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="*", default=[",".join(map(str, s)) for s in SHAPES])
+    ap.add_argument("--methods", nargs="*", default=METHODS)
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    import triton
+
+    chunk_matrix = import_chunk_matrix()
+    fla = import_fla()
+    fla_version = getattr(sys.modules.get("fla"), "__version__", "n/a")
+    dev = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    head = (f"device {dev}, torch {torch.__version__}, triton {triton.__version__}, fla {fla_version}; "
+            f"copy bandwidth {bw:.2f} TB/s (read + write)")
+    print(head)
+
+    rows = []
+    csv_path = out / "matrix_bench.csv"
+    fields = ["B", "T", "H", "D", "method", "ours_fwd", "ours_fwdbwd", "ref", "ref_fwd", "ref_fwdbwd",
+              "ratio_fwd", "ratio_fwdbwd", "floor_fwd", "floor_fwdbwd"]
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        jobs = [(tuple(int(p) for p in s.split(",")), m) for s in args.shapes for m in args.methods]
+        for (B, T, H, D), method in tqdm(jobs, desc="bench", file=sys.stdout, mininterval=5):
+            if time.time() - t_start > args.budget_s:
+                print(f"  budget reached: skipping {method} at {(B, T, H, D)}")
+                continue
+            x = make_inputs(B, T, H, D)
+            elems = B * T * H * D
+            floor_f = 4 * elems * 2 / (bw * 1e12) * 1e3
+            floor_b = 11 * elems * 2 / (bw * 1e12) * 1e3
+            row = dict(B=B, T=T, H=H, D=D, method=method, floor_fwd=round(floor_f, 4),
+                       floor_fwdbwd=round(floor_b, 4))
+            if method == "sdpa":
+                row.update(ours_fwd="-", ours_fwdbwd="-", ref="sdpa causal",
+                           ref_fwd=bench(lambda z: theirs("sdpa", z, None), x, False),
+                           ref_fwdbwd=bench(lambda z: theirs("sdpa", z, None), x, True))
+            else:
+                row["ours_fwd"] = bench(lambda z: ours(method, z, chunk_matrix), x, False)
+                row["ours_fwdbwd"] = bench(lambda z: ours(method, z, chunk_matrix), x, True)
+                if method in FLA_NAME and fla is not None:
+                    row["ref"] = "fla." + FLA_NAME[method]
+                    row["ref_fwd"] = bench(lambda z: theirs(method, z, fla), x, False)
+                    row["ref_fwdbwd"] = bench(lambda z: theirs(method, z, fla), x, True)
+                else:
+                    row.update(ref="-", ref_fwd="-", ref_fwdbwd="-")
+            for mode in ("fwd", "fwdbwd"):
+                a, b = row.get(f"ours_{mode}"), row.get(f"ref_{mode}")
+                row[f"ratio_{mode}"] = (round(a / b, 2) if isinstance(a, float) and isinstance(b, float)
+                                        else "-")
+            for k in ("ours_fwd", "ours_fwdbwd", "ref_fwd", "ref_fwdbwd"):
+                if isinstance(row[k], float):
+                    row[k] = round(row[k], 4)
+            rows.append(row)
+            writer.writerow(row)
+            fh.flush()
+            print(f"  {method:17s} {(B, T, H, D)} ours {fmt(row['ours_fwd'])} / {fmt(row['ours_fwdbwd'])} ms"
+                  f" | {row['ref']} {fmt(row['ref_fwd'])} / {fmt(row['ref_fwdbwd'])} ms"
+                  f" | ratio {row['ratio_fwd']} / {row['ratio_fwdbwd']}")
+            del x
+            torch.cuda.empty_cache()
+
+    md = [f"# Matrix-class kernel vs FLA (bf16, median ms)\n\n{head}\n",
+          "ratio = ours / reference (lower is better for us). floor = I/O floor at the measured "
+          "copy bandwidth.\n",
+          "| B,T,H,D | method | ours fwd | ours fwd+bwd | reference | ref fwd | ref fwd+bwd | ratio fwd | "
+          "ratio fwd+bwd | floor fwd | floor fwd+bwd |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['B']},{r['T']},{r['H']},{r['D']} | {r['method']} | {fmt(r['ours_fwd'])} | "
+                  f"{fmt(r['ours_fwdbwd'])} | {r['ref']} | {fmt(r['ref_fwd'])} | {fmt(r['ref_fwdbwd'])} | "
+                  f"{r['ratio_fwd']} | {r['ratio_fwdbwd']} | {r['floor_fwd']:.3f} | {r['floor_fwdbwd']:.3f} |")
+    (out / "matrix_bench.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    plot(rows, out / "matrix_bench.png", head)
+
+
+def plot(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({(r["B"], r["T"], r["H"], r["D"]) for r in rows}, key=lambda s: s[1])
+    if not shapes:
+        return
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        sub = [r for r in rows if (r["B"], r["T"], r["H"], r["D"]) == shape]
+        names = [r["method"] for r in sub]
+        xs = range(len(sub))
+        width = 0.2
+        series = [("ours fwd", "ours_fwd"), ("ours fwd+bwd", "ours_fwdbwd"),
+                  ("ref fwd", "ref_fwd"), ("ref fwd+bwd", "ref_fwdbwd")]
+        for j, (label, key) in enumerate(series):
+            vals = [r[key] if isinstance(r[key], float) else math.nan for r in sub]
+            ax.bar([x + (j - 1.5) * width for x in xs], vals, width, label=label)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(names, rotation=40, ha="right", fontsize=8)
+        ax.set_title(f"B,T,H,D = {shape}")
+        ax.set_ylabel("median ms (bf16)")
+        ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_PRINT_AUTOTUNING", "0")
+    main()
