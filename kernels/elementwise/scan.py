@@ -1,0 +1,346 @@
+"""Launchers and autograd for the generated elementwise-gate scan.
+
+``elementwise_scan`` is the public entry; ``elementwise_step`` the one-token decode step.
+Both take the recurrence IR and compile (once, cached on disk) a forward and backward kernel
+whose coefficient arithmetic was printed from the IR's sympy expressions.
+
+Memory the forward keeps for the backward: the inputs plus one float32 ``[K, V]`` state per
+head every ``chunk_size`` tokens (``T / chunk_size`` of them), never a ``[T, K, V]`` tensor.
+The backward replays each chunk from its checkpoint into a per-program scratch slab of
+``chunk_size + 1`` states (``[K, BV]`` each; it stays in L2 on a GPU).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from olsm.errors import BackendError, InputError
+
+from .codegen import MAX_K, Plan, load_kernels
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch shape of one call (all sizes are powers of two).
+
+    Attributes:
+        BK: padded key dimension (the whole K sits in one tile).
+        BV: value-tile width: one program per (sequence, head, V-tile).
+        C: checkpoint interval in tokens.
+        num_warps: warps per program.
+    """
+
+    BK: int
+    BV: int
+    C: int
+    num_warps: int
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def choose_config(N: int, H: int, K: int, V: int, chunk_size: int, device: torch.device,
+                  block_v: Optional[int] = None, num_warps: Optional[int] = None) -> Config:
+    """Pick the tile shape.
+
+    The state tile is ``[BK, BV]`` float32 in registers, so BK·BV is bounded; each program
+    is a sequential chain over T, so the GPU needs many of them in flight: we shrink BV until
+    there are at least ~4 programs per SM (an H100 has 132).
+    """
+    BK = max(4, _next_pow2(K))
+    if block_v is None:
+        if device.type != "cuda" or _interpreting():
+            block_v = min(64, max(4, _next_pow2(V)))
+        else:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            block_v = min(64, max(16, _next_pow2(V)))
+            while block_v > 16 and N * H * -(-V // block_v) < 4 * sms:
+                block_v //= 2
+            # keep the tile within ~8k floats (32 regs/thread at 8 warps)
+            while BK * block_v > 8192 and block_v > 4:
+                block_v //= 2
+    BV = int(block_v)
+    if BV & (BV - 1):
+        raise BackendError(f"block_v must be a power of two, got {BV}")
+    if num_warps is None:
+        num_warps = max(1, min(8, BK * BV // 256))
+    C = int(chunk_size)
+    if C < 1:
+        raise InputError(f"chunk_size must be positive, got {chunk_size}")
+    return Config(BK=BK, BV=BV, C=C, num_warps=int(num_warps))
+
+
+@functools.lru_cache(maxsize=128)
+def _kernels_for(rec):
+    plan = Plan(rec)
+    return plan, load_kernels(plan)
+
+
+def compile_recurrence(rec):
+    """Plan and kernel module of ``rec`` (generated and imported on first use).
+
+    Returns:
+        ``(plan, module)``; ``module.fwd_kernel``, ``module.bwd_kernel`` are the kernels and
+        ``module.__file__`` the generated source.
+    """
+    try:
+        return _kernels_for(rec)
+    except TypeError:  # unhashable IR object: no in-process memo, the disk cache still works
+        plan = Plan(rec)
+        return plan, load_kernels(plan)
+
+
+def _check(rec, plan: Plan, q, k, v, coefs, initial_state, cu_seqlens, D):
+    if q.dim() != 4 or k.shape != q.shape:
+        raise InputError(f"q and k must both be [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, T, H, K = q.shape
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise InputError(f"v must be [B, T, H, V] with q's B, T, H; got {tuple(v.shape)}")
+    V = v.shape[-1]
+    if K > MAX_K:
+        raise BackendError(
+            f"the elementwise Triton scan keeps the [K, BV] state tile in registers and supports "
+            f"K <= {MAX_K}; got K = {K} (use the torch backend)"
+        )
+    if q.device != k.device or q.device != v.device:
+        raise InputError("q, k, v must be on one device")
+    if q.device.type != "cuda" and not _interpreting():
+        raise BackendError(
+            f"the Triton elementwise scan needs a CUDA device (got {q.device}); set "
+            "TRITON_INTERPRET=1 before importing triton to run it on the CPU interpreter"
+        )
+    names = {s.name for s in rec.inputs}
+    extra = set(coefs) - names
+    if extra:
+        raise InputError(f"{rec.name!r} takes no coefficient(s) {sorted(extra)}; inputs: {sorted(names)}")
+    for spec in rec.inputs:
+        if spec.name not in coefs or coefs[spec.name] is None:
+            raise InputError(f"{rec.name!r} needs the coefficient {spec.name!r} {spec.shape}: {spec.doc}")
+        want = spec.expected_shape(B, T, H, K, V)
+        got = tuple(coefs[spec.name].shape)
+        if got != want:
+            raise InputError(f"coefficient {spec.name!r} must be {spec.shape} = {want}, got {got}")
+    N = B
+    if cu_seqlens is not None:
+        if B != 1:
+            raise InputError(f"cu_seqlens needs packed inputs with B == 1, got B = {B}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise InputError("cu_seqlens must be a 1-D tensor [N + 1]")
+        N = cu_seqlens.numel() - 1
+    if initial_state is not None and tuple(initial_state.shape) != (N, H, K, V):
+        raise InputError(f"initial_state must be [N, H, K, V] = {(N, H, K, V)}, got {tuple(initial_state.shape)}")
+    if D is not None and tuple(D.shape) != (H, V):
+        raise InputError(f"D must be [H, V] = {(H, V)}, got {tuple(D.shape)}")
+    return B, T, H, K, V, N
+
+
+class _ElementwiseScan(torch.autograd.Function):
+    """Autograd wrapper: forward saves checkpoints, backward runs the reverse scan."""
+
+    @staticmethod
+    def forward(ctx, plan, mod, cfg, scale, output_final_state, need_ckpt, q, k, v,
+                initial_state, D, cu_seqlens, *coefs):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        coefs = tuple(c.contiguous() for c in coefs)
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        NV = -(-V // cfg.BV)
+        chunk_offsets = None
+        if cu_seqlens is not None:
+            lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            n_chunks = (lens + cfg.C - 1) // cfg.C
+            chunk_offsets = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)[:-1]]).to(torch.int32)
+            total_chunks = -(-T // cfg.C) + N  # an upper bound that needs no device sync
+        else:
+            total_chunks = N * -(-T // cfg.C)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+        ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
+        ckpt = torch.empty(max(total_chunks, 1), H, K, V, **f32) if need_ckpt else None
+        h0 = initial_state.contiguous() if initial_state is not None else None
+        Dc = D.contiguous() if D is not None else None
+        dummy = o
+        mod.fwd_kernel[(N * H, NV)](
+            q, k, v, o, *coefs,
+            Dc if Dc is not None else dummy,
+            h0 if h0 is not None else dummy,
+            ht if ht is not None else dummy,
+            ckpt if ckpt is not None else dummy,
+            cu_seqlens if cu_seqlens is not None else dummy,
+            chunk_offsets if chunk_offsets is not None else dummy,
+            float(scale), T,
+            H=H, K=K, V=V, BK=cfg.BK, BV=cfg.BV, C=cfg.C,
+            HAS_H0=h0 is not None, STORE_HT=ht is not None, STORE_CKPT=ckpt is not None,
+            HAS_D=Dc is not None, IS_VARLEN=cu_seqlens is not None,
+            num_warps=cfg.num_warps,
+        )
+        if need_ckpt:
+            ctx.save_for_backward(q, k, v, Dc, cu_seqlens, chunk_offsets, ckpt, *coefs)
+            ctx.meta = (plan, mod, cfg, float(scale), h0 is not None, N)
+            ctx.coef_dtypes = [c.dtype for c in coefs]
+            ctx.state_dtype = initial_state.dtype if initial_state is not None else None
+            ctx.D_dtype = D.dtype if D is not None else None
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, D, cu_seqlens, chunk_offsets, ckpt, *coefs = ctx.saved_tensors
+        plan, mod, cfg, scale, has_h0, N = ctx.meta
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        NV = -(-V // cfg.BV)
+        NTOK = B * T
+        dev = q.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        do = do.contiguous()
+        # varlen: tokens outside every sequence are never visited, so start from zeros
+        alloc = torch.zeros if cu_seqlens is not None else torch.empty
+        dq_p = alloc(NV, NTOK, H, K, **f32)
+        dk_p = alloc(NV, NTOK, H, K, **f32)
+        dv = alloc(B, T, H, V, dtype=v.dtype, device=dev)
+        dh0 = torch.empty(N, H, K, V, **f32) if has_h0 else None
+        dD = torch.empty(N, H, V, **f32) if D is not None else None
+        scratch = torch.empty(N * H * NV, cfg.C + 1, cfg.BK, cfg.BV, **f32)
+        gbufs = []
+        for spec in plan.inputs:
+            ax = tuple(spec.axes)
+            size = {"K": K, "V": V}
+            tail = tuple(size[a] for a in ax)
+            if spec.per_token:
+                shape = (NTOK, H) + tail if "V" in ax else (NV, NTOK, H) + tail
+                gbufs.append(alloc(*shape, **f32))
+            else:
+                shape = (N, H) + tail if "V" in ax else (N, NV, H) + tail
+                gbufs.append(torch.empty(*shape, **f32))
+        dummy = dv
+        mod.bwd_kernel[(N * H, NV)](
+            q, k, v, do, *coefs,
+            D if D is not None else dummy,
+            dht.contiguous() if dht is not None else dummy,
+            dh0 if dh0 is not None else dummy,
+            ckpt, scratch, dq_p, dk_p, dv,
+            dD if dD is not None else dummy,
+            *gbufs,
+            cu_seqlens if cu_seqlens is not None else dummy,
+            chunk_offsets if chunk_offsets is not None else dummy,
+            scale, T, NTOK, NV,
+            H=H, K=K, V=V, BK=cfg.BK, BV=cfg.BV, C=cfg.C,
+            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+            HAS_D=D is not None, IS_VARLEN=cu_seqlens is not None,
+            num_warps=cfg.num_warps,
+        )
+        dq = dq_p.sum(0).view(B, T, H, K).to(q.dtype)
+        dk = dk_p.sum(0).view(B, T, H, K).to(k.dtype)
+        dcoefs = []
+        for spec, buf, c, dt in zip(plan.inputs, gbufs, coefs, ctx.coef_dtypes):
+            if plan.input_factor[spec.name] is None:
+                dcoefs.append(torch.zeros_like(c))
+                continue
+            ax = tuple(spec.axes)
+            if spec.per_token:
+                g = buf if "V" in ax else buf.sum(0)
+            else:
+                g = buf.sum(0) if "V" in ax else buf.sum((0, 1))
+            dcoefs.append(g.reshape(c.shape).to(dt))
+        dh0 = dh0.to(ctx.state_dtype) if dh0 is not None else None
+        dD = dD.sum(0).to(ctx.D_dtype) if dD is not None else None
+        return (None, None, None, None, None, None, dq, dk, dv, dh0, dD, None, *dcoefs)
+
+
+def elementwise_scan(
+    rec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    coefs: dict,
+    *,
+    scale: float = 1.0,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    chunk_size: int = 64,
+    D: Optional[torch.Tensor] = None,
+    block_v: Optional[int] = None,
+    num_warps: Optional[int] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Run an elementwise-gate recurrence with a generated Triton chunked scan.
+
+    ``S_t = G_t ⊙ S_{t-1} + k̃_t ṽ_tᵀ``, ``o_t = scale · S_tᵀ q_t (+ D ⊙ v_t)``, with G, k̃,
+    ṽ computed inside the kernel from the IR's expressions (G never materialised).
+
+    Args:
+        rec: elementwise-class :class:`olsm.ir.RecurrenceIR` (e.g. ``derive(longhorn_diag)``).
+        q, k: ``[B, T, H, K]`` (float32, bfloat16 or float16; K <= 256).
+        v: ``[B, T, H, V]``.
+        coefs: coefficient tensors keyed by ``InputSpec.name`` (``beta [B, T, H, V]``,
+            ``dt [B, T, H, V]``, ``A [H, V, K]``, ...).
+        scale: readout scale.
+        initial_state: ``[N, H, K, V]`` (N = B, or the number of packed sequences) or None.
+        output_final_state: also return the final state.
+        cu_seqlens: ``[N + 1]`` int32/int64 boundaries of packed sequences (then ``B == 1``).
+        chunk_size: tokens between the checkpointed states the backward restarts from.
+        D: optional ``[H, V]`` skip connection, ``o += D[h, j] · v`` (the Mamba/Longhorn block).
+        block_v, num_warps: tile width along V and warps per program (default: heuristic).
+
+    Returns:
+        ``(o [B, T, H, V] in q's dtype, S [N, H, K, V] float32 or None)``. Differentiable with
+        respect to q, k, v, every coefficient, ``initial_state`` and ``D``.
+    """
+    plan, mod = compile_recurrence(rec)
+    B, T, H, K, V, N = _check(rec, plan, q, k, v, coefs, initial_state, cu_seqlens, D)
+    cfg = choose_config(N, H, K, V, chunk_size, q.device, block_v, num_warps)
+    coef_list = [coefs[s.name] for s in rec.inputs]
+    tensors = [q, k, v, initial_state, D, *coef_list]
+    need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    return _ElementwiseScan.apply(
+        plan, mod, cfg, scale, output_final_state, need, q, k, v, initial_state, D, cu_seqlens,
+        *coef_list,
+    )
+
+
+def elementwise_step(
+    rec,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    coefs: dict,
+    state: Optional[torch.Tensor],
+    *,
+    scale: float = 1.0,
+    D: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step: advance the state by a single token (no autograd).
+
+    Args:
+        rec: elementwise-class recurrence IR.
+        q, k: ``[B, H, K]``; v: ``[B, H, V]``.
+        coefs: per-token coefficients without the time axis (``beta [B, H, V]``); per-head
+            parameters as usual (``A [H, V, K]``).
+        state: ``[B, H, K, V]`` or None (zeros).
+        scale, D: as in :func:`elementwise_scan`.
+
+    Returns:
+        ``(o [B, H, V] in q's dtype, new state [B, H, K, V] float32)``.
+    """
+    step_coefs = {}
+    for spec in rec.inputs:
+        c = coefs[spec.name]
+        step_coefs[spec.name] = c.unsqueeze(1) if spec.per_token else c
+    with torch.no_grad():
+        o, S = elementwise_scan(
+            rec, q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), step_coefs, scale=scale,
+            initial_state=state, output_final_state=True, D=D,
+        )
+    return o[:, 0], S
