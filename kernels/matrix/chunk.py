@@ -17,9 +17,9 @@ representation of DeltaNet arXiv 2406.06484 / Gated DeltaNet arXiv 2412.06464 fo
 
    so H = X S_0 + Y with X = (I − L)⁻¹ B̂ and Y = (I − L)⁻¹ N U (one triangular solve of the
    [CR, CR] system per chunk). Everything else follows:
-   Z = Ŵᵀ U + Âᵀ Y, Q' = Q̂ + M_qa X, O = M_qw U + M_qa Y (M_q· are inclusive decayed Grams;
+   Q' = Q̂ + M_qa X, O = M_qw U + M_qa Y (M_q· are inclusive decayed Grams;
    Q̂ = q e^{G_t}, Ŵ, Â = w, a scaled by e^{G_C − G_s}, B̂ = b e^{G_{t-1}}). Every exponent is ≤ 0.
-2. State pass (Triton, sequential over chunks): S_{n+1} = Γ S_n + Âᵀ (X S_n) + Z.
+2. State pass (Triton, sequential over chunks): S_{n+1} = Γ S_n + Âᵀ (X S_n + Y) + Ŵᵀ U.
 3. Output pass (Triton, parallel): o = scale · (Q' S_n + O).
 
 Backward: the chunk-boundary states S_n of the forward are kept; the preparation is recomputed
@@ -204,7 +204,8 @@ def _prepare(q, w, u, g, lowrank):
 
     Returns:
         ``gamma`` (None, ``[NC, H]`` or ``[NC, H, K]``), ``a_hat``/``x_wy`` (``[NC, H, CR, K]``
-        or None), ``z [NC, H, K, V]``, ``q_eff [NC, H, C, K]``, ``o_intra [NC, H, C, V]``.
+        or None), ``y_wy [NC, H, CR, V]`` or None, ``w_hat [NC, H, C, K]``,
+        ``q_eff [NC, H, C, K]``, ``o_intra [NC, H, C, V]``.
     """
     NC, H, C, K = q.shape
     if g is None:
@@ -218,10 +219,9 @@ def _prepare(q, w, u, g, lowrank):
     q_hat = _scaled(q, G)
     w_hat = _scaled(w, to_end)
     m_qw = decayed_gram(q, w, G, G, strict=False)
-    z = w_hat.transpose(-1, -2) @ u
     o_intra = m_qw @ u
     if not lowrank:
-        return gamma, None, None, z, q_hat, o_intra
+        return gamma, None, None, None, w_hat, q_hat, o_intra
 
     R = len(lowrank)
     A = torch.stack([a for a, _ in lowrank], dim=3)            # [NC, H, C, R, K]
@@ -243,10 +243,9 @@ def _prepare(q, w, u, g, lowrank):
     rhs = torch.cat([b_hat, n_bw @ u], dim=-1)
     sol = torch.linalg.solve_triangular(eye - L, rhs, upper=False, unitriangular=True)
     x_wy, y_wy = sol[..., :K], sol[..., K:]
-    z = z + a_hat.transpose(-1, -2) @ y_wy
     q_eff = q_hat + m_qa @ x_wy
     o_intra = o_intra + m_qa @ y_wy
-    return gamma, a_hat.contiguous(), x_wy.contiguous(), z, q_eff, o_intra
+    return gamma, a_hat.contiguous(), x_wy.contiguous(), y_wy.contiguous(), w_hat, q_eff, o_intra
 
 
 def _pipeline(q, w, u, log_decay, lowrank, h0, lay: _Layout, meta, replay=None):
@@ -254,10 +253,10 @@ def _pipeline(q, w, u, log_decay, lowrank, h0, lay: _Layout, meta, replay=None):
     qc, wc, uc = (_to_chunks(t, lay) for t in (q, w, u))
     gc = None if log_decay is None else _to_chunks(log_decay, lay)
     lrc = [(_to_chunks(a, lay), _to_chunks(b, lay)) for a, b in lowrank]
-    gamma, a_hat, x_wy, z, q_eff, o_intra = _prepare(qc, wc, uc, gc, lrc)
+    gamma, a_hat, x_wy, y_wy, w_hat, q_eff, o_intra = _prepare(qc, wc, uc, gc, lrc)
     h0 = None if h0 is None else h0.float().contiguous()
     o, final, states = _ChunkRecurrence.apply(
-        gamma if gamma is None else gamma.contiguous(), a_hat, x_wy, z.contiguous(),
+        gamma if gamma is None else gamma.contiguous(), a_hat, x_wy, y_wy, w_hat.contiguous(), uc,
         q_eff.contiguous(), o_intra.contiguous(), h0, lay.chunk_offsets, meta, replay,
     )
     return _from_chunks(o, lay), final, states

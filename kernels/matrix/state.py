@@ -4,12 +4,13 @@ parallel output pass.
 After the chunk-local preparation (see :mod:`.chunk`) each chunk n is an affine map of the
 state S_n it starts from (per head, ``[K, V]``)::
 
-    S_{n+1} = Γ_n S_n + Âᵀ_n (X_n S_n) + Z_n                                   (state pass)
+    S_{n+1} = Γ_n S_n + Âᵀ_n (X_n S_n + Y_n) + Ŵᵀ_n U_n                        (state pass)
     o_n     = scale · (Q'_n S_n + O_n)                                         (output pass)
 
 with Γ_n the chunk's total decay (none, a scalar or a per-key vector), X_n ``[CR, K]`` the
-low-rank probes' dependence on S_n (WY/UT form, arXiv 2406.06484), Â_n ``[CR, K]`` the decayed
-low-rank writes, Z_n ``[K, V]`` everything that does not depend on S_n, Q'_n ``[C, K]`` the
+low-rank probes' dependence on S_n (WY/UT form, arXiv 2406.06484) and Y_n ``[CR, V]`` their
+part independent of S_n, Â_n ``[CR, K]`` / Ŵ_n ``[C, K]`` the low-rank / written keys decayed to
+the chunk's end, U_n ``[C, V]`` the written values, Q'_n ``[C, K]`` the
 effective queries and O_n ``[C, V]`` the intra-chunk outputs.
 
 The state pass walks the chunks of each sequence in order (one program per sequence, head
@@ -19,7 +20,7 @@ gradient G_n = ∂L/∂S_{n+1}::
 
     ∂L/∂S_n = Γ_n G_n + X_nᵀ (Â_n G_n) + scale · Q'_nᵀ dO_n
 
-and stores every G_n; the gradients of Γ, Â, X, Z then follow in parallel (torch).
+and stores every G_n; the gradients of Γ, Â, X, Y, Ŵ, U then follow in parallel (torch).
 Transposed operands are loaded transposed through pointer arithmetic: no ``tl.trans`` of a
 dot result (DESIGN §7: that broke a backward on Hopper with Triton 3.6).
 """
@@ -34,15 +35,19 @@ DECAY_NONE, DECAY_SCALAR, DECAY_KEY = 0, 1, 2
 
 @triton.jit
 def _state_fwd_kernel(
-    gamma, a_hat, x_wy, z, h0, states, final, chunk_offsets,
-    H, K: tl.constexpr, V: tl.constexpr, CR: tl.constexpr,
+    gamma, a_hat, x_wy, y_wy, w_hat, u, h0, states, final, chunk_offsets,
+    H, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, CR: tl.constexpr,
     DECAY: tl.constexpr, LOWRANK: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program = one sequence × one head × one block of BV value columns.
 
-    Shapes: gamma [NC, H] or [NC, H, K]; a_hat, x_wy [NC, H, CR, K]; z, states [NC, H, K, V];
-    h0, final [N, H, K, V]; chunk_offsets [N + 1] (chunks of sequence i: offsets[i]..[i+1]).
+    Shapes: gamma [NC, H] or [NC, H, K]; a_hat, x_wy [NC, H, CR, K]; y_wy [NC, H, CR, V];
+    w_hat [NC, H, C, K]; u [NC, H, C, V]; states [NC, H, K, V]; h0, final [N, H, K, V];
+    chunk_offsets [N + 1] (chunks of sequence i: offsets[i]..[i+1]).
+
+    Z_n = Ŵ_nᵀ U_n + Â_nᵀ Y_n is formed here from its factors rather than read: it is as large
+    as a state, and the factors are no larger.
     """
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
@@ -55,10 +60,12 @@ def _state_fwd_kernel(
     offs_v = i_v * BV + tl.arange(0, BV)
     mask_kv = (offs_k[:, None] < K) & (offs_v[None, :] < V)
     kv = offs_k[:, None] * V + offs_v[None, :]
+    offs_c = tl.arange(0, C)
     if LOWRANK:
         offs_r = tl.arange(0, BR)
         mask_rk = (offs_r[:, None] < CR) & (offs_k[None, :] < K)
         mask_kr = (offs_k[:, None] < K) & (offs_r[None, :] < CR)
+        mask_rv = (offs_r[:, None] < CR) & (offs_v[None, :] < V)
 
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
@@ -67,11 +74,18 @@ def _state_fwd_kernel(
     for c in range(c_start, c_end):
         nh = (c * H + i_h).to(tl.int64)
         tl.store(states + nh * K * V + kv, S, mask=mask_kv)
-        S_next = tl.load(z + nh * K * V + kv, mask=mask_kv, other=0.)
+        # the chunk's decayed writes Ŵᵀ U (Ŵ loaded transposed)
+        W_T = tl.load(w_hat + nh * C * K + offs_c[None, :] * K + offs_k[:, None],
+                      mask=offs_k[:, None] < K, other=0.)                              # [BK, C]
+        U = tl.load(u + nh * C * V + offs_c[:, None] * V + offs_v[None, :],
+                    mask=offs_v[None, :] < V, other=0.)                                # [C, BV]
+        S_next = tl.dot(W_T, U, input_precision=PRECISION)
         if LOWRANK:
             # probes of S_n (before the decay is applied), then their decayed writes
             X = tl.load(x_wy + nh * CR * K + offs_r[:, None] * K + offs_k[None, :], mask=mask_rk, other=0.)
             probes = tl.dot(X, S, input_precision=PRECISION)                           # [BR, BV]
+            probes += tl.load(y_wy + nh * CR * V + offs_r[:, None] * V + offs_v[None, :],
+                              mask=mask_rv, other=0.)
             A_T = tl.load(a_hat + nh * CR * K + offs_r[None, :] * K + offs_k[:, None],
                           mask=mask_kr, other=0.)                                     # [BK, BR]
             S_next += tl.dot(A_T, probes, input_precision=PRECISION)
@@ -197,37 +211,38 @@ class _ChunkRecurrence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gamma, a_hat, x_wy, z, q_eff, o_intra, h0, chunk_offsets, meta, replay):
-        NC, H, K, V = z.shape
-        C = q_eff.shape[2]
+    def forward(ctx, gamma, a_hat, x_wy, y_wy, w_hat, u, q_eff, o_intra, h0, chunk_offsets, meta, replay):
+        NC, H, C, K = w_hat.shape
+        V = u.shape[-1]
         N = chunk_offsets.numel() - 1
         CR = x_wy.shape[2] if x_wy is not None else 0
         BK, BV, BR = _blocks(K, V, CR)
         decay = DECAY_NONE if gamma is None else (DECAY_SCALAR if gamma.dim() == 2 else DECAY_KEY)
-        dummy = z  # stands in for absent pointers; constexpr flags keep it unread
+        dummy = u  # stands in for absent pointers; constexpr flags keep it unread
         if replay is None:
-            states = torch.empty_like(z)
-            final = torch.empty(N, H, K, V, device=z.device, dtype=torch.float32)
+            states = torch.empty(NC, H, K, V, device=u.device, dtype=torch.float32)
+            final = torch.empty(N, H, K, V, device=u.device, dtype=torch.float32)
             _state_fwd_kernel[(triton.cdiv(V, BV), N * H)](
                 gamma if gamma is not None else dummy,
                 a_hat if a_hat is not None else dummy,
                 x_wy if x_wy is not None else dummy,
-                z, h0 if h0 is not None else dummy, states, final, chunk_offsets,
-                H, K=K, V=V, CR=CR, DECAY=decay, LOWRANK=CR > 0, HAS_H0=h0 is not None,
+                y_wy if y_wy is not None else dummy,
+                w_hat, u, h0 if h0 is not None else dummy, states, final, chunk_offsets,
+                H, C=C, K=K, V=V, CR=CR, DECAY=decay, LOWRANK=CR > 0, HAS_H0=h0 is not None,
                 STORE_FINAL=True, BK=BK, BV=BV, BR=BR, PRECISION=meta["precision"],
-                num_warps=4 if BK <= 64 else 8,
+                num_warps=4 if BK <= 64 else 8, num_stages=1,
             )
         else:
             # detach: fresh tensor objects sharing the saved storage, so that this node
             # becomes their producer without touching the forward's graph
             states, final = replay[0].detach(), replay[1].detach()
-        o = torch.empty(NC, C, H, V, device=z.device, dtype=meta["out_dtype"])
+        o = torch.empty(NC, C, H, V, device=u.device, dtype=meta["out_dtype"])
         if NC > 0 and replay is None:
             _output_kernel[(triton.cdiv(V, BV), NC * H)](
                 q_eff, o_intra, states, o, meta["scale"], H, C=C, K=K, V=V, BK=BK, BV=BV,
                 PRECISION=meta["precision"], num_warps=4 if BK * C <= 64 * 64 else 8,
             )
-        ctx.save_for_backward(gamma, a_hat, x_wy, q_eff, h0, chunk_offsets, states)
+        ctx.save_for_backward(gamma, a_hat, x_wy, y_wy, w_hat, u, q_eff, h0, chunk_offsets, states)
         ctx.meta, ctx.decay = meta, decay
         ctx.mark_non_differentiable(states)
         ctx.set_materialize_grads(False)
@@ -235,7 +250,7 @@ class _ChunkRecurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_o, d_final, _d_states):
-        gamma, a_hat, x_wy, q_eff, h0, chunk_offsets, states = ctx.saved_tensors
+        gamma, a_hat, x_wy, y_wy, w_hat, u, q_eff, h0, chunk_offsets, states = ctx.saved_tensors
         meta, decay = ctx.meta, ctx.decay
         NC, H, K, V = states.shape
         C = q_eff.shape[2]
@@ -255,19 +270,23 @@ class _ChunkRecurrence(torch.autograd.Function):
             chunk_offsets, scale,
             H, C=C, K=K, V=V, CR=CR, DECAY=decay, LOWRANK=CR > 0, HAS_DFINAL=d_final is not None,
             STORE_DH0=True, BK=BK, BV=BV, BR=BR, PRECISION=meta["precision"],
-            num_warps=4 if BK <= 64 else 8,
+            num_warps=4 if BK <= 64 else 8, num_stages=1,
         )
         # Parallel gradients of the per-chunk quantities. d_o is [NC, C, H, V]: head-major view.
         d_o_h = d_o.float().transpose(1, 2)                                      # [NC, H, C, V]
         d_o_intra = scale * d_o_h
         d_q_eff = scale * (d_o_h @ states.transpose(-1, -2))                      # [NC, H, C, K]
-        d_gamma = d_a_hat = d_x = None
+        # Z_n = Ŵ_nᵀ U_n + Â_nᵀ Y_n
+        d_w_hat = u @ d_z.transpose(-1, -2)                                      # [NC, H, C, K]
+        d_u = w_hat @ d_z                                                         # [NC, H, C, V]
+        d_gamma = d_a_hat = d_x = d_y = None
         if gamma is not None:
             gs = (d_z * states).sum(-1)                                           # [NC, H, K]
             d_gamma = gs.sum(-1) if decay == DECAY_SCALAR else gs
         if CR > 0:
-            probes = x_wy @ states                                               # [NC, H, CR, V]
+            probes = x_wy @ states + y_wy                                         # [NC, H, CR, V]
             d_a_hat = probes @ d_z.transpose(-1, -2)                              # [NC, H, CR, K]
-            d_x = (a_hat @ d_z) @ states.transpose(-1, -2)                        # [NC, H, CR, K]
-        return (d_gamma, d_a_hat, d_x, d_z, d_q_eff, d_o_intra,
+            d_y = a_hat @ d_z                                                     # [NC, H, CR, V]
+            d_x = d_y @ states.transpose(-1, -2)                                  # [NC, H, CR, K]
+        return (d_gamma, d_a_hat, d_x, d_y, d_w_hat, d_u, d_q_eff, d_o_intra,
                 d_h0 if h0 is not None else None, None, None, None)
