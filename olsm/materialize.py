@@ -76,10 +76,15 @@ def _broadcast(x: torch.Tensor, spec) -> torch.Tensor:
     return x.transpose(-1, -2)  # [.., H, V, K] -> [.., H, K, V]
 
 
+@functools.lru_cache(maxsize=None)
+def _numeric_constants(expr: sp.Expr) -> sp.Expr:
+    """log(4/5) -> -0.2231...: torch functions take tensors, not Python numbers."""
+    return expr.replace(lambda e: e.is_number and not e.is_Atom, lambda e: sp.Float(sp.N(e, 30), 30))
+
+
 def evaluate(expr, env: dict) -> torch.Tensor:
     """Evaluate ``expr`` in ``env`` (broadcast layout); constants become 0-d tensors."""
-    expr = sp.sympify(expr)
-    fn, names = compile_expr(expr, tuple(sorted(env)))
+    fn, names = compile_expr(_numeric_constants(sp.sympify(expr)), tuple(sorted(env)))
     out = fn(*(env[n] for n in names))
     if not torch.is_tensor(out):
         ref = env[k_n.name]

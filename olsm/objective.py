@@ -171,7 +171,8 @@ class Objective:
             raise ObjectiveError(f"update must be 'implicit' or 'explicit', got {self.update!r}")
         if self.approximation not in (None, "diagonal"):
             raise ObjectiveError(f"approximation must be None or 'diagonal', got {self.approximation!r}")
-        object.__setattr__(self, "eta", sp.sympify(self.eta))
+        eta = sp.nsimplify(self.eta, rational=True) if isinstance(self.eta, float) else sp.sympify(self.eta)
+        object.__setattr__(self, "eta", eta)
 
     @property
     def coefficients(self) -> Tuple[Coefficient, ...]:

@@ -66,6 +66,16 @@ class Term:
     def __repr__(self):
         return self.label
 
+    # terms are values: two declarations of the same term are equal, so derive's cache hits
+    def _key(self):
+        return (type(self), self.label, self.exprs())
+
+    def __eq__(self, other):
+        return isinstance(other, Term) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
 
 @dataclass(frozen=True)
 class TermSum:
@@ -82,6 +92,9 @@ class TermSum:
 
 
 def _s(x) -> sp.Expr:
+    # 0.1 -> 1/10: exact constants keep the proof exact and the printout readable
+    if isinstance(x, float):
+        return sp.nsimplify(x, rational=True)
     return sp.sympify(x)
 
 
