@@ -6,7 +6,7 @@
     print(rec)                      # S_t = (I − ε k kᵀ) S_{t-1} + ε k vᵀ,  ε = β/(β·kᵀk + 1)
     o, S = rec(q, k, v, beta=beta, output_final_state=True)
 """
-from .derive import derive
+from .derivation import derive
 from .errors import (BackendError, InputError, NonAffineObjectiveError, ObjectiveError, OlsmError,
                      ProofError, UnsupportedObjectiveError)
 from .objective import Input, Objective, Param

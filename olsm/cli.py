@@ -23,7 +23,7 @@ console = Console()
 @app.command("list")
 def list_cmd():
     """List the catalogue: name, IR class, update, inputs."""
-    from .derive import derive
+    from .derivation import derive
     from .load import catalogue
 
     table = Table(title="olsm catalogue")
@@ -40,7 +40,7 @@ def list_cmd():
 def derive(objective: str = typer.Argument(..., help="catalogue name or FILE.py:OBJ"),
            latex: bool = typer.Option(False, help="also print the LaTeX form")):
     """Derive an objective: print objective, recurrence, IR class and proof status."""
-    from .derive import derive as _derive
+    from .derivation import derive as _derive
     from .errors import OlsmError
 
     try:

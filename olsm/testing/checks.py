@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..derive import derive
+from ..derivation import derive
 from ..load import load_objective
 from .argmin import declared_gate_and_write, declared_update
 from .inputs import random_inputs
