@@ -238,8 +238,10 @@ class _ChunkRecurrence(torch.autograd.Function):
             states, final = replay[0].detach(), replay[1].detach()
         o = torch.empty(NC, C, H, V, device=u.device, dtype=meta["out_dtype"])
         if NC > 0 and replay is None:
-            _output_kernel[(triton.cdiv(V, BV), NC * H)](
-                q_eff, o_intra, states, o, meta["scale"], H, C=C, K=K, V=V, BK=BK, BV=BV,
+            # wider V-blocks than the state pass: fewer re-reads of the [C, K] queries
+            BVO = max(16, min(64 if BK <= 128 else 32, triton.next_power_of_2(V)))
+            _output_kernel[(triton.cdiv(V, BVO), NC * H)](
+                q_eff, o_intra, states, o, meta["scale"], H, C=C, K=K, V=V, BK=BK, BV=BVO,
                 PRECISION=meta["precision"], num_warps=4 if BK * C <= 64 * 64 else 8,
             )
         ctx.save_for_backward(gamma, a_hat, x_wy, y_wy, w_hat, u, q_eff, h0, chunk_offsets, states)
