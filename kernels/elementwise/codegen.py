@@ -41,7 +41,7 @@ from olsm.symbols import expr_axes
 from .printer import TritonPrinter
 
 #: bump whenever the generated source changes for the same expressions
-GENERATOR_VERSION = "elementwise-1"
+GENERATOR_VERSION = "elementwise-2"
 
 #: largest key dimension (d_state) the register-resident state tile supports
 MAX_K = 256
@@ -275,7 +275,7 @@ def _emit_factors(src: _Src, plan: Plan):
         elif fac.name == "v_j":
             src("s_v_j = v_c[None, :]")
         elif fac.name == "kk":
-            src("s_kk = tl.sum(k_c * k_c, 0)  # kᵀk over the whole key (K fits one tile)")
+            src("s_kk = _sum(k_c * k_c, 0)  # kᵀk over the whole key (K fits one tile)")
         elif fac.per_token:
             src(f"{fac.var} = {_broadcast('in_' + fac.input + '_c', fac.axes)}")
 
@@ -316,7 +316,7 @@ def _coef_block(src: _Src, plan: Plan, with_partials: bool) -> Dict[Tuple[str, s
         (of, factor) -> source of that partial derivative (only when ``with_partials``).
     """
     names = {f.name: f.var for f in plan.factors}
-    printer = TritonPrinter(names)
+    printer = TritonPrinter(names, sigmoid="_sigmoid")
     exprs = [plan.gate, plan.wk, plan.wv]
     if with_partials:
         exprs += [p.expr for p in plan.partials]
@@ -342,10 +342,10 @@ def _reduce(term: str, space: str, target: str) -> str:
     if target == "VK":
         return t
     if target == "K":
-        return f"tl.sum({t}, 1)"
+        return f"_sum({t}, 1)"
     if target == "V":
-        return f"tl.sum({t}, 0)"
-    return f"tl.sum(tl.sum({t}, 1), 0)"
+        return f"_sum({t}, 0)"
+    return f"_sum(_sum({t}, 1), 0)"
 
 
 def _grad_expr(plan: Plan, parts: Dict[Tuple[str, str], str], fac: Factor) -> Optional[str]:
@@ -372,6 +372,31 @@ def generate_source(plan: Plan) -> str:
         "import triton",
         "import triton.language as tl",
         "",
+        "",
+        "# Local helpers instead of tl.sum / tl.cdiv / tl.sigmoid: those are @jit functions of",
+        "# triton.language, built for the compiler or the interpreter once, when triton.language",
+        "# is first imported. These are built when this module is, so the kernels run under",
+        "# TRITON_INTERPRET=1 whatever imported triton first.",
+        "@triton.jit",
+        "def _add(a, b):",
+        "    return a + b",
+        "",
+        "",
+        "@triton.jit",
+        "def _sum(x, axis: tl.constexpr):",
+        "    return tl.reduce(x, axis, _add)",
+        "",
+        "",
+        "@triton.jit",
+        "def _cdiv(a, b: tl.constexpr):",
+        "    return (a + b - 1) // b",
+        "",
+        "",
+        "@triton.jit",
+        "def _sigmoid(x):",
+        "    return 1.0 / (1.0 + tl.exp(-x))",
+        "",
+        "",
     )
     coef_args = "".join(f"x_{s.name}, " for s in plan.inputs)
     grad_args = "".join(f"g_{s.name}, " for s in plan.inputs)
@@ -387,7 +412,7 @@ def generate_source(plan: Plan) -> str:
         "else:\n"
         "    bos = i_b.to(tl.int64) * T\n"
         "    eos = bos + T\n"
-        "    ck0 = i_b.to(tl.int64) * tl.cdiv(T, C)\n"
+        "    ck0 = i_b.to(tl.int64) * _cdiv(T, C)\n"
         "n_tok = (eos - bos).to(tl.int32)\n"
         "n_k = tl.arange(0, BK)\n"
         "j_v = i_v * BV + tl.arange(0, BV)\n"
@@ -418,14 +443,14 @@ def generate_source(plan: Plan) -> str:
     )
     src(common_head)
     _emit_params(src, plan)
-    src("S = tl.zeros([BK, BV], dtype=tl.float32)")
+    src("S = tl.full([BK, BV], 0.0, dtype=tl.float32)")
     src("if HAS_H0:")
     src("    S = tl.load(h0 + i_bh.to(tl.int64) * K * V + o_state, mask=m_kv, other=0.0).to(tl.float32)")
     src("if HAS_D:")
     src("    d_j = tl.load(d_skip + i_h * V + j_v, mask=m_v, other=0.0).to(tl.float32)")
     src("# prefetch the first token")
     fwd_loads.issue(src, "bos", "n_tok > 0")
-    src("for i_c in range(0, tl.cdiv(n_tok, C)):")
+    src("for i_c in range(0, _cdiv(n_tok, C)):")
     src.indent()
     src("if STORE_CKPT:")
     src("    tl.store(ckpt + ((ck0 + i_c) * H + i_h) * K * V + o_state, S, mask=m_kv)")
@@ -438,7 +463,7 @@ def generate_source(plan: Plan) -> str:
     _emit_factors(src, plan)
     _coef_block(src, plan, with_partials=False)
     src("S = G * S + wk * wv")
-    src("o_t = tl.sum(S * q_c[:, None], 0) * scale")
+    src("o_t = _sum(S * q_c[:, None], 0) * scale")
     src("if HAS_D:")
     src("    o_t += d_j * v_c")
     src("tl.store(o + (tok * H + i_h) * V + j_v, o_t.to(o.dtype.element_ty), mask=m_v)")
@@ -486,16 +511,16 @@ def generate_source(plan: Plan) -> str:
     acc_shape = {"": "[1]", "K": "[BK]", "V": "[BV]", "VK": "[BK, BV]"}
     for fac in plan.factors:
         if not fac.per_token:
-            src(f"acc_{fac.input} = tl.zeros({acc_shape[fac.axes]}, dtype=tl.float32)")
+            src(f"acc_{fac.input} = tl.full({acc_shape[fac.axes]}, 0.0, dtype=tl.float32)")
     src("if HAS_D:")
     src("    d_j = tl.load(d_skip + i_h * V + j_v, mask=m_v, other=0.0).to(tl.float32)")
-    src("acc_d = tl.zeros([BV], dtype=tl.float32)")
-    src("dS = tl.zeros([BK, BV], dtype=tl.float32)")
+    src("acc_d = tl.full([BV], 0.0, dtype=tl.float32)")
+    src("dS = tl.full([BK, BV], 0.0, dtype=tl.float32)")
     src("if HAS_DHT:")
     src("    dS = tl.load(dht + i_bh.to(tl.int64) * K * V + o_state, mask=m_kv, other=0.0).to(tl.float32)")
-    src("for i_r in range(0, tl.cdiv(n_tok, C)):")
+    src("for i_r in range(0, _cdiv(n_tok, C)):")
     src.indent()
-    src("i_c = tl.cdiv(n_tok, C) - 1 - i_r")
+    src("i_c = _cdiv(n_tok, C) - 1 - i_r")
     src("t0 = bos + i_c * C")
     src("n_c = tl.minimum(C, n_tok - i_c * C)")
     src("# 1) replay the chunk forward from its checkpoint; slot s holds the state after s tokens")
@@ -524,11 +549,11 @@ def generate_source(plan: Plan) -> str:
     _emit_factors(src, plan)
     parts = _coef_block(src, plan, with_partials=True)
     src("dS += scale * q_c[:, None] * do_c[None, :]")
-    src("dq_t = tl.sum(S * do_c[None, :], 1) * scale")
+    src("dq_t = _sum(S * do_c[None, :], 1) * scale")
     src("S = tl.load(scr + (n_c - 1 - i_t) * BK * BV + o_slab)  # S_{t-1}")
     src("dG = dS * S")
-    src("dwk = tl.sum(dS * wv, 1)[:, None]")
-    src("dwv = tl.sum(dS * wk, 0)[None, :]")
+    src("dwk = _sum(dS * wv, 1)[:, None]")
+    src("dwv = _sum(dS * wk, 0)[None, :]")
     # gradients of the factors
     kk = plan.symbols.get("kk")
     dkk = _grad_expr(plan, parts, Factor("kk", None, "", True)) if kk is not None else None
@@ -540,8 +565,8 @@ def generate_source(plan: Plan) -> str:
     if dkk:
         src(f"dkk = {dkk}")
         dk_terms.append("2.0 * dkk * k_c")
-    src(f"dk_t = {' + '.join(dk_terms) if dk_terms else 'tl.zeros([BK], dtype=tl.float32)'}")
-    dv_terms = ["tl.zeros([BV], dtype=tl.float32)"]
+    src(f"dk_t = {' + '.join(dk_terms) if dk_terms else 'tl.full([BK], 0.0, dtype=tl.float32)'}")
+    dv_terms = ["tl.full([BV], 0.0, dtype=tl.float32)"]
     if "v_j" in plan.symbols:
         g = _grad_expr(plan, parts, Factor("v_j", None, "V", True))
         if g:

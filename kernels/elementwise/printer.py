@@ -11,7 +11,7 @@ What it emits, and why:
   ``exp(2*log(x))``, which is also wrong for negative ``x``;
 * ``x**(1/2)`` -> ``tl.sqrt``, ``x**(-1/2)`` -> ``tl.math.rsqrt``; other non-integer powers
   -> ``tl.exp(p*tl.log(x))`` (valid for ``x > 0``, the only case a real power is defined for);
-* ``1/(1 + exp(-x))`` -> ``tl.sigmoid(x)`` (one instruction sequence, no overflow);
+* ``1/(1 + exp(-x))`` -> ``tl.sigmoid(x)`` (or the kernel's own helper; 1/(1 + inf) = 0, no NaN);
 * rationals and integers -> float literals, so no integer division can sneak in;
 * ``exp, log, sqrt, Abs, sin, cos, erf, Max, Min, sign, Heaviside, Piecewise, log1p, expm1,
   tanh``
@@ -63,14 +63,17 @@ class TritonPrinter(PythonCodePrinter):
     Args:
         names: symbol name -> Triton variable name. A symbol missing from it is an error
             (the kernel would reference an undefined variable).
+        sigmoid: the function to call for sigmoids (generated kernels use their own
+            ``_sigmoid`` helper, see :mod:`.codegen`).
     """
 
     printmethod = "_tritoncode"
     language = "Triton"
 
-    def __init__(self, names: Optional[Dict[str, str]] = None):
+    def __init__(self, names: Optional[Dict[str, str]] = None, sigmoid: str = "tl.sigmoid"):
         super().__init__({"fully_qualified_modules": False, "strict": False})
         self.names = dict(names or {})
+        self.sigmoid = sigmoid
 
     # -- the gatekeeper: refuse what the kernel cannot compute, naming the culprit ---------
     def _print(self, expr, **kwargs):
@@ -141,11 +144,11 @@ class TritonPrinter(PythonCodePrinter):
         base, p = expr.base, expr.exp
         if base is sp.E:
             return f"tl.exp({self._print(p)})"
-        # sigmoid: 1/(1 + exp(a)) == sigmoid(-a); tl.sigmoid never overflows
+        # sigmoid: 1/(1 + exp(a)) == sigmoid(-a), one call instead of three nodes
         if p == -1 and isinstance(base, sp.Add) and len(base.args) == 2 and sp.S.One in base.args:
             other = base.args[0] if base.args[1] == sp.S.One else base.args[1]
             if isinstance(other, sp.exp):
-                return f"tl.sigmoid({self._print(-other.args[0])})"
+                return f"{self.sigmoid}({self._print(-other.args[0])})"
         if p.is_Integer:
             n = int(p)
             if n == 0:
@@ -195,7 +198,7 @@ class TritonPrinter(PythonCodePrinter):
 
     def _print_tanh(self, expr):
         # tanh(x) = 2 sigmoid(2x) - 1: Triton has no portable tanh across 3.6 and 3.9
-        return f"(2.0*tl.sigmoid(2.0*({self._print(expr.args[0])})) - 1.0)"
+        return f"(2.0*{self.sigmoid}(2.0*({self._print(expr.args[0])})) - 1.0)"
 
     def _print_log1p(self, expr):
         return f"tl.log(1.0 + ({self._print(expr.args[0])}))"
