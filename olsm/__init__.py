@@ -25,7 +25,11 @@ __all__ = [
 
 
 def __getattr__(name):
-    # layers import torch.nn machinery; load them only when asked for
+    # the catalogue and the layers load on first use (the catalogue imports olsm itself)
+    if name in ("objectives", "testing", "kernels"):
+        import importlib
+
+        return importlib.import_module(f"olsm.{name}")
     if name in ("Mixer",):
         from . import layers
 

@@ -49,7 +49,7 @@ class InputSpec:
         assumptions = {}
         if self.constraint:
             assumptions[self.constraint] = True
-        return indexed(self.name, self.axes, **assumptions)
+        return indexed(self.name, self.axes, self.per_token, **assumptions)
 
     @property
     def shape(self) -> str:

@@ -33,10 +33,23 @@ v_j = sp.Symbol("v_j", real=True)
 kk = sp.Symbol("kk", nonnegative=True)
 
 
-def indexed(name: str, axes: tuple, **assumptions) -> sp.Symbol:
-    """The symbol of a quantity named ``name`` varying along ``axes`` (subset of K, V)."""
+class FixedSymbol(sp.Symbol):
+    """The symbol of a per-head parameter (``Param``): distinct from a per-token input of the
+    same name (RetNet's fixed ``log_alpha [H]`` is not Mamba-2's ``log_alpha [B, T, H]``),
+    while printing, lambdifying and naming exactly like a plain Symbol."""
+
+    def _hashable_content(self):
+        return super()._hashable_content() + ("fixed",)
+
+
+def indexed(name: str, axes: tuple, per_token: bool = True, **assumptions) -> sp.Symbol:
+    """The symbol of a quantity named ``name`` varying along ``axes`` (subset of K, V).
+
+    ``per_token=False`` gives a :class:`FixedSymbol` (a parameter fixed per head).
+    """
     suffix = {(): "", ("K",): "_n", ("V",): "_j", ("V", "K"): "_jn"}[tuple(axes)]
-    return sp.Symbol(name + suffix, real=True, **assumptions)
+    cls = sp.Symbol if per_token else FixedSymbol
+    return cls(name + suffix, real=True, **assumptions)
 
 
 def axes_of(symbol: sp.Symbol) -> tuple:

@@ -28,7 +28,7 @@ def lowrank(rec):
 # name -> (kind, log_decay, [coef·a·b], write value, gate)
 EXPECTED = {
     "linear_attention": ("matrix", 0, [], v_j, None),
-    "retnet": ("matrix", sp.Symbol("log_alpha", nonpositive=True), [], v_j, None),
+    "retnet": ("matrix", indexed("log_alpha", (), per_token=False, nonpositive=True), [], v_j, None),
     "mamba2": ("matrix", log_alpha, [], v_j, None),
     "gla": ("matrix", log_alpha_n, [], v_j, None),
     "deltanet": ("matrix", 0, [-beta * k_n**2], beta * v_j, None),
