@@ -11,7 +11,7 @@ from olsm.symbols import indexed, k_n, kk, v_j
 
 beta, log_alpha = sp.Symbol("beta", positive=True), sp.Symbol("log_alpha", nonpositive=True)
 beta_j, dt_j = indexed("beta", ("V",), positive=True), indexed("dt", ("V",), positive=True)
-log_alpha_n, A_jn = indexed("log_alpha", ("K",), nonpositive=True), indexed("A", ("V", "K"), negative=True)
+log_alpha_n, A_jn = indexed("log_alpha", ("K",), nonpositive=True), indexed("A", ("V", "K"), False, negative=True)
 eps, eps_j = sp.Symbol("eps", positive=True), indexed("eps", ("V",), positive=True)
 
 
