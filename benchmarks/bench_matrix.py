@@ -302,7 +302,8 @@ def plot(rows, path, title):
         ax.set_xticklabels(names, rotation=40, ha="right", fontsize=8)
         ax.set_title(f"B,T,H,D = {shape}")
         ax.set_ylabel("median ms (bf16)")
-        ax.set_yscale("log")
+        if any(isinstance(r[k], float) for r in sub for _, k in series):
+            ax.set_yscale("log")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
