@@ -121,3 +121,22 @@ def lm(objective: List[str] = _OBJ,
                        backend=backend, precision=precision, compile=compile, out=out or "runs/lm",
                        progress=progress)
     _run(base, objective, d_model, resume, stop_at)
+
+
+@app.command()
+def summarize(folder: str = typer.Argument(..., help="a sweep folder holding one sub-folder per run")):
+    """Rebuild summary.csv/json and the plots of a sweep folder from its runs' metrics.json."""
+    from .collect import collect
+
+    runs = collect(folder)
+    if not runs:
+        console.print(f"[red]error:[/red] no runs (*/metrics.json) under {folder}")
+        raise typer.Exit(1)
+    table = Table(title=f"runs in {folder}")
+    cols = [c for c in ("objective", "block", "d_model", "params", "steps_done", "seconds", "backend", "train_loss",
+                        "accuracy", "val_bpb") if any(c in r for r in runs)]
+    for c in cols:
+        table.add_column(c)
+    for r in runs:
+        table.add_row(*[f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, "—")) for c in cols])
+    console.print(table)

@@ -142,23 +142,24 @@ def sweep(base: TrainConfig, objectives: Sequence[str], d_models: Sequence[int],
     for d in d_models:
         for obj in objectives:
             cfg = dataclasses.replace(base, objective=obj, d_model=d, out=str(out / f"{obj}-d{d}"))
-            s = fn(cfg, resume=resume, stop_at=stop_at)
-            runs.append(s)
-            rows = _rows(Path(cfg.out))
-            curves[f"{obj} d{d}"] = rows
-    if len(runs) > 1 or base.task == "mqar":
-        out.mkdir(parents=True, exist_ok=True)
-        write_csv(out / "summary.csv", runs)
-        write_json(out / "summary.json", runs)
-        if base.task == "mqar" and all("accuracy" in r for r in runs):
-            plot_accuracy_vs_dmodel(out / "accuracy_vs_dmodel.png", runs,
-                                    title=f"MQAR ({base.steps} steps, eval {base.eval_configs})")
-        plot_curves(out / "loss_curves.png", curves, "loss", title=f"{base.task}: training loss",
-                    ylabel="training loss")
-        if base.task == "lm":
-            plot_curves(out / "val_curves.png", curves, "eval_bpb", title="byte LM: validation bits per byte",
-                        ylabel="bits per byte")
+            runs.append(fn(cfg, resume=resume, stop_at=stop_at))
+            curves[f"{obj} d{d}"] = _rows(Path(cfg.out))
+            if len(objectives) * len(d_models) > 1 or base.task == "mqar":
+                _summarise(base, out, runs, curves)  # after every run: a killed sweep keeps what it did
     return runs
+
+
+def _summarise(base, out: Path, runs, curves):
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "summary.csv", runs)
+    write_json(out / "summary.json", runs)
+    if base.task == "mqar" and all("accuracy" in r for r in runs):
+        plot_accuracy_vs_dmodel(out / "accuracy_vs_dmodel.png", runs,
+                                title=f"MQAR ({base.steps} steps, eval {base.eval_configs})")
+    plot_curves(out / "loss_curves.png", curves, "loss", title=f"{base.task}: training loss", ylabel="training loss")
+    if base.task == "lm":
+        plot_curves(out / "val_curves.png", curves, "eval_bpb", title="byte LM: validation bits per byte",
+                    ylabel="bits per byte")
 
 
 def _rows(run: Path) -> List[dict]:
