@@ -261,6 +261,9 @@ def main():
     ap.add_argument("--longhorn-src", default=".carry/longhorn_ss")
     ap.add_argument("--longhorn-build", default="/tmp/longhorn_build")
     ap.add_argument("--build-only", action="store_true", help="only compile the Longhorn extension")
+    ap.add_argument("--longhorn-wait", type=float, default=0.0,
+                    help="seconds to wait for a --build-only process (run in the background) to "
+                         "finish before timing Longhorn; 0 builds in this process")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--quick", action="store_true", help="first case only")
@@ -270,6 +273,9 @@ def main():
     if args.build_only:
         t0 = time.time()
         build_longhorn(src, Path(args.longhorn_build))
+        # the marker, not torch's lock file, tells the benchmark process the build is done:
+        # calling load() while another process builds blocks on that lock
+        Path(args.longhorn_build, "BUILD_OK").write_text(f"{time.time() - t0:.0f}s\n")
         print(f"longhorn build ok in {time.time() - t0:.0f}s")
         return
 
@@ -310,25 +316,26 @@ def main():
         meta["tile used"] = f"BV={best[0]}, num_warps={best[1]}"
         del q, k, v, coefs, D
 
-    # -- 2. the Longhorn paper's CUDA scan ------------------------------------------------
-    ext, why = None, ""
-    if src.exists():
-        try:
-            t0 = time.time()
-            ext = build_longhorn(src, Path(args.longhorn_build))
-            meta["longhorn-cuda"] = f"built/loaded in {time.time() - t0:.0f}s"
-            meta["longhorn-cuda parity (fwd, fp32, rel. diff vs olsm)"] = f"{check_longhorn_parity(ext, recs['longhorn_diag']):.2e}"
-        except Exception as e:
-            why = f"longhorn-cuda unavailable: {type(e).__name__}: {str(e)[-300:]}"
-    else:
-        why = f"longhorn-cuda sources not found at {src}"
-    if why:
-        meta["longhorn-cuda"] = why
-        print(why, flush=True)
-    meta["mamba_ssm selective_scan_fn"] = "not built (9-file build exceeds the device-time budget, DESIGN §7)"
-
-    # -- 3. the cases ------------------------------------------------------------------------
+    # -- 2. the cases ------------------------------------------------------------------------
     rows = []
+
+    def measure(row, fwd, fb):
+        try:
+            row["fwd_ms"] = bench_ms(fwd)
+            if row["fwd_ms"] > 2000:  # the materialised-G torch path at long T: enough said
+                row["note"] = "fwd+bwd skipped (fwd > 2 s)"
+            else:
+                row["fwdbwd_ms"] = bench_ms(fb)
+                row["peak_mb"] = peak_extra_mb(fb)
+        except torch.OutOfMemoryError:
+            row["note"] = "out of memory"
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"  {row['recurrence']} D={row['d_model']} B={row['B']} T={row['T']} {row['impl']}: "
+              f"fwd {row.get('fwd_ms', float('nan')):.3f} ms, fwd+bwd {row.get('fwdbwd_ms', float('nan')):.3f} ms, "
+              f"peak {row.get('peak_mb', float('nan')):.0f} MiB, floor {row['io_floor_fwd_ms']:.3f} ms", flush=True)
+        write_reports(rows, meta, Path(args.out), args.stem)  # partial results survive a timeout
+
     cases = CASES[:1] if args.quick else CASES
     jobs = [(name, d, B, T) for name in recs for (d, B, T) in cases]
     for name, d, B, T in tqdm(jobs, desc="cases"):
@@ -336,31 +343,45 @@ def main():
         q, k, v, coefs, D = make_inputs(name, B, T, E)
         floor = io_bytes_fwd(name, B, T, E) / (bw * 1e12) * 1e3
         base = dict(recurrence=name, d_model=d, E=E, B=B, T=T, io_floor_fwd_ms=floor)
-        impls = [("olsm-triton", olsm_triton(recs[name], q, k, v, coefs, D, *best))]
+        measure(dict(base, impl="olsm-triton"), *olsm_triton(recs[name], q, k, v, coefs, D, *best))
         if not args.no_torch:
-            impls.append(("olsm-torch", olsm_torch(recs[name], q, k, v, coefs, D)))
-        if ext is not None and name == "longhorn_diag":
-            fwd, fb, _ = longhorn_cuda(ext, q, k, v, coefs, D)
-            impls.append(("longhorn-cuda", (fwd, fb)))
-        for impl, (fwd, fb) in impls:
-            row = dict(base, impl=impl)
-            try:
-                row["fwd_ms"] = bench_ms(fwd)
-                if row["fwd_ms"] > 2000:  # the materialised-G torch path at long T: enough said
-                    row["note"] = "fwd+bwd skipped (fwd > 2 s)"
-                else:
-                    row["fwdbwd_ms"] = bench_ms(fb)
-                    row["peak_mb"] = peak_extra_mb(fb)
-            except torch.OutOfMemoryError:
-                row["note"] = "out of memory"
-                torch.cuda.empty_cache()
-            rows.append(row)
-            print(f"  {name} D={d} B={B} T={T} {impl}: fwd {row.get('fwd_ms', float('nan')):.3f} ms, "
-                  f"fwd+bwd {row.get('fwdbwd_ms', float('nan')):.3f} ms, peak {row.get('peak_mb', float('nan')):.0f} MiB, "
-                  f"floor {floor:.3f} ms", flush=True)
+            measure(dict(base, impl="olsm-torch"), *olsm_torch(recs[name], q, k, v, coefs, D))
         del q, k, v, coefs, D
         torch.cuda.empty_cache()
-        write_reports(rows, meta, Path(args.out), args.stem)  # partial results survive a timeout
+
+    # -- 3. the Longhorn paper's CUDA scan, last: its build may still be running ------------
+    ext, why = None, ""
+    marker = Path(args.longhorn_build, "BUILD_OK")
+    if not src.exists():
+        why = f"longhorn-cuda sources not found at {src}"
+    elif args.longhorn_wait > 0:
+        deadline = time.time() + args.longhorn_wait
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(2)
+        if not marker.exists():
+            why = f"longhorn-cuda not built within the {args.longhorn_wait:.0f} s wait (build still running)"
+    if src.exists() and not why:
+        try:
+            t0 = time.time()
+            ext = build_longhorn(src, Path(args.longhorn_build))
+            meta["longhorn-cuda"] = f"loaded in {time.time() - t0:.0f}s (build: {marker.read_text().strip() if marker.exists() else 'this process'})"
+            meta["longhorn-cuda parity (fwd, fp32, rel. diff vs olsm)"] = f"{check_longhorn_parity(ext, recs['longhorn_diag']):.2e}"
+        except Exception as e:
+            why = f"longhorn-cuda unavailable: {type(e).__name__}: {str(e)[-300:]}"
+    if why:
+        meta["longhorn-cuda"] = why
+        print(why, flush=True)
+    meta["mamba_ssm selective_scan_fn"] = "not built (9-file build exceeds the device-time budget, DESIGN §7)"
+    if ext is not None:
+        for d, B, T in tqdm(cases, desc="longhorn-cuda"):
+            E = 2 * d
+            q, k, v, coefs, D = make_inputs("longhorn_diag", B, T, E)
+            floor = io_bytes_fwd("longhorn_diag", B, T, E) / (bw * 1e12) * 1e3
+            fwd, fb, _ = longhorn_cuda(ext, q, k, v, coefs, D)
+            measure(dict(recurrence="longhorn_diag", d_model=d, E=E, B=B, T=T, io_floor_fwd_ms=floor,
+                         impl="longhorn-cuda"), fwd, fb)
+            del q, k, v, coefs, D
+    write_reports(rows, meta, Path(args.out), args.stem)
     print(Path(args.out, f"{args.stem}.md").read_text())
 
 
