@@ -1,7 +1,14 @@
 """Shared test settings: hypothesis profiles (CI runs the full example counts)."""
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
+
+# Without a GPU, Triton kernels run in its interpreter (float32 on CPU). The variable must be
+# set before anything imports triton: @triton.jit reads it at decoration time, and a kernel
+# module imported first without it cannot run interpreted later in the same process.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
