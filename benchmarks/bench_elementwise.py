@@ -43,7 +43,10 @@ CASES = [  # (d_model, B, T)
     (768, 2, 8192),
     (1024, 2, 8192),
 ]
-SWEEP = [(16, 1), (32, 1), (32, 2), (64, 2), (64, 4)]  # (block_v, num_warps)
+# (block_v, num_warps): the two best of the first H100 sweep (results/elementwise_h100_sweep.md;
+# BV 32/64 with 2-4 warps were 10-30 % slower)
+SWEEP = [(16, 1), (32, 1)]
+PREFETCH = [(1, 1), (2, 2), (4, 2), (8, 4)]  # tokens loaded ahead (forward, backward)
 
 
 # ------------------------------------------------------------------------------ timing
@@ -113,19 +116,21 @@ def io_bytes_fwd(name: str, B: int, T: int, E: int, elem: int = 2) -> int:
 
 
 # ------------------------------------------------------------------------------ runners
-def olsm_triton(rec, q, k, v, coefs, D, block_v=None, num_warps=None):
+def olsm_triton(rec, q, k, v, coefs, D, block_v=None, num_warps=None, prefetch=None):
     from olsm.kernels.elementwise import elementwise_scan
 
     leaves = [q, k, v, D, *coefs.values()]
 
     def fwd():
         with torch.no_grad():
-            return elementwise_scan(rec, q, k, v, coefs, scale=1.0, D=D, block_v=block_v, num_warps=num_warps)
+            return elementwise_scan(rec, q, k, v, coefs, scale=1.0, D=D, block_v=block_v,
+                                    num_warps=num_warps, prefetch=prefetch)
 
     def fwdbwd():
         xs = [x.detach().requires_grad_(True) for x in leaves]
         c = dict(zip(coefs, xs[4:]))
-        o, _ = elementwise_scan(rec, xs[0], xs[1], xs[2], c, scale=1.0, D=xs[3], block_v=block_v, num_warps=num_warps)
+        o, _ = elementwise_scan(rec, xs[0], xs[1], xs[2], c, scale=1.0, D=xs[3], block_v=block_v,
+                                num_warps=num_warps, prefetch=prefetch)
         torch.autograd.grad(o, xs, o)  # any cotangent of o's shape; o itself costs no alloc
 
     return fwd, fwdbwd
@@ -300,7 +305,7 @@ def main():
     print(meta, flush=True)
 
     # -- 1. tile sweep on the first shape --------------------------------------------------
-    best = (None, None)
+    best = (None, None, None)
     if not args.no_sweep:
         d, B, T = CASES[0]
         q, k, v, coefs, D = make_inputs("longhorn_diag", B, T, 2 * d)
@@ -314,6 +319,20 @@ def main():
         meta["tile sweep (longhorn_diag, D=768, B=8, T=2048)"] = "; ".join(
             f"BV={bv},warps={nw}: {f:.3f}/{fb:.3f} ms" for fb, f, bv, nw in sorted(res, key=lambda r: (r[2], r[3])))
         meta["tile used"] = f"BV={best[0]}, num_warps={best[1]}"
+        # prefetch depth: a sequential scan waits on each token's loads; loading further
+        # ahead hides that latency at the cost of registers
+        pres = []
+        for pf in tqdm(PREFETCH, desc="prefetch sweep"):
+            fwd, fb = olsm_triton(recs["longhorn_diag"], q, k, v, coefs, D, *best, prefetch=pf)
+            f_ms, fb_ms = bench_ms(fwd), bench_ms(fb)
+            pres.append((f_ms, fb_ms, pf))
+            print(f"  prefetch {pf}: fwd {f_ms:.3f} ms, fwd+bwd {fb_ms:.3f} ms", flush=True)
+        pf_fwd = min(pres, key=lambda r: r[0])[2][0]
+        pf_bwd = min(pres, key=lambda r: r[1] - r[0])[2][1]  # backward time = fwd+bwd - fwd
+        meta["prefetch sweep (fwd, bwd depth: fwd/fwd+bwd ms)"] = "; ".join(
+            f"{pf}: {f:.3f}/{fb:.3f}" for f, fb, pf in pres)
+        meta["prefetch used"] = str((pf_fwd, pf_bwd))
+        best = best + ((pf_fwd, pf_bwd),)
         del q, k, v, coefs, D
 
     # -- 2. the cases ------------------------------------------------------------------------

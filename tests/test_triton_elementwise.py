@@ -123,7 +123,7 @@ def make_inputs(name, B, T, H, K, V, *, seed=0, dtype=torch.float32, device=DEV)
 
 
 def run_both(name, B, T, H, K, V, *, h0=False, D=False, cu_seqlens=None, chunk_size=8,
-             block_v=None, dtype=torch.float32, seed=0, scale=None):
+             block_v=None, dtype=torch.float32, seed=0, scale=None, prefetch=None):
     """Kernel (in ``dtype``) and float64 reference on the same inputs: outputs and grads."""
     rec = get_rec(name)
     q, k, v, coefs = make_inputs(name, B, T, H, K, V, seed=seed, dtype=dtype)
@@ -151,6 +151,7 @@ def run_both(name, B, T, H, K, V, *, h0=False, D=False, cu_seqlens=None, chunk_s
                   cu_seqlens=cu, chunk_size=chunk_size, D=x.get("D"))
         if fn is elementwise_scan:
             kw["block_v"] = block_v
+            kw["prefetch"] = prefetch
         o, S = fn(rec, x["q"], x["k"], x["v"], c, **kw)
         loss = (o.double() * do.double()).sum() + (S.double() * dS.double()).sum()
         grads = torch.autograd.grad(loss, list(x.values()))
@@ -195,6 +196,14 @@ def test_user_objective_every_input_kind():
 def test_varlen_three_sequences():
     """cu_seqlens with three packed sequences of odd lengths, per-sequence initial/final states."""
     got, ref = run_both("longhorn_diag", 1, 16, 1, 4, 4, h0=True, cu_seqlens=[0, 3, 10, 16], chunk_size=4)
+    check(got, ref)
+
+
+def test_deep_prefetch_short_chunks_and_sequences():
+    """Loads 3 tokens ahead (forward) / 2 (backward) with sequences and chunks shorter than
+    that: the ring of prefetched slots must never use a token of another sequence."""
+    got, ref = run_both("user", 1, 12, 1, 4, 3, h0=True, cu_seqlens=[0, 2, 9, 12],
+                        chunk_size=4, prefetch=(3, 2))
     check(got, ref)
 
 

@@ -79,24 +79,34 @@ def choose_config(N: int, H: int, K: int, V: int, chunk_size: int, device: torch
     return Config(BK=BK, BV=BV, C=C, num_warps=int(num_warps))
 
 
+#: default prefetch depths (forward, backward): tokens loaded ahead of the one being used
+DEFAULT_PREFETCH = (1, 1)
+
+
 @functools.lru_cache(maxsize=128)
-def _kernels_for(rec):
+def _kernels_for(rec, prefetch):
     plan = Plan(rec)
-    return plan, load_kernels(plan)
+    return plan, load_kernels(plan, prefetch)
 
 
-def compile_recurrence(rec):
+def compile_recurrence(rec, prefetch: Optional[Tuple[int, int]] = None):
     """Plan and kernel module of ``rec`` (generated and imported on first use).
+
+    Args:
+        rec: elementwise-class recurrence IR.
+        prefetch: ``(forward, backward)`` load-ahead depths in tokens (default
+            :data:`DEFAULT_PREFETCH`).
 
     Returns:
         ``(plan, module)``; ``module.fwd_kernel``, ``module.bwd_kernel`` are the kernels and
         ``module.__file__`` the generated source.
     """
+    prefetch = tuple(prefetch) if prefetch is not None else DEFAULT_PREFETCH
     try:
-        return _kernels_for(rec)
+        return _kernels_for(rec, prefetch)
     except TypeError:  # unhashable IR object: no in-process memo, the disk cache still works
         plan = Plan(rec)
-        return plan, load_kernels(plan)
+        return plan, load_kernels(plan, prefetch)
 
 
 def _check(rec, plan: Plan, q, k, v, coefs, initial_state, cu_seqlens, D):
@@ -272,6 +282,7 @@ def elementwise_scan(
     D: Optional[torch.Tensor] = None,
     block_v: Optional[int] = None,
     num_warps: Optional[int] = None,
+    prefetch: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run an elementwise-gate recurrence with a generated Triton chunked scan.
 
@@ -291,12 +302,13 @@ def elementwise_scan(
         chunk_size: tokens between the checkpointed states the backward restarts from.
         D: optional ``[H, V]`` skip connection, ``o += D[h, j] · v`` (the Mamba/Longhorn block).
         block_v, num_warps: tile width along V and warps per program (default: heuristic).
+        prefetch: ``(forward, backward)`` tokens loaded ahead (default ``(1, 1)``).
 
     Returns:
         ``(o [B, T, H, V] in q's dtype, S [N, H, K, V] float32 or None)``. Differentiable with
         respect to q, k, v, every coefficient, ``initial_state`` and ``D``.
     """
-    plan, mod = compile_recurrence(rec)
+    plan, mod = compile_recurrence(rec, prefetch)
     B, T, H, K, V, N = _check(rec, plan, q, k, v, coefs, initial_state, cu_seqlens, D)
     cfg = choose_config(N, H, K, V, chunk_size, q.device, block_v, num_warps)
     coef_list = [coefs[s.name] for s in rec.inputs]
