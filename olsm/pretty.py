@@ -81,27 +81,43 @@ def update_text(rec) -> str:
     return "\n".join(lines)
 
 
+def _has_key_index(e) -> bool:
+    return any(x.name.endswith("_n") for x in sp.sympify(e).free_symbols)
+
+
+def _combination(c0, coefs) -> str:
+    """``c0 I + Σ c k kᵀ`` as text, signs pulled out (``I − ε k kᵀ``)."""
+    out = "I" if c0 == 1 else f"{_coef(c0, text)} I"
+    for c in coefs:
+        c = sp.simplify(c)
+        neg = c.could_extract_minus_sign()
+        out += f" {'−' if neg else '+'} {_coef(-c if neg else c, text)} k kᵀ".replace("  ", " ")
+    return out
+
+
 def _transition_text(rec) -> str:
+    """The transition as a paper writes it: ``α·(I − β k kᵀ)``, ``(I − ε k kᵀ) diag(α)``."""
     ld = sp.sympify(rec.log_decay)
-    per_key = any(s.name.endswith("_n") for s in ld.free_symbols)
-    decay = sp.exp(ld)
-    d_txt = "" if ld == 0 else (f"diag({text(decay)})" if per_key else text(decay))
+    D = sp.exp(ld)
+    per_key = _has_key_index(ld)
     if not rec.lowrank:
-        return "I" if ld == 0 else d_txt
-    terms = []
-    for lr in rec.lowrank:
-        if per_key and sp.simplify(lr.b - decay * k_n) == 0 and lr.a == k_n:
-            terms.append(("k kᵀ", lr.coef))  # (I + c k kᵀ) diag(α)
-        elif lr.a == k_n and lr.b == k_n:
-            terms.append(("k kᵀ", sp.simplify(lr.coef / decay) if not per_key else lr.coef))
+        return "I" if ld == 0 else (f"diag({text(D)})" if per_key else text(D))
+    gs = [sp.simplify(lr.b / k_n) for lr in rec.lowrank]
+    if all(lr.a == k_n for lr in rec.lowrank) and all(sp.simplify(g - gs[0]) == 0 for g in gs):
+        g = gs[0]
+        if per_key or _has_key_index(g):
+            # D = c0·diag(g) and the rank-one terms are c k (g ⊙ k)ᵀ: (c0 I + c k kᵀ) diag(g)
+            c0 = sp.simplify(D / g)
+            if not _has_key_index(c0):
+                inner = _combination(c0, [lr.coef for lr in rec.lowrank])
+                return f"({inner})" + ("" if g == 1 else f" diag({text(g)})")
         else:
-            terms.append((f"({text(lr.a)})({text(lr.b)})ᵀ", lr.coef))
-    inner = "I" + "".join(
-        f" {'−' if sp.simplify(c).could_extract_minus_sign() else '+'} {_coef(-c if sp.simplify(c).could_extract_minus_sign() else c, text)} {v}".replace("  ", " ")
-        for v, c in terms)
-    if ld == 0:
-        return f"({inner})"
-    return f"({inner}) {d_txt}" if per_key else f"{d_txt}·({inner})"
+            # scalar D factors out on the left: D·(I + (c g / D) k kᵀ)
+            inner = _combination(1, [lr.coef * g / D for lr in rec.lowrank])
+            return f"({inner})" if ld == 0 else f"{text(D)}·({inner})"
+    low = " + ".join(f"{_coef(lr.coef, text)} ({text(lr.a)})({text(lr.b)})ᵀ" for lr in rec.lowrank)
+    diag = "I" if ld == 0 else (f"diag({text(D)})" if per_key else f"{text(D)} I")
+    return f"({diag} + {low})"
 
 
 def update_latex(rec) -> str:
