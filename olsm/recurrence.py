@@ -81,7 +81,12 @@ class Recurrence(RecurrenceIR):
             raise BackendError(f"the triton backend for the {self.kind} class is not available here "
                                f"({e}); use backend='torch'") from e
         if self.kind == "matrix":
-            return chunk_matrix(q, **materialize(self, k, v, coefs, torch.float32), **opts)
+            # coefficients are computed in float32, then the kernel's operands take q's dtype
+            # (bf16 tensor cores); the log-decay stays float32 (cumulative sums need it)
+            t = materialize(self, k, v, coefs, torch.float32)
+            t["w"], t["u"] = t["w"].to(q.dtype), t["u"].to(q.dtype)
+            t["lowrank"] = tuple((a.to(q.dtype), b.to(q.dtype)) for a, b in t["lowrank"])
+            return chunk_matrix(q, **t, **opts)
         return elementwise_scan(self, q, k, v, coefs, **opts)
 
     def step(self, q, k, v, state=None, *, scale=None, **coefs):

@@ -34,3 +34,21 @@ def test_triton_backend_matches_reference(name):
     got = outputs(rec, "triton", dims, seed=0, cu_seqlens=cu)
     for i, (x, r) in enumerate(zip(got, ref)):
         assert rel_err(x.double(), r.double()) < 1e-4, f"{name}: output #{i} differs"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", NAMES + ["longhorn", "deltanet", "gated_deltanet", "mamba2"])
+def test_auto_backend_on_gpu(name, dtype):
+    """backend='auto' on CUDA (the Triton kernels) vs the float64 reference, at a real size."""
+    rec = olsm.derive(name)
+    dims = (2, 300, 4, 64, 64) if rec.kind == "matrix" else (2, 300, 1, 16, 256)
+    q, k, v, coefs, h0 = random_inputs(rec, dims, seed=0)
+    o_ref, S_ref = rec(q, k, v, initial_state=h0, output_final_state=True, backend="torch", **coefs)
+    dev = lambda x: x.to("cuda", dtype)  # noqa: E731
+    o, S = rec(dev(q), dev(k), dev(v), initial_state=h0.float().cuda(), output_final_state=True,
+               **{n: x.float().cuda() for n, x in coefs.items()})
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert o.dtype == dtype
+    assert rel_err(o.double().cpu(), o_ref) < tol and rel_err(S.double().cpu(), S_ref) < tol
