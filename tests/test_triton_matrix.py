@@ -208,3 +208,21 @@ def test_errors(monkeypatch):
     monkeypatch.setattr(triton, "__version__", "2.1.0")
     with pytest.raises(BackendError, match="too old"):
         km.chunk_matrix(q, w, u)
+
+
+FUSED_CASES = [("none", "none"), ("scalar", "none"), ("none", "delta"), ("scalar", "delta"),
+               ("none", "longhorn"), ("scalar", "general")]
+
+
+@pytest.mark.parametrize("decay,lowrank", FUSED_CASES, ids=[f"{d}-{r}" for d, r in FUSED_CASES])
+def test_fused_path_is_taken_and_general_path_still_matches(decay, lowrank, monkeypatch):
+    # no / scalar decay with rank <= 1 run the fused forward (kernels/matrix/fused.py); the
+    # general path stays selectable with OLSM_MATRIX_PATH=general (A/B timing on the GPU)
+    fused = importlib.import_module("olsm.kernels.matrix.fused")
+    assert fused.fused_applies(None if decay == "none" else torch.zeros(1, 1, 1),
+                               [] if lowrank == "none" else [(None, None)])
+    inputs = make_inputs(11, T=37, H=1, K=6, V=5, decay=decay, lowrank=lowrank)
+    check(inputs, chunk_size=32)
+    monkeypatch.setenv("OLSM_MATRIX_PATH", "general")
+    assert not fused.fused_applies(None, [])
+    check(inputs, chunk_size=16)

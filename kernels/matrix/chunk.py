@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from olsm.errors import BackendError, InputError
 
+from .fused import fused_applies, fused_forward
 from .gram import decayed_gram
 from .state import _ChunkRecurrence
 
@@ -139,26 +140,37 @@ class _Layout:
     chunk_offsets: torch.Tensor              # [N + 1] int32: chunks of sequence i
     gather: Optional[torch.Tensor] = None    # varlen: [NC·C] token index (T = padding row)
     scatter: Optional[torch.Tensor] = None   # varlen: [T] position of each token in the chunks
+    tok_start: Optional[torch.Tensor] = None  # [NC] int32: first token of chunk n in [B·T]
+    tok_stop: Optional[torch.Tensor] = None   # [NC] int32: one past its last token
 
 
 def _layout(B, T, C, cu_seqlens, device) -> _Layout:
     if cu_seqlens is None:
         NT = -(-T // C)
         offsets = torch.arange(B + 1, dtype=torch.int32, device=device) * NT
-        return _Layout(B, T, C, B * NT, offsets)
+        # chunk n = (sequence n // NT, position n % NT): flat tokens [b·T + j·C, min(.. + C, b·T + T))
+        n = torch.arange(B * NT, dtype=torch.int32, device=device)
+        seq_start = n // NT * T
+        start = seq_start + n % NT * C
+        stop = torch.minimum(start + C, seq_start + T)
+        return _Layout(B, T, C, B * NT, offsets, tok_start=start, tok_stop=stop)
     bounds = [int(b) for b in cu_seqlens.tolist()]
     if bounds[0] != 0 or bounds[-1] != T or any(b > e for b, e in zip(bounds[:-1], bounds[1:])):
         raise InputError(f"cu_seqlens must rise from 0 to T={T}, got {bounds}")
-    gather, scatter, offsets = [], [], [0]
+    gather, scatter, offsets, starts, stops = [], [], [0], [], []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         n = -(-(hi - lo) // C)
         start = len(gather)
         scatter.extend(range(start, start + hi - lo))
         gather.extend(list(range(lo, hi)) + [T] * (n * C - (hi - lo)))
         offsets.append(offsets[-1] + n)
+        starts.extend(range(lo, hi, C))
+        stops.extend(min(s + C, hi) for s in range(lo, hi, C))
     as_long = dict(dtype=torch.long, device=device)
-    return _Layout(B, T, C, offsets[-1], torch.tensor(offsets, dtype=torch.int32, device=device),
-                   torch.tensor(gather, **as_long), torch.tensor(scatter, **as_long))
+    as_int = dict(dtype=torch.int32, device=device)
+    return _Layout(B, T, C, offsets[-1], torch.tensor(offsets, **as_int),
+                   torch.tensor(gather, **as_long), torch.tensor(scatter, **as_long),
+                   torch.tensor(starts, **as_int), torch.tensor(stops, **as_int))
 
 
 def _to_chunks(x: torch.Tensor, lay: _Layout) -> torch.Tensor:
@@ -271,7 +283,11 @@ class ChunkMatrixFunction(torch.autograd.Function):
     def forward(ctx, q, w, u, log_decay, h0, lay, meta, n_lowrank, *lowrank_flat):
         lowrank = [(lowrank_flat[2 * i], lowrank_flat[2 * i + 1]) for i in range(n_lowrank)]
         with torch.no_grad():
-            o, final, states = _pipeline(q, w, u, log_decay, lowrank, h0, lay, meta)
+            if fused_applies(log_decay, lowrank):
+                o, final, states = fused_forward(q, w, u, log_decay, lowrank, h0, lay.tok_start,
+                                                 lay.tok_stop, lay.chunk_offsets, lay.C, meta)
+            else:
+                o, final, states = _pipeline(q, w, u, log_decay, lowrank, h0, lay, meta)
         ctx.save_for_backward(q, w, u, log_decay, h0, states, final, *lowrank_flat)
         ctx.lay, ctx.meta, ctx.n_lowrank = lay, meta, n_lowrank
         ctx.set_materialize_grads(False)

@@ -1,0 +1,332 @@
+r"""Fused forward of the matrix class for the common members: no decay or a scalar decay per
+head, and at most one low-rank pair (linear attention, RetNet, Mamba2, DeltaNet, Gated DeltaNet,
+Longhorn, gated Longhorn, any rank-1 DPLR with a scalar decay).
+
+Same algorithm as :mod:`.chunk` (read its docstring first), rearranged the way fast chunked
+linear-attention kernels are (GLA arXiv 2312.06635; the WY/UT form of DeltaNet arXiv 2406.06484
+and Gated DeltaNet arXiv 2412.06464): nothing chunk-local is prepared in torch, and the inputs
+are read where they lie (token-major ``[B·T, H, D]``, in their own dtype). Per chunk n and head,
+with G the chunk-relative cumulative log-decay (computed in every kernel from ``log_decay``; a
+[C] vector is cheap to re-sum) and the rank-1 pair (a, b)::
+
+    L = strict(b aᵀ ⊙ e^{G_{t−1} − G_s}),  N = strict(b wᵀ ⊙ e^{G_{t−1} − G_s}),  T = (I − L)⁻¹
+    X = T B̂ [C, K],  Y = T N U [C, V]                                 (kernel 1, WY/UT form)
+    P = X S_n + Y   (the probes bᵀS_{t−1} of the chunk)
+    S_{n+1} = Γ S_n + Âᵀ P + Ŵᵀ U                                      (kernel 2, sequential)
+    o = scale · (Q̂ S_n + M_qa P + M_qw U),  M_q· = incl(q ·ᵀ ⊙ e^{G_t − G_s})   (kernel 3)
+
+Kernel 1 (:func:`_wy_fwd_kernel`, one program per chunk × head) forms both Gram matrices with
+tensor-core dots, inverts the unit lower-triangular ``I − L`` by forward substitution in
+registers (row by row; no ``solve_triangular``) and writes X and Y. Kernel 2 (:func:`_state_fwd_kernel`)
+walks each sequence's chunks and also stores P, so that kernel 3 (:func:`_output_fwd_kernel`)
+computes the intra-chunk output from P and U with the two Grams made in-kernel: no effective
+queries and no intra-chunk outputs are ever materialised. Every exponent is ≤ 0 (masked before
+``exp``). The chunk-boundary states S_n are fp32 and identical to the general path's, so the
+backward (which replays them) is shared with it.
+
+Selecting it: ``OLSM_MATRIX_PATH=general`` (environment, read at each call) forces the general
+path of :mod:`.chunk` for A/B timing; the default ``auto`` takes this one where it applies.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+DECAY_NONE, DECAY_SCALAR = 0, 1
+
+
+@triton.jit
+def _wy_fwd_kernel(
+    w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy,
+    H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """X = T B̂ and Y = T N U of one chunk × head (module docstring, kernel 1).
+
+    Shapes: w, a, b ``[B·T, H, K]``; u ``[B·T, H, V]`` (input dtype); g ``[B·T, H]`` fp32;
+    tok_start/tok_stop ``[NC]`` int32 (the chunk's tokens); x_wy ``[NC, H, C, K]``,
+    y_wy ``[NC, H, C, V]`` fp32. Rows past the chunk's end are written as zeros.
+    """
+    nh = tl.program_id(0).to(tl.int64)
+    c = nh // H
+    i_h = nh % H
+    t0 = tl.load(tok_start + c).to(tl.int64)
+    t1 = tl.load(tok_stop + c).to(tl.int64)
+    offs_c = tl.arange(0, C)
+    valid = offs_c < (t1 - t0)
+    tok = t0 + offs_c
+    offs_k = tl.arange(0, BK)
+    mask_k = offs_k < K
+
+    # rows of b, columns of a and w (transposed by pointer arithmetic, never tl.trans)
+    row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
+    col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]
+    mask_row = valid[:, None] & mask_k[None, :]
+    mask_col = mask_k[:, None] & valid[None, :]
+    b_rows = tl.load(b + row_k, mask=mask_row, other=0.)
+    a_cols = tl.load(a + col_k, mask=mask_col, other=0.)
+    w_cols = tl.load(w + col_k, mask=mask_col, other=0.)
+    L = tl.dot(b_rows, a_cols, input_precision=PRECISION)                       # [C, C]
+    Nm = tl.dot(b_rows, w_cols, input_precision=PRECISION)
+
+    strict = offs_c[:, None] > offs_c[None, :]
+    b_hat = b_rows.to(tl.float32)
+    if DECAY == 1:
+        g_c = tl.load(g + tok * H + i_h, mask=valid, other=0.)
+        G = tl.sum(tl.where(offs_c[None, :] <= offs_c[:, None], g_c[None, :], 0.), axis=1)
+        G_prev = G - g_c
+        # mask before exp: above the diagonal the exponent can be large and positive
+        ratio = tl.exp(tl.where(strict, G_prev[:, None] - G[None, :], float("-inf")))
+        L = L * ratio
+        Nm = Nm * ratio
+        b_hat = b_hat * tl.exp(G_prev)[:, None]
+    else:
+        L = tl.where(strict, L, 0.)
+        Nm = tl.where(strict, Nm, 0.)
+
+    # T = (I − L)⁻¹ by forward substitution: T[i] = e_i + Σ_{s<i} L[i, s] T[s]. Rows s < i are
+    # final when row i is formed; everything stays in registers.
+    Tm = (offs_c[:, None] == offs_c[None, :]).to(tl.float32)
+    for i in range(1, C):
+        is_row = offs_c[:, None] == i
+        l_i = tl.sum(tl.where(is_row, L, 0.), axis=0)                           # L[i, :]
+        r_i = tl.sum(l_i[:, None] * Tm, axis=0)                                 # (L T)[i, :]
+        Tm = tl.where(is_row, Tm + r_i[None, :], Tm)
+
+    X = tl.dot(Tm, b_hat, input_precision=PRECISION)
+    out_k = nh * C * K + offs_c[:, None] * K + offs_k[None, :]
+    tl.store(x_wy + out_k, X, mask=mask_k[None, :])
+    TN = tl.dot(Tm, Nm, input_precision=PRECISION)
+    for i_v in range(0, (V + BV - 1) // BV):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mask_v = offs_v < V
+        U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
+                    mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)
+        Y = tl.dot(TN, U, input_precision=PRECISION)
+        tl.store(y_wy + nh * C * V + offs_c[:, None] * V + offs_v[None, :], Y, mask=mask_v[None, :])
+
+
+@triton.jit
+def _state_fwd_kernel(
+    w, a, u, g, x_wy, y_wy, h0, states, probes, final, tok_start, tok_stop, chunk_offsets,
+    H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr, HAS_H0: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Sequential pass over one sequence × head × block of BV value columns (kernel 2).
+
+    Shapes: w, a ``[B·T, H, K]``, u ``[B·T, H, V]`` (input dtype); g ``[B·T, H]`` fp32;
+    x_wy ``[NC, H, C, K]``, y_wy ``[NC, H, C, V]``; writes states ``[NC, H, K, V]`` (S_n, the
+    state each chunk starts from), probes ``[NC, H, C, V]`` (P) and final ``[N, H, K, V]``.
+    """
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    c_start = tl.load(chunk_offsets + i_n)
+    c_end = tl.load(chunk_offsets + i_n + 1)
+
+    offs_k = tl.arange(0, BK)
+    mask_k = offs_k < K
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_v = offs_v < V
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    kv = offs_k[:, None] * V + offs_v[None, :]
+    offs_c = tl.arange(0, C)
+
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0 + i_nh.to(tl.int64) * K * V + kv, mask=mask_kv, other=0.)
+
+    for c in range(c_start, c_end):
+        nh = (c * H + i_h).to(tl.int64)
+        tl.store(states + nh * K * V + kv, S, mask=mask_kv)
+        t0 = tl.load(tok_start + c).to(tl.int64)
+        t1 = tl.load(tok_stop + c).to(tl.int64)
+        valid = offs_c < (t1 - t0)
+        tok = t0 + offs_c
+        col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]
+        mask_col = mask_k[:, None] & valid[None, :]
+        W_T = tl.load(w + col_k, mask=mask_col, other=0.).to(tl.float32)         # [BK, C]
+        U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
+                    mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)   # [C, BV]
+        if DECAY == 1:
+            g_c = tl.load(g + tok * H + i_h, mask=valid, other=0.)
+            G = tl.sum(tl.where(offs_c[None, :] <= offs_c[:, None], g_c[None, :], 0.), axis=1)
+            g_total = tl.sum(g_c, axis=0)
+            to_end = tl.exp(g_total - G)                    # decay from s to the chunk's end, <= 1
+            W_T = W_T * to_end[None, :]
+        S_next = tl.dot(W_T, U, input_precision=PRECISION)
+        if LOWRANK:
+            X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :],
+                        mask=mask_k[None, :], other=0.)
+            P = tl.dot(X, S, input_precision=PRECISION)
+            P += tl.load(y_wy + nh * C * V + offs_c[:, None] * V + offs_v[None, :],
+                         mask=mask_v[None, :], other=0.)
+            tl.store(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], P, mask=mask_v[None, :])
+            A_T = tl.load(a + col_k, mask=mask_col, other=0.).to(tl.float32)
+            if DECAY == 1:
+                A_T = A_T * to_end[None, :]
+            S_next += tl.dot(A_T, P, input_precision=PRECISION)
+        if DECAY == 1:
+            S_next += tl.exp(g_total) * S
+        else:
+            S_next += S
+        S = S_next
+
+    tl.store(final + i_nh.to(tl.int64) * K * V + kv, S, mask=mask_kv)
+
+
+@triton.jit
+def _output_fwd_kernel(
+    q, w, a, u, g, states, probes, o, tok_start, tok_stop, scale,
+    H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """o = scale · (Q̂ S_n + M_qa P + M_qw U) for one chunk × head × V-block (kernel 3).
+
+    Shapes: q, w, a ``[B·T, H, K]``; u ``[B·T, H, V]``; g ``[B·T, H]`` fp32; states
+    ``[NC, H, K, V]``; probes ``[NC, H, C, V]``; o ``[B·T, H, V]`` (written token-major in the
+    output dtype; tokens past the chunk's end are not written).
+    """
+    i_v = tl.program_id(0)
+    nh = tl.program_id(1).to(tl.int64)
+    c = nh // H
+    i_h = nh % H
+    t0 = tl.load(tok_start + c).to(tl.int64)
+    t1 = tl.load(tok_stop + c).to(tl.int64)
+    offs_c = tl.arange(0, C)
+    valid = offs_c < (t1 - t0)
+    tok = t0 + offs_c
+    offs_k = tl.arange(0, BK)
+    mask_k = offs_k < K
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_v = offs_v < V
+
+    Q = tl.load(q + (tok[:, None] * H + i_h) * K + offs_k[None, :],
+                mask=valid[:, None] & mask_k[None, :], other=0.)
+    col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]
+    mask_col = mask_k[:, None] & valid[None, :]
+    W_T = tl.load(w + col_k, mask=mask_col, other=0.)
+    M_qw = tl.dot(Q, W_T, input_precision=PRECISION)                           # [C, C]
+    incl = offs_c[:, None] >= offs_c[None, :]
+    Q_hat = Q.to(tl.float32)
+    if DECAY == 1:
+        g_c = tl.load(g + tok * H + i_h, mask=valid, other=0.)
+        G = tl.sum(tl.where(offs_c[None, :] <= offs_c[:, None], g_c[None, :], 0.), axis=1)
+        ratio = tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
+        M_qw = M_qw * ratio
+        Q_hat = Q_hat * tl.exp(G)[:, None]
+    else:
+        M_qw = tl.where(incl, M_qw, 0.)
+
+    S = tl.load(states + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
+                mask=mask_k[:, None] & mask_v[None, :], other=0.)
+    acc = tl.dot(Q_hat, S, input_precision=PRECISION)
+    U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
+                mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)
+    acc += tl.dot(M_qw, U, input_precision=PRECISION)
+    if LOWRANK:
+        A_T = tl.load(a + col_k, mask=mask_col, other=0.)
+        M_qa = tl.dot(Q, A_T, input_precision=PRECISION)
+        if DECAY == 1:
+            M_qa = M_qa * ratio
+        else:
+            M_qa = tl.where(incl, M_qa, 0.)
+        P = tl.load(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], mask=mask_v[None, :], other=0.)
+        acc += tl.dot(M_qa, P, input_precision=PRECISION)
+    tl.store(o + (tok[:, None] * H + i_h) * V + offs_v[None, :], (scale * acc).to(o.dtype.element_ty),
+             mask=valid[:, None] & mask_v[None, :])
+
+
+def fused_applies(log_decay, lowrank) -> bool:
+    """Whether :func:`fused_forward` handles this call (and the user did not ask for the general
+    path with ``OLSM_MATRIX_PATH=general``)."""
+    if os.environ.get("OLSM_MATRIX_PATH", "auto") == "general":
+        return False
+    return len(lowrank) <= 1 and (log_decay is None or log_decay.dim() == 3)
+
+
+# Shared-memory fallback of the state pass: prefetching the next chunk (num_stages=2) may not
+# fit for wide heads; the first failure per configuration drops to one stage for good.
+_STAGES: dict = {}
+
+
+def _launch_state(grid, args, key, **kw):
+    stages = _STAGES.get(key, 2)
+    try:
+        _state_fwd_kernel[grid](*args, num_stages=stages, **kw)
+    except triton.runtime.errors.OutOfResources:
+        if stages == 1:
+            raise
+        _STAGES[key] = 1
+        _state_fwd_kernel[grid](*args, num_stages=1, **kw)
+
+
+def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_offsets, C, meta):
+    """The forward of :func:`.chunk.chunk_matrix` for no / scalar decay and rank <= 1.
+
+    Args:
+        q, w: ``[B, T, H, K]``; u: ``[B, T, H, V]``; one dtype (contiguous copies are made if
+            needed). log_decay: ``None`` or ``[B, T, H]``. lowrank: ``()`` or ``((a, b),)``.
+        h0: ``None`` or ``[N, H, K, V]``.
+        tok_start, tok_stop: ``[NC]`` int32, the flat token range ``[start, stop)`` of chunk n.
+        chunk_offsets: ``[N + 1]`` int32, the chunks of sequence i.
+        C: chunk length. meta: ``scale``, ``out_dtype``, ``precision``.
+
+    Returns:
+        ``o [B, T, H, V]`` (out_dtype), ``final [N, H, K, V]`` fp32 and ``states [NC, H, K, V]``
+        fp32 (the chunk-boundary states, as the general path stores them).
+    """
+    B, T, H, K = q.shape
+    V = u.shape[-1]
+    NC = tok_start.numel()
+    N = chunk_offsets.numel() - 1
+    dev = q.device
+    q, w, u = (t.contiguous() for t in (q, w, u))
+    lowrank = [(a.contiguous(), b.contiguous()) for a, b in lowrank]
+    g = None if log_decay is None else log_decay.float().contiguous()
+    decay = DECAY_NONE if g is None else DECAY_SCALAR
+    R = len(lowrank)
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, min(64 if BK <= 64 else 32, triton.next_power_of_2(V)))
+    prec = meta["precision"]
+    dummy = u  # stands in for absent pointers; constexpr flags keep it unread
+    a, b = lowrank[0] if R else (dummy, dummy)
+
+    states = torch.empty(NC, H, K, V, device=dev, dtype=torch.float32)
+    final = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
+    o = torch.empty(B, T, H, V, device=dev, dtype=meta["out_dtype"])
+    if R:
+        x_wy = torch.empty(NC, H, C, K, device=dev, dtype=torch.float32)
+        y_wy = torch.empty(NC, H, C, V, device=dev, dtype=torch.float32)
+        probes = torch.empty(NC, H, C, V, device=dev, dtype=torch.float32)
+    else:
+        x_wy = y_wy = probes = states
+    if NC > 0 and R:
+        _wy_fwd_kernel[(NC * H,)](
+            w, a, b, u, g if g is not None else dummy, tok_start, tok_stop, x_wy, y_wy,
+            H, K=K, V=V, C=C, BK=BK, BV=max(16, min(64, triton.next_power_of_2(V))), DECAY=decay,
+            PRECISION=prec, num_warps=4 if C * BK <= 64 * 128 else 8,
+        )
+    h0_ = None if h0 is None else h0.float().contiguous()
+    _launch_state(
+        (triton.cdiv(V, BV), N * H),
+        (w, a, u, g if g is not None else dummy, x_wy, y_wy, h0_ if h0_ is not None else dummy,
+         states, probes, final, tok_start, tok_stop, chunk_offsets, H),
+        key=(K, V, C, R, decay, str(q.dtype)),
+        K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, HAS_H0=h0 is not None, BK=BK, BV=BV,
+        PRECISION=prec, num_warps=4 if BK <= 64 else 8,
+    )
+    if NC > 0:
+        BVO = max(16, min(64 if BK <= 128 else 32, triton.next_power_of_2(V)))
+        _output_fwd_kernel[(triton.cdiv(V, BVO), NC * H)](
+            q, w, a, u, g if g is not None else dummy, states, probes, o, tok_start, tok_stop,
+            meta["scale"], H, K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, BK=BK, BV=BVO,
+            PRECISION=prec, num_warps=4 if BK * C <= 64 * 64 else 8,
+        )
+    return o, final, states
