@@ -201,10 +201,15 @@ class Objective:
 
     def formula(self) -> str:
         """The objective as text, e.g. ``argmin_S ½‖S − S_{t-1}‖² + β/2 ‖Sᵀk − v‖²``."""
-        body = " + ".join(t.formula() for t in self.terms)
+        body = ""
+        for t in self.terms:
+            f = t.formula()
+            body += (f" − {f[1:]}" if f.startswith("−") else f" + {f}") if body else f
         if self.update == "implicit":
             return f"S_t = argmin_S  {body}"
-        return f"S_t = A_t − η ∇L_t(A_t),  objective  {body}  (η = {sp.sstr(sp.sympify(self.eta))})"
+        from .pretty import text
+
+        return f"S_t = A_t − η ∇L_t(A_t) for  {body}  (A_t: the proximal anchor, η = {text(self.eta)})"
 
     def __str__(self):
         return f"{self.name}: {self.formula()}"

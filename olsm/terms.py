@@ -105,7 +105,9 @@ def _axes_subset(expr, allowed, what):
 
 
 def _str(x) -> str:
-    return sp.sstr(x)
+    from .pretty import text  # paper symbols: beta -> β, exp(log_alpha) -> α
+
+    return text(x)
 
 
 # --------------------------------------------------------------------------- regulariser
@@ -151,7 +153,7 @@ class Proximal(Term):
         w = "" if self.weight == 1 else f"{_str(self.weight)}·"
         if self.log_decay == 0:
             return f"{w}½‖S − S_{{t-1}}‖²"
-        return f"{w}½‖S − exp({_str(self.log_decay)}) ⊙ S_{{t-1}}‖²"
+        return f"{w}½‖S − {_str(sp.exp(self.log_decay))} ⊙ S_{{t-1}}‖²"
 
 
 def proximal(log_decay=0, weight=1) -> Proximal:
