@@ -22,6 +22,13 @@ FLA kernels that refuse (its gated backward on Hopper with Triton < 3.7.1) are r
 Usage (on the GPU machine; FLA from a carried wheel)::
 
     python benchmarks/bench_matrix.py [--shapes 8,2048,16,128 ...] [--budget-s 300] [--out DIR]
+        [--variants new legacy] [--no-fla]
+
+``--variants`` times our kernel under several code paths in one process (A/B), each row named
+``method@variant`` when more than one is asked for: ``new`` (default: fused forward where it
+applies, Triton triangular inverse), ``general`` (general path, Triton inverse) and ``legacy``
+(general path with ``torch.linalg.solve_triangular``: the code measured in runs 2 and 3). The
+paths are chosen through ``OLSM_MATRIX_PATH`` / ``OLSM_MATRIX_SOLVE``, read at every call.
 """
 from __future__ import annotations
 
@@ -87,6 +94,16 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0):
         t = t.to(torch.float32 if name in ("g", "gk") else dtype)
         out[name] = t.requires_grad_()
     return out
+
+
+VARIANTS = {"new": ("auto", "triton"), "general": ("general", "triton"), "legacy": ("general", "torch")}
+
+
+def set_variant(variant):
+    """Select our kernel's code path for the calls that follow (see the module docstring)."""
+    path, solve = VARIANTS[variant]
+    os.environ["OLSM_MATRIX_PATH"] = path
+    os.environ["OLSM_MATRIX_SOLVE"] = solve
 
 
 def ours(method, x, chunk_matrix):
@@ -184,6 +201,9 @@ def main():
     ap.add_argument("--methods", nargs="*", default=METHODS)
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--variants", nargs="*", default=["new"], choices=sorted(VARIANTS),
+                    help="code paths of ours to time (A/B); rows become method@variant if several")
+    ap.add_argument("--no-fla", action="store_true", help="skip FLA (its autotuning costs minutes)")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,7 +212,7 @@ def main():
     import triton
 
     chunk_matrix = import_chunk_matrix()
-    fla = import_fla()
+    fla = None if args.no_fla else import_fla()
     fla_version = getattr(sys.modules.get("fla"), "__version__", "n/a")
     dev = torch.cuda.get_device_name()
     bw = copy_bandwidth()
@@ -201,40 +221,48 @@ def main():
     print(head)
 
     shapes = [tuple(int(p) for p in s.split(",")) for s in args.shapes]
-    rows = {}  # (shape, method) -> row
+    rows = {}  # (shape, label) -> row; label = method, or method@variant when A/B-ing
+    tag = (lambda m, v: m) if len(args.variants) == 1 else (lambda m, v: f"{m}@{v}")  # noqa: E731
+    labels = [(m, v) for m in args.methods for v in (args.variants if m != "sdpa" else [None])]
     for shape in shapes:
-        for method in args.methods:
+        for method, variant in labels:
             B, T, H, D = shape
             elems = B * T * H * D
-            rows[shape, method] = dict(
-                B=B, T=T, H=H, D=D, method=method, ours_fwd="-", ours_fwdbwd="-",
+            rows[shape, method if variant is None else tag(method, variant)] = dict(
+                B=B, T=T, H=H, D=D, method=method if variant is None else tag(method, variant),
+                ours_fwd="-", ours_fwdbwd="-",
                 ref="sdpa causal" if method == "sdpa" else ("fla." + FLA_NAME[method] if method in FLA_NAME else "-"),
                 ref_fwd="-", ref_fwdbwd="-",
                 floor_fwd=round(4 * elems * 2 / (bw * 1e12) * 1e3, 4),
                 floor_fwdbwd=round(11 * elems * 2 / (bw * 1e12) * 1e3, 4))
     # Two passes, method-major (each kernel compiles, and FLA autotunes, once, then runs every
     # shape): ours and SDPA first, then FLA, whose first call autotunes for minutes.
-    jobs = [("ours", m, s) for m in args.methods if m != "sdpa" for s in shapes]
-    jobs += [("ref", "sdpa", s) for s in shapes if "sdpa" in args.methods]
+    jobs = [("ours", m, v, s) for m in args.methods if m != "sdpa" for v in args.variants for s in shapes]
+    jobs += [("ref", "sdpa", None, s) for s in shapes if "sdpa" in args.methods]
     if fla is not None:
-        jobs += [("ref", m, s) for m in FLA_ORDER if m in args.methods for s in shapes]
-    for who, method, shape in tqdm(jobs, desc="bench", file=sys.stdout, mininterval=5):
+        jobs += [("ref", m, None, s) for m in FLA_ORDER if m in args.methods for s in shapes]
+    for who, method, variant, shape in tqdm(jobs, desc="bench", file=sys.stdout, mininterval=5):
         if time.time() - t_start > args.budget_s:
-            print(f"  budget reached: skipping {who} {method} at {shape}")
+            print(f"  budget reached: skipping {who} {method} {variant or ''} at {shape}")
             continue
         x = make_inputs(*shape)
-        row = rows[shape, method]
         if who == "ours":
+            set_variant(variant)
             fn = lambda z: ours(method, z, chunk_matrix)  # noqa: E731
         else:
             fn = lambda z: theirs(method, z, fla)  # noqa: E731
+        targets = ([rows[shape, tag(method, v)] for v in args.variants] if who == "ref" and method != "sdpa"
+                   else [rows[shape, method if variant is None else tag(method, variant)]])
+        row = targets[0]
         for mode, backward in (("fwd", False), ("fwdbwd", True)):
             t = bench(fn, x, backward)
-            row[f"{who}_{mode}"] = round(t, 4) if isinstance(t, float) else t
-        for mode in ("fwd", "fwdbwd"):
-            a, b = row[f"ours_{mode}"], row[f"ref_{mode}"]
-            row[f"ratio_{mode}"] = round(a / b, 2) if isinstance(a, float) and isinstance(b, float) else "-"
-        print(f"  {method:17s} {shape} ours {fmt(row['ours_fwd'])} / {fmt(row['ours_fwdbwd'])} ms"
+            for r in targets:  # FLA is timed once and shown on every variant's row
+                r[f"{who}_{mode}"] = round(t, 4) if isinstance(t, float) else t
+        for r in targets:
+            for mode in ("fwd", "fwdbwd"):
+                a, b = r[f"ours_{mode}"], r[f"ref_{mode}"]
+                r[f"ratio_{mode}"] = round(a / b, 2) if isinstance(a, float) and isinstance(b, float) else "-"
+        print(f"  {row['method']:17s} {shape} ours {fmt(row['ours_fwd'])} / {fmt(row['ours_fwdbwd'])} ms"
               f" | {row['ref']} {fmt(row['ref_fwd'])} / {fmt(row['ref_fwdbwd'])} ms"
               f" | ratio {row['ratio_fwd']} / {row['ratio_fwdbwd']}")
         del x

@@ -226,3 +226,19 @@ def test_fused_path_is_taken_and_general_path_still_matches(decay, lowrank, monk
     monkeypatch.setenv("OLSM_MATRIX_PATH", "general")
     assert not fused.fused_applies(None, [])
     check(inputs, chunk_size=16)
+
+
+@pytest.mark.parametrize("n", [16, 24])
+def test_unit_lower_inverse_and_its_gradient(n):
+    # the T = (I − L)⁻¹ of the general path's WY/UT form, against torch's inverse (float64)
+    trinv = importlib.import_module("olsm.kernels.matrix.trinv")
+    gen = torch.Generator().manual_seed(n)
+    L64 = (0.3 * torch.randn(3, n, n, generator=gen, dtype=torch.float64)).requires_grad_()
+    dT = torch.randn(3, n, n, generator=gen, dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64)
+    T_ref = torch.linalg.inv(eye - torch.tril(L64, -1))
+    (g_ref,) = torch.autograd.grad((T_ref * dT).sum(), L64)
+    L = L64.detach().float().to(DEVICE).requires_grad_()
+    T = trinv.unit_lower_inverse(L)
+    (g,) = torch.autograd.grad((T * dT.float().to(DEVICE)).sum(), L)
+    assert rel_err(T.cpu(), T_ref) < TOL and rel_err(g.cpu(), g_ref) < TOL

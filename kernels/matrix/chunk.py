@@ -40,6 +40,7 @@ from olsm.errors import BackendError, InputError
 from .fused import fused_applies, fused_forward
 from .gram import decayed_gram
 from .state import _ChunkRecurrence
+from .trinv import unit_lower_inverse
 
 MAX_DIM = 256
 MIN_TRITON = (3, 0)
@@ -250,11 +251,16 @@ def _prepare(q, w, u, g, lowrank):
     exp_a = None if to_end is None else (to_end if to_end.dim() == 4 else to_end[..., None])
     b_hat = (Bm if exp_b is None else Bm * torch.exp(exp_b)[:, :, :, None]).reshape(NC, H, C * R, K)
     a_hat = (A if exp_a is None else A * torch.exp(exp_a)[:, :, :, None]).reshape(NC, H, C * R, K)
-    # WY/UT form: one unit lower-triangular solve for both right-hand sides
-    eye = torch.eye(C * R, device=q.device, dtype=q.dtype)
-    rhs = torch.cat([b_hat, n_bw @ u], dim=-1)
-    sol = torch.linalg.solve_triangular(eye - L, rhs, upper=False, unitriangular=True)
-    x_wy, y_wy = sol[..., :K], sol[..., K:]
+    # WY/UT form: T = (I − L)⁻¹ in Triton (forward substitution in registers, see .trinv), then
+    # plain batched products; OLSM_MATRIX_SOLVE=torch restores the batched triangular solve
+    if os.environ.get("OLSM_MATRIX_SOLVE", "triton") == "torch":
+        eye = torch.eye(C * R, device=q.device, dtype=q.dtype)
+        rhs = torch.cat([b_hat, n_bw @ u], dim=-1)
+        sol = torch.linalg.solve_triangular(eye - L, rhs, upper=False, unitriangular=True)
+        x_wy, y_wy = sol[..., :K], sol[..., K:]
+    else:
+        T_wy = unit_lower_inverse(L)
+        x_wy, y_wy = T_wy @ b_hat, (T_wy @ n_bw) @ u
     q_eff = q_hat + m_qa @ x_wy
     o_intra = o_intra + m_qa @ y_wy
     return gamma, a_hat.contiguous(), x_wy.contiguous(), y_wy.contiguous(), w_hat, q_eff, o_intra
