@@ -126,8 +126,9 @@ def test_parameterisation_follows_constraints():
     assert m.coefs.fixed["A"]().max() < 0
     m = Mixer("gla", D, H)
     assert m.coefs.token["log_alpha"].activation == "logsigmoid"
-    m = Mixer("longhorn", D, H)
-    assert m.coefs.token["beta"].activation == "sigmoid" and m.qk_norm
+    m = Mixer("longhorn", D, H)  # implicit: any β > 0 is stable, so β is unbounded
+    assert m.coefs.token["beta"].activation == "softplus" and m.qk_norm
+    assert Mixer("deltanet", D, H).coefs.token["beta"].activation == "sigmoid"  # explicit: β‖k‖² ≤ 2
     assert not Mixer("linear_attention", D, H).qk_norm
     r = Mixer("retnet", D, 4)
     gamma = r.coefs.fixed["log_alpha"]().exp()

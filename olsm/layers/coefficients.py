@@ -7,7 +7,11 @@ input                                  parameterisation (and where it comes from
 =====================================  ======================================================
 positive per-token, named ``dt*``      ``softplus(W h + dt_bias)``, dt_bias = softplus⁻¹(Δ),
                                        Δ log-uniform in [1e-3, 1e-1] (Mamba)
-positive / nonnegative per-token       ``sigmoid(W h + b)`` (DeltaNet's and Longhorn's β)
+positive / nonnegative per-token,      ``sigmoid(W h + b)`` (DeltaNet's β: an explicit step
+explicit update                        is stable only for β‖k‖² ≤ 2)
+positive / nonnegative per-token,      ``softplus(W h + b)``: an implicit update is stable for
+implicit update                        any β > 0 (ε = β/(1 + β‖k‖²) < 1/‖k‖²), and an
+                                       unbounded β lets it overwrite a key fully (ε‖k‖² → 1)
 nonpositive / negative, per head       ``−exp(A_log) · softplus(W h + dt_bias)``,
                                        A_log = log U(1, 16) (Mamba-2, Gated DeltaNet)
 nonpositive / negative, per K or V     ``logsigmoid(W₂ W₁ h + b) / 16``, rank 16 (GLA)
@@ -38,11 +42,18 @@ from ..spec import InputSpec
 ACTIVATIONS = ("sigmoid", "softplus", "dt_softplus", "mamba2_decay", "logsigmoid", "linear")
 
 
-def default_activation(spec: InputSpec) -> str:
-    """The per-token parameterisation the table in this module's docstring picks for ``spec``."""
+def default_activation(spec: InputSpec, implicit: bool = False) -> str:
+    """The per-token parameterisation the table in this module's docstring picks for ``spec``.
+
+    Args:
+        spec: the input.
+        implicit: the objective's update is implicit (proximal), e.g. Longhorn.
+    """
     c = spec.constraint
     if c in ("positive", "nonnegative"):
-        return "dt_softplus" if spec.name.lower().startswith(("dt", "delta")) else "sigmoid"
+        if spec.name.lower().startswith(("dt", "delta")):
+            return "dt_softplus"
+        return "softplus" if implicit else "sigmoid"
     if c in ("nonpositive", "negative"):
         return "mamba2_decay" if spec.axes == () else "logsigmoid"
     return "linear"
@@ -169,11 +180,12 @@ class Coefficients(nn.Module):
         activation: per-input overrides ``{name: activation}``.
         rank: bottleneck rank for per-channel inputs.
         bias_init: per-input overrides ``{name: "zero" | "dt"}``.
+        implicit: the objective's update is implicit (picks softplus over sigmoid for β).
     """
 
     def __init__(self, inputs, d_in: int, num_heads: int, dims: Dict[str, int],
                  activation: Optional[Dict[str, str]] = None, rank: Optional[int] = None,
-                 bias_init: Optional[Dict[str, str]] = None):
+                 bias_init: Optional[Dict[str, str]] = None, implicit: bool = False):
         super().__init__()
         activation, bias_init = dict(activation or {}), dict(bias_init or {})
         unknown = set(activation) - {s.name for s in inputs}
@@ -184,8 +196,8 @@ class Coefficients(nn.Module):
         self.fixed = nn.ModuleDict()
         for s in inputs:
             if s.per_token:
-                self.token[s.name] = TokenCoefficient(s, d_in, num_heads, dims, activation.get(s.name), rank,
-                                                      bias_init.get(s.name))
+                act = activation.get(s.name) or default_activation(s, implicit)
+                self.token[s.name] = TokenCoefficient(s, d_in, num_heads, dims, act, rank, bias_init.get(s.name))
             else:
                 self.fixed[s.name] = FixedCoefficient(s, num_heads, dims)
 

@@ -29,3 +29,8 @@ def check_x(x: torch.Tensor, d_model: int, what: str = "x"):
     if not torch.is_tensor(x) or x.dim() != 3 or x.shape[-1] != d_model:
         shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
         raise InputError(f"{what} must be [B, T, d_model={d_model}], got {shape}")
+
+
+def is_implicit(rec) -> bool:
+    """True when the objective's update is implicit (proximal), as Longhorn's is."""
+    return getattr(getattr(rec, "objective", None), "update", None) == "implicit"

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import InputError
 from .coefficients import Coefficients
-from .common import check_x, needs_key_norm, resolve
+from .common import check_x, is_implicit, needs_key_norm, resolve
 from .conv import ShortConvolution
 from .norm import RMSNorm
 from .padding import check_mask, repad, unpad
@@ -70,7 +70,7 @@ class Mixer(nn.Module):
         self.convs = nn.ModuleList([ShortConvolution(c, conv_size) for c in (key_dim, key_dim, value_dim)]
                                    if conv_size > 0 else [])
         self.coefs = Coefficients(self.rec.inputs, d_model, num_heads, {"K": self.head_k, "V": self.head_v},
-                                  activation=activation)
+                                  activation=activation, implicit=is_implicit(self.rec))
         self.g_proj = nn.Linear(d_model, value_dim, bias=False) if output_gate else None
         self.o_norm = RMSNorm(self.head_v)
         self.o_proj = nn.Linear(value_dim, d_model, bias=False)
