@@ -242,3 +242,14 @@ def test_unit_lower_inverse_and_its_gradient(n):
     T = trinv.unit_lower_inverse(L)
     (g,) = torch.autograd.grad((T * dT.float().to(DEVICE)).sum(), L)
     assert rel_err(T.cpu(), T_ref) < TOL and rel_err(g.cpu(), g_ref) < TOL
+
+
+def test_fused_path_falls_back_when_out_of_resources(monkeypatch):
+    # a GPU whose shared memory cannot hold the fused tiles runs the general path instead
+    chunk = importlib.import_module("olsm.kernels.matrix.chunk")
+
+    def refuse(*args, **kwargs):
+        raise chunk.OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(chunk, "fused_forward", refuse)
+    check(make_inputs(9, T=5, H=1, decay="scalar", lowrank="delta"))

@@ -22,6 +22,11 @@ representation of DeltaNet arXiv 2406.06484 / Gated DeltaNet arXiv 2412.06464 fo
 2. State pass (Triton, sequential over chunks): S_{n+1} = Γ S_n + Âᵀ (X S_n + Y) + Ŵᵀ U.
 3. Output pass (Triton, parallel): o = scale · (Q' S_n + O).
 
+Fast path: with no or a scalar decay and at most one low-rank pair (K, V <= 128) the forward is
+:mod:`.fused` instead (the same quantities, formed inside Triton kernels from the inputs in
+place; ``OLSM_MATRIX_PATH=general`` turns it off). The triangular solve of step 1 is an explicit
+Triton inverse (:mod:`.trinv`; ``OLSM_MATRIX_SOLVE=torch`` restores the batched solve).
+
 Backward: the chunk-boundary states S_n of the forward are kept; the preparation is recomputed
 under autograd, the reverse state pass (Triton) gives ∂L/∂S_n, and torch's autograd carries
 the rest back to the inputs (through the per-key Gram kernel's own backward).
@@ -34,6 +39,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
 from olsm.errors import BackendError, InputError
 
@@ -289,11 +295,17 @@ class ChunkMatrixFunction(torch.autograd.Function):
     def forward(ctx, q, w, u, log_decay, h0, lay, meta, n_lowrank, *lowrank_flat):
         lowrank = [(lowrank_flat[2 * i], lowrank_flat[2 * i + 1]) for i in range(n_lowrank)]
         with torch.no_grad():
-            if fused_applies(log_decay, lowrank):
-                o, final, states = fused_forward(q, w, u, log_decay, lowrank, h0, lay.tok_start,
-                                                 lay.tok_stop, lay.chunk_offsets, lay.C, meta)
-            else:
-                o, final, states = _pipeline(q, w, u, log_decay, lowrank, h0, lay, meta)
+            result = None
+            if fused_applies(log_decay, lowrank, q.shape[-1], u.shape[-1]):
+                try:
+                    result = fused_forward(q, w, u, log_decay, lowrank, h0, lay.tok_start,
+                                           lay.tok_stop, lay.chunk_offsets, lay.C, meta)
+                except OutOfResources:
+                    # shared memory / registers of this GPU too small for the fused tiles
+                    result = None
+            if result is None:
+                result = _pipeline(q, w, u, log_decay, lowrank, h0, lay, meta)
+            o, final, states = result
         ctx.save_for_backward(q, w, u, log_decay, h0, states, final, *lowrank_flat)
         ctx.lay, ctx.meta, ctx.n_lowrank = lay, meta, n_lowrank
         ctx.set_materialize_grads(False)

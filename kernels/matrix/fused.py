@@ -243,12 +243,17 @@ def _output_fwd_kernel(
              mask=valid[:, None] & mask_v[None, :])
 
 
-def fused_applies(log_decay, lowrank) -> bool:
-    """Whether :func:`fused_forward` handles this call (and the user did not ask for the general
-    path with ``OLSM_MATRIX_PATH=general``)."""
+MAX_FUSED_DIM = 128  # wider heads keep [C, K] tiles of q, w, a, b at once: left to the general path
+
+
+def fused_applies(log_decay, lowrank, K: int = 0, V: int = 0) -> bool:
+    """Whether :func:`fused_forward` handles this call: no or scalar decay, rank <= 1,
+    K, V <= :data:`MAX_FUSED_DIM`, and the user did not ask for the general path with
+    ``OLSM_MATRIX_PATH=general``."""
     if os.environ.get("OLSM_MATRIX_PATH", "auto") == "general":
         return False
-    return len(lowrank) <= 1 and (log_decay is None or log_decay.dim() == 3)
+    return (len(lowrank) <= 1 and (log_decay is None or log_decay.dim() == 3)
+            and max(K, V) <= MAX_FUSED_DIM)
 
 
 # Shared-memory fallback of the state pass: prefetching the next chunk (num_stages=2) may not
