@@ -22,6 +22,8 @@ console = Console()
 # options shared by both commands (typer needs them spelled out per command)
 _OBJ = typer.Option(["longhorn"], "--objective", "-o", help="catalogue name or FILE.py:NAME; repeat for a sweep")
 _OUT = typer.Option(None, "--out", help="run folder (a sweep writes one sub-folder per run)")
+_PAR = typer.Option("auto", help="under torchrun: ddp or fsdp (FSDP2); auto = ddp when WORLD_SIZE > 1, else none. "
+                    "--batch-size is the global batch")
 
 
 def _run(base, objectives: List[str], d_models: List[int], resume: bool, stop_at: Optional[int]):
@@ -35,6 +37,10 @@ def _run(base, objectives: List[str], d_models: List[int], resume: bool, stop_at
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; the last checkpoint is saved: run the same command to resume[/yellow]")
         raise typer.Exit(130)
+    from .distributed import is_main
+
+    if not is_main():  # under torchrun rank 0 prints the table
+        return
     cols = ["objective", "d_model", "params", "steps_done", "seconds", "train_loss"]
     cols += ["accuracy"] if base.task == "mqar" else ["val_loss", "val_bpb"]
     table = Table(title=f"olsm train {base.task} -> {base.out}")
@@ -43,6 +49,9 @@ def _run(base, objectives: List[str], d_models: List[int], resume: bool, stop_at
     for r in runs:
         table.add_row(*[f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, "—")) for c in cols])
     console.print(table)
+    for r in runs:  # global tokens (all ranks) over rank 0's wall time, evaluation included
+        if r.get("seconds"):
+            console.print(f"{r['objective']} d{r['d_model']}: {r['tokens'] / r['seconds']:,.0f} tokens/s")
 
 
 @app.command()
@@ -65,6 +74,7 @@ def mqar(objective: List[str] = _OBJ,
          checkpoint_every: int = typer.Option(100, help="checkpoint every N steps"),
          seed: int = typer.Option(0, help="seed of init and data"),
          device: str = typer.Option("auto", help="auto, cpu, cuda"),
+         parallel: str = _PAR,
          backend: str = typer.Option("auto", help="recurrence backend: auto, torch, triton, reference"),
          precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast on CUDA)"),
          compile: bool = typer.Option(False, help="torch.compile the model"),
@@ -79,7 +89,8 @@ def mqar(objective: List[str] = _OBJ,
                        steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
                        vocab_size=vocab_size, train_configs=train_configs, eval_configs=eval_configs,
                        eval_examples=eval_examples, eval_every=eval_every, checkpoint_every=checkpoint_every,
-                       seed=seed, device=device, backend=backend, precision=precision, compile=compile,
+                       seed=seed, device=device, parallel=parallel, backend=backend, precision=precision,
+                       compile=compile,
                        out=out or "runs/mqar", progress=progress)
     _run(base, objective, d_model, resume, stop_at)
 
@@ -104,6 +115,7 @@ def lm(objective: List[str] = _OBJ,
        checkpoint_every: int = typer.Option(100, help="checkpoint every N steps"),
        seed: int = typer.Option(0, help="seed of init and data"),
        device: str = typer.Option("auto", help="auto, cpu, cuda"),
+       parallel: str = _PAR,
        backend: str = typer.Option("auto", help="recurrence backend"),
        precision: str = typer.Option("fp32", help="fp32 or bf16"),
        compile: bool = typer.Option(False, help="torch.compile the model"),
@@ -118,6 +130,7 @@ def lm(objective: List[str] = _OBJ,
                        corpus=corpus, max_bytes=max_bytes, seq_len=seq_len, steps=steps, batch_size=batch_size,
                        lr=lr, weight_decay=weight_decay, warmup=warmup, eval_windows=eval_windows,
                        eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed, device=device,
+                       parallel=parallel,
                        backend=backend, precision=precision, compile=compile, out=out or "runs/lm",
                        progress=progress)
     _run(base, objective, d_model, resume, stop_at)

@@ -6,7 +6,7 @@ from typing import Optional
 
 #: fields that may differ between a run and its resumption (where and how it runs, not what)
 RUNTIME_FIELDS = ("device", "out", "eval_every", "checkpoint_every", "log_every", "progress", "backend",
-                  "compile")
+                  "compile", "parallel")
 
 
 @dataclass
@@ -24,6 +24,8 @@ class TrainConfig:
         corpus, seq_len, max_bytes, eval_windows: byte-level LM (corpus None: the stdlib).
         device: ``auto``, ``cpu`` or ``cuda``; precision: ``fp32`` or ``bf16`` (autocast, CUDA).
         backend: recurrence backend; compile: wrap the model in ``torch.compile``.
+        parallel: ``auto``, ``none``, ``ddp`` or ``fsdp`` under torchrun (see :mod:`.distributed`);
+            ``batch_size`` is then the global batch.
         eval_every, checkpoint_every, log_every: in steps; out: run folder.
     """
 
@@ -54,6 +56,7 @@ class TrainConfig:
     eval_windows: int = 64
     # runtime
     device: str = "auto"
+    parallel: str = "auto"
     backend: str = "auto"
     compile: bool = False
     eval_every: int = 100

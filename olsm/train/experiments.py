@@ -17,6 +17,7 @@ from ..errors import InputError
 from ..layers import MixerLM
 from .config import TrainConfig
 from .corpus import byte_batch, eval_windows, load_corpus, split_corpus
+from .distributed import is_main
 from .loop import batch_generator, lm_loss, resolve_device, train_loop
 from .metrics import plot_accuracy_vs_dmodel, plot_curves, write_csv, write_json
 from .mqar import IGNORE, mqar_batch, parse_mqar_configs
@@ -120,6 +121,8 @@ def _finish(cfg, model, rows, key) -> dict:
         summary["train_loss"] = rows[-1]["loss"]
         prefix = "val_" if cfg.task == "lm" else ""
         summary.update({prefix + k[len("eval_"):]: v for k, v in evals[-1].items() if k.startswith("eval_")})
+    if not is_main():  # under torchrun rank 0 writes the run's files (the others hold the same rows)
+        return summary
     if rows:
         write_csv(out / "metrics.csv", rows)
         plot_curves(out / "loss.png", {cfg.objective: rows}, "loss", title=f"{cfg.task}: {cfg.objective}, "
@@ -143,13 +146,15 @@ def sweep(base: TrainConfig, objectives: Sequence[str], d_models: Sequence[int],
         for obj in objectives:
             cfg = dataclasses.replace(base, objective=obj, d_model=d, out=str(out / f"{obj}-d{d}"))
             runs.append(fn(cfg, resume=resume, stop_at=stop_at))
-            curves[f"{obj} d{d}"] = _rows(Path(cfg.out))
+            curves[f"{obj} d{d}"] = _rows(Path(cfg.out)) if is_main() else []  # rank 0 may be writing it
             if len(objectives) * len(d_models) > 1 or base.task == "mqar":
                 _summarise(base, out, runs, curves)  # after every run: a killed sweep keeps what it did
     return runs
 
 
 def _summarise(base, out: Path, runs, curves):
+    if not is_main():  # rank 0 writes (torchrun)
+        return
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "summary.csv", runs)
     write_json(out / "summary.json", runs)

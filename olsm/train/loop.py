@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .distributed import setup as setup_parallel
 from .mqar import IGNORE
 
 CHECKPOINT = "checkpoint.pt"
@@ -73,28 +73,30 @@ def train_loop(model, cfg: TrainConfig, batch_fn: Callable[[int], Tuple[torch.Te
     Returns:
         metric rows: ``{"step", "loss", "lr", "tokens", "seconds", "eval_*"...}``.
     """
-    device = resolve_device(cfg.device)
+    par = setup_parallel(cfg, resolve_device(cfg.device))  # torchrun: DDP/FSDP2 (see .distributed)
+    device = par.device
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model.to(device)
+    wrapped = par.wrap(model)  # before the optimiser: FSDP2 replaces the parameters
     opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     rows: List[dict] = []
     step, tokens, seconds = 0, 0, 0.0
     path = out / CHECKPOINT
     if resume and path.exists():
-        state = load_checkpoint(path, cfg, model=model, optimizer=opt, scheduler=sched)
+        state = par.load(path, cfg, model=model, optimizer=opt, scheduler=sched)
         step, rows = state["step"], state["metrics"]
         tokens = rows[-1]["tokens"] if rows else 0
         seconds = rows[-1]["seconds"] if rows else 0.0
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = torch.compile(wrapped) if cfg.compile else wrapped
 
     def checkpoint(at):
-        save_checkpoint(path, model=model, optimizer=opt, scheduler=sched, step=at, config=cfg, metrics=rows)
+        par.save(path, model=model, optimizer=opt, scheduler=sched, step=at, config=cfg, metrics=rows)
 
     applying = False
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc=f"{cfg.task} {cfg.objective}",
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and par.is_main),
+               desc=f"{cfg.task} {cfg.objective}", dynamic_ncols=True)
     model.train()
     try:
         while step < cfg.steps:
@@ -102,11 +104,11 @@ def train_loop(model, cfg: TrainConfig, batch_fn: Callable[[int], Tuple[torch.Te
                 checkpoint(step)
                 break
             t0 = time.perf_counter()
-            inputs, targets = batch_fn(step)
+            inputs, targets = par.shard(*batch_fn(step))  # this rank's rows of the global batch
             inputs, targets = inputs.to(device), targets.to(device)
             with autocast(cfg, device):
                 logits = fwd(inputs)
-            loss = lm_loss(logits, targets)
+            loss = par.loss(lm_loss, logits, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -116,10 +118,10 @@ def train_loop(model, cfg: TrainConfig, batch_fn: Callable[[int], Tuple[torch.Te
             sched.step()
             step += 1
             applying = False
-            tokens += inputs.numel()
+            tokens += inputs.numel() * par.world  # global: every rank holds an equal shard
             last = step == cfg.steps
             if step % cfg.log_every == 0 or last or step == 1 or step % cfg.eval_every == 0:
-                row = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0], "tokens": tokens}
+                row = {"step": step, "loss": par.mean(loss), "lr": sched.get_last_lr()[0], "tokens": tokens}
                 if step % cfg.eval_every == 0 or last:
                     model.eval()
                     with torch.no_grad(), autocast(cfg, device):
@@ -136,7 +138,9 @@ def train_loop(model, cfg: TrainConfig, batch_fn: Callable[[int], Tuple[torch.Te
             if step % cfg.checkpoint_every == 0 or last:
                 checkpoint(step)
     except KeyboardInterrupt:
-        if not applying:  # else keep the last periodic checkpoint: it is consistent
+        # else keep the last periodic checkpoint: it is consistent (and under torchrun the ranks
+        # stop at different points, so a save that needs all of them could hang)
+        if not applying and not par.distributed:
             checkpoint(step)
         bar.close()
         raise
