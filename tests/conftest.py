@@ -10,6 +10,10 @@ from hypothesis import HealthCheck, settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tests use tiny tensors and run in 2 xdist workers on 2 cores: one intra-op thread per
+# worker avoids OpenMP contention that made small ops 10-20x slower.
+torch.set_num_threads(1)
+
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
