@@ -86,11 +86,18 @@ def launch(mode: str, tmp: Path):
     # --standalone: the launcher picks a free port; a short monitor interval saves seconds at exit
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "--monitor-interval", "0.2", __file__, mode, str(tmp)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    for attempt in (1, 2):
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+        # the launcher's free port can be taken by another program before the workers bind it:
+        # that (and only that) is worth a second try
+        if p.returncode == 0 or "address already in use" not in (p.stdout + p.stderr).lower():
+            break
     assert p.returncode == 0, f"torchrun failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-12000:]}"
     return p.stdout
 
 
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="this torch build has no gloo backend (needed for CPU multi-process training)")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_follow_one(mode, tmp_path, ref_dir):
     ref = single(ref_dir)

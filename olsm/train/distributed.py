@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import InputError
+from ..errors import BackendError, InputError
 from .checkpoint import load_checkpoint, save_checkpoint
 
 #: values of ``--parallel`` (``auto``: ``ddp`` when launched with WORLD_SIZE > 1, else ``none``)
@@ -138,7 +138,12 @@ class Parallel:
             return DistributedDataParallel(model, device_ids=ids)
         if self.mode == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
+
+            try:
+                from torch.distributed.fsdp import fully_shard
+            except ImportError:  # public since torch 2.6
+                raise BackendError(f"--parallel fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6); "
+                                   f"this is torch {torch.__version__}: use --parallel ddp") from None
 
             # fully_shard swaps in new Parameter objects, dropping attributes such as the
             # _no_weight_decay flag that MixerLM.param_groups reads: carry them over by name
