@@ -4,7 +4,7 @@
 
 Each run is ``LABEL:GPUS:FOLDER`` where FOLDER holds the run's ``metrics.json`` (an ``olsm train``
 run folder, or a sweep folder with exactly one run inside). The first run is the reference.
-Writes to ``--out``: ``loss_curves.csv`` (one loss column per run), ``loss_curves.png``,
+Writes to ``--out``: ``loss_curves.csv`` (one loss column per run), ``loss_curves.png``, ``loss_gap.png``,
 ``scaling.csv`` and ``scaling.md`` (steady-state global tokens/s, speed-up and efficiency
 against the reference, largest relative loss difference from it), and copies of each
 ``metrics.json``.
@@ -92,6 +92,13 @@ def main(argv=None):
     write_csv(out / "loss_curves.csv", table)
     plot_curves(out / "loss_curves.png", {f"{label} ({g} GPU)": rows for label, g, rows in runs}, "loss",
                 title="training loss, same global batch", ylabel="training loss")
+    # the curves overlap when all is well: plot the gap to the reference as well
+    ref_loss = {r["step"]: r["loss"] for r in ref}
+    gaps = {label: [{"step": r["step"], "gap": (r["loss"] - ref_loss[r["step"]]) / abs(ref_loss[r["step"]])}
+                    for r in rows if r["step"] in ref_loss] for label, _, rows in runs[1:]}
+    if gaps:
+        plot_curves(out / "loss_gap.png", gaps, "gap", title=f"training loss relative to {ref_label}",
+                    ylabel="(loss - reference) / reference")
     scaling = []
     for label, gpus, rows in runs:
         tps = steady_tokens_per_s(rows, args.skip)

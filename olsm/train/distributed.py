@@ -102,7 +102,7 @@ class Parallel:
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    _weight: float = 1.0  # loss weight of the current shard (see shard/loss)
+    _weight: float = field(default=1.0, repr=False)  # loss weight of the current shard (see shard/loss)
 
     @property
     def distributed(self) -> bool:
