@@ -26,7 +26,7 @@ __all__ = [
 
 def __getattr__(name):
     # the catalogue and the layers load on first use (the catalogue imports olsm itself)
-    if name in ("objectives", "testing", "kernels"):
+    if name in ("objectives", "testing", "kernels", "layers", "train"):
         import importlib
 
         return importlib.import_module(f"olsm.{name}")
