@@ -23,7 +23,7 @@ from torch import nn
 from .coefficients import FixedCoefficient, TokenCoefficient
 from .common import check_x, needs_key_norm, resolve
 from .conv import ShortConvolution
-from .padding import check_mask, repad, unpad
+from .padding import run_masked
 from .run import run_recurrence, step_recurrence
 from .state import MixerState
 from ..errors import InputError
@@ -95,15 +95,7 @@ class LonghornBlock(nn.Module):
         """Same contract as :meth:`olsm.Mixer.forward`: ``h [B, T, D]`` -> ``y`` or ``(y, MixerState)``."""
         check_x(h, self.d_model, "h")
         want_state = use_cache or cache is not None
-        if attention_mask is not None:
-            if cu_seqlens is not None:
-                raise InputError("pass either attention_mask or cu_seqlens, not both")
-            B, T = h.shape[:2]
-            hp, cu, idx = unpad(h, check_mask(attention_mask, B, T))
-            y, state = self._sequence(hp, cache, cu, want_state)
-            y = repad(y, idx, B, T)
-        else:
-            y, state = self._sequence(h, cache, cu_seqlens, want_state)
+        y, state = run_masked(self._sequence, h, cache, cu_seqlens, attention_mask, want_state)
         return (y, state) if want_state else y
 
     def _sequence(self, h, cache, cu_seqlens, want_state):

@@ -23,7 +23,7 @@ from .coefficients import Coefficients
 from .common import check_x, is_implicit, needs_key_norm, resolve
 from .conv import ShortConvolution
 from .norm import RMSNorm
-from .padding import check_mask, repad, unpad
+from .padding import run_masked
 from .run import run_recurrence, step_recurrence
 from .state import MixerState
 
@@ -93,15 +93,7 @@ class Mixer(nn.Module):
         """
         check_x(x, self.d_model)
         want_state = use_cache or cache is not None
-        if attention_mask is not None:
-            if cu_seqlens is not None:
-                raise InputError("pass either attention_mask or cu_seqlens, not both")
-            B, T = x.shape[:2]
-            xp, cu, idx = unpad(x, check_mask(attention_mask, B, T))
-            y, state = self._sequence(xp, cache, cu, want_state)
-            y = repad(y, idx, B, T)
-        else:
-            y, state = self._sequence(x, cache, cu_seqlens, want_state)
+        y, state = run_masked(self._sequence, x, cache, cu_seqlens, attention_mask, want_state)
         return (y, state) if want_state else y
 
     def _sequence(self, x, cache, cu_seqlens, want_state):

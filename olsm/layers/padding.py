@@ -47,3 +47,23 @@ def repad(y: torch.Tensor, idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
     out = y.new_zeros(B * T, *y.shape[2:])
     out = out.index_copy(0, idx, y[0])
     return out.reshape(B, T, *y.shape[2:])
+
+
+def run_masked(sequence, x: torch.Tensor, cache, cu_seqlens, attention_mask, want_state: bool):
+    """Run a layer's ``sequence(x, cache, cu_seqlens, want_state)`` on packed or padded input.
+
+    An ``attention_mask`` ``[B, T]`` is turned into packing (the real tokens laid end to end
+    with ``cu_seqlens``), so padding never reaches a convolution window or the memory; the
+    output is scattered back to ``[B, T, D]`` with zeros at padding.
+
+    Returns:
+        ``(y, state)`` as ``sequence`` returns them.
+    """
+    if attention_mask is None:
+        return sequence(x, cache, cu_seqlens, want_state)
+    if cu_seqlens is not None:
+        raise InputError("pass either attention_mask or cu_seqlens, not both")
+    B, T = x.shape[:2]
+    xp, cu, idx = unpad(x, check_mask(attention_mask, B, T))
+    y, state = sequence(xp, cache, cu, want_state)
+    return repad(y, idx, B, T), state
