@@ -13,12 +13,14 @@ longhorn            (I − εkkᵀ) S + εkvᵀ, ε = β/(1+βkᵀk)            
 longhorn_diag       (1 − ε_j k_n²) ⊙ S + ε_j k_n v_j                     beta [B,T,H,V]
 gated_longhorn      α(I − εkkᵀ) S + εkvᵀ                                 log_alpha, beta [B,T,H]
 mamba1              exp(Δ_j A_{j,n}) ⊙ S + Δ_j k_n v_j                   dt [B,T,H,V], A [H,V,K]
+kda                 (I − βkkᵀ) diag(α_t) S + βkvᵀ                        log_alpha [B,T,H,K], beta
 ==================  ===================================================  =========================
 """
 from .deltanet import deltanet
 from .gated_deltanet import gated_deltanet
 from .gated_longhorn import gated_longhorn
 from .gla import gla
+from .kda import kda
 from .linear_attention import linear_attention
 from .longhorn import longhorn
 from .longhorn_diag import longhorn_diag
@@ -27,4 +29,4 @@ from .mamba2 import mamba2
 from .retnet import retnet
 
 __all__ = ["linear_attention", "retnet", "mamba2", "gla", "deltanet", "gated_deltanet", "longhorn",
-           "longhorn_diag", "gated_longhorn", "mamba1"]
+           "longhorn_diag", "gated_longhorn", "mamba1", "kda"]

@@ -39,6 +39,8 @@ EXPECTED = {
     "longhorn_diag": ("elementwise", None, None, beta_j / (1 + beta_j * kk) * v_j,
                       1 - beta_j / (1 + beta_j * kk) * k_n**2),
     "mamba1": ("elementwise", None, None, dt_j * v_j, sp.exp(dt_j * A_jn)),
+    # (I − β k kᵀ) diag(α): the rank-one term is −β k (α ⊙ k)ᵀ
+    "kda": ("matrix", log_alpha_n, [-beta * sp.exp(log_alpha_n) * k_n**2], beta * v_j, None),
 }
 
 
