@@ -6,13 +6,13 @@
 #   OUT=folder bash results/experiments/gpu_sweep.sh      (repository root, olsm installed)
 #
 # Settings: MSTEPS (1000) MQAR steps, LSTEPS (600) LM steps, JOBS (24) runs at once, T (480) s per run,
-# DEV (cuda). Writes $OUT/{mqar,lm,lmblock,mqar_torch}.txt, the plots and $OUT/runs.tgz (metrics only).
+# DEV (cuda), SEED (0), ONLY (a grep -E regex on run names, e.g. 'mqar-deltanet-128|lm-'). Writes $OUT/{mqar,lm,lmblock,mqar_torch}.txt, the plots and $OUT/runs.tgz (metrics only).
 set -o pipefail; export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 COLUMNS=160
 OUT=${OUT:?set OUT}; R=${R:-/tmp/sweep}; mkdir -p $R/logs "$OUT"
 NGPU=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
 python -c "import torch,triton,sys,sympy;print(torch.__version__,triton.__version__,sys.version.split()[0],sympy.__version__,torch.cuda.get_device_name(), 'x', torch.cuda.device_count())" >$OUT/env.txt 2>&1
-M="--steps ${MSTEPS:-1000} --batch-size 128 --lr 3e-3 --warmup 50 --train-configs 64:4,128:8,256:16 --eval-configs 64:4,128:8,256:16,256:32 --eval-every 250 --checkpoint-every 250 --no-progress --device ${DEV:-cuda}"
-L="--steps ${LSTEPS:-600} --batch-size 32 --seq-len 256 --d-model 128 --n-layers 4 --num-heads 2 --lr 2e-3 --eval-every 100 --checkpoint-every 300 --no-progress --device ${DEV:-cuda}"
+M="--steps ${MSTEPS:-1000} --batch-size 128 --lr 3e-3 --warmup 50 --train-configs 64:4,128:8,256:16 --eval-configs 64:4,128:8,256:16,256:32 --eval-every 250 --checkpoint-every 250 --no-progress --device ${DEV:-cuda} --seed ${SEED:-0}"
+L="--steps ${LSTEPS:-600} --batch-size 32 --seq-len 256 --d-model 128 --n-layers 4 --num-heads 2 --lr 2e-3 --eval-every 100 --checkpoint-every 300 --no-progress --device ${DEV:-cuda} --seed ${SEED:-0}"
 {
   for dh in 64:1 128:2 256:4; do d=${dh%:*}; h=${dh#*:}
     for o in longhorn longhorn_diag gated_longhorn deltanet gated_deltanet mamba2 mamba1 gla linear_attention; do
@@ -22,7 +22,7 @@ L="--steps ${LSTEPS:-600} --batch-size 32 --seq-len 256 --d-model 128 --n-layers
   # control: the same runs on the torch (chunked PyTorch) backend, so a kernel bug would show as a gap
   for od in deltanet:64 longhorn:128; do o=${od%:*}; d=${od#*:}
     echo "ctl-$o-$d train mqar -o $o --d-model $d --num-heads $((d / 64)) $M --backend torch --out $R/mqar_torch"; done
-} | awk -v g=$NGPU '{print (NR - 1) % g, $0}' > $R/jobs.txt
+} | grep -E "^[^ ]*(${ONLY:-.})" | awk -v g=$NGPU '{print (NR - 1) % g, $0}' > $R/jobs.txt
 run(){ gpu=$1; name=$2; shift 2
   CUDA_VISIBLE_DEVICES=$gpu timeout ${T:-480} python -m olsm.cli "$@" > $R/logs/$name.log 2>&1; echo "$name rc=$?"; }
 export -f run; export R T
