@@ -26,9 +26,11 @@ Usage (on the GPU machine; FLA from a carried wheel)::
 
 ``--variants`` times our kernel under several code paths in one process (A/B), each row named
 ``method@variant`` when more than one is asked for: ``new`` (default: fused forward where it
-applies, Triton triangular inverse), ``general`` (general path, Triton inverse) and ``legacy``
+applies, Triton backward without low rank, Triton triangular inverse), ``autograd_bwd`` (the
+same forward, the autograd backward), ``general`` (general path, Triton inverse) and ``legacy``
 (general path with ``torch.linalg.solve_triangular``: the code measured in runs 2 and 3). The
-paths are chosen through ``OLSM_MATRIX_PATH`` / ``OLSM_MATRIX_SOLVE``, read at every call.
+paths are chosen through ``OLSM_MATRIX_PATH`` / ``OLSM_MATRIX_SOLVE`` / ``OLSM_MATRIX_BWD``, read
+at every call.
 """
 from __future__ import annotations
 
@@ -96,14 +98,16 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0):
     return out
 
 
-VARIANTS = {"new": ("auto", "triton"), "general": ("general", "triton"), "legacy": ("general", "torch")}
+VARIANTS = {"new": ("auto", "triton", "auto"), "autograd_bwd": ("auto", "triton", "autograd"),
+            "general": ("general", "triton", "autograd"), "legacy": ("general", "torch", "autograd")}
 
 
 def set_variant(variant):
     """Select our kernel's code path for the calls that follow (see the module docstring)."""
-    path, solve = VARIANTS[variant]
+    path, solve, bwd = VARIANTS[variant]
     os.environ["OLSM_MATRIX_PATH"] = path
     os.environ["OLSM_MATRIX_SOLVE"] = solve
+    os.environ["OLSM_MATRIX_BWD"] = bwd
 
 
 def ours(method, x, chunk_matrix):

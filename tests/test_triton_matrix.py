@@ -155,7 +155,7 @@ def test_matches_reference(decay, lowrank, chunk, kw):
     check(make_inputs(zlib.crc32(f"{decay}{lowrank}".encode()), decay=decay, lowrank=lowrank, **kw), chunk_size=chunk)
 
 
-@pytest.mark.parametrize("decay,lowrank", [("none", "none"), ("scalar", "delta"), ("key", "general")])
+@pytest.mark.parametrize("decay,lowrank", [("none", "none"), ("scalar", "none"), ("scalar", "delta"), ("key", "general")])
 def test_packed_sequences(decay, lowrank):
     T = CU_SEQLENS[-1]
     check(make_inputs(7, T=T, H=1, decay=decay, lowrank=lowrank, N=len(CU_SEQLENS) - 1),
@@ -253,3 +253,29 @@ def test_fused_path_falls_back_when_out_of_resources(monkeypatch):
 
     monkeypatch.setattr(chunk, "fused_forward", refuse)
     check(make_inputs(9, T=5, H=1, decay="scalar", lowrank="delta"))
+
+
+@pytest.mark.parametrize("decay", ["none", "scalar"])
+def test_fused_backward_is_taken_and_autograd_backward_still_matches(decay, monkeypatch):
+    # without a low-rank part the backward is kernels/matrix/fused_bwd.py (three Triton kernels);
+    # OLSM_MATRIX_BWD=autograd keeps the general path's autograd backward for A/B timing
+    chunk = importlib.import_module("olsm.kernels.matrix.chunk")
+    calls = []
+    real = chunk.fused_backward
+    monkeypatch.setattr(chunk, "fused_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # odd length, K and V not powers of two, a chunk size that leaves a short last chunk
+    inputs = make_inputs(13, B=2, T=45, H=2, K=24, V=40, decay=decay)
+    check(inputs, chunk_size=32)
+    assert calls, "fused backward not used"
+    check(inputs, chunk_size=16, final=False)     # no final-state gradient term
+    calls.clear()
+    monkeypatch.setenv("OLSM_MATRIX_BWD", "autograd")
+    check(inputs, chunk_size=32)
+    assert not calls
+
+
+def test_fused_backward_packed_with_an_empty_sequence():
+    # an empty sequence has no chunks: its d_final flows straight to its dh0, and the decay
+    # gradient's per-sequence suffix sums must not leak across the packed boundaries
+    cu = (0, 12, 12, 50)
+    check(make_inputs(17, T=cu[-1], H=2, decay="scalar", N=len(cu) - 1), cu_seqlens=cu)

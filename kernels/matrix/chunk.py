@@ -27,8 +27,9 @@ Fast path: with no or a scalar decay and at most one low-rank pair (K, V <= 128)
 place; ``OLSM_MATRIX_PATH=general`` turns it off). The triangular solve of step 1 is an explicit
 Triton inverse (:mod:`.trinv`; ``OLSM_MATRIX_SOLVE=torch`` restores the batched solve).
 
-Backward: the chunk-boundary states S_n of the forward are kept; the preparation is recomputed
-under autograd, the reverse state pass (Triton) gives ∂L/∂S_n, and torch's autograd carries
+Backward: without a low-rank part (no or scalar decay) it is three Triton kernels
+(:mod:`.fused_bwd`; ``OLSM_MATRIX_BWD=autograd`` turns them off). Otherwise the chunk-boundary
+states S_n of the forward are kept; the preparation is recomputed under autograd, the reverse state pass (Triton) gives ∂L/∂S_n, and torch's autograd carries
 the rest back to the inputs (through the per-key Gram kernel's own backward).
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ from triton.runtime.errors import OutOfResources
 from olsm.errors import BackendError, InputError
 
 from .fused import fused_applies, fused_forward
+from .fused_bwd import fused_backward, fused_backward_applies
 from .gram import decayed_gram
 from .state import _ChunkRecurrence
 from .trinv import unit_lower_inverse
@@ -314,6 +316,13 @@ class ChunkMatrixFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_o, d_final):
         q, w, u, log_decay, h0, states, final, *lowrank_flat = ctx.saved_tensors
+        if fused_backward_applies(log_decay, lowrank_flat, q.shape[-1], u.shape[-1]):
+            try:
+                grads = fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, ctx.lay,
+                                       ctx.meta, ctx.needs_input_grad[:5])
+                return (*grads, None, None, None)
+            except OutOfResources:
+                pass  # this GPU's shared memory is too small for the tiles: autograd path below
         leaves = [q, w, u, log_decay, h0, *lowrank_flat]
         leaves = [None if t is None else t.detach().requires_grad_(ctx.needs_input_grad[i] if i < 5
                                                                     else ctx.needs_input_grad[i + 3])

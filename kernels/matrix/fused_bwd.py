@@ -1,0 +1,302 @@
+r"""Triton backward of the matrix class without a low-rank part: no decay or a scalar decay per
+head (linear attention, RetNet, Mamba-2 / simple GLA). Pairs with the fused forward of
+:mod:`.fused`, whose chunk-boundary states S_n it reuses.
+
+Per chunk n and head, with G the chunk-relative cumulative log-decay, D[t, s] = e^{G_t − G_s}
+for s ≤ t (0 above the diagonal), Q̂ = q e^{G_t}, Ŵ = w e^{G_C − G_s} and γ_n = e^{G_C}::
+
+    forward    o = scale · (Q̂ S_n + (Q Wᵀ ⊙ D) U),     S_{n+1} = γ_n S_n + Ŵᵀ U
+
+    kernel 1   dS_n = γ_n dS_{n+1} + scale · Q̂ᵀ dO           (reverse, sequential over chunks;
+               dS_N = ∂L/∂final, and dS_0 = ∂L/∂h0)
+    kernel 2   dA = scale · (dO Uᵀ) ⊙ D
+               dq = scale · e^{G_t} dO S_nᵀ + dA W
+               dw = e^{G_C − G_s} U dS_{n+1}ᵀ + dAᵀ Q
+    kernel 3   du = e^{G_C − G_s} W dS_{n+1} + scale · (Q Wᵀ ⊙ D)ᵀ dO
+
+The decay gradient needs no kernel of its own. Write Λ_t for the cumulative log-decay of the
+sequence up to token t; every term of o and of the final state is a product with a factor
+e^{Λ_t − Λ_s} (t the reading token or the sequence's end, s the writing token), so
+∂L/∂Λ_t = q_t·dq_t − w_t·dw_t (+ ⟨dS_final, S_final⟩ at the sequence's last token) and
+∂L/∂g_j = Σ_{t ≥ j} ∂L/∂Λ_t within its sequence: kernel 2 writes q·dq − w·dw per token and
+a reverse cumulative sum in torch finishes it (the same identity FLA uses for its scalar-gate
+kernels; GLA paper arXiv 2312.06635, appendix).
+
+Every exponent is ≤ 0 after masking. Everything accumulates in float32; gradients are returned in
+the inputs' dtype. ``OLSM_MATRIX_BWD=autograd`` (read at each call) uses the general path's
+autograd backward instead, for A/B timing.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_decay(g, tok, valid, i_h, H, offs_c):
+    """G (inclusive cumulative log-decay in the chunk) and its total, both fp32."""
+    g_c = tl.load(g + tok * H + i_h, mask=valid, other=0.)
+    G = tl.sum(tl.where(offs_c[None, :] <= offs_c[:, None], g_c[None, :], 0.), axis=1)
+    return G, tl.sum(g_c, axis=0)
+
+
+@triton.jit
+def _dstate_bwd_kernel(
+    q, do, g, d_final, dstates, dh0, tok_start, tok_stop, chunk_offsets, scale,
+    H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Kernel 1: one sequence × head × BV value columns walks its chunks backwards.
+
+    Shapes: q ``[B·T, H, K]``, do ``[B·T, H, V]``; g ``[B·T, H]`` fp32; d_final, dh0
+    ``[N, H, K, V]``; writes dstates ``[NC, H, K, V]`` (∂L/∂S_{n+1}, the state chunk n ends in).
+    """
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    c_start = tl.load(chunk_offsets + i_n)
+    c_end = tl.load(chunk_offsets + i_n + 1)
+    offs_k = tl.arange(0, BK)
+    mask_k = offs_k < K
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_v = offs_v < V
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    kv = offs_k[:, None] * V + offs_v[None, :]
+    offs_c = tl.arange(0, C)
+
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DFINAL:
+        dS += tl.load(d_final + i_nh.to(tl.int64) * K * V + kv, mask=mask_kv, other=0.)
+    for i in range(0, c_end - c_start):
+        c = c_end - 1 - i
+        nh = (c * H + i_h).to(tl.int64)
+        tl.store(dstates + nh * K * V + kv, dS, mask=mask_kv)
+        t0 = tl.load(tok_start + c).to(tl.int64)
+        t1 = tl.load(tok_stop + c).to(tl.int64)
+        valid = offs_c < (t1 - t0)
+        tok = t0 + offs_c
+        Q_T = tl.load(q + (tok[None, :] * H + i_h) * K + offs_k[:, None],
+                      mask=mask_k[:, None] & valid[None, :], other=0.).to(tl.float32)    # [BK, C]
+        dO = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :],
+                     mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)   # [C, BV]
+        if DECAY == 1:
+            G, g_total = _chunk_decay(g, tok, valid, i_h, H, offs_c)
+            Q_T = Q_T * tl.exp(G)[None, :]
+            dS = tl.exp(g_total) * dS
+        dS += scale * tl.dot(Q_T, dO, input_precision=PRECISION)
+    tl.store(dh0 + i_nh.to(tl.int64) * K * V + kv, dS, mask=mask_kv)
+
+
+@triton.jit
+def _dqdw_bwd_kernel(
+    q, w, u, do, g, states, dstates, dq, dw, dlam, tok_start, tok_stop, scale, BT,
+    H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
+    BKS: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Kernel 2: dq, dw and the per-token decay term for one K-slice × chunk × head.
+
+    Shapes: q, w ``[B·T, H, K]``; u, do ``[B·T, H, V]``; states, dstates ``[NC, H, K, V]``;
+    writes dq, dw ``[B·T, H, K]`` and dlam ``[NK, B·T, H]`` fp32 (this slice's q·dq − w·dw).
+    """
+    i_k = tl.program_id(0)
+    nh = tl.program_id(1).to(tl.int64)
+    c = nh // H
+    i_h = nh % H
+    t0 = tl.load(tok_start + c).to(tl.int64)
+    t1 = tl.load(tok_stop + c).to(tl.int64)
+    offs_c = tl.arange(0, C)
+    valid = offs_c < (t1 - t0)
+    tok = t0 + offs_c
+    offs_k = i_k * BKS + tl.arange(0, BKS)
+    mask_k = offs_k < K
+    row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
+    mask_row = valid[:, None] & mask_k[None, :]
+
+    dA = tl.zeros([C, C], dtype=tl.float32)       # [t, s]: scale · dO_t · u_s (masked below)
+    dA_T = tl.zeros([C, C], dtype=tl.float32)     # [s, t]
+    dq_s = tl.zeros([C, BKS], dtype=tl.float32)   # dO S_nᵀ
+    dw_s = tl.zeros([C, BKS], dtype=tl.float32)   # U dS_{n+1}ᵀ
+    for i_v in range(0, (V + BV - 1) // BV):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mask_v = offs_v < V
+        row_v = (tok[:, None] * H + i_h) * V + offs_v[None, :]
+        col_v = (tok[None, :] * H + i_h) * V + offs_v[:, None]
+        mask_rv = valid[:, None] & mask_v[None, :]
+        mask_cv = mask_v[:, None] & valid[None, :]
+        dO = tl.load(do + row_v, mask=mask_rv, other=0.).to(tl.float32)        # [C, BV]
+        U = tl.load(u + row_v, mask=mask_rv, other=0.).to(tl.float32)
+        dO_T = tl.load(do + col_v, mask=mask_cv, other=0.).to(tl.float32)      # [BV, C]
+        U_T = tl.load(u + col_v, mask=mask_cv, other=0.).to(tl.float32)
+        dA += tl.dot(dO, U_T, input_precision=PRECISION)
+        dA_T += tl.dot(U, dO_T, input_precision=PRECISION)
+        # S_nᵀ and dS_{n+1}ᵀ of this (K-slice, V-block), transposed by pointer arithmetic
+        vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V
+        mask_vk = mask_v[:, None] & mask_k[None, :]
+        S_T = tl.load(states + vk, mask=mask_vk, other=0.)                     # [BV, BKS]
+        dS_T = tl.load(dstates + vk, mask=mask_vk, other=0.)
+        dq_s += tl.dot(dO, S_T, input_precision=PRECISION)
+        dw_s += tl.dot(U, dS_T, input_precision=PRECISION)
+
+    Q = tl.load(q + row_k, mask=mask_row, other=0.).to(tl.float32)             # [C, BKS]
+    W = tl.load(w + row_k, mask=mask_row, other=0.).to(tl.float32)
+    incl = offs_c[:, None] >= offs_c[None, :]
+    if DECAY == 1:
+        G, g_total = _chunk_decay(g, tok, valid, i_h, H, offs_c)
+        D = tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))   # [t, s]
+        D_T = tl.exp(tl.where(offs_c[:, None] <= offs_c[None, :], G[None, :] - G[:, None], float("-inf")))
+        dq_s = dq_s * tl.exp(G)[:, None]
+        dw_s = dw_s * tl.exp(g_total - G)[:, None]
+        dA = dA * D
+        dA_T = dA_T * D_T
+    else:
+        dA = tl.where(incl, dA, 0.)
+        dA_T = tl.where(offs_c[:, None] <= offs_c[None, :], dA_T, 0.)
+    dQ = scale * (dq_s + tl.dot(dA, W, input_precision=PRECISION))
+    dW = dw_s + scale * tl.dot(dA_T, Q, input_precision=PRECISION)
+    tl.store(dq + row_k, dQ.to(dq.dtype.element_ty), mask=mask_row)
+    tl.store(dw + row_k, dW.to(dw.dtype.element_ty), mask=mask_row)
+    lam = tl.sum(Q * dQ - W * dW, axis=1)
+    tl.store(dlam + i_k.to(tl.int64) * BT * H + tok * H + i_h, lam, mask=valid)
+
+
+@triton.jit
+def _du_bwd_kernel(
+    q, w, do, g, dstates, du, tok_start, tok_stop, scale,
+    H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
+    BKS: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Kernel 3: du for one V-block × chunk × head.
+
+    Shapes: q, w ``[B·T, H, K]``; do ``[B·T, H, V]``; dstates ``[NC, H, K, V]``; writes du
+    ``[B·T, H, V]``.
+    """
+    i_v = tl.program_id(0)
+    nh = tl.program_id(1).to(tl.int64)
+    c = nh // H
+    i_h = nh % H
+    t0 = tl.load(tok_start + c).to(tl.int64)
+    t1 = tl.load(tok_stop + c).to(tl.int64)
+    offs_c = tl.arange(0, C)
+    valid = offs_c < (t1 - t0)
+    tok = t0 + offs_c
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_v = offs_v < V
+
+    M_T = tl.zeros([C, C], dtype=tl.float32)       # [s, t] = w_s · q_t
+    acc = tl.zeros([C, BV], dtype=tl.float32)      # W dS_{n+1}
+    for i_k in range(0, (K + BKS - 1) // BKS):
+        offs_k = i_k * BKS + tl.arange(0, BKS)
+        mask_k = offs_k < K
+        W = tl.load(w + (tok[:, None] * H + i_h) * K + offs_k[None, :],
+                    mask=valid[:, None] & mask_k[None, :], other=0.)
+        Q_T = tl.load(q + (tok[None, :] * H + i_h) * K + offs_k[:, None],
+                      mask=mask_k[:, None] & valid[None, :], other=0.)
+        M_T += tl.dot(W, Q_T, input_precision=PRECISION)
+        dS = tl.load(dstates + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
+                     mask=mask_k[:, None] & mask_v[None, :], other=0.)
+        acc += tl.dot(W.to(tl.float32), dS, input_precision=PRECISION)
+    upper = offs_c[:, None] <= offs_c[None, :]
+    if DECAY == 1:
+        G, g_total = _chunk_decay(g, tok, valid, i_h, H, offs_c)
+        M_T = M_T * tl.exp(tl.where(upper, G[None, :] - G[:, None], float("-inf")))
+        acc = acc * tl.exp(g_total - G)[:, None]
+    else:
+        M_T = tl.where(upper, M_T, 0.)
+    dO = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :],
+                 mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)
+    acc += scale * tl.dot(M_T, dO, input_precision=PRECISION)
+    tl.store(du + (tok[:, None] * H + i_h) * V + offs_v[None, :], acc.to(du.dtype.element_ty),
+             mask=valid[:, None] & mask_v[None, :])
+
+
+def fused_backward_applies(log_decay, lowrank, K: int, V: int) -> bool:
+    """Whether :func:`fused_backward` handles this call: no low-rank part, no or scalar decay,
+    K, V <= 128, and ``OLSM_MATRIX_BWD`` is not ``autograd``."""
+    if os.environ.get("OLSM_MATRIX_BWD", "auto") == "autograd":
+        return False
+    return not lowrank and (log_decay is None or log_decay.dim() == 3) and max(K, V) <= 128
+
+
+def _sequence_ends(lay) -> torch.Tensor:
+    """Flat index one past the last token of every non-empty sequence, ascending ``[N']``."""
+    first, last = lay.chunk_offsets[:-1].long(), lay.chunk_offsets[1:].long()
+    return lay.tok_stop.long()[(last - 1)[last > first]]
+
+
+def _reverse_cumsum_per_sequence(x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Σ_{t' ≥ t, same sequence} x[t'] for flat tokens x ``[B·T, H]``; ends from :func:`_sequence_ends`."""
+    total = x.flip(0).cumsum(0).flip(0)
+    # subtract what belongs to later sequences: the suffix sum from this token's sequence end on
+    end_of = ends[torch.bucketize(torch.arange(x.shape[0], device=x.device), ends, right=True)]
+    return total - torch.cat([total, total.new_zeros(1, x.shape[1])])[end_of]
+
+
+def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, meta, needs):
+    """Gradients of :func:`.chunk.chunk_matrix` for the members without a low-rank part.
+
+    Args:
+        q, w: ``[B, T, H, K]``; u: ``[B, T, H, V]``; log_decay: ``None`` or ``[B, T, H]``;
+        h0: ``None`` or ``[N, H, K, V]``; states ``[NC, H, K, V]`` and final ``[N, H, K, V]``
+        (fp32, from the forward); d_o ``[B, T, H, V]`` or None; d_final ``[N, H, K, V]`` or None;
+        lay: the chunk layout; meta: ``scale``, ``precision``; needs: which of
+        (q, w, u, log_decay, h0) need a gradient.
+
+    Returns:
+        ``(dq, dw, du, d_log_decay, dh0)``, each None where not needed.
+    """
+    B, T, H, K = q.shape
+    V = u.shape[-1]
+    NC, C = lay.tok_start.numel(), lay.C
+    N = lay.chunk_offsets.numel() - 1
+    dev = q.device
+    q, w, u = (t.contiguous() for t in (q, w, u))
+    d_o = torch.zeros_like(u) if d_o is None else d_o.contiguous()
+    g = None if log_decay is None else log_decay.float().contiguous()
+    decay = 0 if g is None else 1
+    dummy = u
+    prec, scale = meta["precision"], float(meta["scale"])
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, min(64 if BK <= 64 else 32, triton.next_power_of_2(V)))
+    BKS = min(BK, 64)
+    NK = triton.cdiv(K, BKS)
+
+    dstates = torch.empty(NC, H, K, V, device=dev, dtype=torch.float32)
+    dh0 = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
+    df = None if d_final is None else d_final.float().contiguous()
+    _dstate_bwd_kernel[(triton.cdiv(V, BV), N * H)](
+        q, d_o, g if g is not None else dummy, df if df is not None else dummy, dstates, dh0,
+        lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale, H, K=K, V=V, C=C, DECAY=decay,
+        HAS_DFINAL=df is not None, BK=BK, BV=BV, PRECISION=prec, num_warps=4 if BK <= 64 else 8,
+    )
+    dq = torch.empty_like(q)
+    dw = torch.empty_like(w)
+    du = torch.empty_like(u)
+    dlam = torch.empty(NK, B * T, H, device=dev, dtype=torch.float32)
+    if NC > 0:
+        _dqdw_bwd_kernel[(NK, NC * H)](
+            q, w, u, d_o, g if g is not None else dummy, states, dstates, dq, dw, dlam,
+            lay.tok_start, lay.tok_stop, scale, B * T, H, K=K, V=V, C=C, DECAY=decay,
+            BKS=BKS, BV=min(BV, 64), PRECISION=prec, num_warps=4 if C <= 32 else 8,
+        )
+        BVU = max(16, min(64, triton.next_power_of_2(V)))
+        _du_bwd_kernel[(triton.cdiv(V, BVU), NC * H)](
+            q, w, d_o, g if g is not None else dummy, dstates, du, lay.tok_start, lay.tok_stop, scale,
+            H, K=K, V=V, C=C, DECAY=decay, BKS=BKS, BV=BVU, PRECISION=prec,
+            num_warps=4 if C <= 32 else 8,
+        )
+    dg = None
+    if g is not None and needs[3]:
+        lam = dlam.sum(0)                                                          # [B·T, H]
+        ends = _sequence_ends(lay)
+        if df is not None and ends.numel():
+            # the final state carries e^{Λ_end}: its term lands on each sequence's last token
+            last = (df * final).sum((-2, -1))                                      # [N, H]
+            nonempty = lay.chunk_offsets[1:] > lay.chunk_offsets[:-1]
+            lam[ends - 1] += last[nonempty]
+        dg = _reverse_cumsum_per_sequence(lam, ends).reshape(B, T, H).to(log_decay.dtype)
+    return (dq if needs[0] else None, dw if needs[1] else None, du if needs[2] else None, dg,
+            dh0 if (h0 is not None and needs[4]) else None)
