@@ -1,0 +1,63 @@
+"""Where the fused matrix backward spends its time: each kernel of ``kernels/matrix/fused_bwd.py``
+timed alone (CUDA events, median ms), with and without a scalar decay, at a few ``num_warps``.
+
+    python benchmarks/profile_fused_bwd.py [--shape 8,2048,16,128] > profile.txt      (GPU)
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+import triton.testing
+
+from olsm.kernels.matrix import chunk as ch
+from olsm.kernels.matrix import fused_bwd as fb
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="8,2048,16,128")
+    args = ap.parse_args()
+    B, T, H, D = (int(x) for x in args.shape.split(","))
+    dev, dt = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    q, w, u, do = (torch.randn(B, T, H, D, device=dev, dtype=dt) for _ in range(4))
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device=dev) + 4)
+    lay = ch._layout(B, T, 64, None, q.device)
+    NC, N, C, K, V = lay.NC, B, 64, D, D
+    states = torch.randn(NC, H, K, V, device=dev)
+    dstates = torch.empty_like(states)
+    dh0 = torch.empty(N, H, K, V, device=dev)
+    dq, dw, du = (torch.empty_like(q) for _ in range(3))
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, min(64 if BK <= 64 else 32, triton.next_power_of_2(V)))
+    BKS = min(BK, 64)
+    NK = triton.cdiv(K, BKS)
+    dlam = torch.empty(NK, B * T, H, device=dev)
+    print(f"device {torch.cuda.get_device_name()}, triton {triton.__version__}, shape {args.shape} bf16")
+    for decay in (0, 1):
+        gg = g if decay else u
+        for nw in (4, 8):
+            k1 = lambda: fb._dstate_bwd_kernel[(triton.cdiv(V, BV), N * H)](  # noqa: E731
+                q, do, gg, u, dstates, dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, 0.1, H, K=K, V=V,
+                C=C, DECAY=decay, HAS_DFINAL=False, BK=BK, BV=BV, PRECISION="tf32", num_warps=nw)
+            k2 = lambda: fb._dqdw_bwd_kernel[(NK, NC * H)](  # noqa: E731
+                q, w, u, do, gg, states, dstates, dq, dw, dlam, lay.tok_start, lay.tok_stop, 0.1, B * T, H,
+                K=K, V=V, C=C, DECAY=decay, BKS=BKS, BV=min(BV, 64), PRECISION="tf32", num_warps=nw)
+            k3 = lambda: fb._du_bwd_kernel[(triton.cdiv(V, 64), NC * H)](  # noqa: E731
+                q, w, do, gg, dstates, du, lay.tok_start, lay.tok_stop, 0.1, H, K=K, V=V, C=C, DECAY=decay,
+                BKS=BKS, BV=64, PRECISION="tf32", num_warps=nw)
+            times = [triton.testing.do_bench(k, warmup=25, rep=100) for k in (k1, k2, k3)]
+            print(f"decay={decay} num_warps={nw}: dstate {times[0]:.3f}  dqdw {times[1]:.3f}  du {times[2]:.3f} ms")
+        if decay:
+            lam = dlam.sum(0)
+
+            def tail():
+                ends = fb._sequence_ends(lay)
+                return fb._reverse_cumsum_per_sequence(lam, ends)
+            print(f"decay tail (torch): {triton.testing.do_bench(tail, warmup=25, rep=100):.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
