@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import chunk_decay, chunk_tokens, sequence_program
+
 DECAY_NONE, DECAY_SCALAR = 0, 1
 
 
@@ -51,13 +53,8 @@ def _wy_fwd_kernel(
     y_wy ``[NC, H, C, V]`` fp32. Rows past the chunk's end are written as zeros.
     """
     nh = tl.program_id(0).to(tl.int64)
-    c = nh // H
     i_h = nh % H
-    t0 = tl.load(tok_start + c).to(tl.int64)
-    t1 = tl.load(tok_stop + c).to(tl.int64)
-    offs_c = tl.arange(0, C)
-    valid = offs_c < (t1 - t0)
-    tok = t0 + offs_c
+    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
     offs_k = tl.arange(0, BK)
     mask_k = offs_k < K
 
@@ -75,8 +72,7 @@ def _wy_fwd_kernel(
     strict = offs_c[:, None] > offs_c[None, :]
     b_hat = b_rows.to(tl.float32)
     if DECAY == 1:
-        g_c = tl.load(g + tok * H + i_h, mask=valid, other=0.)
-        G = tl.sum(tl.where(offs_c[None, :] <= offs_c[:, None], g_c[None, :], 0.), axis=1)
+        g_c, G, _ = chunk_decay(g, tok, valid, i_h, H, offs_c)
         G_prev = G - g_c
         # mask before exp: above the diagonal the exponent can be large and positive
         ratio = tl.exp(tl.where(strict, G_prev[:, None] - G[None, :], float("-inf")))
@@ -122,20 +118,9 @@ def _state_fwd_kernel(
     x_wy ``[NC, H, C, K]``, y_wy ``[NC, H, C, V]``; writes states ``[NC, H, K, V]`` (S_n, the
     state each chunk starts from), probes ``[NC, H, C, V]`` (P) and final ``[N, H, K, V]``.
     """
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    c_start = tl.load(chunk_offsets + i_n)
-    c_end = tl.load(chunk_offsets + i_n + 1)
-
-    offs_k = tl.arange(0, BK)
-    mask_k = offs_k < K
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_v = offs_v < V
+    i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v = sequence_program(chunk_offsets, H, K, V, BK, BV)
     mask_kv = mask_k[:, None] & mask_v[None, :]
     kv = offs_k[:, None] * V + offs_v[None, :]
-    offs_c = tl.arange(0, C)
 
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
@@ -144,19 +129,14 @@ def _state_fwd_kernel(
     for c in range(c_start, c_end):
         nh = (c * H + i_h).to(tl.int64)
         tl.store(states + nh * K * V + kv, S, mask=mask_kv)
-        t0 = tl.load(tok_start + c).to(tl.int64)
-        t1 = tl.load(tok_stop + c).to(tl.int64)
-        valid = offs_c < (t1 - t0)
-        tok = t0 + offs_c
+        offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c, C)
         col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]
         mask_col = mask_k[:, None] & valid[None, :]
         W_T = tl.load(w + col_k, mask=mask_col, other=0.).to(tl.float32)         # [BK, C]
         U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
                     mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)   # [C, BV]
         if DECAY == 1:
-            g_c = tl.load(g + tok * H + i_h, mask=valid, other=0.)
-            G = tl.sum(tl.where(offs_c[None, :] <= offs_c[:, None], g_c[None, :], 0.), axis=1)
-            g_total = tl.sum(g_c, axis=0)
+            _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
             to_end = tl.exp(g_total - G)                    # decay from s to the chunk's end, <= 1
             W_T = W_T * to_end[None, :]
         S_next = tl.dot(W_T, U, input_precision=PRECISION)
@@ -195,13 +175,8 @@ def _output_fwd_kernel(
     """
     i_v = tl.program_id(0)
     nh = tl.program_id(1).to(tl.int64)
-    c = nh // H
     i_h = nh % H
-    t0 = tl.load(tok_start + c).to(tl.int64)
-    t1 = tl.load(tok_stop + c).to(tl.int64)
-    offs_c = tl.arange(0, C)
-    valid = offs_c < (t1 - t0)
-    tok = t0 + offs_c
+    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
     offs_k = tl.arange(0, BK)
     mask_k = offs_k < K
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -216,8 +191,7 @@ def _output_fwd_kernel(
     incl = offs_c[:, None] >= offs_c[None, :]
     Q_hat = Q.to(tl.float32)
     if DECAY == 1:
-        g_c = tl.load(g + tok * H + i_h, mask=valid, other=0.)
-        G = tl.sum(tl.where(offs_c[None, :] <= offs_c[:, None], g_c[None, :], 0.), axis=1)
+        _, G, _ = chunk_decay(g, tok, valid, i_h, H, offs_c)
         ratio = tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
         M_qw = M_qw * ratio
         Q_hat = Q_hat * tl.exp(G)[:, None]

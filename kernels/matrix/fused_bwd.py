@@ -34,13 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _chunk_decay(g, tok, valid, i_h, H, offs_c):
-    """G (inclusive cumulative log-decay in the chunk) and its total, both fp32."""
-    g_c = tl.load(g + tok * H + i_h, mask=valid, other=0.)
-    G = tl.sum(tl.where(offs_c[None, :] <= offs_c[:, None], g_c[None, :], 0.), axis=1)
-    return G, tl.sum(g_c, axis=0)
+from .tiles import chunk_decay, chunk_tokens, sequence_program
 
 
 @triton.jit
@@ -54,19 +48,9 @@ def _dstate_bwd_kernel(
     Shapes: q ``[B·T, H, K]``, do ``[B·T, H, V]``; g ``[B·T, H]`` fp32; d_final, dh0
     ``[N, H, K, V]``; writes dstates ``[NC, H, K, V]`` (∂L/∂S_{n+1}, the state chunk n ends in).
     """
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    c_start = tl.load(chunk_offsets + i_n)
-    c_end = tl.load(chunk_offsets + i_n + 1)
-    offs_k = tl.arange(0, BK)
-    mask_k = offs_k < K
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_v = offs_v < V
+    i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v = sequence_program(chunk_offsets, H, K, V, BK, BV)
     mask_kv = mask_k[:, None] & mask_v[None, :]
     kv = offs_k[:, None] * V + offs_v[None, :]
-    offs_c = tl.arange(0, C)
 
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DFINAL:
@@ -75,16 +59,13 @@ def _dstate_bwd_kernel(
         c = c_end - 1 - i
         nh = (c * H + i_h).to(tl.int64)
         tl.store(dstates + nh * K * V + kv, dS, mask=mask_kv)
-        t0 = tl.load(tok_start + c).to(tl.int64)
-        t1 = tl.load(tok_stop + c).to(tl.int64)
-        valid = offs_c < (t1 - t0)
-        tok = t0 + offs_c
+        offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c, C)
         Q_T = tl.load(q + (tok[None, :] * H + i_h) * K + offs_k[:, None],
                       mask=mask_k[:, None] & valid[None, :], other=0.).to(tl.float32)    # [BK, C]
         dO = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :],
                      mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)   # [C, BV]
         if DECAY == 1:
-            G, g_total = _chunk_decay(g, tok, valid, i_h, H, offs_c)
+            _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
             Q_T = Q_T * tl.exp(G)[None, :]
             dS = tl.exp(g_total) * dS
         dS += scale * tl.dot(Q_T, dO, input_precision=PRECISION)
@@ -104,13 +85,8 @@ def _dqdw_bwd_kernel(
     """
     i_k = tl.program_id(0)
     nh = tl.program_id(1).to(tl.int64)
-    c = nh // H
     i_h = nh % H
-    t0 = tl.load(tok_start + c).to(tl.int64)
-    t1 = tl.load(tok_stop + c).to(tl.int64)
-    offs_c = tl.arange(0, C)
-    valid = offs_c < (t1 - t0)
-    tok = t0 + offs_c
+    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
     offs_k = i_k * BKS + tl.arange(0, BKS)
     mask_k = offs_k < K
     row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
@@ -145,7 +121,7 @@ def _dqdw_bwd_kernel(
     W = tl.load(w + row_k, mask=mask_row, other=0.).to(tl.float32)
     incl = offs_c[:, None] >= offs_c[None, :]
     if DECAY == 1:
-        G, g_total = _chunk_decay(g, tok, valid, i_h, H, offs_c)
+        _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
         D = tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))   # [t, s]
         D_T = tl.exp(tl.where(offs_c[:, None] <= offs_c[None, :], G[None, :] - G[:, None], float("-inf")))
         dq_s = dq_s * tl.exp(G)[:, None]
@@ -176,13 +152,8 @@ def _du_bwd_kernel(
     """
     i_v = tl.program_id(0)
     nh = tl.program_id(1).to(tl.int64)
-    c = nh // H
     i_h = nh % H
-    t0 = tl.load(tok_start + c).to(tl.int64)
-    t1 = tl.load(tok_stop + c).to(tl.int64)
-    offs_c = tl.arange(0, C)
-    valid = offs_c < (t1 - t0)
-    tok = t0 + offs_c
+    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
     offs_v = i_v * BV + tl.arange(0, BV)
     mask_v = offs_v < V
 
@@ -201,7 +172,7 @@ def _du_bwd_kernel(
         acc += tl.dot(W.to(tl.float32), dS, input_precision=PRECISION)
     upper = offs_c[:, None] <= offs_c[None, :]
     if DECAY == 1:
-        G, g_total = _chunk_decay(g, tok, valid, i_h, H, offs_c)
+        _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
         M_T = M_T * tl.exp(tl.where(upper, G[None, :] - G[:, None], float("-inf")))
         acc = acc * tl.exp(g_total - G)[:, None]
     else:

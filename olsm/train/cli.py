@@ -24,6 +24,20 @@ _OBJ = typer.Option(["longhorn"], "--objective", "-o", help="catalogue name or F
 _OUT = typer.Option(None, "--out", help="run folder (a sweep writes one sub-folder per run)")
 _PAR = typer.Option("auto", help="under torchrun: ddp or fsdp (FSDP2); auto = ddp when WORLD_SIZE > 1, else none. "
                     "--batch-size is the global batch")
+# options both tasks share (one definition, so their help and defaults cannot drift apart)
+_MLP = typer.Option(4.0, help="SwiGLU ratio (0: no MLP)")
+_WD = typer.Option(0.1, help="AdamW weight decay")
+_WARMUP = typer.Option(50, help="warmup steps")
+_EVAL_EVERY = typer.Option(100, help="evaluate every N steps")
+_CKPT_EVERY = typer.Option(100, help="checkpoint every N steps")
+_SEED = typer.Option(0, help="seed of init and data")
+_DEVICE = typer.Option("auto", help="auto, cpu, cuda")
+_COMPILE = typer.Option(False, help="torch.compile the model")
+_RESUME = typer.Option(True, help="continue from a checkpoint in --out if there is one")
+_PROGRESS = typer.Option(True, help="progress bars")
+_STOP_AT = typer.Option(None, hidden=True, help="stop before this step (tests)")
+_BACKEND = typer.Option("auto", help="recurrence backend: auto, torch, triton, reference")
+_PRECISION = typer.Option("fp32", help="fp32 or bf16 (autocast on CUDA)")
 
 
 def _run(base, objectives: List[str], d_models: List[int], resume: bool, stop_at: Optional[int]):
@@ -60,28 +74,28 @@ def mqar(objective: List[str] = _OBJ,
          n_layers: int = typer.Option(2, help="blocks"),
          num_heads: int = typer.Option(1, help="heads per mixer"),
          block: str = typer.Option("mixer", help="mixer (multi-head olsm.Mixer) or longhorn (the paper's block)"),
-         mlp_ratio: float = typer.Option(4.0, help="SwiGLU ratio (0: no MLP)"),
+         mlp_ratio: float = _MLP,
          steps: int = typer.Option(1000, help="optimiser steps"),
          batch_size: int = typer.Option(64, help="sequences per step"),
          lr: float = typer.Option(1e-3, help="peak learning rate"),
-         weight_decay: float = typer.Option(0.1, help="AdamW weight decay"),
-         warmup: int = typer.Option(50, help="warmup steps"),
+         weight_decay: float = _WD,
+         warmup: int = _WARMUP,
          vocab_size: int = typer.Option(8192, help="vocabulary (keys: first half, values: second half)"),
          train_configs: str = typer.Option("64:4,128:8,256:16,256:32,256:64", help="SEQ_LEN:PAIRS,... trained on"),
          eval_configs: str = typer.Option("64:4,128:8,256:16,256:32,256:64,512:64", help="SEQ_LEN:PAIRS,... scored"),
          eval_examples: int = typer.Option(256, help="examples per eval setting"),
-         eval_every: int = typer.Option(100, help="evaluate every N steps"),
-         checkpoint_every: int = typer.Option(100, help="checkpoint every N steps"),
-         seed: int = typer.Option(0, help="seed of init and data"),
-         device: str = typer.Option("auto", help="auto, cpu, cuda"),
+         eval_every: int = _EVAL_EVERY,
+         checkpoint_every: int = _CKPT_EVERY,
+         seed: int = _SEED,
+         device: str = _DEVICE,
          parallel: str = _PAR,
-         backend: str = typer.Option("auto", help="recurrence backend: auto, torch, triton, reference"),
-         precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast on CUDA)"),
-         compile: bool = typer.Option(False, help="torch.compile the model"),
+         backend: str = _BACKEND,
+         precision: str = _PRECISION,
+         compile: bool = _COMPILE,
          out: Optional[str] = _OUT,
-         resume: bool = typer.Option(True, help="continue from a checkpoint in --out if there is one"),
-         progress: bool = typer.Option(True, help="progress bars"),
-         stop_at: Optional[int] = typer.Option(None, hidden=True, help="stop before this step (tests)")):
+         resume: bool = _RESUME,
+         progress: bool = _PROGRESS,
+         stop_at: Optional[int] = _STOP_AT):
     """Multi-query associative recall (Zoology, arXiv 2312.04927): accuracy vs d_model per objective."""
     from .config import TrainConfig
 
@@ -101,28 +115,28 @@ def lm(objective: List[str] = _OBJ,
        n_layers: int = typer.Option(4, help="blocks"),
        num_heads: int = typer.Option(2, help="heads per mixer"),
        block: str = typer.Option("mixer", help="mixer or longhorn"),
-       mlp_ratio: float = typer.Option(4.0, help="SwiGLU ratio (0: no MLP)"),
+       mlp_ratio: float = _MLP,
        corpus: Optional[str] = typer.Option(None, help="text file or folder (default: the stdlib's .py sources)"),
        max_bytes: Optional[int] = typer.Option(None, help="read at most this many bytes of the corpus"),
        seq_len: int = typer.Option(256, help="bytes per training sequence"),
        steps: int = typer.Option(1000, help="optimiser steps"),
        batch_size: int = typer.Option(32, help="sequences per step"),
        lr: float = typer.Option(2e-3, help="peak learning rate"),
-       weight_decay: float = typer.Option(0.1, help="AdamW weight decay"),
-       warmup: int = typer.Option(50, help="warmup steps"),
+       weight_decay: float = _WD,
+       warmup: int = _WARMUP,
        eval_windows: int = typer.Option(64, help="validation windows"),
-       eval_every: int = typer.Option(100, help="evaluate every N steps"),
-       checkpoint_every: int = typer.Option(100, help="checkpoint every N steps"),
-       seed: int = typer.Option(0, help="seed of init and data"),
-       device: str = typer.Option("auto", help="auto, cpu, cuda"),
+       eval_every: int = _EVAL_EVERY,
+       checkpoint_every: int = _CKPT_EVERY,
+       seed: int = _SEED,
+       device: str = _DEVICE,
        parallel: str = _PAR,
-       backend: str = typer.Option("auto", help="recurrence backend"),
-       precision: str = typer.Option("fp32", help="fp32 or bf16"),
-       compile: bool = typer.Option(False, help="torch.compile the model"),
+       backend: str = _BACKEND,
+       precision: str = _PRECISION,
+       compile: bool = _COMPILE,
        out: Optional[str] = _OUT,
-       resume: bool = typer.Option(True, help="continue from a checkpoint in --out if there is one"),
-       progress: bool = typer.Option(True, help="progress bars"),
-       stop_at: Optional[int] = typer.Option(None, hidden=True, help="stop before this step (tests)")):
+       resume: bool = _RESUME,
+       progress: bool = _PROGRESS,
+       stop_at: Optional[int] = _STOP_AT):
     """Byte-level language modelling; validation bits per byte per objective."""
     from .config import TrainConfig
 

@@ -1,0 +1,45 @@
+"""Triton helpers shared by the fused matrix kernels (:mod:`.fused`, :mod:`.fused_bwd`): which
+tokens a chunk program reads, which chunks a sequence program walks, and the chunk's decay.
+
+Layouts: tokens are flat ``[B·T]`` (token-major inputs ``[B·T, H, D]``); chunk ``c`` covers
+tokens ``[tok_start[c], tok_stop[c])``; sequence ``n`` owns chunks
+``[chunk_offsets[n], chunk_offsets[n + 1])``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chunk_tokens(tok_start, tok_stop, c, C: tl.constexpr):
+    """The C token slots of chunk ``c``: ``(offs_c [C], valid [C], tok [C] int64)``; slots past
+    the chunk's end are ``valid == False`` (loads masked to 0, stores skipped)."""
+    t0 = tl.load(tok_start + c).to(tl.int64)
+    t1 = tl.load(tok_stop + c).to(tl.int64)
+    offs_c = tl.arange(0, C)
+    return offs_c, offs_c < (t1 - t0), t0 + offs_c
+
+
+@triton.jit
+def sequence_program(chunk_offsets, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr):
+    """For a grid ``(cdiv(V, BV), N·H)`` walking one sequence × head × value block: its
+    ``(i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v)``."""
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    c_start = tl.load(chunk_offsets + i_n)
+    c_end = tl.load(chunk_offsets + i_n + 1)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    return i_nh, i_nh % H, c_start, c_end, offs_k, offs_k < K, offs_v, offs_v < V
+
+
+@triton.jit
+def chunk_decay(g, tok, valid, i_h, H, offs_c):
+    """Scalar log-decay of one chunk × head: ``(g_c [C], G [C], total)``, G the inclusive
+    cumulative sum within the chunk (chunk-relative, so it never grows past one chunk); fp32."""
+    g_c = tl.load(g + tok * H + i_h, mask=valid, other=0.)
+    G = tl.sum(tl.where(offs_c[None, :] <= offs_c[:, None], g_c[None, :], 0.), axis=1)
+    return g_c, G, tl.sum(g_c, axis=0)
