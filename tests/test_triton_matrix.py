@@ -279,3 +279,27 @@ def test_fused_backward_packed_with_an_empty_sequence():
     # gradient's per-sequence suffix sums must not leak across the packed boundaries
     cu = (0, 12, 12, 50)
     check(make_inputs(17, T=cu[-1], H=2, decay="scalar", N=len(cu) - 1), cu_seqlens=cu)
+
+
+RANK1_CASES = [("none", "delta"), ("scalar", "delta"), ("none", "longhorn"), ("scalar", "general")]
+
+
+@pytest.mark.parametrize("decay,lowrank", RANK1_CASES, ids=[f"{d}-{r}" for d, r in RANK1_CASES])
+def test_triton_backward_with_one_lowrank_pair(decay, lowrank, monkeypatch):
+    # OLSM_MATRIX_BWD=triton: the rank-1 members (DeltaNet, gated DeltaNet, Longhorn, rank-1 DPLR
+    # with a scalar decay) take the Triton backward too; default off until timed on the GPU
+    chunk = importlib.import_module("olsm.kernels.matrix.chunk")
+    calls = []
+    real = chunk.fused_backward
+    monkeypatch.setattr(chunk, "fused_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = make_inputs(zlib.crc32(f"rank1{decay}{lowrank}".encode()), B=2, T=45, H=2, K=24, V=40,
+                         decay=decay, lowrank=lowrank)
+    check(inputs, chunk_size=32)
+    assert not calls, "rank 1 must keep the autograd backward by default"
+    monkeypatch.setenv("OLSM_MATRIX_BWD", "triton")
+    check(inputs, chunk_size=32)
+    check(inputs, chunk_size=16, final=False)
+    assert len(calls) == 2
+    cu = (0, 12, 12, 50)    # packed, with an empty sequence
+    check(make_inputs(5, T=cu[-1], H=1, K=6, V=5, decay=decay, lowrank=lowrank, N=len(cu) - 1, h0=False),
+          cu_seqlens=cu)

@@ -124,3 +124,13 @@ def test_packed_sequences(name):
 def test_fp16_and_chunk_sizes():
     run_case("gated_deltanet", torch.float16, B=2, T=256, H=2, K=64, V=64, chunk_size=32)
     run_case("gla", torch.bfloat16, B=2, T=256, H=2, K=64, V=64, chunk_size=128)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "longhorn"])
+def test_rank1_triton_backward(name, dtype, monkeypatch):
+    # the opt-in rank-1 Triton backward (OLSM_MATRIX_BWD=triton): not yet the default, because
+    # it has not been compiled and timed on a GPU when this test was written
+    monkeypatch.setenv("OLSM_MATRIX_BWD", "triton")
+    run_case(name, dtype, B=2, T=300, H=4, K=128, V=128)
+    run_case(name, dtype, B=1, T=400, H=2, K=64, V=64, cu_seqlens=(0, 57, 300, 400))

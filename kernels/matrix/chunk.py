@@ -28,7 +28,8 @@ place; ``OLSM_MATRIX_PATH=general`` turns it off). The triangular solve of step 
 Triton inverse (:mod:`.trinv`; ``OLSM_MATRIX_SOLVE=torch`` restores the batched solve).
 
 Backward: without a low-rank part (no or scalar decay) it is three Triton kernels
-(:mod:`.fused_bwd`; ``OLSM_MATRIX_BWD=autograd`` turns them off). Otherwise the chunk-boundary
+(:mod:`.fused_bwd`; ``OLSM_MATRIX_BWD=autograd`` turns them off; ``OLSM_MATRIX_BWD=triton``
+extends them to one low-rank pair, opt-in until timed on a GPU). Otherwise the chunk-boundary
 states S_n of the forward are kept; the preparation is recomputed under autograd, the reverse state pass (Triton) gives ∂L/∂S_n, and torch's autograd carries
 the rest back to the inputs (through the per-key Gram kernel's own backward).
 """
@@ -319,8 +320,8 @@ class ChunkMatrixFunction(torch.autograd.Function):
         if fused_backward_applies(log_decay, lowrank_flat, q.shape[-1], u.shape[-1]):
             try:
                 grads = fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, ctx.lay,
-                                       ctx.meta, ctx.needs_input_grad[:5])
-                return (*grads, None, None, None)
+                                       ctx.meta, ctx.needs_input_grad[:5], lowrank_flat)
+                return (*grads[:5], None, None, None, *grads[5:])
             except OutOfResources:
                 pass  # this GPU's shared memory is too small for the tiles: autograd path below
         leaves = [q, w, u, log_decay, h0, *lowrank_flat]

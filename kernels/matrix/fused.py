@@ -42,15 +42,17 @@ DECAY_NONE, DECAY_SCALAR = 0, 1
 
 @triton.jit
 def _wy_fwd_kernel(
-    w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy,
+    w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, t_wy,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_T: tl.constexpr = False,
 ):
     """X = T B̂ and Y = T N U of one chunk × head (module docstring, kernel 1).
 
     Shapes: w, a, b ``[B·T, H, K]``; u ``[B·T, H, V]`` (input dtype); g ``[B·T, H]`` fp32;
     tok_start/tok_stop ``[NC]`` int32 (the chunk's tokens); x_wy ``[NC, H, C, K]``,
-    y_wy ``[NC, H, C, V]`` fp32. Rows past the chunk's end are written as zeros.
+    y_wy ``[NC, H, C, V]`` fp32. Rows past the chunk's end are written as zeros. With STORE_T
+    (the backward) also T itself, t_wy ``[NC, H, C, C]`` fp32.
     """
     nh = tl.program_id(0).to(tl.int64)
     i_h = nh % H
@@ -92,6 +94,8 @@ def _wy_fwd_kernel(
         r_i = tl.sum(l_i[:, None] * Tm, axis=0)                                 # (L T)[i, :]
         Tm = tl.where(is_row, Tm + r_i[None, :], Tm)
 
+    if STORE_T:
+        tl.store(t_wy + nh * C * C + offs_c[:, None] * C + offs_c[None, :], Tm)
     X = tl.dot(Tm, b_hat, input_precision=PRECISION)
     out_k = nh * C * K + offs_c[:, None] * K + offs_k[None, :]
     tl.store(x_wy + out_k, X, mask=mask_k[None, :])
@@ -288,7 +292,7 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
         x_wy = y_wy = probes = states
     if NC > 0 and R:
         _wy_fwd_kernel[(NC * H,)](
-            w, a, b, u, g if g is not None else dummy, tok_start, tok_stop, x_wy, y_wy,
+            w, a, b, u, g if g is not None else dummy, tok_start, tok_stop, x_wy, y_wy, x_wy,
             H, K=K, V=V, C=C, BK=BK, BV=max(16, min(64, triton.next_power_of_2(V))), DECAY=decay,
             PRECISION=prec, num_warps=4 if C * BK <= 64 * 128 else 8,
         )

@@ -1,9 +1,10 @@
-r"""Triton backward of the matrix class without a low-rank part: no decay or a scalar decay per
-head (linear attention, RetNet, Mamba-2 / simple GLA). Pairs with the fused forward of
-:mod:`.fused`, whose chunk-boundary states S_n it reuses.
+r"""Triton backward of the matrix class for no decay or a scalar decay per head and at most one
+low-rank pair. Pairs with the fused forward of :mod:`.fused`, whose chunk-boundary states S_n it
+reuses.
 
-Per chunk n and head, with G the chunk-relative cumulative log-decay, D[t, s] = e^{G_t − G_s}
-for s ≤ t (0 above the diagonal), Q̂ = q e^{G_t}, Ŵ = w e^{G_C − G_s} and γ_n = e^{G_C}::
+**Without a low-rank part** (linear attention, RetNet, Mamba-2 / simple GLA; the default). Per
+chunk n and head, with G the chunk-relative cumulative log-decay, D[t, s] = e^{G_t − G_s} for
+s ≤ t (0 above the diagonal), Q̂ = q e^{G_t}, Ŵ = w e^{G_C − G_s} and γ_n = e^{G_C}::
 
     forward    o = scale · (Q̂ S_n + (Q Wᵀ ⊙ D) U),     S_{n+1} = γ_n S_n + Ŵᵀ U
 
@@ -14,17 +15,30 @@ for s ≤ t (0 above the diagonal), Q̂ = q e^{G_t}, Ŵ = w e^{G_C − G_s} and 
                dw = e^{G_C − G_s} U dS_{n+1}ᵀ + dAᵀ Q
     kernel 3   du = e^{G_C − G_s} W dS_{n+1} + scale · (Q Wᵀ ⊙ D)ᵀ dO
 
+**With one low-rank pair (a, b)** (DeltaNet, gated DeltaNet, Longhorn, gated Longhorn, rank-1
+DPLR with a scalar decay; opt-in with ``OLSM_MATRIX_BWD=triton`` until it is timed on a GPU).
+The forward of :mod:`.fused` adds the probes P = X S_n + Y (X = T B̂, Y = T N U, T = (I − L)⁻¹,
+L = strict(b aᵀ ⊙ R), N = strict(b wᵀ ⊙ R), R[t, s] = e^{G_{t−1} − G_s}), o += scale · M_qa P
+and S_{n+1} += Âᵀ P. The backward recomputes X, Y and T (the forward's kernel 1, storing T), then
+
+    kernel 1   dP = scale · M_qaᵀ dO + Â dS_{n+1}
+               dS_n = γ_n dS_{n+1} + scale · Q̂ᵀ dO + Xᵀ dP          (same reverse pass)
+    kernel 2'  per chunk, one program: dX = dP S_nᵀ, dT = dX B̂ᵀ + dP (N U)ᵀ,
+               dL = (Tᵀ dT Tᵀ) ⊙ R, dN = (Tᵀ dP) Uᵀ ⊙ R, and from them and the output's
+               dM_qa = scale · dO Pᵀ ⊙ D, dM_qw = scale · dO Uᵀ ⊙ D the gradients of q, w, u, a, b.
+
 The decay gradient needs no kernel of its own. Write Λ_t for the cumulative log-decay of the
-sequence up to token t; every term of o and of the final state is a product with a factor
-e^{Λ_t − Λ_s} (t the reading token or the sequence's end, s the writing token), so
-∂L/∂Λ_t = q_t·dq_t − w_t·dw_t (+ ⟨dS_final, S_final⟩ at the sequence's last token) and
-∂L/∂g_j = Σ_{t ≥ j} ∂L/∂Λ_t within its sequence: kernel 2 writes q·dq − w·dw per token and
-a reverse cumulative sum in torch finishes it (the same identity FLA uses for its scalar-gate
-kernels; GLA paper arXiv 2312.06635, appendix).
+sequence up to token t. Rescaling S̃_t = e^{−Λ_t} S_t turns the recurrence into one without decay
+in the variables q̃ = e^{Λ_t} q, w̃ = e^{−Λ_t} w, ã = e^{−Λ_t} a, b̃ = e^{Λ_{t−1}} b (and the
+final state e^{Λ_end} S̃), so ∂L/∂Λ_t = q_t·dq_t − w_t·dw_t − a_t·da_t + b_{t+1}·db_{t+1}
+(+ ⟨dS_final, S_final⟩ at the sequence's last token) and ∂L/∂g_j = Σ_{t ≥ j} ∂L/∂Λ_t within its
+sequence: the kernels write those dot products per token, and a reverse cumulative sum in torch
+finishes it (the same identity FLA uses for its scalar-gate kernels; GLA, arXiv 2312.06635).
 
 Every exponent is ≤ 0 after masking. Everything accumulates in float32; gradients are returned in
-the inputs' dtype. ``OLSM_MATRIX_BWD=autograd`` (read at each call) uses the general path's
-autograd backward instead, for A/B timing.
+the inputs' dtype. ``OLSM_MATRIX_BWD`` (read at each call): ``auto`` (default: Triton without a
+low-rank part), ``triton`` (also rank 1), ``autograd`` (the general path's autograd backward, for
+A/B timing).
 """
 from __future__ import annotations
 
@@ -34,19 +48,21 @@ import torch
 import triton
 import triton.language as tl
 
+from .fused import _wy_fwd_kernel
 from .tiles import chunk_decay, chunk_tokens, sequence_program
 
 
 @triton.jit
 def _dstate_bwd_kernel(
-    q, do, g, d_final, dstates, dh0, tok_start, tok_stop, chunk_offsets, scale,
+    q, a, do, g, x_wy, d_final, dstates, dprobes, dh0, tok_start, tok_stop, chunk_offsets, scale,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    LOWRANK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Kernel 1: one sequence × head × BV value columns walks its chunks backwards.
 
-    Shapes: q ``[B·T, H, K]``, do ``[B·T, H, V]``; g ``[B·T, H]`` fp32; d_final, dh0
-    ``[N, H, K, V]``; writes dstates ``[NC, H, K, V]`` (∂L/∂S_{n+1}, the state chunk n ends in).
+    Shapes: q, a ``[B·T, H, K]``, do ``[B·T, H, V]``; g ``[B·T, H]`` fp32; x_wy ``[NC, H, C, K]``;
+    d_final, dh0 ``[N, H, K, V]``; writes dstates ``[NC, H, K, V]`` (∂L/∂S_{n+1}, the state chunk
+    n ends in) and, with LOWRANK, dprobes ``[NC, H, C, V]`` (∂L/∂P of the chunk's probes).
     """
     i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v = sequence_program(chunk_offsets, H, K, V, BK, BV)
     mask_kv = mask_k[:, None] & mask_v[None, :]
@@ -66,9 +82,27 @@ def _dstate_bwd_kernel(
                      mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)   # [C, BV]
         if DECAY == 1:
             _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
+        if LOWRANK:
+            # dP = scale · M_qaᵀ dO + Â dS_{n+1}, with M_qaᵀ[s, t] = a_s·q_t e^{G_t − G_s} (s ≤ t)
+            A = tl.load(a + (tok[:, None] * H + i_h) * K + offs_k[None, :],
+                        mask=valid[:, None] & mask_k[None, :], other=0.).to(tl.float32)  # [C, BK]
+            M_T = tl.dot(A, Q_T, input_precision=PRECISION)
+            upper = offs_c[:, None] <= offs_c[None, :]
+            if DECAY == 1:
+                M_T = M_T * tl.exp(tl.where(upper, G[None, :] - G[:, None], float("-inf")))
+                A = A * tl.exp(g_total - G)[:, None]
+            else:
+                M_T = tl.where(upper, M_T, 0.)
+            dP = scale * tl.dot(M_T, dO, input_precision=PRECISION) + tl.dot(A, dS, input_precision=PRECISION)
+            tl.store(dprobes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], dP, mask=mask_v[None, :])
+            X_T = tl.load(x_wy + nh * C * K + offs_c[None, :] * K + offs_k[:, None],
+                          mask=mask_k[:, None], other=0.)                                 # [BK, C]
+        if DECAY == 1:
             Q_T = Q_T * tl.exp(G)[None, :]
             dS = tl.exp(g_total) * dS
         dS += scale * tl.dot(Q_T, dO, input_precision=PRECISION)
+        if LOWRANK:
+            dS += tl.dot(X_T, dP, input_precision=PRECISION)
     tl.store(dh0 + i_nh.to(tl.int64) * K * V + kv, dS, mask=mask_kv)
 
 
@@ -184,12 +218,114 @@ def _du_bwd_kernel(
              mask=valid[:, None] & mask_v[None, :])
 
 
+@triton.jit
+def _lowrank_grad_kernel(
+    q, w, u, a, b, do, g, states, dstates, dprobes, x_wy, y_wy, t_wy,
+    dq, dw, du, da, db, dlam, dbb, tok_start, tok_stop, scale,
+    H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Kernel 2': rank-1 gradients of one chunk × head with whole [C, K] and [C, V] tiles (module
+    docstring, "With one low-rank pair"). First version, correctness first: one program holds every
+    tile, which will spill registers at C = 64, K = V = 128; split it once it has been timed.
+
+    Shapes: q, w, a, b ``[B·T, H, K]``; u, do ``[B·T, H, V]``; states, dstates ``[NC, H, K, V]``;
+    dprobes, y_wy ``[NC, H, C, V]``; x_wy ``[NC, H, C, K]``; t_wy ``[NC, H, C, C]``; writes dq, dw,
+    da, db ``[B·T, H, K]``, du ``[B·T, H, V]`` and dlam, dbb ``[B·T, H]`` fp32.
+    """
+    nh = tl.program_id(0).to(tl.int64)
+    i_h = nh % H
+    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
+    offs_k = tl.arange(0, BK)
+    mask_k = offs_k < K
+    offs_v = tl.arange(0, BV)
+    mask_v = offs_v < V
+    row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
+    row_v = (tok[:, None] * H + i_h) * V + offs_v[None, :]
+    m_ck = valid[:, None] & mask_k[None, :]
+    m_cv = valid[:, None] & mask_v[None, :]
+    Q = tl.load(q + row_k, mask=m_ck, other=0.).to(tl.float32)
+    W = tl.load(w + row_k, mask=m_ck, other=0.).to(tl.float32)
+    A = tl.load(a + row_k, mask=m_ck, other=0.).to(tl.float32)
+    Bm = tl.load(b + row_k, mask=m_ck, other=0.).to(tl.float32)
+    U = tl.load(u + row_v, mask=m_cv, other=0.).to(tl.float32)
+    dO = tl.load(do + row_v, mask=m_cv, other=0.).to(tl.float32)
+    kv = nh * K * V + offs_k[:, None] * V + offs_v[None, :]
+    m_kv = mask_k[:, None] & mask_v[None, :]
+    S = tl.load(states + kv, mask=m_kv, other=0.)
+    dSn = tl.load(dstates + kv, mask=m_kv, other=0.)                     # ∂L/∂S_{n+1}
+    cv = nh * C * V + offs_c[:, None] * V + offs_v[None, :]
+    dP = tl.load(dprobes + cv, mask=mask_v[None, :], other=0.)
+    Y = tl.load(y_wy + cv, mask=mask_v[None, :], other=0.)
+    X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :], mask=mask_k[None, :], other=0.)
+    Tm = tl.load(t_wy + nh * C * C + offs_c[:, None] * C + offs_c[None, :])
+    T_T = tl.trans(Tm)
+
+    incl = offs_c[:, None] >= offs_c[None, :]
+    strict = offs_c[:, None] > offs_c[None, :]
+    if DECAY == 1:
+        g_c, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
+        D = tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
+        R = tl.exp(tl.where(strict, (G - g_c)[:, None] - G[None, :], float("-inf")))
+        e_q = tl.exp(G)
+        e_b = tl.exp(G - g_c)
+        e_end = tl.exp(g_total - G)
+    else:
+        D = tl.where(incl, 1., 0.)
+        R = tl.where(strict, 1., 0.)
+        e_q = tl.full([C], 1., tl.float32)
+        e_b = e_q
+        e_end = e_q
+    B_hat = Bm * e_b[:, None]
+    W_hat = W * e_end[:, None]
+    N = tl.dot(Bm, tl.trans(W), input_precision=PRECISION) * R
+    M_qw = tl.dot(Q, tl.trans(W), input_precision=PRECISION) * D
+    P = tl.dot(X, S, input_precision=PRECISION) + Y
+    NU = tl.dot(N, U, input_precision=PRECISION)
+
+    # the output o = scale (Q̂ S + M_qa P + M_qw U) and the state S_{n+1} += Âᵀ P + Ŵᵀ U
+    dQ_hat = scale * tl.dot(dO, tl.trans(S), input_precision=PRECISION)
+    dM_qa = scale * tl.dot(dO, tl.trans(P), input_precision=PRECISION) * D
+    dM_qw = scale * tl.dot(dO, tl.trans(U), input_precision=PRECISION) * D
+    dA_hat = tl.dot(P, tl.trans(dSn), input_precision=PRECISION)
+    dW_hat = tl.dot(U, tl.trans(dSn), input_precision=PRECISION)
+    # the probes P = X S_n + Y, X = T B̂, Y = T (N U), T = (I − L)⁻¹
+    dX = tl.dot(dP, tl.trans(S), input_precision=PRECISION)
+    dT = tl.dot(dX, tl.trans(B_hat), input_precision=PRECISION) + tl.dot(dP, tl.trans(NU), input_precision=PRECISION)
+    dB_hat = tl.dot(T_T, dX, input_precision=PRECISION)
+    dNU = tl.dot(T_T, dP, input_precision=PRECISION)
+    dN = tl.dot(dNU, tl.trans(U), input_precision=PRECISION) * R
+    dL = tl.dot(tl.dot(T_T, dT, input_precision=PRECISION), T_T, input_precision=PRECISION) * R
+
+    dU = (scale * tl.dot(tl.trans(M_qw), dO, input_precision=PRECISION)
+          + tl.dot(W_hat, dSn, input_precision=PRECISION) + tl.dot(tl.trans(N), dNU, input_precision=PRECISION))
+    dQ = (dQ_hat * e_q[:, None] + tl.dot(dM_qa, A, input_precision=PRECISION)
+          + tl.dot(dM_qw, W, input_precision=PRECISION))
+    dA = (dA_hat * e_end[:, None] + tl.dot(tl.trans(dL), Bm, input_precision=PRECISION)
+          + tl.dot(tl.trans(dM_qa), Q, input_precision=PRECISION))
+    dW = (dW_hat * e_end[:, None] + tl.dot(tl.trans(dN), Bm, input_precision=PRECISION)
+          + tl.dot(tl.trans(dM_qw), Q, input_precision=PRECISION))
+    dB = (dB_hat * e_b[:, None] + tl.dot(dL, A, input_precision=PRECISION)
+          + tl.dot(dN, W, input_precision=PRECISION))
+    tl.store(dq + row_k, dQ.to(dq.dtype.element_ty), mask=m_ck)
+    tl.store(dw + row_k, dW.to(dw.dtype.element_ty), mask=m_ck)
+    tl.store(da + row_k, dA.to(da.dtype.element_ty), mask=m_ck)
+    tl.store(db + row_k, dB.to(db.dtype.element_ty), mask=m_ck)
+    tl.store(du + row_v, dU.to(du.dtype.element_ty), mask=m_cv)
+    bb = tl.sum(Bm * dB, axis=1)
+    tl.store(dlam + tok * H + i_h, tl.sum(Q * dQ - A * dA - W * dW, axis=1) + bb, mask=valid)
+    tl.store(dbb + tok * H + i_h, bb, mask=valid)
+
+
 def fused_backward_applies(log_decay, lowrank, K: int, V: int) -> bool:
-    """Whether :func:`fused_backward` handles this call: no low-rank part, no or scalar decay,
-    K, V <= 128, and ``OLSM_MATRIX_BWD`` is not ``autograd``."""
-    if os.environ.get("OLSM_MATRIX_BWD", "auto") == "autograd":
+    """Whether :func:`fused_backward` handles this call: no or scalar decay, K, V <= 128, and
+    either no low-rank part (unless ``OLSM_MATRIX_BWD=autograd``) or one pair with
+    ``OLSM_MATRIX_BWD=triton``. ``lowrank`` is the flat ``(a, b, ...)`` tuple."""
+    mode = os.environ.get("OLSM_MATRIX_BWD", "auto")
+    if mode == "autograd":
         return False
-    return not lowrank and (log_decay is None or log_decay.dim() == 3) and max(K, V) <= 128
+    rank_ok = len(lowrank) == 0 or (mode == "triton" and len(lowrank) == 2)   # lowrank: flat (a, b)
+    return rank_ok and (log_decay is None or log_decay.dim() == 3) and max(K, V) <= 128
 
 
 def _sequence_ends(lay) -> torch.Tensor:
@@ -206,18 +342,19 @@ def _reverse_cumsum_per_sequence(x: torch.Tensor, ends: torch.Tensor) -> torch.T
     return total - torch.cat([total, total.new_zeros(1, x.shape[1])])[end_of]
 
 
-def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, meta, needs):
-    """Gradients of :func:`.chunk.chunk_matrix` for the members without a low-rank part.
+def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, meta, needs, lowrank_flat=()):
+    """Gradients of :func:`.chunk.chunk_matrix` for no / scalar decay and rank <= 1.
 
     Args:
         q, w: ``[B, T, H, K]``; u: ``[B, T, H, V]``; log_decay: ``None`` or ``[B, T, H]``;
         h0: ``None`` or ``[N, H, K, V]``; states ``[NC, H, K, V]`` and final ``[N, H, K, V]``
         (fp32, from the forward); d_o ``[B, T, H, V]`` or None; d_final ``[N, H, K, V]`` or None;
         lay: the chunk layout; meta: ``scale``, ``precision``; needs: which of
-        (q, w, u, log_decay, h0) need a gradient.
+        (q, w, u, log_decay, h0) need a gradient; lowrank_flat: ``()`` or ``(a, b)``.
 
     Returns:
-        ``(dq, dw, du, d_log_decay, dh0)``, each None where not needed.
+        ``(dq, dw, du, d_log_decay, dh0)``, then ``(da, db)`` with a low-rank pair; None where
+        not needed.
     """
     B, T, H, K = q.shape
     V = u.shape[-1]
@@ -225,6 +362,8 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     N = lay.chunk_offsets.numel() - 1
     dev = q.device
     q, w, u = (t.contiguous() for t in (q, w, u))
+    R = len(lowrank_flat) // 2
+    a, b = (t.contiguous() for t in lowrank_flat) if R else (u, u)
     d_o = torch.zeros_like(u) if d_o is None else d_o.contiguous()
     g = None if log_decay is None else log_decay.float().contiguous()
     decay = 0 if g is None else 1
@@ -235,39 +374,68 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     BKS = min(BK, 64)
     NK = triton.cdiv(K, BKS)
 
-    dstates = torch.empty(NC, H, K, V, device=dev, dtype=torch.float32)
-    dh0 = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
+    f32 = dict(device=dev, dtype=torch.float32)
+    dstates = torch.empty(NC, H, K, V, **f32)
+    dh0 = torch.empty(N, H, K, V, **f32)
     df = None if d_final is None else d_final.float().contiguous()
+    if R:
+        # the forward's WY factors, recomputed, and T itself (kernel 1 of the fused forward)
+        x_wy, y_wy = torch.empty(NC, H, C, K, **f32), torch.empty(NC, H, C, V, **f32)
+        t_wy, dprobes = torch.empty(NC, H, C, C, **f32), torch.empty(NC, H, C, V, **f32)
+        if NC > 0:
+            _wy_fwd_kernel[(NC * H,)](
+                w, a, b, u, g if g is not None else dummy, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy,
+                H, K=K, V=V, C=C, BK=BK, BV=max(16, min(64, triton.next_power_of_2(V))), DECAY=decay,
+                PRECISION=prec, STORE_T=True, num_warps=4 if C * BK <= 64 * 128 else 8,
+            )
+    else:
+        x_wy = dprobes = dstates
     _dstate_bwd_kernel[(triton.cdiv(V, BV), N * H)](
-        q, d_o, g if g is not None else dummy, df if df is not None else dummy, dstates, dh0,
-        lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale, H, K=K, V=V, C=C, DECAY=decay,
-        HAS_DFINAL=df is not None, BK=BK, BV=BV, PRECISION=prec, num_warps=4 if BK <= 64 else 8,
+        q, a, d_o, g if g is not None else dummy, x_wy, df if df is not None else dummy, dstates, dprobes,
+        dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale, H, K=K, V=V, C=C, DECAY=decay,
+        HAS_DFINAL=df is not None, LOWRANK=R > 0, BK=BK, BV=BV, PRECISION=prec,
+        num_warps=4 if BK <= 64 else 8,
     )
-    dq = torch.empty_like(q)
-    dw = torch.empty_like(w)
-    du = torch.empty_like(u)
-    dlam = torch.empty(NK, B * T, H, device=dev, dtype=torch.float32)
-    if NC > 0:
-        _dqdw_bwd_kernel[(NK, NC * H)](
-            q, w, u, d_o, g if g is not None else dummy, states, dstates, dq, dw, dlam,
-            lay.tok_start, lay.tok_stop, scale, B * T, H, K=K, V=V, C=C, DECAY=decay,
-            BKS=BKS, BV=min(BV, 64), PRECISION=prec, num_warps=4 if C <= 32 else 8,
-        )
-        BVU = max(16, min(64, triton.next_power_of_2(V)))
-        _du_bwd_kernel[(triton.cdiv(V, BVU), NC * H)](
-            q, w, d_o, g if g is not None else dummy, dstates, du, lay.tok_start, lay.tok_stop, scale,
-            H, K=K, V=V, C=C, DECAY=decay, BKS=BKS, BV=BVU, PRECISION=prec,
-            num_warps=4 if C <= 32 else 8,
-        )
+    dq, dw, du = torch.empty_like(q), torch.empty_like(w), torch.empty_like(u)
+    da = db = None
+    if R:
+        da, db = torch.empty_like(a), torch.empty_like(b)
+        lam, bb = torch.zeros(B * T, H, **f32), torch.zeros(B * T, H, **f32)
+        if NC > 0:
+            _lowrank_grad_kernel[(NC * H,)](
+                q, w, u, a, b, d_o, g if g is not None else dummy, states, dstates, dprobes,
+                x_wy, y_wy, t_wy, dq, dw, du, da, db, lam, bb, lay.tok_start, lay.tok_stop, scale,
+                H, K=K, V=V, C=C, DECAY=decay, BK=BK, BV=max(16, triton.next_power_of_2(V)),
+                PRECISION=prec, num_warps=8,
+            )
+    else:
+        dlam = torch.empty(NK, B * T, H, **f32)
+        bb = None
+        if NC > 0:
+            _dqdw_bwd_kernel[(NK, NC * H)](
+                q, w, u, d_o, g if g is not None else dummy, states, dstates, dq, dw, dlam,
+                lay.tok_start, lay.tok_stop, scale, B * T, H, K=K, V=V, C=C, DECAY=decay,
+                BKS=BKS, BV=min(BV, 64), PRECISION=prec, num_warps=4 if C <= 32 else 8,
+            )
+            BVU = max(16, min(64, triton.next_power_of_2(V)))
+            _du_bwd_kernel[(triton.cdiv(V, BVU), NC * H)](
+                q, w, d_o, g if g is not None else dummy, dstates, du, lay.tok_start, lay.tok_stop, scale,
+                H, K=K, V=V, C=C, DECAY=decay, BKS=BKS, BV=BVU, PRECISION=prec,
+                num_warps=4 if C <= 32 else 8,
+            )
+        lam = dlam.sum(0) if g is not None and needs[3] else None
     dg = None
     if g is not None and needs[3]:
-        lam = dlam.sum(0)                                                          # [B·T, H]
         ends = _sequence_ends(lay)
         if df is not None and ends.numel():
             # the final state carries e^{Λ_end}: its term lands on each sequence's last token
             last = (df * final).sum((-2, -1))                                      # [N, H]
             nonempty = lay.chunk_offsets[1:] > lay.chunk_offsets[:-1]
             lam[ends - 1] += last[nonempty]
-        dg = _reverse_cumsum_per_sequence(lam, ends).reshape(B, T, H).to(log_decay.dtype)
-    return (dq if needs[0] else None, dw if needs[1] else None, du if needs[2] else None, dg,
-            dh0 if (h0 is not None and needs[4]) else None)
+        dg = _reverse_cumsum_per_sequence(lam, ends)
+        if bb is not None:
+            dg = dg - bb          # b_t is scaled by e^{Λ_{t−1}}: its term starts one token later
+        dg = dg.reshape(B, T, H).to(log_decay.dtype)
+    grads = (dq if needs[0] else None, dw if needs[1] else None, du if needs[2] else None, dg,
+             dh0 if (h0 is not None and needs[4]) else None)
+    return grads + ((da, db) if R else ())
