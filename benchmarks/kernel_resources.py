@@ -1,0 +1,74 @@
+"""Shared memory, registers and spills of every fused matrix kernel, compiled for Hopper (sm_90)
+on this machine — no GPU needed (see ``olsm.kernels.aot``).
+
+    python benchmarks/kernel_resources.py [--default-only]     (CPU is fine; prints a markdown table;
+                                                                exit 1 if a default-path launch does not fit)
+
+The configurations are the launches of ``kernels/matrix/fused.py`` / ``fused_bwd.py`` at
+K = V = 128, C = 64, bf16 inputs (tf32 dots), with their num_warps.
+"""
+from __future__ import annotations
+
+import sys
+
+import triton
+
+from olsm.kernels.aot import HOPPER_SHARED_BYTES, compile_for
+from olsm.kernels.matrix import fused as F
+from olsm.kernels.matrix import fused_bwd as FB
+
+BF16 = {p: "*bf16" for p in ("q", "w", "a", "b", "u", "do", "o", "dq", "dw", "du", "da", "db")}
+TYPES = dict(BF16, tok_start="*i32", tok_stop="*i32", chunk_offsets="*i32", H="i32", BT="i32", scale="fp32")
+
+
+def configs(K=128, V=128, C=64):
+    """(name, kernel, constexprs, num_warps, default_path) for every launch the wrappers make."""
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, min(64 if BK <= 64 else 32, triton.next_power_of_2(V)))
+    BKS = min(BK, 64)
+    base = dict(K=K, V=V, C=C, PRECISION="tf32")
+    for decay in (0, 1):
+        d = dict(base, DECAY=decay)
+        for lr in (False, True):
+            tag = f"decay={decay} rank={int(lr)}"
+            yield (f"fwd state {tag}", F._state_fwd_kernel, dict(d, LOWRANK=lr, HAS_H0=True, BK=BK, BV=BV),
+                   4 if BK <= 64 else 8, True)
+            yield (f"fwd output {tag}", F._output_fwd_kernel,
+                   dict(d, LOWRANK=lr, BK=BK, BV=max(16, min(64 if BK <= 128 else 32, triton.next_power_of_2(V)))),
+                   4 if BK * C <= 64 * 64 else 8, True)
+            yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel, dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=BK, BV=BV),
+                   4 if BK <= 64 else 8, not lr)
+        yield (f"fwd wy decay={decay}", F._wy_fwd_kernel,
+               dict(d, BK=BK, BV=max(16, min(64, triton.next_power_of_2(V)))), 4 if C * BK <= 64 * 128 else 8, True)
+        yield (f"bwd dq dw decay={decay}", FB._dqdw_bwd_kernel, dict(d, BKS=BKS, BV=min(BV, 64)),
+               4 if C <= 32 else 8, True)
+        yield (f"bwd du decay={decay}", FB._du_bwd_kernel,
+               dict(d, BKS=BKS, BV=max(16, min(64, triton.next_power_of_2(V)))), 4 if C <= 32 else 8, True)
+        yield (f"bwd rank-1 grads decay={decay}", FB._lowrank_grad_kernel,
+               dict(d, BK=BK, BV=max(16, triton.next_power_of_2(V))), 8, False)
+
+
+def stages_of(name: str) -> int:
+    """num_stages of the launch: the forward state pass asks for 2 (``fused._launch_state``)."""
+    return 2 if name.startswith("fwd state") else 3
+
+
+def main():
+    only_default = "--default-only" in sys.argv[1:]   # what the test needs; skips the slow opt-in ones
+    print(f"triton {triton.__version__}, sm_90, K = V = 128, C = 64, bf16; limit {HOPPER_SHARED_BYTES} B shared\n")
+    print("| kernel | default path | num_warps | shared (B) | fits H100 | registers | spill stack (B) |")
+    print("|---|---|---|---|---|---|---|")
+    bad = 0
+    for name, kernel, consts, warps, default in configs():
+        if only_default and not default:
+            continue
+        r = compile_for(kernel, consts, TYPES, num_warps=warps, num_stages=stages_of(name))
+        fits = r["shared"] <= HOPPER_SHARED_BYTES
+        bad += default and not fits
+        print(f"| {name} | {'yes' if default else 'opt-in'} | {warps} | {r['shared']} | {'yes' if fits else '**no**'} "
+              f"| {r['registers']} | {r['stack']} |")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
