@@ -225,9 +225,10 @@ def _lowrank_grad_kernel(
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Kernel 2': rank-1 gradients of one chunk × head with whole [C, K] and [C, V] tiles (module
-    docstring, "With one low-rank pair"). First version, correctness first: one program holds every
-    tile, which will spill registers at C = 64, K = V = 128; split it once it has been timed.
+    """Kernel 2': rank-1 gradients of one chunk × head (module docstring, "With one low-rank
+    pair"): a loop over BV-blocks of the values accumulates the [C, K] and [C, C] products and
+    writes du block by block; the K-side gradients follow. Correctness first; see
+    ``benchmarks/kernel_resources.py`` for what it costs in registers and shared memory.
 
     Shapes: q, w, a, b ``[B·T, H, K]``; u, do ``[B·T, H, V]``; states, dstates ``[NC, H, K, V]``;
     dprobes, y_wy ``[NC, H, C, V]``; x_wy ``[NC, H, C, K]``; t_wy ``[NC, H, C, C]``; writes dq, dw,
@@ -238,29 +239,8 @@ def _lowrank_grad_kernel(
     offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
     offs_k = tl.arange(0, BK)
     mask_k = offs_k < K
-    offs_v = tl.arange(0, BV)
-    mask_v = offs_v < V
     row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
-    row_v = (tok[:, None] * H + i_h) * V + offs_v[None, :]
     m_ck = valid[:, None] & mask_k[None, :]
-    m_cv = valid[:, None] & mask_v[None, :]
-    Q = tl.load(q + row_k, mask=m_ck, other=0.).to(tl.float32)
-    W = tl.load(w + row_k, mask=m_ck, other=0.).to(tl.float32)
-    A = tl.load(a + row_k, mask=m_ck, other=0.).to(tl.float32)
-    Bm = tl.load(b + row_k, mask=m_ck, other=0.).to(tl.float32)
-    U = tl.load(u + row_v, mask=m_cv, other=0.).to(tl.float32)
-    dO = tl.load(do + row_v, mask=m_cv, other=0.).to(tl.float32)
-    kv = nh * K * V + offs_k[:, None] * V + offs_v[None, :]
-    m_kv = mask_k[:, None] & mask_v[None, :]
-    S = tl.load(states + kv, mask=m_kv, other=0.)
-    dSn = tl.load(dstates + kv, mask=m_kv, other=0.)                     # ∂L/∂S_{n+1}
-    cv = nh * C * V + offs_c[:, None] * V + offs_v[None, :]
-    dP = tl.load(dprobes + cv, mask=mask_v[None, :], other=0.)
-    Y = tl.load(y_wy + cv, mask=mask_v[None, :], other=0.)
-    X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :], mask=mask_k[None, :], other=0.)
-    Tm = tl.load(t_wy + nh * C * C + offs_c[:, None] * C + offs_c[None, :])
-    T_T = tl.trans(Tm)
-
     incl = offs_c[:, None] >= offs_c[None, :]
     strict = offs_c[:, None] > offs_c[None, :]
     if DECAY == 1:
@@ -276,45 +256,78 @@ def _lowrank_grad_kernel(
         e_q = tl.full([C], 1., tl.float32)
         e_b = e_q
         e_end = e_q
-    B_hat = Bm * e_b[:, None]
+
+    # loop invariants: X, T, N = (b wᵀ) ⊙ R and M_qwᵀ, Ŵ (the inputs are reloaded after the loop)
+    X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :], mask=mask_k[None, :], other=0.)
+    T_T = tl.trans(tl.load(t_wy + nh * C * C + offs_c[:, None] * C + offs_c[None, :]))
+    W = tl.load(w + row_k, mask=m_ck, other=0.).to(tl.float32)
+    N = tl.dot(tl.load(b + row_k, mask=m_ck, other=0.).to(tl.float32), tl.trans(W), input_precision=PRECISION) * R
+    M_qw_T = tl.dot(W, tl.trans(tl.load(q + row_k, mask=m_ck, other=0.).to(tl.float32)),
+                    input_precision=PRECISION) * tl.trans(D)
     W_hat = W * e_end[:, None]
-    N = tl.dot(Bm, tl.trans(W), input_precision=PRECISION) * R
-    M_qw = tl.dot(Q, tl.trans(W), input_precision=PRECISION) * D
-    P = tl.dot(X, S, input_precision=PRECISION) + Y
-    NU = tl.dot(N, U, input_precision=PRECISION)
 
-    # the output o = scale (Q̂ S + M_qa P + M_qw U) and the state S_{n+1} += Âᵀ P + Ŵᵀ U
-    dQ_hat = scale * tl.dot(dO, tl.trans(S), input_precision=PRECISION)
-    dM_qa = scale * tl.dot(dO, tl.trans(P), input_precision=PRECISION) * D
-    dM_qw = scale * tl.dot(dO, tl.trans(U), input_precision=PRECISION) * D
-    dA_hat = tl.dot(P, tl.trans(dSn), input_precision=PRECISION)
-    dW_hat = tl.dot(U, tl.trans(dSn), input_precision=PRECISION)
-    # the probes P = X S_n + Y, X = T B̂, Y = T (N U), T = (I − L)⁻¹
-    dX = tl.dot(dP, tl.trans(S), input_precision=PRECISION)
-    dT = tl.dot(dX, tl.trans(B_hat), input_precision=PRECISION) + tl.dot(dP, tl.trans(NU), input_precision=PRECISION)
-    dB_hat = tl.dot(T_T, dX, input_precision=PRECISION)
-    dNU = tl.dot(T_T, dP, input_precision=PRECISION)
-    dN = tl.dot(dNU, tl.trans(U), input_precision=PRECISION) * R
+    dQ_hat = tl.zeros([C, BK], dtype=tl.float32)   # dO S_nᵀ
+    dA_hat = tl.zeros([C, BK], dtype=tl.float32)   # P dS_{n+1}ᵀ
+    dW_hat = tl.zeros([C, BK], dtype=tl.float32)   # U dS_{n+1}ᵀ
+    dX = tl.zeros([C, BK], dtype=tl.float32)       # dP S_nᵀ
+    dM_qa = tl.zeros([C, C], dtype=tl.float32)     # dO Pᵀ
+    dM_qw = tl.zeros([C, C], dtype=tl.float32)     # dO Uᵀ
+    dT2 = tl.zeros([C, C], dtype=tl.float32)       # dP (N U)ᵀ
+    dN = tl.zeros([C, C], dtype=tl.float32)        # (Tᵀ dP) Uᵀ
+    for i_v in range(0, (V + BV - 1) // BV):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mask_v = offs_v < V
+        row_v = (tok[:, None] * H + i_h) * V + offs_v[None, :]
+        m_cv = valid[:, None] & mask_v[None, :]
+        U = tl.load(u + row_v, mask=m_cv, other=0.).to(tl.float32)
+        dO = tl.load(do + row_v, mask=m_cv, other=0.).to(tl.float32)
+        cv = nh * C * V + offs_c[:, None] * V + offs_v[None, :]
+        dP = tl.load(dprobes + cv, mask=mask_v[None, :], other=0.)
+        kv = nh * K * V + offs_k[:, None] * V + offs_v[None, :]
+        m_kv = mask_k[:, None] & mask_v[None, :]
+        S = tl.load(states + kv, mask=m_kv, other=0.)
+        dSn = tl.load(dstates + kv, mask=m_kv, other=0.)
+        P = tl.dot(X, S, input_precision=PRECISION) + tl.load(y_wy + cv, mask=mask_v[None, :], other=0.)
+        NU = tl.dot(N, U, input_precision=PRECISION)
+        dNU = tl.dot(T_T, dP, input_precision=PRECISION)
+        dQ_hat += tl.dot(dO, tl.trans(S), input_precision=PRECISION)
+        dA_hat += tl.dot(P, tl.trans(dSn), input_precision=PRECISION)
+        dW_hat += tl.dot(U, tl.trans(dSn), input_precision=PRECISION)
+        dX += tl.dot(dP, tl.trans(S), input_precision=PRECISION)
+        dM_qa += tl.dot(dO, tl.trans(P), input_precision=PRECISION)
+        dM_qw += tl.dot(dO, tl.trans(U), input_precision=PRECISION)
+        dT2 += tl.dot(dP, tl.trans(NU), input_precision=PRECISION)
+        dN += tl.dot(dNU, tl.trans(U), input_precision=PRECISION)
+        dU = (scale * tl.dot(M_qw_T, dO, input_precision=PRECISION) + tl.dot(W_hat, dSn, input_precision=PRECISION)
+              + tl.dot(tl.trans(N), dNU, input_precision=PRECISION))
+        tl.store(du + row_v, dU.to(du.dtype.element_ty), mask=m_cv)
+
+    Q = tl.load(q + row_k, mask=m_ck, other=0.).to(tl.float32)
+    A = tl.load(a + row_k, mask=m_ck, other=0.).to(tl.float32)
+    Bm = tl.load(b + row_k, mask=m_ck, other=0.).to(tl.float32)
+    dM_qa = scale * dM_qa * D
+    dM_qw = scale * dM_qw * D
+    dN = dN * R
+    dT = tl.dot(dX, tl.trans(Bm * e_b[:, None]), input_precision=PRECISION) + dT2
     dL = tl.dot(tl.dot(T_T, dT, input_precision=PRECISION), T_T, input_precision=PRECISION) * R
-
-    dU = (scale * tl.dot(tl.trans(M_qw), dO, input_precision=PRECISION)
-          + tl.dot(W_hat, dSn, input_precision=PRECISION) + tl.dot(tl.trans(N), dNU, input_precision=PRECISION))
-    dQ = (dQ_hat * e_q[:, None] + tl.dot(dM_qa, A, input_precision=PRECISION)
+    dQ = (scale * dQ_hat * e_q[:, None] + tl.dot(dM_qa, A, input_precision=PRECISION)
           + tl.dot(dM_qw, W, input_precision=PRECISION))
     dA = (dA_hat * e_end[:, None] + tl.dot(tl.trans(dL), Bm, input_precision=PRECISION)
           + tl.dot(tl.trans(dM_qa), Q, input_precision=PRECISION))
     dW = (dW_hat * e_end[:, None] + tl.dot(tl.trans(dN), Bm, input_precision=PRECISION)
           + tl.dot(tl.trans(dM_qw), Q, input_precision=PRECISION))
-    dB = (dB_hat * e_b[:, None] + tl.dot(dL, A, input_precision=PRECISION)
+    dB = (tl.dot(T_T, dX, input_precision=PRECISION) * e_b[:, None] + tl.dot(dL, A, input_precision=PRECISION)
           + tl.dot(dN, W, input_precision=PRECISION))
     tl.store(dq + row_k, dQ.to(dq.dtype.element_ty), mask=m_ck)
     tl.store(dw + row_k, dW.to(dw.dtype.element_ty), mask=m_ck)
     tl.store(da + row_k, dA.to(da.dtype.element_ty), mask=m_ck)
     tl.store(db + row_k, dB.to(db.dtype.element_ty), mask=m_ck)
-    tl.store(du + row_v, dU.to(du.dtype.element_ty), mask=m_cv)
     bb = tl.sum(Bm * dB, axis=1)
     tl.store(dlam + tok * H + i_h, tl.sum(Q * dQ - A * dA - W * dW, axis=1) + bb, mask=valid)
     tl.store(dbb + tok * H + i_h, bb, mask=valid)
+
+
+RANK1_BV = 32  # value block of kernel 2' (smaller blocks: less shared memory, more loop trips)
 
 
 def fused_backward_applies(log_decay, lowrank, K: int, V: int) -> bool:
@@ -405,8 +418,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             _lowrank_grad_kernel[(NC * H,)](
                 q, w, u, a, b, d_o, g if g is not None else dummy, states, dstates, dprobes,
                 x_wy, y_wy, t_wy, dq, dw, du, da, db, lam, bb, lay.tok_start, lay.tok_stop, scale,
-                H, K=K, V=V, C=C, DECAY=decay, BK=BK, BV=max(16, triton.next_power_of_2(V)),
-                PRECISION=prec, num_warps=8,
+                H, K=K, V=V, C=C, DECAY=decay, BK=BK, BV=RANK1_BV, PRECISION=prec, num_warps=8,
             )
     else:
         dlam = torch.empty(NK, B * T, H, **f32)
