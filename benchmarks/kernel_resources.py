@@ -44,8 +44,8 @@ def configs(K=128, V=128, C=64):
                4 if C <= 32 else 8, True)
         yield (f"bwd du decay={decay}", FB._du_bwd_kernel,
                dict(d, BKS=BKS, BV=max(16, min(64, triton.next_power_of_2(V)))), 4 if C <= 32 else 8, True)
-        yield (f"bwd rank-1 grads decay={decay}", FB._lowrank_grad_kernel,
-               dict(d, BK=BK, BV=FB.RANK1_BV), 8, False)
+        yield (f"bwd rank-1 cc decay={decay}", FB._lowrank_cc_kernel, dict(d, BK=BK, BV=FB.RANK1_BV), 8, False)
+        yield (f"bwd rank-1 dk decay={decay}", FB._lowrank_dk_kernel, dict(d, BKS=BKS, BV=FB.RANK1_BV), 8, False)
 
 
 def stages_of(name: str) -> int:

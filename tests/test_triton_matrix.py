@@ -303,3 +303,5 @@ def test_triton_backward_with_one_lowrank_pair(decay, lowrank, monkeypatch):
     cu = (0, 12, 12, 50)    # packed, with an empty sequence
     check(make_inputs(5, T=cu[-1], H=1, K=6, V=5, decay=decay, lowrank=lowrank, N=len(cu) - 1, h0=False),
           cu_seqlens=cu)
+    # K > 64: two K-slices in kernel 2'b, whose decay terms are summed afterwards
+    check(make_inputs(8, T=70, H=1, K=80, V=20, decay=decay, lowrank=lowrank), chunk_size=32)

@@ -23,9 +23,11 @@ and S_{n+1} += Âᵀ P. The backward recomputes X, Y and T (the forward's kernel
 
     kernel 1   dP = scale · M_qaᵀ dO + Â dS_{n+1}
                dS_n = γ_n dS_{n+1} + scale · Q̂ᵀ dO + Xᵀ dP          (same reverse pass)
-    kernel 2'  per chunk, one program: dX = dP S_nᵀ, dT = dX B̂ᵀ + dP (N U)ᵀ,
-               dL = (Tᵀ dT Tᵀ) ⊙ R, dN = (Tᵀ dP) Uᵀ ⊙ R, and from them and the output's
-               dM_qa = scale · dO Pᵀ ⊙ D, dM_qw = scale · dO Uᵀ ⊙ D the gradients of q, w, u, a, b.
+    kernel 2'a per chunk, a loop over value blocks: dT = Σ_v dP_v (B̂ S_v + N U_v)ᵀ (= dX B̂ᵀ +
+               dP (N U)ᵀ with dX = dP S_nᵀ), dN = (Tᵀ dP) Uᵀ ⊙ R, the output's dM_qa = scale ·
+               dO Pᵀ ⊙ D and dM_qw = scale · dO Uᵀ ⊙ D, dL = (Tᵀ dT Tᵀ) ⊙ R, and du
+    kernel 2'b per K-slice × chunk: dq, dw, da, db from dO S_nᵀ, P dS_{n+1}ᵀ, U dS_{n+1}ᵀ, dX
+               and the [C, C] gradients of 2'a
 
 The decay gradient needs no kernel of its own. Write Λ_t for the cumulative log-decay of the
 sequence up to token t. Rescaling S̃_t = e^{−Λ_t} S_t turns the recurrence into one without decay
@@ -219,28 +221,9 @@ def _du_bwd_kernel(
 
 
 @triton.jit
-def _lowrank_grad_kernel(
-    q, w, u, a, b, do, g, states, dstates, dprobes, x_wy, y_wy, t_wy,
-    dq, dw, du, da, db, dlam, dbb, tok_start, tok_stop, scale,
-    H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Kernel 2': rank-1 gradients of one chunk × head (module docstring, "With one low-rank
-    pair"): a loop over BV-blocks of the values accumulates the [C, K] and [C, C] products and
-    writes du block by block; the K-side gradients follow. Correctness first; see
-    ``benchmarks/kernel_resources.py`` for what it costs in registers and shared memory.
-
-    Shapes: q, w, a, b ``[B·T, H, K]``; u, do ``[B·T, H, V]``; states, dstates ``[NC, H, K, V]``;
-    dprobes, y_wy ``[NC, H, C, V]``; x_wy ``[NC, H, C, K]``; t_wy ``[NC, H, C, C]``; writes dq, dw,
-    da, db ``[B·T, H, K]``, du ``[B·T, H, V]`` and dlam, dbb ``[B·T, H]`` fp32.
-    """
-    nh = tl.program_id(0).to(tl.int64)
-    i_h = nh % H
-    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
-    offs_k = tl.arange(0, BK)
-    mask_k = offs_k < K
-    row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
-    m_ck = valid[:, None] & mask_k[None, :]
+def _chunk_masks(g, tok, valid, i_h, H, offs_c, C: tl.constexpr, DECAY: tl.constexpr):
+    """D (inclusive, e^{G_t − G_s}), R (strict, e^{G_{t−1} − G_s}) and the scalings e^{G_t},
+    e^{G_{t−1}}, e^{G_C − G_t} of one chunk (all ones / 0-1 masks without decay)."""
     incl = offs_c[:, None] >= offs_c[None, :]
     strict = offs_c[:, None] > offs_c[None, :]
     if DECAY == 1:
@@ -256,23 +239,47 @@ def _lowrank_grad_kernel(
         e_q = tl.full([C], 1., tl.float32)
         e_b = e_q
         e_end = e_q
+    return D, R, e_q, e_b, e_end
 
-    # loop invariants: X, T, N = (b wᵀ) ⊙ R and M_qwᵀ, Ŵ (the inputs are reloaded after the loop)
+
+@triton.jit
+def _lowrank_cc_kernel(
+    q, w, u, b, do, g, states, dstates, dprobes, x_wy, y_wy, t_wy, probes, cc, du,
+    tok_start, tok_stop, scale,
+    H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Kernel 2'a (rank 1), one chunk × head: a loop over BV-blocks of the values accumulates the
+    [C, C] products and writes du; stores P and cc = (scale·dO Pᵀ ⊙ D, scale·dO Uᵀ ⊙ D,
+    dL = Tᵀ dT Tᵀ ⊙ R, dN ⊙ R) for kernel 2'b. dT = Σ_v dP_v (B̂ S_v + N U_v)ᵀ needs no
+    full-K gradient (dX B̂ᵀ = dP (B̂ S)ᵀ).
+
+    Shapes: q, w, b ``[B·T, H, K]``; u, do ``[B·T, H, V]``; states, dstates ``[NC, H, K, V]``;
+    dprobes, y_wy, probes ``[NC, H, C, V]``; x_wy ``[NC, H, C, K]``; t_wy ``[NC, H, C, C]``;
+    cc ``[NC, H, 4, C, C]`` fp32; du ``[B·T, H, V]``.
+    """
+    nh = tl.program_id(0).to(tl.int64)
+    i_h = nh % H
+    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
+    offs_k = tl.arange(0, BK)
+    mask_k = offs_k < K
+    row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
+    m_ck = valid[:, None] & mask_k[None, :]
+    D, R, e_q, e_b, e_end = _chunk_masks(g, tok, valid, i_h, H, offs_c, C, DECAY)
+
     X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :], mask=mask_k[None, :], other=0.)
     T_T = tl.trans(tl.load(t_wy + nh * C * C + offs_c[:, None] * C + offs_c[None, :]))
     W = tl.load(w + row_k, mask=m_ck, other=0.).to(tl.float32)
-    N = tl.dot(tl.load(b + row_k, mask=m_ck, other=0.).to(tl.float32), tl.trans(W), input_precision=PRECISION) * R
+    Bm = tl.load(b + row_k, mask=m_ck, other=0.).to(tl.float32)
+    N = tl.dot(Bm, tl.trans(W), input_precision=PRECISION) * R
     M_qw_T = tl.dot(W, tl.trans(tl.load(q + row_k, mask=m_ck, other=0.).to(tl.float32)),
                     input_precision=PRECISION) * tl.trans(D)
     W_hat = W * e_end[:, None]
+    B_hat = Bm * e_b[:, None]
 
-    dQ_hat = tl.zeros([C, BK], dtype=tl.float32)   # dO S_nᵀ
-    dA_hat = tl.zeros([C, BK], dtype=tl.float32)   # P dS_{n+1}ᵀ
-    dW_hat = tl.zeros([C, BK], dtype=tl.float32)   # U dS_{n+1}ᵀ
-    dX = tl.zeros([C, BK], dtype=tl.float32)       # dP S_nᵀ
     dM_qa = tl.zeros([C, C], dtype=tl.float32)     # dO Pᵀ
     dM_qw = tl.zeros([C, C], dtype=tl.float32)     # dO Uᵀ
-    dT2 = tl.zeros([C, C], dtype=tl.float32)       # dP (N U)ᵀ
+    dT = tl.zeros([C, C], dtype=tl.float32)        # dP (B̂ S + N U)ᵀ
     dN = tl.zeros([C, C], dtype=tl.float32)        # (Tᵀ dP) Uᵀ
     for i_v in range(0, (V + BV - 1) // BV):
         offs_v = i_v * BV + tl.arange(0, BV)
@@ -288,46 +295,100 @@ def _lowrank_grad_kernel(
         S = tl.load(states + kv, mask=m_kv, other=0.)
         dSn = tl.load(dstates + kv, mask=m_kv, other=0.)
         P = tl.dot(X, S, input_precision=PRECISION) + tl.load(y_wy + cv, mask=mask_v[None, :], other=0.)
-        NU = tl.dot(N, U, input_precision=PRECISION)
+        tl.store(probes + cv, P, mask=mask_v[None, :])
+        Z = tl.dot(B_hat, S, input_precision=PRECISION) + tl.dot(N, U, input_precision=PRECISION)
         dNU = tl.dot(T_T, dP, input_precision=PRECISION)
-        dQ_hat += tl.dot(dO, tl.trans(S), input_precision=PRECISION)
-        dA_hat += tl.dot(P, tl.trans(dSn), input_precision=PRECISION)
-        dW_hat += tl.dot(U, tl.trans(dSn), input_precision=PRECISION)
-        dX += tl.dot(dP, tl.trans(S), input_precision=PRECISION)
         dM_qa += tl.dot(dO, tl.trans(P), input_precision=PRECISION)
         dM_qw += tl.dot(dO, tl.trans(U), input_precision=PRECISION)
-        dT2 += tl.dot(dP, tl.trans(NU), input_precision=PRECISION)
+        dT += tl.dot(dP, tl.trans(Z), input_precision=PRECISION)
         dN += tl.dot(dNU, tl.trans(U), input_precision=PRECISION)
         dU = (scale * tl.dot(M_qw_T, dO, input_precision=PRECISION) + tl.dot(W_hat, dSn, input_precision=PRECISION)
               + tl.dot(tl.trans(N), dNU, input_precision=PRECISION))
         tl.store(du + row_v, dU.to(du.dtype.element_ty), mask=m_cv)
 
+    dL = tl.dot(tl.dot(T_T, dT, input_precision=PRECISION), T_T, input_precision=PRECISION) * R
+    cc_nh = cc + nh * 4 * C * C + offs_c[:, None] * C + offs_c[None, :]
+    tl.store(cc_nh, scale * dM_qa * D)
+    tl.store(cc_nh + C * C, scale * dM_qw * D)
+    tl.store(cc_nh + 2 * C * C, dL)
+    tl.store(cc_nh + 3 * C * C, dN * R)
+
+
+@triton.jit
+def _lowrank_dk_kernel(
+    q, w, u, a, b, do, g, states, dstates, dprobes, probes, t_wy, cc,
+    dq, dw, da, db, dlam, dbb, tok_start, tok_stop, scale, BT,
+    H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
+    BKS: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Kernel 2'b (rank 1), one K-slice × chunk × head: dq, dw, da, db from a V-loop over
+    dO S_nᵀ, P dS_{n+1}ᵀ, U dS_{n+1}ᵀ, dP S_nᵀ and the [C, C] matrices of kernel 2'a; writes this
+    slice's part of the decay terms dlam, dbb ``[NK, B·T, H]``.
+    """
+    i_k = tl.program_id(0)
+    nh = tl.program_id(1).to(tl.int64)
+    i_h = nh % H
+    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
+    offs_k = i_k * BKS + tl.arange(0, BKS)
+    mask_k = offs_k < K
+    row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
+    m_ck = valid[:, None] & mask_k[None, :]
+
+    dQ_hat = tl.zeros([C, BKS], dtype=tl.float32)
+    dA_hat = tl.zeros([C, BKS], dtype=tl.float32)
+    dW_hat = tl.zeros([C, BKS], dtype=tl.float32)
+    dX = tl.zeros([C, BKS], dtype=tl.float32)
+    for i_v in range(0, (V + BV - 1) // BV):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mask_v = offs_v < V
+        row_v = (tok[:, None] * H + i_h) * V + offs_v[None, :]
+        m_cv = valid[:, None] & mask_v[None, :]
+        U = tl.load(u + row_v, mask=m_cv, other=0.).to(tl.float32)
+        dO = tl.load(do + row_v, mask=m_cv, other=0.).to(tl.float32)
+        cv = nh * C * V + offs_c[:, None] * V + offs_v[None, :]
+        dP = tl.load(dprobes + cv, mask=mask_v[None, :], other=0.)
+        P = tl.load(probes + cv, mask=mask_v[None, :], other=0.)
+        vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V                  # [BV, BKS]: transposed
+        m_vk = mask_v[:, None] & mask_k[None, :]
+        S_T = tl.load(states + vk, mask=m_vk, other=0.)
+        dSn_T = tl.load(dstates + vk, mask=m_vk, other=0.)
+        dQ_hat += tl.dot(dO, S_T, input_precision=PRECISION)
+        dA_hat += tl.dot(P, dSn_T, input_precision=PRECISION)
+        dW_hat += tl.dot(U, dSn_T, input_precision=PRECISION)
+        dX += tl.dot(dP, S_T, input_precision=PRECISION)
+
+    D, R, e_q, e_b, e_end = _chunk_masks(g, tok, valid, i_h, H, offs_c, C, DECAY)
     Q = tl.load(q + row_k, mask=m_ck, other=0.).to(tl.float32)
+    W = tl.load(w + row_k, mask=m_ck, other=0.).to(tl.float32)
     A = tl.load(a + row_k, mask=m_ck, other=0.).to(tl.float32)
     Bm = tl.load(b + row_k, mask=m_ck, other=0.).to(tl.float32)
-    dM_qa = scale * dM_qa * D
-    dM_qw = scale * dM_qw * D
-    dN = dN * R
-    dT = tl.dot(dX, tl.trans(Bm * e_b[:, None]), input_precision=PRECISION) + dT2
-    dL = tl.dot(tl.dot(T_T, dT, input_precision=PRECISION), T_T, input_precision=PRECISION) * R
-    dQ = (scale * dQ_hat * e_q[:, None] + tl.dot(dM_qa, A, input_precision=PRECISION)
-          + tl.dot(dM_qw, W, input_precision=PRECISION))
-    dA = (dA_hat * e_end[:, None] + tl.dot(tl.trans(dL), Bm, input_precision=PRECISION)
-          + tl.dot(tl.trans(dM_qa), Q, input_precision=PRECISION))
-    dW = (dW_hat * e_end[:, None] + tl.dot(tl.trans(dN), Bm, input_precision=PRECISION)
-          + tl.dot(tl.trans(dM_qw), Q, input_precision=PRECISION))
-    dB = (tl.dot(T_T, dX, input_precision=PRECISION) * e_b[:, None] + tl.dot(dL, A, input_precision=PRECISION)
-          + tl.dot(dN, W, input_precision=PRECISION))
+    cc_nh = cc + nh * 4 * C * C
+    cc_rows = offs_c[:, None] * C + offs_c[None, :]
+    cc_cols = offs_c[None, :] * C + offs_c[:, None]                              # transposed
+    dQ = scale * dQ_hat * e_q[:, None]
+    dQ += tl.dot(tl.load(cc_nh + cc_rows), A, input_precision=PRECISION)
+    dQ += tl.dot(tl.load(cc_nh + C * C + cc_rows), W, input_precision=PRECISION)
+    dA = dA_hat * e_end[:, None]
+    dA += tl.dot(tl.load(cc_nh + 2 * C * C + cc_cols), Bm, input_precision=PRECISION)
+    dA += tl.dot(tl.load(cc_nh + cc_cols), Q, input_precision=PRECISION)
+    dW = dW_hat * e_end[:, None]
+    dW += tl.dot(tl.load(cc_nh + 3 * C * C + cc_cols), Bm, input_precision=PRECISION)
+    dW += tl.dot(tl.load(cc_nh + C * C + cc_cols), Q, input_precision=PRECISION)
+    T_T = tl.load(t_wy + nh * C * C + cc_cols)
+    dB = tl.dot(T_T, dX, input_precision=PRECISION) * e_b[:, None]
+    dB += tl.dot(tl.load(cc_nh + 2 * C * C + cc_rows), A, input_precision=PRECISION)
+    dB += tl.dot(tl.load(cc_nh + 3 * C * C + cc_rows), W, input_precision=PRECISION)
     tl.store(dq + row_k, dQ.to(dq.dtype.element_ty), mask=m_ck)
     tl.store(dw + row_k, dW.to(dw.dtype.element_ty), mask=m_ck)
     tl.store(da + row_k, dA.to(da.dtype.element_ty), mask=m_ck)
     tl.store(db + row_k, dB.to(db.dtype.element_ty), mask=m_ck)
     bb = tl.sum(Bm * dB, axis=1)
-    tl.store(dlam + tok * H + i_h, tl.sum(Q * dQ - A * dA - W * dW, axis=1) + bb, mask=valid)
-    tl.store(dbb + tok * H + i_h, bb, mask=valid)
+    part = i_k.to(tl.int64) * BT * H + tok * H + i_h
+    tl.store(dlam + part, tl.sum(Q * dQ - A * dA - W * dW, axis=1) + bb, mask=valid)
+    tl.store(dbb + part, bb, mask=valid)
 
 
-RANK1_BV = 32  # value block of kernel 2' (smaller blocks: less shared memory, more loop trips)
+RANK1_BV = 16  # value block of kernels 2'a/2'b (smaller blocks: less shared memory, more loop trips)
 
 
 def fused_backward_applies(log_decay, lowrank, K: int, V: int) -> bool:
@@ -413,13 +474,21 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     da = db = None
     if R:
         da, db = torch.empty_like(a), torch.empty_like(b)
-        lam, bb = torch.zeros(B * T, H, **f32), torch.zeros(B * T, H, **f32)
+        dlam, dbb = torch.zeros(NK, B * T, H, **f32), torch.zeros(NK, B * T, H, **f32)
         if NC > 0:
-            _lowrank_grad_kernel[(NC * H,)](
-                q, w, u, a, b, d_o, g if g is not None else dummy, states, dstates, dprobes,
-                x_wy, y_wy, t_wy, dq, dw, du, da, db, lam, bb, lay.tok_start, lay.tok_stop, scale,
-                H, K=K, V=V, C=C, DECAY=decay, BK=BK, BV=RANK1_BV, PRECISION=prec, num_warps=8,
+            probes = torch.empty(NC, H, C, V, **f32)
+            cc = torch.empty(NC, H, 4, C, C, **f32)
+            _lowrank_cc_kernel[(NC * H,)](
+                q, w, u, b, d_o, g if g is not None else dummy, states, dstates, dprobes, x_wy, y_wy, t_wy,
+                probes, cc, du, lay.tok_start, lay.tok_stop, scale, H, K=K, V=V, C=C, DECAY=decay,
+                BK=BK, BV=RANK1_BV, PRECISION=prec, num_warps=8,
             )
+            _lowrank_dk_kernel[(NK, NC * H)](
+                q, w, u, a, b, d_o, g if g is not None else dummy, states, dstates, dprobes, probes, t_wy, cc,
+                dq, dw, da, db, dlam, dbb, lay.tok_start, lay.tok_stop, scale, B * T, H, K=K, V=V, C=C,
+                DECAY=decay, BKS=BKS, BV=RANK1_BV, PRECISION=prec, num_warps=8,
+            )
+        lam, bb = dlam.sum(0), dbb.sum(0)
     else:
         dlam = torch.empty(NK, B * T, H, **f32)
         bb = None
