@@ -277,8 +277,8 @@ def test_fused_backward_is_taken_and_autograd_backward_still_matches(decay, monk
 def test_fused_backward_packed_with_an_empty_sequence():
     # an empty sequence has no chunks: its d_final flows straight to its dh0, and the decay
     # gradient's per-sequence suffix sums must not leak across the packed boundaries
-    cu = (0, 12, 12, 50)
-    check(make_inputs(17, T=cu[-1], H=2, decay="scalar", N=len(cu) - 1), cu_seqlens=cu)
+    for cu in ((0, 12, 12, 50), (0, 0, 20, 33, 33)):      # empty in the middle; first and last
+        check(make_inputs(17, T=cu[-1], H=2, decay="scalar", N=len(cu) - 1), cu_seqlens=cu)
 
 
 RANK1_CASES = [("none", "delta"), ("scalar", "delta"), ("none", "longhorn"), ("scalar", "general")]

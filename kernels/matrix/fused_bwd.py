@@ -403,9 +403,11 @@ def fused_backward_applies(log_decay, lowrank, K: int, V: int) -> bool:
 
 
 def _sequence_ends(lay) -> torch.Tensor:
-    """Flat index one past the last token of every non-empty sequence, ascending ``[N']``."""
+    """Flat index one past the last token of each sequence ``[N]``, non-decreasing (an empty
+    sequence repeats the previous end). No boolean indexing: nothing waits for the GPU."""
     first, last = lay.chunk_offsets[:-1].long(), lay.chunk_offsets[1:].long()
-    return lay.tok_stop.long()[(last - 1)[last > first]]
+    ends = torch.where(last > first, lay.tok_stop.long()[(last - 1).clamp(min=0)], 0)
+    return torch.cummax(ends, 0).values
 
 
 def _reverse_cumsum_per_sequence(x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -508,11 +510,12 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     dg = None
     if g is not None and needs[3]:
         ends = _sequence_ends(lay)
-        if df is not None and ends.numel():
+        if df is not None and ends.numel() and lam.shape[0]:
             # the final state carries e^{Λ_end}: its term lands on each sequence's last token
+            # (an empty sequence has none: its term is zeroed, wherever its index points)
             last = (df * final).sum((-2, -1))                                      # [N, H]
-            nonempty = lay.chunk_offsets[1:] > lay.chunk_offsets[:-1]
-            lam[ends - 1] += last[nonempty]
+            nonempty = (lay.chunk_offsets[1:] > lay.chunk_offsets[:-1])[:, None]
+            lam.index_add_(0, (ends - 1).clamp(min=0), torch.where(nonempty, last, 0.))
         dg = _reverse_cumsum_per_sequence(lam, ends)
         if bb is not None:
             dg = dg - bb          # b_t is scaled by e^{Λ_{t−1}}: its term starts one token later
