@@ -243,6 +243,22 @@ def _chunk_masks(g, tok, valid, i_h, H, offs_c, C: tl.constexpr, DECAY: tl.const
 
 
 @triton.jit
+def _value_block(u, do, dprobes, nh, i_h, H, tok, valid, offs_c, i_v, V: tl.constexpr, C: tl.constexpr,
+                 BV: tl.constexpr):
+    """Value block ``i_v`` of one chunk × head for the rank-1 kernels: offsets and masks, then U and
+    dO (token-major, as fp32) and dP (``[NC, H, C, V]``), each ``[C, BV]``."""
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_v = offs_v < V
+    row_v = (tok[:, None] * H + i_h) * V + offs_v[None, :]
+    m_cv = valid[:, None] & mask_v[None, :]
+    cv = nh * C * V + offs_c[:, None] * V + offs_v[None, :]
+    U = tl.load(u + row_v, mask=m_cv, other=0.).to(tl.float32)
+    dO = tl.load(do + row_v, mask=m_cv, other=0.).to(tl.float32)
+    dP = tl.load(dprobes + cv, mask=mask_v[None, :], other=0.)
+    return offs_v, mask_v, row_v, m_cv, cv, U, dO, dP
+
+
+@triton.jit
 def _lowrank_cc_kernel(
     q, w, u, b, do, g, states, dstates, dprobes, x_wy, y_wy, t_wy, probes, cc, du,
     tok_start, tok_stop, scale,
@@ -282,14 +298,8 @@ def _lowrank_cc_kernel(
     dT = tl.zeros([C, C], dtype=tl.float32)        # dP (B̂ S + N U)ᵀ
     dN = tl.zeros([C, C], dtype=tl.float32)        # (Tᵀ dP) Uᵀ
     for i_v in range(0, (V + BV - 1) // BV):
-        offs_v = i_v * BV + tl.arange(0, BV)
-        mask_v = offs_v < V
-        row_v = (tok[:, None] * H + i_h) * V + offs_v[None, :]
-        m_cv = valid[:, None] & mask_v[None, :]
-        U = tl.load(u + row_v, mask=m_cv, other=0.).to(tl.float32)
-        dO = tl.load(do + row_v, mask=m_cv, other=0.).to(tl.float32)
-        cv = nh * C * V + offs_c[:, None] * V + offs_v[None, :]
-        dP = tl.load(dprobes + cv, mask=mask_v[None, :], other=0.)
+        offs_v, mask_v, row_v, m_cv, cv, U, dO, dP = _value_block(u, do, dprobes, nh, i_h, H, tok, valid, offs_c,
+                                                                   i_v, V, C, BV)
         kv = nh * K * V + offs_k[:, None] * V + offs_v[None, :]
         m_kv = mask_k[:, None] & mask_v[None, :]
         S = tl.load(states + kv, mask=m_kv, other=0.)
@@ -339,14 +349,8 @@ def _lowrank_dk_kernel(
     dW_hat = tl.zeros([C, BKS], dtype=tl.float32)
     dX = tl.zeros([C, BKS], dtype=tl.float32)
     for i_v in range(0, (V + BV - 1) // BV):
-        offs_v = i_v * BV + tl.arange(0, BV)
-        mask_v = offs_v < V
-        row_v = (tok[:, None] * H + i_h) * V + offs_v[None, :]
-        m_cv = valid[:, None] & mask_v[None, :]
-        U = tl.load(u + row_v, mask=m_cv, other=0.).to(tl.float32)
-        dO = tl.load(do + row_v, mask=m_cv, other=0.).to(tl.float32)
-        cv = nh * C * V + offs_c[:, None] * V + offs_v[None, :]
-        dP = tl.load(dprobes + cv, mask=mask_v[None, :], other=0.)
+        offs_v, mask_v, row_v, m_cv, cv, U, dO, dP = _value_block(u, do, dprobes, nh, i_h, H, tok, valid, offs_c,
+                                                                   i_v, V, C, BV)
         P = tl.load(probes + cv, mask=mask_v[None, :], other=0.)
         vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V                  # [BV, BKS]: transposed
         m_vk = mask_v[:, None] & mask_k[None, :]
