@@ -283,15 +283,27 @@ def _lowrank_cc_kernel(
     m_ck = valid[:, None] & mask_k[None, :]
     D, R, e_q, e_b, e_end = _chunk_masks(g, tok, valid, i_h, H, offs_c, C, DECAY)
 
-    X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :], mask=mask_k[None, :], other=0.)
-    T_T = tl.trans(tl.load(t_wy + nh * C * C + offs_c[:, None] * C + offs_c[None, :]))
+    # No tl.trans anywhere (DESIGN §7: a transposed MMA result broke a backward on Hopper with
+    # Triton 3.6): transposed operands are loaded transposed, or formed transposed directly.
+    col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]                      # [BK, C]
+    m_kc = mask_k[:, None] & valid[None, :]
+    X_T = tl.load(x_wy + nh * C * K + offs_c[None, :] * K + offs_k[:, None], mask=mask_k[:, None], other=0.)
+    T_T = tl.load(t_wy + nh * C * C + offs_c[None, :] * C + offs_c[:, None])
     W = tl.load(w + row_k, mask=m_ck, other=0.).to(tl.float32)
-    Bm = tl.load(b + row_k, mask=m_ck, other=0.).to(tl.float32)
-    N = tl.dot(Bm, tl.trans(W), input_precision=PRECISION) * R
-    M_qw_T = tl.dot(W, tl.trans(tl.load(q + row_k, mask=m_ck, other=0.).to(tl.float32)),
-                    input_precision=PRECISION) * tl.trans(D)
+    B_T = tl.load(b + col_k, mask=m_kc, other=0.).to(tl.float32)
+    Q_T = tl.load(q + col_k, mask=m_kc, other=0.).to(tl.float32)
+    upper = offs_c[:, None] <= offs_c[None, :]
+    if DECAY == 1:
+        g_c, G, _ = chunk_decay(g, tok, valid, i_h, H, offs_c)
+        D_T = tl.exp(tl.where(upper, G[None, :] - G[:, None], float("-inf")))     # [s, t] = D[t, s]
+        R_T = tl.exp(tl.where(offs_c[:, None] < offs_c[None, :], (G - g_c)[None, :] - G[:, None], float("-inf")))
+    else:
+        D_T = tl.where(upper, 1., 0.)
+        R_T = tl.where(offs_c[:, None] < offs_c[None, :], 1., 0.)
+    N_T = tl.dot(W, B_T, input_precision=PRECISION) * R_T                        # [s, t] = N[t, s]
+    M_qw_T = tl.dot(W, Q_T, input_precision=PRECISION) * D_T
     W_hat = W * e_end[:, None]
-    B_hat = Bm * e_b[:, None]
+    B_hat_T = B_T * e_b[None, :]
 
     dM_qa = tl.zeros([C, C], dtype=tl.float32)     # dO Pᵀ
     dM_qw = tl.zeros([C, C], dtype=tl.float32)     # dO Uᵀ
@@ -300,20 +312,25 @@ def _lowrank_cc_kernel(
     for i_v in range(0, (V + BV - 1) // BV):
         offs_v, mask_v, row_v, m_cv, cv, U, dO, dP = _value_block(u, do, dprobes, nh, i_h, H, tok, valid, offs_c,
                                                                    i_v, V, C, BV)
-        kv = nh * K * V + offs_k[:, None] * V + offs_v[None, :]
-        m_kv = mask_k[:, None] & mask_v[None, :]
-        S = tl.load(states + kv, mask=m_kv, other=0.)
-        dSn = tl.load(dstates + kv, mask=m_kv, other=0.)
-        P = tl.dot(X, S, input_precision=PRECISION) + tl.load(y_wy + cv, mask=mask_v[None, :], other=0.)
-        tl.store(probes + cv, P, mask=mask_v[None, :])
-        Z = tl.dot(B_hat, S, input_precision=PRECISION) + tl.dot(N, U, input_precision=PRECISION)
+        col_v = (tok[None, :] * H + i_h) * V + offs_v[:, None]                  # [BV, C]
+        m_vc = mask_v[:, None] & valid[None, :]
+        U_T = tl.load(u + col_v, mask=m_vc, other=0.).to(tl.float32)
+        vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V                  # [BV, BK]: Sᵀ
+        m_vk = mask_v[:, None] & mask_k[None, :]
+        S_T = tl.load(states + vk, mask=m_vk, other=0.)
+        dSn = tl.load(dstates + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
+                      mask=mask_k[:, None] & mask_v[None, :], other=0.)
+        cv_T = nh * C * V + offs_c[None, :] * V + offs_v[:, None]               # [BV, C]
+        P_T = tl.dot(S_T, X_T, input_precision=PRECISION) + tl.load(y_wy + cv_T, mask=mask_v[:, None], other=0.)
+        tl.store(probes + cv_T, P_T, mask=mask_v[:, None])
+        Z_T = tl.dot(S_T, B_hat_T, input_precision=PRECISION) + tl.dot(U_T, N_T, input_precision=PRECISION)
         dNU = tl.dot(T_T, dP, input_precision=PRECISION)
-        dM_qa += tl.dot(dO, tl.trans(P), input_precision=PRECISION)
-        dM_qw += tl.dot(dO, tl.trans(U), input_precision=PRECISION)
-        dT += tl.dot(dP, tl.trans(Z), input_precision=PRECISION)
-        dN += tl.dot(dNU, tl.trans(U), input_precision=PRECISION)
+        dM_qa += tl.dot(dO, P_T, input_precision=PRECISION)
+        dM_qw += tl.dot(dO, U_T, input_precision=PRECISION)
+        dT += tl.dot(dP, Z_T, input_precision=PRECISION)
+        dN += tl.dot(dNU, U_T, input_precision=PRECISION)
         dU = (scale * tl.dot(M_qw_T, dO, input_precision=PRECISION) + tl.dot(W_hat, dSn, input_precision=PRECISION)
-              + tl.dot(tl.trans(N), dNU, input_precision=PRECISION))
+              + tl.dot(N_T, dNU, input_precision=PRECISION))
         tl.store(du + row_v, dU.to(du.dtype.element_ty), mask=m_cv)
 
     dL = tl.dot(tl.dot(T_T, dT, input_precision=PRECISION), T_T, input_precision=PRECISION) * R
