@@ -24,3 +24,15 @@ def test_default_path_kernels_compile_for_hopper_and_fit():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("| fwd") or line.startswith("| bwd")]
     assert len(rows) == 16    # exit code 0 above: every default-path launch fits
+
+
+def test_no_tl_trans_in_kernels():
+    # DESIGN §7: tl.trans of an MMA-layout result gave wrong gradients on Hopper with Triton 3.6
+    # (FLA issue #640); our kernels load transposed operands transposed instead
+    offenders = []
+    for path in sorted((ROOT / "kernels").rglob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if "tl.trans(" in code:
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
