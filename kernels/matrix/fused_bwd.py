@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from .fused import _wy_fwd_kernel
-from .tiles import chunk_decay, chunk_tokens, sequence_program
+from .tiles import chunk_decay, chunk_tokens, kslice_program, sequence_program
 
 
 @triton.jit
@@ -119,14 +119,8 @@ def _dqdw_bwd_kernel(
     Shapes: q, w ``[B·T, H, K]``; u, do ``[B·T, H, V]``; states, dstates ``[NC, H, K, V]``;
     writes dq, dw ``[B·T, H, K]`` and dlam ``[NK, B·T, H]`` fp32 (this slice's q·dq − w·dw).
     """
-    i_k = tl.program_id(0)
-    nh = tl.program_id(1).to(tl.int64)
-    i_h = nh % H
-    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
-    offs_k = i_k * BKS + tl.arange(0, BKS)
-    mask_k = offs_k < K
-    row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
-    mask_row = valid[:, None] & mask_k[None, :]
+    nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, mask_row = kslice_program(tok_start, tok_stop, H, K,
+                                                                                       C, BKS)
 
     dA = tl.zeros([C, C], dtype=tl.float32)       # [t, s]: scale · dO_t · u_s (masked below)
     dA_T = tl.zeros([C, C], dtype=tl.float32)     # [s, t]
@@ -352,14 +346,8 @@ def _lowrank_dk_kernel(
     dO S_nᵀ, P dS_{n+1}ᵀ, U dS_{n+1}ᵀ, dP S_nᵀ and the [C, C] matrices of kernel 2'a; writes this
     slice's part of the decay terms dlam, dbb ``[NK, B·T, H]``.
     """
-    i_k = tl.program_id(0)
-    nh = tl.program_id(1).to(tl.int64)
-    i_h = nh % H
-    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
-    offs_k = i_k * BKS + tl.arange(0, BKS)
-    mask_k = offs_k < K
-    row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
-    m_ck = valid[:, None] & mask_k[None, :]
+    nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, m_ck = kslice_program(tok_start, tok_stop, H, K,
+                                                                                       C, BKS)
 
     dQ_hat = tl.zeros([C, BKS], dtype=tl.float32)
     dA_hat = tl.zeros([C, BKS], dtype=tl.float32)

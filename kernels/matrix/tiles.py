@@ -43,3 +43,18 @@ def chunk_decay(g, tok, valid, i_h, H, offs_c):
     g_c = tl.load(g + tok * H + i_h, mask=valid, other=0.)
     G = tl.sum(tl.where(offs_c[None, :] <= offs_c[:, None], g_c[None, :], 0.), axis=1)
     return g_c, G, tl.sum(g_c, axis=0)
+
+
+@triton.jit
+def kslice_program(tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr, BKS: tl.constexpr):
+    """For a grid ``(cdiv(K, BKS), NC·H)`` over key slices × chunks × heads: its
+    ``(nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, mask_row)``, with ``row_k`` the
+    token-major ``[C, BKS]`` offsets of this slice and ``mask_row`` their mask."""
+    i_k = tl.program_id(0)
+    nh = tl.program_id(1).to(tl.int64)
+    i_h = nh % H
+    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
+    offs_k = i_k * BKS + tl.arange(0, BKS)
+    mask_k = offs_k < K
+    row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
+    return nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, valid[:, None] & mask_k[None, :]
