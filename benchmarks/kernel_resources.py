@@ -22,30 +22,27 @@ TYPES = dict(BF16, tok_start="*i32", tok_stop="*i32", chunk_offsets="*i32", H="i
 
 
 def configs(K=128, V=128, C=64):
-    """(name, kernel, constexprs, num_warps, default_path) for every launch the wrappers make."""
-    BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(64 if BK <= 64 else 32, triton.next_power_of_2(V)))
-    BKS = min(BK, 64)
+    """(name, kernel, constexprs, num_warps, default_path) for every launch the wrappers make,
+    with their block sizes and warps from :func:`olsm.kernels.matrix.fused.launch_shape`."""
+    sh = F.launch_shape(K, V, C)
     base = dict(K=K, V=V, C=C, PRECISION="tf32")
     for decay in (0, 1):
         d = dict(base, DECAY=decay)
         for lr in (False, True):
             tag = f"decay={decay} rank={int(lr)}"
-            yield (f"fwd state {tag}", F._state_fwd_kernel, dict(d, LOWRANK=lr, HAS_H0=True, BK=BK, BV=BV),
-                   4 if BK <= 64 else 8, True)
-            yield (f"fwd output {tag}", F._output_fwd_kernel,
-                   dict(d, LOWRANK=lr, BK=BK, BV=max(16, min(64 if BK <= 128 else 32, triton.next_power_of_2(V)))),
-                   4 if BK * C <= 64 * 64 else 8, True)
-            yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel, dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=BK, BV=BV),
-                   4 if BK <= 64 else 8, not lr)
-        yield (f"fwd wy decay={decay}", F._wy_fwd_kernel,
-               dict(d, BK=BK, BV=max(16, min(64, triton.next_power_of_2(V)))), 4 if C * BK <= 64 * 128 else 8, True)
-        yield (f"bwd dq dw decay={decay}", FB._dqdw_bwd_kernel, dict(d, BKS=BKS, BV=min(BV, 64)),
-               4 if C <= 32 else 8, True)
-        yield (f"bwd du decay={decay}", FB._du_bwd_kernel,
-               dict(d, BKS=BKS, BV=max(16, min(64, triton.next_power_of_2(V)))), 4 if C <= 32 else 8, True)
-        yield (f"bwd rank-1 cc decay={decay}", FB._lowrank_cc_kernel, dict(d, BK=BK, BV=FB.RANK1_BV), 8, False)
-        yield (f"bwd rank-1 dk decay={decay}", FB._lowrank_dk_kernel, dict(d, BKS=BKS, BV=FB.RANK1_BV), 8, False)
+            yield (f"fwd state {tag}", F._state_fwd_kernel, dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV),
+                   sh.warps_seq, True)
+            yield (f"fwd output {tag}", F._output_fwd_kernel, dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out),
+                   sh.warps_out, True)
+            yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel,
+                   dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV), sh.warps_seq, not lr)
+        yield (f"fwd wy decay={decay}", F._wy_fwd_kernel, dict(d, BK=sh.BK, BV=sh.BV_wide), sh.warps_wy, True)
+        yield (f"bwd dq dw decay={decay}", FB._dqdw_bwd_kernel, dict(d, BKS=sh.BKS, BV=sh.BV), sh.warps_chunk, True)
+        yield (f"bwd du decay={decay}", FB._du_bwd_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_wide), sh.warps_chunk, True)
+        yield (f"bwd rank-1 cc decay={decay}", FB._lowrank_cc_kernel, dict(d, BK=sh.BK, BV=FB.RANK1_BV),
+               FB.RANK1_WARPS, False)
+        yield (f"bwd rank-1 dk decay={decay}", FB._lowrank_dk_kernel, dict(d, BKS=sh.BKS, BV=FB.RANK1_BV),
+               FB.RANK1_WARPS, False)
 
 
 def stages_of(name: str) -> int:

@@ -14,6 +14,7 @@ import triton.testing
 
 from olsm.kernels.matrix import chunk as ch
 from olsm.kernels.matrix import fused_bwd as fb
+from olsm.kernels.matrix.fused import launch_shape
 
 
 def main():
@@ -37,9 +38,8 @@ def main():
     dstates = torch.empty_like(states)
     dh0 = torch.empty(N, H, K, V, device=dev)
     dq, dw, du = (torch.empty_like(q) for _ in range(3))
-    BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(64 if BK <= 64 else 32, triton.next_power_of_2(V)))
-    BKS = min(BK, 64)
+    sh = launch_shape(K, V, C)              # the block sizes the real launches use
+    BK, BV, BKS = sh.BK, sh.BV, sh.BKS
     NK = triton.cdiv(K, BKS)
     dlam = torch.empty(NK, B * T, H, device=dev)
     print(f"device {torch.cuda.get_device_name() if not dry else 'cpu (interpreter, dry run)'}, "
@@ -53,10 +53,10 @@ def main():
                 num_warps=nw)
             k2 = lambda: fb._dqdw_bwd_kernel[(NK, NC * H)](  # noqa: E731
                 q, w, u, do, gg, states, dstates, dq, dw, dlam, lay.tok_start, lay.tok_stop, 0.1, B * T, H,
-                K=K, V=V, C=C, DECAY=decay, BKS=BKS, BV=min(BV, 64), PRECISION=prec, num_warps=nw)
-            k3 = lambda: fb._du_bwd_kernel[(triton.cdiv(V, 64), NC * H)](  # noqa: E731
+                K=K, V=V, C=C, DECAY=decay, BKS=BKS, BV=BV, PRECISION=prec, num_warps=nw)
+            k3 = lambda: fb._du_bwd_kernel[(triton.cdiv(V, sh.BV_wide), NC * H)](  # noqa: E731
                 q, w, do, gg, dstates, du, lay.tok_start, lay.tok_stop, 0.1, H, K=K, V=V, C=C, DECAY=decay,
-                BKS=BKS, BV=64, PRECISION=prec, num_warps=nw)
+                BKS=BKS, BV=sh.BV_wide, PRECISION=prec, num_warps=nw)
             times = [bench(k) for k in (k1, k2, k3)]
             print(f"decay={decay} num_warps={nw}: dstate {times[0]:.3f}  dqdw {times[1]:.3f}  du {times[2]:.3f} ms")
         if decay:

@@ -30,8 +30,9 @@ Triton inverse (:mod:`.trinv`; ``OLSM_MATRIX_SOLVE=torch`` restores the batched 
 Backward: without a low-rank part (no or scalar decay) it is three Triton kernels
 (:mod:`.fused_bwd`; ``OLSM_MATRIX_BWD=autograd`` turns them off; ``OLSM_MATRIX_BWD=triton``
 extends them to one low-rank pair, opt-in until timed on a GPU). Otherwise the chunk-boundary
-states S_n of the forward are kept; the preparation is recomputed under autograd, the reverse state pass (Triton) gives ∂L/∂S_n, and torch's autograd carries
-the rest back to the inputs (through the per-key Gram kernel's own backward).
+states S_n of the forward are kept; the preparation is recomputed under autograd, the reverse
+state pass (Triton) gives ∂L/∂S_n, and torch's autograd carries the rest back to the inputs
+(through the per-key Gram kernel's own backward).
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ path of :mod:`.chunk` for A/B timing; the default ``auto`` takes this one where 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -221,6 +222,53 @@ def _output_fwd_kernel(
              mask=valid[:, None] & mask_v[None, :])
 
 
+@dataclass(frozen=True)
+class LaunchShape:
+    """Block sizes and warps of every fused launch, forward and backward, in one place (so the
+    wrappers and ``benchmarks/kernel_resources.py`` cannot drift apart).
+
+    Attributes:
+        BK: padded K (a whole key row per tile); BKS: key slice of the K-split backward kernels.
+        BV: value block of the sequential passes and of the dq/dw kernel; BV_out: of the forward
+            output kernel; BV_wide: of the WY kernel and the du kernel.
+        warps_seq, warps_out, warps_wy, warps_chunk: num_warps of the sequential passes, the
+            output kernel, the WY kernel and the per-chunk backward kernels.
+    """
+
+    BK: int
+    BKS: int
+    BV: int
+    BV_out: int
+    BV_wide: int
+    warps_seq: int
+    warps_out: int
+    warps_wy: int
+    warps_chunk: int
+
+
+def launch_shape(K: int, V: int, C: int) -> LaunchShape:
+    """The :class:`LaunchShape` for head dims K, V (<= 128) and chunk length C."""
+    BK = max(16, triton.next_power_of_2(K))
+    pv = triton.next_power_of_2(V)
+    return LaunchShape(BK=BK, BKS=min(BK, 64), BV=max(16, min(64 if BK <= 64 else 32, pv)),
+                       BV_out=max(16, min(64 if BK <= 128 else 32, pv)), BV_wide=max(16, min(64, pv)),
+                       warps_seq=4 if BK <= 64 else 8, warps_out=4 if BK * C <= 64 * 64 else 8,
+                       warps_wy=4 if C * BK <= 64 * 128 else 8, warps_chunk=4 if C <= 32 else 8)
+
+
+def launch_wy(shape: LaunchShape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec):
+    """Kernel 1 (:func:`_wy_fwd_kernel`) over all NC chunks × H heads; with ``t_wy`` (the
+    backward) it also stores T. ``g`` is None without decay."""
+    NC = tok_start.numel()
+    if NC == 0:
+        return
+    _wy_fwd_kernel[(NC * H,)](
+        w, a, b, u, g if g is not None else u, tok_start, tok_stop, x_wy, y_wy, t_wy if t_wy is not None else x_wy,
+        H, K=K, V=V, C=C, BK=shape.BK, BV=shape.BV_wide, DECAY=decay, PRECISION=prec,
+        STORE_T=t_wy is not None, num_warps=shape.warps_wy,
+    )
+
+
 MAX_FUSED_DIM = 128  # wider heads keep [C, K] tiles of q, w, a, b at once: left to the general path
 
 
@@ -275,8 +323,8 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     g = None if log_decay is None else log_decay.float().contiguous()
     decay = DECAY_NONE if g is None else DECAY_SCALAR
     R = len(lowrank)
-    BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(64 if BK <= 64 else 32, triton.next_power_of_2(V)))
+    shape = launch_shape(K, V, C)
+    BK, BV = shape.BK, shape.BV
     prec = meta["precision"]
     dummy = u  # stands in for absent pointers; constexpr flags keep it unread
     a, b = lowrank[0] if R else (dummy, dummy)
@@ -290,12 +338,8 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
         probes = torch.empty(NC, H, C, V, device=dev, dtype=torch.float32)
     else:
         x_wy = y_wy = probes = states
-    if NC > 0 and R:
-        _wy_fwd_kernel[(NC * H,)](
-            w, a, b, u, g if g is not None else dummy, tok_start, tok_stop, x_wy, y_wy, x_wy,
-            H, K=K, V=V, C=C, BK=BK, BV=max(16, min(64, triton.next_power_of_2(V))), DECAY=decay,
-            PRECISION=prec, num_warps=4 if C * BK <= 64 * 128 else 8,
-        )
+    if R:
+        launch_wy(shape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, None, H, K, V, C, decay, prec)
     h0_ = None if h0 is None else h0.float().contiguous()
     _launch_state(
         (triton.cdiv(V, BV), N * H),
@@ -303,13 +347,13 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
          states, probes, final, tok_start, tok_stop, chunk_offsets, H),
         key=(K, V, C, R, decay, str(q.dtype)),
         K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, HAS_H0=h0 is not None, BK=BK, BV=BV,
-        PRECISION=prec, num_warps=4 if BK <= 64 else 8,
+        PRECISION=prec, num_warps=shape.warps_seq,
     )
     if NC > 0:
-        BVO = max(16, min(64 if BK <= 128 else 32, triton.next_power_of_2(V)))
+        BVO = shape.BV_out
         _output_fwd_kernel[(triton.cdiv(V, BVO), NC * H)](
             q, w, a, u, g if g is not None else dummy, states, probes, o, tok_start, tok_stop,
             meta["scale"], H, K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, BK=BK, BV=BVO,
-            PRECISION=prec, num_warps=4 if BK * C <= 64 * 64 else 8,
+            PRECISION=prec, num_warps=shape.warps_out,
         )
     return o, final, states

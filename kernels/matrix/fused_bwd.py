@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused import _wy_fwd_kernel
+from .fused import launch_shape, launch_wy
 from .tiles import chunk_decay, chunk_tokens, kslice_program, sequence_program
 
 
@@ -216,24 +216,33 @@ def _du_bwd_kernel(
 
 @triton.jit
 def _chunk_masks(g, tok, valid, i_h, H, offs_c, C: tl.constexpr, DECAY: tl.constexpr):
-    """D (inclusive, e^{G_t − G_s}), R (strict, e^{G_{t−1} − G_s}) and the scalings e^{G_t},
-    e^{G_{t−1}}, e^{G_C − G_t} of one chunk (all ones / 0-1 masks without decay)."""
+    """Decay masks of one chunk: D (inclusive, D[t, s] = e^{G_t − G_s}, s ≤ t), R (strict,
+    R[t, s] = e^{G_{t−1} − G_s}, s < t), their transposes formed directly (no ``tl.trans``), and
+    the scalings e^{G_t}, e^{G_{t−1}}, e^{G_C − G_t} (0/1 masks and ones without decay).
+    Returns ``(D, D_T, R, R_T, e_q, e_b, e_end)``; what a kernel leaves unused is compiled away."""
     incl = offs_c[:, None] >= offs_c[None, :]
     strict = offs_c[:, None] > offs_c[None, :]
+    upper = offs_c[:, None] <= offs_c[None, :]
+    strict_upper = offs_c[:, None] < offs_c[None, :]
     if DECAY == 1:
         g_c, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
+        G_prev = G - g_c
         D = tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
-        R = tl.exp(tl.where(strict, (G - g_c)[:, None] - G[None, :], float("-inf")))
+        D_T = tl.exp(tl.where(upper, G[None, :] - G[:, None], float("-inf")))
+        R = tl.exp(tl.where(strict, G_prev[:, None] - G[None, :], float("-inf")))
+        R_T = tl.exp(tl.where(strict_upper, G_prev[None, :] - G[:, None], float("-inf")))
         e_q = tl.exp(G)
-        e_b = tl.exp(G - g_c)
+        e_b = tl.exp(G_prev)
         e_end = tl.exp(g_total - G)
     else:
         D = tl.where(incl, 1., 0.)
+        D_T = tl.where(upper, 1., 0.)
         R = tl.where(strict, 1., 0.)
+        R_T = tl.where(strict_upper, 1., 0.)
         e_q = tl.full([C], 1., tl.float32)
         e_b = e_q
         e_end = e_q
-    return D, R, e_q, e_b, e_end
+    return D, D_T, R, R_T, e_q, e_b, e_end
 
 
 @triton.jit
@@ -275,7 +284,7 @@ def _lowrank_cc_kernel(
     mask_k = offs_k < K
     row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
     m_ck = valid[:, None] & mask_k[None, :]
-    D, R, e_q, e_b, e_end = _chunk_masks(g, tok, valid, i_h, H, offs_c, C, DECAY)
+    D, D_T, R, R_T, e_q, e_b, e_end = _chunk_masks(g, tok, valid, i_h, H, offs_c, C, DECAY)
 
     # No tl.trans anywhere (DESIGN §7: a transposed MMA result broke a backward on Hopper with
     # Triton 3.6): transposed operands are loaded transposed, or formed transposed directly.
@@ -286,14 +295,6 @@ def _lowrank_cc_kernel(
     W = tl.load(w + row_k, mask=m_ck, other=0.).to(tl.float32)
     B_T = tl.load(b + col_k, mask=m_kc, other=0.).to(tl.float32)
     Q_T = tl.load(q + col_k, mask=m_kc, other=0.).to(tl.float32)
-    upper = offs_c[:, None] <= offs_c[None, :]
-    if DECAY == 1:
-        g_c, G, _ = chunk_decay(g, tok, valid, i_h, H, offs_c)
-        D_T = tl.exp(tl.where(upper, G[None, :] - G[:, None], float("-inf")))     # [s, t] = D[t, s]
-        R_T = tl.exp(tl.where(offs_c[:, None] < offs_c[None, :], (G - g_c)[None, :] - G[:, None], float("-inf")))
-    else:
-        D_T = tl.where(upper, 1., 0.)
-        R_T = tl.where(offs_c[:, None] < offs_c[None, :], 1., 0.)
     N_T = tl.dot(W, B_T, input_precision=PRECISION) * R_T                        # [s, t] = N[t, s]
     M_qw_T = tl.dot(W, Q_T, input_precision=PRECISION) * D_T
     W_hat = W * e_end[:, None]
@@ -366,7 +367,7 @@ def _lowrank_dk_kernel(
         dW_hat += tl.dot(U, dSn_T, input_precision=PRECISION)
         dX += tl.dot(dP, S_T, input_precision=PRECISION)
 
-    D, R, e_q, e_b, e_end = _chunk_masks(g, tok, valid, i_h, H, offs_c, C, DECAY)
+    D, _, R, _, e_q, e_b, e_end = _chunk_masks(g, tok, valid, i_h, H, offs_c, C, DECAY)
     Q = tl.load(q + row_k, mask=m_ck, other=0.).to(tl.float32)
     W = tl.load(w + row_k, mask=m_ck, other=0.).to(tl.float32)
     A = tl.load(a + row_k, mask=m_ck, other=0.).to(tl.float32)
@@ -398,6 +399,7 @@ def _lowrank_dk_kernel(
 
 
 RANK1_BV = 16  # value block of kernels 2'a/2'b (smaller blocks: less shared memory, more loop trips)
+RANK1_WARPS = 8
 
 
 def fused_backward_applies(log_decay, lowrank, K: int, V: int) -> bool:
@@ -454,9 +456,8 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     decay = 0 if g is None else 1
     dummy = u
     prec, scale = meta["precision"], float(meta["scale"])
-    BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(64 if BK <= 64 else 32, triton.next_power_of_2(V)))
-    BKS = min(BK, 64)
+    shape = launch_shape(K, V, C)
+    BK, BV, BKS = shape.BK, shape.BV, shape.BKS
     NK = triton.cdiv(K, BKS)
 
     f32 = dict(device=dev, dtype=torch.float32)
@@ -467,19 +468,14 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
         # the forward's WY factors, recomputed, and T itself (kernel 1 of the fused forward)
         x_wy, y_wy = torch.empty(NC, H, C, K, **f32), torch.empty(NC, H, C, V, **f32)
         t_wy, dprobes = torch.empty(NC, H, C, C, **f32), torch.empty(NC, H, C, V, **f32)
-        if NC > 0:
-            _wy_fwd_kernel[(NC * H,)](
-                w, a, b, u, g if g is not None else dummy, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy,
-                H, K=K, V=V, C=C, BK=BK, BV=max(16, min(64, triton.next_power_of_2(V))), DECAY=decay,
-                PRECISION=prec, STORE_T=True, num_warps=4 if C * BK <= 64 * 128 else 8,
-            )
+        launch_wy(shape, w, a, b, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec)
     else:
         x_wy = dprobes = dstates
     _dstate_bwd_kernel[(triton.cdiv(V, BV), N * H)](
         q, a, d_o, g if g is not None else dummy, x_wy, df if df is not None else dummy, dstates, dprobes,
         dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale, H, K=K, V=V, C=C, DECAY=decay,
         HAS_DFINAL=df is not None, LOWRANK=R > 0, BK=BK, BV=BV, PRECISION=prec,
-        num_warps=4 if BK <= 64 else 8,
+        num_warps=shape.warps_seq,
     )
     dq, dw, du = torch.empty_like(q), torch.empty_like(w), torch.empty_like(u)
     da = db = None
@@ -492,14 +488,14 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             _lowrank_cc_kernel[(NC * H,)](
                 q, w, u, b, d_o, g if g is not None else dummy, states, dstates, dprobes, x_wy, y_wy, t_wy,
                 probes, cc, du, lay.tok_start, lay.tok_stop, scale, H, K=K, V=V, C=C, DECAY=decay,
-                BK=BK, BV=RANK1_BV, PRECISION=prec, num_warps=8,
+                BK=BK, BV=RANK1_BV, PRECISION=prec, num_warps=RANK1_WARPS,
             )
             _lowrank_dk_kernel[(NK, NC * H)](
                 q, w, u, a, b, d_o, g if g is not None else dummy, states, dstates, dprobes, probes, t_wy, cc,
                 dq, dw, da, db, dlam, dbb, lay.tok_start, lay.tok_stop, scale, B * T, H, K=K, V=V, C=C,
-                DECAY=decay, BKS=BKS, BV=RANK1_BV, PRECISION=prec, num_warps=8,
+                DECAY=decay, BKS=BKS, BV=RANK1_BV, PRECISION=prec, num_warps=RANK1_WARPS,
             )
-        lam, bb = dlam.sum(0), dbb.sum(0)
+        lam, bb = (dlam.sum(0), dbb.sum(0)) if g is not None and needs[3] else (None, None)
     else:
         dlam = torch.empty(NK, B * T, H, **f32)
         bb = None
@@ -507,13 +503,12 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             _dqdw_bwd_kernel[(NK, NC * H)](
                 q, w, u, d_o, g if g is not None else dummy, states, dstates, dq, dw, dlam,
                 lay.tok_start, lay.tok_stop, scale, B * T, H, K=K, V=V, C=C, DECAY=decay,
-                BKS=BKS, BV=min(BV, 64), PRECISION=prec, num_warps=4 if C <= 32 else 8,
+                BKS=BKS, BV=BV, PRECISION=prec, num_warps=shape.warps_chunk,
             )
-            BVU = max(16, min(64, triton.next_power_of_2(V)))
-            _du_bwd_kernel[(triton.cdiv(V, BVU), NC * H)](
+            _du_bwd_kernel[(triton.cdiv(V, shape.BV_wide), NC * H)](
                 q, w, d_o, g if g is not None else dummy, dstates, du, lay.tok_start, lay.tok_stop, scale,
-                H, K=K, V=V, C=C, DECAY=decay, BKS=BKS, BV=BVU, PRECISION=prec,
-                num_warps=4 if C <= 32 else 8,
+                H, K=K, V=V, C=C, DECAY=decay, BKS=BKS, BV=shape.BV_wide, PRECISION=prec,
+                num_warps=shape.warps_chunk,
             )
         lam = dlam.sum(0) if g is not None and needs[3] else None
     dg = None
