@@ -210,6 +210,22 @@ def test_errors(monkeypatch):
         km.chunk_matrix(q, w, u)
 
 
+def test_code_path_switches_refuse_unknown_values(monkeypatch):
+    # OLSM_MATRIX_PATH / _SOLVE / _BWD select code paths for A/B timing; a typo must not
+    # silently time the default path
+    q, w, u = (t.to(DEVICE).requires_grad_() for t in _small())
+    for name in ("OLSM_MATRIX_PATH", "OLSM_MATRIX_BWD"):      # read in the forward / the backward
+        monkeypatch.setenv(name, "tritn")
+        with pytest.raises(BackendError, match=f"{name}='tritn' is not one of"):
+            o, _ = km.chunk_matrix(q, w, u)
+            o.sum().backward()
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OLSM_MATRIX_PATH", "general")
+    monkeypatch.setenv("OLSM_MATRIX_SOLVE", "cublas")
+    with pytest.raises(BackendError, match="OLSM_MATRIX_SOLVE='cublas'"):
+        km.chunk_matrix(q, w, u, None, [(w, q)])
+
+
 FUSED_CASES = [("none", "none"), ("scalar", "none"), ("none", "delta"), ("scalar", "delta"),
                ("none", "longhorn"), ("scalar", "general")]
 

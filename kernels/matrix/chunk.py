@@ -46,7 +46,7 @@ from triton.runtime.errors import OutOfResources
 
 from olsm.errors import BackendError, InputError
 
-from .fused import fused_applies, fused_forward
+from .fused import env_choice, fused_applies, fused_forward
 from .fused_bwd import fused_backward, fused_backward_applies
 from .gram import decayed_gram
 from .state import _ChunkRecurrence
@@ -263,7 +263,7 @@ def _prepare(q, w, u, g, lowrank):
     a_hat = (A if exp_a is None else A * torch.exp(exp_a)[:, :, :, None]).reshape(NC, H, C * R, K)
     # WY/UT form: T = (I − L)⁻¹ in Triton (forward substitution in registers, see .trinv), then
     # plain batched products; OLSM_MATRIX_SOLVE=torch restores the batched triangular solve
-    if os.environ.get("OLSM_MATRIX_SOLVE", "triton") == "torch":
+    if env_choice("OLSM_MATRIX_SOLVE", ("triton", "torch")) == "torch":
         eye = torch.eye(C * R, device=q.device, dtype=q.dtype)
         rhs = torch.cat([b_hat, n_bw @ u], dim=-1)
         sol = torch.linalg.solve_triangular(eye - L, rhs, upper=False, unitriangular=True)

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from olsm.errors import BackendError
+
 from .tiles import chunk_decay, chunk_tokens, sequence_program
 
 DECAY_NONE, DECAY_SCALAR = 0, 1
@@ -272,11 +274,26 @@ def launch_wy(shape: LaunchShape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy
 MAX_FUSED_DIM = 128  # wider heads keep [C, K] tiles of q, w, a, b at once: left to the general path
 
 
+def env_choice(name: str, choices: tuple) -> str:
+    """The code path the environment variable ``name`` selects (read at each call, for A/B
+    timing); unset means ``choices[0]``. A value outside ``choices`` is an error, not a silent
+    default.
+
+    Raises:
+        BackendError: the variable holds something else.
+    """
+    value = os.environ.get(name, choices[0])
+    if value not in choices:
+        raise BackendError(f"{name}={value!r} is not one of {', '.join(choices)}; unset it for the default "
+                           f"({choices[0]})")
+    return value
+
+
 def fused_applies(log_decay, lowrank, K: int = 0, V: int = 0) -> bool:
     """Whether :func:`fused_forward` handles this call: no or scalar decay, rank <= 1,
     K, V <= :data:`MAX_FUSED_DIM`, and the user did not ask for the general path with
     ``OLSM_MATRIX_PATH=general``."""
-    if os.environ.get("OLSM_MATRIX_PATH", "auto") == "general":
+    if env_choice("OLSM_MATRIX_PATH", ("auto", "general")) == "general":
         return False
     return (len(lowrank) <= 1 and (log_decay is None or log_decay.dim() == 3)
             and max(K, V) <= MAX_FUSED_DIM)

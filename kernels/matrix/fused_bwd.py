@@ -44,13 +44,11 @@ A/B timing).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .fused import launch_shape, launch_wy
+from .fused import env_choice, launch_shape, launch_wy
 from .tiles import chunk_decay, chunk_tokens, kslice_program, sequence_program
 
 
@@ -406,7 +404,7 @@ def fused_backward_applies(log_decay, lowrank, K: int, V: int) -> bool:
     """Whether :func:`fused_backward` handles this call: no or scalar decay, K, V <= 128, and
     either no low-rank part (unless ``OLSM_MATRIX_BWD=autograd``) or one pair with
     ``OLSM_MATRIX_BWD=triton``. ``lowrank`` is the flat ``(a, b, ...)`` tuple."""
-    mode = os.environ.get("OLSM_MATRIX_BWD", "auto")
+    mode = env_choice("OLSM_MATRIX_BWD", ("auto", "triton", "autograd"))
     if mode == "autograd":
         return False
     rank_ok = len(lowrank) == 0 or (mode == "triton" and len(lowrank) == 2)   # lowrank: flat (a, b)

@@ -19,12 +19,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train olsm layers: multi-query associative recall (Zoology) and byte-level LM.")
 console = Console()
 
-# options shared by both commands (typer needs them spelled out per command)
+# options both commands share: one definition each, so help and defaults cannot drift apart
+# (typer still needs every parameter named in each command's signature)
 _OBJ = typer.Option(["longhorn"], "--objective", "-o", help="catalogue name or FILE.py:NAME; repeat for a sweep")
 _OUT = typer.Option(None, "--out", help="run folder (a sweep writes one sub-folder per run)")
 _PAR = typer.Option("auto", help="under torchrun: ddp or fsdp (FSDP2); auto = ddp when WORLD_SIZE > 1, else none. "
                     "--batch-size is the global batch")
-# options both tasks share (one definition, so their help and defaults cannot drift apart)
 _MLP = typer.Option(4.0, help="SwiGLU ratio (0: no MLP)")
 _WD = typer.Option(0.1, help="AdamW weight decay")
 _WARMUP = typer.Option(50, help="warmup steps")
