@@ -38,7 +38,7 @@ import triton.language as tl
 
 from olsm.errors import BackendError
 
-from .tiles import chunk_decay, chunk_tokens, sequence_program
+from .tiles import chunk_decay, chunk_key_tiles, chunk_tokens, sequence_program
 
 DECAY_NONE, DECAY_SCALAR = 0, 1
 
@@ -58,16 +58,9 @@ def _wy_fwd_kernel(
     (the backward) also T itself, t_wy ``[NC, H, C, C]`` fp32.
     """
     nh = tl.program_id(0).to(tl.int64)
-    i_h = nh % H
-    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
-    offs_k = tl.arange(0, BK)
-    mask_k = offs_k < K
-
     # rows of b, columns of a and w (transposed by pointer arithmetic, never tl.trans)
-    row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
-    col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]
-    mask_row = valid[:, None] & mask_k[None, :]
-    mask_col = mask_k[:, None] & valid[None, :]
+    i_h, offs_c, valid, tok, offs_k, mask_k, row_k, mask_row, col_k, mask_col = chunk_key_tiles(
+        tok_start, tok_stop, nh, H, K, C, BK, 0)
     b_rows = tl.load(b + row_k, mask=mask_row, other=0.)
     a_cols = tl.load(a + col_k, mask=mask_col, other=0.)
     w_cols = tl.load(w + col_k, mask=mask_col, other=0.)

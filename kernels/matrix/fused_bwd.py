@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .fused import env_choice, launch_shape, launch_wy
-from .tiles import chunk_decay, chunk_tokens, kslice_program, sequence_program
+from .tiles import chunk_decay, chunk_key_tiles, chunk_tokens, kslice_program, sequence_program
 
 
 @triton.jit
@@ -276,18 +276,11 @@ def _lowrank_cc_kernel(
     cc ``[NC, H, 4, C, C]`` fp32; du ``[B·T, H, V]``.
     """
     nh = tl.program_id(0).to(tl.int64)
-    i_h = nh % H
-    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
-    offs_k = tl.arange(0, BK)
-    mask_k = offs_k < K
-    row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
-    m_ck = valid[:, None] & mask_k[None, :]
-    D, D_T, R, R_T, e_q, e_b, e_end = _chunk_masks(g, tok, valid, i_h, H, offs_c, C, DECAY)
-
     # No tl.trans anywhere (DESIGN §7: a transposed MMA result broke a backward on Hopper with
-    # Triton 3.6): transposed operands are loaded transposed, or formed transposed directly.
-    col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]                      # [BK, C]
-    m_kc = mask_k[:, None] & valid[None, :]
+    # Triton 3.6): transposed operands are loaded transposed (col_k), or formed transposed directly.
+    i_h, offs_c, valid, tok, offs_k, mask_k, row_k, m_ck, col_k, m_kc = chunk_key_tiles(
+        tok_start, tok_stop, nh, H, K, C, BK, 0)
+    D, D_T, R, R_T, e_q, e_b, e_end = _chunk_masks(g, tok, valid, i_h, H, offs_c, C, DECAY)
     X_T = tl.load(x_wy + nh * C * K + offs_c[None, :] * K + offs_k[:, None], mask=mask_k[:, None], other=0.)
     T_T = tl.load(t_wy + nh * C * C + offs_c[None, :] * C + offs_c[:, None])
     W = tl.load(w + row_k, mask=m_ck, other=0.).to(tl.float32)

@@ -46,15 +46,28 @@ def chunk_decay(g, tok, valid, i_h, H, offs_c):
 
 
 @triton.jit
-def kslice_program(tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr, BKS: tl.constexpr):
-    """For a grid ``(cdiv(K, BKS), NC·H)`` over key slices × chunks × heads: its
-    ``(nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, mask_row)``, with ``row_k`` the
-    token-major ``[C, BKS]`` offsets of this slice and ``mask_row`` their mask."""
-    i_k = tl.program_id(0)
-    nh = tl.program_id(1).to(tl.int64)
+def chunk_key_tiles(tok_start, tok_stop, nh, H, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, k0):
+    """Keys ``[k0, k0 + BK)`` of chunk × head ``nh`` (= chunk · H + head): returns
+    ``(i_h, offs_c, valid, tok, offs_k, mask_k, row_k, mask_row, col_k, mask_col)`` with ``row_k``
+    the token-major ``[C, BK]`` offsets and ``col_k`` the same transposed, ``[BK, C]`` (to load an
+    operand transposed instead of ``tl.trans``); what a kernel leaves unused is compiled away."""
     i_h = nh % H
     offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
-    offs_k = i_k * BKS + tl.arange(0, BKS)
+    offs_k = k0 + tl.arange(0, BK)
     mask_k = offs_k < K
     row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
-    return nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, valid[:, None] & mask_k[None, :]
+    col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]
+    return (i_h, offs_c, valid, tok, offs_k, mask_k, row_k, valid[:, None] & mask_k[None, :], col_k,
+            mask_k[:, None] & valid[None, :])
+
+
+@triton.jit
+def kslice_program(tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr, BKS: tl.constexpr):
+    """For a grid ``(cdiv(K, BKS), NC·H)`` over key slices × chunks × heads: its
+    ``(nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, mask_row)`` (see
+    :func:`chunk_key_tiles`)."""
+    i_k = tl.program_id(0)
+    nh = tl.program_id(1).to(tl.int64)
+    i_h, offs_c, valid, tok, offs_k, mask_k, row_k, mask_row, _, _ = chunk_key_tiles(tok_start, tok_stop, nh, H, K,
+                                                                                     C, BKS, i_k * BKS)
+    return nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, mask_row
