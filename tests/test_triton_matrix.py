@@ -168,6 +168,15 @@ def test_no_initial_state_no_final_state_short_sequence():
     check(make_inputs(4, T=1, decay="key", lowrank="none", h0=False, H=1), final=True)
 
 
+@pytest.mark.parametrize("chunk", [64, 128])
+def test_fused_wy_inverse_over_several_blocks(chunk):
+    # the fused WY kernel inverts I − L in 16-row blocks (kernels/matrix/fused.py): C = 64 and 128
+    # take 4 and 8 blocks; K = 5 unit keys over 150 tokens are often nearly parallel, the case
+    # where an unstable inverse (e.g. the power series of L) loses every digit
+    check(make_inputs(12, T=150, H=1, decay="scalar", lowrank="delta"), chunk_size=chunk)
+    check(make_inputs(13, T=150, H=1, decay="none", lowrank="longhorn"), chunk_size=chunk)
+
+
 def test_strong_per_key_decay_stays_finite():
     # per-step log-decays down to -8: exponents of the factored form would overflow float32 if
     # taken from the chunk start; the sub-block reference points keep them <= 0

@@ -414,10 +414,15 @@ def _sequence_ends(lay) -> torch.Tensor:
 
 def _reverse_cumsum_per_sequence(x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Σ_{t' ≥ t, same sequence} x[t'] for flat tokens x ``[B·T, H]``; ends from :func:`_sequence_ends`."""
-    total = x.flip(0).cumsum(0).flip(0)
+    # Scan along the contiguous (last) axis: torch's scan over a leading axis of [B·T, H] runs
+    # only H threads in sequence (2.8 ms at B·T = 16384, H = 16 on an H100; this: ~0.02 ms).
+    # float64, because a suffix sum over the whole batch minus the one past the sequence end
+    # cancels: the difference is small next to both terms when B·T is long.
+    total = x.t().double().flip(1).cumsum(1).flip(1)                              # [H, B·T]
     # subtract what belongs to later sequences: the suffix sum from this token's sequence end on
     end_of = ends[torch.bucketize(torch.arange(x.shape[0], device=x.device), ends, right=True)]
-    return total - torch.cat([total, total.new_zeros(1, x.shape[1])])[end_of]
+    total = torch.cat([total, total.new_zeros(x.shape[1], 1)], 1)
+    return (total[:, :-1] - total[:, end_of]).t().to(x.dtype)
 
 
 def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, meta, needs, lowrank_flat=()):
