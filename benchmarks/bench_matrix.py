@@ -25,10 +25,9 @@ Usage (on the GPU machine; FLA from a carried wheel)::
         [--variants new legacy] [--no-fla]
 
 ``--variants`` times our kernel under several code paths in one process (A/B), each row named
-``method@variant`` when more than one is asked for: ``new`` (default: fused forward where it
-applies, Triton backward without low rank, Triton triangular inverse), ``autograd_bwd`` (the
-same forward, the autograd backward), ``triton_bwd`` (the Triton backward also for one low-rank
-pair: ``OLSM_MATRIX_BWD=triton``), ``general`` (general path, Triton inverse) and ``legacy``
+``method@variant`` when more than one is asked for: ``new`` (default: fused forward and Triton
+backward where they apply, Triton triangular inverse), ``autograd_bwd`` (the
+same forward, the autograd backward), ``general`` (general path, Triton inverse) and ``legacy``
 (general path with ``torch.linalg.solve_triangular``: the code measured in runs 2 and 3). The
 paths are chosen through ``OLSM_MATRIX_PATH`` / ``OLSM_MATRIX_SOLVE`` / ``OLSM_MATRIX_BWD``, read
 at every call.
@@ -100,7 +99,6 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0):
 
 
 VARIANTS = {"new": ("auto", "triton", "auto"), "autograd_bwd": ("auto", "triton", "autograd"),
-            "triton_bwd": ("auto", "triton", "triton"),
             "general": ("general", "triton", "autograd"), "legacy": ("general", "torch", "autograd")}
 
 

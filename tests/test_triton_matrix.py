@@ -311,8 +311,8 @@ RANK1_CASES = [("none", "delta"), ("scalar", "delta"), ("none", "longhorn"), ("s
 
 @pytest.mark.parametrize("decay,lowrank", RANK1_CASES, ids=[f"{d}-{r}" for d, r in RANK1_CASES])
 def test_triton_backward_with_one_lowrank_pair(decay, lowrank, monkeypatch):
-    # OLSM_MATRIX_BWD=triton: the rank-1 members (DeltaNet, gated DeltaNet, Longhorn, rank-1 DPLR
-    # with a scalar decay) take the Triton backward too; default off until timed on the GPU
+    # the rank-1 members (DeltaNet, gated DeltaNet, Longhorn, rank-1 DPLR with a scalar decay)
+    # take the Triton backward by default; OLSM_MATRIX_BWD=autograd still reaches the old one
     chunk = importlib.import_module("olsm.kernels.matrix.chunk")
     calls = []
     real = chunk.fused_backward
@@ -320,11 +320,12 @@ def test_triton_backward_with_one_lowrank_pair(decay, lowrank, monkeypatch):
     inputs = make_inputs(zlib.crc32(f"rank1{decay}{lowrank}".encode()), B=2, T=45, H=2, K=24, V=40,
                          decay=decay, lowrank=lowrank)
     check(inputs, chunk_size=32)
-    assert not calls, "rank 1 must keep the autograd backward by default"
-    monkeypatch.setenv("OLSM_MATRIX_BWD", "triton")
-    check(inputs, chunk_size=32)
     check(inputs, chunk_size=16, final=False)
+    assert len(calls) == 2, "the rank-1 Triton backward was not used"
+    monkeypatch.setenv("OLSM_MATRIX_BWD", "autograd")
+    check(inputs, chunk_size=32)
     assert len(calls) == 2
+    monkeypatch.delenv("OLSM_MATRIX_BWD")
     cu = (0, 12, 12, 50)    # packed, with an empty sequence
     check(make_inputs(5, T=cu[-1], H=1, K=6, V=5, decay=decay, lowrank=lowrank, N=len(cu) - 1, h0=False),
           cu_seqlens=cu)

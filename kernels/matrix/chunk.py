@@ -27,9 +27,8 @@ Fast path: with no or a scalar decay and at most one low-rank pair (K, V <= 128)
 place; ``OLSM_MATRIX_PATH=general`` turns it off). The triangular solve of step 1 is an explicit
 Triton inverse (:mod:`.trinv`; ``OLSM_MATRIX_SOLVE=torch`` restores the batched solve).
 
-Backward: without a low-rank part (no or scalar decay) it is three Triton kernels
-(:mod:`.fused_bwd`; ``OLSM_MATRIX_BWD=autograd`` turns them off; ``OLSM_MATRIX_BWD=triton``
-extends them to one low-rank pair, opt-in until timed on a GPU). Otherwise the chunk-boundary
+Backward: with no or a scalar decay and at most one low-rank pair it is Triton kernels
+(:mod:`.fused_bwd`; ``OLSM_MATRIX_BWD=autograd`` turns them off). Otherwise the chunk-boundary
 states S_n of the forward are kept; the preparation is recomputed under autograd, the reverse
 state pass (Triton) gives ∂L/∂S_n, and torch's autograd carries the rest back to the inputs
 (through the per-key Gram kernel's own backward).
