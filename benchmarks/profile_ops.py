@@ -20,15 +20,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_matrix as bm  # noqa: E402
 
 
-def profile(method, shape, variant, top, reps=5):
-    """Print the ``top`` CUDA kernels of ``reps`` forward+backward steps of ``method``.
+def kernel_times(method, shape, variant="new", reps=5):
+    """CUDA time per forward+backward step of ``method``, by kernel name, in ms.
 
     Args:
         method: one of ``bench_matrix.METHODS`` (not ``sdpa``).
         shape: (B, T, H, D).
         variant: a key of ``bench_matrix.VARIANTS`` (code path of ours).
-        top: how many rows to print.
         reps: profiled steps (after two warm-up steps that compile).
+
+    Returns:
+        ``{kernel name: (calls per step, ms per step)}``.
     """
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
@@ -53,13 +55,17 @@ def profile(method, shape, variant, top, reps=5):
             step()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    events.sort(key=lambda e: -e.device_time_total)
-    total = sum(e.device_time_total for e in events) / reps / 1e3
+    return {e.key: (e.count / reps, e.device_time_total / reps / 1e3) for e in events}
+
+
+def profile(method, shape, variant, top):
+    """Print the ``top`` CUDA kernels of one forward+backward of ``method`` (see :func:`kernel_times`)."""
+    times = sorted(kernel_times(method, shape, variant).items(), key=lambda kv: -kv[1][1])
+    total = sum(ms for _, (_, ms) in times)
     print(f"\n## {method}@{variant} {shape}: {total:.3f} ms of kernel time per fwd+bwd")
     print("| kernel | calls/step | ms/step | share |\n|---|---|---|---|")
-    for e in events[:top]:
-        ms = e.device_time_total / reps / 1e3
-        print(f"| {e.key[:90]} | {e.count / reps:g} | {ms:.3f} | {100 * ms / total:.1f}% |")
+    for key, (calls, ms) in times[:top]:
+        print(f"| {key[:90]} | {calls:g} | {ms:.3f} | {100 * ms / total:.1f}% |")
 
 
 def main():

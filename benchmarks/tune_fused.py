@@ -1,0 +1,85 @@
+"""Sweep the block sizes and warps of the fused matrix kernels on the GPU, one knob at a time.
+
+Every launch of :mod:`olsm.kernels.matrix.fused` and :mod:`~olsm.kernels.matrix.fused_bwd`
+takes its tiles and ``num_warps`` from ``launch_shape()`` (and the rank-1 kernels from
+``RANK1_BV`` / ``RANK1_WARPS``). This script replaces one field at a time, runs a profiled
+forward+backward per method (``profile_ops.kernel_times``) and prints, per kernel, its time under
+each change next to the default, so the best value of each field can be read off and written
+back into ``launch_shape``. Each kernel depends on a few fields only, so one-at-a-time changes
+cover what matters at a fraction of a full grid.
+
+    python benchmarks/tune_fused.py [--shape 8,2048,16,128] [--methods mamba2 gated_deltanet]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import profile_ops  # noqa: E402
+
+from olsm.kernels.matrix import fused, fused_bwd  # noqa: E402
+
+# (field, value): fields of fused.LaunchShape, or RANK1_BV / RANK1_WARPS of fused_bwd
+CHANGES = [("warps_seq", 4), ("BV", 32), ("BV", 64), ("warps_out", 4), ("BV_out", 32), ("BV_out", 128),
+           ("warps_wy", 4), ("BV_wide", 32), ("BV_wide", 128), ("warps_chunk", 4), ("BKS", 32), ("BKS", 128),
+           ("RANK1_WARPS", 4), ("RANK1_BV", 32)]
+
+
+def with_change(field, value):
+    """Install ``field = value`` in the launches; returns an undo callable."""
+    if field.startswith("RANK1_"):
+        old = getattr(fused_bwd, field)
+        setattr(fused_bwd, field, value)
+        return lambda: setattr(fused_bwd, field, old)
+    real = fused.launch_shape
+
+    def patched(K, V, C):
+        return dataclasses.replace(real(K, V, C), **{field: value})
+
+    fused.launch_shape = fused_bwd.launch_shape = patched
+
+    def undo():
+        fused.launch_shape = fused_bwd.launch_shape = real
+    return undo
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="8,2048,16,128")
+    ap.add_argument("--methods", nargs="*", default=["mamba2", "gated_deltanet"])
+    args = ap.parse_args()
+    shape = tuple(int(p) for p in args.shape.split(","))
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, shape {shape} bf16")
+    print(f"default: {fused.launch_shape(shape[3], shape[3], 64)}, RANK1_BV={fused_bwd.RANK1_BV}, "
+          f"RANK1_WARPS={fused_bwd.RANK1_WARPS}")
+    for method in args.methods:
+        base = {k: ms for k, (_, ms) in profile_ops.kernel_times(method, shape).items() if not k.startswith("void")}
+        rows = {k: {} for k in base}
+        for field, value in CHANGES:
+            undo = with_change(field, value)
+            try:
+                got = profile_ops.kernel_times(method, shape)
+            except Exception as err:  # noqa: BLE001 - a config that does not fit is a result too
+                print(f"  {method} {field}={value}: {type(err).__name__}: {str(err)[:100]}")
+                got = {}
+            finally:
+                undo()
+            for k in rows:
+                if k not in got:     # did not launch: OutOfResources sent the call to another path
+                    rows[k][f"{field}={value}"] = float("inf")
+                elif abs(got[k][1] - base[k]) > 0.02 * base[k]:
+                    rows[k][f"{field}={value}"] = got[k][1]
+        print(f"\n## {method}: default ms, then the changes that moved a kernel by more than 2 %")
+        for k, ms in sorted(base.items(), key=lambda kv: -kv[1]):
+            moved = ", ".join(f"{c} {t:.3f}" for c, t in sorted(rows[k].items(), key=lambda kv: kv[1]))
+            print(f"- {k}: {ms:.3f} | {moved}")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
