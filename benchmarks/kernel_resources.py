@@ -35,15 +35,15 @@ def configs(K=128, V=128, C=64):
             yield (f"fwd output {tag}", F._output_fwd_kernel, dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out),
                    sh.warps_out, True)
             yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel,
-                   dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV), sh.warps_seq, not lr)
+                   dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV), sh.warps_seq, True)
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False)
         yield (f"fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
-        yield (f"bwd dq dw decay={decay}", FB._dqdw_bwd_kernel, dict(d, BKS=sh.BKS, BV=sh.BV), sh.warps_chunk, True)
-        yield (f"bwd du decay={decay}", FB._du_bwd_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_wide), sh.warps_chunk, True)
-        yield (f"bwd rank-1 cc decay={decay}", FB._lowrank_cc_kernel, dict(d, BK=sh.BK, BV=FB.RANK1_BV),
-               FB.RANK1_WARPS, False)
-        yield (f"bwd rank-1 dk decay={decay}", FB._lowrank_dk_kernel, dict(d, BKS=sh.BKS, BV=FB.RANK1_BV),
-               FB.RANK1_WARPS, False)
+        yield (f"bwd dq dw decay={decay}", FB._dqdw_bwd_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)
+        yield (f"bwd du decay={decay}", FB._du_bwd_kernel, dict(d, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, True)
+        yield (f"bwd rank-1 cc decay={decay}", FB._lowrank_cc_kernel, dict(d, BK=sh.BK, BV=sh.BV_rank1),
+               sh.warps_rank1, True)
+        yield (f"bwd rank-1 dk decay={decay}", FB._lowrank_dk_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_rank1),
+               sh.warps_rank1, True)
 
 
 def stages_of(name: str) -> int:

@@ -1,8 +1,7 @@
 """Sweep the block sizes and warps of the fused matrix kernels on the GPU, one knob at a time.
 
 Every launch of :mod:`olsm.kernels.matrix.fused` and :mod:`~olsm.kernels.matrix.fused_bwd`
-takes its tiles and ``num_warps`` from ``launch_shape()`` (and the rank-1 kernels from
-``RANK1_BV`` / ``RANK1_WARPS``). This script replaces one field at a time, runs a profiled
+takes its tiles and ``num_warps`` from ``launch_shape()``. This script replaces one field at a time, runs a profiled
 forward+backward per method (``profile_ops.kernel_times``) and prints, per kernel, its time under
 each change next to the default, so the best value of each field can be read off and written
 back into ``launch_shape``. Each kernel depends on a few fields only, so one-at-a-time changes
@@ -24,18 +23,14 @@ import profile_ops  # noqa: E402
 
 from olsm.kernels.matrix import fused, fused_bwd  # noqa: E402
 
-# (field, value): fields of fused.LaunchShape, or RANK1_BV / RANK1_WARPS of fused_bwd
-CHANGES = [("warps_seq", 4), ("BV", 32), ("BV", 64), ("warps_out", 4), ("BV_out", 32), ("BV_out", 128),
-           ("warps_wy", 4), ("BV_wide", 32), ("BV_wide", 128), ("warps_chunk", 4), ("BKS", 32), ("BKS", 128),
-           ("RANK1_WARPS", 4), ("RANK1_BV", 32)]
+# (field, value) of fused.LaunchShape; the opposite of each default at K = V = 128, C = 64
+CHANGES = [("warps_seq", 4), ("BV", 32), ("BV_dqdw", 64), ("warps_out", 8), ("BV_out", 32), ("BV_out", 128),
+           ("warps_wy", 8), ("BV_wide", 32), ("BV_wide", 128), ("warps_chunk", 8), ("BKS", 32), ("BKS", 128),
+           ("BKS_du", 64), ("warps_rank1", 8), ("BV_rank1", 32)]
 
 
 def with_change(field, value):
     """Install ``field = value`` in the launches; returns an undo callable."""
-    if field.startswith("RANK1_"):
-        old = getattr(fused_bwd, field)
-        setattr(fused_bwd, field, value)
-        return lambda: setattr(fused_bwd, field, old)
     real = fused.launch_shape
 
     def patched(K, V, C):
@@ -55,8 +50,7 @@ def main():
     args = ap.parse_args()
     shape = tuple(int(p) for p in args.shape.split(","))
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, shape {shape} bf16")
-    print(f"default: {fused.launch_shape(shape[3], shape[3], 64)}, RANK1_BV={fused_bwd.RANK1_BV}, "
-          f"RANK1_WARPS={fused_bwd.RANK1_WARPS}")
+    print(f"default: {fused.launch_shape(shape[3], shape[3], 64)}")
     for method in args.methods:
         base = {k: ms for k, (_, ms) in profile_ops.kernel_times(method, shape).items() if not k.startswith("void")}
         rows = {k: {} for k in base}

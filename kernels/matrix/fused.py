@@ -242,32 +242,48 @@ class LaunchShape:
     wrappers and ``benchmarks/kernel_resources.py`` cannot drift apart).
 
     Attributes:
-        BK: padded K (a whole key row per tile); BKS: key slice of the K-split backward kernels.
-        BV: value block of the sequential passes and of the dq/dw kernel; BV_out: of the forward
-            output kernel; BV_wide: of the WY kernel and the du kernel.
-        warps_seq, warps_out, warps_wy, warps_chunk: num_warps of the sequential passes, the
-            output kernel, the WY kernel and the per-chunk backward kernels.
+        BK: padded K (a whole key row per tile); BKS: key slice of the dq/dw and rank-1 dk
+            kernels; BKS_du: of the du kernel.
+        BV: value block of the sequential passes (forward state, reverse dS); BV_dqdw: of the
+            dq/dw kernel; BV_out: of the forward output kernel; BV_wide: of the WY kernel and
+            the du kernel; BV_rank1: of the rank-1 gradient kernels 2'a/2'b.
+        warps_seq, warps_out, warps_wy, warps_chunk, warps_rank1: num_warps of the sequential
+            passes, the output kernel, the WY kernel, the rank-0 per-chunk backward kernels and
+            the rank-1 ones.
+
+    The values are what ``benchmarks/tune_fused.py`` measured fastest on an H100 at
+    (8, 2048, 16, 128), bf16, C = 64 (one knob at a time, 2026-11-24): 4 warps beat 8 for every
+    per-chunk kernel (output 0.41 → 0.27 ms, WY 0.74 → 0.50, dq/dw 0.59 → 0.45, rank-1 2'a
+    3.30 → 2.89 and 2'b 1.63 → 1.14), value blocks of 64 beat 32 in the sequential passes with
+    a decay (0.37 → 0.25 ms each; rank-1 reverse pass 2.63 → 1.71), key slices of 32 in du.
     """
 
     BK: int
     BKS: int
+    BKS_du: int
     BV: int
+    BV_dqdw: int
     BV_out: int
     BV_wide: int
+    BV_rank1: int
     warps_seq: int
     warps_out: int
     warps_wy: int
     warps_chunk: int
+    warps_rank1: int
 
 
 def launch_shape(K: int, V: int, C: int) -> LaunchShape:
     """The :class:`LaunchShape` for head dims K, V (<= 128) and chunk length C."""
     BK = max(16, triton.next_power_of_2(K))
     pv = triton.next_power_of_2(V)
-    return LaunchShape(BK=BK, BKS=min(BK, 64), BV=max(16, min(64 if BK <= 64 else 32, pv)),
+    small = C <= 64
+    return LaunchShape(BK=BK, BKS=min(BK, 64), BKS_du=min(BK, 32), BV=max(16, min(64, pv)),
+                       BV_dqdw=max(16, min(64 if BK <= 64 else 32, pv)),
                        BV_out=max(16, min(64 if BK <= 128 else 32, pv)), BV_wide=max(16, min(64, pv)),
-                       warps_seq=4 if BK <= 64 else 8, warps_out=4 if BK * C <= 64 * 64 else 8,
-                       warps_wy=4 if C * BK <= 64 * 64 else 8, warps_chunk=4 if C <= 32 else 8)
+                       BV_rank1=16, warps_seq=4 if BK <= 64 else 8, warps_out=4 if BK * C <= 128 * 64 else 8,
+                       warps_wy=4 if C * BK <= 64 * 128 else 8, warps_chunk=4 if small else 8,
+                       warps_rank1=4 if small else 8)
 
 
 def wy_constexprs(shape: LaunchShape, K: int, V: int, C: int, decay: int, prec: str, store_t: bool) -> dict:

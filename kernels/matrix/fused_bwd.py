@@ -389,10 +389,6 @@ def _lowrank_dk_kernel(
     tl.store(dbb + part, bb, mask=valid)
 
 
-RANK1_BV = 16  # value block of kernels 2'a/2'b (smaller blocks: less shared memory, more loop trips)
-RANK1_WARPS = 8
-
-
 def fused_backward_applies(log_decay, lowrank, K: int, V: int) -> bool:
     """Whether :func:`fused_backward` handles this call: no or scalar decay, K, V <= 128, at
     most one low-rank pair, and the user did not ask for the autograd backward with
@@ -482,7 +478,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             _lowrank_cc_kernel[(NC * H,)](
                 q, w, u, b, d_o, g if g is not None else dummy, states, dstates, dprobes, x_wy, y_wy, t_wy,
                 probes, cc, du, lay.tok_start, lay.tok_stop, scale, H, K=K, V=V, C=C, DECAY=decay,
-                BK=BK, BV=RANK1_BV, PRECISION=prec, num_warps=RANK1_WARPS,
+                BK=BK, BV=shape.BV_rank1, PRECISION=prec, num_warps=shape.warps_rank1,
                 # fp32 inputs (ieee dots) with a decay need 233 KB of shared memory at 3 stages
                 # and K = 128, 205 KB at 2 (sm_90 compile): 2 stages keep them on an H100
                 num_stages=2 if prec == "ieee" else 3,
@@ -490,7 +486,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             _lowrank_dk_kernel[(NK, NC * H)](
                 q, w, u, a, b, d_o, g if g is not None else dummy, states, dstates, dprobes, probes, t_wy, cc,
                 dq, dw, da, db, dlam, dbb, lay.tok_start, lay.tok_stop, scale, B * T, H, K=K, V=V, C=C,
-                DECAY=decay, BKS=BKS, BV=RANK1_BV, PRECISION=prec, num_warps=RANK1_WARPS,
+                DECAY=decay, BKS=BKS, BV=shape.BV_rank1, PRECISION=prec, num_warps=shape.warps_rank1,
             )
         lam, bb = (dlam.sum(0), dbb.sum(0)) if g is not None and needs[3] else (None, None)
     else:
@@ -500,11 +496,11 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             _dqdw_bwd_kernel[(NK, NC * H)](
                 q, w, u, d_o, g if g is not None else dummy, states, dstates, dq, dw, dlam,
                 lay.tok_start, lay.tok_stop, scale, B * T, H, K=K, V=V, C=C, DECAY=decay,
-                BKS=BKS, BV=BV, PRECISION=prec, num_warps=shape.warps_chunk,
+                BKS=BKS, BV=shape.BV_dqdw, PRECISION=prec, num_warps=shape.warps_chunk,
             )
             _du_bwd_kernel[(triton.cdiv(V, shape.BV_wide), NC * H)](
                 q, w, d_o, g if g is not None else dummy, dstates, du, lay.tok_start, lay.tok_stop, scale,
-                H, K=K, V=V, C=C, DECAY=decay, BKS=BKS, BV=shape.BV_wide, PRECISION=prec,
+                H, K=K, V=V, C=C, DECAY=decay, BKS=shape.BKS_du, BV=shape.BV_wide, PRECISION=prec,
                 num_warps=shape.warps_chunk,
             )
         lam = dlam.sum(0) if g is not None and needs[3] else None
