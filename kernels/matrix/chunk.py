@@ -332,7 +332,7 @@ class ChunkMatrixFunction(torch.autograd.Function):
         lowrank = [(lr[2 * i], lr[2 * i + 1]) for i in range(ctx.n_lowrank)]
         meta = dict(ctx.meta)
         with torch.enable_grad():
-            o, fin, _ = _pipeline(q_, w_, u_, g_, lowrank, h0_, ctx.lay, meta, replay=(states, final))
+            o, fin, _ = _pipeline(q_, w_, u_, g_, lowrank, h0_, ctx.lay, meta, replay=(states.float(), final))
             wanted = [t for t in leaves if t is not None and t.requires_grad]
             outs, grads = [o], [torch.zeros_like(o) if d_o is None else d_o]
             if d_final is not None:

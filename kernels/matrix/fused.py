@@ -21,8 +21,8 @@ with every step a tensor-core dot (no ``solve_triangular``) and writes X and Y. 
 walks each sequence's chunks and also stores P, so that kernel 3 (:func:`_output_fwd_kernel`)
 computes the intra-chunk output from P and U with the two Grams made in-kernel: no effective
 queries and no intra-chunk outputs are ever materialised. Every exponent is ≤ 0 (masked before
-``exp``). The chunk-boundary states S_n are fp32 and identical to the general path's, so the
-backward (which replays them) is shared with it.
+``exp``). The chunk-boundary states S_n are the general path's, stored in the inputs' dtype
+for bf16/fp16 inputs (:func:`state_dtype`; fp32 otherwise), so either backward can replay them.
 
 Selecting it: ``OLSM_MATRIX_PATH=general`` (environment, read at each call) forces the general
 path of :mod:`.chunk` for A/B timing; the default ``auto`` takes this one where it applies.
@@ -147,7 +147,7 @@ def _state_fwd_kernel(
 
     for c in range(c_start, c_end):
         nh = (c * H + i_h).to(tl.int64)
-        tl.store(states + nh * K * V + kv, S, mask=mask_kv)
+        tl.store(states + nh * K * V + kv, S.to(states.dtype.element_ty), mask=mask_kv)
         offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c, C)
         col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]
         mask_col = mask_k[:, None] & valid[None, :]
@@ -218,7 +218,7 @@ def _output_fwd_kernel(
         M_qw = tl.where(incl, M_qw, 0.)
 
     S = tl.load(states + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
-                mask=mask_k[:, None] & mask_v[None, :], other=0.)
+                mask=mask_k[:, None] & mask_v[None, :], other=0.).to(tl.float32)
     acc = tl.dot(Q_hat, S, input_precision=PRECISION)
     U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
                 mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)
@@ -321,6 +321,11 @@ def env_choice(name: str, choices: tuple) -> str:
     return value
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of the chunk-boundary states S_n (and their gradients) for inputs of ``dtype``."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def fused_applies(log_decay, lowrank, K: int = 0, V: int = 0) -> bool:
     """Whether :func:`fused_forward` handles this call: no or scalar decay, rank <= 1,
     K, V <= :data:`MAX_FUSED_DIM`, and the user did not ask for the general path with
@@ -360,7 +365,7 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
 
     Returns:
         ``o [B, T, H, V]`` (out_dtype), ``final [N, H, K, V]`` fp32 and ``states [NC, H, K, V]``
-        fp32 (the chunk-boundary states, as the general path stores them).
+        (the chunk-boundary states, in :func:`state_dtype` of the inputs).
     """
     B, T, H, K = q.shape
     V = u.shape[-1]
@@ -378,7 +383,10 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     dummy = u  # stands in for absent pointers; constexpr flags keep it unread
     a, b = lowrank[0] if R else (dummy, dummy)
 
-    states = torch.empty(NC, H, K, V, device=dev, dtype=torch.float32)
+    # The chunk-boundary states are stored in the inputs' dtype (bf16/fp16 inputs: half the bytes
+    # of the largest tensors the forward writes and the backward reads, as FLA stores its h);
+    # the recurrence itself runs in float32 registers and the final state stays float32.
+    states = torch.empty(NC, H, K, V, device=dev, dtype=state_dtype(q.dtype))
     final = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=dev, dtype=meta["out_dtype"])
     if R:

@@ -74,7 +74,7 @@ def _dstate_bwd_kernel(
     for i in range(0, c_end - c_start):
         c = c_end - 1 - i
         nh = (c * H + i_h).to(tl.int64)
-        tl.store(dstates + nh * K * V + kv, dS, mask=mask_kv)
+        tl.store(dstates + nh * K * V + kv, dS.to(dstates.dtype.element_ty), mask=mask_kv)
         offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c, C)
         Q_T = tl.load(q + (tok[None, :] * H + i_h) * K + offs_k[:, None],
                       mask=mask_k[:, None] & valid[None, :], other=0.).to(tl.float32)    # [BK, C]
@@ -140,8 +140,8 @@ def _dqdw_bwd_kernel(
         # S_nᵀ and dS_{n+1}ᵀ of this (K-slice, V-block), transposed by pointer arithmetic
         vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V
         mask_vk = mask_v[:, None] & mask_k[None, :]
-        S_T = tl.load(states + vk, mask=mask_vk, other=0.)                     # [BV, BKS]
-        dS_T = tl.load(dstates + vk, mask=mask_vk, other=0.)
+        S_T = tl.load(states + vk, mask=mask_vk, other=0.).to(tl.float32)      # [BV, BKS]
+        dS_T = tl.load(dstates + vk, mask=mask_vk, other=0.).to(tl.float32)
         dq_s += tl.dot(dO, S_T, input_precision=PRECISION)
         dw_s += tl.dot(U, dS_T, input_precision=PRECISION)
 
@@ -196,7 +196,7 @@ def _du_bwd_kernel(
                       mask=mask_k[:, None] & valid[None, :], other=0.)
         M_T += tl.dot(W, Q_T, input_precision=PRECISION)
         dS = tl.load(dstates + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
-                     mask=mask_k[:, None] & mask_v[None, :], other=0.)
+                     mask=mask_k[:, None] & mask_v[None, :], other=0.).to(tl.float32)
         acc += tl.dot(W.to(tl.float32), dS, input_precision=PRECISION)
     upper = offs_c[:, None] <= offs_c[None, :]
     if DECAY == 1:
@@ -303,9 +303,9 @@ def _lowrank_cc_kernel(
         U_T = tl.load(u + col_v, mask=m_vc, other=0.).to(tl.float32)
         vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V                  # [BV, BK]: Sᵀ
         m_vk = mask_v[:, None] & mask_k[None, :]
-        S_T = tl.load(states + vk, mask=m_vk, other=0.)
+        S_T = tl.load(states + vk, mask=m_vk, other=0.).to(tl.float32)
         dSn = tl.load(dstates + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
-                      mask=mask_k[:, None] & mask_v[None, :], other=0.)
+                      mask=mask_k[:, None] & mask_v[None, :], other=0.).to(tl.float32)
         cv_T = nh * C * V + offs_c[None, :] * V + offs_v[:, None]               # [BV, C]
         P_T = tl.dot(S_T, X_T, input_precision=PRECISION) + tl.load(y_wy + cv_T, mask=mask_v[:, None], other=0.)
         tl.store(probes + cv_T, P_T, mask=mask_v[:, None])
@@ -351,8 +351,8 @@ def _lowrank_dk_kernel(
         P = tl.load(probes + cv, mask=mask_v[None, :], other=0.)
         vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V                  # [BV, BKS]: transposed
         m_vk = mask_v[:, None] & mask_k[None, :]
-        S_T = tl.load(states + vk, mask=m_vk, other=0.)
-        dSn_T = tl.load(dstates + vk, mask=m_vk, other=0.)
+        S_T = tl.load(states + vk, mask=m_vk, other=0.).to(tl.float32)
+        dSn_T = tl.load(dstates + vk, mask=m_vk, other=0.).to(tl.float32)
         dQ_hat += tl.dot(dO, S_T, input_precision=PRECISION)
         dA_hat += tl.dot(P, dSn_T, input_precision=PRECISION)
         dW_hat += tl.dot(U, dSn_T, input_precision=PRECISION)
@@ -425,7 +425,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     Args:
         q, w: ``[B, T, H, K]``; u: ``[B, T, H, V]``; log_decay: ``None`` or ``[B, T, H]``;
         h0: ``None`` or ``[N, H, K, V]``; states ``[NC, H, K, V]`` and final ``[N, H, K, V]``
-        (fp32, from the forward); d_o ``[B, T, H, V]`` or None; d_final ``[N, H, K, V]`` or None;
+        (from the forward; states in :func:`.fused.state_dtype`, final fp32); d_o ``[B, T, H, V]`` or None; d_final ``[N, H, K, V]`` or None;
         lay: the chunk layout; meta: ``scale``, ``precision``; needs: which of
         (q, w, u, log_decay, h0) need a gradient; lowrank_flat: ``()`` or ``(a, b)``.
 
@@ -451,7 +451,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     NK = triton.cdiv(K, BKS)
 
     f32 = dict(device=dev, dtype=torch.float32)
-    dstates = torch.empty(NC, H, K, V, **f32)
+    dstates = torch.empty(NC, H, K, V, device=q.device, dtype=states.dtype)   # as the forward's S_n
     dh0 = torch.empty(N, H, K, V, **f32)
     df = None if d_final is None else d_final.float().contiguous()
     if R:
