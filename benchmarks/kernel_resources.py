@@ -17,7 +17,9 @@ from olsm.kernels.aot import HOPPER_SHARED_BYTES, compile_for
 from olsm.kernels.matrix import fused as F
 from olsm.kernels.matrix import fused_bwd as FB
 
-BF16 = {p: "*bf16" for p in ("q", "w", "a", "b", "u", "do", "o", "dq", "dw", "du", "da", "db")}
+# the inputs, their gradients and what the wrappers store in the inputs' dtype (fused.state_dtype)
+BF16 = {p: "*bf16" for p in ("q", "w", "a", "b", "u", "do", "o", "dq", "dw", "du", "da", "db",
+                             "states", "dstates", "x_wy", "y_wy", "probes", "dprobes")}
 TYPES = dict(BF16, tok_start="*i32", tok_stop="*i32", chunk_offsets="*i32", H="i32", BT="i32", scale="fp32")
 
 

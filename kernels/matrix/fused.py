@@ -110,7 +110,7 @@ def _wy_fwd_kernel(
     # X = T B̂ with B̂ = diag(e^{G_{t−1}}) B: the scale goes on T's columns ([C, C], not [C, K])
     X = tl.dot(Tm * tl.exp(G_prev)[None, :], b_rows.to(tl.float32), input_precision=PRECISION)
     out_k = nh * C * K + offs_c[:, None] * K + offs_k[None, :]
-    tl.store(x_wy + out_k, X, mask=mask_k[None, :])
+    tl.store(x_wy + out_k, X.to(x_wy.dtype.element_ty), mask=mask_k[None, :])
     w_cols = tl.load(w + col_k, mask=mask_col, other=0.)
     # the decay ratio is formed again, not kept live through the inverse (registers)
     Nm = tl.dot(b_rows, w_cols, input_precision=PRECISION) * _strict_ratio(G_prev, G, offs_c)
@@ -121,7 +121,8 @@ def _wy_fwd_kernel(
         U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
                     mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)
         Y = tl.dot(TN, U, input_precision=PRECISION)
-        tl.store(y_wy + nh * C * V + offs_c[:, None] * V + offs_v[None, :], Y, mask=mask_v[None, :])
+        tl.store(y_wy + nh * C * V + offs_c[:, None] * V + offs_v[None, :], Y.to(y_wy.dtype.element_ty),
+                 mask=mask_v[None, :])
 
 
 @triton.jit
@@ -161,11 +162,12 @@ def _state_fwd_kernel(
         S_next = tl.dot(W_T, U, input_precision=PRECISION)
         if LOWRANK:
             X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :],
-                        mask=mask_k[None, :], other=0.)
+                        mask=mask_k[None, :], other=0.).to(tl.float32)
             P = tl.dot(X, S, input_precision=PRECISION)
             P += tl.load(y_wy + nh * C * V + offs_c[:, None] * V + offs_v[None, :],
-                         mask=mask_v[None, :], other=0.)
-            tl.store(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], P, mask=mask_v[None, :])
+                         mask=mask_v[None, :], other=0.).to(tl.float32)
+            tl.store(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], P.to(probes.dtype.element_ty),
+                     mask=mask_v[None, :])
             A_T = tl.load(a + col_k, mask=mask_col, other=0.).to(tl.float32)
             if DECAY == 1:
                 A_T = A_T * to_end[None, :]
@@ -230,7 +232,8 @@ def _output_fwd_kernel(
             M_qa = M_qa * ratio
         else:
             M_qa = tl.where(incl, M_qa, 0.)
-        P = tl.load(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], mask=mask_v[None, :], other=0.)
+        P = tl.load(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], mask=mask_v[None, :],
+                    other=0.).to(tl.float32)
         acc += tl.dot(M_qa, P, input_precision=PRECISION)
     tl.store(o + (tok[:, None] * H + i_h) * V + offs_v[None, :], (scale * acc).to(o.dtype.element_ty),
              mask=valid[:, None] & mask_v[None, :])
@@ -390,9 +393,10 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     final = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=dev, dtype=meta["out_dtype"])
     if R:
-        x_wy = torch.empty(NC, H, C, K, device=dev, dtype=torch.float32)
-        y_wy = torch.empty(NC, H, C, V, device=dev, dtype=torch.float32)
-        probes = torch.empty(NC, H, C, V, device=dev, dtype=torch.float32)
+        # X, Y and the probes P are stored like the states (FLA keeps its w, u, v_new so)
+        x_wy = torch.empty(NC, H, C, K, device=dev, dtype=states.dtype)
+        y_wy = torch.empty(NC, H, C, V, device=dev, dtype=states.dtype)
+        probes = torch.empty(NC, H, C, V, device=dev, dtype=states.dtype)
     else:
         x_wy = y_wy = probes = states
     if R:

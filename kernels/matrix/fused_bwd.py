@@ -94,9 +94,10 @@ def _dstate_bwd_kernel(
             else:
                 M_T = tl.where(upper, M_T, 0.)
             dP = scale * tl.dot(M_T, dO, input_precision=PRECISION) + tl.dot(A, dS, input_precision=PRECISION)
-            tl.store(dprobes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], dP, mask=mask_v[None, :])
+            tl.store(dprobes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], dP.to(dprobes.dtype.element_ty),
+                     mask=mask_v[None, :])
             X_T = tl.load(x_wy + nh * C * K + offs_c[None, :] * K + offs_k[:, None],
-                          mask=mask_k[:, None], other=0.)                                 # [BK, C]
+                          mask=mask_k[:, None], other=0.).to(tl.float32)                                 # [BK, C]
         if DECAY == 1:
             Q_T = Q_T * tl.exp(G)[None, :]
             dS = tl.exp(g_total) * dS
@@ -255,7 +256,7 @@ def _value_block(u, do, dprobes, nh, i_h, H, tok, valid, offs_c, i_v, V: tl.cons
     cv = nh * C * V + offs_c[:, None] * V + offs_v[None, :]
     U = tl.load(u + row_v, mask=m_cv, other=0.).to(tl.float32)
     dO = tl.load(do + row_v, mask=m_cv, other=0.).to(tl.float32)
-    dP = tl.load(dprobes + cv, mask=mask_v[None, :], other=0.)
+    dP = tl.load(dprobes + cv, mask=mask_v[None, :], other=0.).to(tl.float32)
     return offs_v, mask_v, row_v, m_cv, cv, U, dO, dP
 
 
@@ -281,7 +282,8 @@ def _lowrank_cc_kernel(
     i_h, offs_c, valid, tok, offs_k, mask_k, row_k, m_ck, col_k, m_kc = chunk_key_tiles(
         tok_start, tok_stop, nh, H, K, C, BK, 0)
     D, D_T, R, R_T, e_q, e_b, e_end = _chunk_masks(g, tok, valid, i_h, H, offs_c, C, DECAY)
-    X_T = tl.load(x_wy + nh * C * K + offs_c[None, :] * K + offs_k[:, None], mask=mask_k[:, None], other=0.)
+    X_T = tl.load(x_wy + nh * C * K + offs_c[None, :] * K + offs_k[:, None], mask=mask_k[:, None],
+                  other=0.).to(tl.float32)
     T_T = tl.load(t_wy + nh * C * C + offs_c[None, :] * C + offs_c[:, None])
     W = tl.load(w + row_k, mask=m_ck, other=0.).to(tl.float32)
     B_T = tl.load(b + col_k, mask=m_kc, other=0.).to(tl.float32)
@@ -307,8 +309,9 @@ def _lowrank_cc_kernel(
         dSn = tl.load(dstates + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
                       mask=mask_k[:, None] & mask_v[None, :], other=0.).to(tl.float32)
         cv_T = nh * C * V + offs_c[None, :] * V + offs_v[:, None]               # [BV, C]
-        P_T = tl.dot(S_T, X_T, input_precision=PRECISION) + tl.load(y_wy + cv_T, mask=mask_v[:, None], other=0.)
-        tl.store(probes + cv_T, P_T, mask=mask_v[:, None])
+        P_T = tl.dot(S_T, X_T, input_precision=PRECISION) + tl.load(y_wy + cv_T, mask=mask_v[:, None],
+                                                                    other=0.).to(tl.float32)
+        tl.store(probes + cv_T, P_T.to(probes.dtype.element_ty), mask=mask_v[:, None])
         Z_T = tl.dot(S_T, B_hat_T, input_precision=PRECISION) + tl.dot(U_T, N_T, input_precision=PRECISION)
         dNU = tl.dot(T_T, dP, input_precision=PRECISION)
         dM_qa += tl.dot(dO, P_T, input_precision=PRECISION)
@@ -348,7 +351,7 @@ def _lowrank_dk_kernel(
     for i_v in range(0, (V + BV - 1) // BV):
         offs_v, mask_v, row_v, m_cv, cv, U, dO, dP = _value_block(u, do, dprobes, nh, i_h, H, tok, valid, offs_c,
                                                                    i_v, V, C, BV)
-        P = tl.load(probes + cv, mask=mask_v[None, :], other=0.)
+        P = tl.load(probes + cv, mask=mask_v[None, :], other=0.).to(tl.float32)
         vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V                  # [BV, BKS]: transposed
         m_vk = mask_v[:, None] & mask_k[None, :]
         S_T = tl.load(states + vk, mask=m_vk, other=0.).to(tl.float32)
@@ -456,8 +459,9 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     df = None if d_final is None else d_final.float().contiguous()
     if R:
         # the forward's WY factors, recomputed, and T itself (kernel 1 of the fused forward)
-        x_wy, y_wy = torch.empty(NC, H, C, K, **f32), torch.empty(NC, H, C, V, **f32)
-        t_wy, dprobes = torch.empty(NC, H, C, C, **f32), torch.empty(NC, H, C, V, **f32)
+        low = dict(device=q.device, dtype=states.dtype)   # stored like the states; T stays fp32
+        x_wy, y_wy = torch.empty(NC, H, C, K, **low), torch.empty(NC, H, C, V, **low)
+        t_wy, dprobes = torch.empty(NC, H, C, C, **f32), torch.empty(NC, H, C, V, **low)
         launch_wy(shape, w, a, b, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec)
     else:
         x_wy = dprobes = dstates
@@ -473,7 +477,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
         da, db = torch.empty_like(a), torch.empty_like(b)
         dlam, dbb = torch.zeros(NK, B * T, H, **f32), torch.zeros(NK, B * T, H, **f32)
         if NC > 0:
-            probes = torch.empty(NC, H, C, V, **f32)
+            probes = torch.empty(NC, H, C, V, **low)
             cc = torch.empty(NC, H, 4, C, C, **f32)
             _lowrank_cc_kernel[(NC * H,)](
                 q, w, u, b, d_o, g if g is not None else dummy, states, dstates, dprobes, x_wy, y_wy, t_wy,
