@@ -33,7 +33,7 @@ def configs(K=128, V=128, C=64):
         for lr in (False, True):
             tag = f"decay={decay} rank={int(lr)}"
             yield (f"fwd state {tag}", F._state_fwd_kernel, dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV),
-                   sh.warps_seq, True)
+                   sh.warps_state_lr if lr else sh.warps_seq, True)
             yield (f"fwd output {tag}", F._output_fwd_kernel, dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out),
                    sh.warps_out, True)
             yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel,

@@ -299,6 +299,24 @@ def test_fused_backward_is_taken_and_autograd_backward_still_matches(decay, monk
     assert not calls
 
 
+@pytest.mark.parametrize("decay", ["none", "scalar"])
+def test_sequential_passes_split_along_keys(decay, monkeypatch):
+    # without a low-rank part, few sequences × heads split the sequential passes along K
+    # (fused.sequence_launch): K = 80 in blocks of 32 is three key blocks, the last one masked
+    fused = importlib.import_module("olsm.kernels.matrix.fused")
+    grids = []
+    real = fused.sequence_launch
+
+    def spy(*args):
+        grids.append(real(*args))
+        return grids[-1]
+    monkeypatch.setattr(fused, "sequence_launch", spy)
+    bwd = importlib.import_module("olsm.kernels.matrix.fused_bwd")
+    monkeypatch.setattr(bwd, "sequence_launch", spy)
+    check(make_inputs(21, B=2, T=75, H=1, K=80, V=20, decay=decay), chunk_size=32)
+    assert len(grids) == 2 and all(grid[2] == 3 and bk == 32 for grid, bk in grids), grids
+
+
 def test_fused_backward_packed_with_an_empty_sequence():
     # an empty sequence has no chunks: its d_final flows straight to its dh0, and the decay
     # gradient's per-sequence suffix sums must not leak across the packed boundaries

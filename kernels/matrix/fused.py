@@ -250,15 +250,19 @@ class LaunchShape:
         BV: value block of the sequential passes (forward state, reverse dS); BV_dqdw: of the
             dq/dw kernel; BV_out: of the forward output kernel; BV_wide: of the WY kernel and
             the du kernel; BV_rank1: of the rank-1 gradient kernels 2'a/2'b.
-        warps_seq, warps_out, warps_wy, warps_chunk, warps_rank1: num_warps of the sequential
-            passes, the output kernel, the WY kernel, the rank-0 per-chunk backward kernels and
+        warps_seq, warps_state_lr, warps_out, warps_wy, warps_chunk, warps_rank1: num_warps of
+            the sequential passes (the forward one with a low-rank part: warps_state_lr), the
+            output kernel, the WY kernel, the rank-0 per-chunk backward kernels and
             the rank-1 ones.
 
     The values are what ``benchmarks/tune_fused.py`` measured fastest on an H100 at
     (8, 2048, 16, 128), bf16, C = 64 (one knob at a time, 2026-11-24): 4 warps beat 8 for every
     per-chunk kernel (output 0.41 → 0.27 ms, WY 0.74 → 0.50, dq/dw 0.59 → 0.45, rank-1 2'a
     3.30 → 2.89 and 2'b 1.63 → 1.14), value blocks of 64 beat 32 in the sequential passes with
-    a decay (0.37 → 0.25 ms each; rank-1 reverse pass 2.63 → 1.71), key slices of 32 in du.
+    a decay (0.37 → 0.25 ms each; rank-1 reverse pass 2.63 → 1.71), key slices of 32 in du; then,
+    with those, 4 warps in the sequential passes (reverse rank-1 pass 1.30 → 1.01 ms, forward
+    state pass without low rank 0.24 → 0.19) except the forward one with a low-rank part (0.88
+    at 8 warps, 1.14 at 4).
     """
 
     BK: int
@@ -270,6 +274,7 @@ class LaunchShape:
     BV_wide: int
     BV_rank1: int
     warps_seq: int
+    warps_state_lr: int
     warps_out: int
     warps_wy: int
     warps_chunk: int
@@ -284,9 +289,35 @@ def launch_shape(K: int, V: int, C: int) -> LaunchShape:
     return LaunchShape(BK=BK, BKS=min(BK, 64), BKS_du=min(BK, 32), BV=max(16, min(64, pv)),
                        BV_dqdw=max(16, min(64 if BK <= 64 else 32, pv)),
                        BV_out=max(16, min(64 if BK <= 128 else 32, pv)), BV_wide=max(16, min(64, pv)),
-                       BV_rank1=16, warps_seq=4 if BK <= 64 else 8, warps_out=4 if BK * C <= 128 * 64 else 8,
+                       BV_rank1=16, warps_seq=4, warps_state_lr=4 if BK <= 64 else 8, warps_out=4 if BK * C <= 128 * 64 else 8,
                        warps_wy=4 if C * BK <= 64 * 128 else 8, warps_chunk=4 if small else 8,
                        warps_rank1=4 if small else 8)
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; 132 (an H100) where there is no GPU, so the CPU
+    interpreter takes the same launch decisions the tests are meant to cover."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank: bool, device):
+    """``(grid, BK)`` of the sequential passes (forward state, reverse dS): one program per
+    sequence × head × value block × key block, each walking its sequence's chunks in order.
+
+    Without a low-rank part the rows of S are independent, so when there are few sequences ×
+    heads (B = 1 at T = 32768: 32 programs on 132 SMs, each walking 512 chunks) K is split too,
+    down to blocks of 32, until there are about two programs per SM. With one (P = X S reads
+    all of S) the key block is all of K.
+    """
+    nv = triton.cdiv(V, shape.BV)
+    BK = shape.BK
+    if not lowrank:
+        sms = _sm_count(device)
+        while BK > 32 and N * H * nv * triton.cdiv(K, BK) < 2 * sms:
+            BK //= 2
+    return (nv, N * H, triton.cdiv(K, BK)), BK
 
 
 def wy_constexprs(shape: LaunchShape, K: int, V: int, C: int, decay: int, prec: str, store_t: bool) -> dict:
@@ -402,13 +433,14 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     if R:
         launch_wy(shape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, None, H, K, V, C, decay, prec)
     h0_ = None if h0 is None else h0.float().contiguous()
+    grid, BK_seq = sequence_launch(shape, N, H, K, V, R > 0, dev)
     _launch_state(
-        (triton.cdiv(V, BV), N * H),
+        grid,
         (w, a, u, g if g is not None else dummy, x_wy, y_wy, h0_ if h0_ is not None else dummy,
          states, probes, final, tok_start, tok_stop, chunk_offsets, H),
         key=(K, V, C, R, decay, str(q.dtype)),
-        K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, HAS_H0=h0 is not None, BK=BK, BV=BV,
-        PRECISION=prec, num_warps=shape.warps_seq,
+        K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,
+        PRECISION=prec, num_warps=shape.warps_state_lr if R else shape.warps_seq,
     )
     if NC > 0:
         BVO = shape.BV_out

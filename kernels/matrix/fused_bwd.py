@@ -35,8 +35,8 @@ sequence up to token t. Rescaling S̃_t = e^{−Λ_t} S_t turns the recurrence i
 in the variables q̃ = e^{Λ_t} q, w̃ = e^{−Λ_t} w, ã = e^{−Λ_t} a, b̃ = e^{Λ_{t−1}} b (and the
 final state e^{Λ_end} S̃), so ∂L/∂Λ_t = q_t·dq_t − w_t·dw_t − a_t·da_t + b_{t+1}·db_{t+1}
 (+ ⟨dS_final, S_final⟩ at the sequence's last token) and ∂L/∂g_j = Σ_{t ≥ j} ∂L/∂Λ_t within its
-sequence: the kernels write those dot products per token, and a reverse cumulative sum in torch
-finishes it (the same identity FLA uses for its scalar-gate kernels; GLA, arXiv 2312.06635).
+sequence: the kernels write those dot products per token, and :func:`_decay_grad_kernel` sums
+them backwards within each sequence (the same identity FLA uses for its scalar-gate kernels; GLA, arXiv 2312.06635).
 
 Every exponent is ≤ 0 after masking. Everything accumulates in float32; gradients are returned in
 the inputs' dtype. ``OLSM_MATRIX_BWD`` (read at each call): ``auto`` (default: these kernels
@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused import env_choice, launch_shape, launch_wy
+from .fused import env_choice, launch_shape, launch_wy, sequence_launch
 from .tiles import chunk_decay, chunk_key_tiles, chunk_tokens, kslice_program, sequence_program
 
 
@@ -401,25 +401,38 @@ def fused_backward_applies(log_decay, lowrank, K: int, V: int) -> bool:
     return len(lowrank) in (0, 2) and (log_decay is None or log_decay.dim() == 3) and max(K, V) <= 128
 
 
-def _sequence_ends(lay) -> torch.Tensor:
-    """Flat index one past the last token of each sequence ``[N]``, non-decreasing (an empty
-    sequence repeats the previous end). No boolean indexing: nothing waits for the GPU."""
-    first, last = lay.chunk_offsets[:-1].long(), lay.chunk_offsets[1:].long()
-    ends = torch.where(last > first, lay.tok_stop.long()[(last - 1).clamp(min=0)], 0)
-    return torch.cummax(ends, 0).values
+@triton.jit
+def _decay_grad_kernel(
+    dlam, dbb, last, dg, tok_start, tok_stop, chunk_offsets, BT, H,
+    NK: tl.constexpr, C: tl.constexpr, HAS_LAST: tl.constexpr, HAS_BB: tl.constexpr,
+):
+    """∂L/∂g_t = Σ_{t' ≥ t in its sequence} λ_t' (− bb_t): one sequence × head walks its chunks
+    backwards, carrying the suffix sum (module docstring, decay gradient).
 
-
-def _reverse_cumsum_per_sequence(x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Σ_{t' ≥ t, same sequence} x[t'] for flat tokens x ``[B·T, H]``; ends from :func:`_sequence_ends`."""
-    # Scan along the contiguous (last) axis: torch's scan over a leading axis of [B·T, H] runs
-    # only H threads in sequence (2.8 ms at B·T = 16384, H = 16 on an H100; this: ~0.02 ms).
-    # float64, because a suffix sum over the whole batch minus the one past the sequence end
-    # cancels: the difference is small next to both terms when B·T is long.
-    total = x.t().double().flip(1).cumsum(1).flip(1)                              # [H, B·T]
-    # subtract what belongs to later sequences: the suffix sum from this token's sequence end on
-    end_of = ends[torch.bucketize(torch.arange(x.shape[0], device=x.device), ends, right=True)]
-    total = torch.cat([total, total.new_zeros(x.shape[1], 1)], 1)
-    return (total[:, :-1] - total[:, end_of]).t().to(x.dtype)
+    Shapes: dlam, dbb ``[NK, B·T, H]`` fp32 (per key slice: summed here); last ``[N, H]`` fp32
+    (⟨dS_final, S_final⟩, which belongs to the sequence's last token, so it starts the carry);
+    writes dg ``[B·T, H]`` fp32. Summing within the sequence directly, rather than a
+    whole-batch suffix sum minus the part past the sequence's end, cancels nothing.
+    """
+    i_nh = tl.program_id(0)
+    i_h = i_nh % H
+    c_start = tl.load(chunk_offsets + i_nh // H)
+    c_end = tl.load(chunk_offsets + i_nh // H + 1)
+    carry = 0.
+    if HAS_LAST:
+        carry = tl.load(last + i_nh)
+    for i in range(0, c_end - c_start):
+        offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c_end - 1 - i, C)
+        lam = tl.zeros([C], dtype=tl.float32)
+        for k in range(0, NK):
+            lam += tl.load(dlam + k * BT * H + tok * H + i_h, mask=valid, other=0.)
+        suffix = tl.sum(tl.where(offs_c[None, :] >= offs_c[:, None], lam[None, :], 0.), axis=1) + carry
+        if HAS_BB:
+            for k in range(0, NK):
+                # b_t is scaled by e^{Λ_{t−1}}: its term starts one token later
+                suffix -= tl.load(dbb + k * BT * H + tok * H + i_h, mask=valid, other=0.)
+        tl.store(dg + tok * H + i_h, suffix, mask=valid)
+        carry += tl.sum(lam, axis=0)
 
 
 def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, meta, needs, lowrank_flat=()):
@@ -465,10 +478,11 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
         launch_wy(shape, w, a, b, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec)
     else:
         x_wy = dprobes = dstates
-    _dstate_bwd_kernel[(triton.cdiv(V, BV), N * H)](
+    grid, BK_seq = sequence_launch(shape, N, H, K, V, R > 0, dev)
+    _dstate_bwd_kernel[grid](
         q, a, d_o, g if g is not None else dummy, x_wy, df if df is not None else dummy, dstates, dprobes,
         dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale, H, K=K, V=V, C=C, DECAY=decay,
-        HAS_DFINAL=df is not None, LOWRANK=R > 0, BK=BK, BV=BV, PRECISION=prec,
+        HAS_DFINAL=df is not None, LOWRANK=R > 0, BK=BK_seq, BV=BV, PRECISION=prec,
         num_warps=shape.warps_seq,
     )
     dq, dw, du = torch.empty_like(q), torch.empty_like(w), torch.empty_like(u)
@@ -492,10 +506,8 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
                 dq, dw, da, db, dlam, dbb, lay.tok_start, lay.tok_stop, scale, B * T, H, K=K, V=V, C=C,
                 DECAY=decay, BKS=BKS, BV=shape.BV_rank1, PRECISION=prec, num_warps=shape.warps_rank1,
             )
-        lam, bb = (dlam.sum(0), dbb.sum(0)) if g is not None and needs[3] else (None, None)
     else:
-        dlam = torch.empty(NK, B * T, H, **f32)
-        bb = None
+        dlam = dbb = torch.empty(NK, B * T, H, **f32)
         if NC > 0:
             _dqdw_bwd_kernel[(NK, NC * H)](
                 q, w, u, d_o, g if g is not None else dummy, states, dstates, dq, dw, dlam,
@@ -507,19 +519,15 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
                 H, K=K, V=V, C=C, DECAY=decay, BKS=shape.BKS_du, BV=shape.BV_wide, PRECISION=prec,
                 num_warps=shape.warps_chunk,
             )
-        lam = dlam.sum(0) if g is not None and needs[3] else None
     dg = None
     if g is not None and needs[3]:
-        ends = _sequence_ends(lay)
-        if df is not None and ends.numel() and lam.shape[0]:
-            # the final state carries e^{Λ_end}: its term lands on each sequence's last token
-            # (an empty sequence has none: its term is zeroed, wherever its index points)
-            last = (df * final).sum((-2, -1))                                      # [N, H]
-            nonempty = (lay.chunk_offsets[1:] > lay.chunk_offsets[:-1])[:, None]
-            lam.index_add_(0, (ends - 1).clamp(min=0), torch.where(nonempty, last, 0.))
-        dg = _reverse_cumsum_per_sequence(lam, ends)
-        if bb is not None:
-            dg = dg - bb          # b_t is scaled by e^{Λ_{t−1}}: its term starts one token later
+        dg = torch.empty(B * T, H, **f32)
+        # the final state carries e^{Λ_end}: its term belongs to each sequence's last token
+        last = None if df is None else (df * final).sum((-2, -1)).contiguous()     # [N, H]
+        _decay_grad_kernel[(N * H,)](
+            dlam, dbb, last if last is not None else dlam, dg, lay.tok_start, lay.tok_stop, lay.chunk_offsets,
+            B * T, H, NK=NK, C=C, HAS_LAST=last is not None, HAS_BB=R > 0,
+        )
         dg = dg.reshape(B, T, H).to(log_decay.dtype)
     grads = (dq if needs[0] else None, dw if needs[1] else None, du if needs[2] else None, dg,
              dh0 if (h0 is not None and needs[4]) else None)

@@ -24,14 +24,14 @@ def chunk_tokens(tok_start, tok_stop, c, C: tl.constexpr):
 @triton.jit
 def sequence_program(chunk_offsets, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr):
-    """For a grid ``(cdiv(V, BV), N·H)`` walking one sequence × head × value block: its
-    ``(i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v)``."""
+    """For a grid ``(cdiv(V, BV), N·H, cdiv(K, BK))`` walking one sequence × head × value block ×
+    key block: its ``(i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v)``."""
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // H
     c_start = tl.load(chunk_offsets + i_n)
     c_end = tl.load(chunk_offsets + i_n + 1)
-    offs_k = tl.arange(0, BK)
+    offs_k = tl.program_id(2) * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     return i_nh, i_nh % H, c_start, c_end, offs_k, offs_k < K, offs_v, offs_v < V
 
