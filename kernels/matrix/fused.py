@@ -281,17 +281,25 @@ class LaunchShape:
     warps_rank1: int
 
 
-def launch_shape(K: int, V: int, C: int) -> LaunchShape:
-    """The :class:`LaunchShape` for head dims K, V (<= 128) and chunk length C."""
+def launch_shape(K: int, V: int, C: int, fp32: bool = False) -> LaunchShape:
+    """The :class:`LaunchShape` for head dims K, V (<= 128) and chunk length C.
+
+    ``fp32``: float32 inputs (``ieee`` dots, which run on the CUDA cores with twice the register
+    tiles). They keep 8 warps in the WY, output and rank-1 kernels and in the sequential passes:
+    at 4 warps the reverse rank-1 pass spilled 28 KB per thread (sm_90 compile) and the fp32
+    DeltaNet GPU tests did not finish in minutes.
+    """
     BK = max(16, triton.next_power_of_2(K))
     pv = triton.next_power_of_2(V)
     small = C <= 64
+    w4 = 8 if fp32 else 4
     return LaunchShape(BK=BK, BKS=min(BK, 64), BKS_du=min(BK, 32), BV=max(16, min(64, pv)),
                        BV_dqdw=max(16, min(64 if BK <= 64 else 32, pv)),
                        BV_out=max(16, min(64 if BK <= 128 else 32, pv)), BV_wide=max(16, min(64, pv)),
-                       BV_rank1=16, warps_seq=4, warps_state_lr=4 if BK <= 64 else 8, warps_out=4 if BK * C <= 128 * 64 else 8,
-                       warps_wy=4 if C * BK <= 64 * 128 else 8, warps_chunk=4 if small else 8,
-                       warps_rank1=4 if small else 8)
+                       BV_rank1=16, warps_seq=w4, warps_state_lr=4 if BK <= 64 else 8,
+                       warps_out=w4 if BK * C <= 128 * 64 else 8,
+                       warps_wy=w4 if C * BK <= 64 * 128 else 8, warps_chunk=4 if small else 8,
+                       warps_rank1=w4 if small else 8)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -411,9 +419,9 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     g = None if log_decay is None else log_decay.float().contiguous()
     decay = DECAY_NONE if g is None else DECAY_SCALAR
     R = len(lowrank)
-    shape = launch_shape(K, V, C)
-    BK, BV = shape.BK, shape.BV
     prec = meta["precision"]
+    shape = launch_shape(K, V, C, fp32=prec == "ieee")
+    BK, BV = shape.BK, shape.BV
     dummy = u  # stands in for absent pointers; constexpr flags keep it unread
     a, b = lowrank[0] if R else (dummy, dummy)
 

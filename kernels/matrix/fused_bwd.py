@@ -462,7 +462,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     decay = 0 if g is None else 1
     dummy = u
     prec, scale = meta["precision"], float(meta["scale"])
-    shape = launch_shape(K, V, C)
+    shape = launch_shape(K, V, C, fp32=prec == "ieee")
     BK, BV, BKS = shape.BK, shape.BV, shape.BKS
     NK = triton.cdiv(K, BKS)
 
