@@ -363,6 +363,8 @@ def main():
         floor = io_bytes_fwd(name, B, T, E) / (bw * 1e12) * 1e3
         base = dict(recurrence=name, d_model=d, E=E, B=B, T=T, io_floor_fwd_ms=floor)
         measure(dict(base, impl="olsm-triton"), *olsm_triton(recs[name], q, k, v, coefs, D, *best))
+        if best[0] is not None:  # the tile choose_config picks for this shape (more programs when B is small)
+            measure(dict(base, impl="olsm-triton-auto"), *olsm_triton(recs[name], q, k, v, coefs, D))
         if not args.no_torch:
             measure(dict(base, impl="olsm-torch"), *olsm_torch(recs[name], q, k, v, coefs, D))
         del q, k, v, coefs, D
