@@ -54,8 +54,11 @@ def choose_config(N: int, H: int, K: int, V: int, chunk_size: int, device: torch
 
     The state tile is ``[BK, BV]`` float32 in registers, so BK·BV is bounded; each program
     is a sequential chain over T, so the GPU needs many of them in flight: we shrink BV (down
-    to 4) until there are at least ~4 programs per SM (an H100 has 132). The floor was 16 until
-    2026-11-24: at B = 2, d_model 768 that left 192 programs of 8192 sequential steps each.
+    to 16) until there are at least ~4 programs per SM (an H100 has 132). A floor of 4 (768
+    programs at B = 2, d_model 768, T = 8192) was measured on an H100 (2026-11-24,
+    ``benchmarks/results/elementwise_h100_run2.md``): fwd+bwd 15.1 → 13.7 ms only, peak memory
+    373 → 1045 MiB (per-V-tile partial gradients): the per-token latency of the sequential
+    chain, not the number of programs, is what limits it. Reverted.
     """
     BK = max(4, _next_pow2(K))
     if block_v is None:
@@ -63,8 +66,8 @@ def choose_config(N: int, H: int, K: int, V: int, chunk_size: int, device: torch
             block_v = min(64, max(4, _next_pow2(V)))
         else:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
-            block_v = min(64, max(4, _next_pow2(V)))
-            while block_v > 4 and N * H * -(-V // block_v) < 4 * sms:
+            block_v = min(64, max(16, _next_pow2(V)))
+            while block_v > 16 and N * H * -(-V // block_v) < 4 * sms:
                 block_v //= 2
             # keep the tile within ~8k floats (32 regs/thread at 8 warps)
             while BK * block_v > 8192 and block_v > 4:
