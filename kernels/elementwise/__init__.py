@@ -3,14 +3,23 @@
     S_t = G_t ⊙ S_{t-1} + k̃_t ṽ_tᵀ,      o_t = scale · S_tᵀ q_t  (+ D ⊙ v_t)
 
 The gate and write coefficients are printed from the recurrence's sympy expressions into a
-kernel specialised to it (:mod:`.codegen`, :mod:`.printer`); their gradients are derived with
-``sp.diff`` and printed too, so a new objective gets a forward and backward kernel with no
-hand-written code. :func:`elementwise_scan_torch` is the same computation in plain torch with
-the gate materialised, the truth the kernels are tested against.
+kernel specialised to it; their gradients are derived with ``sp.diff`` and printed too, so a
+new objective gets a forward and backward kernel with no hand-written code. The kernels walk
+each sequence in blocks of tokens and solve the recurrence inside a block with one
+associative scan over ``[tokens, keys, values]`` tiles (the algorithm: :mod:`.codegen`).
+
+Modules, one idea each: :mod:`.plan` (what to compute, from sympy), :mod:`.printer` (sympy
+to Triton expressions), :mod:`.emit` (source of one block step), :mod:`.codegen` (the two
+kernels), :mod:`.cache` (disk cache and import), :mod:`.config` (tile shapes),
+:mod:`.scan` (launchers, autograd, public API), :mod:`.torch_ref` (the materialised-G
+reference the kernels are tested against).
 """
-from .codegen import GENERATOR_VERSION, MAX_K, Plan, cache_dir, generate_source, load_kernels
+from .cache import cache_dir, load_kernels
+from .codegen import GENERATOR_VERSION, generate_source
+from .config import Config, Tile, choose_config
+from .plan import Plan
 from .printer import TritonPrinter, triton_code
-from .scan import Config, choose_config, compile_recurrence, elementwise_scan, elementwise_step
+from .scan import MAX_K, compile_recurrence, elementwise_scan, elementwise_step
 from .torch_ref import elementwise_scan_torch
 
 __all__ = [
@@ -20,6 +29,7 @@ __all__ = [
     "compile_recurrence",
     "choose_config",
     "Config",
+    "Tile",
     "Plan",
     "generate_source",
     "load_kernels",

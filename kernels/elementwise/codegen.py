@@ -1,621 +1,384 @@
-"""Generate, cache and import the Triton source of one elementwise-gate recurrence.
+"""Print the Triton source of one elementwise-gate recurrence: a block-parallel scan.
 
 A recurrence of the elementwise class (DESIGN §3, class 2) is
 
     S_t = G_t ⊙ S_{t-1} + k̃_t ṽ_tᵀ,      o_t = scale · S_tᵀ q_t  (+ D ⊙ v_t)
 
-where ``G_t[n, j]``, ``k̃_t[n]`` and ``ṽ_t[j]`` are scalar sympy expressions of per-token
-factors (``k_n``, ``v_j``, ``kk``, the coefficient inputs). Rather than one generic kernel
-that interprets those formulas at run time, we *print* them into a kernel specialised to
-the recurrence:
+Rather than one generic kernel that interprets G, k̃, ṽ at run time, we print them (and
+their partial derivatives, :class:`~.plan.Plan`) into kernels specialised to the recurrence.
 
-1. :class:`Plan` expands the ``aux`` definitions, checks every symbol is one the kernel can
-   load, and differentiates G, k̃, ṽ with respect to every factor with ``sp.diff`` (the
-   backward's chain rule then needs no hand-written code per objective);
-2. :func:`generate_source` writes a forward and a backward ``@triton.jit`` kernel whose
-   coefficient lines come out of :class:`~.printer.TritonPrinter` after common
-   sub-expression elimination;
-3. :func:`load_kernels` writes the source under ``$OLSM_CACHE`` (default
-   ``~/.cache/olsm/kernels``), named by a hash of the expressions and
-   :data:`GENERATOR_VERSION`, and imports it with importlib (``@triton.jit`` reads the
-   function's source file, so the kernel must live in a real file).
+**Algorithm.** One program owns one (sequence, head, BV-wide slice of the value axis) and the
+whole key axis, so its state is a ``[BK, BV]`` tile. It walks the sequence in blocks of
+``BT`` tokens. Per block it loads the tokens' factors as ``[BT, ...]`` tiles, evaluates the
+gate and the write for all of them at once as 3-D tiles ``[BT, BK, BV]``, and solves the
+recurrence inside the block with one ``tl.associative_scan`` along the token axis, whose
+elements are the affine maps ``x ↦ a x + b`` of each step, composed by
+
+    (a1, b1) then (a2, b2)  =  (a1 a2, a2 b1 + b2).
+
+The state entering the block is folded into the first token's ``b``; the last row of the
+scan is the state handed to the next block. The output of all BT tokens is then one
+reduction over the key axis. The chain of dependent steps a program runs is thus T/BT
+block steps, each a scan, instead of T token steps each waiting on its own loads and
+reductions; the loads of a block are issued together (and a block ahead, see
+:class:`~.emit.BlockLoads`).
+
+**Backward.** Every ``C`` tokens (a multiple of the block) the forward stores the state
+entering the chunk. The backward walks the chunks last to first. For a chunk it replays the
+forward from the checkpoint to get the state entering each of its blocks (kept in a small
+per-program scratch slab), then walks the blocks last to first. For a block it needs S_t
+(for dq), S_{t-1} (for dG) and dS_t. One forward scan whose elements carry a second,
+*exclusive* affine pair,
+
+    (a1, b1, e1, f1) then (a2, b2, e2, f2) = (a1 a2, a2 b1 + b2, a1 e2, e2 b1 + f2),
+
+with (e, f) = (1, -0) for every token, gives both S_t (inclusive) and S_{t-1} (exclusive) at
+row t. One reverse scan (``reverse=True``) of the maps ``P ↦ G_t ⊙ (X_t + P)`` with
+``X_t = scale · q_t do_tᵀ`` gives P_{t-1} = G_t ⊙ dS_t (inclusive, the carry to the previous
+block at row 0) and P_t (exclusive), so ``dS_t = X_t + P_t``. Then, for all BT tokens at once,
+
+    dq_t = scale · S_t do_t      dG_t = dS_t ⊙ S_{t-1}
+    dk̃_t = dS_t ṽ_t              dṽ_t = dS_tᵀ k̃_t
+
+pushed through the printed partial derivatives to every factor. Gradients that sum over the
+value axis (dq, dk, per-key and per-head coefficients) receive one contribution per value
+slice: with several slices they are added with float32 atomics into one ``[B, T, H, ...]``
+buffer (no per-slice partial copies); parameters are summed over time in registers.
+
+The key axis is never split across programs: K (d_state) is small in the models this class
+serves (16 in Mamba-1 and Longhorn), kᵀk needs the whole key, and a split would turn dv and
+every per-value gradient — ``[B, T, H, V]``, the large ones — into atomic sums.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import sys
-import tempfile
-import threading
-from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
-from typing import Dict, List, Optional, Tuple
+from typing import Tuple
 
-import sympy as sp
-
-from olsm.errors import BackendError
-from olsm.symbols import expr_axes
-
-from .printer import TritonPrinter
+from .emit import (
+    BlockLoads,
+    Src,
+    emit_block_masks,
+    emit_coefficients,
+    emit_factors,
+    emit_params,
+    grad_expr,
+    tile_addr,
+)
+from .plan import Factor, Plan
 
 #: bump whenever the generated source changes for the same expressions
-GENERATOR_VERSION = "elementwise-3"
+GENERATOR_VERSION = "elementwise-4-blockscan"
 
-#: largest key dimension (d_state) the register-resident state tile supports
-MAX_K = 256
-
-#: the factor symbols every recurrence may use besides its coefficient inputs
-_BUILTIN = ("k_n", "v_j", "kk")
-
-_AXES_CODE = {(): "", ("K",): "K", ("V",): "V", ("V", "K"): "VK"}
-
-
-@dataclass(frozen=True)
-class Factor:
-    """One symbol the kernel loads or computes per token (or once per head for params).
-
-    Attributes:
-        name: the sympy symbol's name (``beta_j``, ``k_n``, ``A_jn``).
-        input: the coefficient keyword name (``beta``) or ``None`` for k, v, kk.
-        axes: ``""``, ``"K"``, ``"V"`` or ``"VK"``.
-        per_token: whether it changes with t.
-    """
-
-    name: str
-    input: Optional[str]
-    axes: str
-    per_token: bool
-
-    @property
-    def var(self) -> str:
-        """The kernel variable holding the factor, broadcastable to the [BK, BV] tile."""
-        return "s_" + self.name
+_HELPERS = '''\
+# Local helpers instead of tl.sum / tl.cdiv / tl.sigmoid: those are @jit functions of
+# triton.language, built for the compiler or the interpreter once, when triton.language
+# is first imported. These are built when this module is, so the kernels run under
+# TRITON_INTERPRET=1 whatever imported triton first.
+@triton.jit
+def _add(a, b):
+    return a + b
 
 
-@dataclass(frozen=True)
-class Partial:
-    """∂(coefficient)/∂(factor): one non-zero partial derivative the backward needs.
-
-    Attributes:
-        of: ``"G"``, ``"wk"`` (k̃) or ``"wv"`` (ṽ).
-        factor: the factor's symbol name.
-        expr: the derivative (aux expanded).
-    """
-
-    of: str
-    factor: str
-    expr: sp.Expr
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add)
 
 
-def _expand_aux(expr: sp.Expr, defs: Dict[str, sp.Expr]) -> sp.Expr:
-    """Replace auxiliary symbols by their (already expanded) definitions, matched by name."""
-    expr = sp.sympify(expr)
-    sub = {s: defs[s.name] for s in expr.free_symbols if s.name in defs}
-    return expr.xreplace(sub) if sub else expr
+@triton.jit
+def _cdiv(a, b: tl.constexpr):
+    return (a + b - 1) // b
 
 
-def _drop_delta(expr: sp.Expr) -> sp.Expr:
-    """Derivatives of Max/Abs/Heaviside carry DiracDelta terms: zero almost everywhere."""
-    if expr.has(sp.DiracDelta):
-        expr = expr.replace(sp.DiracDelta, lambda *a: sp.S.Zero)
-    return expr
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
 
 
-class Plan:
-    """What the kernels of one recurrence compute, before any source is printed.
-
-    Args:
-        rec: a :class:`olsm.ir.RecurrenceIR` (or ``olsm.Recurrence``) of kind ``elementwise``.
-
-    Raises:
-        BackendError: wrong kind, a symbol the kernel cannot load, or coefficients varying
-            along the wrong axis (k̃ must not depend on ``_j`` symbols, ṽ not on ``_n``).
-    """
-
-    def __init__(self, rec):
-        if getattr(rec, "kind", None) != "elementwise" or rec.gate is None:
-            raise BackendError(
-                f"the elementwise Triton kernel needs an elementwise-gate recurrence, got kind "
-                f"{getattr(rec, 'kind', None)!r} ({getattr(rec, 'name', rec)!r})"
-            )
-        self.name = rec.name
-        self.inputs = tuple(rec.inputs)
-        defs: Dict[str, sp.Expr] = {}
-        for sym, e in rec.aux:
-            defs[sym.name] = _expand_aux(e, defs)
-        self.gate = _expand_aux(rec.gate, defs)
-        self.wk = _expand_aux(rec.write_key, defs)
-        self.wv = _expand_aux(rec.write_value, defs)
-
-        known: Dict[str, Factor] = {
-            "k_n": Factor("k_n", None, "K", True),
-            "v_j": Factor("v_j", None, "V", True),
-            "kk": Factor("kk", None, "", True),
-        }
-        for spec in self.inputs:
-            fac = Factor(spec.symbol.name, spec.name, _AXES_CODE[tuple(spec.axes)], spec.per_token)
-            known[fac.name] = fac
-        symbols: Dict[str, sp.Symbol] = {}
-        for label, e in (("gate", self.gate), ("write_key", self.wk), ("write_value", self.wv)):
-            for s in e.free_symbols:
-                if s.name not in known:
-                    raise BackendError(
-                        f"{label} of {self.name!r} uses the symbol {s.name!r}, which is neither "
-                        f"k_n, v_j, kk nor an input ({', '.join(known)}); the kernel cannot load it"
-                    )
-                symbols[s.name] = s
-        if "V" in expr_axes(self.wk):
-            raise BackendError(f"write_key {self.wk} varies along V; it must be per-key only")
-        if "K" in expr_axes(self.wv):
-            raise BackendError(f"write_value {self.wv} varies along K; it must be per-value only")
-
-        #: factors used by some expression, in a fixed order (builtins, then inputs)
-        self.factors: Tuple[Factor, ...] = tuple(
-            known[n] for n in list(_BUILTIN) + [f.name for f in known.values() if f.input]
-            if n in symbols
-        )
-        self.symbols = symbols
-        #: factor of each input keyword (None when the input appears nowhere: zero gradient)
-        self.input_factor: Dict[str, Optional[Factor]] = {
-            spec.name: next((f for f in self.factors if f.input == spec.name), None)
-            for spec in self.inputs
-        }
-
-        partials: List[Partial] = []
-        for fac in self.factors:
-            s = symbols[fac.name]
-            for of, e in (("G", self.gate), ("wk", self.wk), ("wv", self.wv)):
-                d = _drop_delta(sp.diff(e, s))
-                if d != 0:
-                    partials.append(Partial(of, fac.name, d))
-        self.partials: Tuple[Partial, ...] = tuple(partials)
-
-    def key(self, prefetch: Tuple[int, int] = (1, 1)) -> str:
-        """Hash naming the generated source: expressions, inputs, generator, prefetch depths."""
-        h = hashlib.sha256()
-        h.update(GENERATOR_VERSION.encode())
-        h.update(repr(tuple(prefetch)).encode())
-        for e in (self.gate, self.wk, self.wv):
-            h.update(sp.srepr(e).encode())
-        for spec in self.inputs:
-            h.update(repr((spec.name, tuple(spec.axes), spec.per_token, spec.symbol.name)).encode())
-        return h.hexdigest()[:20]
+@triton.jit
+def _affine(a1, b1, a2, b2):
+    # the step x -> a1 x + b1, then x -> a2 x + b2
+    return a1 * a2, a2 * b1 + b2
 
 
-# ------------------------------------------------------------------------------------------
-# source generation
-# ------------------------------------------------------------------------------------------
+@triton.jit
+def _affine_excl(a1, b1, e1, f1, a2, b2, e2, f2):
+    # (a, b): every step so far; (e, f): all of them but the last. A single step's (e, f)
+    # is the identity (1, -0); constant there, it folds away in a thread's own registers
+    # (x * 1 and x + -0 are exact), so the exclusive result costs little beyond the scan.
+    return a1 * a2, a2 * b1 + b2, a1 * e2, e2 * b1 + f2
 
 
-class _Src:
-    """Lines of Python source with an indentation cursor."""
-
-    def __init__(self):
-        self.lines: List[str] = []
-        self.level = 0
-
-    def __call__(self, *lines: str):
-        for text in lines:
-            for ln in text.split("\n"):
-                self.lines.append(("    " * self.level + ln) if ln.strip() else "")
-        return self
-
-    def indent(self):
-        self.level += 1
-
-    def dedent(self):
-        self.level -= 1
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
+@triton.jit
+def _accumulate(ptr, val, mask, ATOMIC: tl.constexpr):
+    # several value slices add into one buffer; a lone slice just writes
+    if ATOMIC:
+        tl.atomic_add(ptr, val, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptr, val, mask=mask)
 
 
-def _addr(fac: Factor, tok: str) -> Tuple[str, str]:
-    """Pointer expression and mask of a per-token factor at token index ``tok``."""
-    p = "x_" + fac.input
-    if fac.axes == "":
-        return f"{p} + {tok} * H + i_h", None
-    if fac.axes == "K":
-        return f"{p} + ({tok} * H + i_h) * K + n_k", "m_k"
-    return f"{p} + ({tok} * H + i_h) * V + j_v", "m_v"
+'''
+
+_HEAD = """\
+i_bh = tl.program_id(0)
+i_v = tl.program_id(1)
+i_b = i_bh // H
+i_h = i_bh % H
+if IS_VARLEN:
+    bos = tl.load(cu_seqlens + i_b).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_b + 1).to(tl.int64)
+    ck0 = tl.load(chunk_offsets + i_b).to(tl.int64)
+else:
+    bos = i_b.to(tl.int64) * T
+    eos = bos + T
+    ck0 = i_b.to(tl.int64) * _cdiv(T, C)
+n_tok = (eos - bos).to(tl.int32)
+rows = tl.arange(0, BT)
+r3 = rows[:, None, None]
+n_k = tl.arange(0, BK)
+j_v = i_v * BV + tl.arange(0, BV)
+m_k = n_k < K
+m_v = j_v < V
+m_kv = m_k[:, None] & m_v[None, :]
+# offsets of this program's [K, BV] slice inside a [.., H, K, V] state
+o_state = n_k[:, None] * V + j_v[None, :]"""
+
+_SIZES = (
+    "    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,\n"
+    "    BT: tl.constexpr, C: tl.constexpr,"
+)
 
 
-def _broadcast(var: str, axes: str) -> str:
-    """A [BK] or [BV] vector as a broadcastable column/row of the [BK, BV] tile."""
-    return {"": var, "K": f"{var}[:, None]", "V": f"{var}[None, :]", "VK": var}[axes]
-
-
-class _Loads:
-    """The per-token loads of one loop, emitted in prefetch style.
-
-    Each value is loaded ``depth`` iterations ahead into a ring of named slots
-    ``<name>_p0 .. <name>_p{depth-1}`` (raw dtype) and converted to float32 ``<name>_c``
-    when its token comes up, so the global-memory latency of step t+depth overlaps the
-    arithmetic of steps t .. t+depth-1. A sequential scan is bound by that latency, not by
-    bandwidth: the depth trades registers for it.
-    """
-
-    def __init__(self, plan: Plan, with_q: bool, with_do: bool, depth: int = 1):
-        self.depth = int(depth)
-        self.items: List[Tuple[str, str, Optional[str], str]] = []  # (name, addr fn, mask, other)
-        if with_q:
-            self.items.append(("q", "q + ({tok} * H + i_h) * K + n_k", "m_k", "0.0"))
-        self.items.append(("k", "k + ({tok} * H + i_h) * K + n_k", "m_k", "0.0"))
-        self.items.append(("v", "v + ({tok} * H + i_h) * V + j_v", "m_v", "0.0"))
-        if with_do:
-            self.items.append(("do", "do + ({tok} * H + i_h) * V + j_v", "m_v", "0.0"))
-        for fac in plan.factors:
-            if fac.input and fac.per_token:
-                addr, mask = _addr(fac, "{tok}")
-                # coefficient padding is 1.0: harmless in log, division and sqrt
-                self.items.append(("in_" + fac.input, addr, mask, "1.0"))
-
-    def _issue(self, src: _Src, tok: str, valid: str, slot: int):
-        # (a vector mask `and` a scalar condition is written as one comparison against a
-        # conditional bound: the Triton interpreter mistypes `bool_vector & bool_scalar`)
-        bound = {"m_k": ("n_k", "K"), "m_v": ("j_v", "V")}
-        for name, addr, mask, other in self.items:
-            if mask is None:
-                m = f"({valid})"
-            else:
-                idx, size = bound[mask]
-                m = f"{idx} < tl.where({valid}, {size}, 0)"
-            src(f"{name}_p{slot} = tl.load({addr.format(tok='(' + tok + ')')}, mask={m}, other={other})")
-
-    def prologue(self, src: _Src, first: str, step: str, n: str):
-        """Fill the ring with tokens ``first + s*step`` for s < depth (valid while s < n)."""
-        for s in range(self.depth):
-            self._issue(src, f"{first} + {s} * ({step})" if s else first, f"{s} < {n}", s)
-
-    def advance(self, src: _Src, tok: str, step: str, i: str, n: str):
-        """Take token ``tok`` (the i-th of n) out of the ring and load token ``tok + depth*step``."""
-        for name, *_ in self.items:
-            src(f"{name}_c = {name}_p0.to(tl.float32)")
-        for s in range(self.depth - 1):
-            for name, *_ in self.items:
-                src(f"{name}_p{s} = {name}_p{s + 1}")
-        self._issue(src, f"{tok} + {self.depth} * ({step})", f"{i} + {self.depth} < {n}", self.depth - 1)
-
-
-def _emit_factors(src: _Src, plan: Plan):
-    """Per-token factor variables from the current token's float32 values."""
-    for fac in plan.factors:
-        if fac.name == "k_n":
-            src("s_k_n = k_c[:, None]")
-        elif fac.name == "v_j":
-            src("s_v_j = v_c[None, :]")
-        elif fac.name == "kk":
-            src("s_kk = _sum(k_c * k_c, 0)  # kᵀk over the whole key (K fits one tile)")
-        elif fac.per_token:
-            src(f"{fac.var} = {_broadcast('in_' + fac.input + '_c', fac.axes)}")
-
-
-def _emit_params(src: _Src, plan: Plan):
-    """Load per-head parameters once, before the time loop."""
-    for fac in plan.factors:
-        if fac.per_token:
-            continue
-        p = "x_" + fac.input
-        if fac.axes == "":
-            src(f"{fac.var} = tl.load({p} + i_h).to(tl.float32)")
-        elif fac.axes == "K":
-            src(f"{fac.var} = tl.load({p} + i_h * K + n_k, mask=m_k, other=1.0).to(tl.float32)[:, None]")
-        elif fac.axes == "V":
-            src(f"{fac.var} = tl.load({p} + i_h * V + j_v, mask=m_v, other=1.0).to(tl.float32)[None, :]")
-        else:  # [H, V, K]: the tile is [BK, BV], so n runs down rows and j across columns
-            src(
-                f"{fac.var} = tl.load({p} + (i_h * V + j_v[None, :]) * K + n_k[:, None], "
-                f"mask=m_kv, other=1.0).to(tl.float32)"
-            )
-
-
-def _cse_lines(exprs: List[sp.Expr], printer: TritonPrinter, prefix: str) -> Tuple[List[str], List[str]]:
-    """Common sub-expressions as assignment lines, and the reduced expressions' source."""
-    repl, reduced = sp.cse(exprs, symbols=sp.numbered_symbols(prefix), optimizations="basic")
-    lines = []
-    for sym, e in repl:
-        printer.names[sym.name] = sym.name
-        lines.append(f"{sym.name} = {printer.doprint(e)}")
-    return lines, [printer.doprint(e) for e in reduced]
-
-
-def _coef_block(src: _Src, plan: Plan, with_partials: bool) -> Dict[Tuple[str, str], str]:
-    """Emit G, k̃, ṽ (and the partials) for the current token.
-
-    Returns:
-        (of, factor) -> source of that partial derivative (only when ``with_partials``).
-    """
-    names = {f.name: f.var for f in plan.factors}
-    printer = TritonPrinter(names, sigmoid="_sigmoid")
-    exprs = [plan.gate, plan.wk, plan.wv]
-    if with_partials:
-        exprs += [p.expr for p in plan.partials]
-    lines, out = _cse_lines(exprs, printer, "c")
-    if lines:
-        src(*lines)
-    # G, k̃, ṽ are masked to the valid tile so that padded lanes stay exactly zero in S and dS
-    # whatever the formulas give on padding (log(0), 1/0, ...)
-    src(f"G = tl.where(m_kv, {out[0]}, 0.0)")
-    src(f"wk = tl.where(m_k[:, None], {out[1]}, 0.0)")
-    src(f"wv = tl.where(m_v[None, :], {out[2]}, 0.0)")
-    parts = {}
-    if with_partials:
-        for p, code in zip(plan.partials, out[3:]):
-            parts[(p.of, p.factor)] = code
-    return parts
-
-
-def _reduce(term: str, space: str, target: str) -> str:
-    """Sum a gradient term living on ``space`` (KV, K, V) down to the ``target`` axes."""
-    mask = {"KV": "m_kv", "K": "m_k[:, None]", "V": "m_v[None, :]"}[space]
-    t = f"tl.where({mask}, {term}, 0.0)"
-    if target == "VK":
-        return t
-    if target == "K":
-        return f"_sum({t}, 1)"
-    if target == "V":
-        return f"_sum({t}, 0)"
-    return f"_sum(_sum({t}, 1), 0)"
-
-
-def _grad_expr(plan: Plan, parts: Dict[Tuple[str, str], str], fac: Factor) -> Optional[str]:
-    """Source of dL/d(factor) for this token, reduced to the factor's own axes."""
-    terms = []
-    for of, space, adj in (("G", "KV", "dG"), ("wk", "K", "dwk"), ("wv", "V", "dwv")):
-        code = parts.get((of, fac.name))
-        if code is not None:
-            term = adj if code == "1.0" else f"{adj} * ({code})"
-            terms.append(_reduce(term, space, fac.axes))
-    return " + ".join(terms) if terms else None
-
-
-def generate_source(plan: Plan, prefetch: Tuple[int, int] = (1, 1)) -> str:
-    """The Python module text holding ``fwd_kernel`` and ``bwd_kernel`` for ``plan``.
-
-    Args:
-        plan: what to compute.
-        prefetch: how many tokens ahead the forward and the backward loops load.
-    """
-    src = _Src()
+def _scan_block_end(src: Src):
+    """S <- the state after the block (G, wk, wv of the block in scope)."""
     src(
-        f'"""Generated by olsm.kernels.elementwise ({GENERATOR_VERSION}) for {plan.name!r}. Do not edit.',
-        "",
-        f"gate        G[n, j] = {plan.gate}",
-        f"write key   k̃[n]    = {plan.wk}",
-        f"write value ṽ[j]    = {plan.wv}",
-        '"""',
-        "import triton",
-        "import triton.language as tl",
-        "",
-        "",
-        "# Local helpers instead of tl.sum / tl.cdiv / tl.sigmoid: those are @jit functions of",
-        "# triton.language, built for the compiler or the interpreter once, when triton.language",
-        "# is first imported. These are built when this module is, so the kernels run under",
-        "# TRITON_INTERPRET=1 whatever imported triton first.",
-        "@triton.jit",
-        "def _add(a, b):",
-        "    return a + b",
-        "",
-        "",
-        "@triton.jit",
-        "def _sum(x, axis: tl.constexpr):",
-        "    return tl.reduce(x, axis, _add)",
-        "",
-        "",
-        "@triton.jit",
-        "def _cdiv(a, b: tl.constexpr):",
-        "    return (a + b - 1) // b",
-        "",
-        "",
-        "@triton.jit",
-        "def _sigmoid(x):",
-        "    return 1.0 / (1.0 + tl.exp(-x))",
-        "",
-        "",
-    )
-    coef_args = "".join(f"x_{s.name}, " for s in plan.inputs)
-    grad_args = "".join(f"g_{s.name}, " for s in plan.inputs)
-    common_head = (
-        "i_bh = tl.program_id(0)\n"
-        "i_v = tl.program_id(1)\n"
-        "i_b = i_bh // H\n"
-        "i_h = i_bh % H\n"
-        "if IS_VARLEN:\n"
-        "    bos = tl.load(cu_seqlens + i_b).to(tl.int64)\n"
-        "    eos = tl.load(cu_seqlens + i_b + 1).to(tl.int64)\n"
-        "    ck0 = tl.load(chunk_offsets + i_b).to(tl.int64)\n"
-        "else:\n"
-        "    bos = i_b.to(tl.int64) * T\n"
-        "    eos = bos + T\n"
-        "    ck0 = i_b.to(tl.int64) * _cdiv(T, C)\n"
-        "n_tok = (eos - bos).to(tl.int32)\n"
-        "n_k = tl.arange(0, BK)\n"
-        "j_v = i_v * BV + tl.arange(0, BV)\n"
-        "m_k = n_k < K\n"
-        "m_v = j_v < V\n"
-        "m_kv = m_k[:, None] & m_v[None, :]\n"
-        "# offsets of this program's [K, BV] slice inside a [.., H, K, V] state\n"
-        "o_state = n_k[:, None] * V + j_v[None, :]"
+        "b = wk * wv + G * tl.where(r3 == 0, S[None, :, :], 0.0)  # entering state folded in",
+        "_, S3 = tl.associative_scan((G, b), 0, _affine)",
+        "# the last row (rows past the end carried the last token's state); the -0.0 filler",
+        "# keeps the sum exact and lets the compiler drop the additions",
+        "S = _sum(tl.where(r3 == BT - 1, S3, -0.0), 0)",
     )
 
-    # ---------------------------------------------------------------- forward kernel
-    fwd_loads = _Loads(plan, with_q=True, with_do=False, depth=prefetch[0])
+
+def _forward(src: Src, plan: Plan, depth: int, coef_args: str):
+    loads = BlockLoads(plan, with_q=True, with_do=False, depth=depth)
     src("@triton.jit")
     src(
         "def fwd_kernel(\n"
         f"    q, k, v, o, {coef_args}d_skip, h0, ht, ckpt, cu_seqlens, chunk_offsets,\n"
         "    scale, T,\n"
-        "    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,\n"
-        "    C: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,\n"
-        "    STORE_CKPT: tl.constexpr, HAS_D: tl.constexpr, IS_VARLEN: tl.constexpr,\n"
-        "):"
-    )
-    src.indent()
-    src(
-        '"""One program scans one (sequence, head) over all its tokens for a BV-wide slice of',
-        "the value dimension; the [K, BV] state never leaves registers. Every C tokens the",
-        'state entering the chunk is written to ``ckpt`` so the backward can restart there."""',
-    )
-    src(common_head)
-    _emit_params(src, plan)
-    src("S = tl.full([BK, BV], 0.0, dtype=tl.float32)")
-    src("if HAS_H0:")
-    src("    S = tl.load(h0 + i_bh.to(tl.int64) * K * V + o_state, mask=m_kv, other=0.0).to(tl.float32)")
-    src("if HAS_D:")
-    src("    d_j = tl.load(d_skip + i_h * V + j_v, mask=m_v, other=0.0).to(tl.float32)")
-    src("# prefetch the first tokens")
-    fwd_loads.prologue(src, "bos", "1", "n_tok")
-    src("for i_c in range(0, _cdiv(n_tok, C)):")
-    src.indent()
-    src("if STORE_CKPT:")
-    src("    tl.store(ckpt + ((ck0 + i_c) * H + i_h) * K * V + o_state, S, mask=m_kv)")
-    src("t0 = bos + i_c * C")
-    src("for i_t in range(0, tl.minimum(C, n_tok - i_c * C)):")
-    src.indent()
-    src("tok = t0 + i_t")
-    fwd_loads.advance(src, "tok", "1", "i_c * C + i_t", "n_tok")
-    _emit_factors(src, plan)
-    _coef_block(src, plan, with_partials=False)
-    src("S = G * S + wk * wv")
-    src("o_t = _sum(S * q_c[:, None], 0) * scale")
-    src("if HAS_D:")
-    src("    o_t += d_j * v_c")
-    src("tl.store(o + (tok * H + i_h) * V + j_v, o_t.to(o.dtype.element_ty), mask=m_v)")
-    src.dedent()
-    src.dedent()
-    src("if STORE_HT:")
-    src("    tl.store(ht + i_bh.to(tl.int64) * K * V + o_state, S, mask=m_kv)")
-    src.dedent()
-    src("")
-    src("")
-
-    # ---------------------------------------------------------------- backward kernel
-    rec_loads = _Loads(plan, with_q=False, with_do=False, depth=prefetch[1])
-    rev_loads = _Loads(plan, with_q=True, with_do=True, depth=prefetch[1])
-    src("@triton.jit")
-    src(
-        "def bwd_kernel(\n"
-        f"    q, k, v, do, {coef_args}d_skip, dht, dh0, ckpt, scratch,\n"
-        f"    dq, dk, dv, dd_skip, {grad_args}cu_seqlens, chunk_offsets,\n"
-        "    scale, T, NTOK, NV,\n"
-        "    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,\n"
-        "    C: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,\n"
+        f"{_SIZES}\n"
+        "    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_CKPT: tl.constexpr,\n"
         "    HAS_D: tl.constexpr, IS_VARLEN: tl.constexpr,\n"
         "):"
     )
     src.indent()
     src(
-        '"""Reverse scan. For each chunk, last to first: replay the forward from the chunk\'s',
-        "checkpoint, stashing the C+1 states in this program's private scratch slab, then walk",
-        "the tokens backwards carrying dS = ∂L/∂S_t:",
-        "",
-        "    dS_t  = scale · q_t do_tᵀ + G_{t+1} ⊙ dS_{t+1}",
-        "    dq_t  = scale · S_t do_t          dG_t = dS_t ⊙ S_{t-1}",
-        "    dk̃_t = dS_t ṽ_t                  dṽ_t = dS_tᵀ k̃_t",
-        "",
-        "and push dG, dk̃, dṽ through the printed partial derivatives to every factor. Outputs",
-        "that sum over the value axis (dq, dk, per-key/per-head coefficients) are written per",
-        'V-tile and summed by the caller; parameters are summed over time here."""',
+        '"""One program: one (sequence, head, BV-slice of V), all tokens in blocks of BT, each',
+        "block one scan over its tokens. Every C tokens the state entering the chunk goes to",
+        '``ckpt`` for the backward."""',
+        _HEAD,
     )
-    src(common_head)
-    src("o_slab = n_k[:, None] * BV + tl.arange(0, BV)[None, :]")
-    src("scr = scratch + (i_bh * NV + i_v).to(tl.int64) * (C + 1) * BK * BV")
-    _emit_params(src, plan)
-    # parameter-gradient accumulators, shaped like the parameter's slice
+    emit_params(src, plan)
+    src(
+        "S = tl.full([BK, BV], 0.0, dtype=tl.float32)",
+        "if HAS_H0:",
+        "    S = tl.load(h0 + i_bh.to(tl.int64) * K * V + o_state, mask=m_kv, other=0.0).to(tl.float32)",
+        "if HAS_D:",
+        "    d_j = tl.load(d_skip + i_h * V + j_v, mask=m_v, other=0.0).to(tl.float32)",
+        "n_blk = _cdiv(n_tok, BT)",
+    )
+    loads.prologue(src, "bos", "BT", "n_blk")
+    src("for i_blk in range(0, n_blk):")
+    src.indent()
+    src(
+        "t_blk = bos + i_blk * BT",
+        "if STORE_CKPT:",
+        "    if i_blk % (C // BT) == 0:",
+        "        tl.store(ckpt + ((ck0 + i_blk // (C // BT)) * H + i_h) * K * V + o_state, S, mask=m_kv)",
+    )
+    loads.take(src, "t_blk", "BT", "i_blk", "n_blk")
+    emit_block_masks(src, "t_blk")
+    emit_factors(src, plan)
+    emit_coefficients(src, plan, with_partials=False)
+    src(
+        "b = wk * wv + G * tl.where(r3 == 0, S[None, :, :], 0.0)  # entering state folded in",
+        "_, S3 = tl.associative_scan((G, b), 0, _affine)  # S3[r] = state after token r",
+        "o_b = _sum(S3 * q_c[:, :, None], 1) * scale",
+        "if HAS_D:",
+        "    o_b += d_j[None, :] * v_c",
+    )
+    addr, mask = tile_addr("o", "V", "tok", "m_t")
+    src(f"tl.store({addr}, o_b.to(o.dtype.element_ty), mask={mask})")
+    src(
+        "# the last row (rows past the end carried the last token's state); the -0.0 filler",
+        "# keeps the sum exact and lets the compiler drop the additions",
+        "S = _sum(tl.where(r3 == BT - 1, S3, -0.0), 0)",
+    )
+    src.dedent()
+    src(
+        "if STORE_HT:",
+        "    tl.store(ht + i_bh.to(tl.int64) * K * V + o_state, S, mask=m_kv)",
+    )
+    src.dedent()
+    src("", "")
+
+
+def _store_token_grad(src: Src, ptr: str, axes: str, val: str, cast: bool):
+    """Write a per-token gradient tile: per-value ones are this program's alone, the rest
+    are summed over the value slices."""
+    addr, mask = tile_addr(ptr, axes, "tok", "m_t")
+    if axes == "V":
+        val = f"({val}).to({ptr}.dtype.element_ty)" if cast else val
+        src(f"tl.store({addr}, {val}, mask={mask})")
+    else:
+        src(f"_accumulate({addr}, {val}, {mask}, SPLIT_V)")
+
+
+def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
+    rec_loads = BlockLoads(plan, with_q=False, with_do=False, depth=depth)
+    rev_loads = BlockLoads(plan, with_q=True, with_do=True, depth=depth)
+    src("@triton.jit")
+    src(
+        "def bwd_kernel(\n"
+        f"    q, k, v, do, {coef_args}d_skip, dht, dh0, ckpt, scratch,\n"
+        f"    dq, dk, dv, dd_skip, {grad_args}cu_seqlens, chunk_offsets,\n"
+        "    scale, T, NV,\n"
+        f"{_SIZES}\n"
+        "    NB_C: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,\n"
+        "    HAS_D: tl.constexpr, IS_VARLEN: tl.constexpr, SPLIT_V: tl.constexpr,\n"
+        "):"
+    )
+    src.indent()
+    src(
+        '"""Reverse pass of one (sequence, head, BV-slice): chunks last to first, and inside a',
+        "chunk its NB_C = C / BT blocks last to first, each replayed from the block's entering",
+        "state (scratch slab) and differentiated with one forward and one reverse scan.",
+        "",
+        "Outputs that sum over the value axis (dq, dk, per-key/per-head coefficients) are",
+        "accumulated over the value slices (atomics when SPLIT_V); per-value ones are written;",
+        'parameters are summed over time here and over sequences/slices by the caller."""',
+        _HEAD,
+    )
+    emit_params(src, plan)
     acc_shape = {"": "[1]", "K": "[BK]", "V": "[BV]", "VK": "[BK, BV]"}
     for fac in plan.factors:
         if not fac.per_token:
             src(f"acc_{fac.input} = tl.full({acc_shape[fac.axes]}, 0.0, dtype=tl.float32)")
-    src("if HAS_D:")
-    src("    d_j = tl.load(d_skip + i_h * V + j_v, mask=m_v, other=0.0).to(tl.float32)")
-    src("acc_d = tl.full([BV], 0.0, dtype=tl.float32)")
-    src("dS = tl.full([BK, BV], 0.0, dtype=tl.float32)")
-    src("if HAS_DHT:")
-    src("    dS = tl.load(dht + i_bh.to(tl.int64) * K * V + o_state, mask=m_kv, other=0.0).to(tl.float32)")
-    src("for i_r in range(0, _cdiv(n_tok, C)):")
+    src(
+        "if HAS_D:",
+        "    d_j = tl.load(d_skip + i_h * V + j_v, mask=m_v, other=0.0).to(tl.float32)",
+        "acc_d = tl.full([BV], 0.0, dtype=tl.float32)",
+        "# the exclusive half of the scan elements: the identity step",
+        "one3 = tl.full([BT, BK, BV], 1.0, dtype=tl.float32)",
+        "nz3 = tl.full([BT, BK, BV], -0.0, dtype=tl.float32)",
+        "# P: gradient reaching the state after the current block from everything later",
+        "P = tl.full([BK, BV], 0.0, dtype=tl.float32)",
+        "if HAS_DHT:",
+        "    P = tl.load(dht + i_bh.to(tl.int64) * K * V + o_state, mask=m_kv, other=0.0).to(tl.float32)",
+        "if NB_C > 1:",
+        "    o_slab = n_k[:, None] * BV + tl.arange(0, BV)[None, :]",
+        "    scr = scratch + (i_bh * NV + i_v).to(tl.int64) * NB_C * BK * BV",
+        "n_chunks = _cdiv(n_tok, C)",
+        "for i_r in range(0, n_chunks):",
+    )
     src.indent()
-    src("i_c = _cdiv(n_tok, C) - 1 - i_r")
-    src("t0 = bos + i_c * C")
-    src("n_c = tl.minimum(C, n_tok - i_c * C)")
-    src("# 1) replay the chunk forward from its checkpoint; slot s holds the state after s tokens")
-    src("S = tl.load(ckpt + ((ck0 + i_c) * H + i_h) * K * V + o_state, mask=m_kv, other=0.0)")
+    src(
+        "i_c = n_chunks - 1 - i_r",
+        "t_chunk = bos + i_c * C",
+        "nb = _cdiv(tl.minimum(C, n_tok - i_c * C), BT)  # blocks in this chunk",
+        "S = tl.load(ckpt + ((ck0 + i_c) * H + i_h) * K * V + o_state, mask=m_kv, other=0.0)",
+        "if NB_C > 1:",
+    )
+    src.indent()
+    src("# 1) replay the chunk forward; slot i of the slab holds the state entering block i")
     src("tl.store(scr + o_slab, S)")
-    rec_loads.prologue(src, "t0", "1", "n_c")
-    src("for i_t in range(0, n_c):")
+    rec_loads.prologue(src, "t_chunk", "BT", "nb - 1")
+    src("for i_blk in range(0, nb - 1):")
     src.indent()
-    src("tok = t0 + i_t")
-    rec_loads.advance(src, "tok", "1", "i_t", "n_c")
-    _emit_factors(src, plan)
-    _coef_block(src, plan, with_partials=False)
-    src("S = G * S + wk * wv")
-    src("tl.store(scr + (i_t + 1) * BK * BV + o_slab, S)")
+    src("t_blk = t_chunk + i_blk * BT")
+    rec_loads.take(src, "t_blk", "BT", "i_blk", "nb - 1")
+    emit_block_masks(src, "t_blk")
+    emit_factors(src, plan)
+    emit_coefficients(src, plan, with_partials=False)
+    _scan_block_end(src)
+    src("tl.store(scr + (i_blk + 1) * BK * BV + o_slab, S)")
     src.dedent()
-    src("# the slab is re-read below with the same layout; the barrier orders it all the same")
-    src("tl.debug_barrier()")
-    src("# 2) walk the chunk backwards; S holds S_t, the slab gives S_{t-1}")
-    rev_loads.prologue(src, "t0 + n_c - 1", "-1", "n_c")
-    src("for i_t in range(0, n_c):")
+    src("tl.debug_barrier()  # the slab is read back by other threads")
+    src.dedent()
+    src("# 2) the chunk's blocks, last to first")
+    rev_loads.prologue(src, "t_chunk + (nb - 1) * BT", "-BT", "nb")
+    src("for i_rb in range(0, nb):")
     src.indent()
-    src("tok = t0 + n_c - 1 - i_t")
-    rev_loads.advance(src, "tok", "-1", "i_t", "n_c")
-    _emit_factors(src, plan)
-    parts = _coef_block(src, plan, with_partials=True)
-    src("dS += scale * q_c[:, None] * do_c[None, :]")
-    src("dq_t = _sum(S * do_c[None, :], 1) * scale")
-    src("S = tl.load(scr + (n_c - 1 - i_t) * BK * BV + o_slab)  # S_{t-1}")
-    src("dG = dS * S")
-    src("dwk = _sum(dS * wv, 1)[:, None]")
-    src("dwv = _sum(dS * wk, 0)[None, :]")
-    # gradients of the factors
-    kk = plan.symbols.get("kk")
-    dkk = _grad_expr(plan, parts, Factor("kk", None, "", True)) if kk is not None else None
+    src("i_blk = nb - 1 - i_rb", "t_blk = t_chunk + i_blk * BT")
+    rev_loads.take(src, "t_blk", "-BT", "i_rb", "nb")
+    src(
+        "if NB_C > 1:",
+        "    S0 = tl.load(scr + i_blk * BK * BV + o_slab)",
+        "else:",
+        "    S0 = S",
+    )
+    emit_block_masks(src, "t_blk")
+    emit_factors(src, plan)
+    parts = emit_coefficients(src, plan, with_partials=True)
+    src(
+        "# forward states: S3[r] = S after token r (inclusive), Sx3[r] = S before it (exclusive)",
+        "b = wk * wv + G * tl.where(r3 == 0, S0[None, :, :], 0.0)",
+        "_, S3, _, Sx3 = tl.associative_scan((G, b, one3, nz3), 0, _affine_excl)",
+        "Sx3 = tl.where(r3 == 0, S0[None, :, :], Sx3)",
+        "# reverse: the maps P -> G_t ⊙ (X_t + P), the later gradient P folded into the last row;",
+        "# inclusive Pi3[r] = G_r ⊙ dS_r, exclusive Px3[r] = what reaches S_r from later tokens",
+        "XP = (q_c * scale)[:, :, None] * do_c[:, None, :] + tl.where(r3 == BT - 1, P[None, :, :], 0.0)",
+        "_, Pi3, _, Px3 = tl.associative_scan((G, G * XP, one3, nz3), 0, _affine_excl, reverse=True)",
+        "dS = XP + Px3",
+        "P = _sum(tl.where(r3 == 0, Pi3, -0.0), 0)  # to the previous block: G_t0 ⊙ dS_t0",
+        "dq_b = _sum(S3 * do_c[:, None, :], 2) * scale",
+        "dG = dS * Sx3",
+        "dwk = _sum(dS * wv, 2)[:, :, None]",
+        "dwv = _sum(dS * wk, 1)[:, None, :]",
+    )
     dk_terms = []
     if "k_n" in plan.symbols:
-        g = _grad_expr(plan, parts, Factor("k_n", None, "K", True))
+        g = grad_expr(parts, Factor("k_n", None, "K", True))
         if g:
             dk_terms.append(g)
-    if dkk:
-        src(f"dkk = {dkk}")
-        dk_terms.append("2.0 * dkk * k_c")
-    src(f"dk_t = {' + '.join(dk_terms) if dk_terms else 'tl.full([BK], 0.0, dtype=tl.float32)'}")
-    dv_terms = ["tl.full([BV], 0.0, dtype=tl.float32)"]
-    if "v_j" in plan.symbols:
-        g = _grad_expr(plan, parts, Factor("v_j", None, "V", True))
+    if "kk" in plan.symbols:
+        g = grad_expr(parts, Factor("kk", None, "", True))
         if g:
-            dv_terms = [g]
-    src(f"dv_t = {' + '.join(dv_terms)}")
-    src("if HAS_D:")
-    src("    dv_t += d_j * do_c")
-    src("    acc_d += do_c * v_c")
-    src("row = tok * H + i_h")
-    src("part = (i_v.to(tl.int64) * NTOK + tok) * H + i_h  # row of this V-tile's partial sum")
-    src("tl.store(dq + part * K + n_k, dq_t, mask=m_k)")
-    src("tl.store(dk + part * K + n_k, dk_t, mask=m_k)")
-    src("tl.store(dv + row * V + j_v, dv_t.to(dv.dtype.element_ty), mask=m_v)")
+            src(f"dkk = {g}")
+            dk_terms.append("2.0 * dkk[:, None] * k_c")
+    src(f"dk_b = {' + '.join(dk_terms) if dk_terms else 'tl.full([BT, BK], 0.0, dtype=tl.float32)'}")
+    g = grad_expr(parts, Factor("v_j", None, "V", True)) if "v_j" in plan.symbols else None
+    src(f"dv_b = {g or 'tl.full([BT, BV], 0.0, dtype=tl.float32)'}")
+    src(
+        "if HAS_D:",
+        "    dv_b += d_j[None, :] * do_c",
+        "    acc_d += _sum(do_c * v_c, 0)",
+    )
+    _store_token_grad(src, "dq", "K", "dq_b", cast=False)
+    _store_token_grad(src, "dk", "K", "dk_b", cast=False)
+    _store_token_grad(src, "dv", "V", "dv_b", cast=True)
     for fac in plan.factors:
         if fac.input is None:
             continue
-        g = _grad_expr(plan, parts, fac) or "0.0"
-        gp = "g_" + fac.input
-        if not fac.per_token:
-            src(f"acc_{fac.input} += {g}")
-        elif fac.axes == "":
-            src(f"tl.store({gp} + part, {g})")
-        elif fac.axes == "K":
-            src(f"tl.store({gp} + part * K + n_k, {g}, mask=m_k)")
+        g = grad_expr(parts, fac) or "0.0"
+        if fac.per_token:
+            _store_token_grad(src, "g_" + fac.input, fac.axes, g, cast=True)
         else:
-            src(f"tl.store({gp} + row * V + j_v, {g}, mask=m_v)")
-    src("dS = dS * G  # carry to t-1: G_t ⊙ dS_t")
+            src(f"acc_{fac.input} += {g}")
     src.dedent()
-    src("tl.debug_barrier()  # the next chunk overwrites the slab")
+    src(
+        "if NB_C > 1:",
+        "    tl.debug_barrier()  # the next chunk overwrites the slab",
+    )
     src.dedent()
-    src("if STORE_DH0:")
-    src("    tl.store(dh0 + i_bh.to(tl.int64) * K * V + o_state, dS, mask=m_kv)")
-    src("if HAS_D:")
-    src("    tl.store(dd_skip + (i_b * H + i_h) * V + j_v, acc_d, mask=m_v)")
-    # parameters: [NB, NV or 1, H, ...] partial sums, reduced by the caller
+    src(
+        "if STORE_DH0:",
+        "    tl.store(dh0 + i_bh.to(tl.int64) * K * V + o_state, P, mask=m_kv)",
+        "if HAS_D:",
+        "    tl.store(dd_skip + (i_b * H + i_h) * V + j_v, acc_d, mask=m_v)",
+    )
+    # parameters: [N, NV, H, ...] partial sums (or [N, H, V, ...] when they span V), reduced
+    # by the caller
     for fac in plan.factors:
         if fac.per_token:
             continue
@@ -629,56 +392,36 @@ def generate_source(plan: Plan, prefetch: Tuple[int, int] = (1, 1)) -> str:
         else:
             src(f"tl.store({gp} + ((i_b * H + i_h) * V + j_v[None, :]) * K + n_k[:, None], {acc}, mask=m_kv)")
     src.dedent()
-    return src.text()
 
 
-# ------------------------------------------------------------------------------------------
-# disk cache + import
-# ------------------------------------------------------------------------------------------
+def generate_source(plan: Plan, prefetch: Tuple[int, int] = (1, 1)) -> str:
+    """The Python module text holding ``fwd_kernel`` and ``bwd_kernel`` for ``plan``.
 
-_LOADED: Dict[str, ModuleType] = {}
-_LOCK = threading.Lock()
-
-
-def cache_dir() -> Path:
-    """Where generated kernels live: ``$OLSM_CACHE/kernels`` or ``~/.cache/olsm/kernels``."""
-    root = os.environ.get("OLSM_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "olsm"
-    return base / "kernels"
-
-
-def load_kernels(plan: Plan, prefetch: Tuple[int, int] = (1, 1)) -> ModuleType:
-    """Generate (once), write (once per machine) and import the kernel module of ``plan``.
+    Args:
+        plan: what to compute.
+        prefetch: how many blocks ahead the forward and the backward loops load (0: none).
 
     Returns:
-        The imported module; ``module.fwd_kernel`` and ``module.bwd_kernel`` are
-        ``@triton.jit`` functions, ``module.__file__`` the generated source.
+        Source text of a module importing only ``triton`` and ``triton.language``.
     """
-    prefetch = (int(prefetch[0]), int(prefetch[1]))
-    if min(prefetch) < 1:
-        raise BackendError(f"prefetch depths must be >= 1, got {prefetch}")
-    key = plan.key(prefetch)
-    with _LOCK:
-        mod = _LOADED.get(key)
-        if mod is not None:
-            return mod
-        text = generate_source(plan, prefetch)
-        path = cache_dir() / f"elementwise_{key}.py"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:  # read-only home (some CI runners): fall back to the temp dir
-            path = Path(tempfile.gettempdir()) / "olsm-kernels" / path.name
-            path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists() or path.read_text() != text:
-            # write-then-rename: concurrent test workers never import a half-written file
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        name = f"olsm_generated_elementwise_{key}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        _LOADED[key] = mod
-        return mod
+    src = Src()
+    src(
+        f'"""Generated by olsm.kernels.elementwise ({GENERATOR_VERSION}) for {plan.name!r}. Do not edit.',
+        "",
+        f"gate        G[n, j] = {plan.gate}",
+        f"write key   k̃[n]    = {plan.wk}",
+        f"write value ṽ[j]    = {plan.wv}",
+        "",
+        "Block-parallel scan; the algorithm is described in olsm/kernels/elementwise/codegen.py.",
+        '"""',
+        "import triton",
+        "import triton.language as tl",
+        "",
+        "",
+    )
+    src.lines.extend(_HELPERS.rstrip("\n").split("\n") + ["", ""])
+    coef_args = "".join(f"x_{s.name}, " for s in plan.inputs)
+    grad_args = "".join(f"g_{s.name}, " for s in plan.inputs)
+    _forward(src, plan, prefetch[0], coef_args)
+    _backward(src, plan, prefetch[1], coef_args, grad_args)
+    return src.text()

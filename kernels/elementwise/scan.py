@@ -1,89 +1,34 @@
 """Launchers and autograd for the generated elementwise-gate scan.
 
-``elementwise_scan`` is the public entry; ``elementwise_step`` the one-token decode step.
-Both take the recurrence IR and compile (once, cached on disk) a forward and backward kernel
-whose coefficient arithmetic was printed from the IR's sympy expressions.
+``elementwise_scan`` is the public entry; ``elementwise_step`` the one-token decode step (the
+same kernel with blocks of one token). Both take the recurrence IR and compile (once, cached
+on disk) a forward and a backward kernel whose coefficient arithmetic was printed from the
+IR's sympy expressions (:mod:`.codegen` describes the block-parallel algorithm).
 
 Memory the forward keeps for the backward: the inputs plus one float32 ``[K, V]`` state per
-head every ``chunk_size`` tokens (``T / chunk_size`` of them), never a ``[T, K, V]`` tensor.
-The backward replays each chunk from its checkpoint into a per-program scratch slab of
-``chunk_size + 1`` states (``[K, BV]`` each; it stays in L2 on a GPU).
+head every ``C`` tokens (``T / C`` of them, C = ``chunk_size`` rounded to the block), never a
+``[T, K, V]`` tensor. The backward adds a per-program slab of ``C / BT`` states (the
+block-entering states of one chunk, ``[K, BV]`` each), one float32 ``[B, T, H, K]`` buffer
+each for dq and dk (summed over value slices with atomics) and writes the per-value
+gradients (dv, dβ, dΔ) straight in their inputs' dtypes.
 """
 from __future__ import annotations
 
 import functools
-import os
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
 from olsm.errors import BackendError, InputError
 
-from .codegen import MAX_K, Plan, load_kernels
+from .cache import load_kernels
+from .config import Config, Knob, choose_config, interpreting
+from .plan import Plan
 
+#: largest key dimension (d_state): the whole key axis sits in each program's tiles
+MAX_K = 256
 
-@dataclass(frozen=True)
-class Config:
-    """Launch shape of one call (all sizes are powers of two).
-
-    Attributes:
-        BK: padded key dimension (the whole K sits in one tile).
-        BV: value-tile width: one program per (sequence, head, V-tile).
-        C: checkpoint interval in tokens.
-        num_warps: warps per program.
-    """
-
-    BK: int
-    BV: int
-    C: int
-    num_warps: int
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def choose_config(N: int, H: int, K: int, V: int, chunk_size: int, device: torch.device,
-                  block_v: Optional[int] = None, num_warps: Optional[int] = None) -> Config:
-    """Pick the tile shape.
-
-    The state tile is ``[BK, BV]`` float32 in registers, so BK·BV is bounded; each program
-    is a sequential chain over T, so the GPU needs many of them in flight: we shrink BV (down
-    to 16) until there are at least ~4 programs per SM (an H100 has 132). A floor of 4 (768
-    programs at B = 2, d_model 768, T = 8192) was measured on an H100 (2026-11-24,
-    ``benchmarks/results/elementwise_h100_run2.md``): fwd+bwd 15.1 → 13.7 ms only, peak memory
-    373 → 1045 MiB (per-V-tile partial gradients): the per-token latency of the sequential
-    chain, not the number of programs, is what limits it. Reverted.
-    """
-    BK = max(4, _next_pow2(K))
-    if block_v is None:
-        if device.type != "cuda" or _interpreting():
-            block_v = min(64, max(4, _next_pow2(V)))
-        else:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            block_v = min(64, max(16, _next_pow2(V)))
-            while block_v > 16 and N * H * -(-V // block_v) < 4 * sms:
-                block_v //= 2
-            # keep the tile within ~8k floats (32 regs/thread at 8 warps)
-            while BK * block_v > 8192 and block_v > 4:
-                block_v //= 2
-    BV = int(block_v)
-    if BV & (BV - 1):
-        raise BackendError(f"block_v must be a power of two, got {BV}")
-    if num_warps is None:
-        num_warps = max(1, min(8, BK * BV // 256))
-    C = int(chunk_size)
-    if C < 1:
-        raise InputError(f"chunk_size must be positive, got {chunk_size}")
-    return Config(BK=BK, BV=BV, C=C, num_warps=int(num_warps))
-
-
-#: default prefetch depths (forward, backward): tokens loaded ahead of the one being used
+#: default prefetch depths (forward, backward): blocks loaded ahead of the one being used
 DEFAULT_PREFETCH = (1, 1)
 
 
@@ -98,8 +43,8 @@ def compile_recurrence(rec, prefetch: Optional[Tuple[int, int]] = None):
 
     Args:
         rec: elementwise-class recurrence IR.
-        prefetch: ``(forward, backward)`` load-ahead depths in tokens (default
-            :data:`DEFAULT_PREFETCH`).
+        prefetch: ``(forward, backward)`` load-ahead depths in blocks (default
+            :data:`DEFAULT_PREFETCH`; 0 loads each block when it is used).
 
     Returns:
         ``(plan, module)``; ``module.fwd_kernel``, ``module.bwd_kernel`` are the kernels and
@@ -122,12 +67,12 @@ def _check(rec, plan: Plan, q, k, v, coefs, initial_state, cu_seqlens, D):
     V = v.shape[-1]
     if K > MAX_K:
         raise BackendError(
-            f"the elementwise Triton scan keeps the [K, BV] state tile in registers and supports "
+            f"the elementwise Triton scan keeps the whole key axis in each program's tiles and supports "
             f"K <= {MAX_K}; got K = {K} (use the torch backend)"
         )
     if q.device != k.device or q.device != v.device:
         raise InputError("q, k, v must be on one device")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise BackendError(
             f"the Triton elementwise scan needs a CUDA device (got {q.device}); set "
             "TRITON_INTERPRET=1 before importing triton to run it on the CPU interpreter"
@@ -157,23 +102,28 @@ def _check(rec, plan: Plan, q, k, v, coefs, initial_state, cu_seqlens, D):
     return B, T, H, K, V, N
 
 
+def _chunk_offsets(cu_seqlens: torch.Tensor, C: int) -> torch.Tensor:
+    """Index of each packed sequence's first checkpoint: ``[N]`` int32."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    n_chunks = (lens + C - 1) // C
+    return torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)[:-1]]).to(torch.int32)
+
+
 class _ElementwiseScan(torch.autograd.Function):
     """Autograd wrapper: forward saves checkpoints, backward runs the reverse scan."""
 
     @staticmethod
-    def forward(ctx, plan, mod, cfg, scale, output_final_state, need_ckpt, q, k, v,
+    def forward(ctx, plan, mod, cfg: Config, scale, output_final_state, need_ckpt, q, k, v,
                 initial_state, D, cu_seqlens, *coefs):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         coefs = tuple(c.contiguous() for c in coefs)
         B, T, H, K = q.shape
         V = v.shape[-1]
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        NV = -(-V // cfg.BV)
+        tile = cfg.fwd
         chunk_offsets = None
         if cu_seqlens is not None:
-            lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-            n_chunks = (lens + cfg.C - 1) // cfg.C
-            chunk_offsets = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)[:-1]]).to(torch.int32)
+            chunk_offsets = _chunk_offsets(cu_seqlens, cfg.C)
             total_chunks = -(-T // cfg.C) + N  # an upper bound that needs no device sync
         else:
             total_chunks = N * -(-T // cfg.C)
@@ -184,7 +134,7 @@ class _ElementwiseScan(torch.autograd.Function):
         h0 = initial_state.contiguous() if initial_state is not None else None
         Dc = D.contiguous() if D is not None else None
         dummy = o
-        mod.fwd_kernel[(N * H, NV)](
+        mod.fwd_kernel[(N * H, -(-V // tile.BV))](
             q, k, v, o, *coefs,
             Dc if Dc is not None else dummy,
             h0 if h0 is not None else dummy,
@@ -193,10 +143,10 @@ class _ElementwiseScan(torch.autograd.Function):
             cu_seqlens if cu_seqlens is not None else dummy,
             chunk_offsets if chunk_offsets is not None else dummy,
             float(scale), T,
-            H=H, K=K, V=V, BK=cfg.BK, BV=cfg.BV, C=cfg.C,
+            H=H, K=K, V=V, BK=cfg.BK, BV=tile.BV, BT=tile.BT, C=cfg.C,
             HAS_H0=h0 is not None, STORE_HT=ht is not None, STORE_CKPT=ckpt is not None,
             HAS_D=Dc is not None, IS_VARLEN=cu_seqlens is not None,
-            num_warps=cfg.num_warps,
+            num_warps=tile.num_warps,
         )
         if need_ckpt:
             ctx.save_for_backward(q, k, v, Dc, cu_seqlens, chunk_offsets, ckpt, *coefs)
@@ -212,27 +162,31 @@ class _ElementwiseScan(torch.autograd.Function):
         plan, mod, cfg, scale, has_h0, N = ctx.meta
         B, T, H, K = q.shape
         V = v.shape[-1]
-        NV = -(-V // cfg.BV)
-        NTOK = B * T
+        tile = cfg.bwd
+        NV = -(-V // tile.BV)
+        split_v = NV > 1
         dev = q.device
         f32 = dict(dtype=torch.float32, device=dev)
         do = do.contiguous()
-        # varlen: tokens outside every sequence are never visited, so start from zeros
+        # tokens outside every packed sequence are never visited, and sums over the value
+        # slices start from zero
         alloc = torch.zeros if cu_seqlens is not None else torch.empty
-        dq_p = alloc(NV, NTOK, H, K, **f32)
-        dk_p = alloc(NV, NTOK, H, K, **f32)
+        alloc_sum = torch.zeros if (split_v or cu_seqlens is not None) else torch.empty
+        dq = alloc_sum(B, T, H, K, **f32)
+        dk = alloc_sum(B, T, H, K, **f32)
         dv = alloc(B, T, H, V, dtype=v.dtype, device=dev)
         dh0 = torch.empty(N, H, K, V, **f32) if has_h0 else None
         dD = torch.empty(N, H, V, **f32) if D is not None else None
-        scratch = torch.empty(N * H * NV, cfg.C + 1, cfg.BK, cfg.BV, **f32)
+        nb_c = cfg.C // tile.BT
+        scratch = torch.empty(N * H * NV * nb_c * cfg.BK * tile.BV if nb_c > 1 else 1, **f32)
         gbufs = []
-        for spec in plan.inputs:
+        for spec, c in zip(plan.inputs, coefs):
             ax = tuple(spec.axes)
-            size = {"K": K, "V": V}
-            tail = tuple(size[a] for a in ax)
+            tail = tuple({"K": K, "V": V}[a] for a in ax)
             if spec.per_token:
-                shape = (NTOK, H) + tail if "V" in ax else (NV, NTOK, H) + tail
-                gbufs.append(alloc(*shape, **f32))
+                # per-value gradients are one program's alone: written in the input's dtype
+                gbufs.append(alloc(*c.shape, dtype=c.dtype, device=dev) if "V" in ax
+                             else alloc_sum(*c.shape, **f32))
             else:
                 shape = (N, H) + tail if "V" in ax else (N, NV, H) + tail
                 gbufs.append(torch.empty(*shape, **f32))
@@ -242,19 +196,17 @@ class _ElementwiseScan(torch.autograd.Function):
             D if D is not None else dummy,
             dht.contiguous() if dht is not None else dummy,
             dh0 if dh0 is not None else dummy,
-            ckpt, scratch, dq_p, dk_p, dv,
+            ckpt, scratch, dq, dk, dv,
             dD if dD is not None else dummy,
             *gbufs,
             cu_seqlens if cu_seqlens is not None else dummy,
             chunk_offsets if chunk_offsets is not None else dummy,
-            scale, T, NTOK, NV,
-            H=H, K=K, V=V, BK=cfg.BK, BV=cfg.BV, C=cfg.C,
+            scale, T, NV,
+            H=H, K=K, V=V, BK=cfg.BK, BV=tile.BV, BT=tile.BT, C=cfg.C, NB_C=nb_c,
             HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-            HAS_D=D is not None, IS_VARLEN=cu_seqlens is not None,
-            num_warps=cfg.num_warps,
+            HAS_D=D is not None, IS_VARLEN=cu_seqlens is not None, SPLIT_V=split_v,
+            num_warps=tile.num_warps,
         )
-        dq = dq_p.sum(0).view(B, T, H, K).to(q.dtype)
-        dk = dk_p.sum(0).view(B, T, H, K).to(k.dtype)
         dcoefs = []
         for spec, buf, c, dt in zip(plan.inputs, gbufs, coefs, ctx.coef_dtypes):
             if plan.input_factor[spec.name] is None:
@@ -262,13 +214,14 @@ class _ElementwiseScan(torch.autograd.Function):
                 continue
             ax = tuple(spec.axes)
             if spec.per_token:
-                g = buf if "V" in ax else buf.sum(0)
+                g = buf
             else:
                 g = buf.sum(0) if "V" in ax else buf.sum((0, 1))
             dcoefs.append(g.reshape(c.shape).to(dt))
         dh0 = dh0.to(ctx.state_dtype) if dh0 is not None else None
         dD = dD.sum(0).to(ctx.D_dtype) if dD is not None else None
-        return (None, None, None, None, None, None, dq, dk, dv, dh0, dD, None, *dcoefs)
+        return (None, None, None, None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv, dh0, dD,
+                None, *dcoefs)
 
 
 def elementwise_scan(
@@ -284,11 +237,12 @@ def elementwise_scan(
     cu_seqlens: Optional[torch.Tensor] = None,
     chunk_size: int = 64,
     D: Optional[torch.Tensor] = None,
-    block_v: Optional[int] = None,
-    num_warps: Optional[int] = None,
+    block_t: Knob = None,
+    block_v: Knob = None,
+    num_warps: Knob = None,
     prefetch: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Run an elementwise-gate recurrence with a generated Triton chunked scan.
+    """Run an elementwise-gate recurrence with a generated block-parallel Triton scan.
 
     ``S_t = G_t ⊙ S_{t-1} + k̃_t ṽ_tᵀ``, ``o_t = scale · S_tᵀ q_t (+ D ⊙ v_t)``, with G, k̃,
     ṽ computed inside the kernel from the IR's expressions (G never materialised).
@@ -303,10 +257,13 @@ def elementwise_scan(
         initial_state: ``[N, H, K, V]`` (N = B, or the number of packed sequences) or None.
         output_final_state: also return the final state.
         cu_seqlens: ``[N + 1]`` int32/int64 boundaries of packed sequences (then ``B == 1``).
-        chunk_size: tokens between the checkpointed states the backward restarts from.
+        chunk_size: tokens between the checkpointed states the backward restarts from
+            (rounded up to a multiple of the token block).
         D: optional ``[H, V]`` skip connection, ``o += D[h, j] · v`` (the Mamba/Longhorn block).
-        block_v, num_warps: tile width along V and warps per program (default: heuristic).
-        prefetch: ``(forward, backward)`` tokens loaded ahead (default ``(1, 1)``).
+        block_t, block_v, num_warps: tokens per block, value-slice width and warps per
+            program (default: :func:`~.config.choose_config`); an int sets both kernels, a
+            ``(forward, backward)`` pair each.
+        prefetch: ``(forward, backward)`` blocks loaded ahead (default ``(1, 1)``).
 
     Returns:
         ``(o [B, T, H, V] in q's dtype, S [N, H, K, V] float32 or None)``. Differentiable with
@@ -314,7 +271,7 @@ def elementwise_scan(
     """
     plan, mod = compile_recurrence(rec, prefetch)
     B, T, H, K, V, N = _check(rec, plan, q, k, v, coefs, initial_state, cu_seqlens, D)
-    cfg = choose_config(N, H, K, V, chunk_size, q.device, block_v, num_warps)
+    cfg = choose_config(N, H, T, K, V, chunk_size, q.device, block_t, block_v, num_warps)
     coef_list = [coefs[s.name] for s in rec.inputs]
     tensors = [q, k, v, initial_state, D, *coef_list]
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
