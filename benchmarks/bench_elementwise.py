@@ -10,25 +10,28 @@ Compared, in one process:
   ``olsm.derive(longhorn_diag)`` / ``olsm.derive(mamba1)``);
 * ``olsm-torch``: the chunked torch backend (``rec(..., backend="torch")``), which
   materialises G ``[B, T, H, K, V]``;
-* ``longhorn-cuda``: the Longhorn paper's own CUDA scan (``online_selective_scan_cuda``),
-  built at start-up from sources carried in ``--longhorn-src`` (never committed; see
-  DESIGN §7). Its layout is channels-first ``[B, E, T]`` and it applies
-  ``β = sigmoid(dt + t_bias)`` itself: the same recurrence, each in its natural layout.
+* ``olsm-triton-swept``: the same kernels at the best tiles of ``sweep_elementwise.py``
+  (``--tiles``), to show what the default tile choice leaves;
+* ``longhorn-cuda`` (longhorn_diag) and ``mamba-ssm`` (mamba1): the Longhorn paper's CUDA
+  scan and mamba_ssm's ``selective_scan_cuda``, built on the GPU machine from sources carried
+  in ``--longhorn-src`` / ``--mamba-src`` (never committed; :mod:`peers_elementwise`, DESIGN
+  §7), each in its own channels-first layout.
 
 Reported per case: median forward and forward+backward milliseconds, the peak extra memory
 of forward+backward, and the forward I/O floor (bytes of q, k, v, coefficients and o over
 the measured device-to-device copy bandwidth).
 
-Usage::
+Usage (the peer builds take minutes: start them first, in the background)::
 
-    python -u benchmarks/bench_elementwise.py --out benchmarks/results \
-        [--longhorn-src .carry/longhorn_ss] [--quick]
+    python benchmarks/bench_elementwise.py --build-only longhorn &
+    python benchmarks/bench_elementwise.py --build-only mamba &
+    python -u benchmarks/bench_elementwise.py --out benchmarks/results --peer-wait 400 \
+        [--tiles benchmarks/results/elementwise_sweep.json] [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import os
 import statistics
 import sys
 import time
@@ -43,10 +46,6 @@ CASES = [  # (d_model, B, T)
     (768, 2, 8192),
     (1024, 2, 8192),
 ]
-# (block_v, num_warps): the two best of the first H100 sweep (results/elementwise_h100_sweep.md;
-# BV 32/64 with 2-4 warps were 10-30 % slower)
-SWEEP = [(16, 1), (32, 1)]
-PREFETCH = [(1, 1), (2, 2), (4, 2), (8, 4)]  # tokens loaded ahead (forward, backward)
 
 
 # ------------------------------------------------------------------------------ timing
@@ -116,21 +115,21 @@ def io_bytes_fwd(name: str, B: int, T: int, E: int, elem: int = 2) -> int:
 
 
 # ------------------------------------------------------------------------------ runners
-def olsm_triton(rec, q, k, v, coefs, D, block_v=None, num_warps=None, prefetch=None):
+def olsm_triton(rec, q, k, v, coefs, D, block_t=None, block_v=None, num_warps=None, prefetch=None):
     from olsm.kernels.elementwise import elementwise_scan
 
     leaves = [q, k, v, D, *coefs.values()]
 
     def fwd():
         with torch.no_grad():
-            return elementwise_scan(rec, q, k, v, coefs, scale=1.0, D=D, block_v=block_v,
-                                    num_warps=num_warps, prefetch=prefetch)
+            return elementwise_scan(rec, q, k, v, coefs, scale=1.0, D=D, block_t=block_t,
+                                    block_v=block_v, num_warps=num_warps, prefetch=prefetch)
 
     def fwdbwd():
         xs = [x.detach().requires_grad_(True) for x in leaves]
         c = dict(zip(coefs, xs[4:]))
-        o, _ = elementwise_scan(rec, xs[0], xs[1], xs[2], c, scale=1.0, D=xs[3], block_v=block_v,
-                                num_warps=num_warps, prefetch=prefetch)
+        o, _ = elementwise_scan(rec, xs[0], xs[1], xs[2], c, scale=1.0, D=xs[3], block_t=block_t,
+                                block_v=block_v, num_warps=num_warps, prefetch=prefetch)
         torch.autograd.grad(o, xs, o)  # any cotangent of o's shape; o itself costs no alloc
 
     return fwd, fwdbwd
@@ -153,63 +152,6 @@ def olsm_torch(rec, q, k, v, coefs, D):
         torch.autograd.grad(o, xs, o, allow_unused=True)
 
     return fwd, fwdbwd
-
-
-def build_longhorn(src: Path, build_dir: Path):
-    """Compile the Longhorn paper's online selective scan (3 sources) for sm_90."""
-    from torch.utils.cpp_extension import load
-
-    build_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("MAX_JOBS", "16")
-    return load(
-        name="online_selective_scan_cuda",
-        sources=[str(src / f) for f in (
-            "online_selective_scan.cpp", "selective_scan_online_fwd.cu", "selective_scan_online_bwd.cu")],
-        extra_cflags=["-O3", "-std=c++17"],
-        extra_cuda_cflags=[
-            "-O3", "-std=c++17", "-gencode", "arch=compute_90,code=sm_90", "--use_fast_math",
-            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-            "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
-            "--expt-relaxed-constexpr", "--expt-extended-lambda", "-lineinfo",
-        ],
-        build_directory=str(build_dir),
-        verbose=False,
-    )
-
-
-def longhorn_cuda(ext, q, k, v, coefs, D):
-    """The paper's kernel in its own layout: u, dt [B, E, T]; Q, K [B, 1, N, T]."""
-    B, T, _, E = v.shape
-    u = v[:, :, 0].transpose(1, 2).contiguous()
-    Q = q[:, :, 0].permute(0, 2, 1).unsqueeze(1).contiguous()
-    Kt = k[:, :, 0].permute(0, 2, 1).unsqueeze(1).contiguous()
-    beta = coefs["beta"][:, :, 0].float().clamp(1e-4, 1 - 1e-4)
-    dt = torch.logit(beta).to(v.dtype).transpose(1, 2).contiguous()  # sigmoid(dt) = β
-    Dv = D[0].float().contiguous()
-    t_bias = torch.zeros(E, device=v.device, dtype=torch.float32)
-
-    def fwd():
-        return ext.online_fwd(u, Q, Kt, dt, Dv, t_bias, None)
-
-    def fwdbwd():
-        out, x, *_ = ext.online_fwd(u, Q, Kt, dt, Dv, t_bias, None)
-        ext.online_bwd(u, Q, Kt, dt, Dv, t_bias, None, out, x, out, None)
-
-    return fwd, fwdbwd, (u, Q, Kt, dt, Dv, t_bias)
-
-
-def check_longhorn_parity(ext, rec) -> float:
-    """Relative difference of our scan and the paper's kernel on the same small problem."""
-    from olsm.kernels.elementwise import elementwise_scan
-
-    q, k, v, coefs, D = make_inputs("longhorn_diag", 1, 256, 64, dtype=torch.float32, seed=3)
-    D = torch.randn_like(D)
-    ours, _ = elementwise_scan(rec, q, k, v, coefs, scale=1.0, D=D)
-    fwd, _, _ = longhorn_cuda(ext, q, k, v, coefs, D)
-    theirs = fwd()[0].transpose(1, 2)[:, :, None]  # [B, E, T] -> [B, T, 1, E]
-    # their β comes back through logit/sigmoid: compare with a tolerance, not bitwise
-    return ((ours - theirs).norm() / theirs.norm()).item()
 
 
 # ------------------------------------------------------------------------------ report
@@ -259,29 +201,71 @@ def write_reports(rows, meta, out: Path, stem: str):
 
 
 # ------------------------------------------------------------------------------ main
+def swept_tiles(path: str, B: int, T: int):
+    """``(block_t, block_v, num_warps)`` pairs from a sweep's JSON for the nearest shape, or None."""
+    if not path or not Path(path).exists():
+        return None
+    import json
+
+    best = json.loads(Path(path).read_text())
+    shapes = {tuple(int(x) for x in key.split(",")[:2]) for key in best}
+    b, t = min(shapes, key=lambda s: abs(s[0] - B) + abs(s[1] - T) / 1024)
+    f, g = best[f"{b},{t},fwd"], best[f"{b},{t},bwd"]
+    return (f["BT"], g["BT"]), (f["BV"], g["BV"]), (f["warps"], g["warps"])
+
+
+def peer(name, build, src: Path, build_dir: Path, wait: float, meta):
+    """Load a peer extension (built here, or by a ``--build-only`` process); None + reason if not."""
+    marker = build_dir / "BUILD_OK"
+    if not src.exists():
+        meta[name] = f"not timed: sources not found at {src}"
+        return None
+    if wait > 0:
+        deadline = time.time() + wait
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(2)
+        if not marker.exists():
+            meta[name] = f"not timed: not built within the {wait:.0f} s wait (build still running)"
+            return None
+    try:
+        t0 = time.time()
+        ext = build(src, build_dir)
+        built = marker.read_text().strip() if marker.exists() else "this process"
+        meta[name] = f"loaded in {time.time() - t0:.0f}s (build: {built})"
+        return ext
+    except Exception as e:
+        meta[name] = f"not timed: {type(e).__name__}: {str(e)[-300:]}"
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--stem", default="elementwise_h100")
+    ap.add_argument("--stem", default="elementwise_h200")
     ap.add_argument("--longhorn-src", default=".carry/longhorn_ss")
-    ap.add_argument("--longhorn-build", default="/tmp/longhorn_build")
-    ap.add_argument("--build-only", action="store_true", help="only compile the Longhorn extension")
-    ap.add_argument("--longhorn-wait", type=float, default=0.0,
-                    help="seconds to wait for a --build-only process (run in the background) to "
-                         "finish before timing Longhorn; 0 builds in this process")
-    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--mamba-src", default=".carry/mamba_ss")
+    ap.add_argument("--build-root", default="/tmp/peer_build")
+    ap.add_argument("--build-only", choices=["longhorn", "mamba"], default=None,
+                    help="only compile one peer extension (run in the background)")
+    ap.add_argument("--peer-wait", type=float, default=0.0,
+                    help="seconds to wait for --build-only processes to finish before timing the "
+                         "peers; 0 builds in this process")
+    ap.add_argument("--tiles", default=None, help="sweep_elementwise.py's JSON: also time its best tiles")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--quick", action="store_true", help="first case only")
     args = ap.parse_args()
 
-    src = Path(args.longhorn_src)
+    from peers_elementwise import build_longhorn, build_mamba, longhorn_cuda, mamba_cuda, parity
+
+    builds = {"longhorn": (build_longhorn, Path(args.longhorn_src)), "mamba": (build_mamba, Path(args.mamba_src))}
     if args.build_only:
+        build, src = builds[args.build_only]
         t0 = time.time()
-        build_longhorn(src, Path(args.longhorn_build))
+        build(src, Path(args.build_root, args.build_only))
         # the marker, not torch's lock file, tells the benchmark process the build is done:
         # calling load() while another process builds blocks on that lock
-        Path(args.longhorn_build, "BUILD_OK").write_text(f"{time.time() - t0:.0f}s\n")
-        print(f"longhorn build ok in {time.time() - t0:.0f}s")
+        Path(args.build_root, args.build_only, "BUILD_OK").write_text(f"{time.time() - t0:.0f}s\n")
+        print(f"{args.build_only} build ok in {time.time() - t0:.0f}s")
         return
 
     from tqdm import tqdm
@@ -291,7 +275,6 @@ def main():
     from olsm.objectives import longhorn_diag, mamba1
 
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
-    torch.backends.cuda.matmul.allow_tf32 = True
     recs = {"longhorn_diag": olsm.derive(longhorn_diag), "mamba1": olsm.derive(mamba1)}
     bw = copy_bandwidth_tbs()
     meta = {
@@ -301,41 +284,9 @@ def main():
         "copy bandwidth (TB/s, read+write)": f"{bw:.2f}",
         "dtype": "bfloat16 inputs, float32 state/accumulation",
         "timing": "median ms (triton.testing.do_bench; 3 CUDA-event runs when > 30 ms)",
+        "olsm-triton": "tiles chosen by choose_config; olsm-triton-swept: the sweep's best tiles (--tiles)",
     }
     print(meta, flush=True)
-
-    # -- 1. tile sweep on the first shape --------------------------------------------------
-    best = (None, None, None)
-    if not args.no_sweep:
-        d, B, T = CASES[0]
-        q, k, v, coefs, D = make_inputs("longhorn_diag", B, T, 2 * d)
-        res = []
-        for bv, nw in tqdm(SWEEP, desc="tile sweep"):
-            fwd, fb = olsm_triton(recs["longhorn_diag"], q, k, v, coefs, D, bv, nw)
-            res.append((bench_ms(fb), bench_ms(fwd), bv, nw))
-            print(f"  BV={bv:3d} warps={nw}: fwd {res[-1][1]:.3f} ms, fwd+bwd {res[-1][0]:.3f} ms", flush=True)
-        res.sort()
-        best = (res[0][2], res[0][3])
-        meta["tile sweep (longhorn_diag, D=768, B=8, T=2048)"] = "; ".join(
-            f"BV={bv},warps={nw}: {f:.3f}/{fb:.3f} ms" for fb, f, bv, nw in sorted(res, key=lambda r: (r[2], r[3])))
-        meta["tile used"] = f"BV={best[0]}, num_warps={best[1]}"
-        # prefetch depth: a sequential scan waits on each token's loads; loading further
-        # ahead hides that latency at the cost of registers
-        pres = []
-        for pf in tqdm(PREFETCH, desc="prefetch sweep"):
-            fwd, fb = olsm_triton(recs["longhorn_diag"], q, k, v, coefs, D, *best, prefetch=pf)
-            f_ms, fb_ms = bench_ms(fwd), bench_ms(fb)
-            pres.append((f_ms, fb_ms, pf))
-            print(f"  prefetch {pf}: fwd {f_ms:.3f} ms, fwd+bwd {fb_ms:.3f} ms", flush=True)
-        pf_fwd = min(pres, key=lambda r: r[0])[2][0]
-        pf_bwd = min(pres, key=lambda r: r[1] - r[0])[2][1]  # backward time = fwd+bwd - fwd
-        meta["prefetch sweep (fwd, bwd depth: fwd/fwd+bwd ms)"] = "; ".join(
-            f"{pf}: {f:.3f}/{fb:.3f}" for f, fb, pf in pres)
-        meta["prefetch used"] = str((pf_fwd, pf_bwd))
-        best = best + ((pf_fwd, pf_bwd),)
-        del q, k, v, coefs, D
-
-    # -- 2. the cases ------------------------------------------------------------------------
     rows = []
 
     def measure(row, fwd, fb):
@@ -355,6 +306,7 @@ def main():
               f"peak {row.get('peak_mb', float('nan')):.0f} MiB, floor {row['io_floor_fwd_ms']:.3f} ms", flush=True)
         write_reports(rows, meta, Path(args.out), args.stem)  # partial results survive a timeout
 
+    # -- 1. ours ---------------------------------------------------------------------------
     cases = CASES[:1] if args.quick else CASES
     jobs = [(name, d, B, T) for name in recs for (d, B, T) in cases]
     for name, d, B, T in tqdm(jobs, desc="cases"):
@@ -362,45 +314,37 @@ def main():
         q, k, v, coefs, D = make_inputs(name, B, T, E)
         floor = io_bytes_fwd(name, B, T, E) / (bw * 1e12) * 1e3
         base = dict(recurrence=name, d_model=d, E=E, B=B, T=T, io_floor_fwd_ms=floor)
-        measure(dict(base, impl="olsm-triton"), *olsm_triton(recs[name], q, k, v, coefs, D, *best))
-        if best[0] is not None:  # the tile choose_config picks for this shape (more programs when B is small)
-            measure(dict(base, impl="olsm-triton-auto"), *olsm_triton(recs[name], q, k, v, coefs, D))
+        measure(dict(base, impl="olsm-triton"), *olsm_triton(recs[name], q, k, v, coefs, D))
+        tiles = swept_tiles(args.tiles, B, T)
+        if tiles is not None:
+            measure(dict(base, impl="olsm-triton-swept", note=f"BT, BV, warps (fwd, bwd) = {tiles}"),
+                    *olsm_triton(recs[name], q, k, v, coefs, D, *tiles))
         if not args.no_torch:
             measure(dict(base, impl="olsm-torch"), *olsm_torch(recs[name], q, k, v, coefs, D))
         del q, k, v, coefs, D
         torch.cuda.empty_cache()
 
-    # -- 3. the Longhorn paper's CUDA scan, last: its build may still be running ------------
-    ext, why = None, ""
-    marker = Path(args.longhorn_build, "BUILD_OK")
-    if not src.exists():
-        why = f"longhorn-cuda sources not found at {src}"
-    elif args.longhorn_wait > 0:
-        deadline = time.time() + args.longhorn_wait
-        while not marker.exists() and time.time() < deadline:
-            time.sleep(2)
-        if not marker.exists():
-            why = f"longhorn-cuda not built within the {args.longhorn_wait:.0f} s wait (build still running)"
-    if src.exists() and not why:
-        try:
-            t0 = time.time()
-            ext = build_longhorn(src, Path(args.longhorn_build))
-            meta["longhorn-cuda"] = f"loaded in {time.time() - t0:.0f}s (build: {marker.read_text().strip() if marker.exists() else 'this process'})"
-            meta["longhorn-cuda parity (fwd, fp32, rel. diff vs olsm)"] = f"{check_longhorn_parity(ext, recs['longhorn_diag']):.2e}"
-        except Exception as e:
-            why = f"longhorn-cuda unavailable: {type(e).__name__}: {str(e)[-300:]}"
-    if why:
-        meta["longhorn-cuda"] = why
-        print(why, flush=True)
-    meta["mamba_ssm selective_scan_fn"] = "not built (9-file build exceeds the device-time budget, DESIGN §7)"
-    if ext is not None:
-        for d, B, T in tqdm(cases, desc="longhorn-cuda"):
+    # -- 2. the CUDA peers, last: their builds may still be running --------------------------
+    from olsm.kernels.elementwise import elementwise_scan
+
+    peers = [("longhorn-cuda", "longhorn_diag", "longhorn", longhorn_cuda),
+             ("mamba-ssm", "mamba1", "mamba", mamba_cuda)]
+    for impl, name, key, runner in peers:
+        build, src = builds[key]
+        ext = peer(impl, build, src, Path(args.build_root, key), args.peer_wait, meta)
+        print(f"{impl}: {meta[impl]}", flush=True)
+        if ext is None:
+            continue
+        q, k, v, coefs, D = make_inputs(name, 2, 512, 256, seed=3)
+        D = torch.randn_like(D)
+        ours, _ = elementwise_scan(recs[name], q, k, v, coefs, scale=1.0, D=D)
+        meta[f"{impl} parity (fwd, bf16, rel. diff vs olsm-triton)"] = f"{parity(ours, runner(ext, q, k, v, coefs, D)[0]):.2e}"
+        for d, B, T in tqdm(cases, desc=impl):
             E = 2 * d
-            q, k, v, coefs, D = make_inputs("longhorn_diag", B, T, E)
-            floor = io_bytes_fwd("longhorn_diag", B, T, E) / (bw * 1e12) * 1e3
-            fwd, fb, _ = longhorn_cuda(ext, q, k, v, coefs, D)
-            measure(dict(recurrence="longhorn_diag", d_model=d, E=E, B=B, T=T, io_floor_fwd_ms=floor,
-                         impl="longhorn-cuda"), fwd, fb)
+            q, k, v, coefs, D = make_inputs(name, B, T, E)
+            floor = io_bytes_fwd(name, B, T, E) / (bw * 1e12) * 1e3
+            fwd, fb, _ = runner(ext, q, k, v, coefs, D)
+            measure(dict(recurrence=name, d_model=d, E=E, B=B, T=T, io_floor_fwd_ms=floor, impl=impl), fwd, fb)
             del q, k, v, coefs, D
     write_reports(rows, meta, Path(args.out), args.stem)
     print(Path(args.out, f"{args.stem}.md").read_text())

@@ -55,9 +55,9 @@ from typing import Tuple
 
 from .emit import (
     BlockLoads,
+    Coefficients,
     Src,
     emit_block_masks,
-    emit_coefficients,
     emit_factors,
     emit_params,
     grad_expr,
@@ -66,7 +66,7 @@ from .emit import (
 from .plan import Factor, Plan
 
 #: bump whenever the generated source changes for the same expressions
-GENERATOR_VERSION = "elementwise-4-blockscan"
+GENERATOR_VERSION = "elementwise-5-blockscan"
 
 _HELPERS = '''\
 # Local helpers instead of tl.sum / tl.cdiv / tl.sigmoid: those are @jit functions of
@@ -199,7 +199,7 @@ def _forward(src: Src, plan: Plan, depth: int, coef_args: str):
     loads.take(src, "t_blk", "BT", "i_blk", "n_blk")
     emit_block_masks(src, "t_blk")
     emit_factors(src, plan)
-    emit_coefficients(src, plan, with_partials=False)
+    Coefficients(plan, with_partials=False).emit_values(src)
     src(
         "b = wk * wv + G * tl.where(r3 == 0, S[None, :, :], 0.0)  # entering state folded in",
         "_, S3 = tl.associative_scan((G, b), 0, _affine)  # S3[r] = state after token r",
@@ -299,7 +299,7 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
     rec_loads.take(src, "t_blk", "BT", "i_blk", "nb - 1")
     emit_block_masks(src, "t_blk")
     emit_factors(src, plan)
-    emit_coefficients(src, plan, with_partials=False)
+    Coefficients(plan, with_partials=False).emit_values(src)
     _scan_block_end(src)
     src("tl.store(scr + (i_blk + 1) * BK * BV + o_slab, S)")
     src.dedent()
@@ -319,23 +319,29 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
     )
     emit_block_masks(src, "t_blk")
     emit_factors(src, plan)
-    parts = emit_coefficients(src, plan, with_partials=True)
+    coefs = Coefficients(plan, with_partials=True)
+    coefs.emit_values(src)
+    parts = coefs.parts
+    # the order below keeps few [BT, BK, BV] tiles alive at once: each is consumed as soon as
+    # the next step allows
     src(
         "# forward states: S3[r] = S after token r (inclusive), Sx3[r] = S before it (exclusive)",
         "b = wk * wv + G * tl.where(r3 == 0, S0[None, :, :], 0.0)",
         "_, S3, _, Sx3 = tl.associative_scan((G, b, one3, nz3), 0, _affine_excl)",
+        "dq_b = _sum(S3 * do_c[:, None, :], 2) * scale",
+    )
+    _store_token_grad(src, "dq", "K", "dq_b", cast=False)
+    src(
         "Sx3 = tl.where(r3 == 0, S0[None, :, :], Sx3)",
         "# reverse: the maps P -> G_t ⊙ (X_t + P), the later gradient P folded into the last row;",
         "# inclusive Pi3[r] = G_r ⊙ dS_r, exclusive Px3[r] = what reaches S_r from later tokens",
         "XP = (q_c * scale)[:, :, None] * do_c[:, None, :] + tl.where(r3 == BT - 1, P[None, :, :], 0.0)",
         "_, Pi3, _, Px3 = tl.associative_scan((G, G * XP, one3, nz3), 0, _affine_excl, reverse=True)",
-        "dS = XP + Px3",
         "P = _sum(tl.where(r3 == 0, Pi3, -0.0), 0)  # to the previous block: G_t0 ⊙ dS_t0",
-        "dq_b = _sum(S3 * do_c[:, None, :], 2) * scale",
+        "dS = XP + Px3",
         "dG = dS * Sx3",
-        "dwk = _sum(dS * wv, 2)[:, :, None]",
-        "dwv = _sum(dS * wk, 1)[:, None, :]",
     )
+    coefs.emit_partials(src)
     dk_terms = []
     if "k_n" in plan.symbols:
         g = grad_expr(parts, Factor("k_n", None, "K", True))
@@ -354,7 +360,6 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
         "    dv_b += d_j[None, :] * do_c",
         "    acc_d += _sum(do_c * v_c, 0)",
     )
-    _store_token_grad(src, "dq", "K", "dq_b", cast=False)
     _store_token_grad(src, "dk", "K", "dk_b", cast=False)
     _store_token_grad(src, "dv", "V", "dv_b", cast=True)
     for fac in plan.factors:

@@ -9,7 +9,7 @@ block step that depend on the recurrence:
 * :func:`emit_block_masks`: which rows of the block are tokens of this sequence;
 * :func:`emit_factors` / :func:`emit_params`: every sympy factor as a variable that
   broadcasts against ``[BT, BK, BV]``;
-* :func:`emit_coefficients`: G, k̃, ṽ (and their partial derivatives) printed from sympy;
+* :class:`Coefficients`: G, k̃, ṽ (and their partial derivatives) printed from sympy;
 * :func:`grad_expr`: the source of one factor's gradient, reduced to the factor's axes.
 
 Names the printed code relies on (defined by the kernel head of :mod:`.codegen`): ``rows``
@@ -184,50 +184,70 @@ def emit_params(src: Src, plan: Plan):
             )
 
 
-def _cse_lines(exprs: List[sp.Expr], printer: TritonPrinter, prefix: str) -> Tuple[List[str], List[str]]:
-    """Common sub-expressions as assignment lines, and the reduced expressions' source."""
-    repl, reduced = sp.cse(exprs, symbols=sp.numbered_symbols(prefix), optimizations="basic")
-    lines = []
-    for sym, e in repl:
-        printer.names[sym.name] = sym.name
-        lines.append(f"{sym.name} = {printer.doprint(e)}")
-    return lines, [printer.doprint(e) for e in reduced]
+class Coefficients:
+    """G, k̃, ṽ of a block and (optionally) their partial derivatives, printed from sympy.
 
+    One common-sub-expression elimination covers all of them, but the lines are emitted in
+    two groups: :meth:`emit_values` prints what G, k̃, ṽ need, :meth:`emit_partials` the
+    rest. The backward prints the partials after its two scans, so their [BT, BK, BV] tiles
+    are not alive across the scans (registers are what bounds the tile size). In the partials
+    the gate's own expression is replaced by the computed ``G`` (``∂ exp(Δ A)/∂A = Δ · G``).
 
-def emit_coefficients(src: Src, plan: Plan, with_partials: bool) -> Dict[Tuple[str, str], str]:
-    """Emit ``G`` [BT, BK, BV], ``wk`` (k̃) [BT, BK, 1] and ``wv`` (ṽ) [BT, 1, BV] of the block.
-
-    Padded key/value lanes get G = k̃ = ṽ = 0, whatever the formulas give there (log(0),
-    1/0, ...), so S and dS stay exactly zero on them. Rows past the sequence's end get
-    G = 1 and k̃ = ṽ = 0, the identity step, so a scan carries the last token's state
-    through them to the block's last row.
-
-    Returns:
-        (of, factor) -> source of that partial derivative (only when ``with_partials``).
+    Args:
+        plan: the recurrence.
+        with_partials: also print the partial derivatives.
     """
-    names = {f.name: f.var for f in plan.factors}
-    printer = TritonPrinter(names, sigmoid="_sigmoid")
-    exprs = [plan.gate, plan.wk, plan.wv]
-    if with_partials:
-        exprs += [p.expr for p in plan.partials]
-    lines, out = _cse_lines(exprs, printer, "cse")  # cse0, cse1, ...: no clash with kernel names
-    for ln in lines:
-        src(ln)
-    src(f"G = tl.where(m_tkv, {out[0]}, tl.where(m_t3, 0.0, 1.0))")
-    src(f"wk = tl.where(m_tk3, {out[1]}, 0.0)")
-    src(f"wv = tl.where(m_tv3, {out[2]}, 0.0)")
-    parts = {}
-    if with_partials:
-        for p, code in zip(plan.partials, out[3:]):
-            parts[(p.of, p.factor)] = code
-    return parts
+
+    def __init__(self, plan: Plan, with_partials: bool):
+        self.plan = plan
+        gate = sp.Symbol("G_gate_value")
+        names = {f.name: f.var for f in plan.factors}
+        names[gate.name] = "G"
+        self.printer = TritonPrinter(names, sigmoid="_sigmoid")
+        exprs = [plan.gate, plan.wk, plan.wv]
+        if with_partials:
+            exprs += [p.expr.subs(plan.gate, gate) for p in plan.partials]
+        # cse0, cse1, ...: no clash with kernel names
+        repl, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("cse"), optimizations="basic")
+        defs = dict(repl)
+        needed, todo = set(), [s for e in reduced[:3] for s in e.free_symbols]
+        while todo:
+            sym = todo.pop()
+            if sym in defs and sym not in needed:
+                needed.add(sym)
+                todo.extend(defs[sym].free_symbols)
+        self._values: List[str] = []
+        self._partials: List[str] = []
+        for sym, e in repl:
+            self.printer.names[sym.name] = sym.name
+            line = f"{sym.name} = {self.printer.doprint(e)}"
+            (self._values if sym in needed else self._partials).append(line)
+        out = [self.printer.doprint(e) for e in reduced]
+        self.G, self.wk, self.wv = out[:3]
+        #: (of, factor) -> source of that partial derivative
+        self.parts: Dict[Tuple[str, str], str] = {
+            (p.of, p.factor): code for p, code in zip(plan.partials, out[3:])
+        } if with_partials else {}
+
+    def emit_values(self, src: Src):
+        """Emit ``G`` [BT, BK, BV], ``wk`` (k̃) [BT, BK, 1] and ``wv`` (ṽ) [BT, 1, BV].
+
+        Padded key/value lanes get G = k̃ = ṽ = 0, whatever the formulas give there (log(0),
+        1/0, ...), so S and dS stay exactly zero on them. Rows past the sequence's end get
+        G = 1 and k̃ = ṽ = 0, the identity step, so a scan carries the last token's state
+        through them to the block's last row.
+        """
+        src(*self._values)
+        src(f"G = tl.where(m_tkv, {self.G}, tl.where(m_t3, 0.0, 1.0))")
+        src(f"wk = tl.where(m_tk3, {self.wk}, 0.0)")
+        src(f"wv = tl.where(m_tv3, {self.wv}, 0.0)")
+
+    def emit_partials(self, src: Src):
+        """Emit the sub-expressions only the partial derivatives need (after ``G``)."""
+        src(*self._partials)
 
 
-#: valid entries of a gradient term, by the space it lives on (G: all three axes; k̃: key;
-#: ṽ: value); rows past the sequence's end carry scan values that are no gradient
-_SPACE_MASK = {"KV": "m_tkv", "K": "m_tk3", "V": "m_tv3"}
-
-#: reductions from [BT, BK|1, BV|1] down to a per-token factor's axes
+#: reductions from [BT, BK, BV] down to a per-token factor's axes
 _PER_TOKEN_SUM = {"": "_sum(_sum({t}, 2), 1)", "K": "_sum({t}, 2)", "V": "_sum({t}, 1)"}
 
 #: ... and to a parameter's axes (the token axis summed too)
@@ -242,16 +262,27 @@ _PARAM_SUM = {
 def grad_expr(parts: Dict[Tuple[str, str], str], fac: Factor) -> Optional[str]:
     """Source of dL/d(factor) over the block, reduced to the factor's own axes.
 
-    The adjoints in scope are ``dG`` [BT, BK, BV], ``dwk`` [BT, BK, 1] and ``dwv``
-    [BT, 1, BV]. Per-token factors come out as ``[BT]``, ``[BT, BK]`` or ``[BT, BV]``;
-    parameters are also summed over the block's tokens. ``None`` when no coefficient
-    depends on the factor.
+    With ``dG = dS ⊙ S_{t-1}``, ``dk̃ = Σ_j dS ṽ`` and ``dṽ = Σ_n dS k̃``, the gradient of a
+    factor f is the sum over the axes f does not span of the single [BT, BK, BV] tile
+
+        dG · ∂G/∂f  +  dS ṽ · ∂k̃/∂f  +  dS k̃ · ∂ṽ/∂f
+
+    (∂k̃/∂f does not vary along V, nor ∂ṽ/∂f along K, so they move inside the sums). One
+    reduction per factor, not one per term: reductions cross lanes and warps (shuffles,
+    shared memory, barriers) and cost more than the extra multiplications. Entries outside
+    the sequence or the padded lanes are masked: the scans leave values there.
+
+    Returns:
+        ``[BT]``, ``[BT, BK]`` or ``[BT, BV]`` for per-token factors, the factor's own shape
+        summed over the block's tokens for parameters; ``None`` when no coefficient depends
+        on the factor.
     """
-    sums = _PER_TOKEN_SUM if fac.per_token else _PARAM_SUM
     terms = []
-    for of, space, adj in (("G", "KV", "dG"), ("wk", "K", "dwk"), ("wv", "V", "dwv")):
+    for of, adj in (("G", "dG"), ("wk", "dS * wv"), ("wv", "dS * wk")):
         code = parts.get((of, fac.name))
         if code is not None:
-            term = adj if code == "1.0" else f"{adj} * ({code})"
-            terms.append(sums[fac.axes].format(t=f"tl.where({_SPACE_MASK[space]}, {term}, 0.0)"))
-    return " + ".join(terms) if terms else None
+            terms.append(adj if code == "1.0" else f"{adj} * ({code})")
+    if not terms:
+        return None
+    sums = _PER_TOKEN_SUM if fac.per_token else _PARAM_SUM
+    return sums[fac.axes].format(t=f"tl.where(m_tkv, {' + '.join(terms)}, 0.0)")

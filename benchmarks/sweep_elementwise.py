@@ -1,0 +1,135 @@
+"""Sweep the block-parallel elementwise scan's tiles (BT, BV, warps) on a GPU.
+
+The forward and the backward kernel have separate tiles (``olsm.kernels.elementwise.config``).
+The forward tiles are timed forward-only; the backward tiles are timed forward+backward with
+the forward at its default tile, and the backward's time is the difference. Both at the
+Longhorn paper's scan shapes (longhorn_diag, N = 16, E = 1536, bf16) with many programs
+(B = 8, T = 2048) and with few (B = 2, T = 8192). Registers and spills of each compiled
+kernel are read from Triton's compiled-kernel handle where this Triton exposes them.
+
+Compilation dominates a sweep: ``--warm I/N`` compiles (without timing) the I-th of N shards
+of the configurations into Triton's on-disk cache, so several processes can compile in
+parallel before the one timing process runs::
+
+    for i in 0 1 2 3 5; do python benchmarks/sweep_elementwise.py --warm $i/6 & done; wait
+    python -u benchmarks/sweep_elementwise.py --out $OUT
+
+Writes ``<stem>.md`` (every configuration) and ``<stem>.json`` (the best forward and backward
+tile per shape, which ``bench_elementwise.py --tiles`` reads).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_elementwise import bench_ms, make_inputs, olsm_triton  # noqa: E402
+
+SHAPES = [(768, 8, 2048), (768, 2, 8192)]  # (d_model, B, T)
+K = 16
+
+
+def configs(kind: str):
+    """(BT, BV, warps) worth timing: 1-16 K tile elements, 16-64 of them per thread."""
+    hi = 16384 if kind == "fwd" else 8192
+    out = []
+    for bt, bv, nw in itertools.product((8, 16, 32, 64), (4, 8, 16, 32, 64), (1, 2, 4, 8)):
+        elems = bt * K * bv
+        if 1024 <= elems <= hi and 16 <= elems // (32 * nw) <= 64:
+            out.append((bt, bv, nw))
+    return out
+
+
+def compiled_stats(jitfn) -> str:
+    """``regs/spills`` of the newest compiled variant of ``jitfn`` (empty if unavailable)."""
+    try:
+        for entry in getattr(jitfn, "device_caches", {}).values():
+            cache = entry[0] if isinstance(entry, tuple) else entry
+            kernels = [k for k in cache.values() if hasattr(k, "n_spills")]
+            if kernels:
+                k = kernels[-1]
+                return f"{k.n_regs}/{k.n_spills}"
+    except Exception:  # an internal API: a missing figure is no failure
+        pass
+    return ""
+
+
+def run_config(rec, inputs, kind, tile):
+    """Closures for one tile: forward-only for ``fwd``, forward+backward for ``bwd``."""
+    bt, bv, nw = tile
+    pair = lambda x: (x, None) if kind == "fwd" else (None, x)  # noqa: E731
+    fwd, fb = olsm_triton(rec, *inputs, block_t=pair(bt), block_v=pair(bv), num_warps=pair(nw))
+    return fwd if kind == "fwd" else fb
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--stem", default="elementwise_sweep")
+    ap.add_argument("--warm", default=None, help="I/N: only compile shard I of N")
+    args = ap.parse_args()
+
+    import olsm
+    from olsm.kernels.elementwise import compile_recurrence
+    from olsm.objectives import longhorn_diag
+
+    rec = olsm.derive(longhorn_diag)
+    _, mod = compile_recurrence(rec)
+    jobs = [(kind, t) for kind in ("fwd", "bwd") for t in configs(kind)]
+    if args.warm:
+        i, n = (int(x) for x in args.warm.split("/"))
+        d, B, T = SHAPES[0]
+        inputs = make_inputs("longhorn_diag", B, 256, 2 * d)  # compiling needs no long sequence
+        for kind, tile in jobs[i::n]:
+            try:
+                run_config(rec, inputs, kind, tile)()
+            except Exception as e:  # out of resources: recorded by the timing run
+                print(f"{kind} {tile}: {type(e).__name__}", flush=True)
+        return
+
+    from tqdm import tqdm
+
+    rows, best = [], {}
+    for d, B, T in SHAPES:
+        inputs = make_inputs("longhorn_diag", B, T, 2 * d)
+        fwd_default = bench_ms(olsm_triton(rec, *inputs)[0])
+        for kind, tile in tqdm(jobs, desc=f"B={B} T={T}"):
+            try:
+                ms = bench_ms(run_config(rec, inputs, kind, tile))
+                kern = mod.fwd_kernel if kind == "fwd" else mod.bwd_kernel
+                stats = compiled_stats(kern)
+                if kind == "bwd":
+                    ms -= fwd_default
+            except Exception as e:
+                ms, stats = float("nan"), f"{type(e).__name__}"
+            rows.append(dict(B=B, T=T, kind=kind, BT=tile[0], BV=tile[1], warps=tile[2], ms=ms, regs_spills=stats))
+            print(f"  B={B} T={T} {kind} BT={tile[0]} BV={tile[1]} warps={tile[2]}: {ms:.3f} ms {stats}", flush=True)
+        for kind in ("fwd", "bwd"):
+            ok = [r for r in rows if r["B"] == B and r["kind"] == kind and r["ms"] == r["ms"]]
+            b = min(ok, key=lambda r: r["ms"])
+            best[f"{B},{T},{kind}"] = dict(BT=b["BT"], BV=b["BV"], warps=b["warps"], ms=b["ms"])
+        del inputs
+        torch.cuda.empty_cache()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.stem}.json").write_text(json.dumps(best, indent=1))
+    lines = [f"# Elementwise scan tile sweep ({torch.cuda.get_device_name()})", "",
+             "longhorn_diag, N = 16, E = 1536, bf16; fwd: forward ms; bwd: forward+backward ms minus the "
+             "default forward's. regs/spills per thread of the compiled kernel.", "",
+             "| B | T | kernel | BT | BV | warps | ms | regs/spills |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["B"], r["kind"], r["ms"] if r["ms"] == r["ms"] else 1e9)):
+        lines.append(f"| {r['B']} | {r['T']} | {r['kind']} | {r['BT']} | {r['BV']} | {r['warps']} | "
+                     f"{r['ms']:.3f} | {r['regs_spills']} |")
+    lines += ["", "best: " + json.dumps(best)]
+    (out / f"{args.stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:8]) + "\nbest: " + json.dumps(best))
+
+
+if __name__ == "__main__":
+    main()
