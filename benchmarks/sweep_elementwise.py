@@ -11,7 +11,7 @@ Compilation dominates a sweep: ``--warm I/N`` compiles (without timing) the I-th
 of the configurations into Triton's on-disk cache, so several processes can compile in
 parallel before the one timing process runs::
 
-    for i in 0 1 2 3 5; do python benchmarks/sweep_elementwise.py --warm $i/6 & done; wait
+    for i in 0 1 2 3 4 5; do python benchmarks/sweep_elementwise.py --warm $i/6 & done; wait
     python -u benchmarks/sweep_elementwise.py --out $OUT
 
 Writes ``<stem>.md`` (every configuration) and ``<stem>.json`` (the best forward and backward
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,28 +36,26 @@ K = 16
 
 
 def configs(kind: str):
-    """(BT, BV, warps) worth timing: 1-16 K tile elements, 16-64 of them per thread."""
+    """(BT, BV, warps) worth timing: 0.5-16 K tile elements, 8-64 of them per thread."""
     hi = 16384 if kind == "fwd" else 8192
     out = []
     for bt, bv, nw in itertools.product((8, 16, 32, 64), (4, 8, 16, 32, 64), (1, 2, 4, 8)):
         elems = bt * K * bv
-        if 1024 <= elems <= hi and 16 <= elems // (32 * nw) <= 64:
+        if 512 <= elems <= hi and 8 <= elems // (32 * nw) <= 64:
             out.append((bt, bv, nw))
     return out
 
 
-def compiled_stats(jitfn) -> str:
-    """``regs/spills`` of the newest compiled variant of ``jitfn`` (empty if unavailable)."""
+def compiled_kernels(jitfn) -> dict:
+    """id -> compiled variant of ``jitfn`` in this process (empty where Triton hides them)."""
+    found = {}
     try:
         for entry in getattr(jitfn, "device_caches", {}).values():
             cache = entry[0] if isinstance(entry, tuple) else entry
-            kernels = [k for k in cache.values() if hasattr(k, "n_spills")]
-            if kernels:
-                k = kernels[-1]
-                return f"{k.n_regs}/{k.n_spills}"
+            found.update({id(k): k for k in cache.values() if hasattr(k, "n_spills")})
     except Exception:  # an internal API: a missing figure is no failure
         pass
-    return ""
+    return found
 
 
 def run_config(rec, inputs, kind, tile):
@@ -72,6 +71,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--stem", default="elementwise_sweep")
     ap.add_argument("--warm", default=None, help="I/N: only compile shard I of N")
+    ap.add_argument("--kinds", default="fwd,bwd", help="which kernels to sweep (fwd, bwd or both)")
     args = ap.parse_args()
 
     import olsm
@@ -80,7 +80,7 @@ def main():
 
     rec = olsm.derive(longhorn_diag)
     _, mod = compile_recurrence(rec)
-    jobs = [(kind, t) for kind in ("fwd", "bwd") for t in configs(kind)]
+    jobs = [(kind, t) for kind in args.kinds.split(",") for t in configs(kind)]
     if args.warm:
         i, n = (int(x) for x in args.warm.split("/"))
         d, B, T = SHAPES[0]
@@ -94,22 +94,27 @@ def main():
 
     from tqdm import tqdm
 
-    rows, best = [], {}
+    rows, best, stats = [], {}, {}
+    kinds = args.kinds.split(",")
     for d, B, T in SHAPES:
         inputs = make_inputs("longhorn_diag", B, T, 2 * d)
         fwd_default = bench_ms(olsm_triton(rec, *inputs)[0])
-        for kind, tile in tqdm(jobs, desc=f"B={B} T={T}"):
+        for kind, tile in tqdm([j for j in jobs if j[0] in kinds], desc=f"B={B} T={T}"):
+            kern = mod.fwd_kernel if kind == "fwd" else mod.bwd_kernel
+            before = compiled_kernels(kern)
             try:
                 ms = bench_ms(run_config(rec, inputs, kind, tile))
-                kern = mod.fwd_kernel if kind == "fwd" else mod.bwd_kernel
-                stats = compiled_stats(kern)
                 if kind == "bwd":
                     ms -= fwd_default
             except Exception as e:
-                ms, stats = float("nan"), f"{type(e).__name__}"
-            rows.append(dict(B=B, T=T, kind=kind, BT=tile[0], BV=tile[1], warps=tile[2], ms=ms, regs_spills=stats))
-            print(f"  B={B} T={T} {kind} BT={tile[0]} BV={tile[1]} warps={tile[2]}: {ms:.3f} ms {stats}", flush=True)
-        for kind in ("fwd", "bwd"):
+                ms, stats[(kind, tile)] = float("nan"), type(e).__name__
+            new = [k for i, k in compiled_kernels(kern).items() if i not in before]
+            if new:  # compiled (or loaded from the disk cache) by this configuration
+                stats[(kind, tile)] = "/".join(f"{k.n_regs}/{k.n_spills}" for k in new)
+            st = stats.get((kind, tile), "")
+            rows.append(dict(B=B, T=T, kind=kind, BT=tile[0], BV=tile[1], warps=tile[2], ms=ms, regs_spills=st))
+            print(f"  B={B} T={T} {kind} BT={tile[0]} BV={tile[1]} warps={tile[2]}: {ms:.3f} ms {st}", flush=True)
+        for kind in kinds:
             ok = [r for r in rows if r["B"] == B and r["kind"] == kind and r["ms"] == r["ms"]]
             b = min(ok, key=lambda r: r["ms"])
             best[f"{B},{T},{kind}"] = dict(BT=b["BT"], BV=b["BV"], warps=b["warps"], ms=b["ms"])
@@ -121,7 +126,8 @@ def main():
     (out / f"{args.stem}.json").write_text(json.dumps(best, indent=1))
     lines = [f"# Elementwise scan tile sweep ({torch.cuda.get_device_name()})", "",
              "longhorn_diag, N = 16, E = 1536, bf16; fwd: forward ms; bwd: forward+backward ms minus the "
-             "default forward's. regs/spills per thread of the compiled kernel.", "",
+             "default forward's. regs/spills per thread of the compiled kernel. Backward form "
+             f"(OLSM_EW_EXCLUSIVE): {os.environ.get('OLSM_EW_EXCLUSIVE', 'gather')}.", "",
              "| B | T | kernel | BT | BV | warps | ms | regs/spills |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["B"], r["kind"], r["ms"] if r["ms"] == r["ms"] else 1e9)):
         lines.append(f"| {r['B']} | {r['T']} | {r['kind']} | {r['BT']} | {r['BV']} | {r['warps']} | "

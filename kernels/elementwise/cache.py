@@ -2,7 +2,9 @@
 
 ``@triton.jit`` reads the decorated function's source file, so a generated kernel must live
 in a real file. The file is named by a hash of the expressions, the inputs, the prefetch
-depths and :data:`~.codegen.GENERATOR_VERSION`, under ``$OLSM_CACHE/kernels`` (default
+depths, the backward's exclusive form (``$OLSM_EW_EXCLUSIVE``: ``gather``, the default, or
+``pair``, see :data:`~.codegen.EXCLUSIVE_FORMS`; for benchmarking) and
+:data:`~.codegen.GENERATOR_VERSION`, under ``$OLSM_CACHE/kernels`` (default
 ``~/.cache/olsm/kernels``): a second process reuses it, a changed generator never does.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Dict, Tuple
 
 from olsm.errors import BackendError
 
-from .codegen import GENERATOR_VERSION, generate_source
+from .codegen import EXCLUSIVE_FORMS, GENERATOR_VERSION, generate_source
 from .plan import Plan
 
 _LOADED: Dict[str, ModuleType] = {}
@@ -44,17 +46,20 @@ def load_kernels(plan: Plan, prefetch: Tuple[int, int] = (1, 1)) -> ModuleType:
         ``@triton.jit`` functions, ``module.__file__`` the generated source.
 
     Raises:
-        BackendError: a negative prefetch depth.
+        BackendError: a negative prefetch depth or an unknown ``$OLSM_EW_EXCLUSIVE``.
     """
     prefetch = (int(prefetch[0]), int(prefetch[1]))
     if min(prefetch) < 0:
         raise BackendError(f"prefetch depths must be >= 0, got {prefetch}")
-    key = plan.key(GENERATOR_VERSION, prefetch)
+    exclusive = os.environ.get("OLSM_EW_EXCLUSIVE", "gather")
+    if exclusive not in EXCLUSIVE_FORMS:
+        raise BackendError(f"OLSM_EW_EXCLUSIVE must be one of {EXCLUSIVE_FORMS}, got {exclusive!r}")
+    key = plan.key(f"{GENERATOR_VERSION}-{exclusive}", prefetch)
     with _LOCK:
         mod = _LOADED.get(key)
         if mod is not None:
             return mod
-        text = generate_source(plan, prefetch)
+        text = generate_source(plan, prefetch, exclusive)
         path = cache_dir() / f"elementwise_{key}.py"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,13 @@
 """Launch shapes of the elementwise-gate kernels: tile sizes, warps, checkpoint interval.
 
 A program owns one (sequence, head, BV-wide value slice) and the whole key axis, and works
-on ``[BT, BK, BV]`` float32 tiles (tokens × keys × values) in registers. The forward keeps
-about three such tiles alive (gate, scan pair), the backward about eight (gate, two scans
-of four, dS, adjoints), so the backward gets tiles half as large for the same warps.
-``choose_config`` aims at ~32 tile elements per thread forward and ~16 backward; the
-benchmark (``benchmarks/bench_elementwise.py``) sweeps BT, BV and warps around that and
-every knob can be overridden per call.
+on ``[BT, BK, BV]`` float32 tiles (tokens × keys × values) in registers. The defaults come
+from the H200 sweep (``benchmarks/sweep_elementwise.py``, results/elementwise_sweep_h200.md,
+longhorn_diag at N = 16, E = 1536, bf16): small tiles win. Forward: ``[16, 16, 8]`` on one
+warp (0.36 ms at B = 8, T = 2048, 0.62 ms at B = 2, T = 8192; the old ``[32, 16, 16]`` on 8
+warps took 2.5 ms), i.e. 2048 tile elements, 64 per thread. Backward: ``[8, 16, 8]`` on 2
+warps, 1024 elements, 16 per thread (it keeps several tiles alive: larger tiles spill). Every
+knob can be overridden per call.
 """
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ import torch
 from olsm.errors import BackendError, InputError
 
 #: register-tile elements per program: forward, backward (BT · BK · BV)
-TILE_ELEMS = (8192, 4096)
+TILE_ELEMS = (2048, 1024)
 
 #: tile elements per thread the warp count aims at: forward, backward
-ELEMS_PER_THREAD = (32, 16)
+ELEMS_PER_THREAD = (64, 16)
+
+#: widest default value slice (narrow slices: more programs, smaller tiles)
+MAX_BV = 8
 
 #: token blocks stay within these bounds
 MIN_BT, MAX_BT = 4, 64
@@ -89,15 +93,11 @@ def _pow2(x: int, name: str) -> int:
     return x
 
 
-def _tile(N: int, H: int, T: int, BK: int, V: int, elems: int, per_thread: int, sms: int,
+def _tile(N: int, H: int, T: int, BK: int, V: int, elems: int, per_thread: int,
           BT: Optional[int], BV: Optional[int], warps: Optional[int]) -> Tile:
-    """One kernel's tile: BV for enough programs, BT to fill ``elems``, warps to match."""
+    """One kernel's tile: BV up to MAX_BV, BT to fill ``elems``, warps to match."""
     if BV is None:
-        BV = min(16, next_pow2(V))
-        # a small batch has few programs: narrower slices give more (B = 2, E = 1536: 192
-        # programs at BV = 16 on 132 SMs, 384 at BV = 8)
-        if sms and BV > 8 and N * H * -(-V // BV) < 2 * sms:
-            BV = 8
+        BV = min(MAX_BV, next_pow2(V))
         # a wide key leaves room for few value columns (K = 256: BV <= 4 at BT = 8)
         while BV > 1 and BK * BV * MIN_BT * 2 > elems:
             BV //= 2
@@ -122,7 +122,7 @@ def choose_config(N: int, H: int, T: int, K: int, V: int, chunk_size: int, devic
         chunk_size: requested tokens between checkpoints; rounded up to a multiple of the
             larger of the two BT (checkpoints cost ``T / C`` states of ``[K, V]`` float32
             per sequence and head).
-        device: where the kernels run (its SM count steers BV).
+        device: where the kernels run (CPU interpreter: small tiles).
         block_t, block_v, num_warps: overrides, each an int for both kernels or a
             ``(forward, backward)`` pair whose ``None`` entries keep the heuristic.
 
@@ -142,12 +142,11 @@ def choose_config(N: int, H: int, T: int, K: int, V: int, chunk_size: int, devic
         # 8 tokens forward, 4 backward, so the default chunk replays several blocks
         short = next_pow2(max(T, 1))
         bv_cpu = min(8, next_pow2(V))
-        fwd = _tile(N, H, T, BK, V, 0, 32, 0, bt[0] or min(8, short), bv[0] or bv_cpu, nw[0] or 1)
-        bwd = _tile(N, H, T, BK, V, 0, 16, 0, bt[1] or min(4, short), bv[1] or bv_cpu, nw[1] or 1)
+        fwd = _tile(N, H, T, BK, V, 0, 32, bt[0] or min(8, short), bv[0] or bv_cpu, nw[0] or 1)
+        bwd = _tile(N, H, T, BK, V, 0, 16, bt[1] or min(4, short), bv[1] or bv_cpu, nw[1] or 1)
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        fwd = _tile(N, H, T, BK, V, TILE_ELEMS[0], ELEMS_PER_THREAD[0], sms, bt[0], bv[0], nw[0])
-        bwd = _tile(N, H, T, BK, V, TILE_ELEMS[1], ELEMS_PER_THREAD[1], sms, bt[1], bv[1], nw[1])
+        fwd = _tile(N, H, T, BK, V, TILE_ELEMS[0], ELEMS_PER_THREAD[0], bt[0], bv[0], nw[0])
+        bwd = _tile(N, H, T, BK, V, TILE_ELEMS[1], ELEMS_PER_THREAD[1], bt[1], bv[1], nw[1])
     step = max(fwd.BT, bwd.BT)
     C = -(-int(chunk_size) // step) * step
     return Config(BK=BK, C=C, fwd=fwd, bwd=bwd)

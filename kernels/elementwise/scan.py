@@ -15,6 +15,7 @@ gradients (dv, dβ, dΔ) straight in their inputs' dtypes.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -33,7 +34,8 @@ DEFAULT_PREFETCH = (1, 1)
 
 
 @functools.lru_cache(maxsize=128)
-def _kernels_for(rec, prefetch):
+def _kernels_for(rec, prefetch, exclusive):
+    # exclusive ($OLSM_EW_EXCLUSIVE, read by load_kernels) only keys this memo
     plan = Plan(rec)
     return plan, load_kernels(plan, prefetch)
 
@@ -52,7 +54,7 @@ def compile_recurrence(rec, prefetch: Optional[Tuple[int, int]] = None):
     """
     prefetch = tuple(prefetch) if prefetch is not None else DEFAULT_PREFETCH
     try:
-        return _kernels_for(rec, prefetch)
+        return _kernels_for(rec, prefetch, os.environ.get("OLSM_EW_EXCLUSIVE", "gather"))
     except TypeError:  # unhashable IR object: no in-process memo, the disk cache still works
         plan = Plan(rec)
         return plan, load_kernels(plan, prefetch)
