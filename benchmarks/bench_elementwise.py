@@ -115,7 +115,8 @@ def io_bytes_fwd(name: str, B: int, T: int, E: int, elem: int = 2) -> int:
 
 
 # ------------------------------------------------------------------------------ runners
-def olsm_triton(rec, q, k, v, coefs, D, block_t=None, block_v=None, num_warps=None, prefetch=None):
+def olsm_triton(rec, q, k, v, coefs, D, block_t=None, block_v=None, num_warps=None, prefetch=None,
+                max_registers=None):
     from olsm.kernels.elementwise import elementwise_scan
 
     leaves = [q, k, v, D, *coefs.values()]
@@ -123,13 +124,15 @@ def olsm_triton(rec, q, k, v, coefs, D, block_t=None, block_v=None, num_warps=No
     def fwd():
         with torch.no_grad():
             return elementwise_scan(rec, q, k, v, coefs, scale=1.0, D=D, block_t=block_t,
-                                    block_v=block_v, num_warps=num_warps, prefetch=prefetch)
+                                    block_v=block_v, num_warps=num_warps, prefetch=prefetch,
+                                    max_registers=max_registers)
 
     def fwdbwd():
         xs = [x.detach().requires_grad_(True) for x in leaves]
         c = dict(zip(coefs, xs[4:]))
         o, _ = elementwise_scan(rec, xs[0], xs[1], xs[2], c, scale=1.0, D=xs[3], block_t=block_t,
-                                block_v=block_v, num_warps=num_warps, prefetch=prefetch)
+                                block_v=block_v, num_warps=num_warps, prefetch=prefetch,
+                                max_registers=max_registers)
         torch.autograd.grad(o, xs, o)  # any cotangent of o's shape; o itself costs no alloc
 
     return fwd, fwdbwd
@@ -202,7 +205,8 @@ def write_reports(rows, meta, out: Path, stem: str):
 
 # ------------------------------------------------------------------------------ main
 def swept_tiles(path: str, B: int, T: int):
-    """``(block_t, block_v, num_warps)`` pairs from a sweep's JSON for the nearest shape, or None."""
+    """``(block_t, block_v, num_warps, prefetch, max_registers)`` (forward, backward) pairs from a
+    sweep's JSON for the nearest shape (a kernel the sweep left out keeps its default), or None."""
     if not path or not Path(path).exists():
         return None
     import json
@@ -210,8 +214,9 @@ def swept_tiles(path: str, B: int, T: int):
     best = json.loads(Path(path).read_text())
     shapes = {tuple(int(x) for x in key.split(",")[:2]) for key in best}
     b, t = min(shapes, key=lambda s: abs(s[0] - B) + abs(s[1] - T) / 1024)
-    f, g = best[f"{b},{t},fwd"], best[f"{b},{t},bwd"]
-    return (f["BT"], g["BT"]), (f["BV"], g["BV"]), (f["warps"], g["warps"])
+    f, g = best.get(f"{b},{t},fwd", {}), best[f"{b},{t},bwd"]
+    pair = lambda key, dflt=None: (f.get(key, dflt), g.get(key, dflt))  # noqa: E731
+    return pair("BT"), pair("BV"), pair("warps"), pair("prefetch", 1), pair("maxnreg")
 
 
 def peer(name, build, src: Path, build_dir: Path, wait: float, meta):
@@ -317,7 +322,8 @@ def main():
         measure(dict(base, impl="olsm-triton"), *olsm_triton(recs[name], q, k, v, coefs, D))
         tiles = swept_tiles(args.tiles, B, T)
         if tiles is not None:
-            measure(dict(base, impl="olsm-triton-swept", note=f"BT, BV, warps (fwd, bwd) = {tiles}"),
+            measure(dict(base, impl="olsm-triton-swept",
+                         note=f"BT, BV, warps, prefetch, maxnreg (fwd, bwd) = {tiles}"),
                     *olsm_triton(recs[name], q, k, v, coefs, D, *tiles))
         if not args.no_torch:
             measure(dict(base, impl="olsm-torch"), *olsm_torch(recs[name], q, k, v, coefs, D))

@@ -2,7 +2,7 @@
 # One GPU session for the elementwise scan (issue 5): GPU tests, tile sweep, benchmark.
 # Run from the repository root on the GPU machine with .carry/longhorn_ss and .carry/mamba_ss
 # carried; results go to $OUT/elementwise.tgz (the device tool returns few files).
-#   bash benchmarks/gpu_elementwise.sh [quick]
+#   [KINDS=bwd] bash benchmarks/gpu_elementwise.sh [quick]      (KINDS: kernels to sweep)
 set -u
 R=/tmp/ew_results; mkdir -p $R
 P=$(dirname "$(python3 -c 'import sys; print(sys.executable)')"); export PATH=$P:$PATH PYTHONUNBUFFERED=1
@@ -12,18 +12,14 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > $
 nice -n 5 python benchmarks/bench_elementwise.py --build-only longhorn > $R/build_longhorn.log 2>&1 &
 nice -n 5 python benchmarks/bench_elementwise.py --build-only mamba > $R/build_mamba.log 2>&1 &
 # compile the sweep's kernels in parallel processes while the GPU tests run
-# (the default "gather" backward form, and the "pair" form's backward for comparison)
+KINDS=${KINDS:-fwd,bwd}
 warm=()
-for i in $(seq 0 7); do python benchmarks/sweep_elementwise.py --warm $i/8 > $R/warm$i.log 2>&1 & warm+=($!); done
-for i in $(seq 0 3); do OLSM_EW_EXCLUSIVE=pair python benchmarks/sweep_elementwise.py --kinds bwd --warm $i/4 \
-    > $R/warm_pair$i.log 2>&1 & warm+=($!); done
+for i in $(seq 0 11); do python benchmarks/sweep_elementwise.py --kinds $KINDS --warm $i/12 > $R/warm$i.log 2>&1 & warm+=($!); done
 timeout 400 python -m pytest -q -p no:cacheprovider tests/test_triton_elementwise.py -k gpu > $R/gpu_tests.log 2>&1
 echo "gpu tests rc=$?" >> $R/gpu_tests.log
 wait "${warm[@]}"
 tar czf $OUT/elementwise.tgz -C $R . 2>/dev/null
-timeout 200 python -u benchmarks/sweep_elementwise.py --out $R > $R/sweep.log 2>&1
-OLSM_EW_EXCLUSIVE=pair timeout 120 python -u benchmarks/sweep_elementwise.py --kinds bwd --out $R \
-    --stem elementwise_sweep_pair > $R/sweep_pair.log 2>&1
+timeout 240 python -u benchmarks/sweep_elementwise.py --kinds $KINDS --out $R > $R/sweep.log 2>&1
 tar czf $OUT/elementwise.tgz -C $R . 2>/dev/null
 timeout 300 python -u benchmarks/bench_elementwise.py --out $R --tiles $R/elementwise_sweep.json \
     --peer-wait 300 --no-torch ${1:+--quick} > $R/bench.log 2>&1

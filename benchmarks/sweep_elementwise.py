@@ -36,13 +36,22 @@ K = 16
 
 
 def configs(kind: str):
-    """(BT, BV, warps) worth timing: 0.5-16 K tile elements, 8-64 of them per thread."""
-    hi = 16384 if kind == "fwd" else 8192
+    """Tiles worth timing, as (BT, BV, warps, prefetch, maxnreg).
+
+    Forward: 0.5-16 K tile elements, 8-64 per thread. Backward (register-bound: it keeps many
+    tiles alive): small tiles on 1-2 warps, with and without the block prefetch, with and
+    without a register cap (more programs per SM against spills).
+    """
     out = []
-    for bt, bv, nw in itertools.product((8, 16, 32, 64), (4, 8, 16, 32, 64), (1, 2, 4, 8)):
-        elems = bt * K * bv
-        if 512 <= elems <= hi and 8 <= elems // (32 * nw) <= 64:
-            out.append((bt, bv, nw))
+    if kind == "fwd":
+        for bt, bv, nw in itertools.product((8, 16, 32, 64), (4, 8, 16, 32, 64), (1, 2, 4, 8)):
+            elems = bt * K * bv
+            if 512 <= elems <= 16384 and 8 <= elems // (32 * nw) <= 64:
+                out.append((bt, bv, nw, 1, None))
+    else:
+        for bt, bv, nw, pf, mr in itertools.product((4, 8), (2, 4, 8), (1, 2), (0, 1), (None, 128, 168)):
+            if bt * K * bv // (32 * nw) >= 4:
+                out.append((bt, bv, nw, pf, mr))
     return out
 
 
@@ -60,9 +69,10 @@ def compiled_kernels(jitfn) -> dict:
 
 def run_config(rec, inputs, kind, tile):
     """Closures for one tile: forward-only for ``fwd``, forward+backward for ``bwd``."""
-    bt, bv, nw = tile
-    pair = lambda x: (x, None) if kind == "fwd" else (None, x)  # noqa: E731
-    fwd, fb = olsm_triton(rec, *inputs, block_t=pair(bt), block_v=pair(bv), num_warps=pair(nw))
+    bt, bv, nw, pf, mr = tile
+    pair = lambda x, d=None: (x, d) if kind == "fwd" else (d, x)  # noqa: E731
+    fwd, fb = olsm_triton(rec, *inputs, block_t=pair(bt), block_v=pair(bv), num_warps=pair(nw),
+                          prefetch=pair(pf, 1), max_registers=pair(mr))
     return fwd if kind == "fwd" else fb
 
 
@@ -79,7 +89,6 @@ def main():
     from olsm.objectives import longhorn_diag
 
     rec = olsm.derive(longhorn_diag)
-    _, mod = compile_recurrence(rec)
     jobs = [(kind, t) for kind in args.kinds.split(",") for t in configs(kind)]
     if args.warm:
         i, n = (int(x) for x in args.warm.split("/"))
@@ -103,6 +112,7 @@ def main():
         inputs = make_inputs("longhorn_diag", B, T, 2 * d)
         fwd_default = bench_ms(olsm_triton(rec, *inputs)[0])
         for kind, tile in tqdm([j for j in jobs if j[0] in kinds], desc=f"B={B} T={T}"):
+            _, mod = compile_recurrence(rec, (tile[3], 1) if kind == "fwd" else (1, tile[3]))
             kern = mod.fwd_kernel if kind == "fwd" else mod.bwd_kernel
             before = compiled_kernels(kern)
             try:
@@ -115,12 +125,13 @@ def main():
             if new:  # compiled (or loaded from the disk cache) by this configuration
                 stats[(kind, tile)] = "/".join(f"{k.n_regs}/{k.n_spills}" for k in new)
             st = stats.get((kind, tile), "")
-            rows.append(dict(B=B, T=T, kind=kind, BT=tile[0], BV=tile[1], warps=tile[2], ms=ms, regs_spills=st))
-            print(f"  B={B} T={T} {kind} BT={tile[0]} BV={tile[1]} warps={tile[2]}: {ms:.3f} ms {st}", flush=True)
+            rows.append(dict(B=B, T=T, kind=kind, BT=tile[0], BV=tile[1], warps=tile[2], prefetch=tile[3],
+                             maxnreg=tile[4], ms=ms, regs_spills=st))
+            print(f"  B={B} T={T} {kind} {tile}: {ms:.3f} ms {st}", flush=True)
         for kind in kinds:
             ok = [r for r in rows if r["B"] == B and r["kind"] == kind and r["ms"] == r["ms"]]
             b = min(ok, key=lambda r: r["ms"])
-            best[f"{B},{T},{kind}"] = dict(BT=b["BT"], BV=b["BV"], warps=b["warps"], ms=b["ms"])
+            best[f"{B},{T},{kind}"] = {key: b[key] for key in ("BT", "BV", "warps", "prefetch", "maxnreg", "ms")}
         del inputs
         torch.cuda.empty_cache()
 
@@ -129,12 +140,12 @@ def main():
     (out / f"{args.stem}.json").write_text(json.dumps(best, indent=1))
     lines = [f"# Elementwise scan tile sweep ({torch.cuda.get_device_name()})", "",
              "longhorn_diag, N = 16, E = 1536, bf16; fwd: forward ms; bwd: forward+backward ms minus the "
-             "default forward's. regs/spills per thread of the compiled kernel. Backward form "
-             f"(OLSM_EW_EXCLUSIVE): {os.environ.get('OLSM_EW_EXCLUSIVE', 'gather')}.", "",
-             "| B | T | kernel | BT | BV | warps | ms | regs/spills |", "|---|---|---|---|---|---|---|---|"]
+             "default forward's. regs/spills per thread of the compiled kernel.", "",
+             "| B | T | kernel | BT | BV | warps | prefetch | maxnreg | ms | regs/spills |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["B"], r["kind"], r["ms"] if r["ms"] == r["ms"] else 1e9)):
         lines.append(f"| {r['B']} | {r['T']} | {r['kind']} | {r['BT']} | {r['BV']} | {r['warps']} | "
-                     f"{r['ms']:.3f} | {r['regs_spills']} |")
+                     f"{r['prefetch']} | {r['maxnreg']} | {r['ms']:.3f} | {r['regs_spills']} |")
     lines += ["", "best: " + json.dumps(best)]
     (out / f"{args.stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:8]) + "\nbest: " + json.dumps(best))

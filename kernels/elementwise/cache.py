@@ -2,9 +2,7 @@
 
 ``@triton.jit`` reads the decorated function's source file, so a generated kernel must live
 in a real file. The file is named by a hash of the expressions, the inputs, the prefetch
-depths, the backward's exclusive form (``$OLSM_EW_EXCLUSIVE``: ``gather``, the default, or
-``pair``, see :data:`~.codegen.EXCLUSIVE_FORMS`; for benchmarking) and
-:data:`~.codegen.GENERATOR_VERSION`, under ``$OLSM_CACHE/kernels`` (default
+depths and :data:`~.codegen.GENERATOR_VERSION`, under ``$OLSM_CACHE/kernels`` (default
 ``~/.cache/olsm/kernels``): a second process reuses it, a changed generator never does.
 """
 from __future__ import annotations
@@ -20,7 +18,7 @@ from typing import Dict, Tuple
 
 from olsm.errors import BackendError
 
-from .codegen import EXCLUSIVE_FORMS, GENERATOR_VERSION, generate_source
+from .codegen import GENERATOR_VERSION, generate_source
 from .plan import Plan
 
 _LOADED: Dict[str, ModuleType] = {}
@@ -46,20 +44,17 @@ def load_kernels(plan: Plan, prefetch: Tuple[int, int] = (1, 1)) -> ModuleType:
         ``@triton.jit`` functions, ``module.__file__`` the generated source.
 
     Raises:
-        BackendError: a negative prefetch depth or an unknown ``$OLSM_EW_EXCLUSIVE``.
+        BackendError: a negative prefetch depth.
     """
     prefetch = (int(prefetch[0]), int(prefetch[1]))
     if min(prefetch) < 0:
         raise BackendError(f"prefetch depths must be >= 0, got {prefetch}")
-    exclusive = os.environ.get("OLSM_EW_EXCLUSIVE", "gather")
-    if exclusive not in EXCLUSIVE_FORMS:
-        raise BackendError(f"OLSM_EW_EXCLUSIVE must be one of {EXCLUSIVE_FORMS}, got {exclusive!r}")
-    key = plan.key(f"{GENERATOR_VERSION}-{exclusive}", prefetch)
+    key = plan.key(GENERATOR_VERSION, prefetch)
     with _LOCK:
         mod = _LOADED.get(key)
         if mod is not None:
             return mod
-        text = generate_source(plan, prefetch, exclusive)
+        text = generate_source(plan, prefetch)
         path = cache_dir() / f"elementwise_{key}.py"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,18 +27,15 @@ reductions; the loads of a block are issued together (and a block ahead, see
 entering the chunk. The backward walks the chunks last to first. For a chunk it replays the
 forward from the checkpoint to get the state entering each of its blocks (kept in a small
 per-program scratch slab), then walks the blocks last to first. For a block it needs S_t
-(for dq), S_{t-1} (for dG) and dS_t. One forward scan gives S_t at row t; moving it down
-one row (``tl.gather`` along the token axis, the entering state in row 0) gives S_{t-1}. One
-reverse scan (``reverse=True``) of the maps ``P ↦ G_t ⊙ (X_t + P)`` with ``X_t = scale · q_t
-do_tᵀ`` gives Pi_t = G_t ⊙ dS_t (row 0 is the carry to the previous block); moving it up one
-row gives what reaches S_t from later tokens, so ``dS_t = X_t + Pi_{t+1}``. The alternative
-``exclusive="pair"`` form gets the exclusive results from the scans themselves, each element
-carrying a second affine pair,
+(for dq), S_{t-1} (for dG) and dS_t. One forward scan whose elements carry a second,
+*exclusive* affine pair,
 
     (a1, b1, e1, f1) then (a2, b2, e2, f2) = (a1 a2, a2 b1 + b2, a1 e2, e2 b1 + f2),
 
-with (e, f) = (1, -0) for every token: four-element scans, more registers alive.
-Then, for all BT tokens at once,
+with (e, f) = (1, -0) for every token, gives both S_t (inclusive) and S_{t-1} (exclusive) at
+row t. One reverse scan (``reverse=True``) of the maps ``P ↦ G_t ⊙ (X_t + P)`` with
+``X_t = scale · q_t do_tᵀ`` gives P_{t-1} = G_t ⊙ dS_t (inclusive, the carry to the previous
+block at row 0) and P_t (exclusive), so ``dS_t = X_t + P_t``. Then, for all BT tokens at once,
 
     dq_t = scale · S_t do_t      dG_t = dS_t ⊙ S_{t-1}
     dk̃_t = dS_t ṽ_t              dṽ_t = dS_tᵀ k̃_t
@@ -237,7 +234,7 @@ def _store_token_grad(src: Src, ptr: str, axes: str, val: str, cast: bool):
         src(f"_accumulate({addr}, {val}, {mask}, SPLIT_V)")
 
 
-def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, exclusive: str):
+def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
     rec_loads = BlockLoads(plan, with_q=False, with_do=False, depth=depth)
     rev_loads = BlockLoads(plan, with_q=True, with_do=True, depth=depth)
     src("@triton.jit")
@@ -263,18 +260,6 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         _HEAD,
     )
     emit_params(src, plan)
-    if exclusive == "pair":
-        src(
-            "# the exclusive half of the scan elements: the identity step",
-            "one3 = tl.full([BT, BK, BV], 1.0, dtype=tl.float32)",
-            "nz3 = tl.full([BT, BK, BV], -0.0, dtype=tl.float32)",
-        )
-    else:
-        src(
-            "# rows r - 1 and r + 1 (clamped) for the one-row moves",
-            "prev3 = tl.maximum(rows - 1, 0)[:, None, None]",
-            "next3 = tl.minimum(rows + 1, BT - 1)[:, None, None]",
-        )
     acc_shape = {"": "[1]", "K": "[BK]", "V": "[BV]", "VK": "[BK, BV]"}
     for fac in plan.factors:
         if not fac.per_token:
@@ -283,6 +268,9 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         "if HAS_D:",
         "    d_j = tl.load(d_skip + i_h * V + j_v, mask=m_v, other=0.0).to(tl.float32)",
         "acc_d = tl.full([BV], 0.0, dtype=tl.float32)",
+        "# the exclusive half of the scan elements: the identity step",
+        "one3 = tl.full([BT, BK, BV], 1.0, dtype=tl.float32)",
+        "nz3 = tl.full([BT, BK, BV], -0.0, dtype=tl.float32)",
         "# P: gradient reaching the state after the current block from everything later",
         "P = tl.full([BK, BV], 0.0, dtype=tl.float32)",
         "if HAS_DHT:",
@@ -336,44 +324,23 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
     parts = coefs.parts
     # the order below keeps few [BT, BK, BV] tiles alive at once: each is consumed as soon as
     # the next step allows
-    if exclusive == "pair":
-        src(
-            "# forward states: S3[r] = S after token r (inclusive), Sx3[r] = S before it (exclusive)",
-            "b = wk * wv + G * tl.where(r3 == 0, S0[None, :, :], 0.0)",
-            "_, S3, _, Sx3 = tl.associative_scan((G, b, one3, nz3), 0, _affine_excl)",
-            "dq_b = _sum(S3 * do_c[:, None, :], 2) * scale",
-        )
-        _store_token_grad(src, "dq", "K", "dq_b", cast=False)
-        src(
-            "Sx3 = tl.where(r3 == 0, S0[None, :, :], Sx3)",
-            "# reverse: the maps P -> G_t ⊙ (X_t + P), the later gradient P folded into the last row;",
-            "# inclusive Pi3[r] = G_r ⊙ dS_r, exclusive Px3[r] = what reaches S_r from later tokens",
-            "XP = (q_c * scale)[:, :, None] * do_c[:, None, :] + tl.where(r3 == BT - 1, P[None, :, :], 0.0)",
-            "_, Pi3, _, Px3 = tl.associative_scan((G, G * XP, one3, nz3), 0, _affine_excl, reverse=True)",
-            "P = _sum(tl.where(r3 == 0, Pi3, -0.0), 0)  # to the previous block: G_t0 ⊙ dS_t0",
-            "dS = XP + Px3",
-            "dG = dS * Sx3",
-        )
-    else:
-        # exclusive results by moving the inclusive ones one row (tl.gather along the token
-        # axis): two-element scans keep fewer [BT, BK, BV] tiles alive than the pair form
-        src(
-            "# forward states: S3[r] = S after token r; Sx3[r] = S3[r - 1] = S before token r",
-            "b = wk * wv + G * tl.where(r3 == 0, S0[None, :, :], 0.0)",
-            "_, S3 = tl.associative_scan((G, b), 0, _affine)",
-            "dq_b = _sum(S3 * do_c[:, None, :], 2) * scale",
-        )
-        _store_token_grad(src, "dq", "K", "dq_b", cast=False)
-        src(
-            "Sx3 = tl.where(r3 == 0, S0[None, :, :], tl.gather(S3, tl.broadcast_to(prev3, S3.shape), 0))",
-            "# reverse: the maps P -> G_t ⊙ (X_t + P), the later gradient P folded into the last row;",
-            "# Pi3[r] = G_r ⊙ dS_r, so dS_r = X_r + Pi3[r + 1] (and X_r + P on the last row)",
-            "XP = (q_c * scale)[:, :, None] * do_c[:, None, :] + tl.where(r3 == BT - 1, P[None, :, :], 0.0)",
-            "_, Pi3 = tl.associative_scan((G, G * XP), 0, _affine, reverse=True)",
-            "P = _sum(tl.where(r3 == 0, Pi3, -0.0), 0)  # to the previous block: G_t0 ⊙ dS_t0",
-            "dS = XP + tl.where(r3 == BT - 1, 0.0, tl.gather(Pi3, tl.broadcast_to(next3, Pi3.shape), 0))",
-            "dG = dS * Sx3",
-        )
+    src(
+        "# forward states: S3[r] = S after token r (inclusive), Sx3[r] = S before it (exclusive)",
+        "b = wk * wv + G * tl.where(r3 == 0, S0[None, :, :], 0.0)",
+        "_, S3, _, Sx3 = tl.associative_scan((G, b, one3, nz3), 0, _affine_excl)",
+        "dq_b = _sum(S3 * do_c[:, None, :], 2) * scale",
+    )
+    _store_token_grad(src, "dq", "K", "dq_b", cast=False)
+    src(
+        "Sx3 = tl.where(r3 == 0, S0[None, :, :], Sx3)",
+        "# reverse: the maps P -> G_t ⊙ (X_t + P), the later gradient P folded into the last row;",
+        "# inclusive Pi3[r] = G_r ⊙ dS_r, exclusive Px3[r] = what reaches S_r from later tokens",
+        "XP = (q_c * scale)[:, :, None] * do_c[:, None, :] + tl.where(r3 == BT - 1, P[None, :, :], 0.0)",
+        "_, Pi3, _, Px3 = tl.associative_scan((G, G * XP, one3, nz3), 0, _affine_excl, reverse=True)",
+        "P = _sum(tl.where(r3 == 0, Pi3, -0.0), 0)  # to the previous block: G_t0 ⊙ dS_t0",
+        "dS = XP + Px3",
+        "dG = dS * Sx3",
+    )
     coefs.emit_partials(src)
     dk_terms = []
     if "k_n" in plan.symbols:
@@ -432,19 +399,12 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
     src.dedent()
 
 
-#: how the backward gets S_{t-1} and dS_t from inclusive scans: ``"gather"`` moves the
-#: inclusive results one row with ``tl.gather``; ``"pair"`` carries a second, exclusive
-#: affine pair through each scan (four-element scans)
-EXCLUSIVE_FORMS = ("gather", "pair")
-
-
-def generate_source(plan: Plan, prefetch: Tuple[int, int] = (1, 1), exclusive: str = "gather") -> str:
+def generate_source(plan: Plan, prefetch: Tuple[int, int] = (1, 1)) -> str:
     """The Python module text holding ``fwd_kernel`` and ``bwd_kernel`` for ``plan``.
 
     Args:
         plan: what to compute.
         prefetch: how many blocks ahead the forward and the backward loops load (0: none).
-        exclusive: one of :data:`EXCLUSIVE_FORMS`.
 
     Returns:
         Source text of a module importing only ``triton`` and ``triton.language``.
@@ -468,5 +428,5 @@ def generate_source(plan: Plan, prefetch: Tuple[int, int] = (1, 1), exclusive: s
     coef_args = "".join(f"x_{s.name}, " for s in plan.inputs)
     grad_args = "".join(f"g_{s.name}, " for s in plan.inputs)
     _forward(src, plan, prefetch[0], coef_args)
-    _backward(src, plan, prefetch[1], coef_args, grad_args, exclusive)
+    _backward(src, plan, prefetch[1], coef_args, grad_args)
     return src.text()

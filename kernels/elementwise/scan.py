@@ -15,7 +15,6 @@ gradients (dv, dβ, dΔ) straight in their inputs' dtypes.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -34,8 +33,7 @@ DEFAULT_PREFETCH = (1, 1)
 
 
 @functools.lru_cache(maxsize=128)
-def _kernels_for(rec, prefetch, exclusive):
-    # exclusive ($OLSM_EW_EXCLUSIVE, read by load_kernels) only keys this memo
+def _kernels_for(rec, prefetch):
     plan = Plan(rec)
     return plan, load_kernels(plan, prefetch)
 
@@ -54,7 +52,7 @@ def compile_recurrence(rec, prefetch: Optional[Tuple[int, int]] = None):
     """
     prefetch = tuple(prefetch) if prefetch is not None else DEFAULT_PREFETCH
     try:
-        return _kernels_for(rec, prefetch, os.environ.get("OLSM_EW_EXCLUSIVE", "gather"))
+        return _kernels_for(rec, prefetch)
     except TypeError:  # unhashable IR object: no in-process memo, the disk cache still works
         plan = Plan(rec)
         return plan, load_kernels(plan, prefetch)
@@ -148,7 +146,7 @@ class _ElementwiseScan(torch.autograd.Function):
             H=H, K=K, V=V, BK=cfg.BK, BV=tile.BV, BT=tile.BT, C=cfg.C,
             HAS_H0=h0 is not None, STORE_HT=ht is not None, STORE_CKPT=ckpt is not None,
             HAS_D=Dc is not None, IS_VARLEN=cu_seqlens is not None,
-            num_warps=tile.num_warps,
+            **tile.launch_options(),
         )
         if need_ckpt:
             ctx.save_for_backward(q, k, v, Dc, cu_seqlens, chunk_offsets, ckpt, *coefs)
@@ -207,7 +205,7 @@ class _ElementwiseScan(torch.autograd.Function):
             H=H, K=K, V=V, BK=cfg.BK, BV=tile.BV, BT=tile.BT, C=cfg.C, NB_C=nb_c,
             HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
             HAS_D=D is not None, IS_VARLEN=cu_seqlens is not None, SPLIT_V=split_v,
-            num_warps=tile.num_warps,
+            **tile.launch_options(),
         )
         dcoefs = []
         for spec, buf, c, dt in zip(plan.inputs, gbufs, coefs, ctx.coef_dtypes):
@@ -243,6 +241,7 @@ def elementwise_scan(
     block_v: Knob = None,
     num_warps: Knob = None,
     prefetch: Optional[Tuple[int, int]] = None,
+    max_registers: Knob = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run an elementwise-gate recurrence with a generated block-parallel Triton scan.
 
@@ -266,6 +265,8 @@ def elementwise_scan(
             program (default: :func:`~.config.choose_config`); an int sets both kernels, a
             ``(forward, backward)`` pair each.
         prefetch: ``(forward, backward)`` blocks loaded ahead (default ``(1, 1)``).
+        max_registers: per-thread register cap of the compiled kernels (CUDA), an int or a
+            ``(forward, backward)`` pair; None leaves it to the compiler.
 
     Returns:
         ``(o [B, T, H, V] in q's dtype, S [N, H, K, V] float32 or None)``. Differentiable with
@@ -273,7 +274,7 @@ def elementwise_scan(
     """
     plan, mod = compile_recurrence(rec, prefetch)
     B, T, H, K, V, N = _check(rec, plan, q, k, v, coefs, initial_state, cu_seqlens, D)
-    cfg = choose_config(N, H, T, K, V, chunk_size, q.device, block_t, block_v, num_warps)
+    cfg = choose_config(N, H, T, K, V, chunk_size, q.device, block_t, block_v, num_warps, max_registers)
     coef_list = [coefs[s.name] for s in rec.inputs]
     tensors = [q, k, v, initial_state, D, *coef_list]
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
