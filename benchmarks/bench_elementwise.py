@@ -116,7 +116,7 @@ def io_bytes_fwd(name: str, B: int, T: int, E: int, elem: int = 2) -> int:
 
 # ------------------------------------------------------------------------------ runners
 def olsm_triton(rec, q, k, v, coefs, D, block_t=None, block_v=None, num_warps=None, prefetch=None,
-                max_registers=None):
+                max_registers=None, chunk_size=64):
     from olsm.kernels.elementwise import elementwise_scan
 
     leaves = [q, k, v, D, *coefs.values()]
@@ -125,14 +125,14 @@ def olsm_triton(rec, q, k, v, coefs, D, block_t=None, block_v=None, num_warps=No
         with torch.no_grad():
             return elementwise_scan(rec, q, k, v, coefs, scale=1.0, D=D, block_t=block_t,
                                     block_v=block_v, num_warps=num_warps, prefetch=prefetch,
-                                    max_registers=max_registers)
+                                    max_registers=max_registers, chunk_size=chunk_size)
 
     def fwdbwd():
         xs = [x.detach().requires_grad_(True) for x in leaves]
         c = dict(zip(coefs, xs[4:]))
         o, _ = elementwise_scan(rec, xs[0], xs[1], xs[2], c, scale=1.0, D=xs[3], block_t=block_t,
                                 block_v=block_v, num_warps=num_warps, prefetch=prefetch,
-                                max_registers=max_registers)
+                                max_registers=max_registers, chunk_size=chunk_size)
         torch.autograd.grad(o, xs, o)  # any cotangent of o's shape; o itself costs no alloc
 
     return fwd, fwdbwd
@@ -256,6 +256,9 @@ def main():
                     help="seconds to wait for --build-only processes to finish before timing the "
                          "peers; 0 builds in this process")
     ap.add_argument("--tiles", default=None, help="sweep_elementwise.py's JSON: also time its best tiles")
+    ap.add_argument("--chunk-sizes", default="",
+                    help="comma-separated checkpoint intervals to also time on the first shape "
+                         "(memory of the checkpoints against the backward's replay)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--quick", action="store_true", help="first case only")
     args = ap.parse_args()
@@ -325,6 +328,10 @@ def main():
             measure(dict(base, impl="olsm-triton-swept",
                          note=f"BT, BV, warps, prefetch, maxnreg (fwd, bwd) = {tiles}"),
                     *olsm_triton(recs[name], q, k, v, coefs, D, *tiles))
+        if (d, B, T) == cases[0]:
+            for c in filter(None, args.chunk_sizes.split(",")):
+                measure(dict(base, impl=f"olsm-triton-C{int(c)}", note=f"chunk_size={int(c)}"),
+                        *olsm_triton(recs[name], q, k, v, coefs, D, chunk_size=int(c)))
         if not args.no_torch:
             measure(dict(base, impl="olsm-torch"), *olsm_torch(recs[name], q, k, v, coefs, D))
         del q, k, v, coefs, D
