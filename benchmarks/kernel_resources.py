@@ -1,11 +1,16 @@
-"""Shared memory, registers and spills of every fused matrix kernel, compiled for Hopper (sm_90)
-on this machine — no GPU needed (see ``olsm.kernels.aot``).
+"""Shared memory, registers and spills of every fused matrix kernel and of the generated
+elementwise-gate kernels, compiled for Hopper (sm_90) on this machine — no GPU needed (see
+``olsm.kernels.aot``).
 
     python benchmarks/kernel_resources.py [--default-only]     (CPU is fine; prints a markdown table;
                                                                 exit 1 if a default-path launch does not fit)
 
 The configurations are the launches of ``kernels/matrix/fused.py`` / ``fused_bwd.py`` at
-K = V = 128, C = 64, bf16 inputs (tf32 dots), with their num_warps.
+K = V = 128, C = 64, bf16 inputs (tf32 dots), with their num_warps; the elementwise ones are
+longhorn_diag's and mamba1's forward and backward at the benchmark shape (N = 16, E = 1536, one
+head, bf16) with the tiles ``choose_config`` picks. A default-path launch fails the run (exit 1)
+if it needs more shared memory than Hopper has or, for the elementwise kernels (whose speed is
+bound by registers, ``benchmarks/README.md``), if it spills.
 """
 from __future__ import annotations
 
@@ -48,6 +53,31 @@ def configs(K=128, V=128, C=64):
                sh.warps_rank1, True)
 
 
+def elementwise_configs(K=16, V=1536, C=64):
+    """(name, kernel, constexprs, types, num_warps) of the generated elementwise launches."""
+    import torch
+
+    import olsm
+    from olsm.kernels.elementwise import compile_recurrence
+    from olsm.kernels.elementwise.config import choose_config
+    from olsm.objectives import longhorn_diag, mamba1
+
+    # the GPU path of choose_config, asked from a CPU machine
+    cfg = choose_config(8, 1, 2048, K, V, C, torch.device("cuda"))
+    bf16 = {p: "*bf16" for p in ("q", "k", "v", "do", "o", "dv", "x_dt", "x_beta", "g_dt", "g_beta")}
+    types = dict(bf16, cu_seqlens="*i32", chunk_offsets="*i32", scale="fp32", T="i32", NV="i32")
+    sizes = dict(H=1, K=K, V=V, BK=cfg.BK, C=cfg.C, HAS_D=True, IS_VARLEN=False)
+    for name, obj in (("longhorn_diag", longhorn_diag), ("mamba1", mamba1)):
+        _, mod = compile_recurrence(olsm.derive(obj))
+        t = cfg.fwd
+        yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}]", mod.fwd_kernel,
+               dict(sizes, BV=t.BV, BT=t.BT, HAS_H0=True, STORE_HT=False, STORE_CKPT=True), types, t.num_warps)
+        t = cfg.bwd
+        yield (f"elementwise bwd {name} [{t.BT},{cfg.BK},{t.BV}]", mod.bwd_kernel,
+               dict(sizes, BV=t.BV, BT=t.BT, NB_C=cfg.C // t.BT, HAS_DHT=False, STORE_DH0=True,
+                    SPLIT_V=True), types, t.num_warps)
+
+
 def stages_of(name: str) -> int:
     """num_stages of the launch: the forward state pass asks for 2 (``fused._launch_state``)."""
     return 2 if name.startswith("fwd state") else 3
@@ -67,6 +97,12 @@ def main():
         bad += default and not fits
         print(f"| {name} | {'yes' if default else 'opt-in'} | {warps} | {r['shared']} | {'yes' if fits else '**no**'} "
               f"| {r['registers']} | {r['stack']} |")
+    for name, kernel, consts, types, warps in elementwise_configs():
+        r = compile_for(kernel, consts, types, num_warps=warps, num_stages=1)
+        fits = r["shared"] <= HOPPER_SHARED_BYTES
+        bad += not fits or r["stack"] > 0
+        print(f"| {name} | yes | {warps} | {r['shared']} | {'yes' if fits else '**no**'} "
+              f"| {r['registers']} | {r['stack']}{' **spills**' if r['stack'] else ''} |")
     sys.exit(1 if bad else 0)
 
 

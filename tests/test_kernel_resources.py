@@ -1,4 +1,5 @@
-"""The fused matrix kernels compile for Hopper (sm_90) and fit its shared memory — checked on the
+"""The fused matrix kernels (and the generated elementwise ones, without spills) compile for Hopper
+(sm_90) and fit its shared memory — checked on the
 CPU with Triton's bundled ptxas (``olsm.kernels.aot``), so a change that only the GPU compiler
 rejects, or that needs more than 227 KB of shared memory, fails here and not on a user's GPU."""
 import os
@@ -32,6 +33,8 @@ def test_default_path_kernels_compile_for_hopper_and_fit():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("| fwd") or line.startswith("| bwd")]
     assert len(rows) == 22    # 11 launches × 2 decays; exit code 0 above: every default-path launch fits
+    # the generated elementwise kernels at their default tiles: compiled, and no register spills
+    assert len([line for line in run.stdout.splitlines() if line.startswith("| elementwise")]) == 4
 
 
 def test_no_tl_trans_in_kernels():
