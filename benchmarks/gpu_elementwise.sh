@@ -3,7 +3,8 @@
 # Run from the repository root on the GPU machine with .carry/longhorn_ss and .carry/mamba_ss
 # carried; results go to $OUT/elementwise.tgz (the device tool returns few files).
 #   [KINDS=bwd] [CHUNKS=8,32,128] bash benchmarks/gpu_elementwise.sh [quick]
-# (KINDS: kernels to sweep, none if empty; CHUNKS: checkpoint intervals also timed)
+# (KINDS: kernels to sweep, none if empty; GRID: explicit sweep grid, see sweep_elementwise.configs;
+#  CHUNKS: checkpoint intervals also timed)
 set -u
 R=/tmp/ew_results; mkdir -p $R
 P=$(dirname "$(python3 -c 'import sys; print(sys.executable)')"); export PATH=$P:$PATH PYTHONUNBUFFERED=1
@@ -15,12 +16,12 @@ nice -n 5 python benchmarks/bench_elementwise.py --build-only mamba > $R/build_m
 # compile the sweep's kernels in parallel processes while the GPU tests run
 KINDS=${KINDS-fwd,bwd}
 warm=()
-[ -n "$KINDS" ] && for i in $(seq 0 11); do python benchmarks/sweep_elementwise.py --kinds $KINDS --warm $i/12 > $R/warm$i.log 2>&1 & warm+=($!); done
+[ -n "$KINDS" ] && for i in $(seq 0 11); do python benchmarks/sweep_elementwise.py --kinds $KINDS --grid "${GRID:-}" --warm $i/12 > $R/warm$i.log 2>&1 & warm+=($!); done
 timeout 400 python -m pytest -q -p no:cacheprovider tests/test_triton_elementwise.py -k gpu > $R/gpu_tests.log 2>&1
 echo "gpu tests rc=$?" >> $R/gpu_tests.log
 [ ${#warm[@]} -gt 0 ] && wait "${warm[@]}"
 tar czf $OUT/elementwise.tgz -C $R . 2>/dev/null
-[ -n "$KINDS" ] && timeout 240 python -u benchmarks/sweep_elementwise.py --kinds $KINDS --out $R > $R/sweep.log 2>&1
+[ -n "$KINDS" ] && timeout 240 python -u benchmarks/sweep_elementwise.py --kinds $KINDS --grid "${GRID:-}" --out $R > $R/sweep.log 2>&1
 tar czf $OUT/elementwise.tgz -C $R . 2>/dev/null
 timeout 300 python -u benchmarks/bench_elementwise.py --out $R --tiles $R/elementwise_sweep.json \
     --peer-wait 300 --no-torch --chunk-sizes "${CHUNKS:-}" ${1:+--quick} > $R/bench.log 2>&1

@@ -35,14 +35,25 @@ SHAPES = [(768, 8, 2048), (768, 2, 8192)]  # (d_model, B, T)
 K = 16
 
 
-def configs(kind: str):
+def configs(kind: str, grid: str = ""):
     """Tiles worth timing, as (BT, BV, warps, prefetch, maxnreg).
+
+    ``grid`` (``--grid``) replaces the defaults below by an explicit product, e.g.
+    ``"bt=16,32,64 bv=1,2 warps=1"`` (keys bt, bv, warps, prefetch, maxnreg; 0 = no cap).
 
     Forward: 0.5-16 K tile elements, 8-64 per thread. Backward (register-bound: it keeps many
     tiles alive): small tiles on 1-2 warps, with and without the block prefetch, with and
     without a register cap (more programs per SM against spills).
     """
     out = []
+    if grid:
+        axes = dict(bt=[8], bv=[4], warps=[1], prefetch=[1], maxnreg=[0])
+        for item in grid.split():
+            key, vals = item.split("=")
+            axes[key] = [int(x) for x in vals.split(",")]
+        for bt, bv, nw, pf, mr in itertools.product(*(axes[k] for k in ("bt", "bv", "warps", "prefetch", "maxnreg"))):
+            out.append((bt, bv, nw, pf, mr or None))
+        return out
     if kind == "fwd":
         for bt, bv, nw in itertools.product((8, 16, 32, 64), (4, 8, 16, 32, 64), (1, 2, 4, 8)):
             elems = bt * K * bv
@@ -82,6 +93,7 @@ def main():
     ap.add_argument("--stem", default="elementwise_sweep")
     ap.add_argument("--warm", default=None, help="I/N: only compile shard I of N")
     ap.add_argument("--kinds", default="fwd,bwd", help="which kernels to sweep (fwd, bwd or both)")
+    ap.add_argument("--grid", default="", help='explicit grid, e.g. "bt=16,32 bv=1,2 warps=1" (see configs)')
     args = ap.parse_args()
 
     import olsm
@@ -89,7 +101,7 @@ def main():
     from olsm.objectives import longhorn_diag
 
     rec = olsm.derive(longhorn_diag)
-    jobs = [(kind, t) for kind in args.kinds.split(",") for t in configs(kind)]
+    jobs = [(kind, t) for kind in args.kinds.split(",") for t in configs(kind, args.grid)]
     if args.warm:
         i, n = (int(x) for x in args.warm.split("/"))
         d, B, T = SHAPES[0]
