@@ -56,7 +56,11 @@ def compile_for(kernel, constexprs: Dict[str, object], types: Dict[str, str], *,
             constants[(i,)] = constexprs[name] if name in constexprs else p.default
         else:
             signature[name] = types.get(name, "*fp32")
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    # as the launcher specialises them: torch allocations are 16-byte aligned, so every pointer
+    # is marked divisible by 16 (without this, loads and atomics compile unvectorised and the
+    # register counts do not match the real launch)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
