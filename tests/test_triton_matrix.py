@@ -282,7 +282,8 @@ def test_fused_path_falls_back_when_out_of_resources(monkeypatch):
 
 @pytest.mark.parametrize("decay", ["none", "scalar"])
 def test_fused_backward_is_taken_and_autograd_backward_still_matches(decay, monkeypatch):
-    # without a low-rank part the backward is kernels/matrix/fused_bwd.py (three Triton kernels);
+    # without a low-rank part the backward is kernels/matrix/fused_bwd.py (three Triton kernels, a
+    # fourth for the decay gradient's per-sequence sum);
     # OLSM_MATRIX_BWD=autograd keeps the general path's autograd backward for A/B timing
     chunk = importlib.import_module("olsm.kernels.matrix.chunk")
     calls = []

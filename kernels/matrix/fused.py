@@ -63,7 +63,9 @@ def _wy_fwd_kernel(
 
     Shapes: w, a, b ``[B·T, H, K]``; u ``[B·T, H, V]`` (input dtype); g ``[B·T, H]`` fp32;
     tok_start/tok_stop ``[NC]`` int32 (the chunk's tokens); x_wy ``[NC, H, C, K]``,
-    y_wy ``[NC, H, C, V]`` fp32. Rows past the chunk's end are written as zeros. With STORE_T
+    y_wy ``[NC, H, C, V]`` in the caller's storage dtype (:func:`state_dtype`: bf16/fp16 for
+    half-precision inputs, fp32 otherwise; the kernel casts on store). Rows past the chunk's end
+    are written as zeros. With STORE_T
     (the backward) also T itself, t_wy ``[NC, H, C, C]`` fp32.
     """
     nh = tl.program_id(0).to(tl.int64)
@@ -132,7 +134,8 @@ def _state_fwd_kernel(
     DECAY: tl.constexpr, LOWRANK: tl.constexpr, HAS_H0: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Sequential pass over one sequence × head × block of BV value columns (kernel 2).
+    """Sequential pass over one sequence × head × block of BV value columns (kernel 2); without a
+    low-rank part the grid also splits K into blocks of BK (:func:`sequence_launch`).
 
     Shapes: w, a ``[B·T, H, K]``, u ``[B·T, H, V]`` (input dtype); g ``[B·T, H]`` fp32;
     x_wy ``[NC, H, C, K]``, y_wy ``[NC, H, C, V]``; writes states ``[NC, H, K, V]`` (S_n, the
@@ -285,7 +288,9 @@ def launch_shape(K: int, V: int, C: int, fp32: bool = False) -> LaunchShape:
     """The :class:`LaunchShape` for head dims K, V (<= 128) and chunk length C.
 
     ``fp32``: float32 inputs (``ieee`` dots, which run on the CUDA cores with twice the register
-    tiles). They keep 8 warps in the WY, output and rank-1 kernels and in the sequential passes:
+    tiles). They keep 8 warps in the WY, output and rank-1 kernels and in the sequential passes
+    without a low-rank part (``warps_seq``; the forward pass with one, ``warps_state_lr``, depends
+    on BK only):
     at 4 warps the reverse rank-1 pass spilled 28 KB per thread (sm_90 compile) and the fp32
     DeltaNet GPU tests did not finish in minutes.
     """

@@ -30,7 +30,7 @@ and S_{n+1} += Âᵀ P. The backward recomputes X, Y and T (the forward's kernel
     kernel 2'b per K-slice × chunk: dq, dw, da, db from dO S_nᵀ, P dS_{n+1}ᵀ, U dS_{n+1}ᵀ, dX
                and the [C, C] gradients of 2'a
 
-The decay gradient needs no kernel of its own. Write Λ_t for the cumulative log-decay of the
+The decay gradient needs no pass of its own over the states. Write Λ_t for the cumulative log-decay of the
 sequence up to token t. Rescaling S̃_t = e^{−Λ_t} S_t turns the recurrence into one without decay
 in the variables q̃ = e^{Λ_t} q, w̃ = e^{−Λ_t} w, ã = e^{−Λ_t} a, b̃ = e^{Λ_{t−1}} b (and the
 final state e^{Λ_end} S̃), so ∂L/∂Λ_t = q_t·dq_t − w_t·dw_t − a_t·da_t + b_{t+1}·db_{t+1}
@@ -58,7 +58,8 @@ def _dstate_bwd_kernel(
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, HAS_DFINAL: tl.constexpr,
     LOWRANK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Kernel 1: one sequence × head × BV value columns walks its chunks backwards.
+    """Kernel 1: one sequence × head × BV value columns (× a BK key block without a low-rank
+    part, :func:`~.fused.sequence_launch`) walks its chunks backwards.
 
     Shapes: q, a ``[B·T, H, K]``, do ``[B·T, H, V]``; g ``[B·T, H]`` fp32; x_wy ``[NC, H, C, K]``;
     d_final, dh0 ``[N, H, K, V]``; writes dstates ``[NC, H, K, V]`` (∂L/∂S_{n+1}, the state chunk
