@@ -40,6 +40,9 @@ from pathlib import Path
 import torch
 
 N_STATE = 16
+#: largest relative difference between a peer and us (output and each gradient, bf16) that
+#: still counts as the same function
+PARITY_TOL = 5e-2
 CASES = [  # (d_model, B, T)
     (768, 8, 2048),
     (1024, 8, 2048),
@@ -93,9 +96,9 @@ def copy_bandwidth_tbs() -> float:
 
 
 # ------------------------------------------------------------------------------ inputs
-def make_inputs(name: str, B: int, T: int, E: int, dtype=torch.bfloat16, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    rn = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+def make_inputs(name: str, B: int, T: int, E: int, dtype=torch.bfloat16, seed: int = 0, device: str = "cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
     q = rn(B, T, 1, N_STATE).to(dtype)
     k = (rn(B, T, 1, N_STATE) / N_STATE**0.5).to(dtype)
     v = rn(B, T, 1, E).to(dtype)
@@ -103,9 +106,9 @@ def make_inputs(name: str, B: int, T: int, E: int, dtype=torch.bfloat16, seed: i
         coefs = {"beta": torch.sigmoid(rn(B, T, 1, E)).to(dtype)}
     else:
         dt = torch.nn.functional.softplus(rn(B, T, 1, E) - 4.0).to(dtype)
-        A = -torch.arange(1, N_STATE + 1, device="cuda", dtype=torch.float32).repeat(1, E, 1)
+        A = -torch.arange(1, N_STATE + 1, device=device, dtype=torch.float32).repeat(1, E, 1)
         coefs = {"dt": dt, "A": A}
-    D = torch.ones(1, E, device="cuda")
+    D = torch.ones(1, E, device=device)
     return q, k, v, coefs, D
 
 
@@ -263,7 +266,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="first case only")
     args = ap.parse_args()
 
-    from peers_elementwise import build_longhorn, build_mamba, longhorn_cuda, mamba_cuda, parity
+    from peers_elementwise import build_longhorn, build_mamba, grad_parity, longhorn_cuda, mamba_cuda
 
     builds = {"longhorn": (build_longhorn, Path(args.longhorn_src)), "mamba": (build_mamba, Path(args.mamba_src))}
     if args.build_only:
@@ -338,8 +341,6 @@ def main():
         torch.cuda.empty_cache()
 
     # -- 2. the CUDA peers, last: their builds may still be running --------------------------
-    from olsm.kernels.elementwise import elementwise_scan
-
     peers = [("longhorn-cuda", "longhorn_diag", "longhorn", longhorn_cuda),
              ("mamba-ssm", "mamba1", "mamba", mamba_cuda)]
     for impl, name, key, runner in peers:
@@ -348,16 +349,25 @@ def main():
         print(f"{impl}: {meta[impl]}", flush=True)
         if ext is None:
             continue
-        q, k, v, coefs, D = make_inputs(name, 2, 512, 256, seed=3)
-        D = torch.randn_like(D)
-        ours, _ = elementwise_scan(recs[name], q, k, v, coefs, scale=1.0, D=D)
-        meta[f"{impl} parity (fwd, bf16, rel. diff vs olsm-triton)"] = f"{parity(ours, runner(ext, q, k, v, coefs, D)[0]):.2e}"
+        # the same function, checked before it is timed: output and every gradient
+        note = ""
+        try:
+            rels = grad_parity(recs[name], runner, ext)
+            bad = {n: r for n, r in rels.items() if not r <= PARITY_TOL}
+            note = f"PARITY FAILED {bad}" if bad else ""
+            meta[f"{impl} parity (bf16, T = 4096, rel. diff to olsm-triton)"] = ", ".join(
+                f"{n} {r:.1e}" for n, r in rels.items())
+        except Exception as e:  # a broken check is reported, never silently passed
+            note = f"parity check failed to run: {type(e).__name__}: {str(e)[:200]}"
+        print(f"{impl} parity: {meta.get(f'{impl} parity (bf16, T = 4096, rel. diff to olsm-triton)', '')} {note}",
+              flush=True)
         for d, B, T in tqdm(cases, desc=impl):
             E = 2 * d
             q, k, v, coefs, D = make_inputs(name, B, T, E)
             floor = io_bytes_fwd(name, B, T, E) / (bw * 1e12) * 1e3
             fwd, fb, _ = runner(ext, q, k, v, coefs, D)
-            measure(dict(recurrence=name, d_model=d, E=E, B=B, T=T, io_floor_fwd_ms=floor, impl=impl), fwd, fb)
+            measure(dict(recurrence=name, d_model=d, E=E, B=B, T=T, io_floor_fwd_ms=floor, impl=impl, note=note),
+                    fwd, fb)
             del q, k, v, coefs, D
     write_reports(rows, meta, Path(args.out), args.stem)
     print(Path(args.out, f"{args.stem}.md").read_text())

@@ -61,10 +61,22 @@ def _channels_first(q, k, v, x):
     return u, Q, Kt, x[:, :, 0].transpose(1, 2).contiguous()
 
 
-def longhorn_cuda(ext, q, k, v, coefs, D):
-    """The paper's scan on our longhorn_diag inputs: ``(fwd, fwdbwd, args)`` closures.
+def _ours(x):
+    """A peer's channels-first ``[B, E, T]`` (or ``[B, 1, N, T]``) gradient as our ``[B, T, 1, ·]``."""
+    if x.dim() == 4:
+        x = x[:, 0]
+    return x.transpose(1, 2)[:, :, None]
 
-    It computes β = sigmoid(dt + t_bias) itself, so dt = logit(β) and t_bias = 0.
+
+def longhorn_cuda(ext, q, k, v, coefs, D):
+    """The paper's scan on our longhorn_diag inputs: ``(fwd, fwdbwd, grads)`` closures.
+
+    It computes β = sigmoid(dt + t_bias) itself, so dt = logit(β) and t_bias = 0. Its kernel
+    leaves one term of dK to its Python autograd function: the key also enters through kᵀk
+    (in β / (1 + β kᵀk)), whose gradient the kernel returns per channel as dTK; the function
+    adds 2 k Σ_channels dTK. ``fwdbwd`` does the same, so both sides are timed on the same work.
+    ``grads(dout)`` returns the gradients in our layout and names (``beta`` as ∂L/∂dt, the
+    logit's gradient: compare with ∂L/∂β · β (1 − β)).
     """
     beta = coefs["beta"].float().clamp(1e-4, 1 - 1e-4)
     u, Q, Kt, dt = _channels_first(q, k, v, torch.logit(beta).to(v.dtype))
@@ -74,11 +86,21 @@ def longhorn_cuda(ext, q, k, v, coefs, D):
     def fwd():
         return ext.online_fwd(u, Q, Kt, dt, Dv, t_bias, None)
 
-    def fwdbwd():
-        out, x, *_ = ext.online_fwd(u, Q, Kt, dt, Dv, t_bias, None)
-        ext.online_bwd(u, Q, Kt, dt, Dv, t_bias, None, out, x, out, None)
+    def bwd(out, x, dout):
+        du, dQ, dK, dT, dD, _, _, dTK = ext.online_bwd(u, Q, Kt, dt, Dv, t_bias, None, dout, x, out, None)
+        dK = (dK + dTK.sum(1, keepdim=True).unsqueeze(1) * 2.0 * Kt).to(Kt.dtype)
+        return du, dQ, dK, dT, dD
 
-    return fwd, fwdbwd, (u, Q, Kt, dt, Dv, t_bias)
+    def fwdbwd():
+        out, x, *_ = fwd()
+        bwd(out, x, out)
+
+    def grads(dout):
+        out, x, *_ = fwd()
+        du, dQ, dK, dT, dD = bwd(out, x, dout[:, :, 0].transpose(1, 2).contiguous().to(out.dtype))
+        return {"o": _ours(out), "v": _ours(du), "q": _ours(dQ), "k": _ours(dK), "beta": _ours(dT), "D": dD[None]}
+
+    return fwd, fwdbwd, grads
 
 
 # ------------------------------------------------------------------------------ mamba_ssm
@@ -134,10 +156,10 @@ def build_mamba(src: Path, build_dir: Path):
 
 
 def mamba_cuda(ext, q, k, v, coefs, D):
-    """mamba_ssm's selective scan on our mamba1 inputs: ``(fwd, fwdbwd, args)`` closures.
+    """mamba_ssm's selective scan on our mamba1 inputs: ``(fwd, fwdbwd, grads)`` closures.
 
     Our mamba1 is exactly its recurrence with B = k, C = q, u = v, Δ = dt, A ``[E, N]``, no z,
-    no Δ bias and no softplus inside.
+    no Δ bias and no softplus inside. ``grads(dout)`` returns its gradients in our layout and names.
     """
     u, Q, Kt, dt = _channels_first(q, k, v, coefs["dt"])
     A = coefs["A"][0].float().contiguous()  # [H = 1, E, N] -> [E, N]
@@ -146,14 +168,46 @@ def mamba_cuda(ext, q, k, v, coefs, D):
     def fwd():
         return ext.fwd(u, dt, A, Kt, Q, Dv, None, None, False)
 
+    def bwd(out, x, dout):
+        # du, dΔ, dA, dB, dC, dD, dΔ_bias
+        return ext.bwd(u, dt, A, Kt, Q, Dv, None, None, dout, x, None, None, False, False)
+
     def fwdbwd():
-        out, x, *_ = ext.fwd(u, dt, A, Kt, Q, Dv, None, None, False)
-        ext.bwd(u, dt, A, Kt, Q, Dv, None, None, out, x, None, None, False, False)
+        out, x, *_ = fwd()
+        bwd(out, x, out)
 
-    return fwd, fwdbwd, (u, Q, Kt, dt, A, Dv)
+    def grads(dout):
+        out, x, *_ = fwd()
+        du, ddt, dA, dB, dC, dD, _ = bwd(out, x, dout[:, :, 0].transpose(1, 2).contiguous().to(out.dtype))
+        return {"o": _ours(out), "v": _ours(du), "dt": _ours(ddt), "A": dA[None], "k": _ours(dB),
+                "q": _ours(dC), "D": dD[None]}
+
+    return fwd, fwdbwd, grads
 
 
-def parity(ours: torch.Tensor, fwd) -> float:
-    """``‖ours − theirs‖ / ‖theirs‖`` of our ``[B, T, 1, E]`` output and a peer's ``[B, E, T]``."""
-    theirs = fwd()[0].transpose(1, 2)[:, :, None].float()
-    return ((ours.float() - theirs).norm() / theirs.norm()).item()
+def grad_parity(rec, runner, ext, T: int = 4096, E: int = 64, seed: int = 3, dtype=torch.bfloat16,
+                device: str = "cuda") -> dict:
+    """``‖ours − theirs‖ / ‖theirs‖`` of the output and every gradient, ours against a peer's.
+
+    One sequence of T = 4096 tokens (longer than the peers' 2048-token chunks, so their chunk
+    carry is exercised), E = 64 channels, bf16, a random output cotangent. For Longhorn the β
+    gradient is compared in the peer's dt = logit(β) coordinates. (``dtype``/``device``: for the
+    CPU test of this harness, which stands in torch versions of the peers.)
+    """
+    from bench_elementwise import make_inputs
+    from olsm.kernels.elementwise import elementwise_scan
+
+    name = rec.name
+    q, k, v, coefs, D = make_inputs(name, 1, T, E, dtype=dtype, seed=seed, device=device)
+    D = torch.randn_like(D)
+    leaves = {"q": q, "k": k, "v": v, "D": D, **coefs}
+    xs = {n: x.detach().clone().requires_grad_(True) for n, x in leaves.items()}
+    o, _ = elementwise_scan(rec, xs["q"], xs["k"], xs["v"], {c: xs[c] for c in coefs}, scale=1.0, D=xs["D"])
+    dout = torch.randn_like(o)
+    ours = dict(zip(xs, torch.autograd.grad(o, list(xs.values()), dout)), o=o.detach())
+    if "beta" in ours:
+        beta = coefs["beta"].float().clamp(1e-4, 1 - 1e-4)
+        ours["beta"] = ours["beta"].float() * beta * (1 - beta)
+    theirs = runner(ext, q, k, v, coefs, D)[2](dout)
+    return {n: ((ours[n].float() - t.float()).norm() / t.float().norm().clamp_min(1e-30)).item()
+            for n, t in theirs.items()}

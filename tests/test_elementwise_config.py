@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from olsm.errors import BackendError, InputError
-from olsm.kernels.elementwise.config import MAX_BT, MIN_BT, Tile, choose_config
+from olsm.kernels.elementwise.config import MAX_BT, MIN_BT, TILE_ELEMS, Tile, choose_config
 
 CUDA = torch.device("cuda")  # constructing the device needs no GPU
 
@@ -35,6 +35,9 @@ def test_tiles_are_powers_of_two_within_bounds(K, V, T):
         assert t.BT <= max(MAX_BT, 1) and (t.BT >= MIN_BT or t.BT >= T)
         assert t.BV <= max(8, V)
     assert cfg.BK >= K and cfg.C % max(cfg.fwd.BT, cfg.bwd.BT) == 0 and cfg.C >= 64
+    # register tiles stay near their budget (a wide key can force the 4-token minimum block)
+    for t, elems in ((cfg.fwd, TILE_ELEMS[0]), (cfg.bwd, TILE_ELEMS[1])):
+        assert t.BT * cfg.BK * t.BV <= 2 * elems
 
 
 def test_overrides_per_kernel_and_register_cap():

@@ -123,7 +123,7 @@ def make_inputs(name, B, T, H, K, V, *, seed=0, dtype=torch.float32, device=DEV)
 
 
 def run_both(name, B, T, H, K, V, *, h0=False, D=False, cu_seqlens=None, chunk_size=8,
-             block_v=None, dtype=torch.float32, seed=0, scale=None, prefetch=None):
+             block_v=None, dtype=torch.float32, seed=0, scale=None, prefetch=None, block_t=None):
     """Kernel (in ``dtype``) and float64 reference on the same inputs: outputs and grads."""
     rec = get_rec(name)
     q, k, v, coefs = make_inputs(name, B, T, H, K, V, seed=seed, dtype=dtype)
@@ -151,6 +151,7 @@ def run_both(name, B, T, H, K, V, *, h0=False, D=False, cu_seqlens=None, chunk_s
                   cu_seqlens=cu, chunk_size=chunk_size, D=x.get("D"))
         if fn is elementwise_scan:
             kw["block_v"] = block_v
+            kw["block_t"] = block_t
             kw["prefetch"] = prefetch
         o, S = fn(rec, x["q"], x["k"], x["v"], c, **kw)
         loss = (o.double() * do.double()).sum() + (S.double() * dS.double()).sum()
@@ -196,6 +197,15 @@ def test_user_objective_every_input_kind():
 def test_varlen_three_sequences():
     """cu_seqlens with three packed sequences of odd lengths, per-sequence initial/final states."""
     got, ref = run_both("longhorn_diag", 1, 16, 1, 4, 4, h0=True, cu_seqlens=[0, 3, 10, 16], chunk_size=4)
+    check(got, ref)
+
+
+def test_checkpoint_every_block_no_slab():
+    """Checkpoint interval equal to the backward's block (C = BT = 4): the backward takes each
+    block's entering state straight from the checkpoint, the branch without the scratch slab."""
+    got, ref = run_both("mamba1", 2, 13, 1, 4, 5, h0=True, D=True, chunk_size=4, block_t=(4, 4))
+    check(got, ref)
+    got, ref = run_both("longhorn_diag", 1, 11, 1, 4, 4, cu_seqlens=[0, 5, 11], chunk_size=4, block_t=4)
     check(got, ref)
 
 

@@ -2,11 +2,12 @@
 
 A program owns one (sequence, head, BV-wide value slice) and the whole key axis, and works
 on ``[BT, BK, BV]`` float32 tiles (tokens × keys × values) in registers. The defaults come
-from the H200 sweep (``benchmarks/sweep_elementwise.py``, results/elementwise_sweep_h200.md,
+from the H200 sweeps (``benchmarks/sweep_elementwise.py``, results/elementwise_sweep_h200_*.md,
 longhorn_diag at N = 16, E = 1536, bf16): small tiles win. Forward: ``[16, 16, 8]`` on one
 warp (0.36 ms at B = 8, T = 2048, 0.62 ms at B = 2, T = 8192; the old ``[32, 16, 16]`` on 8
 warps took 2.5 ms), i.e. 2048 tile elements, 64 per thread. Backward: ``[8, 16, 4]`` on one
-warp, 512 elements, 16 per thread (2.47 ms at B = 8, T = 2048; it keeps many tiles alive and
+warp, 512 elements, 16 per thread (2.47 ms at B = 8, T = 2048, forward+backward minus the no-grad
+forward; it keeps many tiles alive and
 larger tiles spill: ``[8, 16, 8]`` on 2 warps 3.06 ms, ``[16, 16, 8]`` on 2 warps 5.7 ms).
 Every knob can be overridden per call.
 """
@@ -108,7 +109,7 @@ def _tile(N: int, H: int, T: int, BK: int, V: int, elems: int, per_thread: int, 
     """One kernel's tile: BV up to ``max_bv``, BT to fill ``elems``, warps to match."""
     if BV is None:
         BV = min(max_bv, next_pow2(V))
-        # a wide key leaves room for few value columns (K = 256: BV <= 4 at BT = 8)
+        # a wide key leaves room for few value columns (K = 256: BV = 1; BT = 8 forward, 4 backward)
         while BV > 1 and BK * BV * MIN_BT * 2 > elems:
             BV //= 2
     BV = _pow2(BV, "block_v")
