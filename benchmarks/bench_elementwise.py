@@ -123,19 +123,17 @@ def olsm_triton(rec, q, k, v, coefs, D, block_t=None, block_v=None, num_warps=No
     from olsm.kernels.elementwise import elementwise_scan
 
     leaves = [q, k, v, D, *coefs.values()]
+    opts = dict(scale=1.0, block_t=block_t, block_v=block_v, num_warps=num_warps, prefetch=prefetch,
+                max_registers=max_registers, chunk_size=chunk_size)
 
     def fwd():
         with torch.no_grad():
-            return elementwise_scan(rec, q, k, v, coefs, scale=1.0, D=D, block_t=block_t,
-                                    block_v=block_v, num_warps=num_warps, prefetch=prefetch,
-                                    max_registers=max_registers, chunk_size=chunk_size)
+            return elementwise_scan(rec, q, k, v, coefs, D=D, **opts)
 
     def fwdbwd():
         xs = [x.detach().requires_grad_(True) for x in leaves]
         c = dict(zip(coefs, xs[4:]))
-        o, _ = elementwise_scan(rec, xs[0], xs[1], xs[2], c, scale=1.0, D=xs[3], block_t=block_t,
-                                block_v=block_v, num_warps=num_warps, prefetch=prefetch,
-                                max_registers=max_registers, chunk_size=chunk_size)
+        o, _ = elementwise_scan(rec, xs[0], xs[1], xs[2], c, D=xs[3], **opts)
         torch.autograd.grad(o, xs, o)  # any cotangent of o's shape; o itself costs no alloc
 
     return fwd, fwdbwd

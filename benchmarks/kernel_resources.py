@@ -63,7 +63,7 @@ def elementwise_configs(K=16, V=1536, C=64):
     from olsm.objectives import longhorn_diag, mamba1
 
     # the GPU path of choose_config, asked from a CPU machine
-    cfg = choose_config(8, 1, 2048, K, V, C, torch.device("cuda"))
+    cfg = choose_config(2048, K, V, C, torch.device("cuda"))
     bf16 = {p: "*bf16" for p in ("q", "k", "v", "do", "o", "dv", "x_dt", "x_beta", "g_dt", "g_beta")}
     types = dict(bf16, cu_seqlens="*i32", chunk_offsets="*i32", scale="fp32", T="i32", NV="i32")
     sizes = dict(H=1, K=K, V=V, BK=cfg.BK, C=cfg.C, HAS_D=True, IS_VARLEN=False)

@@ -19,7 +19,7 @@ def compiled_path(monkeypatch):
 
 
 def test_measured_defaults_at_the_paper_shape():
-    cfg = choose_config(8, 1, 2048, 16, 1536, 64, CUDA)
+    cfg = choose_config(2048, 16, 1536, 64, CUDA)
     assert (cfg.BK, cfg.C) == (16, 64)
     assert cfg.fwd == Tile(BT=16, BV=8, num_warps=1)
     assert cfg.bwd == Tile(BT=8, BV=4, num_warps=1)
@@ -28,7 +28,7 @@ def test_measured_defaults_at_the_paper_shape():
 
 @pytest.mark.parametrize("K,V,T", [(16, 1536, 2048), (64, 128, 1000), (256, 256, 3), (5, 3, 1), (100, 7, 77)])
 def test_tiles_are_powers_of_two_within_bounds(K, V, T):
-    cfg = choose_config(2, 3, T, K, V, 64, CUDA)
+    cfg = choose_config(T, K, V, 64, CUDA)
     for t in (cfg.fwd, cfg.bwd):
         for x in (t.BT, t.BV, t.num_warps):
             assert x >= 1 and x & (x - 1) == 0
@@ -41,7 +41,7 @@ def test_tiles_are_powers_of_two_within_bounds(K, V, T):
 
 
 def test_overrides_per_kernel_and_register_cap():
-    cfg = choose_config(8, 1, 2048, 16, 1536, 100, CUDA, block_t=(32, None), block_v=4, num_warps=(None, 2),
+    cfg = choose_config(2048, 16, 1536, 100, CUDA, block_t=(32, None), block_v=4, num_warps=(None, 2),
                         max_registers=(None, 168))
     assert (cfg.fwd.BT, cfg.fwd.BV) == (32, 4)
     assert (cfg.bwd.BT, cfg.bwd.BV, cfg.bwd.num_warps) == (8, 4, 2)
@@ -52,8 +52,8 @@ def test_overrides_per_kernel_and_register_cap():
 
 def test_bad_overrides_are_clear_errors():
     with pytest.raises(BackendError, match="power of two"):
-        choose_config(8, 1, 2048, 16, 1536, 64, CUDA, block_v=6)
+        choose_config(2048, 16, 1536, 64, CUDA, block_v=6)
     with pytest.raises(InputError, match="pair"):
-        choose_config(8, 1, 2048, 16, 1536, 64, CUDA, block_t=(8, 8, 8))
+        choose_config(2048, 16, 1536, 64, CUDA, block_t=(8, 8, 8))
     with pytest.raises(InputError, match="chunk_size"):
-        choose_config(8, 1, 2048, 16, 1536, 0, CUDA)
+        choose_config(2048, 16, 1536, 0, CUDA)

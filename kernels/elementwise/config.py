@@ -104,7 +104,7 @@ def _pow2(x: int, name: str) -> int:
     return x
 
 
-def _tile(N: int, H: int, T: int, BK: int, V: int, elems: int, per_thread: int, max_bv: int,
+def _tile(T: int, BK: int, V: int, elems: int, per_thread: int, max_bv: int,
           BT: Optional[int], BV: Optional[int], warps: Optional[int], maxnreg: Optional[int] = None) -> Tile:
     """One kernel's tile: BV up to ``max_bv``, BT to fill ``elems``, warps to match."""
     if BV is None:
@@ -122,14 +122,15 @@ def _tile(N: int, H: int, T: int, BK: int, V: int, elems: int, per_thread: int, 
     return Tile(BT=BT, BV=BV, num_warps=_pow2(warps, "num_warps"), maxnreg=maxnreg)
 
 
-def choose_config(N: int, H: int, T: int, K: int, V: int, chunk_size: int, device: torch.device,
+def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
                   block_t: Knob = None, block_v: Knob = None, num_warps: Knob = None,
                   max_registers: Knob = None) -> Config:
     """Pick the tile shapes and the checkpoint interval.
 
     Args:
-        N: sequences (B, or the number of packed sequences).
-        H, K, V: heads, key and value dimensions.
+        K, V: key and value dimensions (the tiles do not depend on the number of sequences
+            or heads: on the H200 one default was within 3 % of the best tiles at both B = 8
+            and B = 2).
         T: tokens per sequence (an upper bound: the packed length with cu_seqlens).
         chunk_size: requested tokens between checkpoints; rounded up to a multiple of the
             larger of the two BT (checkpoints cost ``T / C`` states of ``[K, V]`` float32
@@ -156,11 +157,11 @@ def choose_config(N: int, H: int, T: int, K: int, V: int, chunk_size: int, devic
         # 8 tokens forward, 4 backward, so the default chunk replays several blocks
         short = next_pow2(max(T, 1))
         bv_cpu = min(8, next_pow2(V))
-        fwd = _tile(N, H, T, BK, V, 0, 32, 8, bt[0] or min(8, short), bv[0] or bv_cpu, nw[0] or 1)
-        bwd = _tile(N, H, T, BK, V, 0, 16, 8, bt[1] or min(4, short), bv[1] or bv_cpu, nw[1] or 1)
+        fwd = _tile(T, BK, V, 0, 32, 8, bt[0] or min(8, short), bv[0] or bv_cpu, nw[0] or 1)
+        bwd = _tile(T, BK, V, 0, 16, 8, bt[1] or min(4, short), bv[1] or bv_cpu, nw[1] or 1)
     else:
-        fwd = _tile(N, H, T, BK, V, TILE_ELEMS[0], ELEMS_PER_THREAD[0], MAX_BV[0], bt[0], bv[0], nw[0], mr[0])
-        bwd = _tile(N, H, T, BK, V, TILE_ELEMS[1], ELEMS_PER_THREAD[1], MAX_BV[1], bt[1], bv[1], nw[1], mr[1])
+        fwd = _tile(T, BK, V, TILE_ELEMS[0], ELEMS_PER_THREAD[0], MAX_BV[0], bt[0], bv[0], nw[0], mr[0])
+        bwd = _tile(T, BK, V, TILE_ELEMS[1], ELEMS_PER_THREAD[1], MAX_BV[1], bt[1], bv[1], nw[1], mr[1])
     step = max(fwd.BT, bwd.BT)
     C = -(-int(chunk_size) // step) * step
     return Config(BK=BK, C=C, fwd=fwd, bwd=bwd)

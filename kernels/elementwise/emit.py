@@ -199,11 +199,10 @@ class Coefficients:
     """
 
     def __init__(self, plan: Plan, with_partials: bool):
-        self.plan = plan
         gate = sp.Symbol("G_gate_value")
         names = {f.name: f.var for f in plan.factors}
         names[gate.name] = "G"
-        self.printer = TritonPrinter(names, sigmoid="_sigmoid")
+        printer = TritonPrinter(names, sigmoid="_sigmoid")
         exprs = [plan.gate, plan.wk, plan.wv]
         if with_partials:
             exprs += [p.expr.subs(plan.gate, gate) for p in plan.partials]
@@ -219,10 +218,10 @@ class Coefficients:
         self._values: List[str] = []
         self._partials: List[str] = []
         for sym, e in repl:
-            self.printer.names[sym.name] = sym.name
-            line = f"{sym.name} = {self.printer.doprint(e)}"
+            printer.names[sym.name] = sym.name
+            line = f"{sym.name} = {printer.doprint(e)}"
             (self._values if sym in needed else self._partials).append(line)
-        out = [self.printer.doprint(e) for e in reduced]
+        out = [printer.doprint(e) for e in reduced]
         self.G, self.wk, self.wv = out[:3]
         #: (of, factor) -> source of that partial derivative
         self.parts: Dict[Tuple[str, str], str] = {

@@ -274,7 +274,7 @@ def elementwise_scan(
     """
     plan, mod = compile_recurrence(rec, prefetch)
     B, T, H, K, V, N = _check(rec, plan, q, k, v, coefs, initial_state, cu_seqlens, D)
-    cfg = choose_config(N, H, T, K, V, chunk_size, q.device, block_t, block_v, num_warps, max_registers)
+    cfg = choose_config(T, K, V, chunk_size, q.device, block_t, block_v, num_warps, max_registers)
     coef_list = [coefs[s.name] for s in rec.inputs]
     tensors = [q, k, v, initial_state, D, *coef_list]
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
