@@ -55,5 +55,7 @@ def test_bad_overrides_are_clear_errors():
         choose_config(2048, 16, 1536, 64, CUDA, block_v=6)
     with pytest.raises(InputError, match="pair"):
         choose_config(2048, 16, 1536, 64, CUDA, block_t=(8, 8, 8))
+    with pytest.raises(BackendError, match="max_registers"):
+        choose_config(2048, 16, 1536, 64, CUDA, max_registers=(None, 512))
     with pytest.raises(InputError, match="chunk_size"):
         choose_config(2048, 16, 1536, 0, CUDA)

@@ -119,6 +119,8 @@ def _tile(T: int, BK: int, V: int, elems: int, per_thread: int, max_bv: int,
     BT = _pow2(BT, "block_t")
     if warps is None:
         warps = max(1, min(16, BT * BK * BV // (32 * per_thread)))
+    if maxnreg is not None and not (isinstance(maxnreg, int) and 0 < maxnreg <= 255):
+        raise BackendError(f"max_registers must be an int in 1..255 (registers per thread), got {maxnreg!r}")
     return Tile(BT=BT, BV=BV, num_warps=_pow2(warps, "num_warps"), maxnreg=maxnreg)
 
 
@@ -144,7 +146,7 @@ def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
         The :class:`Config`.
 
     Raises:
-        BackendError: an override that is not a power of two.
+        BackendError: an override that is not a power of two, or a register cap outside 1..255.
         InputError: a non-positive chunk size.
     """
     if int(chunk_size) < 1:
