@@ -54,10 +54,10 @@ def _strict_ratio(G_prev, G, offs_c):
 
 @triton.jit
 def _wy_fwd_kernel(
-    w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, t_wy,
+    w, a, b, u, g, c, states, tok_start, tok_stop, x_wy, y_wy, t_wy,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PRECISION: tl.constexpr,
-    STORE_T: tl.constexpr = False,
+    STORE_T: tl.constexpr = False, DELTA: tl.constexpr = False, STORE_NU: tl.constexpr = False,
 ):
     """X = T B̂ and Y = T N U of one chunk × head (module docstring, kernel 1).
 
@@ -67,6 +67,11 @@ def _wy_fwd_kernel(
     half-precision inputs, fp32 otherwise; the kernel casts on store). Rows past the chunk's end
     are written as zeros. With STORE_T
     (the backward) also T itself, t_wy ``[NC, H, C, C]`` fp32.
+
+    DELTA (the delta form of :mod:`.delta`: w = a = b = k are one pointer, c ``[B·T, H]`` fp32):
+    L = −diag(c) (K Kᵀ ⊙ R), A = T = (I − L)⁻¹, X = −A diag(c e^{G_{t−1}}) K and Y = A U, so that
+    ν = X S_n + Y is the chunk's effective values. With STORE_NU (its backward) the value loop
+    writes ν itself into y_wy, from the stored states ``[NC, H, K, V]``, instead of Y.
     """
     nh = tl.program_id(0).to(tl.int64)
     # rows of b, columns of a and w (transposed by pointer arithmetic, never tl.trans)
@@ -82,6 +87,10 @@ def _wy_fwd_kernel(
         g_c, G, _ = chunk_decay(g, tok, valid, i_h, H, offs_c)
         G_prev = G - g_c
     L = L * _strict_ratio(G_prev, G, offs_c)
+    if DELTA:
+        # a = −c k written as a row scale: the delta rule's ν_t = u_t − c_t k_tᵀ S_{t−1}
+        c_t = tl.load(c + tok * H + i_h, mask=valid, other=0.)
+        L = L * (-c_t)[:, None]
 
     # T = (I − L)⁻¹, blocked like a triangular solve, every step a [C, C] tensor-core dot:
     # 1. the 16 × 16 diagonal blocks by forward substitution, all blocks at once: row i of each
@@ -110,19 +119,29 @@ def _wy_fwd_kernel(
     # spilled registers on sm_90)
     b_rows = tl.load(b + row_k, mask=mask_row, other=0.)
     # X = T B̂ with B̂ = diag(e^{G_{t−1}}) B: the scale goes on T's columns ([C, C], not [C, K])
-    X = tl.dot(Tm * tl.exp(G_prev)[None, :], b_rows.to(tl.float32), input_precision=PRECISION)
+    col_scale = tl.exp(G_prev)
+    if DELTA:
+        col_scale = -c_t * col_scale
+    X = tl.dot(Tm * col_scale[None, :], b_rows.to(tl.float32), input_precision=PRECISION)
     out_k = nh * C * K + offs_c[:, None] * K + offs_k[None, :]
     tl.store(x_wy + out_k, X.to(x_wy.dtype.element_ty), mask=mask_k[None, :])
-    w_cols = tl.load(w + col_k, mask=mask_col, other=0.)
-    # the decay ratio is formed again, not kept live through the inverse (registers)
-    Nm = tl.dot(b_rows, w_cols, input_precision=PRECISION) * _strict_ratio(G_prev, G, offs_c)
-    TN = tl.dot(Tm, Nm, input_precision=PRECISION)
+    if DELTA:
+        TN = Tm                                     # Y = A U: the write shares the probe's key
+    else:
+        w_cols = tl.load(w + col_k, mask=mask_col, other=0.)
+        # the decay ratio is formed again, not kept live through the inverse (registers)
+        Nm = tl.dot(b_rows, w_cols, input_precision=PRECISION) * _strict_ratio(G_prev, G, offs_c)
+        TN = tl.dot(Tm, Nm, input_precision=PRECISION)
     for i_v in range(0, (V + BV - 1) // BV):
         offs_v = i_v * BV + tl.arange(0, BV)
         mask_v = offs_v < V
         U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
                     mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)
         Y = tl.dot(TN, U, input_precision=PRECISION)
+        if STORE_NU:
+            S = tl.load(states + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
+                        mask=mask_k[:, None] & mask_v[None, :], other=0.).to(tl.float32)
+            Y += tl.dot(X, S, input_precision=PRECISION)
         tl.store(y_wy + nh * C * V + offs_c[:, None] * V + offs_v[None, :], Y.to(y_wy.dtype.element_ty),
                  mask=mask_v[None, :])
 
@@ -132,10 +151,11 @@ def _state_fwd_kernel(
     w, a, u, g, x_wy, y_wy, h0, states, probes, final, tok_start, tok_stop, chunk_offsets,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     DECAY: tl.constexpr, LOWRANK: tl.constexpr, HAS_H0: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr = False,
 ):
     """Sequential pass over one sequence × head × block of BV value columns (kernel 2); without a
-    low-rank part the grid also splits K into blocks of BK (:func:`sequence_launch`).
+    low-rank part the grid also splits K into blocks of BK (:func:`sequence_launch`). With DELTA
+    (and LOWRANK) P is the delta form's ν and S_{n+1} = γ_n S_n + Ŵᵀ ν (u and a are not read).
 
     Shapes: w, a ``[B·T, H, K]``, u ``[B·T, H, V]`` (input dtype); g ``[B·T, H]`` fp32;
     x_wy ``[NC, H, C, K]``, y_wy ``[NC, H, C, V]``; writes states ``[NC, H, K, V]`` (S_n, the
@@ -156,13 +176,10 @@ def _state_fwd_kernel(
         col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]
         mask_col = mask_k[:, None] & valid[None, :]
         W_T = tl.load(w + col_k, mask=mask_col, other=0.).to(tl.float32)         # [BK, C]
-        U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
-                    mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)   # [C, BV]
         if DECAY == 1:
             _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
             to_end = tl.exp(g_total - G)                    # decay from s to the chunk's end, <= 1
             W_T = W_T * to_end[None, :]
-        S_next = tl.dot(W_T, U, input_precision=PRECISION)
         if LOWRANK:
             X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :],
                         mask=mask_k[None, :], other=0.).to(tl.float32)
@@ -171,10 +188,17 @@ def _state_fwd_kernel(
                          mask=mask_v[None, :], other=0.).to(tl.float32)
             tl.store(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], P.to(probes.dtype.element_ty),
                      mask=mask_v[None, :])
-            A_T = tl.load(a + col_k, mask=mask_col, other=0.).to(tl.float32)
-            if DECAY == 1:
-                A_T = A_T * to_end[None, :]
-            S_next += tl.dot(A_T, P, input_precision=PRECISION)
+        if DELTA:
+            S_next = tl.dot(W_T, P, input_precision=PRECISION)
+        else:
+            U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
+                        mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)   # [C, BV]
+            S_next = tl.dot(W_T, U, input_precision=PRECISION)
+            if LOWRANK:
+                A_T = tl.load(a + col_k, mask=mask_col, other=0.).to(tl.float32)
+                if DECAY == 1:
+                    A_T = A_T * to_end[None, :]
+                S_next += tl.dot(A_T, P, input_precision=PRECISION)
         if DECAY == 1:
             S_next += tl.exp(g_total) * S
         else:
@@ -189,9 +213,10 @@ def _output_fwd_kernel(
     q, w, a, u, g, states, probes, o, tok_start, tok_stop, scale,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     DECAY: tl.constexpr, LOWRANK: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr = False,
 ):
-    """o = scale · (Q̂ S_n + M_qa P + M_qw U) for one chunk × head × V-block (kernel 3).
+    """o = scale · (Q̂ S_n + M_qa P + M_qw U) for one chunk × head × V-block (kernel 3); with
+    DELTA (LOWRANK off) o = scale · (Q̂ S_n + M_qw ν), ν read from probes instead of u.
 
     Shapes: q, w, a ``[B·T, H, K]``; u ``[B·T, H, V]``; g ``[B·T, H]`` fp32; states
     ``[NC, H, K, V]``; probes ``[NC, H, C, V]``; o ``[B·T, H, V]`` (written token-major in the
@@ -225,8 +250,12 @@ def _output_fwd_kernel(
     S = tl.load(states + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
                 mask=mask_k[:, None] & mask_v[None, :], other=0.).to(tl.float32)
     acc = tl.dot(Q_hat, S, input_precision=PRECISION)
-    U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
-                mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)
+    if DELTA:
+        U = tl.load(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], mask=mask_v[None, :],
+                    other=0.).to(tl.float32)
+    else:
+        U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
+                    mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)
     acc += tl.dot(M_qw, U, input_precision=PRECISION)
     if LOWRANK:
         A_T = tl.load(a + col_k, mask=mask_col, other=0.)
@@ -333,21 +362,25 @@ def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank:
     return (nv, N * H, triton.cdiv(K, BK)), BK
 
 
-def wy_constexprs(shape: LaunchShape, K: int, V: int, C: int, decay: int, prec: str, store_t: bool) -> dict:
+def wy_constexprs(shape: LaunchShape, K: int, V: int, C: int, decay: int, prec: str, store_t: bool,
+                  delta: bool = False, store_nu: bool = False) -> dict:
     """The compile-time arguments of :func:`_wy_fwd_kernel` (also read by ``kernel_resources.py``)."""
     return dict(K=K, V=V, C=C, BK=shape.BK, BV=shape.BV_wide, DECAY=decay, PRECISION=prec,
-                STORE_T=store_t, num_warps=shape.warps_wy)
+                STORE_T=store_t, DELTA=delta, STORE_NU=store_nu, num_warps=shape.warps_wy)
 
 
-def launch_wy(shape: LaunchShape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec):
+def launch_wy(shape: LaunchShape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec,
+              c=None, states=None):
     """Kernel 1 (:func:`_wy_fwd_kernel`) over all NC chunks × H heads; with ``t_wy`` (the
-    backward) it also stores T. ``g`` is None without decay."""
+    backward) it also stores T. ``g`` is None without decay. With ``c`` (``[B·T, H]`` fp32) it
+    runs the delta form (w = a = b), and with ``states`` as well writes ν into ``y_wy``."""
     NC = tok_start.numel()
     if NC == 0:
         return
     _wy_fwd_kernel[(NC * H,)](
-        w, a, b, u, g if g is not None else u, tok_start, tok_stop, x_wy, y_wy, t_wy if t_wy is not None else x_wy,
-        H, **wy_constexprs(shape, K, V, C, decay, prec, t_wy is not None))
+        w, a, b, u, g if g is not None else u, c if c is not None else u, states if states is not None else u,
+        tok_start, tok_stop, x_wy, y_wy, t_wy if t_wy is not None else x_wy,
+        H, **wy_constexprs(shape, K, V, C, decay, prec, t_wy is not None, c is not None, states is not None))
 
 
 MAX_FUSED_DIM = 128  # wider heads keep [C, K] tiles of q, w, a, b at once: left to the general path

@@ -111,13 +111,20 @@ def _dstate_bwd_kernel(
 @triton.jit
 def _dqdw_bwd_kernel(
     q, w, u, do, g, states, dstates, dq, dw, dlam, tok_start, tok_stop, scale, BT,
+    probes, dprobes, t_wy, e_cc, c, dbb,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
-    BKS: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    BKS: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr = False,
 ):
     """Kernel 2: dq, dw and the per-token decay term for one K-slice × chunk × head.
 
     Shapes: q, w ``[B·T, H, K]``; u, do ``[B·T, H, V]``; states, dstates ``[NC, H, K, V]``;
     writes dq, dw ``[B·T, H, K]`` and dlam ``[NK, B·T, H]`` fp32 (this slice's q·dq − w·dw).
+
+    DELTA (the delta form of :mod:`.delta`, w = k): the values are ν (probes ``[NC, H, C, V]``)
+    instead of u, and dw gains the WY terms from dν (dprobes), A (t_wy ``[NC, H, C, C]``), the
+    Gram gradient E (e_cc ``[NC, H, C, C]``) and c ``[B·T, H]``: dX = dν S_nᵀ,
+    d(b-role) = E K − c e^{G_{t−1}} Aᵀ dX, dw += d(b-role) + Eᵀ K; dlam gains 2 k·d(b-role)
+    (the b-role's own term and the part of k·dk that is not w's or a's) and dbb ``[NK, B·T, H]`` k·d(b-role).
     """
     nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, mask_row = kslice_program(tok_start, tok_stop, H, K,
                                                                                        C, BKS)
@@ -126,6 +133,8 @@ def _dqdw_bwd_kernel(
     dA_T = tl.zeros([C, C], dtype=tl.float32)     # [s, t]
     dq_s = tl.zeros([C, BKS], dtype=tl.float32)   # dO S_nᵀ
     dw_s = tl.zeros([C, BKS], dtype=tl.float32)   # U dS_{n+1}ᵀ
+    if DELTA:
+        dX = tl.zeros([C, BKS], dtype=tl.float32)     # dν S_nᵀ
     for i_v in range(0, (V + BV - 1) // BV):
         offs_v = i_v * BV + tl.arange(0, BV)
         mask_v = offs_v < V
@@ -134,9 +143,15 @@ def _dqdw_bwd_kernel(
         mask_rv = valid[:, None] & mask_v[None, :]
         mask_cv = mask_v[:, None] & valid[None, :]
         dO = tl.load(do + row_v, mask=mask_rv, other=0.).to(tl.float32)        # [C, BV]
-        U = tl.load(u + row_v, mask=mask_rv, other=0.).to(tl.float32)
         dO_T = tl.load(do + col_v, mask=mask_cv, other=0.).to(tl.float32)      # [BV, C]
-        U_T = tl.load(u + col_v, mask=mask_cv, other=0.).to(tl.float32)
+        if DELTA:
+            cv = nh * C * V + offs_c[:, None] * V + offs_v[None, :]
+            U = tl.load(probes + cv, mask=mask_v[None, :], other=0.).to(tl.float32)
+            U_T = tl.load(probes + nh * C * V + offs_c[None, :] * V + offs_v[:, None], mask=mask_v[:, None],
+                          other=0.).to(tl.float32)
+        else:
+            U = tl.load(u + row_v, mask=mask_rv, other=0.).to(tl.float32)
+            U_T = tl.load(u + col_v, mask=mask_cv, other=0.).to(tl.float32)
         dA += tl.dot(dO, U_T, input_precision=PRECISION)
         dA_T += tl.dot(U, dO_T, input_precision=PRECISION)
         # S_nᵀ and dS_{n+1}ᵀ of this (K-slice, V-block), transposed by pointer arithmetic
@@ -146,12 +161,17 @@ def _dqdw_bwd_kernel(
         dS_T = tl.load(dstates + vk, mask=mask_vk, other=0.).to(tl.float32)
         dq_s += tl.dot(dO, S_T, input_precision=PRECISION)
         dw_s += tl.dot(U, dS_T, input_precision=PRECISION)
+        if DELTA:
+            dnu = tl.load(dprobes + cv, mask=mask_v[None, :], other=0.).to(tl.float32)
+            dX += tl.dot(dnu, S_T, input_precision=PRECISION)
 
     Q = tl.load(q + row_k, mask=mask_row, other=0.).to(tl.float32)             # [C, BKS]
     W = tl.load(w + row_k, mask=mask_row, other=0.).to(tl.float32)
     incl = offs_c[:, None] >= offs_c[None, :]
+    e_b = tl.full([C], 1., tl.float32)
     if DECAY == 1:
-        _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
+        g_c, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
+        e_b = tl.exp(G - g_c)
         D = tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))   # [t, s]
         D_T = tl.exp(tl.where(offs_c[:, None] <= offs_c[None, :], G[None, :] - G[:, None], float("-inf")))
         dq_s = dq_s * tl.exp(G)[:, None]
@@ -163,10 +183,23 @@ def _dqdw_bwd_kernel(
         dA_T = tl.where(offs_c[:, None] <= offs_c[None, :], dA_T, 0.)
     dQ = scale * (dq_s + tl.dot(dA, W, input_precision=PRECISION))
     dW = dw_s + scale * tl.dot(dA_T, Q, input_precision=PRECISION)
+    part = i_k.to(tl.int64) * BT * H + tok * H + i_h
+    if DELTA:
+        rows = nh * C * C + offs_c[:, None] * C + offs_c[None, :]
+        cols = nh * C * C + offs_c[None, :] * C + offs_c[:, None]              # transposed
+        c_t = tl.load(c + tok * H + i_h, mask=valid, other=0.)
+        dWc = tl.dot(tl.load(t_wy + cols), dX, input_precision=PRECISION)       # −∂L/∂(c e^{G_{t−1}} k)
+        dB = tl.dot(tl.load(e_cc + rows), W, input_precision=PRECISION) - (c_t * e_b)[:, None] * dWc
+        dW += dB + tl.dot(tl.load(e_cc + cols), W, input_precision=PRECISION)
+        bb = tl.sum(W * dB, axis=1)
+        tl.store(dbb + part, bb, mask=valid)
     tl.store(dq + row_k, dQ.to(dq.dtype.element_ty), mask=mask_row)
     tl.store(dw + row_k, dW.to(dw.dtype.element_ty), mask=mask_row)
     lam = tl.sum(Q * dQ - W * dW, axis=1)
-    tl.store(dlam + i_k.to(tl.int64) * BT * H + tok * H + i_h, lam, mask=valid)
+    if DELTA:
+        # q·dq − w·dw − a·da + b·db with w = b = k, a = −c k: −w·dw − a·da = −k·dk + k·db
+        lam += 2. * bb
+    tl.store(dlam + part, lam, mask=valid)
 
 
 @triton.jit
@@ -512,7 +545,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
         if NC > 0:
             _dqdw_bwd_kernel[(NK, NC * H)](
                 q, w, u, d_o, g if g is not None else dummy, states, dstates, dq, dw, dlam,
-                lay.tok_start, lay.tok_stop, scale, B * T, H, K=K, V=V, C=C, DECAY=decay,
+                lay.tok_start, lay.tok_stop, scale, B * T, *(dummy,) * 6, H, K=K, V=V, C=C, DECAY=decay,
                 BKS=BKS, BV=shape.BV_dqdw, PRECISION=prec, num_warps=shape.warps_chunk,
             )
             _du_bwd_kernel[(triton.cdiv(V, shape.BV_wide), NC * H)](

@@ -1,0 +1,334 @@
+r"""The delta form of the matrix class on Triton: one low-rank pair that shares the written key,
+
+    S_t = (e^{g_t} I − c_t k_t k_tᵀ) S_{t−1} + k_t u_tᵀ,      o_t = scale · S_tᵀ q_t
+
+(DeltaNet: c = β, u = βv; gated DeltaNet: c = αβ with g = log α; Longhorn: c = ε, u = εv; gated
+Longhorn likewise). It is ``chunk_matrix`` with ``w = b = k`` and ``a = −c k``, but the shared key
+lets the chunked form carry one effective value per token instead of a probe and a write, the
+way FLA's ``chunk_delta_rule`` does (DeltaNet arXiv 2406.06484, Gated DeltaNet arXiv 2412.06464):
+with ν_t = u_t − c_t k_tᵀ S_{t−1} the step is S_t = e^{g_t} S_{t−1} + k_t ν_tᵀ, a linear-attention
+step with values ν. Per chunk n (G, R, D, Ŵ, Q̂ as in :mod:`.fused`; L' = K Kᵀ ⊙ R strictly lower)::
+
+    A = (I + diag(c) L')⁻¹,  X = −A diag(c e^{G_{t−1}}) K,  Y = A U,  ν = X S_n + Y      (WY kernel, DELTA)
+    S_{n+1} = γ_n S_n + Ŵᵀ ν                                                        (state pass, DELTA)
+    o = scale · (Q̂ S_n + (Q Kᵀ ⊙ D) ν)                                               (output, DELTA)
+
+Backward (``kernels/matrix/README.md`` §8 derives it), given dO and dS_final:
+
+1. the WY kernel again, storing A and writing ν = X S_n + Y from the saved states;
+2. the reverse pass of :mod:`.fused_bwd` with ``a = k``: dν = scale · (Q Kᵀ ⊙ D)ᵀ dO + Ŵ dS_{n+1},
+   dS_n = γ_n dS_{n+1} + scale · Q̂ᵀ dO + Xᵀ dν;
+3. :func:`_delta_wy_bwd_kernel` (per chunk): du = Aᵀ dν; with F = dν (K S_n)ᵀ (= dX Kᵀ, dX = dν S_nᵀ),
+   dA = dν Uᵀ − F diag(c e^{G_{t−1}}), dM = −Aᵀ dA Aᵀ (strictly lower), E = diag(c) dM ⊙ R (the
+   gradient of the Gram K Kᵀ) and dc = rowsum(dM ⊙ L') − e^{G_{t−1}} colsum(A ⊙ F);
+4. the dq/dw kernel of :mod:`.fused_bwd` with DELTA: the linear-attention gradients with values ν
+   plus dk += E K + Eᵀ K − c e^{G_{t−1}} Aᵀ dX, and the per-token decay terms;
+5. the decay-gradient suffix sum of :mod:`.fused_bwd`.
+
+Where it does not apply (K or V > 128, a per-key decay) :func:`chunk_delta` runs ``chunk_matrix``
+with the pair ``(−c k, k)``; so does an ``OutOfResources`` at launch.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from olsm.errors import InputError
+
+from .chunk import _check_backend, _check_inputs, _interpreting, _layout, chunk_matrix
+from .fused import (
+    MAX_FUSED_DIM, _launch_state, _output_fwd_kernel, env_choice, launch_shape, launch_wy, sequence_launch,
+    state_dtype,
+)
+from .fused_bwd import _decay_grad_kernel, _dqdw_bwd_kernel, _dstate_bwd_kernel
+from .tiles import chunk_decay, chunk_key_tiles
+
+
+@triton.jit
+def _delta_wy_bwd_kernel(
+    k, u, c, g, states, dprobes, t_wy, e_cc, du, dc, tok_start, tok_stop,
+    H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Step 3 of the module docstring for one chunk × head: du, dc and E.
+
+    Shapes: k ``[B·T, H, K]``, u ``[B·T, H, V]`` (input dtype); c, g ``[B·T, H]`` fp32; states
+    ``[NC, H, K, V]``; dprobes (dν) ``[NC, H, C, V]``; t_wy (A) ``[NC, H, C, C]`` fp32; writes
+    e_cc ``[NC, H, C, C]`` fp32, du ``[B·T, H, V]`` and dc ``[B·T, H]`` fp32.
+    """
+    nh = tl.program_id(0).to(tl.int64)
+    # transposed operands are loaded transposed, never tl.trans'ed (DESIGN §7)
+    i_h, offs_c, valid, tok, offs_k, mask_k, row_k, m_ck, col_k, m_kc = chunk_key_tiles(
+        tok_start, tok_stop, nh, H, K, C, BK, 0)
+    K_T = tl.load(k + col_k, mask=m_kc, other=0.).to(tl.float32)                   # [BK, C]
+    rows = nh * C * C + offs_c[:, None] * C + offs_c[None, :]
+    cols = nh * C * C + offs_c[None, :] * C + offs_c[:, None]
+    A_T = tl.load(t_wy + cols)
+
+    dA = tl.zeros([C, C], dtype=tl.float32)        # dν Uᵀ
+    F = tl.zeros([C, C], dtype=tl.float32)         # dν (K S_n)ᵀ
+    for i_v in range(0, (V + BV - 1) // BV):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mask_v = offs_v < V
+        dnu = tl.load(dprobes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], mask=mask_v[None, :],
+                      other=0.).to(tl.float32)                                      # [C, BV]
+        U_T = tl.load(u + (tok[None, :] * H + i_h) * V + offs_v[:, None], mask=mask_v[:, None] & valid[None, :],
+                      other=0.).to(tl.float32)                                      # [BV, C]
+        S_T = tl.load(states + nh * K * V + offs_v[:, None] + offs_k[None, :] * V,
+                      mask=mask_v[:, None] & mask_k[None, :], other=0.).to(tl.float32)   # [BV, BK]
+        KS_T = tl.dot(S_T, K_T, input_precision=PRECISION)                          # (K S_n)ᵀ [BV, C]
+        dA += tl.dot(dnu, U_T, input_precision=PRECISION)
+        F += tl.dot(dnu, KS_T, input_precision=PRECISION)
+        dU = tl.dot(A_T, dnu, input_precision=PRECISION)
+        tl.store(du + (tok[:, None] * H + i_h) * V + offs_v[None, :], dU.to(du.dtype.element_ty),
+                 mask=valid[:, None] & mask_v[None, :])
+
+    strict = offs_c[:, None] > offs_c[None, :]
+    e_b = tl.full([C], 1., tl.float32)
+    if DECAY == 1:
+        g_c, G, _ = chunk_decay(g, tok, valid, i_h, H, offs_c)
+        G_prev = G - g_c
+        e_b = tl.exp(G_prev)
+        R = tl.exp(tl.where(strict, G_prev[:, None] - G[None, :], float("-inf")))
+    else:
+        R = tl.where(strict, 1., 0.)
+    c_t = tl.load(c + tok * H + i_h, mask=valid, other=0.)
+    dA = dA - F * (c_t * e_b)[None, :]
+    dM = -tl.dot(tl.dot(A_T, dA, input_precision=PRECISION), A_T, input_precision=PRECISION)
+    dM = tl.where(strict, dM, 0.)
+    Kr = tl.load(k + row_k, mask=m_ck, other=0.).to(tl.float32)
+    Lp = tl.dot(Kr, K_T, input_precision=PRECISION) * R                            # L' = K Kᵀ ⊙ R
+    A = tl.load(t_wy + rows)
+    dcv = tl.sum(dM * Lp, axis=1) - e_b * tl.sum(A * F, axis=0)
+    tl.store(dc + tok * H + i_h, dcv, mask=valid)
+    tl.store(e_cc + rows, c_t[:, None] * dM * R)
+
+
+def delta_applies(log_decay, K: int, V: int) -> bool:
+    """Whether the delta kernels take this call: no or a scalar decay, K, V <= 128, and
+    ``OLSM_MATRIX_PATH`` is not ``general``."""
+    if env_choice("OLSM_MATRIX_PATH", ("auto", "general")) == "general":
+        return False
+    return (log_decay is None or log_decay.dim() == 3) and max(K, V) <= MAX_FUSED_DIM
+
+
+def _flat_c(c, B, T, H):
+    return c.reshape(B * T, H).float().contiguous()
+
+
+def delta_forward(q, k, u, c, log_decay, h0, lay, meta):
+    """Forward of :func:`chunk_delta` (module docstring). Returns ``(o, final, states)`` as
+    :func:`.fused.fused_forward` does."""
+    B, T, H, K = q.shape
+    V = u.shape[-1]
+    NC, C = lay.tok_start.numel(), lay.C
+    N = lay.chunk_offsets.numel() - 1
+    dev = q.device
+    q, k, u = (t.contiguous() for t in (q, k, u))
+    cf = _flat_c(c, B, T, H)
+    g = None if log_decay is None else log_decay.float().contiguous()
+    decay = 0 if g is None else 1
+    prec = meta["precision"]
+    shape = launch_shape(K, V, C, fp32=prec == "ieee")
+    states = torch.empty(NC, H, K, V, device=dev, dtype=state_dtype(q.dtype))
+    final = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
+    o = torch.empty(B, T, H, V, device=dev, dtype=meta["out_dtype"])
+    low = dict(device=dev, dtype=states.dtype)
+    x_wy, y_wy, nu = torch.empty(NC, H, C, K, **low), torch.empty(NC, H, C, V, **low), torch.empty(NC, H, C, V, **low)
+    launch_wy(shape, k, k, k, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, None, H, K, V, C, decay, prec, c=cf)
+    h0_ = None if h0 is None else h0.float().contiguous()
+    gd = g if g is not None else u
+    grid, BK_seq = sequence_launch(shape, N, H, K, V, True, dev)
+    _launch_state(
+        grid, (k, k, u, gd, x_wy, y_wy, h0_ if h0_ is not None else u, states, nu, final, lay.tok_start,
+               lay.tok_stop, lay.chunk_offsets, H),
+        key=(K, V, C, "delta", decay, str(q.dtype)),
+        K=K, V=V, C=C, DECAY=decay, LOWRANK=True, HAS_H0=h0 is not None, BK=BK_seq, BV=shape.BV,
+        PRECISION=prec, DELTA=True, num_warps=shape.warps_state_lr,
+    )
+    if NC > 0:
+        _output_fwd_kernel[(triton.cdiv(V, shape.BV_out), NC * H)](
+            q, k, k, u, gd, states, nu, o, lay.tok_start, lay.tok_stop, meta["scale"], H, K=K, V=V, C=C,
+            DECAY=decay, LOWRANK=False, BK=shape.BK, BV=shape.BV_out, PRECISION=prec, DELTA=True,
+            num_warps=shape.warps_out,
+        )
+    return o, final, states
+
+
+def delta_backward(q, k, u, c, log_decay, h0, states, final, d_o, d_final, lay, meta, needs):
+    """Gradients of :func:`chunk_delta` (module docstring, backward).
+
+    Returns:
+        ``(dq, dk, du, dc, d_log_decay, dh0)``, None where ``needs`` (q, k, u, c, log_decay, h0)
+        says no gradient is wanted.
+    """
+    B, T, H, K = q.shape
+    V = u.shape[-1]
+    NC, C = lay.tok_start.numel(), lay.C
+    N = lay.chunk_offsets.numel() - 1
+    dev = q.device
+    q, k, u = (t.contiguous() for t in (q, k, u))
+    cf = _flat_c(c, B, T, H)
+    d_o = torch.zeros_like(u) if d_o is None else d_o.contiguous()
+    g = None if log_decay is None else log_decay.float().contiguous()
+    gd = g if g is not None else u
+    decay = 0 if g is None else 1
+    prec, scale = meta["precision"], float(meta["scale"])
+    shape = launch_shape(K, V, C, fp32=prec == "ieee")
+    NK = triton.cdiv(K, shape.BKS)
+    f32 = dict(device=dev, dtype=torch.float32)
+    low = dict(device=dev, dtype=states.dtype)
+
+    # 1. A and ν = X S_n + Y of every chunk, from the saved states
+    x_wy, nu, t_wy = torch.empty(NC, H, C, K, **low), torch.empty(NC, H, C, V, **low), torch.empty(NC, H, C, C, **f32)
+    launch_wy(shape, k, k, k, u, g, lay.tok_start, lay.tok_stop, x_wy, nu, t_wy, H, K, V, C, decay, prec,
+              c=cf, states=states)
+    # 2. reverse pass: dS_n and dν
+    dstates, dnu = torch.empty(NC, H, K, V, **low), torch.empty(NC, H, C, V, **low)
+    dh0 = torch.empty(N, H, K, V, **f32)
+    df = None if d_final is None else d_final.float().contiguous()
+    grid, BK_seq = sequence_launch(shape, N, H, K, V, True, dev)
+    _dstate_bwd_kernel[grid](
+        q, k, d_o, gd, x_wy, df if df is not None else u, dstates, dnu, dh0, lay.tok_start, lay.tok_stop,
+        lay.chunk_offsets, scale, H, K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None, LOWRANK=True,
+        BK=BK_seq, BV=shape.BV, PRECISION=prec, num_warps=shape.warps_seq,
+    )
+    dq, dk, du = torch.empty_like(q), torch.empty_like(k), torch.empty_like(u)
+    dc = torch.empty(B * T, H, **f32)
+    dlam, dbb = torch.zeros(NK, B * T, H, **f32), torch.zeros(NK, B * T, H, **f32)
+    if NC > 0:
+        # 3. through the WY form: du, dc and the Gram gradient E
+        e_cc = torch.empty(NC, H, C, C, **f32)
+        _delta_wy_bwd_kernel[(NC * H,)](
+            k, u, cf, gd, states, dnu, t_wy, e_cc, du, dc, lay.tok_start, lay.tok_stop, H, K=K, V=V, C=C,
+            DECAY=decay, BK=shape.BK, BV=shape.BV_rank1, PRECISION=prec, num_warps=shape.warps_rank1,
+        )
+        # 4. dq, dk and the decay terms
+        _dqdw_bwd_kernel[(NK, NC * H)](
+            q, k, u, d_o, gd, states, dstates, dq, dk, dlam, lay.tok_start, lay.tok_stop, scale, B * T,
+            nu, dnu, t_wy, e_cc, cf, dbb, H, K=K, V=V, C=C, DECAY=decay, BKS=shape.BKS, BV=shape.BV_dqdw,
+            PRECISION=prec, DELTA=True, num_warps=shape.warps_chunk,
+        )
+    else:
+        dq.zero_(), dk.zero_(), du.zero_(), dc.zero_()
+    dg = None
+    if g is not None and needs[4]:
+        dg = torch.empty(B * T, H, **f32)
+        last = None if df is None else (df * final).sum((-2, -1)).contiguous()
+        _decay_grad_kernel[(N * H,)](
+            dlam, dbb, last if last is not None else dlam, dg, lay.tok_start, lay.tok_stop, lay.chunk_offsets,
+            B * T, H, NK=NK, C=C, HAS_LAST=last is not None, HAS_BB=True,
+        )
+        dg = dg.reshape(B, T, H).to(log_decay.dtype)
+    grads = (dq, dk, du, dc.reshape(c.shape).to(c.dtype), dg, dh0 if h0 is not None else None)
+    return tuple(x if (x is not None and n) else None for x, n in zip(grads, needs))
+
+
+class ChunkDeltaFunction(torch.autograd.Function):
+    """Autograd of :func:`chunk_delta`: keeps the inputs, the chunk-boundary states and the final
+    state; the backward is :func:`delta_backward`."""
+
+    @staticmethod
+    def forward(ctx, q, k, u, c, log_decay, h0, lay, meta, opts):
+        with torch.no_grad():
+            o, final, states = delta_forward(q, k, u, c, log_decay, h0, lay, meta)
+        ctx.save_for_backward(q, k, u, c, log_decay, h0, states, final)
+        ctx.lay, ctx.meta, ctx.opts = lay, meta, opts
+        ctx.set_materialize_grads(False)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, d_o, d_final):
+        q, k, u, c, log_decay, h0, states, final = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:6]
+        try:
+            grads = delta_backward(q, k, u, c, log_decay, h0, states, final, d_o, d_final, ctx.lay, ctx.meta,
+                                   needs)
+        except OutOfResources:
+            # this GPU's shared memory is too small for the tiles: differentiate the general pair
+            grads = _general_pair_grads((q, k, u, c, log_decay, h0), needs, d_o, d_final, ctx.meta, ctx.opts)
+        return (*grads, None, None, None)
+
+
+def _general_pair(q, k, u, c, log_decay, h0, scale, cu_seqlens, chunk_size):
+    """``chunk_matrix`` with the pair ``(−c k, k)``: the fallback of :func:`chunk_delta`."""
+    a = -c.to(k.dtype)[..., None] * k
+    return chunk_matrix(q, k, u, log_decay, [(a, k)], scale=scale, initial_state=h0, output_final_state=True,
+                        cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+
+
+def _general_pair_grads(inputs, needs, d_o, d_final, meta, opts):
+    leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
+    with torch.enable_grad():
+        o, fin = _general_pair(*leaves, meta["scale"], *opts)
+        outs, seeds = [o], [torch.zeros_like(o) if d_o is None else d_o]
+        if d_final is not None:
+            outs.append(fin)
+            seeds.append(d_final)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        got = iter(torch.autograd.grad(outs, wanted, seeds, allow_unused=True))
+    return tuple(next(got) if (t is not None and t.requires_grad) else None for t in leaves)
+
+
+def _check_c(c, q):
+    B, T, H, _ = q.shape
+    if not isinstance(c, torch.Tensor):
+        raise InputError(f"c must be a tensor, got {type(c).__name__}")
+    if tuple(c.shape) != (B, T, H):
+        raise InputError(f"c must be [B, T, H] = {(B, T, H)}, got {tuple(c.shape)}")
+    if not c.is_floating_point():
+        raise InputError(f"c must be floating point, got {c.dtype}")
+    if c.device != q.device:
+        raise InputError(f"c is on {c.device} but q is on {q.device}")
+
+
+def chunk_delta(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    u: torch.Tensor,
+    c: torch.Tensor,
+    log_decay: Optional[torch.Tensor] = None,
+    *,
+    scale: float = 1.0,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    chunk_size: int = 64,
+):
+    """The delta form ``S_t = (e^{g_t} I − c_t k_t k_tᵀ) S_{t−1} + k_t u_tᵀ`` on Triton: the same
+    result as ``chunk_matrix(q, k, u, log_decay, [(−c k, k)])``, faster (module docstring).
+
+    Args:
+        q, k: ``[B, T, H, K]``; u: ``[B, T, H, V]``; one dtype (float32, float16 or bfloat16).
+        c: ``[B, T, H]`` per-token coefficient of the rank-1 term, any float dtype (used in fp32).
+        log_decay: ``None`` or ``[B, T, H]`` (values ``<= 0``), or ``[B, T, H, K]`` (then the
+            general path runs).
+        scale, initial_state, output_final_state, cu_seqlens, chunk_size: as :func:`chunk_matrix`.
+
+    Returns:
+        ``o [B, T, H, V]`` in q's dtype and the final state ``[N, H, K, V]`` float32 (or ``None``).
+        Gradients flow to q, k, u, c, log_decay and initial_state.
+
+    Raises:
+        BackendError, InputError: as :func:`chunk_matrix`; also for c of the wrong shape.
+    """
+    _check_backend(q.device)
+    _check_c(c, q)
+    _check_inputs(q, k, u, log_decay, (), initial_state, cu_seqlens, chunk_size)
+    B, T, H, K = q.shape
+    if delta_applies(log_decay, K, u.shape[-1]):
+        lay = _layout(B, T, chunk_size, cu_seqlens, q.device)
+        precision = "ieee" if (q.dtype == torch.float32 or _interpreting()) else "tf32"
+        meta = dict(scale=float(scale), out_dtype=q.dtype, precision=precision)
+        try:
+            o, final = ChunkDeltaFunction.apply(q, k, u, c, log_decay, initial_state, lay, meta,
+                                                (cu_seqlens, chunk_size))
+            return o, (final if output_final_state else None)
+        except OutOfResources:
+            pass  # this GPU's shared memory is too small for the tiles: the general pair below
+    o, final = _general_pair(q, k, u, c, log_decay, initial_state, scale, cu_seqlens, chunk_size)
+    return o, (final if output_final_state else None)
