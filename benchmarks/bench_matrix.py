@@ -2,15 +2,15 @@
 
 Recurrences (bf16, per head D = K = V):
 
-| ours (``chunk_matrix``)                   | FLA 0.6.0                 |
+| ours (``chunk_matrix`` / ``chunk_delta``)  | FLA 0.6.0                 |
 |-------------------------------------------|---------------------------|
 | linear attention (no decay)               | ``chunk_simple_gla`` g=None |
 | Mamba2 (scalar decay [B,T,H])             | ``chunk_simple_gla``      |
 | GLA (per-key decay [B,T,H,K])             | ``chunk_gla``             |
-| DeltaNet (a=-βk, b=k, u=βv)               | ``chunk_delta_rule``      |
-| Gated DeltaNet (+ scalar decay)           | ``chunk_gated_delta_rule``|
+| DeltaNet (``chunk_delta`` c=β, u=βv)      | ``chunk_delta_rule``      |
+| Gated DeltaNet (c=αβ, + scalar decay)     | ``chunk_gated_delta_rule``|
 | DPLR (RWKV-7-like, per-key decay, a ≠ b)  | ``chunk_dplr_delta_rule`` |
-| Longhorn (a=-εk, ε=β/(1+βkᵀk))            | — (ours only)             |
+| Longhorn (c=ε=β/(1+βkᵀk), u=εv)           | — (ours only)             |
 | SDPA causal (flash attention)             | —                         |
 
 Timing: ``triton.testing.do_bench`` (CUDA events, warm-up, median ms) of the forward and of
@@ -28,9 +28,10 @@ Usage (on the GPU machine; FLA from a carried wheel)::
 ``method@variant`` when more than one is asked for: ``new`` (default: fused forward and Triton
 backward where they apply, Triton triangular inverse), ``autograd_bwd`` (the
 same forward, the autograd backward), ``general`` (general path, Triton inverse) and ``legacy``
-(general path with ``torch.linalg.solve_triangular``: the code measured in runs 2 and 3). The
-paths are chosen through ``OLSM_MATRIX_PATH`` / ``OLSM_MATRIX_SOLVE`` / ``OLSM_MATRIX_BWD``, read
-at every call.
+(general path with ``torch.linalg.solve_triangular``: the code measured in runs 2 and 3), ``pair``
+(the delta members through ``chunk_matrix`` with the general pair ``(−c k, k)``: the fused rank-1
+kernels measured up to run 6). The paths are chosen through ``OLSM_MATRIX_PATH`` /
+``OLSM_MATRIX_SOLVE`` / ``OLSM_MATRIX_BWD``, read at every call.
 """
 from __future__ import annotations
 
@@ -55,15 +56,16 @@ FLA_NAME = {"linear_attention": "chunk_simple_gla", "mamba2": "chunk_simple_gla"
             "dplr": "chunk_dplr_delta_rule"}
 
 
-def import_chunk_matrix():
+def import_kernels():
+    """``olsm.kernels.matrix`` (``chunk_matrix``, ``chunk_delta``)."""
     try:
-        from olsm.kernels.matrix import chunk_matrix
+        import olsm.kernels.matrix as km
     except ModuleNotFoundError:  # source checkout without `pip install -e .`
         sys.path.insert(0, str(ROOT / "tests"))
         from test_triton_matrix import _import_kernels
 
-        chunk_matrix = _import_kernels().chunk_matrix
-    return chunk_matrix
+        km = _import_kernels()
+    return km
 
 
 def import_fla():
@@ -98,39 +100,49 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0):
     return out
 
 
-VARIANTS = {"new": ("auto", "triton", "auto"), "autograd_bwd": ("auto", "triton", "autograd"),
-            "general": ("general", "triton", "autograd"), "legacy": ("general", "torch", "autograd")}
+# variant -> (OLSM_MATRIX_PATH, OLSM_MATRIX_SOLVE, OLSM_MATRIX_BWD, delta members via chunk_delta)
+VARIANTS = {"new": ("auto", "triton", "auto", True), "pair": ("auto", "triton", "auto", False),
+            "autograd_bwd": ("auto", "triton", "autograd", False), "general": ("general", "triton", "autograd", False),
+            "legacy": ("general", "torch", "autograd", False)}
 
 
 def set_variant(variant):
-    """Select our kernel's code path for the calls that follow (see the module docstring)."""
-    path, solve, bwd = VARIANTS[variant]
+    """Select our kernel's code path for the calls that follow (see the module docstring); returns
+    whether the delta members go through ``chunk_delta``."""
+    path, solve, bwd, delta = VARIANTS[variant]
     os.environ["OLSM_MATRIX_PATH"] = path
     os.environ["OLSM_MATRIX_SOLVE"] = solve
     os.environ["OLSM_MATRIX_BWD"] = bwd
+    return delta
 
 
-def ours(method, x, chunk_matrix):
-    """The recurrence as a user of olsm writes it (coefficient algebra included in the time)."""
+def ours(method, x, km, delta=True):
+    """The recurrence as a user of olsm writes it (coefficient algebra included in the time).
+    ``delta``: the delta members (c, u) through ``chunk_delta``, else ``chunk_matrix`` with the
+    pair ``(−c k, k)``."""
     q, k, v, beta, g, gk, b = (x[n] for n in ("q", "k", "v", "beta", "g", "gk", "b"))
     scale = q.shape[-1] ** -0.5
     bt = beta[..., None]
     if method == "linear_attention":
-        return chunk_matrix(q, k, v, scale=scale)[0]
+        return km.chunk_matrix(q, k, v, scale=scale)[0]
     if method == "mamba2":
-        return chunk_matrix(q, k, v, g, scale=scale)[0]
+        return km.chunk_matrix(q, k, v, g, scale=scale)[0]
     if method == "gla":
-        return chunk_matrix(q, k, v, gk, scale=scale)[0]
-    if method == "deltanet":
-        return chunk_matrix(q, k, bt * v, None, [(-bt * k, k)], scale=scale)[0]
-    if method == "gated_deltanet":
-        return chunk_matrix(q, k, bt * v, g, [(-(g.exp()[..., None] * bt).to(k.dtype) * k, k)], scale=scale)[0]
+        return km.chunk_matrix(q, k, v, gk, scale=scale)[0]
     if method == "dplr":
-        return chunk_matrix(q, k, v, gk, [(-bt * k, b)], scale=scale)[0]
-    if method == "longhorn":
-        eps = bt / (1 + bt * (k * k).sum(-1, keepdim=True))
-        return chunk_matrix(q, k, eps * v, None, [(-eps * k, k)], scale=scale)[0]
-    raise ValueError(method)
+        return km.chunk_matrix(q, k, v, gk, [(-bt * k, b)], scale=scale)[0]
+    if method == "deltanet":
+        c, u, ld = beta, bt * v, None
+    elif method == "gated_deltanet":
+        c, u, ld = g.exp() * beta, bt * v, g
+    elif method == "longhorn":
+        c = beta / (1 + beta * (k * k).sum(-1))
+        c, u, ld = c, c[..., None] * v, None
+    else:
+        raise ValueError(method)
+    if delta:
+        return km.chunk_delta(q, k, u, c, ld, scale=scale)[0]
+    return km.chunk_matrix(q, k, u, ld, [(-c[..., None].to(k.dtype) * k, k)], scale=scale)[0]
 
 
 def theirs(method, x, fla):
@@ -215,7 +227,7 @@ def main():
 
     import triton
 
-    chunk_matrix = import_chunk_matrix()
+    km = import_kernels()
     fla = None if args.no_fla else import_fla()
     fla_version = getattr(sys.modules.get("fla"), "__version__", "n/a")
     dev = torch.cuda.get_device_name()
@@ -251,8 +263,8 @@ def main():
             continue
         x = make_inputs(*shape)
         if who == "ours":
-            set_variant(variant)
-            fn = lambda z: ours(method, z, chunk_matrix)  # noqa: E731
+            delta = set_variant(variant)
+            fn = lambda z: ours(method, z, km, delta)  # noqa: E731
         else:
             fn = lambda z: theirs(method, z, fla)  # noqa: E731
         targets = ([rows[shape, tag(method, v)] for v in args.variants] if who == "ref" and method != "sdpa"

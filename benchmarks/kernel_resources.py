@@ -19,12 +19,13 @@ import sys
 import triton
 
 from olsm.kernels.aot import HOPPER_SHARED_BYTES, compile_for
+from olsm.kernels.matrix import delta as D
 from olsm.kernels.matrix import fused as F
 from olsm.kernels.matrix import fused_bwd as FB
 
 # the inputs, their gradients and what the wrappers store in the inputs' dtype (fused.state_dtype)
 BF16 = {p: "*bf16" for p in ("q", "w", "a", "b", "u", "do", "o", "dq", "dw", "du", "da", "db",
-                             "states", "dstates", "x_wy", "y_wy", "probes", "dprobes")}
+                             "states", "dstates", "x_wy", "y_wy", "probes", "dprobes", "k", "nu")}
 TYPES = dict(BF16, tok_start="*i32", tok_stop="*i32", chunk_offsets="*i32", H="i32", BT="i32", scale="fp32")
 
 
@@ -51,6 +52,19 @@ def configs(K=128, V=128, C=64):
                sh.warps_rank1, True)
         yield (f"bwd rank-1 dk decay={decay}", FB._lowrank_dk_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_rank1),
                sh.warps_rank1, True)
+        # the delta form (kernels/matrix/delta.py), as delta_forward / delta_backward launch it
+        wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False, delta=True)
+        yield (f"delta fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
+        wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=True, delta=True, store_nu=True)
+        yield (f"delta bwd wy+nu decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
+        yield (f"fwd state delta decay={decay}", F._state_fwd_kernel,
+               dict(d, LOWRANK=True, DELTA=True, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_state_lr, True)
+        yield (f"delta fwd output decay={decay}", F._output_fwd_kernel,
+               dict(d, LOWRANK=False, DELTA=True, BK=sh.BK, BV=sh.BV_out), sh.warps_out, True)
+        yield (f"delta bwd wy decay={decay}", D._delta_wy_bwd_kernel, dict(d, BK=sh.BK, BV=sh.BV_rank1),
+               sh.warps_rank1, True)
+        yield (f"delta bwd dq dk decay={decay}", FB._dqdw_bwd_kernel,
+               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DELTA=True), sh.warps_chunk, True)
 
 
 def elementwise_configs(K=16, V=1536, C=64):

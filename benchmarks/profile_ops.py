@@ -35,17 +35,17 @@ def kernel_times(method, shape, variant="new", reps=5):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    chunk_matrix = bm.import_chunk_matrix()
-    bm.set_variant(variant)
+    km = bm.import_kernels()
+    delta = bm.set_variant(variant)
     x = bm.make_inputs(*shape)
     leaves = list(x.values())
-    o = bm.ours(method, x, chunk_matrix)
+    o = bm.ours(method, x, km, delta)
     d_o = torch.randn_like(o)
 
     def step():
         for t in leaves:
             t.grad = None
-        bm.ours(method, x, chunk_matrix).backward(d_o)
+        bm.ours(method, x, km, delta).backward(d_o)
 
     for _ in range(2):
         step()

@@ -13,6 +13,7 @@ order. The IR knows no backend: backends read these expressions (lambdified to t
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
@@ -88,3 +89,13 @@ class RecurrenceIR:
     approximation: Optional[str] = None
     proof: Optional[Proof] = None
     objective: Any = field(default=None, repr=False)
+
+    @functools.cached_property
+    def is_delta_form(self) -> bool:
+        """True for ``S_t = (diag(e^g) − c k kᵀ) S_{t−1} + k ũᵀ``: one delta-rule term and the
+        written key is k itself (DeltaNet, gated DeltaNet, Longhorn, gated Longhorn), which the
+        Triton backend runs with one effective value per token (``olsm.kernels.matrix.chunk_delta``)."""
+        from .symbols import k_n
+
+        return (self.kind == "matrix" and len(self.lowrank) == 1 and self.lowrank[0].is_delta
+                and sp.simplify(self.write_key - k_n) == 0)

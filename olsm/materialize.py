@@ -93,12 +93,16 @@ def evaluate(expr, env: dict) -> torch.Tensor:
 
 
 
-def materialize(rec, k, v, coefs, dtype) -> dict:
+def materialize(rec, k, v, coefs, dtype, delta: bool = False) -> dict:
     """Per-token tensors the numeric backends take.
 
+    Args:
+        delta: for a recurrence of the delta form (``rec.is_delta_form``) return the coefficient
+            ``c [B, T, H]`` of ``−c k kᵀ`` instead of the pair (what ``chunk_delta`` takes).
+
     Returns:
-        matrix class: ``dict(w, u, log_decay, lowrank)``; elementwise: ``dict(w, u, gate)``.
-        Shapes as in :mod:`olsm.backends.reference`.
+        matrix class: ``dict(w, u, log_decay, lowrank)`` (``lowrank`` → ``c`` with ``delta``);
+        elementwise: ``dict(w, u, gate)``. Shapes as in :mod:`olsm.backends.reference`.
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -122,6 +126,9 @@ def materialize(rec, k, v, coefs, dtype) -> dict:
         out["log_decay"] = key_vec(ld)
     else:
         out["log_decay"] = evaluate(ld, env).expand(B, T, H, 1, 1)[..., 0, 0]
+    if delta and rec.is_delta_form:
+        out["c"] = -evaluate(rec.lowrank[0].coef, env).expand(B, T, H, 1, 1)[..., 0, 0]
+        return out
     # the scalar coefficient is folded into a: the backends see pairs (a, b)
     out["lowrank"] = tuple(
         ((evaluate(lr.coef, env) * evaluate(lr.a, env)).expand(B, T, H, K, 1)[..., 0], key_vec(lr.b))

@@ -74,7 +74,7 @@ class Recurrence(RecurrenceIR):
     def _triton(self, q, k, v, coefs, opts):
         try:
             if self.kind == "matrix":
-                from olsm.kernels.matrix import chunk_matrix
+                from olsm.kernels.matrix import chunk_delta, chunk_matrix
             else:
                 from olsm.kernels.elementwise import elementwise_scan
         except ImportError as e:
@@ -83,8 +83,11 @@ class Recurrence(RecurrenceIR):
         if self.kind == "matrix":
             # coefficients are computed in float32, then the kernel's operands take q's dtype
             # (bf16 tensor cores); the log-decay stays float32 (cumulative sums need it)
-            t = materialize(self, k, v, coefs, torch.float32)
+            t = materialize(self, k, v, coefs, torch.float32, delta=True)
             t["w"], t["u"] = t["w"].to(q.dtype), t["u"].to(q.dtype)
+            if "c" in t:
+                # the delta form: one effective value per token (c stays float32)
+                return chunk_delta(q, t["w"], t["u"], t["c"], t["log_decay"], **opts)
             t["lowrank"] = tuple((a.to(q.dtype), b.to(q.dtype)) for a, b in t["lowrank"])
             return chunk_matrix(q, **t, **opts)
         return elementwise_scan(self, q, k, v, coefs, **opts)

@@ -147,3 +147,30 @@ def test_rank1_triton_backward(name, dtype, monkeypatch):
     run_case(name, dtype, B=2, T=300, H=4, K=128, V=128)
     run_case(name, dtype, B=1, T=400, H=2, K=64, V=64, cu_seqlens=(0, 57, 300, 400))
     assert len(done) == 2, "the rank-1 Triton backward fell back to autograd"
+
+
+DELTA_CASES = [
+    # (dtype, decay, make kwargs, check kwargs): chunk_delta, the delta members' default path
+    (torch.bfloat16, False, {}, {}),
+    (torch.bfloat16, True, {}, {}),
+    (torch.float32, False, {}, {}),
+    (torch.float32, True, {}, {}),
+    (torch.bfloat16, True, {"B": 1, "T": 400, "N": 3}, {"cu_seqlens": (0, 57, 300, 400)}),
+    (torch.bfloat16, True, {"K": 100, "V": 72, "T": 200}, {}),
+    (torch.float16, True, {"K": 64, "V": 64, "T": 256}, {"chunk_size": 32}),
+]
+
+
+@pytest.mark.parametrize("dtype,decay,make,kw", DELTA_CASES, ids=[f"delta{i}" for i in range(len(DELTA_CASES))])
+def test_chunk_delta_realistic(dtype, decay, make, kw, monkeypatch):
+    from test_triton_delta import _count_delta_calls, check_delta, delta_inputs
+
+    calls = _count_delta_calls(monkeypatch)
+    shape = dict(dict(B=2, T=300, H=4, K=128, V=128), **make)
+    inputs = delta_inputs(0, decay=decay, device="cuda", **shape)
+    inputs = inputs[:5] + (inputs[5] * 0.1,)
+    kw = dict(dict(chunk_size=64), **kw)
+    errs = check_delta(inputs, dtype=dtype, tol=TOL[dtype], err=rel, device="cuda", scale=shape["K"] ** -0.5, **kw)
+    print(f"chunk_delta {str(dtype):15s} decay={decay} {shape} {kw} "
+          + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    assert calls == ["delta_forward", "delta_backward"], "chunk_delta fell back to the general pair"

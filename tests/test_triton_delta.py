@@ -1,0 +1,172 @@
+"""``olsm.kernels.matrix.chunk_delta`` (the delta form, one effective value per token) against the
+float64 reference run with the pair ``(−c k, k)``.
+
+CPU: Triton's interpreter, float32, tolerance 1e-4 (``max|x − y| / max(1, max|y|)``), outputs,
+final state and the gradient of every input (q, k, u, c, log_decay, initial_state); odd lengths,
+packed sequences with an empty one, two key slices, several WY blocks, strong decays, and the
+catalogue's delta members through ``Recurrence`` (backend="triton"). The same checks run in bf16
+and fp32 at realistic shapes on a GPU: ``tests/test_triton_matrix_gpu.py``.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+
+pytest.importorskip("triton")
+
+from test_triton_matrix import DEVICE, TOL, _import_kernels, rel_err  # noqa: E402
+
+from olsm.backends import reference  # noqa: E402
+from olsm.errors import InputError  # noqa: E402
+
+km = _import_kernels()
+NAMES = ("q", "k", "u", "c", "log_decay", "h0")
+
+
+def delta_inputs(seed, *, B=1, T=37, H=2, K=5, V=7, decay=False, h0=True, N=None, c_max=1.0, strong=False,
+                 correlated=False, device="cpu"):
+    """float64 ``(q, k, u, c, log_decay, h0)``: unit keys (``correlated``: all near one direction),
+    c uniform in (0, c_max), log-decays in (−0.5, 0) (``strong``: (−8, 0))."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, device=device, dtype=torch.float64)  # noqa: E731
+    q, u = rand(B, T, H, K), rand(B, T, H, V)
+    k = rand(B, T, H, K)
+    if correlated:
+        k = rand(1, 1, H, K) + 0.3 * k
+    k = F.normalize(k, dim=-1)
+    c = c_max * torch.rand(B, T, H, generator=g, device=device, dtype=torch.float64)
+    ld = None
+    if decay:
+        ld = (-8.0 if strong else -0.5) * torch.rand(B, T, H, generator=g, device=device, dtype=torch.float64)
+    s0 = rand(B if N is None else N, H, K, V) if h0 else None
+    return q, k, u, c, ld, s0
+
+
+def check_delta(inputs, *, chunk_size=16, cu_seqlens=None, scale=0.7, final=True, dtype=torch.float32,
+                tol=TOL, err=rel_err, device=DEVICE):
+    """Run the reference (float64, pair ``(−c k, k)``) and ``chunk_delta`` (``dtype``; c, the
+    log-decay and h0 in float32) on the same rounded inputs; compare o, S and every gradient.
+    Returns the errors by name."""
+    low = [None if t is None else t.to(device, torch.float32 if i >= 3 else dtype).requires_grad_()
+           for i, t in enumerate(inputs)]
+    hi = [None if t is None else t.detach().double().requires_grad_() for t in low]
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=device)
+    q, k, u, c, ld, s0 = hi
+    o_ref, S_ref = reference.matrix(q, k, u, ld, [(-c[..., None] * k, k)], scale=scale, initial_state=s0,
+                                    output_final_state=True, cu_seqlens=cu)
+    q, k, u, c, ld, s0 = low
+    o, S = km.chunk_delta(q, k, u, c, ld, scale=scale, initial_state=s0, output_final_state=final,
+                          cu_seqlens=cu, chunk_size=chunk_size)
+    assert o.dtype == dtype and o.shape == o_ref.shape
+    errs = {"o": err(o, o_ref)}
+    gen = torch.Generator(device=device).manual_seed(123)
+    d_o = torch.randn(o_ref.shape, generator=gen, device=device, dtype=torch.float64)
+    loss_ref, loss = (o_ref * d_o).sum(), (o * d_o.to(dtype)).sum()
+    if final:
+        assert S.dtype == torch.float32
+        errs["S"] = err(S, S_ref)
+        d_S = torch.randn(S_ref.shape, generator=gen, device=device, dtype=torch.float64)
+        loss_ref, loss = loss_ref + (S_ref * d_S).sum(), loss + (S * d_S.float()).sum()
+    else:
+        assert S is None
+    live = [i for i, t in enumerate(low) if t is not None]
+    g_ref = torch.autograd.grad(loss_ref, [hi[i] for i in live])
+    g_out = torch.autograd.grad(loss, [low[i] for i in live])
+    for i, a, b in zip(live, g_out, g_ref):
+        assert a.shape == b.shape and a.dtype == low[i].dtype, NAMES[i]
+        errs["d" + NAMES[i]] = err(a, b)
+    bad = {n: e for n, e in errs.items() if not e < tol}
+    assert not bad, f"errors over {tol}: {bad}"
+    return errs
+
+
+CASES = [
+    # (decay, chunk, make kwargs, check kwargs)
+    (False, 16, {}, {}),                                               # DeltaNet / Longhorn
+    (True, 16, {}, {}),                                                # gated DeltaNet
+    (True, 32, {"h0": False, "B": 2}, {"final": False}),               # no initial / final state
+    (False, 64, {"T": 100, "correlated": True, "H": 1}, {}),           # WY inverse over 4 blocks
+    (True, 16, {"K": 80, "V": 24, "H": 1}, {}),                        # two key slices, V not 2^n
+    (True, 16, {"strong": True, "c_max": 2.0, "H": 1}, {}),            # strong decays, c up to 2
+]
+
+
+@pytest.mark.parametrize("decay,chunk,make,kw", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_matches_reference(decay, chunk, make, kw):
+    check_delta(delta_inputs(len(make) + 7 * chunk, decay=decay, **make), chunk_size=chunk, **kw)
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_packed_sequences_with_an_empty_one(decay):
+    cu = (0, 9, 9, 46, 61)
+    check_delta(delta_inputs(3, T=61, N=4, decay=decay), cu_seqlens=cu)
+
+
+def _count_delta_calls(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("olsm.kernels.matrix.delta")
+    calls = []
+    for name in ("delta_forward", "delta_backward"):
+        real = getattr(mod, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(mod, name, counted)
+    return calls
+
+
+def test_general_path_switch_falls_back_to_the_pair(monkeypatch):
+    calls = _count_delta_calls(monkeypatch)
+    check_delta(delta_inputs(5, decay=True))
+    assert calls == ["delta_forward", "delta_backward"]
+    calls.clear()
+    monkeypatch.setenv("OLSM_MATRIX_PATH", "general")
+    check_delta(delta_inputs(5, decay=True))
+    assert calls == []
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "longhorn", "gated_longhorn"])
+def test_catalogue_delta_members_take_chunk_delta(name, monkeypatch):
+    import olsm
+    import olsm.objectives as objectives
+
+    rec = olsm.derive(getattr(objectives, name))
+    assert rec.is_delta_form
+    calls = _count_delta_calls(monkeypatch)
+    B, T, H, K, V = 1, 21, 2, 4, 6
+    gen = torch.Generator().manual_seed(0)
+    q, v = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, V, generator=gen)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    coefs = {s.name: torch.rand(B, T, H, generator=gen) * 0.9 + 0.05 for s in rec.inputs}
+    coefs = {n: (-x if n.startswith("log") else x) for n, x in coefs.items()}   # log-decays <= 0
+    leaves = dict(q=q, k=k, v=v, **coefs)
+    outs = {}
+    for backend in ("triton", "reference"):
+        ls = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+        o, _ = rec(ls["q"], ls["k"], ls["v"], backend=backend, chunk_size=16,
+                   **{n: ls[n] for n in coefs})
+        o.pow(2).sum().backward()
+        outs[backend] = [o.detach()] + [ls[n].grad for n in leaves]
+    for a, b in zip(outs["triton"], outs["reference"]):
+        assert rel_err(a, b.double()) < TOL
+    assert calls == ["delta_forward", "delta_backward"]
+    assert not olsm.derive(objectives.kda).is_delta_form and not olsm.derive(objectives.mamba2).is_delta_form
+
+
+def test_bad_coefficient_is_a_clear_error():
+    q, k, u, c, ld, s0 = (t if t is None else t.float() for t in delta_inputs(0, T=8))
+    with pytest.raises(InputError, match="c must be"):
+        km.chunk_delta(q, k, u, c[..., None], ld)
+    with pytest.raises(InputError, match="c must be"):
+        km.chunk_delta(q, k, u, 0.5, ld)
+    with pytest.raises(InputError, match="floating point"):
+        km.chunk_delta(q, k, u, (c > 0.5).int(), ld)
