@@ -57,7 +57,7 @@ def configs(K=128, V=128, C=64):
         yield (f"delta fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=True, delta=True, store_nu=True)
         yield (f"delta bwd wy+nu decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
-        yield (f"fwd state delta decay={decay}", F._state_fwd_kernel,
+        yield (f"delta fwd state decay={decay}", F._state_fwd_kernel,
                dict(d, LOWRANK=True, DELTA=True, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_state_lr, True)
         yield (f"delta fwd output decay={decay}", F._output_fwd_kernel,
                dict(d, LOWRANK=False, DELTA=True, BK=sh.BK, BV=sh.BV_out), sh.warps_out, True)
@@ -94,7 +94,7 @@ def elementwise_configs(K=16, V=1536, C=64):
 
 def stages_of(name: str) -> int:
     """num_stages of the launch: the forward state pass asks for 2 (``fused._launch_state``)."""
-    return 2 if name.startswith("fwd state") else 3
+    return 2 if name.startswith(("fwd state", "delta fwd state")) else 3
 
 
 def main():
