@@ -53,9 +53,9 @@ def configs(K=128, V=128, C=64):
         yield (f"bwd rank-1 dk decay={decay}", FB._lowrank_dk_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_rank1),
                sh.warps_rank1, True)
         # the delta form (kernels/matrix/delta.py), as delta_forward / delta_backward launch it
-        wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False, delta=True)
+        wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=True, delta=True)
         yield (f"delta fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
-        wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=True, delta=True, store_nu=True)
+        wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False, delta=True, store_nu=True, load_t=True)
         yield (f"delta bwd wy+nu decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         yield (f"delta fwd state decay={decay}", F._state_fwd_kernel,
                dict(d, LOWRANK=True, DELTA=True, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_state_lr, True)

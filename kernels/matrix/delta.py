@@ -15,7 +15,8 @@ step with values ν. Per chunk n (G, R, D, Ŵ, Q̂ as in :mod:`.fused`; L' = K K
 
 Backward (``kernels/matrix/README.md`` §8 derives it), given dO and dS_final:
 
-1. the WY kernel again, storing A and writing ν = X S_n + Y from the saved states;
+1. the WY kernel again, reading the A the forward kept (no second inverse) and writing
+   X and ν = X S_n + Y from the saved states;
 2. the reverse pass of :mod:`.fused_bwd` with ``a = k``: dν = scale · (Q Kᵀ ⊙ D)ᵀ dO + Ŵ dS_{n+1},
    dS_n = γ_n dS_{n+1} + scale · Q̂ᵀ dO + Xᵀ dν;
 3. :func:`_delta_wy_bwd_kernel` (per chunk): du = Aᵀ dν; with F = dν (K S_n)ᵀ (= dX Kᵀ, dX = dν S_nᵀ),
@@ -121,8 +122,8 @@ def _flat_c(c, B, T, H):
 
 
 def delta_forward(q, k, u, c, log_decay, h0, lay, meta):
-    """Forward of :func:`chunk_delta` (module docstring). Returns ``(o, final, states)`` as
-    :func:`.fused.fused_forward` does."""
+    """Forward of :func:`chunk_delta` (module docstring). Returns ``(o, final, states, A)``:
+    as :func:`.fused.fused_forward` does, and the chunks' A ``[NC, H, C, C]`` fp32."""
     B, T, H, K = q.shape
     V = u.shape[-1]
     NC, C = lay.tok_start.numel(), lay.C
@@ -139,15 +140,18 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta):
     o = torch.empty(B, T, H, V, device=dev, dtype=meta["out_dtype"])
     low = dict(device=dev, dtype=states.dtype)
     x_wy, y_wy, nu = torch.empty(NC, H, C, K, **low), torch.empty(NC, H, C, V, **low), torch.empty(NC, H, C, V, **low)
-    launch_wy(shape, k, k, k, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, None, H, K, V, C, decay, prec, c=cf)
+    # A is kept for the backward (fp32, C² per chunk and head: a quarter of the states at
+    # C = 64, K = V = 128), which then skips the blocked inverse
+    t_wy = torch.empty(NC, H, C, C, device=dev, dtype=torch.float32)
+    launch_wy(shape, k, k, k, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec, c=cf)
     h0_ = None if h0 is None else h0.float().contiguous()
     gd = g if g is not None else u
-    grid, BK_seq = sequence_launch(shape, N, H, K, V, True, dev)
+    grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, True, dev)
     _launch_state(
         grid, (k, k, u, gd, x_wy, y_wy, h0_ if h0_ is not None else u, states, nu, final, lay.tok_start,
                lay.tok_stop, lay.chunk_offsets, H),
         key=(K, V, C, "delta", decay, str(q.dtype)),
-        K=K, V=V, C=C, DECAY=decay, LOWRANK=True, HAS_H0=h0 is not None, BK=BK_seq, BV=shape.BV,
+        K=K, V=V, C=C, DECAY=decay, LOWRANK=True, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,
         PRECISION=prec, DELTA=True, num_warps=shape.warps_state_lr,
     )
     if NC > 0:
@@ -156,10 +160,10 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta):
             DECAY=decay, LOWRANK=False, BK=shape.BK, BV=shape.BV_out, PRECISION=prec, DELTA=True,
             num_warps=shape.warps_out,
         )
-    return o, final, states
+    return o, final, states, t_wy
 
 
-def delta_backward(q, k, u, c, log_decay, h0, states, final, d_o, d_final, lay, meta, needs):
+def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final, lay, meta, needs):
     """Gradients of :func:`chunk_delta` (module docstring, backward).
 
     Returns:
@@ -183,19 +187,19 @@ def delta_backward(q, k, u, c, log_decay, h0, states, final, d_o, d_final, lay, 
     f32 = dict(device=dev, dtype=torch.float32)
     low = dict(device=dev, dtype=states.dtype)
 
-    # 1. A and ν = X S_n + Y of every chunk, from the saved states
-    x_wy, nu, t_wy = torch.empty(NC, H, C, K, **low), torch.empty(NC, H, C, V, **low), torch.empty(NC, H, C, C, **f32)
+    # 1. X and ν = X S_n + Y of every chunk, from the saved A and states
+    x_wy, nu = torch.empty(NC, H, C, K, **low), torch.empty(NC, H, C, V, **low)
     launch_wy(shape, k, k, k, u, g, lay.tok_start, lay.tok_stop, x_wy, nu, t_wy, H, K, V, C, decay, prec,
-              c=cf, states=states)
+              c=cf, states=states, load_t=True)
     # 2. reverse pass: dS_n and dν
     dstates, dnu = torch.empty(NC, H, K, V, **low), torch.empty(NC, H, C, V, **low)
     dh0 = torch.empty(N, H, K, V, **f32)
     df = None if d_final is None else d_final.float().contiguous()
-    grid, BK_seq = sequence_launch(shape, N, H, K, V, True, dev)
+    grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, True, dev)
     _dstate_bwd_kernel[grid](
         q, k, d_o, gd, x_wy, df if df is not None else u, dstates, dnu, dh0, lay.tok_start, lay.tok_stop,
         lay.chunk_offsets, scale, H, K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None, LOWRANK=True,
-        BK=BK_seq, BV=shape.BV, PRECISION=prec, num_warps=shape.warps_seq,
+        BK=BK_seq, BV=BV, PRECISION=prec, num_warps=shape.warps_seq,
     )
     dq, dk, du = torch.empty_like(q), torch.empty_like(k), torch.empty_like(u)
     dc = torch.empty(B * T, H, **f32)
@@ -235,19 +239,19 @@ class ChunkDeltaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, u, c, log_decay, h0, lay, meta, opts):
         with torch.no_grad():
-            o, final, states = delta_forward(q, k, u, c, log_decay, h0, lay, meta)
-        ctx.save_for_backward(q, k, u, c, log_decay, h0, states, final)
+            o, final, states, t_wy = delta_forward(q, k, u, c, log_decay, h0, lay, meta)
+        ctx.save_for_backward(q, k, u, c, log_decay, h0, states, t_wy, final)
         ctx.lay, ctx.meta, ctx.opts = lay, meta, opts
         ctx.set_materialize_grads(False)
         return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):
-        q, k, u, c, log_decay, h0, states, final = ctx.saved_tensors
+        q, k, u, c, log_decay, h0, states, t_wy, final = ctx.saved_tensors
         needs = ctx.needs_input_grad[:6]
         try:
-            grads = delta_backward(q, k, u, c, log_decay, h0, states, final, d_o, d_final, ctx.lay, ctx.meta,
-                                   needs)
+            grads = delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final, ctx.lay,
+                                   ctx.meta, needs)
         except OutOfResources:
             # this GPU's shared memory is too small for the tiles: differentiate the general pair
             grads = _general_pair_grads((q, k, u, c, log_decay, h0), needs, d_o, d_final, ctx.meta, ctx.opts)

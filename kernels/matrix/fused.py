@@ -58,6 +58,7 @@ def _wy_fwd_kernel(
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PRECISION: tl.constexpr,
     STORE_T: tl.constexpr = False, DELTA: tl.constexpr = False, STORE_NU: tl.constexpr = False,
+    LOAD_T: tl.constexpr = False,
 ):
     """X = T B̂ and Y = T N U of one chunk × head (module docstring, kernel 1).
 
@@ -71,49 +72,53 @@ def _wy_fwd_kernel(
     DELTA (the delta form of :mod:`.delta`: w = a = b = k are one pointer, c ``[B·T, H]`` fp32):
     L = −diag(c) (K Kᵀ ⊙ R), A = T = (I − L)⁻¹, X = −A diag(c e^{G_{t−1}}) K and Y = A U, so that
     ν = X S_n + Y is the chunk's effective values. With STORE_NU (its backward) the value loop
-    writes ν itself into y_wy, from the stored states ``[NC, H, K, V]``, instead of Y.
+    writes ν itself into y_wy, from the stored states ``[NC, H, K, V]``, instead of Y; with
+    LOAD_T it reads T from t_wy (the forward stored it) instead of inverting I − L again.
     """
     nh = tl.program_id(0).to(tl.int64)
     # rows of b, columns of a and w (transposed by pointer arithmetic, never tl.trans)
     i_h, offs_c, valid, tok, offs_k, mask_k, row_k, mask_row, col_k, mask_col = chunk_key_tiles(
         tok_start, tok_stop, nh, H, K, C, BK, 0)
-    b_rows = tl.load(b + row_k, mask=mask_row, other=0.)
-    a_cols = tl.load(a + col_k, mask=mask_col, other=0.)
-    L = tl.dot(b_rows, a_cols, input_precision=PRECISION)                       # [C, C]
-
     G = tl.zeros([C], dtype=tl.float32)
     G_prev = G
     if DECAY == 1:
         g_c, G, _ = chunk_decay(g, tok, valid, i_h, H, offs_c)
         G_prev = G - g_c
-    L = L * _strict_ratio(G_prev, G, offs_c)
     if DELTA:
-        # a = −c k written as a row scale: the delta rule's ν_t = u_t − c_t k_tᵀ S_{t−1}
         c_t = tl.load(c + tok * H + i_h, mask=valid, other=0.)
-        L = L * (-c_t)[:, None]
+    t_nh = t_wy + nh * C * C + offs_c[:, None] * C + offs_c[None, :]
+    if LOAD_T:
+        Tm = tl.load(t_nh)                          # the forward's T (the delta backward)
+    else:
+        b_rows = tl.load(b + row_k, mask=mask_row, other=0.)
+        a_cols = tl.load(a + col_k, mask=mask_col, other=0.)
+        L = tl.dot(b_rows, a_cols, input_precision=PRECISION)                       # [C, C]
+        L = L * _strict_ratio(G_prev, G, offs_c)
+        if DELTA:
+            # a = −c k written as a row scale: the delta rule's ν_t = u_t − c_t k_tᵀ S_{t−1}
+            L = L * (-c_t)[:, None]
 
-    # T = (I − L)⁻¹, blocked like a triangular solve, every step a [C, C] tensor-core dot:
-    # 1. the 16 × 16 diagonal blocks by forward substitution, all blocks at once: row i of each
-    #    block is e_i + L_bd[i, :] T_bd (rows above it are final), i.e. one dot with the
-    #    other rows of L_bd masked to zero;
-    # 2. then I − L = (I − L_bd)(I − T_bd L_off), and M = T_bd L_off is nilpotent over the
-    #    C/16 blocks: T = (I + M + M² + …) T_bd, by Horner, C/16 − 1 dots.
-    # Stable: the plain power series (I + L)(I + L²)(I + L⁴)… of the whole L is exact in
-    # theory but its powers grow binomially with correlated keys and lost every digit in fp32.
-    # Row-by-row substitution over all C rows (C − 1 cross-warp reductions) cost 1.46 ms per
-    # call at (8, 2048, 16, 128) on an H100.
-    same_blk = (offs_c[:, None] // 16) == (offs_c[None, :] // 16)
-    L_bd = tl.where(same_blk, L, 0.)
-    Tm = (offs_c[:, None] == offs_c[None, :]).to(tl.float32)
-    for i in range(1, 16):
-        Tm = Tm + tl.dot(tl.where((offs_c % 16 == i)[:, None], L_bd, 0.), Tm, input_precision=PRECISION)
-    M = tl.dot(Tm, tl.where(same_blk, 0., L), input_precision=PRECISION)
-    T_bd = Tm
-    for _ in range(1, C // 16):
-        Tm = T_bd + tl.dot(M, Tm, input_precision=PRECISION)
-
-    if STORE_T:
-        tl.store(t_wy + nh * C * C + offs_c[:, None] * C + offs_c[None, :], Tm)
+        # T = (I − L)⁻¹, blocked like a triangular solve, every step a [C, C] tensor-core dot:
+        # 1. the 16 × 16 diagonal blocks by forward substitution, all blocks at once: row i of
+        #    each block is e_i + L_bd[i, :] T_bd (rows above it are final), i.e. one dot with
+        #    the other rows of L_bd masked to zero;
+        # 2. then I − L = (I − L_bd)(I − T_bd L_off), and M = T_bd L_off is nilpotent over the
+        #    C/16 blocks: T = (I + M + M² + …) T_bd, by Horner, C/16 − 1 dots.
+        # Stable: the plain power series (I + L)(I + L²)(I + L⁴)… of the whole L is exact in
+        # theory but its powers grow binomially with correlated keys and lost every digit in fp32.
+        # Row-by-row substitution over all C rows (C − 1 cross-warp reductions) cost 1.46 ms per
+        # call at (8, 2048, 16, 128) on an H100.
+        same_blk = (offs_c[:, None] // 16) == (offs_c[None, :] // 16)
+        L_bd = tl.where(same_blk, L, 0.)
+        Tm = (offs_c[:, None] == offs_c[None, :]).to(tl.float32)
+        for i in range(1, 16):
+            Tm = Tm + tl.dot(tl.where((offs_c % 16 == i)[:, None], L_bd, 0.), Tm, input_precision=PRECISION)
+        M = tl.dot(Tm, tl.where(same_blk, 0., L), input_precision=PRECISION)
+        T_bd = Tm
+        for _ in range(1, C // 16):
+            Tm = T_bd + tl.dot(M, Tm, input_precision=PRECISION)
+        if STORE_T:
+            tl.store(t_nh, Tm)
     # b is read again after the inverse, X is stored, and only then are w's columns read
     # (a second read of b hits L2; keeping [C, K] tiles live through the inverse or next to X
     # spilled registers on sm_90)
@@ -345,42 +350,46 @@ def _sm_count(device: torch.device) -> int:
 
 
 def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank: bool, device):
-    """``(grid, BK)`` of the sequential passes (forward state, reverse dS): one program per
+    """``(grid, BK, BV)`` of the sequential passes (forward state, reverse dS): one program per
     sequence × head × value block × key block, each walking its sequence's chunks in order.
 
     Without a low-rank part the rows of S are independent, so when there are few sequences ×
     heads (B = 1 at T = 32768: 32 programs on 132 SMs, each walking 512 chunks) K is split too,
     down to blocks of 32, until there are about two programs per SM. With one (P = X S reads
-    all of S) the key block is all of K.
+    all of S) the key block is all of K and the value block shrinks instead, down to 16.
     """
-    nv = triton.cdiv(V, shape.BV)
-    BK = shape.BK
+    BK, BV = shape.BK, shape.BV
+    sms = _sm_count(device)
     if not lowrank:
-        sms = _sm_count(device)
-        while BK > 32 and N * H * nv * triton.cdiv(K, BK) < 2 * sms:
+        while BK > 32 and N * H * triton.cdiv(V, BV) * triton.cdiv(K, BK) < 2 * sms:
             BK //= 2
-    return (nv, N * H, triton.cdiv(K, BK)), BK
+    else:
+        while BV > 16 and N * H * triton.cdiv(V, BV) < 2 * sms:
+            BV //= 2
+    return (triton.cdiv(V, BV), N * H, triton.cdiv(K, BK)), BK, BV
 
 
 def wy_constexprs(shape: LaunchShape, K: int, V: int, C: int, decay: int, prec: str, store_t: bool,
-                  delta: bool = False, store_nu: bool = False) -> dict:
+                  delta: bool = False, store_nu: bool = False, load_t: bool = False) -> dict:
     """The compile-time arguments of :func:`_wy_fwd_kernel` (also read by ``kernel_resources.py``)."""
     return dict(K=K, V=V, C=C, BK=shape.BK, BV=shape.BV_wide, DECAY=decay, PRECISION=prec,
-                STORE_T=store_t, DELTA=delta, STORE_NU=store_nu, num_warps=shape.warps_wy)
+                STORE_T=store_t, DELTA=delta, STORE_NU=store_nu, LOAD_T=load_t, num_warps=shape.warps_wy)
 
 
 def launch_wy(shape: LaunchShape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec,
-              c=None, states=None):
-    """Kernel 1 (:func:`_wy_fwd_kernel`) over all NC chunks × H heads; with ``t_wy`` (the
-    backward) it also stores T. ``g`` is None without decay. With ``c`` (``[B·T, H]`` fp32) it
-    runs the delta form (w = a = b), and with ``states`` as well writes ν into ``y_wy``."""
+              c=None, states=None, load_t=False):
+    """Kernel 1 (:func:`_wy_fwd_kernel`) over all NC chunks × H heads; with ``t_wy`` it also
+    stores T (``load_t``: reads it instead). ``g`` is None without decay. With ``c``
+    (``[B·T, H]`` fp32) it runs the delta form (w = a = b), and with ``states`` as well writes ν
+    into ``y_wy``."""
     NC = tok_start.numel()
     if NC == 0:
         return
     _wy_fwd_kernel[(NC * H,)](
         w, a, b, u, g if g is not None else u, c if c is not None else u, states if states is not None else u,
         tok_start, tok_stop, x_wy, y_wy, t_wy if t_wy is not None else x_wy,
-        H, **wy_constexprs(shape, K, V, C, decay, prec, t_wy is not None, c is not None, states is not None))
+        H, **wy_constexprs(shape, K, V, C, decay, prec, t_wy is not None and not load_t, c is not None,
+                           states is not None, load_t))
 
 
 MAX_FUSED_DIM = 128  # wider heads keep [C, K] tiles of q, w, a, b at once: left to the general path
@@ -479,7 +488,7 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     if R:
         launch_wy(shape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, None, H, K, V, C, decay, prec)
     h0_ = None if h0 is None else h0.float().contiguous()
-    grid, BK_seq = sequence_launch(shape, N, H, K, V, R > 0, dev)
+    grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev)
     _launch_state(
         grid,
         (w, a, u, g if g is not None else dummy, x_wy, y_wy, h0_ if h0_ is not None else dummy,

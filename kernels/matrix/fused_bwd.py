@@ -512,7 +512,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
         launch_wy(shape, w, a, b, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec)
     else:
         x_wy = dprobes = dstates
-    grid, BK_seq = sequence_launch(shape, N, H, K, V, R > 0, dev)
+    grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev)
     _dstate_bwd_kernel[grid](
         q, a, d_o, g if g is not None else dummy, x_wy, df if df is not None else dummy, dstates, dprobes,
         dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale, H, K=K, V=V, C=C, DECAY=decay,
