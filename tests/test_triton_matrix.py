@@ -320,7 +320,7 @@ def test_sequential_passes_split_along_keys(decay, monkeypatch):
 
 def test_sequential_passes_with_a_pair_split_along_values(monkeypatch):
     # with a low-rank pair the key block is all of K; few sequences × heads shrink the value
-    # block instead: V = 80 with one head is five blocks of 16, the last one masked
+    # block instead: V = 80 with one head is three blocks of 32, the last one masked
     fused = importlib.import_module("olsm.kernels.matrix.fused")
     bwd = importlib.import_module("olsm.kernels.matrix.fused_bwd")
     grids = []
@@ -332,7 +332,7 @@ def test_sequential_passes_with_a_pair_split_along_values(monkeypatch):
     monkeypatch.setattr(fused, "sequence_launch", spy)
     monkeypatch.setattr(bwd, "sequence_launch", spy)
     check(make_inputs(22, B=1, T=45, H=1, K=12, V=80, decay="scalar", lowrank="delta"), chunk_size=16)
-    assert len(grids) == 2 and all(grid == (5, 1, 1) and bv == 16 for grid, _, bv in grids), grids
+    assert len(grids) == 2 and all(grid == (3, 1, 1) and bv == 32 for grid, _, bv in grids), grids
 
 
 def test_fused_backward_packed_with_an_empty_sequence():

@@ -356,7 +356,10 @@ def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank:
     Without a low-rank part the rows of S are independent, so when there are few sequences ×
     heads (B = 1 at T = 32768: 32 programs on 132 SMs, each walking 512 chunks) K is split too,
     down to blocks of 32, until there are about two programs per SM. With one (P = X S reads
-    all of S) the key block is all of K and the value block shrinks instead, down to 16.
+    all of S) the key block is all of K and the value block halves instead, down to 32, while
+    there are fewer programs than half the SMs (H200, deltanet at (8, 2048, 16, 128): value
+    blocks of 32 instead of 64 slowed the forward state pass from 0.24 to 0.36 ms; blocks of 16
+    hit an illegal memory access on the GPU with Triton 3.6, not understood, so they are not used).
     """
     BK, BV = shape.BK, shape.BV
     sms = _sm_count(device)
@@ -364,7 +367,7 @@ def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank:
         while BK > 32 and N * H * triton.cdiv(V, BV) * triton.cdiv(K, BK) < 2 * sms:
             BK //= 2
     else:
-        while BV > 16 and N * H * triton.cdiv(V, BV) < 2 * sms:
+        while BV > 32 and 2 * N * H * triton.cdiv(V, BV) < sms:
             BV //= 2
     return (triton.cdiv(V, BV), N * H, triton.cdiv(K, BK)), BK, BV
 
