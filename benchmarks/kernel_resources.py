@@ -59,6 +59,9 @@ def configs(K=128, V=128, C=64):
         yield (f"delta bwd wy+nu decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         yield (f"delta fwd state decay={decay}", F._state_fwd_kernel,
                dict(d, LOWRANK=True, DELTA=True, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_state_lr, True)
+        yield (f"delta bwd dstate decay={decay}", FB._dstate_bwd_kernel,
+               dict(d, HAS_DFINAL=True, LOWRANK=True, LOWP=True, BK=sh.BK, BV=sh.BV), 8 if decay else sh.warps_seq,
+               True)
         yield (f"delta fwd output decay={decay}", F._output_fwd_kernel,
                dict(d, LOWRANK=False, DELTA=True, BK=sh.BK, BV=sh.BV_out), sh.warps_out, True)
         yield (f"delta bwd wy decay={decay}", D._delta_wy_bwd_kernel, dict(d, BK=sh.BK, BV=sh.BV_rank1),

@@ -163,14 +163,22 @@ DELTA_CASES = [
 
 @pytest.mark.parametrize("dtype,decay,make,kw", DELTA_CASES, ids=[f"delta{i}" for i in range(len(DELTA_CASES))])
 def test_chunk_delta_realistic(dtype, decay, make, kw, monkeypatch):
-    from test_triton_delta import _count_delta_calls, check_delta, delta_inputs
+    from test_triton_delta import _count_delta_calls, check_delta, delta_inputs, pair_decay_error
 
-    calls = _count_delta_calls(monkeypatch)
     shape = dict(dict(B=2, T=300, H=4, K=128, V=128), **make)
     inputs = delta_inputs(0, decay=decay, device="cuda", **shape)
     inputs = inputs[:5] + (inputs[5] * 0.1,)
     kw = dict(dict(chunk_size=64), **kw)
-    errs = check_delta(inputs, dtype=dtype, tol=TOL[dtype], err=rel, device="cuda", scale=shape["K"] ** -0.5, **kw)
+    tols, note = {}, ""
+    if decay and dtype != torch.float32 and "cu_seqlens" not in kw:
+        # the decay gradient sums cancelling per-token terms: in half precision it may be as far
+        # from the reference as the general rank-1 kernels' (1.5x margin), not TOL
+        pair = pair_decay_error(inputs, dtype=dtype, err=rel, device="cuda", chunk_size=kw["chunk_size"],
+                                scale=shape["K"] ** -0.5)
+        tols, note = {"dlog_decay": max(TOL[dtype], 1.5 * pair)}, f" (pair path dlog_decay={pair:.1e})"
+    calls = _count_delta_calls(monkeypatch)
+    errs = check_delta(inputs, dtype=dtype, tol=TOL[dtype], err=rel, device="cuda", scale=shape["K"] ** -0.5,
+                       tols=tols, **kw)
     print(f"chunk_delta {str(dtype):15s} decay={decay} {shape} {kw} "
-          + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+          + " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + note)
     assert calls == ["delta_forward", "delta_backward"], "chunk_delta fell back to the general pair"

@@ -160,7 +160,8 @@ def _state_fwd_kernel(
 ):
     """Sequential pass over one sequence × head × block of BV value columns (kernel 2); without a
     low-rank part the grid also splits K into blocks of BK (:func:`sequence_launch`). With DELTA
-    (and LOWRANK) P is the delta form's ν and S_{n+1} = γ_n S_n + Ŵᵀ ν (u and a are not read).
+    (and LOWRANK) P is the delta form's ν and S_{n+1} = γ_n S_n + Ŵᵀ ν (u and a are not read),
+    its dots taking operands in the storage dtype.
 
     Shapes: w, a ``[B·T, H, K]``, u ``[B·T, H, V]`` (input dtype); g ``[B·T, H]`` fp32;
     x_wy ``[NC, H, C, K]``, y_wy ``[NC, H, C, V]``; writes states ``[NC, H, K, V]`` (S_n, the
@@ -185,17 +186,26 @@ def _state_fwd_kernel(
             _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
             to_end = tl.exp(g_total - G)                    # decay from s to the chunk's end, <= 1
             W_T = W_T * to_end[None, :]
-        if LOWRANK:
-            X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :],
-                        mask=mask_k[None, :], other=0.).to(tl.float32)
-            P = tl.dot(X, S, input_precision=PRECISION)
+        if DELTA:
+            # dot operands in the storage dtype (bf16/fp16 tensor-core dots for half-precision
+            # inputs, as FLA's state pass; fp32 accumulators and S): half the registers and MMA
+            # steps of tf32 on this latency-bound sequential path
+            X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :], mask=mask_k[None, :], other=0.)
+            P = tl.dot(X, S.to(X.dtype), input_precision=PRECISION)
             P += tl.load(y_wy + nh * C * V + offs_c[:, None] * V + offs_v[None, :],
                          mask=mask_v[None, :], other=0.).to(tl.float32)
-            tl.store(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], P.to(probes.dtype.element_ty),
-                     mask=mask_v[None, :])
-        if DELTA:
-            S_next = tl.dot(W_T, P, input_precision=PRECISION)
+            P_st = P.to(probes.dtype.element_ty)
+            tl.store(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], P_st, mask=mask_v[None, :])
+            S_next = tl.dot(W_T.to(P_st.dtype), P_st, input_precision=PRECISION)
         else:
+            if LOWRANK:
+                X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :],
+                            mask=mask_k[None, :], other=0.).to(tl.float32)
+                P = tl.dot(X, S, input_precision=PRECISION)
+                P += tl.load(y_wy + nh * C * V + offs_c[:, None] * V + offs_v[None, :],
+                             mask=mask_v[None, :], other=0.).to(tl.float32)
+                tl.store(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], P.to(probes.dtype.element_ty),
+                         mask=mask_v[None, :])
             U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
                         mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)   # [C, BV]
             S_next = tl.dot(W_T, U, input_precision=PRECISION)
