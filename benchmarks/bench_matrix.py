@@ -30,8 +30,9 @@ backward where they apply, Triton triangular inverse), ``autograd_bwd`` (the
 same forward, the autograd backward), ``general`` (general path, Triton inverse) and ``legacy``
 (general path with ``torch.linalg.solve_triangular``: the code measured in runs 2 and 3), ``pair``
 (the delta members through ``chunk_matrix`` with the general pair ``(−c k, k)``: the fused rank-1
-kernels measured up to run 6). The paths are chosen through ``OLSM_MATRIX_PATH`` /
-``OLSM_MATRIX_SOLVE`` / ``OLSM_MATRIX_BWD``, read at every call.
+kernels measured up to run 6), ``inv3`` (``new`` with the three-level WY inverse). The paths are
+chosen through ``OLSM_MATRIX_PATH`` / ``OLSM_MATRIX_SOLVE`` / ``OLSM_MATRIX_BWD`` /
+``OLSM_MATRIX_INVERSE``, read at every call.
 """
 from __future__ import annotations
 
@@ -100,19 +101,23 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0):
     return out
 
 
-# variant -> (OLSM_MATRIX_PATH, OLSM_MATRIX_SOLVE, OLSM_MATRIX_BWD, delta members via chunk_delta)
-VARIANTS = {"new": ("auto", "triton", "auto", True), "pair": ("auto", "triton", "auto", False),
-            "autograd_bwd": ("auto", "triton", "autograd", False), "general": ("general", "triton", "autograd", False),
-            "legacy": ("general", "torch", "autograd", False)}
+# variant -> (OLSM_MATRIX_PATH, OLSM_MATRIX_SOLVE, OLSM_MATRIX_BWD, OLSM_MATRIX_INVERSE,
+#             delta members via chunk_delta)
+VARIANTS = {"new": ("auto", "triton", "auto", "levels2", True), "inv3": ("auto", "triton", "auto", "levels3", True),
+            "pair": ("auto", "triton", "auto", "levels2", False),
+            "autograd_bwd": ("auto", "triton", "autograd", "levels2", False),
+            "general": ("general", "triton", "autograd", "levels2", False),
+            "legacy": ("general", "torch", "autograd", "levels2", False)}
 
 
 def set_variant(variant):
     """Select our kernel's code path for the calls that follow (see the module docstring); returns
     whether the delta members go through ``chunk_delta``."""
-    path, solve, bwd, delta = VARIANTS[variant]
+    path, solve, bwd, inverse, delta = VARIANTS[variant]
     os.environ["OLSM_MATRIX_PATH"] = path
     os.environ["OLSM_MATRIX_SOLVE"] = solve
     os.environ["OLSM_MATRIX_BWD"] = bwd
+    os.environ["OLSM_MATRIX_INVERSE"] = inverse
     return delta
 
 

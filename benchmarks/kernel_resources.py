@@ -55,6 +55,8 @@ def configs(K=128, V=128, C=64):
         # the delta form (kernels/matrix/delta.py), as delta_forward / delta_backward launch it
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=True, delta=True)
         yield (f"delta fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
+        wy = dict(F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=True, delta=True), INV_LEVELS=3)
+        yield (f"delta fwd wy 3-level inverse decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), False)
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False, delta=True, store_nu=True, load_t=True)
         yield (f"delta bwd wy+nu decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         yield (f"delta fwd state decay={decay}", F._state_fwd_kernel,

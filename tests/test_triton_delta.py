@@ -125,6 +125,14 @@ def test_matches_reference(decay, chunk, make, kw):
     check_delta(delta_inputs(len(make) + 7 * chunk, decay=decay, **make), chunk_size=chunk, **kw)
 
 
+@pytest.mark.parametrize("chunk", [64, 128])
+def test_three_level_inverse(chunk, monkeypatch):
+    # OLSM_MATRIX_INVERSE=levels3 (4 → 16 → C blocks) on correlated keys, where an unstable
+    # inverse loses every digit
+    monkeypatch.setenv("OLSM_MATRIX_INVERSE", "levels3")
+    check_delta(delta_inputs(chunk, T=150, H=1, decay=True, correlated=True, c_max=1.5), chunk_size=chunk)
+
+
 @pytest.mark.parametrize("decay", [False, True])
 def test_packed_sequences_with_an_empty_one(decay):
     cu = (0, 9, 9, 46, 61)

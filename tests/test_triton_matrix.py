@@ -168,11 +168,14 @@ def test_no_initial_state_no_final_state_short_sequence():
     check(make_inputs(4, T=1, decay="key", lowrank="none", h0=False, H=1), final=True)
 
 
-@pytest.mark.parametrize("chunk", [64, 128])
-def test_fused_wy_inverse_over_several_blocks(chunk):
-    # the fused WY kernel inverts I − L in 16-row blocks (kernels/matrix/fused.py): C = 64 and 128
-    # take 4 and 8 blocks; K = 5 unit keys over 150 tokens are often nearly parallel, the case
-    # where an unstable inverse (e.g. the power series of L) loses every digit
+@pytest.mark.parametrize("levels", ["levels2", "levels3"])
+@pytest.mark.parametrize("chunk", [16, 64, 128])
+def test_fused_wy_inverse_over_several_blocks(chunk, levels, monkeypatch):
+    # the fused WY kernel inverts I − L in blocks (kernels/matrix/fused.py, _unit_lower_inverse:
+    # 16-row blocks, or 4 → 16 → C with OLSM_MATRIX_INVERSE=levels3): C = 64 and 128 take 4 and 8
+    # blocks of 16; K = 5 unit keys over 150 tokens are often nearly parallel, the case where an
+    # unstable inverse (e.g. the power series of L) loses every digit
+    monkeypatch.setenv("OLSM_MATRIX_INVERSE", levels)
     check(make_inputs(12, T=150, H=1, decay="scalar", lowrank="delta"), chunk_size=chunk)
     check(make_inputs(13, T=150, H=1, decay="none", lowrank="longhorn"), chunk_size=chunk)
 
@@ -220,7 +223,7 @@ def test_errors(monkeypatch):
 
 
 def test_code_path_switches_refuse_unknown_values(monkeypatch):
-    # OLSM_MATRIX_PATH / _SOLVE / _BWD select code paths for A/B timing; a typo must not
+    # OLSM_MATRIX_PATH / _SOLVE / _BWD / _INVERSE select code paths for A/B timing; a typo must not
     # silently time the default path
     q, w, u = (t.to(DEVICE).requires_grad_() for t in _small())
     for name in ("OLSM_MATRIX_PATH", "OLSM_MATRIX_BWD"):      # read in the forward / the backward
@@ -232,6 +235,10 @@ def test_code_path_switches_refuse_unknown_values(monkeypatch):
     monkeypatch.setenv("OLSM_MATRIX_PATH", "general")
     monkeypatch.setenv("OLSM_MATRIX_SOLVE", "cublas")
     with pytest.raises(BackendError, match="OLSM_MATRIX_SOLVE='cublas'"):
+        km.chunk_matrix(q, w, u, None, [(w, q)])
+    monkeypatch.delenv("OLSM_MATRIX_PATH")
+    monkeypatch.setenv("OLSM_MATRIX_INVERSE", "level3")                     # read by the WY launch
+    with pytest.raises(BackendError, match="OLSM_MATRIX_INVERSE='level3'"):
         km.chunk_matrix(q, w, u, None, [(w, q)])
 
 

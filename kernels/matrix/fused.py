@@ -53,12 +53,63 @@ def _strict_ratio(G_prev, G, offs_c):
 
 
 @triton.jit
+def _horner_merge(Tm, L, inner, outer, offs_c, PRECISION: tl.constexpr, N: tl.constexpr):
+    """From Tm = (I − L_in)⁻¹, L_in the part of L inside blocks of ``inner`` rows, the inverse over
+    blocks of ``outer`` rows: I − L_out = (I − L_in)(I − M) with M = Tm (L_out − L_in), nilpotent
+    over the N = outer / inner sub-blocks, so (I − L_out)⁻¹ = (I + M + … + M^{N−1}) Tm (Horner)."""
+    between = ((offs_c[:, None] // outer) == (offs_c[None, :] // outer)) & \
+        ((offs_c[:, None] // inner) != (offs_c[None, :] // inner))
+    M = tl.dot(Tm, tl.where(between, L, 0.), input_precision=PRECISION)
+    T_in = Tm
+    for _ in range(1, N):
+        Tm = T_in + tl.dot(M, Tm, input_precision=PRECISION)
+    return Tm
+
+
+@triton.jit
+def _substitute_blocks(L, offs_c, NB: tl.constexpr, PRECISION: tl.constexpr):
+    """(I − L_bd)⁻¹ for the NB × NB diagonal blocks L_bd of L, by forward substitution, all blocks
+    at once: row i of each block is e_i + L_bd[i, :] T (rows above it are final), i.e. one [C, C]
+    dot with the other rows masked out (NB − 1 dots)."""
+    L_bd = tl.where((offs_c[:, None] // NB) == (offs_c[None, :] // NB), L, 0.)
+    Tm = (offs_c[:, None] == offs_c[None, :]).to(tl.float32)
+    for i in range(1, NB):
+        Tm = Tm + tl.dot(tl.where((offs_c % NB == i)[:, None], L_bd, 0.), Tm, input_precision=PRECISION)
+    return Tm
+
+
+@triton.jit
+def _unit_lower_inverse(L, offs_c, C: tl.constexpr, PRECISION: tl.constexpr, LEVELS: tl.constexpr = 2):
+    """T = (I − L)⁻¹ of a strictly lower [C, C] L (C a multiple of 16), every step a [C, C]
+    tensor-core dot, blocked like a triangular solve:
+
+    * LEVELS = 2 (default, measured in runs 5–7): 16 × 16 diagonal blocks by substitution
+      (15 dots), then 16 → C by :func:`_horner_merge` (1 + C/16 − 1): 19 serial dots at C = 64;
+    * LEVELS = 3 (``OLSM_MATRIX_INVERSE=levels3``, not yet timed on a GPU): 4 × 4 blocks by
+      substitution (3), 4 → 16 (1 + 3) and 16 → C (1 + C/16 − 1): 11 serial dots at C = 64.
+
+    Stable: every level is an exact block substitution. The plain power series
+    (I + L)(I + L²)(I + L⁴)… is exact in theory but its powers grow binomially with correlated
+    keys and lost every digit in fp32; row-by-row substitution over all C rows (C − 1 cross-warp
+    reductions) cost 1.46 ms per call at (8, 2048, 16, 128) on an H100.
+    """
+    if LEVELS == 3:
+        Tm = _substitute_blocks(L, offs_c, 4, PRECISION)
+        Tm = _horner_merge(Tm, L, 4, 16, offs_c, PRECISION, 4)
+    else:
+        Tm = _substitute_blocks(L, offs_c, 16, PRECISION)
+    if C > 16:
+        Tm = _horner_merge(Tm, L, 16, C, offs_c, PRECISION, C // 16)
+    return Tm
+
+
+@triton.jit
 def _wy_fwd_kernel(
     w, a, b, u, g, c, states, tok_start, tok_stop, x_wy, y_wy, t_wy,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PRECISION: tl.constexpr,
     STORE_T: tl.constexpr = False, DELTA: tl.constexpr = False, STORE_NU: tl.constexpr = False,
-    LOAD_T: tl.constexpr = False,
+    LOAD_T: tl.constexpr = False, INV_LEVELS: tl.constexpr = 2,
 ):
     """X = T B̂ and Y = T N U of one chunk × head (module docstring, kernel 1).
 
@@ -98,25 +149,7 @@ def _wy_fwd_kernel(
             # a = −c k written as a row scale: the delta rule's ν_t = u_t − c_t k_tᵀ S_{t−1}
             L = L * (-c_t)[:, None]
 
-        # T = (I − L)⁻¹, blocked like a triangular solve, every step a [C, C] tensor-core dot:
-        # 1. the 16 × 16 diagonal blocks by forward substitution, all blocks at once: row i of
-        #    each block is e_i + L_bd[i, :] T_bd (rows above it are final), i.e. one dot with
-        #    the other rows of L_bd masked to zero;
-        # 2. then I − L = (I − L_bd)(I − T_bd L_off), and M = T_bd L_off is nilpotent over the
-        #    C/16 blocks: T = (I + M + M² + …) T_bd, by Horner, C/16 − 1 dots.
-        # Stable: the plain power series (I + L)(I + L²)(I + L⁴)… of the whole L is exact in
-        # theory but its powers grow binomially with correlated keys and lost every digit in fp32.
-        # Row-by-row substitution over all C rows (C − 1 cross-warp reductions) cost 1.46 ms per
-        # call at (8, 2048, 16, 128) on an H100.
-        same_blk = (offs_c[:, None] // 16) == (offs_c[None, :] // 16)
-        L_bd = tl.where(same_blk, L, 0.)
-        Tm = (offs_c[:, None] == offs_c[None, :]).to(tl.float32)
-        for i in range(1, 16):
-            Tm = Tm + tl.dot(tl.where((offs_c % 16 == i)[:, None], L_bd, 0.), Tm, input_precision=PRECISION)
-        M = tl.dot(Tm, tl.where(same_blk, 0., L), input_precision=PRECISION)
-        T_bd = Tm
-        for _ in range(1, C // 16):
-            Tm = T_bd + tl.dot(M, Tm, input_precision=PRECISION)
+        Tm = _unit_lower_inverse(L, offs_c, C, PRECISION, INV_LEVELS)
         if STORE_T:
             tl.store(t_nh, Tm)
     # b is read again after the inverse, X is stored, and only then are w's columns read
@@ -385,8 +418,10 @@ def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank:
 def wy_constexprs(shape: LaunchShape, K: int, V: int, C: int, decay: int, prec: str, store_t: bool,
                   delta: bool = False, store_nu: bool = False, load_t: bool = False) -> dict:
     """The compile-time arguments of :func:`_wy_fwd_kernel` (also read by ``kernel_resources.py``)."""
+    levels = 3 if env_choice("OLSM_MATRIX_INVERSE", ("levels2", "levels3")) == "levels3" else 2
     return dict(K=K, V=V, C=C, BK=shape.BK, BV=shape.BV_wide, DECAY=decay, PRECISION=prec,
-                STORE_T=store_t, DELTA=delta, STORE_NU=store_nu, LOAD_T=load_t, num_warps=shape.warps_wy)
+                STORE_T=store_t, DELTA=delta, STORE_NU=store_nu, LOAD_T=load_t, INV_LEVELS=levels,
+                num_warps=shape.warps_wy)
 
 
 def launch_wy(shape: LaunchShape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec,

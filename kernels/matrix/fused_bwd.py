@@ -184,14 +184,15 @@ def _dqdw_bwd_kernel(
         mask_rv = valid[:, None] & mask_v[None, :]
         mask_cv = mask_v[:, None] & valid[None, :]
         dO = tl.load(do + row_v, mask=mask_rv, other=0.).to(tl.float32)        # [C, BV]
-        dO_T = tl.load(do + col_v, mask=mask_cv, other=0.).to(tl.float32)      # [BV, C]
         if DELTA:
             cv = nh * C * V + offs_c[:, None] * V + offs_v[None, :]
             U = tl.load(probes + cv, mask=mask_v[None, :], other=0.).to(tl.float32)
+            dO_T = tl.load(do + col_v, mask=mask_cv, other=0.).to(tl.float32)      # [BV, C]
             U_T = tl.load(probes + nh * C * V + offs_c[None, :] * V + offs_v[:, None], mask=mask_v[:, None],
                           other=0.).to(tl.float32)
         else:
             U = tl.load(u + row_v, mask=mask_rv, other=0.).to(tl.float32)
+            dO_T = tl.load(do + col_v, mask=mask_cv, other=0.).to(tl.float32)      # [BV, C]
             U_T = tl.load(u + col_v, mask=mask_cv, other=0.).to(tl.float32)
         dA += tl.dot(dO, U_T, input_precision=PRECISION)
         dA_T += tl.dot(U, dO_T, input_precision=PRECISION)
@@ -209,10 +210,8 @@ def _dqdw_bwd_kernel(
     Q = tl.load(q + row_k, mask=mask_row, other=0.).to(tl.float32)             # [C, BKS]
     W = tl.load(w + row_k, mask=mask_row, other=0.).to(tl.float32)
     incl = offs_c[:, None] >= offs_c[None, :]
-    e_b = tl.full([C], 1., tl.float32)
     if DECAY == 1:
         g_c, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
-        e_b = tl.exp(G - g_c)
         D = tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))   # [t, s]
         D_T = tl.exp(tl.where(offs_c[:, None] <= offs_c[None, :], G[None, :] - G[:, None], float("-inf")))
         dq_s = dq_s * tl.exp(G)[:, None]
@@ -228,9 +227,11 @@ def _dqdw_bwd_kernel(
     if DELTA:
         rows = nh * C * C + offs_c[:, None] * C + offs_c[None, :]
         cols = nh * C * C + offs_c[None, :] * C + offs_c[:, None]              # transposed
-        c_t = tl.load(c + tok * H + i_h, mask=valid, other=0.)
+        cb = tl.load(c + tok * H + i_h, mask=valid, other=0.)                  # c e^{G_{t−1}}
+        if DECAY == 1:
+            cb = cb * tl.exp(G - g_c)
         dWc = tl.dot(tl.load(t_wy + cols), dX, input_precision=PRECISION)       # −∂L/∂(c e^{G_{t−1}} k)
-        dB = tl.dot(tl.load(e_cc + rows), W, input_precision=PRECISION) - (c_t * e_b)[:, None] * dWc
+        dB = tl.dot(tl.load(e_cc + rows), W, input_precision=PRECISION) - cb[:, None] * dWc
         dW += dB + tl.dot(tl.load(e_cc + cols), W, input_precision=PRECISION)
         bb = tl.sum(W * dB, axis=1)
         tl.store(dbb + part, bb, mask=valid)
