@@ -136,18 +136,20 @@ def ours(method, x, km, delta=True):
         return km.chunk_matrix(q, k, v, gk, scale=scale)[0]
     if method == "dplr":
         return km.chunk_matrix(q, k, v, gk, [(-bt * k, b)], scale=scale)[0]
+    # the written value is s v (s = β, or ε for Longhorn): chunk_delta forms it in-kernel, as
+    # Recurrence calls it; the pair path gets s v as a tensor
     if method == "deltanet":
-        c, u, ld = beta, bt * v, None
+        c, s, ld = beta, beta, None
     elif method == "gated_deltanet":
-        c, u, ld = g.exp() * beta, bt * v, g
+        c, s, ld = g.exp() * beta, beta, g
     elif method == "longhorn":
         c = beta / (1 + beta * (k * k).sum(-1))
-        c, u, ld = c, c[..., None] * v, None
+        s, ld = c, None
     else:
         raise ValueError(method)
     if delta:
-        return km.chunk_delta(q, k, u, c, ld, scale=scale)[0]
-    return km.chunk_matrix(q, k, u, ld, [(-c[..., None].to(k.dtype) * k, k)], scale=scale)[0]
+        return km.chunk_delta(q, k, v, c, ld, scale=scale, u_scale=s)[0]
+    return km.chunk_matrix(q, k, s[..., None] * v, ld, [(-c[..., None].to(k.dtype) * k, k)], scale=scale)[0]
 
 
 def theirs(method, x, fla):

@@ -53,11 +53,13 @@ def configs(K=128, V=128, C=64):
         yield (f"bwd rank-1 dk decay={decay}", FB._lowrank_dk_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_rank1),
                sh.warps_rank1, True)
         # the delta form (kernels/matrix/delta.py), as delta_forward / delta_backward launch it
-        wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=True, delta=True)
+        # (with u_scale: the catalogue's members write s v, formed in the kernels)
+        wy = dict(F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=True, delta=True), U_SCALE=True)
         yield (f"delta fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
-        wy = dict(F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=True, delta=True), INV_LEVELS=3)
+        wy = dict(wy, INV_LEVELS=3, num_warps=sh.warps_wy)
         yield (f"delta fwd wy 3-level inverse decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), False)
-        wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False, delta=True, store_nu=True, load_t=True)
+        wy = dict(F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False, delta=True, store_nu=True, load_t=True),
+                  U_SCALE=True)
         yield (f"delta bwd wy+nu decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         yield (f"delta fwd state decay={decay}", F._state_fwd_kernel,
                dict(d, LOWRANK=True, DELTA=True, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_state_lr, True)
@@ -66,7 +68,7 @@ def configs(K=128, V=128, C=64):
                True)
         yield (f"delta fwd output decay={decay}", F._output_fwd_kernel,
                dict(d, LOWRANK=False, DELTA=True, BK=sh.BK, BV=sh.BV_out), sh.warps_out, True)
-        yield (f"delta bwd wy decay={decay}", D._delta_wy_bwd_kernel, dict(d, BK=sh.BK, BV=sh.BV_rank1),
+        yield (f"delta bwd wy decay={decay}", D._delta_wy_bwd_kernel, dict(d, BK=sh.BK, BV=sh.BV_rank1, U_SCALE=True),
                sh.warps_rank1, True)
         yield (f"delta bwd dq dk decay={decay}", FB._dqdw_bwd_kernel,
                dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DELTA=True), sh.warps_chunk, True)

@@ -93,12 +93,20 @@ def evaluate(expr, env: dict) -> torch.Tensor:
 
 
 
+@functools.lru_cache(maxsize=None)
+def _value_scale(write_value: sp.Expr):
+    """``s`` when the written value is ``s · v`` with s free of per-key and per-value symbols, else None."""
+    s = sp.simplify(write_value / v_j)
+    return s if s != 1 and not s.has(v_j) and not expr_axes(s) else None
+
+
 def materialize(rec, k, v, coefs, dtype, delta: bool = False) -> dict:
     """Per-token tensors the numeric backends take.
 
     Args:
         delta: for a recurrence of the delta form (``rec.is_delta_form``) return the coefficient
-            ``c [B, T, H]`` of ``−c k kᵀ`` instead of the pair (what ``chunk_delta`` takes).
+            ``c [B, T, H]`` of ``−c k kᵀ`` instead of the pair (what ``chunk_delta`` takes) and, when
+            the written value is ``s · v`` with a per-token scalar s, ``u = v`` and ``u_scale = s``.
 
     Returns:
         matrix class: ``dict(w, u, log_decay, lowrank)`` (``lowrank`` → ``c`` with ``delta``);
@@ -128,6 +136,11 @@ def materialize(rec, k, v, coefs, dtype, delta: bool = False) -> dict:
         out["log_decay"] = evaluate(ld, env).expand(B, T, H, 1, 1)[..., 0, 0]
     if delta and rec.is_delta_form:
         out["c"] = -evaluate(rec.lowrank[0].coef, env).expand(B, T, H, 1, 1)[..., 0, 0]
+        scale = _value_scale(rec.write_value)
+        if scale is not None:
+            # ũ = s v with a per-token scalar s (DeltaNet's β v): the kernel forms it
+            out["u"] = v.to(dtype)
+            out["u_scale"] = evaluate(scale, env).expand(B, T, H, 1, 1)[..., 0, 0]
         return out
     # the scalar coefficient is folded into a: the backends see pairs (a, b)
     out["lowrank"] = tuple(

@@ -26,13 +26,14 @@ from olsm.backends import reference  # noqa: E402
 from olsm.errors import InputError  # noqa: E402
 
 km = _import_kernels()
-NAMES = ("q", "k", "u", "c", "log_decay", "h0")
+NAMES = ("q", "k", "u", "c", "log_decay", "h0", "u_scale")
 
 
 def delta_inputs(seed, *, B=1, T=37, H=2, K=5, V=7, decay=False, h0=True, N=None, c_max=1.0, strong=False,
-                 correlated=False, device="cpu"):
-    """float64 ``(q, k, u, c, log_decay, h0)``: unit keys (``correlated``: all near one direction),
-    c uniform in (0, c_max), log-decays in (−0.5, 0) (``strong``: (−8, 0))."""
+                 correlated=False, u_scale=False, device="cpu"):
+    """float64 ``(q, k, u, c, log_decay, h0)`` (``u_scale``: and a 7th, the per-token scale of u,
+    uniform in (0, 1)): unit keys (``correlated``: all near one direction), c uniform in
+    (0, c_max), log-decays in (−0.5, 0) (``strong``: (−8, 0))."""
     g = torch.Generator(device=device).manual_seed(seed)
     rand = lambda *s: torch.randn(*s, generator=g, device=device, dtype=torch.float64)  # noqa: E731
     q, u = rand(B, T, H, K), rand(B, T, H, V)
@@ -45,6 +46,8 @@ def delta_inputs(seed, *, B=1, T=37, H=2, K=5, V=7, decay=False, h0=True, N=None
     if decay:
         ld = (-8.0 if strong else -0.5) * torch.rand(B, T, H, generator=g, device=device, dtype=torch.float64)
     s0 = rand(B if N is None else N, H, K, V) if h0 else None
+    if u_scale:
+        return q, k, u, c, ld, s0, torch.rand(B, T, H, generator=g, device=device, dtype=torch.float64)
     return q, k, u, c, ld, s0
 
 
@@ -57,12 +60,13 @@ def check_delta(inputs, *, chunk_size=16, cu_seqlens=None, scale=0.7, final=True
            for i, t in enumerate(inputs)]
     hi = [None if t is None else t.detach().double().requires_grad_() for t in low]
     cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=device)
-    q, k, u, c, ld, s0 = hi
-    o_ref, S_ref = reference.matrix(q, k, u, ld, [(-c[..., None] * k, k)], scale=scale, initial_state=s0,
+    q, k, u, c, ld, s0, *us = hi
+    u_eff = u if not us else us[0][..., None] * u
+    o_ref, S_ref = reference.matrix(q, k, u_eff, ld, [(-c[..., None] * k, k)], scale=scale, initial_state=s0,
                                     output_final_state=True, cu_seqlens=cu)
-    q, k, u, c, ld, s0 = low
+    q, k, u, c, ld, s0, *us = low
     o, S = km.chunk_delta(q, k, u, c, ld, scale=scale, initial_state=s0, output_final_state=final,
-                          cu_seqlens=cu, chunk_size=chunk_size)
+                          cu_seqlens=cu, chunk_size=chunk_size, u_scale=us[0] if us else None)
     assert o.dtype == dtype and o.shape == o_ref.shape
     errs = {"o": err(o, o_ref)}
     gen = torch.Generator(device=device).manual_seed(123)
@@ -139,6 +143,29 @@ def test_packed_sequences_with_an_empty_one(decay):
     check_delta(delta_inputs(3, T=61, N=4, decay=decay), cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("decay,chunk", [(False, 16), (True, 32)])
+def test_value_scale_in_kernel(decay, chunk):
+    # u_scale: the written value s ⊙ u is formed in the kernels (DeltaNet's β v), gradient to s
+    check_delta(delta_inputs(4, decay=decay, u_scale=True, V=20), chunk_size=chunk)
+    check_delta(delta_inputs(5, T=61, N=4, decay=decay, u_scale=True), cu_seqlens=(0, 9, 9, 46, 61))
+
+
+def test_backward_out_of_resources_falls_back_to_the_pair(monkeypatch):
+    # a GPU whose shared memory is too small for the delta backward's tiles: the gradients come
+    # from the general pair instead, still right
+    import importlib
+
+    from triton.runtime.errors import OutOfResources
+
+    mod = importlib.import_module("olsm.kernels.matrix.delta")
+
+    def refuse(*a, **kw):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(mod, "delta_backward", refuse)
+    check_delta(delta_inputs(6, decay=True, u_scale=True))
+
+
 def _count_delta_calls(monkeypatch):
     import importlib
 
@@ -201,3 +228,5 @@ def test_bad_coefficient_is_a_clear_error():
         km.chunk_delta(q, k, u, 0.5, ld)
     with pytest.raises(InputError, match="floating point"):
         km.chunk_delta(q, k, u, (c > 0.5).int(), ld)
+    with pytest.raises(InputError, match="u_scale must be"):
+        km.chunk_delta(q, k, u, c, ld, u_scale=c[:, :-1])

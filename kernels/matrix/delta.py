@@ -51,15 +51,17 @@ from .tiles import chunk_decay, chunk_key_tiles
 
 @triton.jit
 def _delta_wy_bwd_kernel(
-    k, u, c, g, states, dprobes, t_wy, e_cc, du, dc, tok_start, tok_stop,
+    k, u, c, g, states, dprobes, t_wy, e_cc, du, dc, tok_start, tok_stop, u_scale, d_scale,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, U_SCALE: tl.constexpr = False,
 ):
     """Step 3 of the module docstring for one chunk × head: du, dc and E.
 
     Shapes: k ``[B·T, H, K]``, u ``[B·T, H, V]`` (input dtype); c, g ``[B·T, H]`` fp32; states
     ``[NC, H, K, V]``; dprobes (dν) ``[NC, H, C, V]``; t_wy (A) ``[NC, H, C, C]`` fp32; writes
-    e_cc ``[NC, H, C, C]`` fp32, du ``[B·T, H, V]`` and dc ``[B·T, H]`` fp32.
+    e_cc ``[NC, H, C, C]`` fp32, du ``[B·T, H, V]`` and dc ``[B·T, H]`` fp32. With U_SCALE the
+    written values are s u (s = u_scale ``[B·T, H]`` fp32): du is then s ⊙ ∂L/∂(s u) and
+    d_scale ``[B·T, H]`` fp32 gets Σ_j u_j ∂L/∂(s u)_j.
     """
     nh = tl.program_id(0).to(tl.int64)
     # transposed operands are loaded transposed, never tl.trans'ed (DESIGN §7)
@@ -72,6 +74,9 @@ def _delta_wy_bwd_kernel(
 
     dA = tl.zeros([C, C], dtype=tl.float32)        # dν Uᵀ
     F = tl.zeros([C, C], dtype=tl.float32)         # dν (K S_n)ᵀ
+    if U_SCALE:
+        s_t = tl.load(u_scale + tok * H + i_h, mask=valid, other=0.)
+        ds = tl.zeros([C], dtype=tl.float32)
     for i_v in range(0, (V + BV - 1) // BV):
         offs_v = i_v * BV + tl.arange(0, BV)
         mask_v = offs_v < V
@@ -82,11 +87,19 @@ def _delta_wy_bwd_kernel(
         S_T = tl.load(states + nh * K * V + offs_v[:, None] + offs_k[None, :] * V,
                       mask=mask_v[:, None] & mask_k[None, :], other=0.).to(tl.float32)   # [BV, BK]
         KS_T = tl.dot(S_T, K_T, input_precision=PRECISION)                          # (K S_n)ᵀ [BV, C]
+        if U_SCALE:
+            U_T = U_T * s_t[None, :]
         dA += tl.dot(dnu, U_T, input_precision=PRECISION)
         F += tl.dot(dnu, KS_T, input_precision=PRECISION)
         dU = tl.dot(A_T, dnu, input_precision=PRECISION)
-        tl.store(du + (tok[:, None] * H + i_h) * V + offs_v[None, :], dU.to(du.dtype.element_ty),
-                 mask=valid[:, None] & mask_v[None, :])
+        rows_v = (tok[:, None] * H + i_h) * V + offs_v[None, :]
+        if U_SCALE:
+            ds += tl.sum(dU * tl.load(u + rows_v, mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32),
+                         axis=1)
+            dU = dU * s_t[:, None]
+        tl.store(du + rows_v, dU.to(du.dtype.element_ty), mask=valid[:, None] & mask_v[None, :])
+    if U_SCALE:
+        tl.store(d_scale + tok * H + i_h, ds, mask=valid)
 
     strict = offs_c[:, None] > offs_c[None, :]
     e_b = tl.full([C], 1., tl.float32)
@@ -121,7 +134,7 @@ def _flat_c(c, B, T, H):
     return c.reshape(B * T, H).float().contiguous()
 
 
-def delta_forward(q, k, u, c, log_decay, h0, lay, meta):
+def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None):
     """Forward of :func:`chunk_delta` (module docstring). Returns ``(o, final, states, A)``:
     as :func:`.fused.fused_forward` does, and the chunks' A ``[NC, H, C, C]`` fp32."""
     B, T, H, K = q.shape
@@ -131,6 +144,7 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta):
     dev = q.device
     q, k, u = (t.contiguous() for t in (q, k, u))
     cf = _flat_c(c, B, T, H)
+    sf = None if u_scale is None else _flat_c(u_scale, B, T, H)
     g = None if log_decay is None else log_decay.float().contiguous()
     decay = 0 if g is None else 1
     prec = meta["precision"]
@@ -143,7 +157,8 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta):
     # A is kept for the backward (fp32, C² per chunk and head: a quarter of the states at
     # C = 64, K = V = 128), which then skips the blocked inverse
     t_wy = torch.empty(NC, H, C, C, device=dev, dtype=torch.float32)
-    launch_wy(shape, k, k, k, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec, c=cf)
+    launch_wy(shape, k, k, k, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec, c=cf,
+              u_scale=sf)
     h0_ = None if h0 is None else h0.float().contiguous()
     gd = g if g is not None else u
     grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, True, dev)
@@ -163,12 +178,12 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta):
     return o, final, states, t_wy
 
 
-def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final, lay, meta, needs):
+def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final, lay, meta, needs, u_scale=None):
     """Gradients of :func:`chunk_delta` (module docstring, backward).
 
     Returns:
-        ``(dq, dk, du, dc, d_log_decay, dh0)``, None where ``needs`` (q, k, u, c, log_decay, h0)
-        says no gradient is wanted.
+        ``(dq, dk, du, dc, d_log_decay, dh0, d_u_scale)``, None where ``needs`` (q, k, u, c,
+        log_decay, h0, u_scale) says no gradient is wanted.
     """
     B, T, H, K = q.shape
     V = u.shape[-1]
@@ -177,6 +192,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     dev = q.device
     q, k, u = (t.contiguous() for t in (q, k, u))
     cf = _flat_c(c, B, T, H)
+    sf = None if u_scale is None else _flat_c(u_scale, B, T, H)
     d_o = torch.zeros_like(u) if d_o is None else d_o.contiguous()
     g = None if log_decay is None else log_decay.float().contiguous()
     gd = g if g is not None else u
@@ -190,7 +206,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     # 1. X and ν = X S_n + Y of every chunk, from the saved A and states
     x_wy, nu = torch.empty(NC, H, C, K, **low), torch.empty(NC, H, C, V, **low)
     launch_wy(shape, k, k, k, u, g, lay.tok_start, lay.tok_stop, x_wy, nu, t_wy, H, K, V, C, decay, prec,
-              c=cf, states=states, load_t=True)
+              c=cf, states=states, load_t=True, u_scale=sf)
     # 2. reverse pass: dS_n and dν
     dstates, dnu = torch.empty(NC, H, K, V, **low), torch.empty(NC, H, C, V, **low)
     dh0 = torch.empty(N, H, K, V, **f32)
@@ -205,13 +221,15 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     )
     dq, dk, du = torch.empty_like(q), torch.empty_like(k), torch.empty_like(u)
     dc = torch.empty(B * T, H, **f32)
+    ds = None if sf is None else torch.empty(B * T, H, **f32)
     dlam, dbb = torch.zeros(NK, B * T, H, **f32), torch.zeros(NK, B * T, H, **f32)
     if NC > 0:
         # 3. through the WY form: du, dc and the Gram gradient E
         e_cc = torch.empty(NC, H, C, C, **f32)
         _delta_wy_bwd_kernel[(NC * H,)](
-            k, u, cf, gd, states, dnu, t_wy, e_cc, du, dc, lay.tok_start, lay.tok_stop, H, K=K, V=V, C=C,
-            DECAY=decay, BK=shape.BK, BV=shape.BV_rank1, PRECISION=prec, num_warps=shape.warps_rank1,
+            k, u, cf, gd, states, dnu, t_wy, e_cc, du, dc, lay.tok_start, lay.tok_stop,
+            sf if sf is not None else cf, ds if ds is not None else dc, H, K=K, V=V, C=C, DECAY=decay,
+            BK=shape.BK, BV=shape.BV_rank1, PRECISION=prec, U_SCALE=sf is not None, num_warps=shape.warps_rank1,
         )
         # 4. dq, dk and the decay terms
         _dqdw_bwd_kernel[(NK, NC * H)](
@@ -220,7 +238,8 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
             PRECISION=prec, DELTA=True, num_warps=shape.warps_chunk,
         )
     else:
-        dq.zero_(), dk.zero_(), du.zero_(), dc.zero_()
+        for t in (dq, dk, du, dc) + (() if ds is None else (ds,)):
+            t.zero_()
     dg = None
     if g is not None and needs[4]:
         dg = torch.empty(B * T, H, **f32)
@@ -230,7 +249,8 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
             B * T, H, NK=NK, C=C, HAS_LAST=last is not None, HAS_BB=True,
         )
         dg = dg.reshape(B, T, H).to(log_decay.dtype)
-    grads = (dq, dk, du, dc.reshape(c.shape).to(c.dtype), dg, dh0 if h0 is not None else None)
+    grads = (dq, dk, du, dc.reshape(c.shape).to(c.dtype), dg, dh0 if h0 is not None else None,
+             None if ds is None else ds.reshape(u_scale.shape).to(u_scale.dtype))
     return tuple(x if (x is not None and n) else None for x, n in zip(grads, needs))
 
 
@@ -239,30 +259,33 @@ class ChunkDeltaFunction(torch.autograd.Function):
     state; the backward is :func:`delta_backward`."""
 
     @staticmethod
-    def forward(ctx, q, k, u, c, log_decay, h0, lay, meta, opts):
+    def forward(ctx, q, k, u, c, log_decay, h0, u_scale, lay, meta, opts):
         with torch.no_grad():
-            o, final, states, t_wy = delta_forward(q, k, u, c, log_decay, h0, lay, meta)
-        ctx.save_for_backward(q, k, u, c, log_decay, h0, states, t_wy, final)
+            o, final, states, t_wy = delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale)
+        ctx.save_for_backward(q, k, u, c, log_decay, h0, u_scale, states, t_wy, final)
         ctx.lay, ctx.meta, ctx.opts = lay, meta, opts
         ctx.set_materialize_grads(False)
         return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):
-        q, k, u, c, log_decay, h0, states, t_wy, final = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:6]
+        q, k, u, c, log_decay, h0, u_scale, states, t_wy, final = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:7]
         try:
             grads = delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final, ctx.lay,
-                                   ctx.meta, needs)
+                                   ctx.meta, needs, u_scale)
         except OutOfResources:
             # this GPU's shared memory is too small for the tiles: differentiate the general pair
-            grads = _general_pair_grads((q, k, u, c, log_decay, h0), needs, d_o, d_final, ctx.meta, ctx.opts)
+            grads = _general_pair_grads((q, k, u, c, log_decay, h0, u_scale), needs, d_o, d_final, ctx.meta,
+                                        ctx.opts)
         return (*grads, None, None, None)
 
 
-def _general_pair(q, k, u, c, log_decay, h0, scale, cu_seqlens, chunk_size):
+def _general_pair(q, k, u, c, log_decay, h0, u_scale, scale, cu_seqlens, chunk_size):
     """``chunk_matrix`` with the pair ``(−c k, k)``: the fallback of :func:`chunk_delta`."""
     a = -c.to(k.dtype)[..., None] * k
+    if u_scale is not None:
+        u = (u_scale[..., None] * u).to(u.dtype)
     return chunk_matrix(q, k, u, log_decay, [(a, k)], scale=scale, initial_state=h0, output_final_state=True,
                         cu_seqlens=cu_seqlens, chunk_size=chunk_size)
 
@@ -280,16 +303,17 @@ def _general_pair_grads(inputs, needs, d_o, d_final, meta, opts):
     return tuple(next(got) if (t is not None and t.requires_grad) else None for t in leaves)
 
 
-def _check_c(c, q):
+def _check_c(c, q, name="c"):
+    """A per-token coefficient ``[B, T, H]``: a float tensor on q's device."""
     B, T, H, _ = q.shape
     if not isinstance(c, torch.Tensor):
-        raise InputError(f"c must be a tensor, got {type(c).__name__}")
+        raise InputError(f"{name} must be a tensor, got {type(c).__name__}")
     if tuple(c.shape) != (B, T, H):
-        raise InputError(f"c must be [B, T, H] = {(B, T, H)}, got {tuple(c.shape)}")
+        raise InputError(f"{name} must be [B, T, H] = {(B, T, H)}, got {tuple(c.shape)}")
     if not c.is_floating_point():
-        raise InputError(f"c must be floating point, got {c.dtype}")
+        raise InputError(f"{name} must be floating point, got {c.dtype}")
     if c.device != q.device:
-        raise InputError(f"c is on {c.device} but q is on {q.device}")
+        raise InputError(f"{name} is on {c.device} but q is on {q.device}")
 
 
 def chunk_delta(
@@ -304,6 +328,7 @@ def chunk_delta(
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
     chunk_size: int = 64,
+    u_scale: Optional[torch.Tensor] = None,
 ):
     """The delta form ``S_t = (e^{g_t} I − c_t k_t k_tᵀ) S_{t−1} + k_t u_tᵀ`` on Triton: the same
     result as ``chunk_matrix(q, k, u, log_decay, [(−c k, k)])``, faster (module docstring).
@@ -314,16 +339,20 @@ def chunk_delta(
         log_decay: ``None`` or ``[B, T, H]`` (values ``<= 0``), or ``[B, T, H, K]`` (then the
             general path runs).
         scale, initial_state, output_final_state, cu_seqlens, chunk_size: as :func:`chunk_matrix`.
+        u_scale: ``None`` or ``[B, T, H]``: the written value is then ``u_scale ⊙ u`` (DeltaNet's
+            β v with ``u = v``), formed inside the kernels, not as a ``[B, T, H, V]`` tensor.
 
     Returns:
         ``o [B, T, H, V]`` in q's dtype and the final state ``[N, H, K, V]`` float32 (or ``None``).
-        Gradients flow to q, k, u, c, log_decay and initial_state.
+        Gradients flow to q, k, u, c, log_decay, initial_state and u_scale.
 
     Raises:
-        BackendError, InputError: as :func:`chunk_matrix`; also for c of the wrong shape.
+        BackendError, InputError: as :func:`chunk_matrix`; also for c or u_scale of the wrong shape.
     """
     _check_backend(q.device)
     _check_c(c, q)
+    if u_scale is not None:
+        _check_c(u_scale, q, "u_scale")
     _check_inputs(q, k, u, log_decay, (), initial_state, cu_seqlens, chunk_size)
     B, T, H, K = q.shape
     if delta_applies(log_decay, K, u.shape[-1]):
@@ -331,10 +360,10 @@ def chunk_delta(
         precision = "ieee" if (q.dtype == torch.float32 or _interpreting()) else "tf32"
         meta = dict(scale=float(scale), out_dtype=q.dtype, precision=precision)
         try:
-            o, final = ChunkDeltaFunction.apply(q, k, u, c, log_decay, initial_state, lay, meta,
+            o, final = ChunkDeltaFunction.apply(q, k, u, c, log_decay, initial_state, u_scale, lay, meta,
                                                 (cu_seqlens, chunk_size))
             return o, (final if output_final_state else None)
         except OutOfResources:
             pass  # this GPU's shared memory is too small for the tiles: the general pair below
-    o, final = _general_pair(q, k, u, c, log_decay, initial_state, scale, cu_seqlens, chunk_size)
+    o, final = _general_pair(q, k, u, c, log_decay, initial_state, u_scale, scale, cu_seqlens, chunk_size)
     return o, (final if output_final_state else None)

@@ -105,11 +105,11 @@ def _unit_lower_inverse(L, offs_c, C: tl.constexpr, PRECISION: tl.constexpr, LEV
 
 @triton.jit
 def _wy_fwd_kernel(
-    w, a, b, u, g, c, states, tok_start, tok_stop, x_wy, y_wy, t_wy,
+    w, a, b, u, g, c, states, tok_start, tok_stop, x_wy, y_wy, t_wy, u_scale,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PRECISION: tl.constexpr,
     STORE_T: tl.constexpr = False, DELTA: tl.constexpr = False, STORE_NU: tl.constexpr = False,
-    LOAD_T: tl.constexpr = False, INV_LEVELS: tl.constexpr = 2,
+    LOAD_T: tl.constexpr = False, INV_LEVELS: tl.constexpr = 2, U_SCALE: tl.constexpr = False,
 ):
     """X = T B̂ and Y = T N U of one chunk × head (module docstring, kernel 1).
 
@@ -124,7 +124,8 @@ def _wy_fwd_kernel(
     L = −diag(c) (K Kᵀ ⊙ R), A = T = (I − L)⁻¹, X = −A diag(c e^{G_{t−1}}) K and Y = A U, so that
     ν = X S_n + Y is the chunk's effective values. With STORE_NU (its backward) the value loop
     writes ν itself into y_wy, from the stored states ``[NC, H, K, V]``, instead of Y; with
-    LOAD_T it reads T from t_wy (the forward stored it) instead of inverting I − L again.
+    LOAD_T it reads T from t_wy (the forward stored it) instead of inverting I − L again. With
+    U_SCALE the written values are u_scale ``[B·T, H]`` fp32 times u (DeltaNet's β v, in-kernel).
     """
     nh = tl.program_id(0).to(tl.int64)
     # rows of b, columns of a and w (transposed by pointer arithmetic, never tl.trans)
@@ -170,11 +171,15 @@ def _wy_fwd_kernel(
         # the decay ratio is formed again, not kept live through the inverse (registers)
         Nm = tl.dot(b_rows, w_cols, input_precision=PRECISION) * _strict_ratio(G_prev, G, offs_c)
         TN = tl.dot(Tm, Nm, input_precision=PRECISION)
+    if U_SCALE:
+        s_t = tl.load(u_scale + tok * H + i_h, mask=valid, other=0.)
     for i_v in range(0, (V + BV - 1) // BV):
         offs_v = i_v * BV + tl.arange(0, BV)
         mask_v = offs_v < V
         U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
                     mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)
+        if U_SCALE:
+            U = U * s_t[:, None]
         Y = tl.dot(TN, U, input_precision=PRECISION)
         if STORE_NU:
             S = tl.load(states + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
@@ -425,19 +430,20 @@ def wy_constexprs(shape: LaunchShape, K: int, V: int, C: int, decay: int, prec: 
 
 
 def launch_wy(shape: LaunchShape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec,
-              c=None, states=None, load_t=False):
+              c=None, states=None, load_t=False, u_scale=None):
     """Kernel 1 (:func:`_wy_fwd_kernel`) over all NC chunks × H heads; with ``t_wy`` it also
     stores T (``load_t``: reads it instead). ``g`` is None without decay. With ``c``
     (``[B·T, H]`` fp32) it runs the delta form (w = a = b), and with ``states`` as well writes ν
-    into ``y_wy``."""
+    into ``y_wy``; ``u_scale`` (``[B·T, H]`` fp32) scales each token's u."""
     NC = tok_start.numel()
     if NC == 0:
         return
     _wy_fwd_kernel[(NC * H,)](
         w, a, b, u, g if g is not None else u, c if c is not None else u, states if states is not None else u,
-        tok_start, tok_stop, x_wy, y_wy, t_wy if t_wy is not None else x_wy,
-        H, **wy_constexprs(shape, K, V, C, decay, prec, t_wy is not None and not load_t, c is not None,
-                           states is not None, load_t))
+        tok_start, tok_stop, x_wy, y_wy, t_wy if t_wy is not None else x_wy, u_scale if u_scale is not None else u,
+        H, U_SCALE=u_scale is not None,
+        **wy_constexprs(shape, K, V, C, decay, prec, t_wy is not None and not load_t, c is not None,
+                        states is not None, load_t))
 
 
 MAX_FUSED_DIM = 128  # wider heads keep [C, K] tiles of q, w, a, b at once: left to the general path
