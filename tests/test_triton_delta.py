@@ -96,7 +96,9 @@ def pair_decay_error(inputs, *, dtype, err, device, chunk_size=64, scale=0.7):
     rank-1 kernels) on the same rounded inputs and loss as :func:`check_delta`: the yardstick for
     the delta path's decay gradient in half precision, a suffix sum of cancelling per-token terms."""
     low = [None if t is None else t.to(device, torch.float32 if i >= 3 else dtype) for i, t in enumerate(inputs)]
-    q, k, u, c, ld, s0 = low
+    q, k, u, c, ld, s0, *us = low
+    if us:
+        u = (us[0][..., None] * u.float()).to(dtype)
     a = (-c[..., None] * k.float()).to(dtype)
     leaves = [t.detach().requires_grad_() for t in (q, k, u, a, k)] + [ld.detach().requires_grad_()]
     hi = [t.detach().double().requires_grad_() for t in leaves]

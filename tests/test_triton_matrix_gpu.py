@@ -156,6 +156,7 @@ DELTA_CASES = [
     (torch.float32, False, {}, {}),
     (torch.float32, True, {}, {}),
     (torch.bfloat16, True, {"B": 1, "T": 400, "N": 3}, {"cu_seqlens": (0, 57, 300, 400)}),
+    (torch.bfloat16, True, {"u_scale": True}, {}),                     # s v formed in the kernels
     (torch.bfloat16, True, {"K": 100, "V": 72, "T": 200}, {}),
     (torch.float16, True, {"K": 64, "V": 64, "T": 256}, {"chunk_size": 32}),
 ]
@@ -167,7 +168,8 @@ def test_chunk_delta_realistic(dtype, decay, make, kw, monkeypatch):
 
     shape = dict(dict(B=2, T=300, H=4, K=128, V=128), **make)
     inputs = delta_inputs(0, decay=decay, device="cuda", **shape)
-    inputs = inputs[:5] + (inputs[5] * 0.1,)
+    shape.pop("u_scale", None)
+    inputs = inputs[:5] + (inputs[5] * 0.1,) + inputs[6:]
     kw = dict(dict(chunk_size=64), **kw)
     tols, note = {}, ""
     if decay and dtype != torch.float32 and "cu_seqlens" not in kw:
