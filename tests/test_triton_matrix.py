@@ -307,20 +307,25 @@ def test_fused_backward_is_taken_and_autograd_backward_still_matches(decay, monk
     assert not calls
 
 
+def _spy_sequence_launch(monkeypatch):
+    """The (grid, BK, BV) of every sequential-pass launch (fused.sequence_launch), forward and backward."""
+    fused = importlib.import_module("olsm.kernels.matrix.fused")
+    launches = []
+    real = fused.sequence_launch
+
+    def spy(*args):
+        launches.append(real(*args))
+        return launches[-1]
+    monkeypatch.setattr(fused, "sequence_launch", spy)
+    monkeypatch.setattr(importlib.import_module("olsm.kernels.matrix.fused_bwd"), "sequence_launch", spy)
+    return launches
+
+
 @pytest.mark.parametrize("decay", ["none", "scalar"])
 def test_sequential_passes_split_along_keys(decay, monkeypatch):
     # without a low-rank part, few sequences × heads split the sequential passes along K
     # (fused.sequence_launch): K = 80 in blocks of 32 is three key blocks, the last one masked
-    fused = importlib.import_module("olsm.kernels.matrix.fused")
-    grids = []
-    real = fused.sequence_launch
-
-    def spy(*args):
-        grids.append(real(*args))
-        return grids[-1]
-    monkeypatch.setattr(fused, "sequence_launch", spy)
-    bwd = importlib.import_module("olsm.kernels.matrix.fused_bwd")
-    monkeypatch.setattr(bwd, "sequence_launch", spy)
+    grids = _spy_sequence_launch(monkeypatch)
     check(make_inputs(21, B=2, T=75, H=1, K=80, V=20, decay=decay), chunk_size=32)
     assert len(grids) == 2 and all(grid[2] == 3 and bk == 32 for grid, bk, _ in grids), grids
 
@@ -328,16 +333,7 @@ def test_sequential_passes_split_along_keys(decay, monkeypatch):
 def test_sequential_passes_with_a_pair_split_along_values(monkeypatch):
     # with a low-rank pair the key block is all of K; few sequences × heads shrink the value
     # block instead: V = 80 with one head is three blocks of 32, the last one masked
-    fused = importlib.import_module("olsm.kernels.matrix.fused")
-    bwd = importlib.import_module("olsm.kernels.matrix.fused_bwd")
-    grids = []
-    real = fused.sequence_launch
-
-    def spy(*args):
-        grids.append(real(*args))
-        return grids[-1]
-    monkeypatch.setattr(fused, "sequence_launch", spy)
-    monkeypatch.setattr(bwd, "sequence_launch", spy)
+    grids = _spy_sequence_launch(monkeypatch)
     check(make_inputs(22, B=1, T=45, H=1, K=12, V=80, decay="scalar", lowrank="delta"), chunk_size=16)
     assert len(grids) == 2 and all(grid == (3, 1, 1) and bv == 32 for grid, _, bv in grids), grids
 

@@ -134,21 +134,28 @@ def _flat_c(c, B, T, H):
     return c.reshape(B * T, H).float().contiguous()
 
 
+def _sizes(q, u, lay):
+    """``(B, T, H, K, V, NC, C, N, device)`` of one call."""
+    B, T, H, K = q.shape
+    return B, T, H, K, u.shape[-1], lay.tok_start.numel(), lay.C, lay.chunk_offsets.numel() - 1, q.device
+
+
+def _operands(q, k, u, c, u_scale, log_decay, meta, C):
+    """What the kernels read: contiguous q, k, u; c and u_scale flat ``[B·T, H]`` fp32; the
+    log-decay fp32 (or None); the DECAY flag, dot precision and launch shape."""
+    B, T, H, K = q.shape
+    g = None if log_decay is None else log_decay.float().contiguous()
+    prec = meta["precision"]
+    return ((q.contiguous(), k.contiguous(), u.contiguous(), _flat_c(c, B, T, H),
+             None if u_scale is None else _flat_c(u_scale, B, T, H), g, 0 if g is None else 1, prec,
+             launch_shape(K, u.shape[-1], C, fp32=prec == "ieee")))
+
+
 def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None):
     """Forward of :func:`chunk_delta` (module docstring). Returns ``(o, final, states, A)``:
     as :func:`.fused.fused_forward` does, and the chunks' A ``[NC, H, C, C]`` fp32."""
-    B, T, H, K = q.shape
-    V = u.shape[-1]
-    NC, C = lay.tok_start.numel(), lay.C
-    N = lay.chunk_offsets.numel() - 1
-    dev = q.device
-    q, k, u = (t.contiguous() for t in (q, k, u))
-    cf = _flat_c(c, B, T, H)
-    sf = None if u_scale is None else _flat_c(u_scale, B, T, H)
-    g = None if log_decay is None else log_decay.float().contiguous()
-    decay = 0 if g is None else 1
-    prec = meta["precision"]
-    shape = launch_shape(K, V, C, fp32=prec == "ieee")
+    B, T, H, K, V, NC, C, N, dev = _sizes(q, u, lay)
+    q, k, u, cf, sf, g, decay, prec, shape = _operands(q, k, u, c, u_scale, log_decay, meta, C)
     states = torch.empty(NC, H, K, V, device=dev, dtype=state_dtype(q.dtype))
     final = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=dev, dtype=meta["out_dtype"])
@@ -185,20 +192,11 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
         ``(dq, dk, du, dc, d_log_decay, dh0, d_u_scale)``, None where ``needs`` (q, k, u, c,
         log_decay, h0, u_scale) says no gradient is wanted.
     """
-    B, T, H, K = q.shape
-    V = u.shape[-1]
-    NC, C = lay.tok_start.numel(), lay.C
-    N = lay.chunk_offsets.numel() - 1
-    dev = q.device
-    q, k, u = (t.contiguous() for t in (q, k, u))
-    cf = _flat_c(c, B, T, H)
-    sf = None if u_scale is None else _flat_c(u_scale, B, T, H)
+    B, T, H, K, V, NC, C, N, dev = _sizes(q, u, lay)
+    q, k, u, cf, sf, g, decay, prec, shape = _operands(q, k, u, c, u_scale, log_decay, meta, C)
     d_o = torch.zeros_like(u) if d_o is None else d_o.contiguous()
-    g = None if log_decay is None else log_decay.float().contiguous()
     gd = g if g is not None else u
-    decay = 0 if g is None else 1
-    prec, scale = meta["precision"], float(meta["scale"])
-    shape = launch_shape(K, V, C, fp32=prec == "ieee")
+    scale = float(meta["scale"])
     NK = triton.cdiv(K, shape.BKS)
     f32 = dict(device=dev, dtype=torch.float32)
     low = dict(device=dev, dtype=states.dtype)
