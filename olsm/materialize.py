@@ -100,13 +100,24 @@ def _value_scale(write_value: sp.Expr):
     return s if s != 1 and not s.has(v_j) and not expr_axes(s) else None
 
 
+def _log_decay(rec, env, key_vec, B, T, H):
+    """The matrix class's log-decay: None, ``[B, T, H]`` or ``[B, T, H, K]``."""
+    ld = sp.sympify(rec.log_decay)
+    if ld == 0:
+        return None
+    if "K" in expr_axes(ld):
+        return key_vec(ld)
+    return evaluate(ld, env).expand(B, T, H, 1, 1)[..., 0, 0]
+
+
 def materialize(rec, k, v, coefs, dtype, delta: bool = False) -> dict:
     """Per-token tensors the numeric backends take.
 
     Args:
         delta: for a recurrence of the delta form (``rec.is_delta_form``) return the coefficient
             ``c [B, T, H]`` of ``−c k kᵀ`` instead of the pair (what ``chunk_delta`` takes) and, when
-            the written value is ``s · v`` with a per-token scalar s, ``u = v`` and ``u_scale = s``.
+            the written value is ``s · v`` with a per-token scalar s, ``u = v`` (as given, not cast)
+            and ``u_scale = s``.
 
     Returns:
         matrix class: ``dict(w, u, log_decay, lowrank)`` (``lowrank`` → ``c`` with ``delta``);
@@ -123,24 +134,19 @@ def materialize(rec, k, v, coefs, dtype, delta: bool = False) -> dict:
     def value_vec(e):
         return evaluate(e, env).expand(B, T, H, 1, V)[..., 0, :]
 
+    if delta and rec.is_delta_form and _value_scale(rec.write_value) is not None:
+        # ũ = s v with a per-token scalar s (DeltaNet's β v): the kernel forms it, so neither the
+        # [B, T, H, V] product nor a cast of v is made here
+        return dict(w=key_vec(rec.write_key), u=v, log_decay=_log_decay(rec, env, key_vec, B, T, H),
+                    c=-evaluate(rec.lowrank[0].coef, env).expand(B, T, H, 1, 1)[..., 0, 0],
+                    u_scale=evaluate(_value_scale(rec.write_value), env).expand(B, T, H, 1, 1)[..., 0, 0])
     out = dict(w=key_vec(rec.write_key), u=value_vec(rec.write_value))
     if rec.kind == "elementwise":
         out["gate"] = evaluate(rec.gate, env).expand(full)
         return out
-    ld = sp.sympify(rec.log_decay)
-    if ld == 0:
-        out["log_decay"] = None
-    elif "K" in expr_axes(ld):
-        out["log_decay"] = key_vec(ld)
-    else:
-        out["log_decay"] = evaluate(ld, env).expand(B, T, H, 1, 1)[..., 0, 0]
+    out["log_decay"] = _log_decay(rec, env, key_vec, B, T, H)
     if delta and rec.is_delta_form:
         out["c"] = -evaluate(rec.lowrank[0].coef, env).expand(B, T, H, 1, 1)[..., 0, 0]
-        scale = _value_scale(rec.write_value)
-        if scale is not None:
-            # ũ = s v with a per-token scalar s (DeltaNet's β v): the kernel forms it
-            out["u"] = v.to(dtype)
-            out["u_scale"] = evaluate(scale, env).expand(B, T, H, 1, 1)[..., 0, 0]
         return out
     # the scalar coefficient is folded into a: the backends see pairs (a, b)
     out["lowrank"] = tuple(

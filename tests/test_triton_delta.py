@@ -123,6 +123,8 @@ CASES = [
     (False, 64, {"T": 100, "correlated": True, "H": 1}, {}),           # WY inverse over 4 blocks
     (True, 16, {"K": 80, "V": 24, "H": 1}, {}),                        # two key slices, V not 2^n
     (True, 16, {"strong": True, "c_max": 2.0, "H": 1}, {}),            # strong decays, c up to 2
+    (True, 128, {"T": 150, "H": 1, "V": 40}, {}),                      # 8 blocks of 16; V in blocks of 32
+    (False, 16, {"T": 1, "B": 2}, {}),                                 # one token
 ]
 
 
@@ -166,6 +168,24 @@ def test_backward_out_of_resources_falls_back_to_the_pair(monkeypatch):
 
     monkeypatch.setattr(mod, "delta_backward", refuse)
     check_delta(delta_inputs(6, decay=True, u_scale=True))
+
+
+def test_partial_gradients_and_other_coefficient_dtypes():
+    # only some inputs need a gradient; c in bf16 and the log-decay in float64 (used in fp32,
+    # gradients returned in their own dtype)
+    q, k, u, c, ld, s0 = (t if t is None else t.float() for t in delta_inputs(8, decay=True, T=40))
+    c, ld = c.bfloat16(), ld.double()
+    ref = [t.detach().clone().requires_grad_(i in (0, 3, 4)) for i, t in enumerate((q, k, u, c, ld))]
+    o, _ = km.chunk_delta(*ref, initial_state=s0, chunk_size=16)
+    o.square().sum().backward()
+    assert ref[1].grad is None and ref[2].grad is None
+    assert ref[3].grad.dtype == torch.bfloat16 and ref[4].grad.dtype == torch.float64
+    hi = [t.detach().double().requires_grad_(i in (0, 3, 4)) for i, t in enumerate((q, k, u, c, ld))]
+    o_ref, _ = reference.matrix(hi[0], hi[1], hi[2], hi[4], [(-hi[3][..., None] * hi[1], hi[1])], scale=1.0,
+                                initial_state=s0.double())
+    o_ref.square().sum().backward()
+    for i in (0, 3, 4):
+        assert rel_err(ref[i].grad.float(), hi[i].grad) < (2e-2 if i == 3 else TOL), NAMES[i]
 
 
 def _count_delta_calls(monkeypatch):

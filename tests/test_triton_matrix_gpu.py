@@ -156,9 +156,10 @@ DELTA_CASES = [
     (torch.float32, False, {}, {}),
     (torch.float32, True, {}, {}),
     (torch.bfloat16, True, {"B": 1, "T": 400, "N": 3}, {"cu_seqlens": (0, 57, 300, 400)}),
-    (torch.bfloat16, True, {"u_scale": True}, {}),                     # s v formed in the kernels
     (torch.bfloat16, True, {"K": 100, "V": 72, "T": 200}, {}),
     (torch.float16, True, {"K": 64, "V": 64, "T": 256}, {"chunk_size": 32}),
+    (torch.bfloat16, True, {"u_scale": True}, {}),                     # s v formed in the kernels
+    (torch.bfloat16, False, {"K": 64, "V": 16, "T": 130}, {}),         # V = 16 with a pair (blocks of 32)
 ]
 
 
@@ -174,12 +175,13 @@ def test_chunk_delta_realistic(dtype, decay, make, kw, monkeypatch):
     tols, note = {}, ""
     if decay and dtype != torch.float32 and "cu_seqlens" not in kw:
         # the decay gradient sums cancelling per-token terms: in half precision it is held to
-        # the general rank-1 kernels' error on the same inputs, with a 2x margin, not TOL
+        # the general rank-1 kernels' error on the same inputs, with a 2x margin (at most 3e-2)
         # (H200, Triton 3.6, bf16: 1.3e-2 vs the pair's 1.1e-2 at K = V = 128; 2.3e-2 vs 1.5e-2
         # at K = 100, V = 72, which failed a 1.5x margin; fp16 C = 32: 1.2e-3 vs 1.9e-3)
         pair = pair_decay_error(inputs, dtype=dtype, err=rel, device="cuda", chunk_size=kw["chunk_size"],
                                 scale=shape["K"] ** -0.5)
-        tols, note = {"dlog_decay": max(TOL[dtype], 2 * pair)}, f" (pair path dlog_decay={pair:.1e})"
+        tols = {"dlog_decay": max(TOL[dtype], min(2 * pair, 3e-2))}    # capped: not loosened without end
+        note = f" (pair path dlog_decay={pair:.1e})"
     calls = _count_delta_calls(monkeypatch)
     errs = check_delta(inputs, dtype=dtype, tol=TOL[dtype], err=rel, device="cuda", scale=shape["K"] ** -0.5,
                        tols=tols, **kw)

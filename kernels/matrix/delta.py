@@ -26,8 +26,9 @@ Backward (``kernels/matrix/README.md`` §8 derives it), given dO and dS_final:
    plus dk += E K + Eᵀ K − c e^{G_{t−1}} Aᵀ dX, and the per-token decay terms;
 5. the decay-gradient suffix sum of :mod:`.fused_bwd`.
 
-Where it does not apply (K or V > 128, a per-key decay) :func:`chunk_delta` runs ``chunk_matrix``
-with the pair ``(−c k, k)``; so does an ``OutOfResources`` at launch.
+Where it does not apply (K or V > 128, a per-key decay, ``OLSM_MATRIX_PATH=general``)
+:func:`chunk_delta` runs ``chunk_matrix`` with the pair ``(−c k, k)``; so does an
+``OutOfResources`` at launch, forward or backward.
 """
 from __future__ import annotations
 
@@ -281,9 +282,9 @@ class ChunkDeltaFunction(torch.autograd.Function):
 
 def _general_pair(q, k, u, c, log_decay, h0, u_scale, scale, cu_seqlens, chunk_size):
     """``chunk_matrix`` with the pair ``(−c k, k)``: the fallback of :func:`chunk_delta`."""
-    a = -c.to(k.dtype)[..., None] * k
+    a = (-c[..., None].float() * k.float()).to(k.dtype)     # rounded once, as the fast path's c k
     if u_scale is not None:
-        u = (u_scale[..., None] * u).to(u.dtype)
+        u = (u_scale[..., None].float() * u.float()).to(u.dtype)
     return chunk_matrix(q, k, u, log_decay, [(a, k)], scale=scale, initial_state=h0, output_final_state=True,
                         cu_seqlens=cu_seqlens, chunk_size=chunk_size)
 

@@ -182,9 +182,11 @@ def _wy_fwd_kernel(
             U = U * s_t[:, None]
         Y = tl.dot(TN, U, input_precision=PRECISION)
         if STORE_NU:
+            # ν as the forward's state pass formed it: X, Y and S_n rounded to the storage dtype
+            st = y_wy.dtype.element_ty
             S = tl.load(states + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
-                        mask=mask_k[:, None] & mask_v[None, :], other=0.).to(tl.float32)
-            Y += tl.dot(X, S, input_precision=PRECISION)
+                        mask=mask_k[:, None] & mask_v[None, :], other=0.)
+            Y = Y.to(st).to(tl.float32) + tl.dot(X.to(st), S.to(st), input_precision=PRECISION)
         tl.store(y_wy + nh * C * V + offs_c[:, None] * V + offs_v[None, :], Y.to(y_wy.dtype.element_ty),
                  mask=mask_v[None, :])
 
@@ -407,7 +409,8 @@ def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank:
     all of S) the key block is all of K and the value block halves instead, down to 32, while
     there are fewer programs than half the SMs (H200, deltanet at (8, 2048, 16, 128): value
     blocks of 32 instead of 64 slowed the forward state pass from 0.24 to 0.36 ms; blocks of 16
-    hit an illegal memory access on the GPU with Triton 3.6, not understood, so they are not used).
+    hit an illegal memory access on the GPU with Triton 3.6, not understood, so a pair never gets
+    them, not even for V <= 16).
     """
     BK, BV = shape.BK, shape.BV
     sms = _sm_count(device)
@@ -415,6 +418,7 @@ def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank:
         while BK > 32 and N * H * triton.cdiv(V, BV) * triton.cdiv(K, BK) < 2 * sms:
             BK //= 2
     else:
+        BV = max(BV, 32)    # 16-wide value blocks with a pair: see the docstring
         while BV > 32 and 2 * N * H * triton.cdiv(V, BV) < sms:
             BV //= 2
     return (triton.cdiv(V, BV), N * H, triton.cdiv(K, BK)), BK, BV
