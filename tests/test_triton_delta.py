@@ -242,6 +242,14 @@ def test_catalogue_delta_members_take_chunk_delta(name, monkeypatch):
     assert not olsm.derive(objectives.kda).is_delta_form and not olsm.derive(objectives.mamba2).is_delta_form
 
 
+def test_second_derivative_is_refused():
+    q, k, u, c, ld, s0 = (t.float().requires_grad_() for t in delta_inputs(9, T=8, h0=True, decay=True))
+    o, _ = km.chunk_delta(q, k, u, c, ld, initial_state=s0)
+    (g,) = torch.autograd.grad(o.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
+        g.sum().backward()
+
+
 def test_bad_coefficient_is_a_clear_error():
     q, k, u, c, ld, s0 = (t if t is None else t.float() for t in delta_inputs(0, T=8))
     with pytest.raises(InputError, match="c must be"):

@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 from triton.runtime.errors import OutOfResources
 
 from olsm.errors import InputError
@@ -267,6 +268,7 @@ class ChunkDeltaFunction(torch.autograd.Function):
         return o, final
 
     @staticmethod
+    @once_differentiable      # a second derivative through the kernels is an error, not a silent zero
     def backward(ctx, d_o, d_final):
         q, k, u, c, log_decay, h0, u_scale, states, t_wy, final = ctx.saved_tensors
         needs = ctx.needs_input_grad[:7]
