@@ -30,9 +30,9 @@ backward where they apply, Triton triangular inverse), ``autograd_bwd`` (the
 same forward, the autograd backward), ``general`` (general path, Triton inverse) and ``legacy``
 (general path with ``torch.linalg.solve_triangular``: the code measured in runs 2 and 3), ``pair``
 (the delta members through ``chunk_matrix`` with the general pair ``(−c k, k)``: the fused rank-1
-kernels measured up to run 6), ``inv3`` (``new`` with the three-level WY inverse). The paths are
-chosen through ``OLSM_MATRIX_PATH`` / ``OLSM_MATRIX_SOLVE`` / ``OLSM_MATRIX_BWD`` /
-``OLSM_MATRIX_INVERSE``, read at every call.
+kernels measured up to run 6), ``inv3`` (``new`` with the three-level WY inverse), ``lowp``
+(``new`` with the delta form's per-chunk backward dots on storage-dtype operands). The paths are
+chosen through the ``OLSM_MATRIX_*`` switches of ``ENV_DEFAULTS``, read at every call.
 """
 from __future__ import annotations
 
@@ -101,23 +101,25 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0):
     return out
 
 
-# variant -> (OLSM_MATRIX_PATH, OLSM_MATRIX_SOLVE, OLSM_MATRIX_BWD, OLSM_MATRIX_INVERSE,
-#             delta members via chunk_delta)
-VARIANTS = {"new": ("auto", "triton", "auto", "levels2", True), "inv3": ("auto", "triton", "auto", "levels3", True),
-            "pair": ("auto", "triton", "auto", "levels2", False),
-            "autograd_bwd": ("auto", "triton", "autograd", "levels2", False),
-            "general": ("general", "triton", "autograd", "levels2", False),
-            "legacy": ("general", "torch", "autograd", "levels2", False)}
+# variant -> (environment switches that differ from the defaults, delta members via chunk_delta)
+ENV_DEFAULTS = {"OLSM_MATRIX_PATH": "auto", "OLSM_MATRIX_SOLVE": "triton", "OLSM_MATRIX_BWD": "auto",
+                "OLSM_MATRIX_INVERSE": "levels2", "OLSM_MATRIX_DELTA_DOTS": "fp32"}
+VARIANTS = {
+    "new": ({}, True),
+    "inv3": ({"OLSM_MATRIX_INVERSE": "levels3"}, True),
+    "lowp": ({"OLSM_MATRIX_DELTA_DOTS": "storage"}, True),
+    "pair": ({}, False),
+    "autograd_bwd": ({"OLSM_MATRIX_BWD": "autograd"}, False),
+    "general": ({"OLSM_MATRIX_PATH": "general", "OLSM_MATRIX_BWD": "autograd"}, False),
+    "legacy": ({"OLSM_MATRIX_PATH": "general", "OLSM_MATRIX_SOLVE": "torch", "OLSM_MATRIX_BWD": "autograd"}, False),
+}
 
 
 def set_variant(variant):
     """Select our kernel's code path for the calls that follow (see the module docstring); returns
     whether the delta members go through ``chunk_delta``."""
-    path, solve, bwd, inverse, delta = VARIANTS[variant]
-    os.environ["OLSM_MATRIX_PATH"] = path
-    os.environ["OLSM_MATRIX_SOLVE"] = solve
-    os.environ["OLSM_MATRIX_BWD"] = bwd
-    os.environ["OLSM_MATRIX_INVERSE"] = inverse
+    env, delta = VARIANTS[variant]
+    os.environ.update(dict(ENV_DEFAULTS, **env))
     return delta
 
 

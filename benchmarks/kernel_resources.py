@@ -72,6 +72,11 @@ def configs(K=128, V=128, C=64):
                sh.warps_rank1, True)
         yield (f"delta bwd dq dk decay={decay}", FB._dqdw_bwd_kernel,
                dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DELTA=True), sh.warps_chunk, True)
+        # OLSM_MATRIX_DELTA_DOTS=storage
+        yield (f"delta bwd wy storage dots decay={decay}", D._delta_wy_bwd_kernel,
+               dict(d, BK=sh.BK, BV=sh.BV_rank1, U_SCALE=True, LOWP=True), sh.warps_rank1, False)
+        yield (f"delta bwd dq dk storage dots decay={decay}", FB._dqdw_bwd_kernel,
+               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DELTA=True, LOWP=True), sh.warps_chunk, False)
 
 
 def elementwise_configs(K=16, V=1536, C=64):

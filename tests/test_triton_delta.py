@@ -133,6 +133,14 @@ def test_matches_reference(decay, chunk, make, kw):
     check_delta(delta_inputs(len(make) + 7 * chunk, decay=decay, **make), chunk_size=chunk, **kw)
 
 
+@pytest.mark.parametrize("decay", [False, True])
+def test_storage_dtype_backward_dots(decay, monkeypatch):
+    # OLSM_MATRIX_DELTA_DOTS=storage: the per-chunk backward kernels keep their operands in the
+    # storage dtype (float32 here, so only the code path is checked; bf16 numerics: the GPU tests)
+    monkeypatch.setenv("OLSM_MATRIX_DELTA_DOTS", "storage")
+    check_delta(delta_inputs(10, decay=decay, u_scale=True, V=20), chunk_size=16)
+
+
 @pytest.mark.parametrize("chunk", [64, 128])
 def test_three_level_inverse(chunk, monkeypatch):
     # OLSM_MATRIX_INVERSE=levels3 (4 → 16 → C blocks) on correlated keys, where an unstable
@@ -248,6 +256,16 @@ def test_second_derivative_is_refused():
     (g,) = torch.autograd.grad(o.square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
         g.sum().backward()
+
+
+def test_unknown_switch_value_is_a_clear_error(monkeypatch):
+    from olsm.errors import BackendError
+
+    q, k, u, c, ld, s0 = (t.float().requires_grad_() for t in delta_inputs(11, T=8, decay=True))
+    monkeypatch.setenv("OLSM_MATRIX_DELTA_DOTS", "bf16")
+    o, _ = km.chunk_delta(q, k, u, c, ld, initial_state=s0)
+    with pytest.raises(BackendError, match="OLSM_MATRIX_DELTA_DOTS='bf16' is not one of"):
+        o.sum().backward()
 
 
 def test_bad_coefficient_is_a_clear_error():

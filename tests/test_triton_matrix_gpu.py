@@ -163,8 +163,12 @@ DELTA_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dots", ["fp32", "storage"])
 @pytest.mark.parametrize("dtype,decay,make,kw", DELTA_CASES, ids=[f"delta{i}" for i in range(len(DELTA_CASES))])
-def test_chunk_delta_realistic(dtype, decay, make, kw, monkeypatch):
+def test_chunk_delta_realistic(dtype, decay, make, kw, dots, monkeypatch):
+    if dots == "storage" and dtype == torch.float32:
+        pytest.skip("storage-dtype dots are fp32 dots for fp32 inputs")
+    monkeypatch.setenv("OLSM_MATRIX_DELTA_DOTS", dots)
     from test_triton_delta import _count_delta_calls, check_delta, delta_inputs, pair_decay_error
 
     shape = dict(dict(B=2, T=300, H=4, K=128, V=128), **make)

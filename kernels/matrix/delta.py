@@ -47,7 +47,7 @@ from .fused import (
     MAX_FUSED_DIM, _launch_state, _output_fwd_kernel, env_choice, launch_shape, launch_wy, sequence_launch,
     state_dtype,
 )
-from .fused_bwd import _decay_grad_kernel, _dqdw_bwd_kernel, _dstate_bwd_kernel
+from .fused_bwd import _decay_grad_kernel, _dqdw_bwd_kernel, _dstate_bwd_kernel, _operand
 from .tiles import chunk_decay, chunk_key_tiles
 
 
@@ -56,6 +56,7 @@ def _delta_wy_bwd_kernel(
     k, u, c, g, states, dprobes, t_wy, e_cc, du, dc, tok_start, tok_stop, u_scale, d_scale,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, U_SCALE: tl.constexpr = False,
+    LOWP: tl.constexpr = False,
 ):
     """Step 3 of the module docstring for one chunk × head: du, dc and E.
 
@@ -63,16 +64,20 @@ def _delta_wy_bwd_kernel(
     ``[NC, H, K, V]``; dprobes (dν) ``[NC, H, C, V]``; t_wy (A) ``[NC, H, C, C]`` fp32; writes
     e_cc ``[NC, H, C, C]`` fp32, du ``[B·T, H, V]`` and dc ``[B·T, H]`` fp32. With U_SCALE the
     written values are s u (s = u_scale ``[B·T, H]`` fp32): du is then s ⊙ ∂L/∂(s u) and
-    d_scale ``[B·T, H]`` fp32 gets Σ_j u_j ∂L/∂(s u)_j.
+    d_scale ``[B·T, H]`` fp32 gets Σ_j u_j ∂L/∂(s u)_j. LOWP: the value loop's dots take
+    operands in the storage dtype (A rounded to it, as FLA stores A), fp32 accumulators; the
+    [C, C] products after the loop stay fp32.
     """
     nh = tl.program_id(0).to(tl.int64)
     # transposed operands are loaded transposed, never tl.trans'ed (DESIGN §7)
     i_h, offs_c, valid, tok, offs_k, mask_k, row_k, m_ck, col_k, m_kc = chunk_key_tiles(
         tok_start, tok_stop, nh, H, K, C, BK, 0)
-    K_T = tl.load(k + col_k, mask=m_kc, other=0.).to(tl.float32)                   # [BK, C]
+    K_T = _operand(tl.load(k + col_k, mask=m_kc, other=0.), LOWP)                  # [BK, C]
     rows = nh * C * C + offs_c[:, None] * C + offs_c[None, :]
     cols = nh * C * C + offs_c[None, :] * C + offs_c[:, None]
     A_T = tl.load(t_wy + cols)
+    lp = dprobes.dtype.element_ty
+    A_T_op = A_T.to(lp) if LOWP else A_T
 
     dA = tl.zeros([C, C], dtype=tl.float32)        # dν Uᵀ
     F = tl.zeros([C, C], dtype=tl.float32)         # dν (K S_n)ᵀ
@@ -82,18 +87,19 @@ def _delta_wy_bwd_kernel(
     for i_v in range(0, (V + BV - 1) // BV):
         offs_v = i_v * BV + tl.arange(0, BV)
         mask_v = offs_v < V
-        dnu = tl.load(dprobes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], mask=mask_v[None, :],
-                      other=0.).to(tl.float32)                                      # [C, BV]
+        dnu = _operand(tl.load(dprobes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], mask=mask_v[None, :],
+                               other=0.), LOWP)                                     # [C, BV]
         U_T = tl.load(u + (tok[None, :] * H + i_h) * V + offs_v[:, None], mask=mask_v[:, None] & valid[None, :],
-                      other=0.).to(tl.float32)                                      # [BV, C]
-        S_T = tl.load(states + nh * K * V + offs_v[:, None] + offs_k[None, :] * V,
-                      mask=mask_v[:, None] & mask_k[None, :], other=0.).to(tl.float32)   # [BV, BK]
+                      other=0.)                                                     # [BV, C]
+        S_T = _operand(tl.load(states + nh * K * V + offs_v[:, None] + offs_k[None, :] * V,
+                               mask=mask_v[:, None] & mask_k[None, :], other=0.), LOWP)   # [BV, BK]
         KS_T = tl.dot(S_T, K_T, input_precision=PRECISION)                          # (K S_n)ᵀ [BV, C]
         if U_SCALE:
-            U_T = U_T * s_t[None, :]
+            U_T = U_T.to(tl.float32) * s_t[None, :]
+        U_T = U_T.to(lp) if LOWP else U_T.to(tl.float32)
         dA += tl.dot(dnu, U_T, input_precision=PRECISION)
-        F += tl.dot(dnu, KS_T, input_precision=PRECISION)
-        dU = tl.dot(A_T, dnu, input_precision=PRECISION)
+        F += tl.dot(dnu, KS_T.to(lp) if LOWP else KS_T, input_precision=PRECISION)
+        dU = tl.dot(A_T_op, dnu, input_precision=PRECISION)
         rows_v = (tok[:, None] * H + i_h) * V + offs_v[None, :]
         if U_SCALE:
             ds += tl.sum(dU * tl.load(u + rows_v, mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32),
@@ -116,12 +122,19 @@ def _delta_wy_bwd_kernel(
     dA = dA - F * (c_t * e_b)[None, :]
     dM = -tl.dot(tl.dot(A_T, dA, input_precision=PRECISION), A_T, input_precision=PRECISION)
     dM = tl.where(strict, dM, 0.)
-    Kr = tl.load(k + row_k, mask=m_ck, other=0.).to(tl.float32)
+    Kr = _operand(tl.load(k + row_k, mask=m_ck, other=0.), LOWP)
     Lp = tl.dot(Kr, K_T, input_precision=PRECISION) * R                            # L' = K Kᵀ ⊙ R
     A = tl.load(t_wy + rows)
     dcv = tl.sum(dM * Lp, axis=1) - e_b * tl.sum(A * F, axis=0)
     tl.store(dc + tok * H + i_h, dcv, mask=valid)
     tl.store(e_cc + rows, c_t[:, None] * dM * R)
+
+
+def backward_lowp() -> bool:
+    """Whether the per-chunk backward kernels take their dots on storage-dtype operands:
+    ``OLSM_MATRIX_DELTA_DOTS=storage`` (opt-in, written after run 7 and not yet timed or run on a
+    GPU; FLA's kernels do so) instead of fp32 copies (``fp32``, the default)."""
+    return env_choice("OLSM_MATRIX_DELTA_DOTS", ("fp32", "storage")) == "storage"
 
 
 def delta_applies(log_decay, K: int, V: int) -> bool:
@@ -223,19 +236,21 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     dc = torch.empty(B * T, H, **f32)
     ds = None if sf is None else torch.empty(B * T, H, **f32)
     dlam, dbb = torch.zeros(NK, B * T, H, **f32), torch.zeros(NK, B * T, H, **f32)
+    lowp = backward_lowp()
     if NC > 0:
         # 3. through the WY form: du, dc and the Gram gradient E
         e_cc = torch.empty(NC, H, C, C, **f32)
         _delta_wy_bwd_kernel[(NC * H,)](
             k, u, cf, gd, states, dnu, t_wy, e_cc, du, dc, lay.tok_start, lay.tok_stop,
             sf if sf is not None else cf, ds if ds is not None else dc, H, K=K, V=V, C=C, DECAY=decay,
-            BK=shape.BK, BV=shape.BV_rank1, PRECISION=prec, U_SCALE=sf is not None, num_warps=shape.warps_rank1,
+            BK=shape.BK, BV=shape.BV_rank1, PRECISION=prec, U_SCALE=sf is not None, LOWP=lowp,
+            num_warps=shape.warps_rank1,
         )
         # 4. dq, dk and the decay terms
         _dqdw_bwd_kernel[(NK, NC * H)](
             q, k, u, d_o, gd, states, dstates, dq, dk, dlam, lay.tok_start, lay.tok_stop, scale, B * T,
             nu, dnu, t_wy, e_cc, cf, dbb, H, K=K, V=V, C=C, DECAY=decay, BKS=shape.BKS, BV=shape.BV_dqdw,
-            PRECISION=prec, DELTA=True, num_warps=shape.warps_chunk,
+            PRECISION=prec, DELTA=True, LOWP=lowp, num_warps=shape.warps_chunk,
         )
     else:
         for t in (dq, dk, du, dc) + (() if ds is None else (ds,)):

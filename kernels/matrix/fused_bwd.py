@@ -150,11 +150,22 @@ def _dstate_bwd_kernel(
 
 
 @triton.jit
+def _operand(x, LOWP: tl.constexpr):
+    """A loaded dot operand: as stored with LOWP (bf16/fp16 tensor-core dots), else an fp32 copy."""
+    if LOWP:
+        y = x
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
 def _dqdw_bwd_kernel(
     q, w, u, do, g, states, dstates, dq, dw, dlam, tok_start, tok_stop, scale, BT,
     probes, dprobes, t_wy, e_cc, c, dbb,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     BKS: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr = False,
+    LOWP: tl.constexpr = False,
 ):
     """Kernel 2: dq, dw and the per-token decay term for one K-slice × chunk × head.
 
@@ -166,6 +177,8 @@ def _dqdw_bwd_kernel(
     Gram gradient E (e_cc ``[NC, H, C, C]``) and c ``[B·T, H]``: dX = dν S_nᵀ,
     d(b-role) = E K − c e^{G_{t−1}} Aᵀ dX, dw += d(b-role) + Eᵀ K; dlam gains 2 k·d(b-role)
     (the b-role's own term and the part of k·dk that is not w's or a's) and dbb ``[NK, B·T, H]`` k·d(b-role).
+    LOWP: the value-loop dots and the dA products take operands in their storage dtype (bf16 /
+    fp16 inputs; fp32 accumulators) instead of fp32 copies.
     """
     nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, mask_row = kslice_program(tok_start, tok_stop, H, K,
                                                                                        C, BKS)
@@ -183,13 +196,13 @@ def _dqdw_bwd_kernel(
         col_v = (tok[None, :] * H + i_h) * V + offs_v[:, None]
         mask_rv = valid[:, None] & mask_v[None, :]
         mask_cv = mask_v[:, None] & valid[None, :]
-        dO = tl.load(do + row_v, mask=mask_rv, other=0.).to(tl.float32)        # [C, BV]
+        dO = _operand(tl.load(do + row_v, mask=mask_rv, other=0.), LOWP)        # [C, BV]
         if DELTA:
             cv = nh * C * V + offs_c[:, None] * V + offs_v[None, :]
-            U = tl.load(probes + cv, mask=mask_v[None, :], other=0.).to(tl.float32)
-            dO_T = tl.load(do + col_v, mask=mask_cv, other=0.).to(tl.float32)      # [BV, C]
-            U_T = tl.load(probes + nh * C * V + offs_c[None, :] * V + offs_v[:, None], mask=mask_v[:, None],
-                          other=0.).to(tl.float32)
+            U = _operand(tl.load(probes + cv, mask=mask_v[None, :], other=0.), LOWP)
+            dO_T = _operand(tl.load(do + col_v, mask=mask_cv, other=0.), LOWP)      # [BV, C]
+            U_T = _operand(tl.load(probes + nh * C * V + offs_c[None, :] * V + offs_v[:, None], mask=mask_v[:, None],
+                                   other=0.), LOWP)
         else:
             U = tl.load(u + row_v, mask=mask_rv, other=0.).to(tl.float32)
             dO_T = tl.load(do + col_v, mask=mask_cv, other=0.).to(tl.float32)      # [BV, C]
@@ -199,12 +212,12 @@ def _dqdw_bwd_kernel(
         # S_nᵀ and dS_{n+1}ᵀ of this (K-slice, V-block), transposed by pointer arithmetic
         vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V
         mask_vk = mask_v[:, None] & mask_k[None, :]
-        S_T = tl.load(states + vk, mask=mask_vk, other=0.).to(tl.float32)      # [BV, BKS]
-        dS_T = tl.load(dstates + vk, mask=mask_vk, other=0.).to(tl.float32)
+        S_T = _operand(tl.load(states + vk, mask=mask_vk, other=0.), LOWP)      # [BV, BKS]
+        dS_T = _operand(tl.load(dstates + vk, mask=mask_vk, other=0.), LOWP)
         dq_s += tl.dot(dO, S_T, input_precision=PRECISION)
         dw_s += tl.dot(U, dS_T, input_precision=PRECISION)
         if DELTA:
-            dnu = tl.load(dprobes + cv, mask=mask_v[None, :], other=0.).to(tl.float32)
+            dnu = _operand(tl.load(dprobes + cv, mask=mask_v[None, :], other=0.), LOWP)
             dX += tl.dot(dnu, S_T, input_precision=PRECISION)
 
     Q = tl.load(q + row_k, mask=mask_row, other=0.).to(tl.float32)             # [C, BKS]
@@ -221,8 +234,13 @@ def _dqdw_bwd_kernel(
     else:
         dA = tl.where(incl, dA, 0.)
         dA_T = tl.where(offs_c[:, None] <= offs_c[None, :], dA_T, 0.)
-    dQ = scale * (dq_s + tl.dot(dA, W, input_precision=PRECISION))
-    dW = dw_s + scale * tl.dot(dA_T, Q, input_precision=PRECISION)
+    if LOWP:
+        lp = q.dtype.element_ty
+        dQ = scale * (dq_s + tl.dot(dA.to(lp), W.to(lp), input_precision=PRECISION))
+        dW = dw_s + scale * tl.dot(dA_T.to(lp), Q.to(lp), input_precision=PRECISION)
+    else:
+        dQ = scale * (dq_s + tl.dot(dA, W, input_precision=PRECISION))
+        dW = dw_s + scale * tl.dot(dA_T, Q, input_precision=PRECISION)
     part = i_k.to(tl.int64) * BT * H + tok * H + i_h
     if DELTA:
         rows = nh * C * C + offs_c[:, None] * C + offs_c[None, :]
