@@ -103,11 +103,11 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0):
 
 # variant -> (environment switches that differ from the defaults, delta members via chunk_delta)
 ENV_DEFAULTS = {"OLSM_MATRIX_PATH": "auto", "OLSM_MATRIX_SOLVE": "triton", "OLSM_MATRIX_BWD": "auto",
-                "OLSM_MATRIX_INVERSE": "levels2", "OLSM_MATRIX_DELTA_DOTS": "fp32"}
+                "OLSM_MATRIX_INVERSE": "levels2", "OLSM_MATRIX_DOTS": "fp32"}
 VARIANTS = {
     "new": ({}, True),
     "inv3": ({"OLSM_MATRIX_INVERSE": "levels3"}, True),
-    "lowp": ({"OLSM_MATRIX_DELTA_DOTS": "storage"}, True),
+    "lowp": ({"OLSM_MATRIX_DOTS": "storage"}, True),
     "pair": ({}, False),
     "autograd_bwd": ({"OLSM_MATRIX_BWD": "autograd"}, False),
     "general": ({"OLSM_MATRIX_PATH": "general", "OLSM_MATRIX_BWD": "autograd"}, False),

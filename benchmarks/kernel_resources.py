@@ -42,6 +42,11 @@ def configs(K=128, V=128, C=64):
                    sh.warps_state_lr if lr else sh.warps_seq, True)
             yield (f"fwd output {tag}", F._output_fwd_kernel, dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out),
                    sh.warps_out, True)
+            if not lr:   # OLSM_MATRIX_DOTS=storage
+                yield (f"fwd state storage dots {tag}", F._state_fwd_kernel,
+                       dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, LOWP=True), sh.warps_seq, False)
+                yield (f"fwd output storage dots {tag}", F._output_fwd_kernel,
+                       dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out, LOWP=True), sh.warps_out, False)
             yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel,
                    dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV), sh.warps_seq, True)
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False)
@@ -72,7 +77,7 @@ def configs(K=128, V=128, C=64):
                sh.warps_rank1, True)
         yield (f"delta bwd dq dk decay={decay}", FB._dqdw_bwd_kernel,
                dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DELTA=True), sh.warps_chunk, True)
-        # OLSM_MATRIX_DELTA_DOTS=storage
+        # OLSM_MATRIX_DOTS=storage
         yield (f"delta bwd wy storage dots decay={decay}", D._delta_wy_bwd_kernel,
                dict(d, BK=sh.BK, BV=sh.BV_rank1, U_SCALE=True, LOWP=True), sh.warps_rank1, False)
         yield (f"delta bwd dq dk storage dots decay={decay}", FB._dqdw_bwd_kernel,

@@ -168,6 +168,14 @@ def test_no_initial_state_no_final_state_short_sequence():
     check(make_inputs(4, T=1, decay="key", lowrank="none", h0=False, H=1), final=True)
 
 
+@pytest.mark.parametrize("decay", ["none", "scalar"])
+def test_storage_dtype_dots_without_a_pair(decay, monkeypatch):
+    # OLSM_MATRIX_DOTS=storage: the rank-0 forward state and output kernels keep their operands in
+    # the storage dtype (float32 here: the code path only; bf16 numerics in the GPU tests)
+    monkeypatch.setenv("OLSM_MATRIX_DOTS", "storage")
+    check(make_inputs(31, decay=decay), chunk_size=16)
+
+
 @pytest.mark.parametrize("levels", ["levels2", "levels3"])
 @pytest.mark.parametrize("chunk", [16, 64, 128])
 def test_fused_wy_inverse_over_several_blocks(chunk, levels, monkeypatch):

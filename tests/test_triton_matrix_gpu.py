@@ -110,6 +110,14 @@ def test_members_realistic(name, dtype):
     run_case(name, dtype, B=2, T=300, H=4, K=128, V=128)
 
 
+@pytest.mark.parametrize("name", ["linear_attention", "mamba2"])
+def test_storage_dtype_dots_rank0(name, monkeypatch):
+    # OLSM_MATRIX_DOTS=storage: the rank-0 forward's state and output dots on bf16 operands
+    monkeypatch.setenv("OLSM_MATRIX_DOTS", "storage")
+    run_case(name, torch.bfloat16, B=2, T=300, H=4, K=128, V=128)
+    run_case(name, torch.bfloat16, B=1, T=400, H=4, K=128, V=128, cu_seqlens=(0, 57, 300, 400))
+
+
 @pytest.mark.parametrize("name", ["gated_deltanet", "dplr", "gla"])
 def test_odd_dims_and_wide_heads(name):
     run_case(name, torch.bfloat16, B=1, T=200, H=2, K=100, V=200)
@@ -168,7 +176,7 @@ DELTA_CASES = [
 def test_chunk_delta_realistic(dtype, decay, make, kw, dots, monkeypatch):
     if dots == "storage" and dtype == torch.float32:
         pytest.skip("storage-dtype dots are fp32 dots for fp32 inputs")
-    monkeypatch.setenv("OLSM_MATRIX_DELTA_DOTS", dots)
+    monkeypatch.setenv("OLSM_MATRIX_DOTS", dots)
     from test_triton_delta import _count_delta_calls, check_delta, delta_inputs, pair_decay_error
 
     shape = dict(dict(B=2, T=300, H=4, K=128, V=128), **make)

@@ -44,11 +44,11 @@ from olsm.errors import InputError
 
 from .chunk import _check_backend, _check_inputs, _interpreting, _layout, chunk_matrix
 from .fused import (
-    MAX_FUSED_DIM, _launch_state, _output_fwd_kernel, env_choice, launch_shape, launch_wy, sequence_launch,
-    state_dtype,
+    MAX_FUSED_DIM, _launch_state, _output_fwd_kernel, dots_lowp, env_choice, launch_shape, launch_wy,
+    sequence_launch, state_dtype,
 )
-from .fused_bwd import _decay_grad_kernel, _dqdw_bwd_kernel, _dstate_bwd_kernel, _operand
-from .tiles import chunk_decay, chunk_key_tiles
+from .fused_bwd import _decay_grad_kernel, _dqdw_bwd_kernel, _dstate_bwd_kernel
+from .tiles import _operand, chunk_decay, chunk_key_tiles
 
 
 @triton.jit
@@ -130,13 +130,6 @@ def _delta_wy_bwd_kernel(
     tl.store(e_cc + rows, c_t[:, None] * dM * R)
 
 
-def backward_lowp() -> bool:
-    """Whether the per-chunk backward kernels take their dots on storage-dtype operands:
-    ``OLSM_MATRIX_DELTA_DOTS=storage`` (opt-in, written after run 7 and not yet timed or run on a
-    GPU; FLA's kernels do so) instead of fp32 copies (``fp32``, the default)."""
-    return env_choice("OLSM_MATRIX_DELTA_DOTS", ("fp32", "storage")) == "storage"
-
-
 def delta_applies(log_decay, K: int, V: int) -> bool:
     """Whether the delta kernels take this call: no or a scalar decay, K, V <= 128, and
     ``OLSM_MATRIX_PATH`` is not ``general``."""
@@ -195,7 +188,7 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None):
         _output_fwd_kernel[(triton.cdiv(V, shape.BV_out), NC * H)](
             q, k, k, u, gd, states, nu, o, lay.tok_start, lay.tok_stop, meta["scale"], H, K=K, V=V, C=C,
             DECAY=decay, LOWRANK=False, BK=shape.BK, BV=shape.BV_out, PRECISION=prec, DELTA=True,
-            num_warps=shape.warps_out,
+            LOWP=dots_lowp(), num_warps=shape.warps_out,
         )
     return o, final, states, t_wy
 
@@ -236,7 +229,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     dc = torch.empty(B * T, H, **f32)
     ds = None if sf is None else torch.empty(B * T, H, **f32)
     dlam, dbb = torch.zeros(NK, B * T, H, **f32), torch.zeros(NK, B * T, H, **f32)
-    lowp = backward_lowp()
+    lowp = dots_lowp()
     if NC > 0:
         # 3. through the WY form: du, dc and the Gram gradient E
         e_cc = torch.empty(NC, H, C, C, **f32)

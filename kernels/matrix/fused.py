@@ -38,7 +38,7 @@ import triton.language as tl
 
 from olsm.errors import BackendError
 
-from .tiles import chunk_decay, chunk_key_tiles, chunk_tokens, sequence_program
+from .tiles import _operand, chunk_decay, chunk_key_tiles, chunk_tokens, sequence_program
 
 DECAY_NONE, DECAY_SCALAR = 0, 1
 
@@ -197,11 +197,12 @@ def _state_fwd_kernel(
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     DECAY: tl.constexpr, LOWRANK: tl.constexpr, HAS_H0: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr = False,
+    LOWP: tl.constexpr = False,
 ):
     """Sequential pass over one sequence × head × block of BV value columns (kernel 2); without a
     low-rank part the grid also splits K into blocks of BK (:func:`sequence_launch`). With DELTA
     (and LOWRANK) P is the delta form's ν and S_{n+1} = γ_n S_n + Ŵᵀ ν (u and a are not read),
-    its dots taking operands in the storage dtype.
+    its dots taking operands in the storage dtype; LOWP does the same without a low-rank part.
 
     Shapes: w, a ``[B·T, H, K]``, u ``[B·T, H, V]`` (input dtype); g ``[B·T, H]`` fp32;
     x_wy ``[NC, H, C, K]``, y_wy ``[NC, H, C, V]``; writes states ``[NC, H, K, V]`` (S_n, the
@@ -237,6 +238,10 @@ def _state_fwd_kernel(
             P_st = P.to(probes.dtype.element_ty)
             tl.store(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], P_st, mask=mask_v[None, :])
             S_next = tl.dot(W_T.to(P_st.dtype), P_st, input_precision=PRECISION)
+        elif LOWP and not LOWRANK:
+            U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
+                        mask=valid[:, None] & mask_v[None, :], other=0.)                  # [C, BV]
+            S_next = tl.dot(W_T.to(U.dtype), U, input_precision=PRECISION)
         else:
             if LOWRANK:
                 X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :],
@@ -269,9 +274,11 @@ def _output_fwd_kernel(
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     DECAY: tl.constexpr, LOWRANK: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr = False,
+    LOWP: tl.constexpr = False,
 ):
     """o = scale · (Q̂ S_n + M_qa P + M_qw U) for one chunk × head × V-block (kernel 3); with
-    DELTA (LOWRANK off) o = scale · (Q̂ S_n + M_qw ν), ν read from probes instead of u.
+    DELTA (LOWRANK off) o = scale · (Q̂ S_n + M_qw ν), ν read from probes instead of u. LOWP
+    (LOWRANK off): the two value dots on storage-dtype operands (:func:`dots_lowp`).
 
     Shapes: q, w, a ``[B·T, H, K]``; u ``[B·T, H, V]``; g ``[B·T, H]`` fp32; states
     ``[NC, H, K, V]``; probes ``[NC, H, C, V]``; o ``[B·T, H, V]`` (written token-major in the
@@ -302,16 +309,16 @@ def _output_fwd_kernel(
     else:
         M_qw = tl.where(incl, M_qw, 0.)
 
-    S = tl.load(states + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
-                mask=mask_k[:, None] & mask_v[None, :], other=0.).to(tl.float32)
-    acc = tl.dot(Q_hat, S, input_precision=PRECISION)
+    S = _operand(tl.load(states + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
+                         mask=mask_k[:, None] & mask_v[None, :], other=0.), LOWP)
+    acc = tl.dot(Q_hat.to(S.dtype), S, input_precision=PRECISION)
     if DELTA:
-        U = tl.load(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], mask=mask_v[None, :],
-                    other=0.).to(tl.float32)
+        U = _operand(tl.load(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], mask=mask_v[None, :],
+                             other=0.), LOWP)
     else:
-        U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
-                    mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)
-    acc += tl.dot(M_qw, U, input_precision=PRECISION)
+        U = _operand(tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
+                             mask=valid[:, None] & mask_v[None, :], other=0.), LOWP)
+    acc += tl.dot(M_qw.to(U.dtype), U, input_precision=PRECISION)
     if LOWRANK:
         A_T = tl.load(a + col_k, mask=mask_col, other=0.)
         M_qa = tl.dot(Q, A_T, input_precision=PRECISION)
@@ -468,6 +475,15 @@ def env_choice(name: str, choices: tuple) -> str:
     return value
 
 
+def dots_lowp() -> bool:
+    """``OLSM_MATRIX_DOTS=storage`` (opt-in, read at each call; written after run 7, not yet timed
+    or run on a GPU): the forward state and output kernels without a low-rank part, the delta
+    form's output and its per-chunk backward kernels take dot operands in the storage dtype
+    (bf16/fp16 tensor-core dots with fp32 accumulators, as FLA's kernels) instead of fp32 copies
+    (``fp32``, the default: tf32 dots for half-precision inputs)."""
+    return env_choice("OLSM_MATRIX_DOTS", ("fp32", "storage")) == "storage"
+
+
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Storage dtype of the chunk-boundary states S_n (and their gradients) for inputs of ``dtype``."""
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
@@ -546,6 +562,7 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     if R:
         launch_wy(shape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, None, H, K, V, C, decay, prec)
     h0_ = None if h0 is None else h0.float().contiguous()
+    lowp = dots_lowp()
     grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev)
     _launch_state(
         grid,
@@ -553,13 +570,13 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
          states, probes, final, tok_start, tok_stop, chunk_offsets, H),
         key=(K, V, C, R, decay, str(q.dtype)),
         K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,
-        PRECISION=prec, num_warps=shape.warps_state_lr if R else shape.warps_seq,
+        PRECISION=prec, LOWP=lowp and R == 0, num_warps=shape.warps_state_lr if R else shape.warps_seq,
     )
     if NC > 0:
         BVO = shape.BV_out
         _output_fwd_kernel[(triton.cdiv(V, BVO), NC * H)](
             q, w, a, u, g if g is not None else dummy, states, probes, o, tok_start, tok_stop,
             meta["scale"], H, K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, BK=BK, BV=BVO,
-            PRECISION=prec, num_warps=shape.warps_out,
+            PRECISION=prec, LOWP=lowp and R == 0, num_warps=shape.warps_out,
         )
     return o, final, states

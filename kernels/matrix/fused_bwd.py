@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .fused import env_choice, launch_shape, launch_wy, sequence_launch
-from .tiles import chunk_decay, chunk_key_tiles, chunk_tokens, kslice_program, sequence_program
+from .tiles import _operand, chunk_decay, chunk_key_tiles, chunk_tokens, kslice_program, sequence_program
 
 
 @triton.jit
@@ -147,16 +147,6 @@ def _dstate_bwd_kernel(
             if LOWRANK:
                 dS += tl.dot(X_T, dP, input_precision=PRECISION)
     tl.store(dh0 + i_nh.to(tl.int64) * K * V + kv, dS, mask=mask_kv)
-
-
-@triton.jit
-def _operand(x, LOWP: tl.constexpr):
-    """A loaded dot operand: as stored with LOWP (bf16/fp16 tensor-core dots), else an fp32 copy."""
-    if LOWP:
-        y = x
-    else:
-        y = x.to(tl.float32)
-    return y
 
 
 @triton.jit
