@@ -3,16 +3,16 @@
 # and the benchmark against FLA. Run from the repository root on the GPU machine with .whl (the
 # FLA 0.6.0 wheel, DESIGN §7) carried; results go to $OUT/matrix.tgz. Two calls fit one 10-minute
 # command each:
-#   TESTS=chunk_delta BENCH=0 bash benchmarks/gpu_matrix.sh          (about 5 min of compiles)
-#   TESTS= [METHODS="deltanet longhorn gated_deltanet"] [VARIANTS="new inv3 lowp"] bash benchmarks/gpu_matrix.sh
+#   BENCH=0 bash benchmarks/gpu_matrix.sh          (about 5 min of compiles)
+#   TESTS= [METHODS="deltanet longhorn gated_deltanet linear_attention"] [VARIANTS="new inv3 lowp"] bash benchmarks/gpu_matrix.sh
 set -u
 R=/tmp/matrix_results; mkdir -p $R
 P=$(dirname "$(python3 -c 'import sys; print(sys.executable)')"); export PATH=$P:$PATH PYTHONUNBUFFERED=1
 python -m pip install --no-deps --no-build-isolation -e . > $R/pip.log 2>&1
 python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >> $R/pip.log 2>&1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > $R/gpu.txt 2>&1
-if [ -n "${TESTS-chunk_delta}" ]; then
-    (cd tests && timeout 540 python -m pytest -q -s -p no:cacheprovider test_triton_matrix_gpu.py -k "${TESTS-chunk_delta}" \
+if [ -n "${TESTS-chunk_delta or storage_dtype}" ]; then
+    (cd tests && timeout 540 python -m pytest -q -s -p no:cacheprovider test_triton_matrix_gpu.py -k "${TESTS-chunk_delta or storage_dtype}" \
         > $R/gpu_tests.log 2>&1; echo "gpu tests rc=$?" >> $R/gpu_tests.log)
     tar czf $OUT/matrix.tgz -C $R .
     grep -E "^chunk_delta|passed|failed|rc=" $R/gpu_tests.log | cut -c1-240
@@ -20,7 +20,7 @@ fi
 if [ "${BENCH:-1}" = 1 ]; then
     timeout 90 python -u benchmarks/profile_ops.py --methods deltanet --variant new --top 10 > $R/profile.md 2>&1
     PYTHONPATH=/tmp/site timeout 420 python -u benchmarks/bench_matrix.py --budget-s 360 \
-        --methods ${METHODS:-deltanet longhorn gated_deltanet} --variants ${VARIANTS:-new inv3 lowp} --out $R \
+        --methods ${METHODS:-deltanet longhorn gated_deltanet linear_attention} --variants ${VARIANTS:-new inv3 lowp} --out $R \
         > $R/bench.log 2>&1
     tar czf $OUT/matrix.tgz -C $R .
     grep -E "^##|^\| _" $R/profile.md
