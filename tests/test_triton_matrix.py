@@ -194,6 +194,19 @@ def test_strong_per_key_decay_stays_finite():
     check(make_inputs(5, H=1, decay="key", lowrank="general", strong=True), chunk_size=64)
 
 
+@pytest.mark.parametrize("bwd", ["auto", "autograd"])
+def test_second_derivative_is_refused(bwd, monkeypatch):
+    # neither the Triton backward nor the autograd one behind it is differentiable again: asking
+    # for a second derivative must raise, not return zeros
+    monkeypatch.setenv("OLSM_MATRIX_BWD", bwd)
+    q, w, u, g, pairs, s0 = make_inputs(41, T=20, decay="scalar", lowrank="delta")
+    q = q.float().requires_grad_()
+    o, _ = km.chunk_matrix(q, w.float(), u.float(), g.float(), [(a.float(), b.float()) for a, b in pairs])
+    (dq,) = torch.autograd.grad(o.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        dq.sum().backward()
+
+
 def test_non_contiguous_inputs():
     q, w, u, g, pairs, s0 = make_inputs(6, decay="scalar")
     q = q.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides

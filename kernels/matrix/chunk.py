@@ -41,6 +41,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from triton.runtime.errors import OutOfResources
 
 from olsm.errors import BackendError, InputError
@@ -315,6 +316,7 @@ class ChunkMatrixFunction(torch.autograd.Function):
         return o, final
 
     @staticmethod
+    @once_differentiable      # a second derivative through the kernels is an error, not a silent zero
     def backward(ctx, d_o, d_final):
         q, w, u, log_decay, h0, states, final, *lowrank_flat = ctx.saved_tensors
         if fused_backward_applies(log_decay, lowrank_flat, q.shape[-1], u.shape[-1]):
