@@ -131,9 +131,13 @@ class Recurrence(RecurrenceIR):
             low = "none" if not self.lowrank else ("delta (k kᵀ)" if all(lr.is_delta for lr in self.lowrank)
                                                    else "general a bᵀ") + f", rank {len(self.lowrank)}"
             cls += f" (decay: {decay}; low rank: {low})"
+            kernel = ("chunk_delta (one effective value per token)" if self.is_delta_form and decay != "per key"
+                      else "chunk_matrix")
         else:
             cls += " (gate G[n, j] computed from per-key and per-value factors)"
+            kernel = "generated elementwise scan"
         lines.append(f"IR class    {cls}")
+        lines.append(f"triton      {kernel}")
         ins = ", ".join(f"{s.name} {s.shape}" + (f" {s.constraint}" if s.constraint else "") for s in self.inputs)
         lines.append(f"inputs      {ins or '(none)'}")
         if self.proof is not None:

@@ -70,6 +70,8 @@ def test_longhorn_epsilon_is_named_and_printed():
     assert "S_t = (I − ε k kᵀ) S_{t-1} + ε k vᵀ" in text and "ε = β/" in text
     assert r"\epsilon" in rec.latex()
     assert "proved" in rec.describe()
+    assert "triton      chunk_delta" in rec.describe()          # the delta form's kernel
+    assert "triton      chunk_matrix" in derive("kda").describe()
 
 
 def test_longhorn_diag_has_per_value_epsilon():
