@@ -335,15 +335,20 @@ class ChunkMatrixFunction(torch.autograd.Function):
         meta = dict(ctx.meta)
         with torch.enable_grad():
             o, fin, _ = _pipeline(q_, w_, u_, g_, lowrank, h0_, ctx.lay, meta, replay=(states.float(), final))
-            wanted = [t for t in leaves if t is not None and t.requires_grad]
-            outs, grads = [o], [torch.zeros_like(o) if d_o is None else d_o]
-            if d_final is not None:
-                outs.append(fin)
-                grads.append(d_final)
-            got = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True)) if wanted else iter(())
-        result = [next(got) if (t is not None and t.requires_grad) else None for t in leaves]
-        d_q, d_w, d_u, d_g, d_h0, *d_lr = result
+            d_q, d_w, d_u, d_g, d_h0, *d_lr = leaf_grads(leaves, o, fin, d_o, d_final)
         return (d_q, d_w, d_u, d_g, d_h0, None, None, None, *d_lr)
+
+
+def leaf_grads(leaves, o, fin, d_o, d_final):
+    """Gradients of ``⟨o, d_o⟩ + ⟨fin, d_final⟩`` (either seed may be None) to each of ``leaves``:
+    a tensor for the ones that require grad, None for the others (and for None leaves)."""
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    outs, seeds = [o], [torch.zeros_like(o) if d_o is None else d_o]
+    if d_final is not None:
+        outs.append(fin)
+        seeds.append(d_final)
+    got = iter(torch.autograd.grad(outs, wanted, seeds, allow_unused=True)) if wanted else iter(())
+    return [next(got) if (t is not None and t.requires_grad) else None for t in leaves]
 
 
 def chunk_matrix(

@@ -42,7 +42,7 @@ from triton.runtime.errors import OutOfResources
 
 from olsm.errors import InputError
 
-from .chunk import _check_backend, _check_inputs, _interpreting, _layout, chunk_matrix
+from .chunk import _check_backend, _check_inputs, _interpreting, _layout, chunk_matrix, leaf_grads
 from .fused import (
     MAX_FUSED_DIM, _launch_state, _output_fwd_kernel, dots_lowp, env_choice, launch_shape, launch_wy,
     sequence_launch, state_dtype,
@@ -303,13 +303,7 @@ def _general_pair_grads(inputs, needs, d_o, d_final, meta, opts):
     leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
     with torch.enable_grad():
         o, fin = _general_pair(*leaves, meta["scale"], *opts)
-        outs, seeds = [o], [torch.zeros_like(o) if d_o is None else d_o]
-        if d_final is not None:
-            outs.append(fin)
-            seeds.append(d_final)
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        got = iter(torch.autograd.grad(outs, wanted, seeds, allow_unused=True))
-    return tuple(next(got) if (t is not None and t.requires_grad) else None for t in leaves)
+        return tuple(leaf_grads(leaves, o, fin, d_o, d_final))
 
 
 def _check_c(c, q, name="c"):
