@@ -212,6 +212,10 @@ def _state_fwd_kernel(
     mask_kv = mask_k[:, None] & mask_v[None, :]
     kv = offs_k[:, None] * V + offs_v[None, :]
 
+    # dot operands: fp32 copies, or with DELTA / LOWP as stored (bf16/fp16 tensor-core dots for
+    # half-precision inputs, as FLA's state pass; fp32 accumulators and S): half the registers and
+    # MMA steps of tf32 on this latency-bound sequential path
+    od = states.dtype.element_ty if (DELTA or LOWP) else tl.float32
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         S += tl.load(h0 + i_nh.to(tl.int64) * K * V + kv, mask=mask_kv, other=0.)
@@ -227,33 +231,19 @@ def _state_fwd_kernel(
             _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
             to_end = tl.exp(g_total - G)                    # decay from s to the chunk's end, <= 1
             W_T = W_T * to_end[None, :]
-        if DELTA:
-            # dot operands in the storage dtype (bf16/fp16 tensor-core dots for half-precision
-            # inputs, as FLA's state pass; fp32 accumulators and S): half the registers and MMA
-            # steps of tf32 on this latency-bound sequential path
+        if LOWRANK:
             X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :], mask=mask_k[None, :], other=0.)
-            P = tl.dot(X, S.to(X.dtype), input_precision=PRECISION)
+            P = tl.dot(X.to(od), S.to(od), input_precision=PRECISION)
             P += tl.load(y_wy + nh * C * V + offs_c[:, None] * V + offs_v[None, :],
                          mask=mask_v[None, :], other=0.).to(tl.float32)
-            P_st = P.to(probes.dtype.element_ty)
-            tl.store(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], P_st, mask=mask_v[None, :])
-            S_next = tl.dot(W_T.to(P_st.dtype), P_st, input_precision=PRECISION)
-        elif LOWP and not LOWRANK:
+            tl.store(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], P.to(probes.dtype.element_ty),
+                     mask=mask_v[None, :])
+        if DELTA:
+            S_next = tl.dot(W_T.to(od), P.to(od), input_precision=PRECISION)
+        else:
             U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
                         mask=valid[:, None] & mask_v[None, :], other=0.)                  # [C, BV]
-            S_next = tl.dot(W_T.to(U.dtype), U, input_precision=PRECISION)
-        else:
-            if LOWRANK:
-                X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :],
-                            mask=mask_k[None, :], other=0.).to(tl.float32)
-                P = tl.dot(X, S, input_precision=PRECISION)
-                P += tl.load(y_wy + nh * C * V + offs_c[:, None] * V + offs_v[None, :],
-                             mask=mask_v[None, :], other=0.).to(tl.float32)
-                tl.store(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], P.to(probes.dtype.element_ty),
-                         mask=mask_v[None, :])
-            U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
-                        mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)   # [C, BV]
-            S_next = tl.dot(W_T, U, input_precision=PRECISION)
+            S_next = tl.dot(W_T.to(od), U.to(od), input_precision=PRECISION)
             if LOWRANK:
                 A_T = tl.load(a + col_k, mask=mask_col, other=0.).to(tl.float32)
                 if DECAY == 1:

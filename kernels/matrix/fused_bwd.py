@@ -53,39 +53,6 @@ from .tiles import _operand, chunk_decay, chunk_key_tiles, chunk_tokens, kslice_
 
 
 @triton.jit
-def _dstate_step_lowp(q, a, do, x_wy, dprobes, dS, G, g_total, nh, i_h, H, tok, valid, offs_c, offs_k, mask_k,
-                      offs_v, mask_v, scale, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                      DECAY: tl.constexpr, PRECISION: tl.constexpr):
-    """One chunk of the low-rank reverse pass with dot operands in the storage dtype (LOWP):
-    stores dP, returns dS_n (fp32). Same formulas as the fp32 branch of the kernel."""
-    lp = dprobes.dtype.element_ty
-    Q_T = tl.load(q + (tok[None, :] * H + i_h) * K + offs_k[:, None], mask=mask_k[:, None] & valid[None, :],
-                  other=0.)                                                                  # [BK, C]
-    dO = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=valid[:, None] & mask_v[None, :],
-                 other=0.)                                                                   # [C, BV]
-    A = tl.load(a + (tok[:, None] * H + i_h) * K + offs_k[None, :], mask=valid[:, None] & mask_k[None, :],
-                other=0.)                                                                    # [C, BK]
-    M_T = tl.dot(A, Q_T, input_precision=PRECISION)
-    upper = offs_c[:, None] <= offs_c[None, :]
-    if DECAY == 1:
-        M_T = M_T * tl.exp(tl.where(upper, G[None, :] - G[:, None], float("-inf")))
-        A = (A.to(tl.float32) * tl.exp(g_total - G)[:, None]).to(lp)
-        Q_T = (Q_T.to(tl.float32) * tl.exp(G)[None, :]).to(lp)
-    else:
-        M_T = tl.where(upper, M_T, 0.)
-    dP = scale * tl.dot(M_T.to(lp), dO.to(lp), input_precision=PRECISION)
-    dP += tl.dot(A.to(lp), dS.to(lp), input_precision=PRECISION)
-    dP_st = dP.to(lp)
-    tl.store(dprobes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], dP_st, mask=mask_v[None, :])
-    X_T = tl.load(x_wy + nh * C * K + offs_c[None, :] * K + offs_k[:, None], mask=mask_k[:, None], other=0.)
-    if DECAY == 1:
-        dS = tl.exp(g_total) * dS
-    dS += scale * tl.dot(Q_T.to(lp), dO.to(lp), input_precision=PRECISION)
-    dS += tl.dot(X_T.to(lp), dP_st, input_precision=PRECISION)
-    return dS
-
-
-@triton.jit
 def _dstate_bwd_kernel(
     q, a, do, g, x_wy, d_final, dstates, dprobes, dh0, tok_start, tok_stop, chunk_offsets, scale,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, HAS_DFINAL: tl.constexpr,
@@ -104,6 +71,8 @@ def _dstate_bwd_kernel(
     mask_kv = mask_k[:, None] & mask_v[None, :]
     kv = offs_k[:, None] * V + offs_v[None, :]
 
+    # dot operands: fp32 copies, or with LOWP as stored (dprobes' dtype: the inputs' for bf16/fp16)
+    od = dprobes.dtype.element_ty if LOWP else tl.float32
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DFINAL:
         dS += tl.load(d_final + i_nh.to(tl.int64) * K * V + kv, mask=mask_kv, other=0.)
@@ -112,40 +81,35 @@ def _dstate_bwd_kernel(
         nh = (c * H + i_h).to(tl.int64)
         tl.store(dstates + nh * K * V + kv, dS.to(dstates.dtype.element_ty), mask=mask_kv)
         offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c, C)
-        G = tl.zeros([C], dtype=tl.float32)
-        g_total = 0.
+        Q_T = tl.load(q + (tok[None, :] * H + i_h) * K + offs_k[:, None],
+                      mask=mask_k[:, None] & valid[None, :], other=0.)                  # [BK, C]
+        dO = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :],
+                     mask=valid[:, None] & mask_v[None, :], other=0.).to(od)           # [C, BV]
         if DECAY == 1:
             _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
-        if LOWP:
-            dS = _dstate_step_lowp(q, a, do, x_wy, dprobes, dS, G, g_total, nh, i_h, H, tok, valid, offs_c, offs_k,
-                                   mask_k, offs_v, mask_v, scale, K, V, C, DECAY, PRECISION)
-        else:
-            Q_T = tl.load(q + (tok[None, :] * H + i_h) * K + offs_k[:, None],
-                          mask=mask_k[:, None] & valid[None, :], other=0.).to(tl.float32)    # [BK, C]
-            dO = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :],
-                         mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)   # [C, BV]
-            if LOWRANK:
-                # dP = scale · M_qaᵀ dO + Â dS_{n+1}, with M_qaᵀ[s, t] = a_s·q_t e^{G_t − G_s} (s ≤ t)
-                A = tl.load(a + (tok[:, None] * H + i_h) * K + offs_k[None, :],
-                            mask=valid[:, None] & mask_k[None, :], other=0.).to(tl.float32)  # [C, BK]
-                M_T = tl.dot(A, Q_T, input_precision=PRECISION)
-                upper = offs_c[:, None] <= offs_c[None, :]
-                if DECAY == 1:
-                    M_T = M_T * tl.exp(tl.where(upper, G[None, :] - G[:, None], float("-inf")))
-                    A = A * tl.exp(g_total - G)[:, None]
-                else:
-                    M_T = tl.where(upper, M_T, 0.)
-                dP = scale * tl.dot(M_T, dO, input_precision=PRECISION) + tl.dot(A, dS, input_precision=PRECISION)
-                tl.store(dprobes + nh * C * V + offs_c[:, None] * V + offs_v[None, :],
-                         dP.to(dprobes.dtype.element_ty), mask=mask_v[None, :])
-                X_T = tl.load(x_wy + nh * C * K + offs_c[None, :] * K + offs_k[:, None],
-                              mask=mask_k[:, None], other=0.).to(tl.float32)                           # [BK, C]
+        if LOWRANK:
+            # dP = scale · M_qaᵀ dO + Â dS_{n+1}, with M_qaᵀ[s, t] = a_s·q_t e^{G_t − G_s} (s ≤ t)
+            A = tl.load(a + (tok[:, None] * H + i_h) * K + offs_k[None, :],
+                        mask=valid[:, None] & mask_k[None, :], other=0.)               # [C, BK]
+            M_T = tl.dot(A.to(od), Q_T.to(od), input_precision=PRECISION)
+            upper = offs_c[:, None] <= offs_c[None, :]
             if DECAY == 1:
-                Q_T = Q_T * tl.exp(G)[None, :]
-                dS = tl.exp(g_total) * dS
-            dS += scale * tl.dot(Q_T, dO, input_precision=PRECISION)
-            if LOWRANK:
-                dS += tl.dot(X_T, dP, input_precision=PRECISION)
+                M_T = M_T * tl.exp(tl.where(upper, G[None, :] - G[:, None], float("-inf")))
+                A = A.to(tl.float32) * tl.exp(g_total - G)[:, None]
+            else:
+                M_T = tl.where(upper, M_T, 0.)
+            dP = scale * tl.dot(M_T.to(od), dO, input_precision=PRECISION)
+            dP += tl.dot(A.to(od), dS.to(od), input_precision=PRECISION)
+            tl.store(dprobes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], dP.to(dprobes.dtype.element_ty),
+                     mask=mask_v[None, :])
+            X_T = tl.load(x_wy + nh * C * K + offs_c[None, :] * K + offs_k[:, None],
+                          mask=mask_k[:, None], other=0.)                               # [BK, C]
+        if DECAY == 1:
+            Q_T = Q_T.to(tl.float32) * tl.exp(G)[None, :]
+            dS = tl.exp(g_total) * dS
+        dS += scale * tl.dot(Q_T.to(od), dO, input_precision=PRECISION)
+        if LOWRANK:
+            dS += tl.dot(X_T.to(od), dP.to(od), input_precision=PRECISION)
     tl.store(dh0 + i_nh.to(tl.int64) * K * V + kv, dS, mask=mask_kv)
 
 
