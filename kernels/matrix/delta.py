@@ -48,7 +48,7 @@ from .fused import (
     sequence_launch, state_dtype,
 )
 from .fused_bwd import _decay_grad_kernel, _dqdw_bwd_kernel, _dstate_bwd_kernel
-from .tiles import _operand, chunk_decay, chunk_key_tiles
+from .tiles import chunk_decay, chunk_key_tiles
 
 
 @triton.jit
@@ -72,12 +72,12 @@ def _delta_wy_bwd_kernel(
     # transposed operands are loaded transposed, never tl.trans'ed (DESIGN §7)
     i_h, offs_c, valid, tok, offs_k, mask_k, row_k, m_ck, col_k, m_kc = chunk_key_tiles(
         tok_start, tok_stop, nh, H, K, C, BK, 0)
-    K_T = _operand(tl.load(k + col_k, mask=m_kc, other=0.), LOWP)                  # [BK, C]
+    od = dprobes.dtype.element_ty if LOWP else tl.float32     # dot operands: fp32 copies or as stored
+    K_T = tl.load(k + col_k, mask=m_kc, other=0.).to(od)                           # [BK, C]
     rows = nh * C * C + offs_c[:, None] * C + offs_c[None, :]
     cols = nh * C * C + offs_c[None, :] * C + offs_c[:, None]
     A_T = tl.load(t_wy + cols)
-    lp = dprobes.dtype.element_ty
-    A_T_op = A_T.to(lp) if LOWP else A_T
+    A_T_op = A_T.to(od)                 # rounded to the storage dtype with LOWP (as FLA stores A)
 
     dA = tl.zeros([C, C], dtype=tl.float32)        # dν Uᵀ
     F = tl.zeros([C, C], dtype=tl.float32)         # dν (K S_n)ᵀ
@@ -87,18 +87,18 @@ def _delta_wy_bwd_kernel(
     for i_v in range(0, (V + BV - 1) // BV):
         offs_v = i_v * BV + tl.arange(0, BV)
         mask_v = offs_v < V
-        dnu = _operand(tl.load(dprobes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], mask=mask_v[None, :],
-                               other=0.), LOWP)                                     # [C, BV]
+        dnu = tl.load(dprobes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], mask=mask_v[None, :],
+                      other=0.).to(od)                                              # [C, BV]
         U_T = tl.load(u + (tok[None, :] * H + i_h) * V + offs_v[:, None], mask=mask_v[:, None] & valid[None, :],
                       other=0.)                                                     # [BV, C]
-        S_T = _operand(tl.load(states + nh * K * V + offs_v[:, None] + offs_k[None, :] * V,
-                               mask=mask_v[:, None] & mask_k[None, :], other=0.), LOWP)   # [BV, BK]
+        S_T = tl.load(states + nh * K * V + offs_v[:, None] + offs_k[None, :] * V,
+                      mask=mask_v[:, None] & mask_k[None, :], other=0.).to(od)      # [BV, BK]
         KS_T = tl.dot(S_T, K_T, input_precision=PRECISION)                          # (K S_n)ᵀ [BV, C]
         if U_SCALE:
             U_T = U_T.to(tl.float32) * s_t[None, :]
-        U_T = U_T.to(lp) if LOWP else U_T.to(tl.float32)
+        U_T = U_T.to(od)
         dA += tl.dot(dnu, U_T, input_precision=PRECISION)
-        F += tl.dot(dnu, KS_T.to(lp) if LOWP else KS_T, input_precision=PRECISION)
+        F += tl.dot(dnu, KS_T.to(od), input_precision=PRECISION)
         dU = tl.dot(A_T_op, dnu, input_precision=PRECISION)
         rows_v = (tok[:, None] * H + i_h) * V + offs_v[None, :]
         if U_SCALE:
@@ -122,7 +122,7 @@ def _delta_wy_bwd_kernel(
     dA = dA - F * (c_t * e_b)[None, :]
     dM = -tl.dot(tl.dot(A_T, dA, input_precision=PRECISION), A_T, input_precision=PRECISION)
     dM = tl.where(strict, dM, 0.)
-    Kr = _operand(tl.load(k + row_k, mask=m_ck, other=0.), LOWP)
+    Kr = tl.load(k + row_k, mask=m_ck, other=0.).to(od)
     Lp = tl.dot(Kr, K_T, input_precision=PRECISION) * R                            # L' = K Kᵀ ⊙ R
     A = tl.load(t_wy + rows)
     dcv = tl.sum(dM * Lp, axis=1) - e_b * tl.sum(A * F, axis=0)

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from olsm.errors import BackendError
 
-from .tiles import _operand, chunk_decay, chunk_key_tiles, chunk_tokens, sequence_program
+from .tiles import chunk_decay, chunk_key_tiles, chunk_tokens, sequence_program
 
 DECAY_NONE, DECAY_SCALAR = 0, 1
 
@@ -299,15 +299,16 @@ def _output_fwd_kernel(
     else:
         M_qw = tl.where(incl, M_qw, 0.)
 
-    S = _operand(tl.load(states + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
-                         mask=mask_k[:, None] & mask_v[None, :], other=0.), LOWP)
+    od = states.dtype.element_ty if LOWP else tl.float32       # dot operands (see _state_fwd_kernel)
+    S = tl.load(states + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
+                mask=mask_k[:, None] & mask_v[None, :], other=0.).to(od)
     acc = tl.dot(Q_hat.to(S.dtype), S, input_precision=PRECISION)
     if DELTA:
-        U = _operand(tl.load(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], mask=mask_v[None, :],
-                             other=0.), LOWP)
+        U = tl.load(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], mask=mask_v[None, :],
+                             other=0.).to(od)
     else:
-        U = _operand(tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
-                             mask=valid[:, None] & mask_v[None, :], other=0.), LOWP)
+        U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
+                             mask=valid[:, None] & mask_v[None, :], other=0.).to(od)
     acc += tl.dot(M_qw.to(U.dtype), U, input_precision=PRECISION)
     if LOWRANK:
         A_T = tl.load(a + col_k, mask=mask_col, other=0.)

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .fused import env_choice, launch_shape, launch_wy, sequence_launch
-from .tiles import _operand, chunk_decay, chunk_key_tiles, chunk_tokens, kslice_program, sequence_program
+from .tiles import chunk_decay, chunk_key_tiles, chunk_tokens, kslice_program, sequence_program
 
 
 @triton.jit
@@ -137,6 +137,7 @@ def _dqdw_bwd_kernel(
     nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, mask_row = kslice_program(tok_start, tok_stop, H, K,
                                                                                        C, BKS)
 
+    od = q.dtype.element_ty if LOWP else tl.float32   # dot operands: fp32 copies, or as stored (LOWP)
     dA = tl.zeros([C, C], dtype=tl.float32)       # [t, s]: scale · dO_t · u_s (masked below)
     dA_T = tl.zeros([C, C], dtype=tl.float32)     # [s, t]
     dq_s = tl.zeros([C, BKS], dtype=tl.float32)   # dO S_nᵀ
@@ -150,28 +151,26 @@ def _dqdw_bwd_kernel(
         col_v = (tok[None, :] * H + i_h) * V + offs_v[:, None]
         mask_rv = valid[:, None] & mask_v[None, :]
         mask_cv = mask_v[:, None] & valid[None, :]
-        dO = _operand(tl.load(do + row_v, mask=mask_rv, other=0.), LOWP)        # [C, BV]
-        if DELTA:
-            cv = nh * C * V + offs_c[:, None] * V + offs_v[None, :]
-            U = _operand(tl.load(probes + cv, mask=mask_v[None, :], other=0.), LOWP)
-            dO_T = _operand(tl.load(do + col_v, mask=mask_cv, other=0.), LOWP)      # [BV, C]
-            U_T = _operand(tl.load(probes + nh * C * V + offs_c[None, :] * V + offs_v[:, None], mask=mask_v[:, None],
-                                   other=0.), LOWP)
+        if DELTA:   # the values are ν, chunk-major [NC, H, C, V]
+            src, row_u, col_u = probes, nh * C * V + offs_c[:, None] * V + offs_v[None, :], \
+                nh * C * V + offs_c[None, :] * V + offs_v[:, None]
         else:
-            U = tl.load(u + row_v, mask=mask_rv, other=0.).to(tl.float32)
-            dO_T = tl.load(do + col_v, mask=mask_cv, other=0.).to(tl.float32)      # [BV, C]
-            U_T = tl.load(u + col_v, mask=mask_cv, other=0.).to(tl.float32)
+            src, row_u, col_u = u, row_v, col_v
+        dO = tl.load(do + row_v, mask=mask_rv, other=0.).to(od)        # [C, BV]
+        U = tl.load(src + row_u, mask=mask_rv, other=0.).to(od)
+        dO_T = tl.load(do + col_v, mask=mask_cv, other=0.).to(od)      # [BV, C]
+        U_T = tl.load(src + col_u, mask=mask_cv, other=0.).to(od)
         dA += tl.dot(dO, U_T, input_precision=PRECISION)
         dA_T += tl.dot(U, dO_T, input_precision=PRECISION)
         # S_nᵀ and dS_{n+1}ᵀ of this (K-slice, V-block), transposed by pointer arithmetic
         vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V
         mask_vk = mask_v[:, None] & mask_k[None, :]
-        S_T = _operand(tl.load(states + vk, mask=mask_vk, other=0.), LOWP)      # [BV, BKS]
-        dS_T = _operand(tl.load(dstates + vk, mask=mask_vk, other=0.), LOWP)
+        S_T = tl.load(states + vk, mask=mask_vk, other=0.).to(od)      # [BV, BKS]
+        dS_T = tl.load(dstates + vk, mask=mask_vk, other=0.).to(od)
         dq_s += tl.dot(dO, S_T, input_precision=PRECISION)
         dw_s += tl.dot(U, dS_T, input_precision=PRECISION)
         if DELTA:
-            dnu = _operand(tl.load(dprobes + cv, mask=mask_v[None, :], other=0.), LOWP)
+            dnu = tl.load(dprobes + row_u, mask=mask_rv, other=0.).to(od)
             dX += tl.dot(dnu, S_T, input_precision=PRECISION)
 
     Q = tl.load(q + row_k, mask=mask_row, other=0.).to(tl.float32)             # [C, BKS]
@@ -188,13 +187,8 @@ def _dqdw_bwd_kernel(
     else:
         dA = tl.where(incl, dA, 0.)
         dA_T = tl.where(offs_c[:, None] <= offs_c[None, :], dA_T, 0.)
-    if LOWP:
-        lp = q.dtype.element_ty
-        dQ = scale * (dq_s + tl.dot(dA.to(lp), W.to(lp), input_precision=PRECISION))
-        dW = dw_s + scale * tl.dot(dA_T.to(lp), Q.to(lp), input_precision=PRECISION)
-    else:
-        dQ = scale * (dq_s + tl.dot(dA, W, input_precision=PRECISION))
-        dW = dw_s + scale * tl.dot(dA_T, Q, input_precision=PRECISION)
+    dQ = scale * (dq_s + tl.dot(dA.to(od), W.to(od), input_precision=PRECISION))
+    dW = dw_s + scale * tl.dot(dA_T.to(od), Q.to(od), input_precision=PRECISION)
     part = i_k.to(tl.int64) * BT * H + tok * H + i_h
     if DELTA:
         rows = nh * C * C + offs_c[:, None] * C + offs_c[None, :]

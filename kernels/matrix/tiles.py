@@ -72,13 +72,3 @@ def kslice_program(tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr, BKS
                                                                                      C, BKS, i_k * BKS)
     return nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, mask_row
 
-
-@triton.jit
-def _operand(x, LOWP: tl.constexpr):
-    """A loaded dot operand: as stored with LOWP (bf16/fp16 tensor-core dots, fp32 accumulators;
-    ``OLSM_MATRIX_DOTS=storage``), else an fp32 copy (tf32 dots for half-precision inputs)."""
-    if LOWP:
-        y = x
-    else:
-        y = x.to(tl.float32)
-    return y
