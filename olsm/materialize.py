@@ -100,16 +100,6 @@ def _value_scale(write_value: sp.Expr):
     return s if s != 1 and not s.has(v_j) and not expr_axes(s) else None
 
 
-def _log_decay(rec, env, key_vec, B, T, H):
-    """The matrix class's log-decay: None, ``[B, T, H]`` or ``[B, T, H, K]``."""
-    ld = sp.sympify(rec.log_decay)
-    if ld == 0:
-        return None
-    if "K" in expr_axes(ld):
-        return key_vec(ld)
-    return evaluate(ld, env).expand(B, T, H, 1, 1)[..., 0, 0]
-
-
 def materialize(rec, k, v, coefs, dtype, delta: bool = False) -> dict:
     """Per-token tensors the numeric backends take.
 
@@ -134,20 +124,23 @@ def materialize(rec, k, v, coefs, dtype, delta: bool = False) -> dict:
     def value_vec(e):
         return evaluate(e, env).expand(B, T, H, 1, V)[..., 0, :]
 
-    if delta and rec.is_delta_form and _value_scale(rec.write_value) is not None:
-        # ũ = s v with a per-token scalar s (DeltaNet's β v): the kernel forms it, so neither the
-        # [B, T, H, V] product nor a cast of v is made here
-        return dict(w=key_vec(rec.write_key), u=v, log_decay=_log_decay(rec, env, key_vec, B, T, H),
-                    c=-evaluate(rec.lowrank[0].coef, env).expand(B, T, H, 1, 1)[..., 0, 0],
-                    u_scale=evaluate(_value_scale(rec.write_value), env).expand(B, T, H, 1, 1)[..., 0, 0])
-    out = dict(w=key_vec(rec.write_key), u=value_vec(rec.write_value))
+    def head_scalar(e):
+        return evaluate(e, env).expand(B, T, H, 1, 1)[..., 0, 0]
+
+    out = dict(w=key_vec(rec.write_key))
     if rec.kind == "elementwise":
-        out["gate"] = evaluate(rec.gate, env).expand(full)
-        return out
-    out["log_decay"] = _log_decay(rec, env, key_vec, B, T, H)
+        return dict(out, u=value_vec(rec.write_value), gate=evaluate(rec.gate, env).expand(full))
+    ld = sp.sympify(rec.log_decay)
+    out["log_decay"] = None if ld == 0 else (key_vec(ld) if "K" in expr_axes(ld) else head_scalar(ld))
     if delta and rec.is_delta_form:
-        out["c"] = -evaluate(rec.lowrank[0].coef, env).expand(B, T, H, 1, 1)[..., 0, 0]
-        return out
+        out["c"] = -head_scalar(rec.lowrank[0].coef)
+        s = _value_scale(rec.write_value)
+        if s is not None:
+            # ũ = s v with a per-token scalar s (DeltaNet's β v): the kernel forms it, so neither the
+            # [B, T, H, V] product nor a cast of v is made here
+            return dict(out, u=v, u_scale=head_scalar(s))
+        return dict(out, u=value_vec(rec.write_value))
+    out["u"] = value_vec(rec.write_value)
     # the scalar coefficient is folded into a: the backends see pairs (a, b)
     out["lowrank"] = tuple(
         ((evaluate(lr.coef, env) * evaluate(lr.a, env)).expand(B, T, H, K, 1)[..., 0], key_vec(lr.b))

@@ -71,4 +71,3 @@ def kslice_program(tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr, BKS
     i_h, offs_c, valid, tok, offs_k, mask_k, row_k, mask_row, _, _ = chunk_key_tiles(tok_start, tok_stop, nh, H, K,
                                                                                      C, BKS, i_k * BKS)
     return nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, mask_row
-
