@@ -353,10 +353,31 @@ def test_sequential_passes_split_along_keys(decay, monkeypatch):
 
 def test_sequential_passes_with_a_pair_split_along_values(monkeypatch):
     # with a low-rank pair the key block is all of K; few sequences × heads shrink the value
-    # block instead: V = 80 with one head is three blocks of 32, the last one masked
+    # block instead: V = 80 with one head is three blocks of 32 (the last one masked) when the
+    # key row is 128 wide, and two of 64 below that (32-wide blocks next to 64-key rows made
+    # invalid shared-memory reads on an H200: fused.launch_shape)
     grids = _spy_sequence_launch(monkeypatch)
-    check(make_inputs(22, B=1, T=45, H=1, K=12, V=80, decay="scalar", lowrank="delta"), chunk_size=16)
+    check(make_inputs(22, B=1, T=45, H=1, K=100, V=80, decay="scalar", lowrank="delta"), chunk_size=16)
     assert len(grids) == 2 and all(grid == (3, 1, 1) and bv == 32 for grid, _, bv in grids), grids
+    grids.clear()
+    check(make_inputs(22, B=1, T=45, H=1, K=12, V=80, decay="scalar", lowrank="delta"), chunk_size=16)
+    assert len(grids) == 2 and all(grid == (2, 1, 1) and bv == 64 for grid, _, bv in grids), grids
+
+
+def test_value_blocks_never_narrower_than_64_below_128_keys():
+    # Triton 3.6 on Hopper read shared memory out of bounds for 16-bit [K, 32] / [K, 16] dot
+    # operands at K = 64 (compute-sanitizer, benchmarks/sanitize_matrix.py): every value block
+    # of the fused kernels is >= 64 wide whatever V, and 32 only in the sequential passes with
+    # a 128-key row
+    fused = importlib.import_module("olsm.kernels.matrix.fused")
+    for K in (1, 16, 33, 64, 100, 128):
+        for V in (1, 16, 17, 32, 64, 100, 128):
+            shape = fused.launch_shape(K, V, 64)
+            assert min(shape.BV, shape.BV_out, shape.BV_wide) >= 64, (K, V, shape)
+            assert shape.BV_dqdw >= (64 if shape.BK <= 64 else 32), (K, V, shape)
+            for N, H in ((1, 1), (8, 16)):
+                _, BK, BV = fused.sequence_launch(shape, N, H, K, V, True, torch.device("cpu"))
+                assert BV >= (32 if BK >= 128 else 64), (K, V, N, H, BK, BV)
 
 
 def test_fused_backward_packed_with_an_empty_sequence():

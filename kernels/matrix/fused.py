@@ -377,12 +377,18 @@ def launch_shape(K: int, V: int, C: int, fp32: bool = False) -> LaunchShape:
     DeltaNet GPU tests did not finish in minutes.
     """
     BK = max(16, triton.next_power_of_2(K))
-    pv = triton.next_power_of_2(V)
+    # value blocks are at least 64 wide, even for small V: Triton 3.6's Hopper MMA, given a
+    # 16-bit [K, BV] operand with 64- or 32-byte rows (BV = 32 or 16) next to an operand
+    # converted in registers, read shared memory past its buffer (compute-sanitizer on an H200:
+    # 1024- / 512-byte invalid __shared__ reads in the delta WY kernel's X·S dot at K = 64 and
+    # V = 32 / 16 and in the output kernel's storage-dtype M·ν dot; illegal-address faults that
+    # depended on the process's history). 128-byte rows ran clean in every case checked.
+    pv = max(64, triton.next_power_of_2(V))
     small = C <= 64
     w4 = 8 if fp32 else 4
-    return LaunchShape(BK=BK, BKS=min(BK, 64), BKS_du=min(BK, 32), BV=max(16, min(64, pv)),
-                       BV_dqdw=max(16, min(64 if BK <= 64 else 32, pv)),
-                       BV_out=max(16, min(64 if BK <= 128 else 32, pv)), BV_wide=max(16, min(64, pv)),
+    return LaunchShape(BK=BK, BKS=min(BK, 64), BKS_du=min(BK, 32), BV=min(64, pv),
+                       BV_dqdw=min(64 if BK <= 64 else 32, pv),
+                       BV_out=min(64 if BK <= 128 else 32, pv), BV_wide=min(64, pv),
                        BV_rank1=16, warps_seq=w4, warps_state_lr=4 if BK <= 64 else 8,
                        warps_out=w4 if BK * C <= 128 * 64 else 8,
                        warps_wy=w4 if C * BK <= 64 * 128 else 8, warps_chunk=4 if small else 8,
@@ -406,9 +412,8 @@ def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank:
     down to blocks of 32, until there are about two programs per SM. With one (P = X S reads
     all of S) the key block is all of K and the value block halves instead, down to 32, while
     there are fewer programs than half the SMs (H200, deltanet at (8, 2048, 16, 128): value
-    blocks of 32 instead of 64 slowed the forward state pass from 0.24 to 0.36 ms; blocks of 16
-    hit an illegal memory access on the GPU with Triton 3.6, not understood, so a pair never gets
-    them, not even for V <= 16).
+    blocks of 32 instead of 64 slowed the forward state pass from 0.24 to 0.36 ms; value blocks of
+    32 only with BK >= 128: :func:`launch_shape`).
     """
     BK, BV = shape.BK, shape.BV
     sms = _sm_count(device)
@@ -416,8 +421,9 @@ def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank:
         while BK > 32 and N * H * triton.cdiv(V, BV) * triton.cdiv(K, BK) < 2 * sms:
             BK //= 2
     else:
-        BV = max(BV, 32)    # 16-wide value blocks with a pair: see the docstring
-        while BV > 32 and 2 * N * H * triton.cdiv(V, BV) < sms:
+        # 32-wide blocks only with a whole 128-key row (BK = 128: clean under compute-sanitizer;
+        # narrower rows at K = 64 were not, see launch_shape)
+        while BV > (32 if BK >= 128 else 64) and 2 * N * H * triton.cdiv(V, BV) < sms:
             BV //= 2
     return (triton.cdiv(V, BV), N * H, triton.cdiv(K, BK)), BK, BV
 
