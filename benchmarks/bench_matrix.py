@@ -30,7 +30,8 @@ backward where they apply, Triton triangular inverse), ``autograd_bwd`` (the
 same forward, the autograd backward), ``general`` (general path, Triton inverse) and ``legacy``
 (general path with ``torch.linalg.solve_triangular``: the code measured in runs 2 and 3), ``pair``
 (the delta members through ``chunk_matrix`` with the general pair ``(−c k, k)``: the fused rank-1
-kernels measured up to run 6), ``inv3`` (``new`` with the three-level WY inverse), ``lowp``
+kernels measured up to run 6), ``inv3`` (``new`` with the three-level WY inverse), ``rows16`` / ``rows4`` (``new`` with the
+innermost 16- / 4-row blocks of the WY inverse by row substitution instead of dots), ``lowp``
 (``new`` with the delta form's per-chunk backward dots on storage-dtype operands). The paths are
 chosen through the ``OLSM_MATRIX_*`` switches of ``ENV_DEFAULTS``, read at every call.
 """
@@ -107,6 +108,8 @@ ENV_DEFAULTS = {"OLSM_MATRIX_PATH": "auto", "OLSM_MATRIX_SOLVE": "triton", "OLSM
 VARIANTS = {
     "new": ({}, True),
     "inv3": ({"OLSM_MATRIX_INVERSE": "levels3"}, True),
+    "rows16": ({"OLSM_MATRIX_INVERSE": "rows16"}, True),
+    "rows4": ({"OLSM_MATRIX_INVERSE": "rows4"}, True),
     "lowp": ({"OLSM_MATRIX_DOTS": "storage"}, True),
     "pair": ({}, False),
     "autograd_bwd": ({"OLSM_MATRIX_BWD": "autograd"}, False),

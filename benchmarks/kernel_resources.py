@@ -61,8 +61,9 @@ def configs(K=128, V=128, C=64):
         # (with u_scale: the catalogue's members write s v, formed in the kernels)
         wy = dict(F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=True, delta=True), U_SCALE=True)
         yield (f"delta fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
-        wy = dict(wy, INV_LEVELS=3, num_warps=sh.warps_wy)
-        yield (f"delta fwd wy 3-level inverse decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), False)
+        for levels, rows, label in ((3, False, "3-level"), (2, True, "rows16"), (3, True, "rows4")):
+            opt = dict(wy, INV_LEVELS=levels, INV_ROWS=rows)
+            yield (f"delta fwd wy {label} inverse decay={decay}", F._wy_fwd_kernel, opt, sh.warps_wy, False)
         wy = dict(F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False, delta=True, store_nu=True, load_t=True),
                   U_SCALE=True)
         yield (f"delta bwd wy+nu decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)

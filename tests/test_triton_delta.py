@@ -141,11 +141,12 @@ def test_storage_dtype_backward_dots(decay, monkeypatch):
     check_delta(delta_inputs(10, decay=decay, u_scale=True, V=20), chunk_size=16)
 
 
+@pytest.mark.parametrize("inverse", ["levels3", "rows16", "rows4"])
 @pytest.mark.parametrize("chunk", [64, 128])
-def test_three_level_inverse(chunk, monkeypatch):
-    # OLSM_MATRIX_INVERSE=levels3 (4 → 16 → C blocks) on correlated keys, where an unstable
-    # inverse loses every digit
-    monkeypatch.setenv("OLSM_MATRIX_INVERSE", "levels3")
+def test_other_wy_inverses(chunk, inverse, monkeypatch):
+    # OLSM_MATRIX_INVERSE=levels3 (4 → 16 → C blocks), rows16 / rows4 (innermost blocks by row
+    # substitution) on correlated keys, where an unstable inverse loses every digit
+    monkeypatch.setenv("OLSM_MATRIX_INVERSE", inverse)
     check_delta(delta_inputs(chunk, T=150, H=1, decay=True, correlated=True, c_max=1.5), chunk_size=chunk)
 
 

@@ -176,11 +176,12 @@ def test_storage_dtype_dots_without_a_pair(decay, monkeypatch):
     check(make_inputs(31, decay=decay), chunk_size=16)
 
 
-@pytest.mark.parametrize("levels", ["levels2", "levels3"])
+@pytest.mark.parametrize("levels", ["levels2", "levels3", "rows16", "rows4"])
 @pytest.mark.parametrize("chunk", [16, 64, 128])
 def test_fused_wy_inverse_over_several_blocks(chunk, levels, monkeypatch):
     # the fused WY kernel inverts I − L in blocks (kernels/matrix/fused.py, _unit_lower_inverse:
-    # 16-row blocks, or 4 → 16 → C with OLSM_MATRIX_INVERSE=levels3): C = 64 and 128 take 4 and 8
+    # 16-row blocks, or 4 → 16 → C with OLSM_MATRIX_INVERSE=levels3; rows16 / rows4: the innermost
+    # blocks by row substitution on a 3-D tile instead of dots): C = 64 and 128 take 4 and 8
     # blocks of 16; K = 5 unit keys over 150 tokens are often nearly parallel, the case where an
     # unstable inverse (e.g. the power series of L) loses every digit
     monkeypatch.setenv("OLSM_MATRIX_INVERSE", levels)

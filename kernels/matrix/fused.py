@@ -79,7 +79,27 @@ def _substitute_blocks(L, offs_c, NB: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(L, offs_c, C: tl.constexpr, PRECISION: tl.constexpr, LEVELS: tl.constexpr = 2):
+def _substitute_blocks_rows(L, C: tl.constexpr, NB: tl.constexpr):
+    """The same (I − L_bd)⁻¹ as :func:`_substitute_blocks`, without [C, C] dots: the C / NB diagonal
+    blocks are taken out as one [C/NB, NB, NB] tile and row i of every block is formed at once,
+    T[i] = e_i + Σ_{s<i} L[i, s] T[s], with two reductions over NB (NB − 1 steps on NB³ C/NB
+    elements instead of NB − 1 dots of C³); returned as a block-diagonal [C, C] again."""
+    NBLK: tl.constexpr = C // NB
+    blk = tl.arange(0, NBLK)
+    same = blk[:, None, None, None] == blk[None, None, :, None]                   # [NBLK, 1, NBLK, 1]
+    L_bd = tl.sum(tl.where(same, tl.reshape(L, (NBLK, NB, NBLK, NB)), 0.), axis=2)   # [NBLK, NB, NB]
+    r = tl.arange(0, NB)
+    Tm = tl.zeros((NBLK, NB, NB), dtype=tl.float32) + (r[:, None] == r[None, :]).to(tl.float32)[None, :, :]
+    for i in range(1, NB):
+        row = r[None, :, None] == i
+        l_i = tl.sum(tl.where(row, L_bd, 0.), axis=1)                              # [NBLK, NB]: L[i, :]
+        Tm = tl.where(row, Tm + tl.sum(l_i[:, :, None] * Tm, axis=1)[:, None, :], Tm)
+    return tl.reshape(tl.where(same, Tm[:, :, None, :], 0.), (C, C))
+
+
+@triton.jit
+def _unit_lower_inverse(L, offs_c, C: tl.constexpr, PRECISION: tl.constexpr, LEVELS: tl.constexpr = 2,
+                        ROWS: tl.constexpr = False):
     """T = (I − L)⁻¹ of a strictly lower [C, C] L (C a multiple of 16), every step a [C, C]
     tensor-core dot, blocked like a triangular solve:
 
@@ -88,16 +108,22 @@ def _unit_lower_inverse(L, offs_c, C: tl.constexpr, PRECISION: tl.constexpr, LEV
     * LEVELS = 3 (``OLSM_MATRIX_INVERSE=levels3``, not yet timed on a GPU): 4 × 4 blocks by
       substitution (3), 4 → 16 (1 + 3) and 16 → C (1 + C/16 − 1): 11 serial dots at C = 64.
 
+    ROWS (``OLSM_MATRIX_INVERSE=rows16`` / ``rows4`` for LEVELS 2 / 3, not yet timed): the
+    innermost blocks by row substitution on a 3-D tile (:func:`_substitute_blocks_rows`) instead
+    of dots: 4 / 8 serial [C, C] dots at C = 64, as FLA inverts its 16 × 16 blocks on small tiles.
+
     Stable: every level is an exact block substitution. The plain power series
     (I + L)(I + L²)(I + L⁴)… is exact in theory but its powers grow binomially with correlated
     keys and lost every digit in fp32; row-by-row substitution over all C rows (C − 1 cross-warp
     reductions) cost 1.46 ms per call at (8, 2048, 16, 128) on an H100.
     """
-    if LEVELS == 3:
-        Tm = _substitute_blocks(L, offs_c, 4, PRECISION)
-        Tm = _horner_merge(Tm, L, 4, 16, offs_c, PRECISION, 4)
+    NB: tl.constexpr = 4 if LEVELS == 3 else 16
+    if ROWS:
+        Tm = _substitute_blocks_rows(L, C, NB)
     else:
-        Tm = _substitute_blocks(L, offs_c, 16, PRECISION)
+        Tm = _substitute_blocks(L, offs_c, NB, PRECISION)
+    if LEVELS == 3:
+        Tm = _horner_merge(Tm, L, 4, 16, offs_c, PRECISION, 4)
     if C > 16:
         Tm = _horner_merge(Tm, L, 16, C, offs_c, PRECISION, C // 16)
     return Tm
@@ -110,6 +136,7 @@ def _wy_fwd_kernel(
     BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PRECISION: tl.constexpr,
     STORE_T: tl.constexpr = False, DELTA: tl.constexpr = False, STORE_NU: tl.constexpr = False,
     LOAD_T: tl.constexpr = False, INV_LEVELS: tl.constexpr = 2, U_SCALE: tl.constexpr = False,
+    INV_ROWS: tl.constexpr = False,
 ):
     """X = T B̂ and Y = T N U of one chunk × head (module docstring, kernel 1).
 
@@ -150,7 +177,7 @@ def _wy_fwd_kernel(
             # a = −c k written as a row scale: the delta rule's ν_t = u_t − c_t k_tᵀ S_{t−1}
             L = L * (-c_t)[:, None]
 
-        Tm = _unit_lower_inverse(L, offs_c, C, PRECISION, INV_LEVELS)
+        Tm = _unit_lower_inverse(L, offs_c, C, PRECISION, INV_LEVELS, INV_ROWS)
         if STORE_T:
             tl.store(t_nh, Tm)
     # b is read again after the inverse, X is stored, and only then are w's columns read
@@ -431,9 +458,11 @@ def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank:
 def wy_constexprs(shape: LaunchShape, K: int, V: int, C: int, decay: int, prec: str, store_t: bool,
                   delta: bool = False, store_nu: bool = False, load_t: bool = False) -> dict:
     """The compile-time arguments of :func:`_wy_fwd_kernel` (also read by ``kernel_resources.py``)."""
-    levels = 3 if env_choice("OLSM_MATRIX_INVERSE", ("levels2", "levels3")) == "levels3" else 2
+    inverse = env_choice("OLSM_MATRIX_INVERSE", ("levels2", "levels3", "rows16", "rows4"))
+    levels = 3 if inverse in ("levels3", "rows4") else 2
     return dict(K=K, V=V, C=C, BK=shape.BK, BV=shape.BV_wide, DECAY=decay, PRECISION=prec,
                 STORE_T=store_t, DELTA=delta, STORE_NU=store_nu, LOAD_T=load_t, INV_LEVELS=levels,
+                INV_ROWS=inverse.startswith("rows"),
                 num_warps=shape.warps_wy)
 
 
