@@ -40,8 +40,28 @@ def compile_expr(expr: sp.Expr, names: Tuple[str, ...]):
     return fn, tuple(s.name for s in syms)
 
 
-def build_env(rec, k: torch.Tensor, v: torch.Tensor, coefs: Dict[str, torch.Tensor], dtype) -> dict:
-    """Symbol name -> tensor in the broadcast layout, for k, v, kᵀk, inputs and aux.
+class Env(dict):
+    """Symbol name -> tensor in the broadcast layout, each made on first use: a float copy of k or
+    v, kᵀk and an aux value are each a pass over a ``[B, T, H, K]`` (or ``V``) tensor, and
+    DeltaNet's delta path, for one, reads none of them."""
+
+    def __init__(self, makers: dict):
+        super().__init__()
+        self.makers = makers
+
+    def __missing__(self, name):
+        if name not in self.makers:
+            raise KeyError(name)
+        value = self[name] = self.makers[name]()
+        return value
+
+    def names(self) -> Tuple[str, ...]:
+        return tuple(sorted(set(self) | set(self.makers)))
+
+
+def build_env(rec, k: torch.Tensor, v: torch.Tensor, coefs: Dict[str, torch.Tensor], dtype) -> Env:
+    """Symbol name -> tensor in the broadcast layout, for k, v, kᵀk, inputs and aux (made when
+    an expression first reads them).
 
     Args:
         rec: the recurrence (for ``inputs`` and ``aux``).
@@ -50,16 +70,16 @@ def build_env(rec, k: torch.Tensor, v: torch.Tensor, coefs: Dict[str, torch.Tens
         dtype: computation dtype (float32 or float64).
 
     Returns:
-        dict name -> tensor.
+        :class:`Env` name -> tensor.
     """
-    k = k.to(dtype)
-    env = {k_n.name: k[..., :, None], v_j.name: v.to(dtype)[..., None, :],
-           kk.name: (k * k).sum(-1)[..., None, None]}
+    env = Env({})
+    makers = {k_n.name: lambda: k.to(dtype)[..., :, None], v_j.name: lambda: v.to(dtype)[..., None, :],
+              kk.name: lambda: (env[k_n.name] ** 2).sum(-2, keepdim=True)}
     for spec in rec.inputs:
-        x = coefs[spec.name].to(dtype)
-        env[spec.symbol.name] = _broadcast(x, spec)
+        makers[spec.symbol.name] = functools.partial(lambda spec: _broadcast(coefs[spec.name].to(dtype), spec), spec)
     for sym, expr in rec.aux:
-        env[sym.name] = evaluate(expr, env)
+        makers[sym.name] = functools.partial(evaluate, expr, env)
+    env.makers = makers
     return env
 
 
@@ -84,7 +104,8 @@ def _numeric_constants(expr: sp.Expr) -> sp.Expr:
 
 def evaluate(expr, env: dict) -> torch.Tensor:
     """Evaluate ``expr`` in ``env`` (broadcast layout); constants become 0-d tensors."""
-    fn, names = compile_expr(_numeric_constants(sp.sympify(expr)), tuple(sorted(env)))
+    fn, names = compile_expr(_numeric_constants(sp.sympify(expr)),
+                             env.names() if isinstance(env, Env) else tuple(sorted(env)))
     out = fn(*(env[n] for n in names))
     if not torch.is_tensor(out):
         ref = env[k_n.name]
@@ -127,7 +148,10 @@ def materialize(rec, k, v, coefs, dtype, delta: bool = False) -> dict:
     def head_scalar(e):
         return evaluate(e, env).expand(B, T, H, 1, 1)[..., 0, 0]
 
-    out = dict(w=key_vec(rec.write_key))
+    if delta and rec.is_delta_form and rec.write_key == k_n:
+        out = dict(w=k)       # as given: no float copy (the kernels read k in its own dtype)
+    else:
+        out = dict(w=key_vec(rec.write_key))
     if rec.kind == "elementwise":
         return dict(out, u=value_vec(rec.write_value), gate=evaluate(rec.gate, env).expand(full))
     ld = sp.sympify(rec.log_decay)

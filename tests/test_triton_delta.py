@@ -251,6 +251,26 @@ def test_catalogue_delta_members_take_chunk_delta(name, monkeypatch):
     assert not olsm.derive(objectives.kda).is_delta_form and not olsm.derive(objectives.mamba2).is_delta_form
 
 
+@pytest.mark.parametrize("name,made", [("deltanet", set()), ("gated_deltanet", set()),
+                                       ("longhorn", {"k_n", "kk", "eps"})])
+def test_delta_path_makes_no_float_copies(name, made, monkeypatch):
+    # the delta path hands k and v to the kernels as given: no float copy of k or v is made (each
+    # a [B, T, H, D] pass in the layer's forward and backward); kᵀk only where ε reads it
+    import olsm
+    import olsm.materialize as M
+    import olsm.objectives as objectives
+
+    rec = olsm.derive(getattr(objectives, name))
+    envs = []
+    real = M.build_env
+    monkeypatch.setattr(M, "build_env", lambda *a: envs.append(real(*a)) or envs[-1])
+    k, v = F.normalize(torch.randn(1, 5, 2, 4), dim=-1).bfloat16(), torch.randn(1, 5, 2, 3).bfloat16()
+    coefs = {s.name: torch.rand(1, 5, 2) * (-1 if s.name.startswith("log") else 1) for s in rec.inputs}
+    t = M.materialize(rec, k, v, coefs, torch.float32, delta=True)
+    assert t["w"] is k and t["u"] is v
+    assert set(envs[0]) - {s.symbol.name for s in rec.inputs} == made
+
+
 def test_second_derivative_is_refused():
     q, k, u, c, ld, s0 = (t.float().requires_grad_() for t in delta_inputs(9, T=8, h0=True, decay=True))
     o, _ = km.chunk_delta(q, k, u, c, ld, initial_state=s0)
