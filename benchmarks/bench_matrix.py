@@ -141,19 +141,23 @@ def ours(method, x, km, delta=True):
         return km.chunk_matrix(q, k, v, gk, scale=scale)[0]
     if method == "dplr":
         return km.chunk_matrix(q, k, v, gk, [(-bt * k, b)], scale=scale)[0]
-    # the written value is s v (s = β, or ε for Longhorn): chunk_delta forms it in-kernel, as
-    # Recurrence calls it; the pair path gets s v as a tensor
+    # the written value is s v (s = β, or ε for Longhorn): chunk_delta forms it in-kernel, and
+    # Longhorn's ε = β / (1 + β kᵀk) from kk_coef = β, as Recurrence calls it; the pair path gets
+    # ε and s v as tensors
+    kk_coef = None
     if method == "deltanet":
         c, s, ld = beta, beta, None
     elif method == "gated_deltanet":
         c, s, ld = g.exp() * beta, beta, g
     elif method == "longhorn":
-        c = beta / (1 + beta * (k * k).sum(-1))
-        s, ld = c, None
+        c = s = kk_coef = beta
+        ld = None
     else:
         raise ValueError(method)
     if delta:
-        return km.chunk_delta(q, k, v, c, ld, scale=scale, u_scale=s)[0]
+        return km.chunk_delta(q, k, v, c, ld, scale=scale, u_scale=s, kk_coef=kk_coef)[0]
+    if kk_coef is not None:
+        c = s = beta / (1 + beta * (k * k).sum(-1))
     return km.chunk_matrix(q, k, s[..., None] * v, ld, [(-c[..., None].to(k.dtype) * k, k)], scale=scale)[0]
 
 

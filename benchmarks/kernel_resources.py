@@ -61,6 +61,8 @@ def configs(K=128, V=128, C=64):
         # (with u_scale: the catalogue's members write s v, formed in the kernels)
         wy = dict(F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=True, delta=True), U_SCALE=True)
         yield (f"delta fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
+        yield (f"delta fwd wy implicit normaliser decay={decay}", F._wy_fwd_kernel, dict(wy, NORM=True),
+               sh.warps_wy, True)
         for levels, rows, label in ((3, False, "3-level"), (2, True, "rows16"), (3, True, "rows4")):
             opt = dict(wy, INV_LEVELS=levels, INV_ROWS=rows)
             yield (f"delta fwd wy {label} inverse decay={decay}", F._wy_fwd_kernel, opt, sh.warps_wy, False)
@@ -78,6 +80,8 @@ def configs(K=128, V=128, C=64):
                sh.warps_rank1, True)
         yield (f"delta bwd dq dk decay={decay}", FB._dqdw_bwd_kernel,
                dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DELTA=True), sh.warps_chunk, True)
+        yield (f"delta bwd dq dk implicit normaliser decay={decay}", FB._dqdw_bwd_kernel,
+               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DELTA=True, KK_GRAD=True), sh.warps_chunk, True)
         # OLSM_MATRIX_DOTS=storage
         yield (f"delta bwd wy storage dots decay={decay}", D._delta_wy_bwd_kernel,
                dict(d, BK=sh.BK, BV=sh.BV_rank1, U_SCALE=True, LOWP=True), sh.warps_rank1, False)

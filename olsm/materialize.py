@@ -121,6 +121,29 @@ def _value_scale(write_value: sp.Expr):
     return s if s != 1 and not s.has(v_j) and not expr_axes(s) else None
 
 
+@functools.lru_cache(maxsize=None)
+def _implicit_split(c: sp.Expr, s, aux: tuple):
+    """``(c0, s0, b)`` when ``c = c0 / (1 + b kᵀk)`` and ``s = s0 / (1 + b kᵀk)`` (s may be None)
+    with c0, s0, b free of kᵀk once the aux symbols are substituted: the normaliser of an
+    implicit step (Longhorn's ε = β / (1 + β kᵀk)), which the delta kernels form themselves.
+    None otherwise."""
+    def expand(e):
+        for sym, expr in reversed(aux):
+            e = e.subs(sym, expr)
+        return sp.fraction(sp.together(e))
+
+    (c_num, den), parts = expand(c), []
+    b = sp.simplify(sp.diff(den, kk))
+    if b == 0 or b.has(kk) or sp.simplify(den - 1 - b * kk) != 0 or c_num.has(kk):
+        return None
+    if s is not None:
+        s_num, s_den = expand(s)
+        if s_num.has(kk) or sp.simplify(s_den - den) != 0:
+            return None
+        parts = [s_num]
+    return (c_num, *(parts or [None]), b)
+
+
 def materialize(rec, k, v, coefs, dtype, delta: bool = False) -> dict:
     """Per-token tensors the numeric backends take.
 
@@ -128,7 +151,8 @@ def materialize(rec, k, v, coefs, dtype, delta: bool = False) -> dict:
         delta: for a recurrence of the delta form (``rec.is_delta_form``) return the coefficient
             ``c [B, T, H]`` of ``−c k kᵀ`` instead of the pair (what ``chunk_delta`` takes) and, when
             the written value is ``s · v`` with a per-token scalar s, ``u = v`` (as given, not cast)
-            and ``u_scale = s``.
+            and ``u_scale = s``; when c and s carry an implicit step's ``1 / (1 + b kᵀk)``, c and s
+            without it and ``kk_coef = b``.
 
     Returns:
         matrix class: ``dict(w, u, log_decay, lowrank)`` (``lowrank`` → ``c`` with ``delta``);
@@ -157,8 +181,15 @@ def materialize(rec, k, v, coefs, dtype, delta: bool = False) -> dict:
     ld = sp.sympify(rec.log_decay)
     out["log_decay"] = None if ld == 0 else (key_vec(ld) if "K" in expr_axes(ld) else head_scalar(ld))
     if delta and rec.is_delta_form:
-        out["c"] = -head_scalar(rec.lowrank[0].coef)
+        c = -sp.sympify(rec.lowrank[0].coef)
         s = _value_scale(rec.write_value)
+        split = _implicit_split(c, s, tuple(rec.aux))
+        if split is not None:
+            # c and s share the implicit step's 1 / (1 + b kᵀk): the kernels form it from their
+            # key rows, so kᵀk (a [B, T, H, K] pass, and its backward) is not made here
+            c, s, b = split
+            out["kk_coef"] = head_scalar(b)
+        out["c"] = head_scalar(c)
         if s is not None:
             # ũ = s v with a per-token scalar s (DeltaNet's β v): the kernel forms it, so neither the
             # [B, T, H, V] product nor a cast of v is made here

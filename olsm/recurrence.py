@@ -87,7 +87,8 @@ class Recurrence(RecurrenceIR):
             t["w"], t["u"] = t["w"].to(q.dtype), t["u"].to(q.dtype)
             if "c" in t:
                 # the delta form: one effective value per token (c and u_scale stay float32)
-                return chunk_delta(q, t["w"], t["u"], t["c"], t["log_decay"], u_scale=t.get("u_scale"), **opts)
+                return chunk_delta(q, t["w"], t["u"], t["c"], t["log_decay"], u_scale=t.get("u_scale"),
+                                   kk_coef=t.get("kk_coef"), **opts)
             t["lowrank"] = tuple((a.to(q.dtype), b.to(q.dtype)) for a, b in t["lowrank"])
             return chunk_matrix(q, **t, **opts)
         return elementwise_scan(self, q, k, v, coefs, **opts)

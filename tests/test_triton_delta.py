@@ -26,14 +26,15 @@ from olsm.backends import reference  # noqa: E402
 from olsm.errors import InputError  # noqa: E402
 
 km = _import_kernels()
-NAMES = ("q", "k", "u", "c", "log_decay", "h0", "u_scale")
+NAMES = ("q", "k", "u", "c", "log_decay", "h0", "u_scale", "kk_coef")
 
 
 def delta_inputs(seed, *, B=1, T=37, H=2, K=5, V=7, decay=False, h0=True, N=None, c_max=1.0, strong=False,
-                 correlated=False, u_scale=False, device="cpu"):
+                 correlated=False, u_scale=False, kk_coef=False, device="cpu"):
     """float64 ``(q, k, u, c, log_decay, h0)`` (``u_scale``: and a 7th, the per-token scale of u,
-    uniform in (0, 1)): unit keys (``correlated``: all near one direction), c uniform in
-    (0, c_max), log-decays in (−0.5, 0) (``strong``: (−8, 0))."""
+    uniform in (0, 1); ``kk_coef``: and an 8th, the normaliser's b, uniform in (0, 2), with keys
+    of norms in (0.5, 2) instead of unit ones): unit keys (``correlated``: all near one
+    direction), c uniform in (0, c_max), log-decays in (−0.5, 0) (``strong``: (−8, 0))."""
     g = torch.Generator(device=device).manual_seed(seed)
     rand = lambda *s: torch.randn(*s, generator=g, device=device, dtype=torch.float64)  # noqa: E731
     q, u = rand(B, T, H, K), rand(B, T, H, V)
@@ -46,6 +47,10 @@ def delta_inputs(seed, *, B=1, T=37, H=2, K=5, V=7, decay=False, h0=True, N=None
     if decay:
         ld = (-8.0 if strong else -0.5) * torch.rand(B, T, H, generator=g, device=device, dtype=torch.float64)
     s0 = rand(B if N is None else N, H, K, V) if h0 else None
+    if kk_coef:
+        k = k * (0.5 + 1.5 * torch.rand(B, T, H, 1, generator=g, device=device, dtype=torch.float64))
+        b = 2 * torch.rand(B, T, H, generator=g, device=device, dtype=torch.float64)
+        return q, k, u, c, ld, s0, torch.rand(B, T, H, generator=g, device=device, dtype=torch.float64), b
     if u_scale:
         return q, k, u, c, ld, s0, torch.rand(B, T, H, generator=g, device=device, dtype=torch.float64)
     return q, k, u, c, ld, s0
@@ -61,12 +66,16 @@ def check_delta(inputs, *, chunk_size=16, cu_seqlens=None, scale=0.7, final=True
     hi = [None if t is None else t.detach().double().requires_grad_() for t in low]
     cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=device)
     q, k, u, c, ld, s0, *us = hi
+    if len(us) > 1:         # the implicit step's normaliser 1 / (1 + b ‖k‖²) on c and u_scale
+        r = 1 / (1 + us[1] * (k * k).sum(-1))
+        c, us = c * r, [us[0] * r]
     u_eff = u if not us else us[0][..., None] * u
     o_ref, S_ref = reference.matrix(q, k, u_eff, ld, [(-c[..., None] * k, k)], scale=scale, initial_state=s0,
                                     output_final_state=True, cu_seqlens=cu)
     q, k, u, c, ld, s0, *us = low
     o, S = km.chunk_delta(q, k, u, c, ld, scale=scale, initial_state=s0, output_final_state=final,
-                          cu_seqlens=cu, chunk_size=chunk_size, u_scale=us[0] if us else None)
+                          cu_seqlens=cu, chunk_size=chunk_size, u_scale=us[0] if us else None,
+                          kk_coef=us[1] if len(us) > 1 else None)
     assert o.dtype == dtype and o.shape == o_ref.shape
     errs = {"o": err(o, o_ref)}
     gen = torch.Generator(device=device).manual_seed(123)
@@ -163,6 +172,20 @@ def test_value_scale_in_kernel(decay, chunk):
     check_delta(delta_inputs(5, T=61, N=4, decay=decay, u_scale=True), cu_seqlens=(0, 9, 9, 46, 61))
 
 
+@pytest.mark.parametrize("decay,chunk", [(False, 16), (True, 32), (True, 64)])
+def test_implicit_normaliser_in_kernel(decay, chunk):
+    # kk_coef: c and u_scale divided by 1 + b ‖k‖² inside the kernels (Longhorn's ε), keys of
+    # norms 0.5..2 so that ‖k‖² matters; gradients to c, u_scale, b and (through ‖k‖²) to k
+    check_delta(delta_inputs(6, decay=decay, kk_coef=True, V=20, K=12), chunk_size=chunk)
+    check_delta(delta_inputs(7, T=61, N=4, decay=decay, kk_coef=True), cu_seqlens=(0, 9, 9, 46, 61))
+
+
+def test_implicit_normaliser_on_the_fallback(monkeypatch):
+    # the general-pair fallback forms the same normaliser in torch
+    monkeypatch.setenv("OLSM_MATRIX_PATH", "general")
+    check_delta(delta_inputs(8, decay=True, kk_coef=True))
+
+
 def test_backward_out_of_resources_falls_back_to_the_pair(monkeypatch):
     # a GPU whose shared memory is too small for the delta backward's tiles: the gradients come
     # from the general pair instead, still right
@@ -234,7 +257,8 @@ def test_catalogue_delta_members_take_chunk_delta(name, monkeypatch):
     B, T, H, K, V = 1, 21, 2, 4, 6
     gen = torch.Generator().manual_seed(0)
     q, v = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, V, generator=gen)
-    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    # keys of norms 0.5..2: Longhorn's ε = β / (1 + β kᵀk) then depends on them
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1) * (0.5 + 1.5 * torch.rand(B, T, H, 1, generator=gen))
     coefs = {s.name: torch.rand(B, T, H, generator=gen) * 0.9 + 0.05 for s in rec.inputs}
     coefs = {n: (-x if n.startswith("log") else x) for n, x in coefs.items()}   # log-decays <= 0
     leaves = dict(q=q, k=k, v=v, **coefs)
@@ -251,11 +275,11 @@ def test_catalogue_delta_members_take_chunk_delta(name, monkeypatch):
     assert not olsm.derive(objectives.kda).is_delta_form and not olsm.derive(objectives.mamba2).is_delta_form
 
 
-@pytest.mark.parametrize("name,made", [("deltanet", set()), ("gated_deltanet", set()),
-                                       ("longhorn", {"k_n", "kk", "eps"})])
-def test_delta_path_makes_no_float_copies(name, made, monkeypatch):
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "longhorn", "gated_longhorn"])
+def test_delta_path_makes_no_float_copies(name, monkeypatch):
     # the delta path hands k and v to the kernels as given: no float copy of k or v is made (each
-    # a [B, T, H, D] pass in the layer's forward and backward); kᵀk only where ε reads it
+    # a [B, T, H, D] pass in the layer's forward and backward), and no kᵀk: Longhorn's
+    # ε = β / (1 + β kᵀk) goes to the kernels as c = s = b = β (kk_coef)
     import olsm
     import olsm.materialize as M
     import olsm.objectives as objectives
@@ -268,7 +292,8 @@ def test_delta_path_makes_no_float_copies(name, made, monkeypatch):
     coefs = {s.name: torch.rand(1, 5, 2) * (-1 if s.name.startswith("log") else 1) for s in rec.inputs}
     t = M.materialize(rec, k, v, coefs, torch.float32, delta=True)
     assert t["w"] is k and t["u"] is v
-    assert set(envs[0]) - {s.symbol.name for s in rec.inputs} == made
+    assert set(envs[0]) - {s.symbol.name for s in rec.inputs} == set()
+    assert ("kk_coef" in t) == ("longhorn" in name)
 
 
 def test_second_derivative_is_refused():

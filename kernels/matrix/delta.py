@@ -26,6 +26,10 @@ Backward (``kernels/matrix/README.md`` §8 derives it), given dO and dS_final:
    plus dk += E K + Eᵀ K − c e^{G_{t−1}} Aᵀ dX, and the per-token decay terms;
 5. the decay-gradient suffix sum of :mod:`.fused_bwd`.
 
+With ``kk_coef`` b the coefficients are c / (1 + b ‖k‖²) and u_scale / (1 + b ‖k‖²), the implicit
+step's normaliser (Longhorn's ε), formed in the forward WY kernel from its key rows; the backward
+chains through it on per-token scalars and adds its 2 d‖k‖² k to dk in step 4 (README §8).
+
 Where it does not apply (K or V > 128, a per-key decay, ``OLSM_MATRIX_PATH=general``)
 :func:`chunk_delta` runs ``chunk_matrix`` with the pair ``(−c k, k)``; so does an
 ``OutOfResources`` at launch, forward or backward.
@@ -159,11 +163,14 @@ def _operands(q, k, u, c, u_scale, log_decay, meta, C):
              launch_shape(K, u.shape[-1], C, fp32=prec == "ieee")))
 
 
-def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None):
-    """Forward of :func:`chunk_delta` (module docstring). Returns ``(o, final, states, A)``:
-    as :func:`.fused.fused_forward` does, and the chunks' A ``[NC, H, C, C]`` fp32."""
+def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=None):
+    """Forward of :func:`chunk_delta` (module docstring). Returns ``(o, final, states, A, kk)``:
+    as :func:`.fused.fused_forward` does, the chunks' A ``[NC, H, C, C]`` fp32 and, with
+    ``kk_coef``, every token's ‖k_t‖² ``[B·T, H]`` fp32 (else None)."""
     B, T, H, K, V, NC, C, N, dev = _sizes(q, u, lay)
     q, k, u, cf, sf, g, decay, prec, shape = _operands(q, k, u, c, u_scale, log_decay, meta, C)
+    kb = None if kk_coef is None else _flat_c(kk_coef, B, T, H)
+    kk = None if kb is None else torch.zeros(B * T, H, device=dev, dtype=torch.float32)
     states = torch.empty(NC, H, K, V, device=dev, dtype=state_dtype(q.dtype))
     final = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=dev, dtype=meta["out_dtype"])
@@ -173,7 +180,7 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None):
     # C = 64, K = V = 128), which then skips the blocked inverse
     t_wy = torch.empty(NC, H, C, C, device=dev, dtype=torch.float32)
     launch_wy(shape, k, k, k, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec, c=cf,
-              u_scale=sf)
+              u_scale=sf, kk_coef=kb, kk_out=kk)
     h0_ = None if h0 is None else h0.float().contiguous()
     gd = g if g is not None else u
     grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, True, dev)
@@ -190,18 +197,26 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None):
             DECAY=decay, LOWRANK=False, BK=shape.BK, BV=shape.BV_out, PRECISION=prec, DELTA=True,
             LOWP=dots_lowp(), num_warps=shape.warps_out,
         )
-    return o, final, states, t_wy
+    return o, final, states, t_wy, kk
 
 
-def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final, lay, meta, needs, u_scale=None):
-    """Gradients of :func:`chunk_delta` (module docstring, backward).
+def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final, lay, meta, needs, u_scale=None,
+                   kk_coef=None, kk=None):
+    """Gradients of :func:`chunk_delta` (module docstring, backward); ``kk``: the forward's ‖k_t‖²
+    when ``kk_coef`` is given.
 
     Returns:
-        ``(dq, dk, du, dc, d_log_decay, dh0, d_u_scale)``, None where ``needs`` (q, k, u, c,
-        log_decay, h0, u_scale) says no gradient is wanted.
+        ``(dq, dk, du, dc, d_log_decay, dh0, d_u_scale, d_kk_coef)``, None where ``needs`` (q, k,
+        u, c, log_decay, h0, u_scale, kk_coef) says no gradient is wanted.
     """
     B, T, H, K, V, NC, C, N, dev = _sizes(q, u, lay)
     q, k, u, cf, sf, g, decay, prec, shape = _operands(q, k, u, c, u_scale, log_decay, meta, C)
+    if kk_coef is not None:
+        # the kernels run with the normalised coefficients c r, s r, r = 1 / (1 + b ‖k‖²)
+        kb = _flat_c(kk_coef, B, T, H)
+        r = 1. / (1. + kb * kk)
+        c0, s0, cf = cf, sf, cf * r
+        sf = None if sf is None else sf * r
     d_o = torch.zeros_like(u) if d_o is None else d_o.contiguous()
     gd = g if g is not None else u
     scale = float(meta["scale"])
@@ -230,6 +245,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     ds = None if sf is None else torch.empty(B * T, H, **f32)
     dlam, dbb = torch.zeros(NK, B * T, H, **f32), torch.zeros(NK, B * T, H, **f32)
     lowp = dots_lowp()
+    dkk = db = None
     if NC > 0:
         # 3. through the WY form: du, dc and the Gram gradient E
         e_cc = torch.empty(NC, H, C, C, **f32)
@@ -239,15 +255,24 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
             BK=shape.BK, BV=shape.BV_rank1, PRECISION=prec, U_SCALE=sf is not None, LOWP=lowp,
             num_warps=shape.warps_rank1,
         )
-        # 4. dq, dk and the decay terms
+        if kk_coef is not None:
+            # chain rule through r on [B·T, H] scalars: ∂r/∂b = −‖k‖² r², ∂r/∂‖k‖² = −b r²
+            dr = dc * c0 + (0. if ds is None else ds * s0)
+            dc = dc * r
+            ds = None if ds is None else ds * r
+            db, dkk = -kk * r * r * dr, -kb * r * r * dr
+        # 4. dq, dk (with the normaliser's 2 dkk k) and the decay terms
         _dqdw_bwd_kernel[(NK, NC * H)](
             q, k, u, d_o, gd, states, dstates, dq, dk, dlam, lay.tok_start, lay.tok_stop, scale, B * T,
-            nu, dnu, t_wy, e_cc, cf, dbb, H, K=K, V=V, C=C, DECAY=decay, BKS=shape.BKS, BV=shape.BV_dqdw,
-            PRECISION=prec, DELTA=True, LOWP=lowp, num_warps=shape.warps_chunk,
+            nu, dnu, t_wy, e_cc, cf, dbb, dkk if dkk is not None else dbb, H, K=K, V=V, C=C, DECAY=decay,
+            BKS=shape.BKS, BV=shape.BV_dqdw, PRECISION=prec, DELTA=True, LOWP=lowp, KK_GRAD=dkk is not None,
+            num_warps=shape.warps_chunk,
         )
     else:
         for t in (dq, dk, du, dc) + (() if ds is None else (ds,)):
             t.zero_()
+        if kk_coef is not None:
+            db = torch.zeros_like(kb)
     dg = None
     if g is not None and needs[4]:
         dg = torch.empty(B * T, H, **f32)
@@ -258,7 +283,8 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
         )
         dg = dg.reshape(B, T, H).to(log_decay.dtype)
     grads = (dq, dk, du, dc.reshape(c.shape).to(c.dtype), dg, dh0 if h0 is not None else None,
-             None if ds is None else ds.reshape(u_scale.shape).to(u_scale.dtype))
+             None if ds is None else ds.reshape(u_scale.shape).to(u_scale.dtype),
+             None if db is None else db.reshape(kk_coef.shape).to(kk_coef.dtype))
     return tuple(x if (x is not None and n) else None for x, n in zip(grads, needs))
 
 
@@ -267,10 +293,10 @@ class ChunkDeltaFunction(torch.autograd.Function):
     state; the backward is :func:`delta_backward`."""
 
     @staticmethod
-    def forward(ctx, q, k, u, c, log_decay, h0, u_scale, lay, meta, opts):
+    def forward(ctx, q, k, u, c, log_decay, h0, u_scale, kk_coef, lay, meta, opts):
         with torch.no_grad():
-            o, final, states, t_wy = delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale)
-        ctx.save_for_backward(q, k, u, c, log_decay, h0, u_scale, states, t_wy, final)
+            o, final, states, t_wy, kk = delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale, kk_coef)
+        ctx.save_for_backward(q, k, u, c, log_decay, h0, u_scale, kk_coef, kk, states, t_wy, final)
         ctx.lay, ctx.meta, ctx.opts = lay, meta, opts
         ctx.set_materialize_grads(False)
         return o, final
@@ -278,20 +304,23 @@ class ChunkDeltaFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable      # a second derivative through the kernels is an error, not a silent zero
     def backward(ctx, d_o, d_final):
-        q, k, u, c, log_decay, h0, u_scale, states, t_wy, final = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:7]
+        q, k, u, c, log_decay, h0, u_scale, kk_coef, kk, states, t_wy, final = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:8]
         try:
             grads = delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final, ctx.lay,
-                                   ctx.meta, needs, u_scale)
+                                   ctx.meta, needs, u_scale, kk_coef, kk)
         except OutOfResources:
             # this GPU's shared memory is too small for the tiles: differentiate the general pair
-            grads = _general_pair_grads((q, k, u, c, log_decay, h0, u_scale), needs, d_o, d_final, ctx.meta,
-                                        ctx.opts)
+            grads = _general_pair_grads((q, k, u, c, log_decay, h0, u_scale, kk_coef), needs, d_o, d_final,
+                                        ctx.meta, ctx.opts)
         return (*grads, None, None, None)
 
 
-def _general_pair(q, k, u, c, log_decay, h0, u_scale, scale, cu_seqlens, chunk_size):
+def _general_pair(q, k, u, c, log_decay, h0, u_scale, kk_coef, scale, cu_seqlens, chunk_size):
     """``chunk_matrix`` with the pair ``(−c k, k)``: the fallback of :func:`chunk_delta`."""
+    if kk_coef is not None:
+        r = 1. / (1. + kk_coef.float() * k.float().pow(2).sum(-1))
+        c, u_scale = c.float() * r, None if u_scale is None else u_scale.float() * r
     a = (-c[..., None].float() * k.float()).to(k.dtype)     # rounded once, as the fast path's c k
     if u_scale is not None:
         u = (u_scale[..., None].float() * u.float()).to(u.dtype)
@@ -332,6 +361,7 @@ def chunk_delta(
     cu_seqlens: Optional[torch.Tensor] = None,
     chunk_size: int = 64,
     u_scale: Optional[torch.Tensor] = None,
+    kk_coef: Optional[torch.Tensor] = None,
 ):
     """The delta form ``S_t = (e^{g_t} I − c_t k_t k_tᵀ) S_{t−1} + k_t u_tᵀ`` on Triton: the same
     result as ``chunk_matrix(q, k, u, log_decay, [(−c k, k)])``, faster (module docstring).
@@ -344,18 +374,22 @@ def chunk_delta(
         scale, initial_state, output_final_state, cu_seqlens, chunk_size: as :func:`chunk_matrix`.
         u_scale: ``None`` or ``[B, T, H]``: the written value is then ``u_scale ⊙ u`` (DeltaNet's
             β v with ``u = v``), formed inside the kernels, not as a ``[B, T, H, V]`` tensor.
+        kk_coef: ``None`` or ``[B, T, H]`` b: c and u_scale are then divided by ``1 + b_t ‖k_t‖²``,
+            the normaliser of an implicit (proximal) step, formed inside the kernels (Longhorn:
+            ``c = u_scale = kk_coef = β`` gives ε = β / (1 + β kᵀk)).
 
     Returns:
         ``o [B, T, H, V]`` in q's dtype and the final state ``[N, H, K, V]`` float32 (or ``None``).
-        Gradients flow to q, k, u, c, log_decay, initial_state and u_scale.
+        Gradients flow to q, k, u, c, log_decay, initial_state, u_scale and kk_coef.
 
     Raises:
         BackendError, InputError: as :func:`chunk_matrix`; also for c or u_scale of the wrong shape.
     """
     _check_backend(q.device)
     _check_c(c, q)
-    if u_scale is not None:
-        _check_c(u_scale, q, "u_scale")
+    for name, x in (("u_scale", u_scale), ("kk_coef", kk_coef)):
+        if x is not None:
+            _check_c(x, q, name)
     _check_inputs(q, k, u, log_decay, (), initial_state, cu_seqlens, chunk_size)
     B, T, H, K = q.shape
     if delta_applies(log_decay, K, u.shape[-1]):
@@ -363,10 +397,11 @@ def chunk_delta(
         precision = "ieee" if (q.dtype == torch.float32 or _interpreting()) else "tf32"
         meta = dict(scale=float(scale), out_dtype=q.dtype, precision=precision)
         try:
-            o, final = ChunkDeltaFunction.apply(q, k, u, c, log_decay, initial_state, u_scale, lay, meta,
+            o, final = ChunkDeltaFunction.apply(q, k, u, c, log_decay, initial_state, u_scale, kk_coef, lay, meta,
                                                 (cu_seqlens, chunk_size))
             return o, (final if output_final_state else None)
         except OutOfResources:
             pass  # this GPU's shared memory is too small for the tiles: the general pair below
-    o, final = _general_pair(q, k, u, c, log_decay, initial_state, u_scale, scale, cu_seqlens, chunk_size)
+    o, final = _general_pair(q, k, u, c, log_decay, initial_state, u_scale, kk_coef, scale, cu_seqlens,
+                             chunk_size)
     return o, (final if output_final_state else None)

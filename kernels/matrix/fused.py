@@ -131,12 +131,12 @@ def _unit_lower_inverse(L, offs_c, C: tl.constexpr, PRECISION: tl.constexpr, LEV
 
 @triton.jit
 def _wy_fwd_kernel(
-    w, a, b, u, g, c, states, tok_start, tok_stop, x_wy, y_wy, t_wy, u_scale,
+    w, a, b, u, g, c, states, tok_start, tok_stop, x_wy, y_wy, t_wy, u_scale, kk_coef, kk_out,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PRECISION: tl.constexpr,
     STORE_T: tl.constexpr = False, DELTA: tl.constexpr = False, STORE_NU: tl.constexpr = False,
     LOAD_T: tl.constexpr = False, INV_LEVELS: tl.constexpr = 2, U_SCALE: tl.constexpr = False,
-    INV_ROWS: tl.constexpr = False,
+    INV_ROWS: tl.constexpr = False, NORM: tl.constexpr = False,
 ):
     """X = T B̂ and Y = T N U of one chunk × head (module docstring, kernel 1).
 
@@ -153,6 +153,10 @@ def _wy_fwd_kernel(
     writes ν itself into y_wy, from the stored states ``[NC, H, K, V]``, instead of Y; with
     LOAD_T it reads T from t_wy (the forward stored it) instead of inverting I − L again. With
     U_SCALE the written values are u_scale ``[B·T, H]`` fp32 times u (DeltaNet's β v, in-kernel).
+    NORM (DELTA, not LOAD_T): c and u_scale are divided by 1 + b_t ‖k_t‖² (b = kk_coef
+    ``[B·T, H]`` fp32), the implicit step's normaliser (Longhorn's ε = β / (1 + β kᵀk)), with
+    ‖k_t‖² taken from the key rows in registers and written to kk_out ``[B·T, H]`` fp32 for the
+    backward.
     """
     nh = tl.program_id(0).to(tl.int64)
     # rows of b, columns of a and w (transposed by pointer arithmetic, never tl.trans)
@@ -170,6 +174,11 @@ def _wy_fwd_kernel(
         Tm = tl.load(t_nh)                          # the forward's T (the delta backward)
     else:
         b_rows = tl.load(b + row_k, mask=mask_row, other=0.)
+        if NORM:
+            kk_t = tl.sum(b_rows.to(tl.float32) * b_rows.to(tl.float32), axis=1)           # ‖k_t‖²
+            tl.store(kk_out + tok * H + i_h, kk_t, mask=valid)
+            r_t = 1. / (1. + tl.load(kk_coef + tok * H + i_h, mask=valid, other=0.) * kk_t)
+            c_t = c_t * r_t
         a_cols = tl.load(a + col_k, mask=mask_col, other=0.)
         L = tl.dot(b_rows, a_cols, input_precision=PRECISION)                       # [C, C]
         L = L * _strict_ratio(G_prev, G, offs_c)
@@ -200,6 +209,8 @@ def _wy_fwd_kernel(
         TN = tl.dot(Tm, Nm, input_precision=PRECISION)
     if U_SCALE:
         s_t = tl.load(u_scale + tok * H + i_h, mask=valid, other=0.)
+        if NORM:
+            s_t = s_t * r_t
     for i_v in range(0, (V + BV - 1) // BV):
         offs_v = i_v * BV + tl.arange(0, BV)
         mask_v = offs_v < V
@@ -467,18 +478,20 @@ def wy_constexprs(shape: LaunchShape, K: int, V: int, C: int, decay: int, prec: 
 
 
 def launch_wy(shape: LaunchShape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec,
-              c=None, states=None, load_t=False, u_scale=None):
+              c=None, states=None, load_t=False, u_scale=None, kk_coef=None, kk_out=None):
     """Kernel 1 (:func:`_wy_fwd_kernel`) over all NC chunks × H heads; with ``t_wy`` it also
     stores T (``load_t``: reads it instead). ``g`` is None without decay. With ``c``
     (``[B·T, H]`` fp32) it runs the delta form (w = a = b), and with ``states`` as well writes ν
-    into ``y_wy``; ``u_scale`` (``[B·T, H]`` fp32) scales each token's u."""
+    into ``y_wy``; ``u_scale`` (``[B·T, H]`` fp32) scales each token's u; ``kk_coef`` (with
+    ``kk_out``, both ``[B·T, H]`` fp32; forward only) divides c and u_scale by 1 + kk_coef ‖k‖²."""
     NC = tok_start.numel()
     if NC == 0:
         return
     _wy_fwd_kernel[(NC * H,)](
         w, a, b, u, g if g is not None else u, c if c is not None else u, states if states is not None else u,
         tok_start, tok_stop, x_wy, y_wy, t_wy if t_wy is not None else x_wy, u_scale if u_scale is not None else u,
-        H, U_SCALE=u_scale is not None,
+        kk_coef if kk_coef is not None else u, kk_out if kk_out is not None else u,
+        H, U_SCALE=u_scale is not None, NORM=kk_coef is not None,
         **wy_constexprs(shape, K, V, C, decay, prec, t_wy is not None and not load_t, c is not None,
                         states is not None, load_t))
 

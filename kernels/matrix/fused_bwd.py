@@ -116,10 +116,10 @@ def _dstate_bwd_kernel(
 @triton.jit
 def _dqdw_bwd_kernel(
     q, w, u, do, g, states, dstates, dq, dw, dlam, tok_start, tok_stop, scale, BT,
-    probes, dprobes, t_wy, e_cc, c, dbb,
+    probes, dprobes, t_wy, e_cc, c, dbb, dkk,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     BKS: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr = False,
-    LOWP: tl.constexpr = False,
+    LOWP: tl.constexpr = False, KK_GRAD: tl.constexpr = False,
 ):
     """Kernel 2: dq, dw and the per-token decay term for one K-slice × chunk × head.
 
@@ -132,7 +132,9 @@ def _dqdw_bwd_kernel(
     d(b-role) = E K − c e^{G_{t−1}} Aᵀ dX, dw += d(b-role) + Eᵀ K; dlam gains 2 k·d(b-role)
     (the b-role's own term and the part of k·dk that is not w's or a's) and dbb ``[NK, B·T, H]`` k·d(b-role).
     LOWP: the value-loop dots and the dA products take operands in their storage dtype (bf16 /
-    fp16 inputs; fp32 accumulators) instead of fp32 copies.
+    fp16 inputs; fp32 accumulators) instead of fp32 copies. KK_GRAD (DELTA): dw also gets
+    2 dkk_t w_t, dkk ``[B·T, H]`` fp32 the gradient of ‖k_t‖² through the implicit step's
+    normaliser (:mod:`.delta`); that path lies outside the recurrence, so dlam does not see it.
     """
     nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, mask_row = kslice_program(tok_start, tok_stop, H, K,
                                                                                        C, BKS)
@@ -202,7 +204,11 @@ def _dqdw_bwd_kernel(
         bb = tl.sum(W * dB, axis=1)
         tl.store(dbb + part, bb, mask=valid)
     tl.store(dq + row_k, dQ.to(dq.dtype.element_ty), mask=mask_row)
-    tl.store(dw + row_k, dW.to(dw.dtype.element_ty), mask=mask_row)
+    if KK_GRAD:
+        dkk_t = tl.load(dkk + tok * H + i_h, mask=valid, other=0.)
+        tl.store(dw + row_k, (dW + 2. * dkk_t[:, None] * W).to(dw.dtype.element_ty), mask=mask_row)
+    else:
+        tl.store(dw + row_k, dW.to(dw.dtype.element_ty), mask=mask_row)
     lam = tl.sum(Q * dQ - W * dW, axis=1)
     if DELTA:
         # q·dq − w·dw − a·da + b·db with w = b = k, a = −c k: −w·dw − a·da = −k·dk + k·db
@@ -553,7 +559,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
         if NC > 0:
             _dqdw_bwd_kernel[(NK, NC * H)](
                 q, w, u, d_o, g if g is not None else dummy, states, dstates, dq, dw, dlam,
-                lay.tok_start, lay.tok_stop, scale, B * T, *(dummy,) * 6, H, K=K, V=V, C=C, DECAY=decay,
+                lay.tok_start, lay.tok_stop, scale, B * T, *(dummy,) * 7, H, K=K, V=V, C=C, DECAY=decay,
                 BKS=BKS, BV=shape.BV_dqdw, PRECISION=prec, num_warps=shape.warps_chunk,
             )
             _du_bwd_kernel[(triton.cdiv(V, shape.BV_wide), NC * H)](
