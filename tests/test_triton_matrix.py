@@ -367,7 +367,7 @@ def test_sequential_passes_with_a_pair_split_along_values(monkeypatch):
 
 def test_value_blocks_never_narrower_than_64_below_128_keys():
     # Triton 3.6 on Hopper read shared memory out of bounds for 16-bit [K, 32] / [K, 16] dot
-    # operands at K = 64 (compute-sanitizer, benchmarks/sanitize_matrix.py): every value block
+    # operands at K = 64 (compute-sanitizer, benchmarks/sanitize_kernels.py): every value block
     # of the fused kernels is >= 64 wide whatever V, and 32 only in the sequential passes with
     # a 128-key row
     fused = importlib.import_module("olsm.kernels.matrix.fused")

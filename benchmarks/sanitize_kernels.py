@@ -1,16 +1,19 @@
-"""Run the fused matrix kernels (forward and backward) under ``compute-sanitizer --tool memcheck``.
+"""Run the Triton kernels (the fused matrix ones and the generated elementwise scans, forward and
+backward) under ``compute-sanitizer --tool memcheck``.
 
 A Triton miscompile can read shared memory past a buffer without failing a numerical test: on an
 H200 with Triton 3.6, value blocks of 16 / 32 next to 64-key rows did, and faulted only in some
 processes (``fused.launch_shape``). Each case runs in its own process (a fault poisons the CUDA
 context), small enough that the sanitizer's slowdown stays in seconds; compiles dominate.
 
-    python -u benchmarks/sanitize_matrix.py [--out benchmarks/results/matrix_sanitizer.txt]
+    python -u benchmarks/sanitize_kernels.py [--only matrix|elementwise] [--out benchmarks/results/sanitizer.txt]
 
 Cases: ``(path, K, V, dtype, decay, heads, storage_dots)``; path ``delta`` is ``chunk_delta``
 (with ``u_scale``), ``pair`` is ``chunk_matrix`` with the pair ``(−c k, k)``, ``rank0`` has no
 low-rank part. Four heads at B = 2 give few programs, so the sequential passes take their
-narrowest blocks (``sequence_launch``); twenty keep the wide ones.
+narrowest blocks (``sequence_launch``); twenty keep the wide ones. Path ``elem:<objective>`` runs
+the catalogue's elementwise member through ``Recurrence`` (backend triton) with K = d_state and
+V = E channels (heads and storage_dots unused).
 """
 from __future__ import annotations
 
@@ -29,21 +32,25 @@ CASES = [
     ("delta", 100, 72, "bf16", 1, 4, 1), ("delta", 64, 64, "fp16", 1, 4, 1), ("delta", 128, 128, "fp32", 1, 4, 0),
     ("rank0", 128, 128, "bf16", 1, 4, 1), ("rank0", 64, 16, "bf16", 1, 4, 1), ("pair", 64, 16, "bf16", 1, 4, 0),
     ("pair", 32, 32, "bf16", 1, 4, 0), ("pair", 128, 128, "bf16", 1, 20, 0),
+    ("elem:mamba1", 16, 384, "bf16", 0, 1, 0), ("elem:longhorn_diag", 16, 384, "bf16", 0, 1, 0),
+    ("elem:mamba1", 16, 384, "fp32", 0, 1, 0), ("elem:longhorn_diag", 8, 100, "bf16", 0, 1, 0),
 ]
 DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
 
 
-def run_case(path: str, K: int, V: int, dtype: str, decay: int, H: int) -> None:
-    """One forward and backward of ``path`` at B = 2, T = 130 (three chunks, the last short)."""
+def run_case(path: str, K: int, V: int, dtype: str, decay: int, H: int, device: str = "cuda", T: int = 130) -> None:
+    """One forward and backward of ``path`` at B = 2, T tokens (130: three chunks, the last short)."""
     from olsm.kernels.matrix import chunk_delta, chunk_matrix
 
-    dt, B, T = DTYPES[dtype], 2, 130
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    rand = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
+    dt, B = DTYPES[dtype], 2
+    if path.startswith("elem:"):
+        return run_elementwise(path[5:], K, V, dt, B, T, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rand = lambda *s: torch.randn(*s, device=device, generator=gen)  # noqa: E731
     q, u = rand(B, T, H, K).to(dt).requires_grad_(), rand(B, T, H, V).to(dt).requires_grad_()
     k = torch.nn.functional.normalize(rand(B, T, H, K), dim=-1).to(dt).requires_grad_()
-    c, s = (torch.rand(B, T, H, device="cuda", generator=gen).requires_grad_() for _ in range(2))
-    ld = (-0.5 * torch.rand(B, T, H, device="cuda", generator=gen)).requires_grad_() if decay else None
+    c, s = (torch.rand(B, T, H, device=device, generator=gen).requires_grad_() for _ in range(2))
+    ld = (-0.5 * torch.rand(B, T, H, device=device, generator=gen)).requires_grad_() if decay else None
     h0 = rand(B, H, K, V).requires_grad_()
     kw = dict(scale=K ** -0.5, initial_state=h0, output_final_state=True)
     if path == "delta":
@@ -52,12 +59,39 @@ def run_case(path: str, K: int, V: int, dtype: str, decay: int, H: int) -> None:
         pairs = [((-c[..., None] * k.float()).to(dt), k)] if path == "pair" else []
         o, S = chunk_matrix(q, k, u, ld, pairs, **kw)
     (o.float().sum() + S.sum()).backward()
-    torch.cuda.synchronize()
+    _sync(device)
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_elementwise(name: str, K: int, V: int, dt, B: int, T: int, device: str = "cuda") -> None:
+    """The catalogue's elementwise member ``name`` through ``Recurrence``, one head, with an
+    initial state, forward and backward to every input."""
+    import olsm
+    import olsm.objectives as objectives
+
+    rec = olsm.derive(getattr(objectives, name))
+    gen = torch.Generator(device=device).manual_seed(0)
+    rand = lambda *s: torch.randn(*s, device=device, generator=gen)  # noqa: E731
+    q, k, v = (rand(B, T, 1, d).to(dt).requires_grad_() for d in (K, K, V))
+    coefs = {}
+    for spec in rec.inputs:     # shapes from the spec, values inside its constraint
+        shape = [dict(B=B, T=T, H=1, K=K, V=V)[a] for a in spec.shape.strip("[]").split(", ")]
+        x = torch.rand(*shape, device=device, generator=gen) * 0.5 + 0.05
+        coefs[spec.name] = (-x if spec.constraint == "negative" else x).requires_grad_()
+    h0 = rand(B, 1, K, V).requires_grad_()
+    o, S = rec(q, k, v, backend="triton", initial_state=h0, output_final_state=True, **coefs)
+    (o.float().sum() + S.sum()).backward()
+    _sync(device)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "matrix_sanitizer.txt"))
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "sanitizer.txt"))
+    ap.add_argument("--only", choices=("matrix", "elementwise"), help="run one family's cases")
     ap.add_argument("--case", nargs=7, help=argparse.SUPPRESS)      # the child process
     args = ap.parse_args()
     if args.case:
@@ -65,7 +99,8 @@ def main() -> None:
         run_case(path, int(K), int(V), dtype, int(decay), int(H))
         return
     lines, bad = [f"# compute-sanitizer memcheck, {torch.cuda.get_device_name()}, torch {torch.__version__}"], 0
-    for case in tqdm(CASES, desc="memcheck"):
+    cases = [c for c in CASES if args.only is None or (args.only == "elementwise") == c[0].startswith("elem:")]
+    for case in tqdm(cases, desc="memcheck"):
         env = dict(os.environ, OLSM_MATRIX_DOTS="storage" if case[-1] else "fp32")
         cmd = ["compute-sanitizer", "--tool", "memcheck", "--print-limit", "3", "--error-exitcode", "9",
                sys.executable, __file__, "--case", *map(str, case)]
