@@ -31,7 +31,8 @@ same forward, the autograd backward), ``general`` (general path, Triton inverse)
 (general path with ``torch.linalg.solve_triangular``: the code measured in runs 2 and 3), ``pair``
 (the delta members through ``chunk_matrix`` with the general pair ``(−c k, k)``: the fused rank-1
 kernels measured up to run 6), ``inv3`` (``new`` with the three-level WY inverse), ``rows16`` / ``rows4`` (``new`` with the
-innermost 16- / 4-row blocks of the WY inverse by row substitution instead of dots), ``lowp``
+innermost 16- / 4-row blocks of the WY inverse by row substitution instead of dots), ``keep``
+(``new`` with the delta form's X and ν kept from the forward, not re-derived), ``lowp``
 (``new`` with the delta form's per-chunk backward dots on storage-dtype operands). The paths are
 chosen through the ``OLSM_MATRIX_*`` switches of ``ENV_DEFAULTS``, read at every call.
 """
@@ -85,13 +86,13 @@ def import_fla():
                 chunk_gated_delta_rule=chunk_gated_delta_rule, chunk_dplr_delta_rule=chunk_dplr_delta_rule)
 
 
-def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0):
+def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0, device="cuda"):
     """Random leaf tensors in the ranges models use: unit keys, β in (0, 1), log-sigmoid gates."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.float32)  # noqa: E731
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=device, dtype=torch.float32)  # noqa: E731
     x = dict(
         q=r(B, T, H, D), k=F.normalize(r(B, T, H, D), dim=-1), v=r(B, T, H, D),
-        beta=torch.rand(B, T, H, generator=g, device="cuda"),
+        beta=torch.rand(B, T, H, generator=g, device=device),
         g=F.logsigmoid(r(B, T, H) + 4.0), gk=F.logsigmoid(r(B, T, H, D) + 3.0) / 4,
         b=F.normalize(r(B, T, H, D), dim=-1),
     )
@@ -104,12 +105,13 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0):
 
 # variant -> (environment switches that differ from the defaults, delta members via chunk_delta)
 ENV_DEFAULTS = {"OLSM_MATRIX_PATH": "auto", "OLSM_MATRIX_SOLVE": "triton", "OLSM_MATRIX_BWD": "auto",
-                "OLSM_MATRIX_INVERSE": "levels2", "OLSM_MATRIX_DOTS": "fp32"}
+                "OLSM_MATRIX_INVERSE": "levels2", "OLSM_MATRIX_DOTS": "fp32", "OLSM_MATRIX_DELTA_SAVE": "recompute"}
 VARIANTS = {
     "new": ({}, True),
     "inv3": ({"OLSM_MATRIX_INVERSE": "levels3"}, True),
     "rows16": ({"OLSM_MATRIX_INVERSE": "rows16"}, True),
     "rows4": ({"OLSM_MATRIX_INVERSE": "rows4"}, True),
+    "keep": ({"OLSM_MATRIX_DELTA_SAVE": "keep"}, True),
     "lowp": ({"OLSM_MATRIX_DOTS": "storage"}, True),
     "pair": ({}, False),
     "autograd_bwd": ({"OLSM_MATRIX_BWD": "autograd"}, False),
@@ -212,6 +214,29 @@ def bench(fn, x, backward):
         return "refused" if ("Triton" in msg or "Hopper" in msg or "NotImplemented" in msg) else "failed"
 
 
+def peak_mib(fn, x):
+    """Peak memory of one forward+backward above what the inputs hold (MiB; gradients, saved
+    tensors and workspaces included), or "-" if it fails."""
+    leaves = list(x.values())
+    try:
+        for t in leaves:
+            t.grad = None
+        o = fn(x)
+        d_o = torch.randn_like(o)
+        del o
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(x).backward(d_o)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        for t in leaves:
+            t.grad = None
+        return round(peak / 2 ** 20, 1)
+    except Exception:  # noqa: BLE001 - a refusal is already in the time columns
+        return "-"
+
+
 def copy_bandwidth():
     import triton
 
@@ -290,6 +315,9 @@ def main():
             t = bench(fn, x, backward)
             for r in targets:  # FLA is timed once and shown on every variant's row
                 r[f"{who}_{mode}"] = round(t, 4) if isinstance(t, float) else t
+        mib = peak_mib(fn, x) if isinstance(row[f"{who}_fwdbwd"], float) else "-"
+        for r in targets:
+            r[f"{who}_mib"] = mib
         for r in targets:
             for mode in ("fwd", "fwdbwd"):
                 a, b = r[f"ours_{mode}"], r[f"ref_{mode}"]
@@ -307,11 +335,11 @@ def main():
 
 def save(rows, out, head):
     """CSV, markdown table and plot of what has been measured so far."""
-    fields = ["B", "T", "H", "D", "method", "ours_fwd", "ours_fwdbwd", "ref", "ref_fwd", "ref_fwdbwd",
-              "ratio_fwd", "ratio_fwdbwd", "floor_fwd", "floor_fwdbwd"]
+    fields = ["B", "T", "H", "D", "method", "ours_fwd", "ours_fwdbwd", "ours_mib", "ref", "ref_fwd", "ref_fwdbwd",
+              "ref_mib", "ratio_fwd", "ratio_fwdbwd", "floor_fwd", "floor_fwdbwd"]
     for r in rows:
-        r.setdefault("ratio_fwd", "-")
-        r.setdefault("ratio_fwdbwd", "-")
+        for f in ("ratio_fwd", "ratio_fwdbwd", "ours_mib", "ref_mib"):
+            r.setdefault(f, "-")
     with open(out / "matrix_bench.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -327,13 +355,15 @@ def write_markdown(rows, out, head):
     md = [f"# Matrix-class kernel vs FLA (bf16, median ms)\n\n{head}\n",
           "ratio = ours / reference (lower is better for us). floor = I/O floor at the measured "
           "copy bandwidth.\n",
-          "| B,T,H,D | method | ours fwd | ours fwd+bwd | reference | ref fwd | ref fwd+bwd | ratio fwd | "
-          "ratio fwd+bwd | floor fwd | floor fwd+bwd |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "MiB = peak memory of one forward+backward above the inputs (saved tensors, gradients, workspaces).\n",
+          "| B,T,H,D | method | ours fwd | ours fwd+bwd | ours MiB | reference | ref fwd | ref fwd+bwd | ref MiB | "
+          "ratio fwd | ratio fwd+bwd | floor fwd | floor fwd+bwd |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['B']},{r['T']},{r['H']},{r['D']} | {r['method']} | {fmt(r['ours_fwd'])} | "
-                  f"{fmt(r['ours_fwdbwd'])} | {r['ref']} | {fmt(r['ref_fwd'])} | {fmt(r['ref_fwdbwd'])} | "
-                  f"{r['ratio_fwd']} | {r['ratio_fwdbwd']} | {r['floor_fwd']:.3f} | {r['floor_fwdbwd']:.3f} |")
+                  f"{fmt(r['ours_fwdbwd'])} | {r.get('ours_mib', '-')} | {r['ref']} | {fmt(r['ref_fwd'])} | "
+                  f"{fmt(r['ref_fwdbwd'])} | {r.get('ref_mib', '-')} | {r['ratio_fwd']} | {r['ratio_fwdbwd']} | "
+                  f"{r['floor_fwd']:.3f} | {r['floor_fwdbwd']:.3f} |")
     (out / "matrix_bench.md").write_text("\n".join(md) + "\n")
     return md
 

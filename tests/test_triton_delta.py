@@ -160,6 +160,20 @@ def test_other_wy_inverses(chunk, inverse, monkeypatch):
 
 
 @pytest.mark.parametrize("decay", [False, True])
+def test_kept_x_and_nu(decay, monkeypatch):
+    # OLSM_MATRIX_DELTA_SAVE=keep: the backward reads the forward's X and ν instead of launching
+    # the WY kernel again (one WY launch in all, not two)
+    monkeypatch.setenv("OLSM_MATRIX_DELTA_SAVE", "keep")
+    import olsm.kernels.matrix.delta as D
+    launches = []
+    real = D.launch_wy
+    monkeypatch.setattr(D, "launch_wy", lambda *a, **kw: launches.append(kw.get("load_t", False)) or real(*a, **kw))
+    check_delta(delta_inputs(11, decay=decay, u_scale=True, T=45), chunk_size=16)
+    check_delta(delta_inputs(12, decay=decay, kk_coef=True, T=61, N=4), cu_seqlens=(0, 9, 9, 46, 61))
+    assert launches == [False, False]
+
+
+@pytest.mark.parametrize("decay", [False, True])
 def test_packed_sequences_with_an_empty_one(decay):
     cu = (0, 9, 9, 46, 61)
     check_delta(delta_inputs(3, T=61, N=4, decay=decay), cu_seqlens=cu)

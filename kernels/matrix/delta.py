@@ -164,9 +164,10 @@ def _operands(q, k, u, c, u_scale, log_decay, meta, C):
 
 
 def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=None):
-    """Forward of :func:`chunk_delta` (module docstring). Returns ``(o, final, states, A, kk)``:
-    as :func:`.fused.fused_forward` does, the chunks' A ``[NC, H, C, C]`` fp32 and, with
-    ``kk_coef``, every token's ‖k_t‖² ``[B·T, H]`` fp32 (else None)."""
+    """Forward of :func:`chunk_delta` (module docstring). Returns ``(o, final, states, A, kk, X, ν)``:
+    as :func:`.fused.fused_forward` does, the chunks' A ``[NC, H, C, C]`` fp32, with ``kk_coef``
+    every token's ‖k_t‖² ``[B·T, H]`` fp32 (else None), and X ``[NC, H, C, K]``, ν
+    ``[NC, H, C, V]`` in the state dtype."""
     B, T, H, K, V, NC, C, N, dev = _sizes(q, u, lay)
     q, k, u, cf, sf, g, decay, prec, shape = _operands(q, k, u, c, u_scale, log_decay, meta, C)
     kb = None if kk_coef is None else _flat_c(kk_coef, B, T, H)
@@ -197,13 +198,14 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=No
             DECAY=decay, LOWRANK=False, BK=shape.BK, BV=shape.BV_out, PRECISION=prec, DELTA=True,
             LOWP=dots_lowp(), num_warps=shape.warps_out,
         )
-    return o, final, states, t_wy, kk
+    return o, final, states, t_wy, kk, x_wy, nu
 
 
 def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final, lay, meta, needs, u_scale=None,
-                   kk_coef=None, kk=None):
+                   kk_coef=None, kk=None, x_wy=None, nu=None):
     """Gradients of :func:`chunk_delta` (module docstring, backward); ``kk``: the forward's ‖k_t‖²
-    when ``kk_coef`` is given.
+    when ``kk_coef`` is given; ``x_wy``, ``nu``: the forward's X and ν if it kept them (step 1 is
+    then skipped).
 
     Returns:
         ``(dq, dk, du, dc, d_log_decay, dh0, d_u_scale, d_kk_coef)``, None where ``needs`` (q, k,
@@ -224,10 +226,11 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     f32 = dict(device=dev, dtype=torch.float32)
     low = dict(device=dev, dtype=states.dtype)
 
-    # 1. X and ν = X S_n + Y of every chunk, from the saved A and states
-    x_wy, nu = torch.empty(NC, H, C, K, **low), torch.empty(NC, H, C, V, **low)
-    launch_wy(shape, k, k, k, u, g, lay.tok_start, lay.tok_stop, x_wy, nu, t_wy, H, K, V, C, decay, prec,
-              c=cf, states=states, load_t=True, u_scale=sf)
+    if x_wy is None:
+        # 1. X and ν = X S_n + Y of every chunk, from the saved A and states
+        x_wy, nu = torch.empty(NC, H, C, K, **low), torch.empty(NC, H, C, V, **low)
+        launch_wy(shape, k, k, k, u, g, lay.tok_start, lay.tok_stop, x_wy, nu, t_wy, H, K, V, C, decay, prec,
+                  c=cf, states=states, load_t=True, u_scale=sf)
     # 2. reverse pass: dS_n and dν
     dstates, dnu = torch.empty(NC, H, K, V, **low), torch.empty(NC, H, C, V, **low)
     dh0 = torch.empty(N, H, K, V, **f32)
@@ -289,14 +292,18 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
 
 
 class ChunkDeltaFunction(torch.autograd.Function):
-    """Autograd of :func:`chunk_delta`: keeps the inputs, the chunk-boundary states and the final
-    state; the backward is :func:`delta_backward`."""
+    """Autograd of :func:`chunk_delta`: keeps the inputs, the chunk-boundary states, A and the
+    final state (with ``OLSM_MATRIX_DELTA_SAVE=keep`` also X and ν: two ``[B, T, H, D]``
+    tensors more, and the backward skips re-deriving them); the backward is :func:`delta_backward`."""
 
     @staticmethod
     def forward(ctx, q, k, u, c, log_decay, h0, u_scale, kk_coef, lay, meta, opts):
         with torch.no_grad():
-            o, final, states, t_wy, kk = delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale, kk_coef)
-        ctx.save_for_backward(q, k, u, c, log_decay, h0, u_scale, kk_coef, kk, states, t_wy, final)
+            o, final, states, t_wy, kk, x_wy, nu = delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale,
+                                                                 kk_coef)
+        if env_choice("OLSM_MATRIX_DELTA_SAVE", ("recompute", "keep")) == "recompute":
+            x_wy = nu = None        # the backward re-derives them from A and the states (less memory)
+        ctx.save_for_backward(q, k, u, c, log_decay, h0, u_scale, kk_coef, kk, states, t_wy, final, x_wy, nu)
         ctx.lay, ctx.meta, ctx.opts = lay, meta, opts
         ctx.set_materialize_grads(False)
         return o, final
@@ -304,11 +311,11 @@ class ChunkDeltaFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable      # a second derivative through the kernels is an error, not a silent zero
     def backward(ctx, d_o, d_final):
-        q, k, u, c, log_decay, h0, u_scale, kk_coef, kk, states, t_wy, final = ctx.saved_tensors
+        q, k, u, c, log_decay, h0, u_scale, kk_coef, kk, states, t_wy, final, x_wy, nu = ctx.saved_tensors
         needs = ctx.needs_input_grad[:8]
         try:
             grads = delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final, ctx.lay,
-                                   ctx.meta, needs, u_scale, kk_coef, kk)
+                                   ctx.meta, needs, u_scale, kk_coef, kk, x_wy, nu)
         except OutOfResources:
             # this GPU's shared memory is too small for the tiles: differentiate the general pair
             grads = _general_pair_grads((q, k, u, c, log_decay, h0, u_scale, kk_coef), needs, d_o, d_final,

@@ -1,0 +1,41 @@
+"""``benchmarks/bench_matrix.py`` times on the GPU; here (Triton's interpreter, float32, tiny
+shapes) its calls of our kernels are checked: each delta member's ``chunk_delta`` call (u_scale,
+Longhorn's in-kernel ε through kk_coef) gives what the pair path with the coefficients formed in
+torch gives, and the table writer takes rows with and without memory columns."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_matrix as BM  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("method", ["deltanet", "gated_deltanet", "longhorn"])
+def test_delta_rows_match_the_pair_path(method):
+    km = BM.import_kernels()
+    x = BM.make_inputs(1, 37, 2, 16, dtype=torch.float32, device=DEV)
+    x["k"] = (x["k"] * 1.7).detach().requires_grad_()        # ‖k‖ ≠ 1: Longhorn's ε depends on it
+    outs = []
+    for delta in (True, False):
+        for t in x.values():
+            t.grad = None
+        o = BM.ours(method, x, km, delta)
+        o.square().sum().backward()
+        outs.append([o.detach()] + [x[n].grad.clone() for n in ("q", "k", "v", "beta")])
+    for a, b in zip(*outs):
+        assert (a - b).abs().max() / max(1.0, b.abs().max()) < 1e-4
+
+
+def test_markdown_table(tmp_path):
+    row = dict(B=1, T=8, H=2, D=4, method="deltanet", ours_fwd=1.0, ours_fwdbwd=2.0, ours_mib=3.5, ref="fla.x",
+               ref_fwd="refused", ref_fwdbwd="-", ratio_fwd="-", ratio_fwdbwd="-", floor_fwd=0.1, floor_fwdbwd=0.2)
+    md = BM.write_markdown([row, dict(row, method="longhorn", ours_mib="-")], tmp_path, "head")
+    assert "| 3.5 |" in md[-2] and md[-1].count("|") == md[-2].count("|") == 14
