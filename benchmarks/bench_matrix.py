@@ -32,7 +32,8 @@ same forward, the autograd backward), ``general`` (general path, Triton inverse)
 (the delta members through ``chunk_matrix`` with the general pair ``(−c k, k)``: the fused rank-1
 kernels measured up to run 6), ``inv3`` (``new`` with the three-level WY inverse), ``rows16`` / ``rows4`` (``new`` with the
 innermost 16- / 4-row blocks of the WY inverse by row substitution instead of dots), ``keep``
-(``new`` with the delta form's X and ν kept from the forward, not re-derived), ``lowp``
+(``new`` with the delta form's X and ν kept from the forward, not re-derived), ``split`` (``new``
+with the rank-0 forward state pass split along the sequence, ``kernels/matrix/split.py``), ``lowp``
 (``new`` with the delta form's per-chunk backward dots on storage-dtype operands). The paths are
 chosen through the ``OLSM_MATRIX_*`` switches of ``ENV_DEFAULTS``, read at every call.
 """
@@ -105,13 +106,15 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0, device="cuda"):
 
 # variant -> (environment switches that differ from the defaults, delta members via chunk_delta)
 ENV_DEFAULTS = {"OLSM_MATRIX_PATH": "auto", "OLSM_MATRIX_SOLVE": "triton", "OLSM_MATRIX_BWD": "auto",
-                "OLSM_MATRIX_INVERSE": "levels2", "OLSM_MATRIX_DOTS": "fp32", "OLSM_MATRIX_DELTA_SAVE": "recompute"}
+                "OLSM_MATRIX_INVERSE": "levels2", "OLSM_MATRIX_DOTS": "fp32", "OLSM_MATRIX_DELTA_SAVE": "recompute",
+                "OLSM_MATRIX_STATE": "walk"}
 VARIANTS = {
     "new": ({}, True),
     "inv3": ({"OLSM_MATRIX_INVERSE": "levels3"}, True),
     "rows16": ({"OLSM_MATRIX_INVERSE": "rows16"}, True),
     "rows4": ({"OLSM_MATRIX_INVERSE": "rows4"}, True),
     "keep": ({"OLSM_MATRIX_DELTA_SAVE": "keep"}, True),
+    "split": ({"OLSM_MATRIX_STATE": "split"}, True),
     "lowp": ({"OLSM_MATRIX_DOTS": "storage"}, True),
     "pair": ({}, False),
     "autograd_bwd": ({"OLSM_MATRIX_BWD": "autograd"}, False),

@@ -22,11 +22,13 @@ from olsm.kernels.aot import HOPPER_SHARED_BYTES, compile_for
 from olsm.kernels.matrix import delta as D
 from olsm.kernels.matrix import fused as F
 from olsm.kernels.matrix import fused_bwd as FB
+from olsm.kernels.matrix import split as SP
 
 # the inputs, their gradients and what the wrappers store in the inputs' dtype (fused.state_dtype)
 BF16 = {p: "*bf16" for p in ("q", "w", "a", "b", "u", "do", "o", "dq", "dw", "du", "da", "db",
                              "states", "dstates", "x_wy", "y_wy", "probes", "dprobes", "k", "nu")}
-TYPES = dict(BF16, tok_start="*i32", tok_stop="*i32", chunk_offsets="*i32", H="i32", BT="i32", scale="fp32")
+TYPES = dict(BF16, tok_start="*i32", tok_stop="*i32", chunk_offsets="*i32", H="i32", BT="i32", scale="fp32",
+             chunk_slot="*i32", NSEG="i32", SEG_L="i32")
 
 
 def configs(K=128, V=128, C=64):
@@ -42,6 +44,13 @@ def configs(K=128, V=128, C=64):
                    sh.warps_state_lr if lr else sh.warps_seq, True)
             yield (f"fwd output {tag}", F._output_fwd_kernel, dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out),
                    sh.warps_out, True)
+            if not lr:   # OLSM_MATRIX_STATE=split: segment walks, their join and the fix-up
+                yield (f"fwd state segments {tag}", F._state_fwd_kernel,
+                       dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, SEG_L=8), sh.warps_seq, False)
+                yield (f"fwd split combine {tag}", SP._combine_kernel,
+                       dict(K=K, V=V, BK=sh.BK, BV=sh.BV, HAS_H0=True, DECAY=decay), sh.warps_seq, False)
+                yield (f"fwd split fixup {tag}", SP._fixup_kernel, dict(K=K, V=V, BK=sh.BK, BV=sh.BV, DECAY=decay),
+                       sh.warps_seq, False)
             if not lr:   # OLSM_MATRIX_DOTS=storage
                 yield (f"fwd state storage dots {tag}", F._state_fwd_kernel,
                        dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, LOWP=True), sh.warps_seq, False)

@@ -153,6 +153,7 @@ class _Layout:
     scatter: Optional[torch.Tensor] = None   # varlen: [T] position of each token in the chunks
     tok_start: Optional[torch.Tensor] = None  # [NC] int32: first token of chunk n in [B·T]
     tok_stop: Optional[torch.Tensor] = None   # [NC] int32: one past its last token
+    max_chunks: int = 0                       # chunks of the longest sequence
 
 
 def _layout(B, T, C, cu_seqlens, device) -> _Layout:
@@ -164,7 +165,7 @@ def _layout(B, T, C, cu_seqlens, device) -> _Layout:
         seq_start = n // NT * T
         start = seq_start + n % NT * C
         stop = torch.minimum(start + C, seq_start + T)
-        return _Layout(B, T, C, B * NT, offsets, tok_start=start, tok_stop=stop)
+        return _Layout(B, T, C, B * NT, offsets, tok_start=start, tok_stop=stop, max_chunks=NT)
     bounds = [int(b) for b in cu_seqlens.tolist()]
     if bounds[0] != 0 or bounds[-1] != T or any(b > e for b, e in zip(bounds[:-1], bounds[1:])):
         raise InputError(f"cu_seqlens must rise from 0 to T={T}, got {bounds}")
@@ -181,7 +182,8 @@ def _layout(B, T, C, cu_seqlens, device) -> _Layout:
     as_int = dict(dtype=torch.int32, device=device)
     return _Layout(B, T, C, offsets[-1], torch.tensor(offsets, **as_int),
                    torch.tensor(gather, **as_long), torch.tensor(scatter, **as_long),
-                   torch.tensor(starts, **as_int), torch.tensor(stops, **as_int))
+                   torch.tensor(starts, **as_int), torch.tensor(stops, **as_int),
+                   max_chunks=max((b - a for a, b in zip(offsets[:-1], offsets[1:])), default=0))
 
 
 def _to_chunks(x: torch.Tensor, lay: _Layout) -> torch.Tensor:
@@ -303,7 +305,7 @@ class ChunkMatrixFunction(torch.autograd.Function):
             if fused_applies(log_decay, lowrank, q.shape[-1], u.shape[-1]):
                 try:
                     result = fused_forward(q, w, u, log_decay, lowrank, h0, lay.tok_start,
-                                           lay.tok_stop, lay.chunk_offsets, lay.C, meta)
+                                           lay.tok_stop, lay.chunk_offsets, lay.C, meta, lay.max_chunks)
                 except OutOfResources:
                     # shared memory / registers of this GPU too small for the fused tiles
                     result = None

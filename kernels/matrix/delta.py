@@ -49,7 +49,7 @@ from olsm.errors import InputError
 from .chunk import _check_backend, _check_inputs, _interpreting, _layout, chunk_matrix, leaf_grads
 from .fused import (
     MAX_FUSED_DIM, _launch_state, _output_fwd_kernel, dots_lowp, env_choice, launch_shape, launch_wy,
-    sequence_launch, state_dtype,
+    no_segments, sequence_launch, state_dtype,
 )
 from .fused_bwd import _decay_grad_kernel, _dqdw_bwd_kernel, _dstate_bwd_kernel
 from .tiles import chunk_decay, chunk_key_tiles
@@ -187,7 +187,7 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=No
     grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, True, dev)
     _launch_state(
         grid, (k, k, u, gd, x_wy, y_wy, h0_ if h0_ is not None else u, states, nu, final, lay.tok_start,
-               lay.tok_stop, lay.chunk_offsets, H),
+               lay.tok_stop, lay.chunk_offsets, H) + no_segments(u),
         key=(K, V, C, "delta", decay, str(q.dtype)),
         K=K, V=V, C=C, DECAY=decay, LOWRANK=True, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,
         PRECISION=prec, DELTA=True, num_warps=shape.warps_state_lr,

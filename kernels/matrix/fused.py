@@ -232,10 +232,11 @@ def _wy_fwd_kernel(
 @triton.jit
 def _state_fwd_kernel(
     w, a, u, g, x_wy, y_wy, h0, states, probes, final, tok_start, tok_stop, chunk_offsets,
-    H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    H, seg_end, seg_g, chunk_cum, chunk_slot, NSEG,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     DECAY: tl.constexpr, LOWRANK: tl.constexpr, HAS_H0: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr = False,
-    LOWP: tl.constexpr = False,
+    LOWP: tl.constexpr = False, SEG_L: tl.constexpr = 0,
 ):
     """Sequential pass over one sequence × head × block of BV value columns (kernel 2); without a
     low-rank part the grid also splits K into blocks of BK (:func:`sequence_launch`). With DELTA
@@ -245,8 +246,27 @@ def _state_fwd_kernel(
     Shapes: w, a ``[B·T, H, K]``, u ``[B·T, H, V]`` (input dtype); g ``[B·T, H]`` fp32;
     x_wy ``[NC, H, C, K]``, y_wy ``[NC, H, C, V]``; writes states ``[NC, H, K, V]`` (S_n, the
     state each chunk starts from), probes ``[NC, H, C, V]`` (P) and final ``[N, H, K, V]``.
+
+    SEG_L > 0 (no low-rank part; :mod:`.split`): the grid's first axis is segment × value block
+    and the program walks only segment j, chunks ``[j·SEG_L, (j + 1)·SEG_L)`` of its sequence,
+    from a zero state: it stores these *local* states in ``states``, the segment's end state in
+    seg_end ``[N·H, NSEG, K, V]`` fp32 and, from its first value / key block, the segment's total
+    log-decay seg_g ``[N·H, NSEG]`` and per chunk the log-decay from the segment's start
+    chunk_cum ``[NC, H]`` fp32 and the segment's slot ``i_nh·NSEG + j`` in chunk_slot
+    ``[NC, H]`` int32 (−1 where the segment starts from zero: the first one without h0). No
+    final state; :mod:`.split` combines the segments.
     """
     i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v = sequence_program(chunk_offsets, H, K, V, BK, BV)
+    if SEG_L > 0:
+        # program_id(0) = segment · value blocks + value block
+        NV: tl.constexpr = (V + BV - 1) // BV
+        i_v = tl.program_id(0) % NV
+        j = tl.program_id(0) // NV
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mask_v = offs_v < V
+        c_start, c_end = c_start + j * SEG_L, tl.minimum(c_start + (j + 1) * SEG_L, c_end)
+        lead = (tl.zeros([1], dtype=tl.int32) + i_v + tl.program_id(2)) == 0   # writes the per-chunk scalars
+        cum = tl.zeros([1], dtype=tl.float32)
     mask_kv = mask_k[:, None] & mask_v[None, :]
     kv = offs_k[:, None] * V + offs_v[None, :]
 
@@ -255,12 +275,19 @@ def _state_fwd_kernel(
     # MMA steps of tf32 on this latency-bound sequential path
     od = states.dtype.element_ty if (DELTA or LOWP) else tl.float32
     S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
+    if HAS_H0 and SEG_L == 0:
         S += tl.load(h0 + i_nh.to(tl.int64) * K * V + kv, mask=mask_kv, other=0.)
 
     for c in range(c_start, c_end):
         nh = (c * H + i_h).to(tl.int64)
         tl.store(states + nh * K * V + kv, S.to(states.dtype.element_ty), mask=mask_kv)
+        if SEG_L > 0:
+            one = tl.arange(0, 1)
+            tl.store(chunk_cum + nh + one, cum, mask=lead)
+            slot = i_nh * NSEG + j
+            if not HAS_H0:
+                slot = tl.where(j == 0, -1, slot)
+            tl.store(chunk_slot + nh + one, tl.zeros([1], dtype=tl.int32) + slot, mask=lead)
         offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c, C)
         col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]
         mask_col = mask_k[:, None] & valid[None, :]
@@ -289,11 +316,18 @@ def _state_fwd_kernel(
                 S_next += tl.dot(A_T, P, input_precision=PRECISION)
         if DECAY == 1:
             S_next += tl.exp(g_total) * S
+            if SEG_L > 0:
+                cum += g_total
         else:
             S_next += S
         S = S_next
 
-    tl.store(final + i_nh.to(tl.int64) * K * V + kv, S, mask=mask_kv)
+    if SEG_L > 0:
+        slot = i_nh.to(tl.int64) * NSEG + j
+        tl.store(seg_end + slot * K * V + kv, S, mask=mask_kv)
+        tl.store(seg_g + slot + tl.arange(0, 1), cum, mask=lead)
+    else:
+        tl.store(final + i_nh.to(tl.int64) * K * V + kv, S, mask=mask_kv)
 
 
 @triton.jit
@@ -543,6 +577,11 @@ def fused_applies(log_decay, lowrank, K: int = 0, V: int = 0) -> bool:
 _STAGES: dict = {}
 
 
+def no_segments(dummy):
+    """The segment arguments of :func:`_state_fwd_kernel` when it walks whole sequences."""
+    return (dummy, dummy, dummy, dummy, 1)
+
+
 def _launch_state(grid, args, key, **kw):
     stages = _STAGES.get(key, 2)
     try:
@@ -554,7 +593,7 @@ def _launch_state(grid, args, key, **kw):
         _state_fwd_kernel[grid](*args, num_stages=1, **kw)
 
 
-def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_offsets, C, meta):
+def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_offsets, C, meta, max_chunks=0):
     """The forward of :func:`.chunk.chunk_matrix` for no / scalar decay and rank <= 1.
 
     Args:
@@ -564,6 +603,8 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
         tok_start, tok_stop: ``[NC]`` int32, the flat token range ``[start, stop)`` of chunk n.
         chunk_offsets: ``[N + 1]`` int32, the chunks of sequence i.
         C: chunk length. meta: ``scale``, ``out_dtype``, ``precision``.
+        max_chunks: chunks of the longest sequence (for ``OLSM_MATRIX_STATE=split``, :mod:`.split`;
+            0: unknown, the state pass walks whole sequences).
 
     Returns:
         ``o [B, T, H, V]`` (out_dtype), ``final [N, H, K, V]`` fp32 and ``states [NC, H, K, V]``
@@ -603,14 +644,21 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     h0_ = None if h0 is None else h0.float().contiguous()
     lowp = dots_lowp()
     grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev)
-    _launch_state(
-        grid,
-        (w, a, u, g if g is not None else dummy, x_wy, y_wy, h0_ if h0_ is not None else dummy,
-         states, probes, final, tok_start, tok_stop, chunk_offsets, H),
-        key=(K, V, C, R, decay, str(q.dtype)),
-        K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,
-        PRECISION=prec, LOWP=lowp and R == 0, num_warps=shape.warps_state_lr if R else shape.warps_seq,
-    )
+    args = (w, a, u, g if g is not None else dummy, x_wy, y_wy, h0_ if h0_ is not None else dummy,
+            states, probes, final, tok_start, tok_stop, chunk_offsets, H) + no_segments(dummy)
+    key = (K, V, C, R, decay, str(q.dtype))
+    kw = dict(K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,
+              PRECISION=prec, LOWP=lowp and R == 0, num_warps=shape.warps_state_lr if R else shape.warps_seq)
+    split = R == 0 and env_choice("OLSM_MATRIX_STATE", ("walk", "split")) == "split"
+    if split:
+        from .split import split_state_pass
+
+        def launch(grid_, args_, **extra):
+            _launch_state(grid_, args_, key=key + ("segments",), **kw, **extra)
+        split = split_state_pass(launch, grid, args, h0_, final, chunk_offsets, H, K, V, BK_seq, BV, decay,
+                                 max_chunks, dev)
+    if not split:
+        _launch_state(grid, args, key=key, **kw)
     if NC > 0:
         BVO = shape.BV_out
         _output_fwd_kernel[(triton.cdiv(V, BVO), NC * H)](

@@ -1,0 +1,110 @@
+r"""The forward state pass split along the sequence, for the members without a low-rank part
+(linear attention, RetNet, Mamba-2): opt-in with ``OLSM_MATRIX_STATE=split``.
+
+The state pass walks each sequence's chunks in order, one latency-bound step per chunk: at
+B = 1, T = 32768 (512 chunks) its few programs take most of the forward. Without a low-rank
+part the chunk step is affine with a scalar transition, S_{n+1} = γ_n S_n + Ŵ_nᵀ U_n, so a
+sequence cut into segments of L chunks can be walked in parallel and joined afterwards:
+
+1. every segment from a zero state (:func:`.fused._state_fwd_kernel` with ``SEG_L = L``):
+   local chunk states Š_n, the segment's end state E_j and its total log-decay Γ_j, and per
+   chunk the log-decay from the segment's start, c_n;
+2. the segments' true start states, sequentially over segments (:func:`_combine_kernel`):
+   Z_0 = h0 (or 0), Z_{j+1} = e^{Γ_j} Z_j + E_j, and the final state Z_{nseg};
+3. S_n = Š_n + e^{c_n} Z_{j(n)} in place (:func:`_fixup_kernel`).
+
+The output kernel and the backward then read the same states as with the single walk. The cost:
+a read and write of the states in step 3 and the [K, V] segment states (fp32). The segment
+length is picked so that step 1 has about four programs per SM (:func:`segment_length`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused import _sm_count
+
+
+@triton.jit
+def _combine_kernel(seg_end, seg_g, h0, final, chunk_offsets, H, NSEG, SEG_L,
+                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    HAS_H0: tl.constexpr, DECAY: tl.constexpr):
+    """Step 2 for one sequence × head × value block × key block: seg_end ``[N·H, NSEG, K, V]``
+    fp32 holds E_j on entry and Z_j on exit; writes final ``[N, H, K, V]`` fp32."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    offs_k = tl.program_id(2) * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask = (offs_k < K)[:, None] & (offs_v < V)[None, :]
+    kv = offs_k[:, None] * V + offs_v[None, :]
+    n_chunks = tl.load(chunk_offsets + i_nh // H + 1) - tl.load(chunk_offsets + i_nh // H)
+    Z = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        Z += tl.load(h0 + i_nh.to(tl.int64) * K * V + kv, mask=mask, other=0.)
+    for j in range(0, (n_chunks + SEG_L - 1) // SEG_L):
+        slot = i_nh.to(tl.int64) * NSEG + j
+        E = tl.load(seg_end + slot * K * V + kv, mask=mask, other=0.)
+        tl.store(seg_end + slot * K * V + kv, Z, mask=mask)
+        if DECAY == 1:
+            Z = tl.exp(tl.load(seg_g + slot)) * Z + E
+        else:
+            Z = Z + E
+    tl.store(final + i_nh.to(tl.int64) * K * V + kv, Z, mask=mask)
+
+
+@triton.jit
+def _fixup_kernel(states, seg_start, chunk_cum, chunk_slot, H,
+                  K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr):
+    """Step 3 for one chunk × head × value block × key block: states ``[NC, H, K, V]`` (storage
+    dtype) += e^{c_n} Z_j, Z_j from seg_start ``[N·H, NSEG, K, V]`` fp32 at the chunk's slot
+    (chunk_slot ``[NC, H]`` int32; −1: the segment starts from zero, nothing to add)."""
+    i_v, nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs_k = tl.program_id(2) * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    kv = offs_k[:, None] * V + offs_v[None, :]
+    slot = tl.load(chunk_slot + nh).to(tl.int64)
+    mask = (offs_k < K)[:, None] & (offs_v < V)[None, :] & ((offs_k[:, None] * 0 + slot) >= 0)
+    Z = tl.load(seg_start + slot * K * V + kv, mask=mask, other=0.)
+    if DECAY == 1:
+        Z = Z * tl.exp(tl.load(chunk_cum + nh))
+    S = tl.load(states + nh * K * V + kv, mask=mask, other=0.).to(tl.float32)
+    tl.store(states + nh * K * V + kv, (S + Z).to(states.dtype.element_ty), mask=mask)
+
+
+def segment_length(programs: int, max_chunks: int, device) -> int:
+    """Chunks per segment: the whole sequence when its programs already fill the GPU, else short
+    enough that the segment walks have about four programs per SM (at least 4 chunks each)."""
+    if max_chunks <= 4:
+        return max(max_chunks, 1)
+    nseg = max(1, min(max_chunks // 4, -(-4 * _sm_count(device) // max(programs, 1))))
+    return -(-max_chunks // nseg)
+
+
+def split_state_pass(launch, grid, args, h0, final, chunk_offsets, H, K, V, BK, BV, decay, max_chunks, device):
+    """Steps 1–3 of the module docstring. ``launch(grid, args, **constexprs)`` runs the state
+    kernel with ``args`` (as for the single walk, with ``args[-5:]`` the segment arguments
+    filled in here), ``grid`` is the single walk's. Writes ``final`` and the states ``args[7]``.
+
+    Returns:
+        whether it ran (False: one segment would cover every sequence; the caller walks them whole).
+    """
+    nv, NH, nk = grid
+    L = segment_length(nv * NH * nk, max_chunks, device)
+    nseg = -(-max_chunks // L)
+    if nseg <= 1:
+        return False
+    states = args[7]
+    NC = states.shape[0]
+    f32 = dict(device=device, dtype=torch.float32)
+    seg_end = torch.empty(NH, nseg, K, V, **f32)
+    seg_g = torch.empty(NH, nseg, **f32)
+    chunk_cum = torch.empty(NC, H, **f32)
+    chunk_slot = torch.empty(NC, H, device=device, dtype=torch.int32)
+    launch((nv * nseg, NH, nk), args[:-5] + (seg_end, seg_g, chunk_cum, chunk_slot, nseg), SEG_L=L)
+    dummy = seg_end
+    _combine_kernel[(nv, NH, nk)](seg_end, seg_g, h0 if h0 is not None else dummy, final, chunk_offsets, H, nseg, L,
+                                  K=K, V=V, BK=BK, BV=BV, HAS_H0=h0 is not None, DECAY=decay)
+    if NC > 0:
+        _fixup_kernel[(nv, NC * H, nk)](states, seg_end, chunk_cum, chunk_slot, H, K=K, V=V, BK=BK, BV=BV,
+                                        DECAY=decay)
+    return True
