@@ -4,6 +4,7 @@
 # FLA 0.6.0 wheel, DESIGN §7) carried; results go to $OUT/matrix.tgz. Two calls fit one 10-minute
 # command each:
 #   BENCH=0 bash benchmarks/gpu_matrix.sh          (about 5 min of compiles)
+#   QUICK=1 BENCH=0 TESTS= bash benchmarks/gpu_matrix.sh      (quick A/B of the opt-in switches, no FLA, ~3 min)
 #   SANITIZE=1 BENCH=0 TESTS= bash benchmarks/gpu_matrix.sh   (compute-sanitizer memcheck of the matrix and
 #                                                              elementwise kernels, about 6 min)
 #   TESTS= [METHODS="deltanet longhorn gated_deltanet linear_attention"] [VARIANTS="new inv3 rows16 rows4 lowp"] bash benchmarks/gpu_matrix.sh
@@ -13,6 +14,11 @@ P=$(dirname "$(python3 -c 'import sys; print(sys.executable)')"); export PATH=$P
 python -m pip install --no-deps --no-build-isolation -e . > $R/pip.log 2>&1
 python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >> $R/pip.log 2>&1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > $R/gpu.txt 2>&1
+if [ "${QUICK:-0}" = 1 ]; then
+    timeout 400 python -u benchmarks/quick_ab.py > $R/quick_ab.log 2>&1
+    tar czf $OUT/matrix.tgz -C $R .
+    grep -v "first call" $R/quick_ab.log
+fi
 if [ "${SANITIZE:-0}" = 1 ]; then
     timeout 420 python -u benchmarks/sanitize_kernels.py --out $R/sanitizer.txt > $R/sanitizer.log 2>&1
     tar czf $OUT/matrix.tgz -C $R .

@@ -39,3 +39,12 @@ def test_markdown_table(tmp_path):
                ref_fwd="refused", ref_fwdbwd="-", ratio_fwd="-", ratio_fwdbwd="-", floor_fwd=0.1, floor_fwdbwd=0.2)
     md = BM.write_markdown([row, dict(row, method="longhorn", ours_mib="-")], tmp_path, "head")
     assert "| 3.5 |" in md[-2] and md[-1].count("|") == md[-2].count("|") == 14
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU quick_ab times the full shapes")
+def test_quick_ab_calls_run(capsys):
+    # benchmarks/quick_ab.py on a CPU: every planned call once, tiny, in the interpreter
+    import quick_ab
+
+    quick_ab.main()
+    assert len(capsys.readouterr().out.strip().splitlines()) == len(quick_ab.PLAN)
