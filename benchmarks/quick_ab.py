@@ -46,6 +46,15 @@ PLAN = [  # (label, method, shape, switches, backward)
 
 
 def main():
+    saved = dict(os.environ)
+    try:
+        run()
+    finally:    # the switches are process-wide: leave the environment as found
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run():
     t0, cache = time.time(), {}
     for label, method, shape, env, backward in PLAN:
         if small:
