@@ -48,7 +48,7 @@ def configs(K=128, V=128, C=64):
                 yield (f"fwd state segments {tag}", F._state_fwd_kernel,
                        dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, SEG_L=8), sh.warps_seq, False)
                 yield (f"fwd split combine {tag}", SP._combine_kernel,
-                       dict(K=K, V=V, BK=sh.BK, BV=sh.BV, HAS_H0=True, DECAY=decay), sh.warps_seq, False)
+                       dict(K=K, V=V, BK=sh.BK, BV=sh.BV, HAS_INIT=True, DECAY=decay), sh.warps_seq, False)
                 yield (f"fwd split fixup {tag}", SP._fixup_kernel, dict(K=K, V=V, BK=sh.BK, BV=sh.BV, DECAY=decay),
                        sh.warps_seq, False)
             if not lr:   # OLSM_MATRIX_DOTS=storage
@@ -58,6 +58,9 @@ def configs(K=128, V=128, C=64):
                        dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out, LOWP=True), sh.warps_out, False)
             yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel,
                    dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV), sh.warps_seq, True)
+            if not lr:
+                yield (f"bwd dstate segments {tag}", FB._dstate_bwd_kernel,
+                       dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV, SEG_L=8), sh.warps_seq, False)
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False)
         yield (f"fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         yield (f"bwd dq dw decay={decay}", FB._dqdw_bwd_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)

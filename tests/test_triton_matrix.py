@@ -368,19 +368,20 @@ def test_sequential_passes_with_a_pair_split_along_values(monkeypatch):
 @pytest.mark.parametrize("decay", ["none", "scalar"])
 def test_state_pass_split_along_the_sequence(decay, monkeypatch):
     # OLSM_MATRIX_STATE=split (kernels/matrix/split.py): segments walked in parallel from zero,
-    # joined sequentially, states fixed up in place; with and without an initial state, packed
-    # sequences of different lengths (an empty one), a strong decay, and no final state
+    # joined sequentially, states fixed up in place, in the forward state pass and the backward's
+    # reverse pass; with and without an initial state, packed sequences of different lengths (an
+    # empty one), a strong decay, and no final state (no d_final)
     monkeypatch.setenv("OLSM_MATRIX_STATE", "split")
     split = importlib.import_module("olsm.kernels.matrix.split")
     ran = []
     real = split.split_state_pass
-    monkeypatch.setattr(split, "split_state_pass", lambda *a: ran.append(real(*a)) or ran[-1])
+    monkeypatch.setattr(split, "split_state_pass", lambda *a, **kw: ran.append(real(*a, **kw)) or ran[-1])
     check(make_inputs(41, B=2, T=150, H=2, decay=decay), chunk_size=16)
     check(make_inputs(42, B=1, T=150, H=2, decay=decay, h0=False), chunk_size=16, final=False)
     check(make_inputs(43, T=230, H=2, decay=decay, N=4), cu_seqlens=(0, 20, 20, 211, 230), chunk_size=16)
     if decay == "scalar":
         check(make_inputs(44, B=1, T=150, H=1, decay=decay, strong=True), chunk_size=16)
-    assert ran and all(ran), ran
+    assert ran and all(ran) and len(ran) == 2 * (3 + (decay == "scalar")), ran    # forward and reverse pass
 
 
 def test_value_blocks_never_narrower_than_64_below_128_keys():

@@ -655,7 +655,7 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
 
         def launch(grid_, args_, **extra):
             _launch_state(grid_, args_, key=key + ("segments",), **kw, **extra)
-        split = split_state_pass(launch, grid, args, h0_, final, chunk_offsets, H, K, V, BK_seq, BV, decay,
+        split = split_state_pass(launch, grid, args, states, h0_, final, chunk_offsets, H, K, V, BK_seq, BV, decay,
                                  max_chunks, dev)
     if not split:
         _launch_state(grid, args, key=key, **kw)

@@ -48,16 +48,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused import env_choice, launch_shape, launch_wy, sequence_launch
+from .fused import env_choice, launch_shape, launch_wy, no_segments, sequence_launch
 from .tiles import chunk_decay, chunk_key_tiles, chunk_tokens, kslice_program, sequence_program
 
 
 @triton.jit
 def _dstate_bwd_kernel(
     q, a, do, g, x_wy, d_final, dstates, dprobes, dh0, tok_start, tok_stop, chunk_offsets, scale,
-    H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    H, seg_end, seg_g, chunk_cum, chunk_slot, NSEG,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, HAS_DFINAL: tl.constexpr,
     LOWRANK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-    LOWP: tl.constexpr = False,
+    LOWP: tl.constexpr = False, SEG_L: tl.constexpr = 0,
 ):
     """Kernel 1: one sequence × head × BV value columns (× a BK key block without a low-rank
     part, :func:`~.fused.sequence_launch`) walks its chunks backwards. LOWP (the delta form, with
@@ -66,20 +67,42 @@ def _dstate_bwd_kernel(
     Shapes: q, a ``[B·T, H, K]``, do ``[B·T, H, V]``; g ``[B·T, H]`` fp32; x_wy ``[NC, H, C, K]``;
     d_final, dh0 ``[N, H, K, V]``; writes dstates ``[NC, H, K, V]`` (∂L/∂S_{n+1}, the state chunk
     n ends in) and, with LOWRANK, dprobes ``[NC, H, C, V]`` (∂L/∂P of the chunk's probes).
+
+    SEG_L > 0 (no low-rank part; :mod:`.split`, reversed): segment j of the sequence, walked
+    backwards from zero; the same outputs as :func:`.fused._state_fwd_kernel`'s segments, with
+    chunk_cum the log-decay of the segment's chunks after the chunk and slot −1 for the last
+    segment when there is no d_final; dh0 is left to the join.
     """
     i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v = sequence_program(chunk_offsets, H, K, V, BK, BV)
+    if SEG_L > 0:
+        NV: tl.constexpr = (V + BV - 1) // BV
+        i_v = tl.program_id(0) % NV
+        j = tl.program_id(0) // NV
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mask_v = offs_v < V
+        last_j = (c_end - c_start + SEG_L - 1) // SEG_L - 1
+        c_start, c_end = c_start + j * SEG_L, tl.minimum(c_start + (j + 1) * SEG_L, c_end)
+        lead = (tl.zeros([1], dtype=tl.int32) + i_v + tl.program_id(2)) == 0   # writes the per-chunk scalars
+        cum = tl.zeros([1], dtype=tl.float32)
     mask_kv = mask_k[:, None] & mask_v[None, :]
     kv = offs_k[:, None] * V + offs_v[None, :]
 
     # dot operands: fp32 copies, or with LOWP as stored (dprobes' dtype: the inputs' for bf16/fp16)
     od = dprobes.dtype.element_ty if LOWP else tl.float32
     dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DFINAL:
+    if HAS_DFINAL and SEG_L == 0:
         dS += tl.load(d_final + i_nh.to(tl.int64) * K * V + kv, mask=mask_kv, other=0.)
     for i in range(0, c_end - c_start):
         c = c_end - 1 - i
         nh = (c * H + i_h).to(tl.int64)
         tl.store(dstates + nh * K * V + kv, dS.to(dstates.dtype.element_ty), mask=mask_kv)
+        if SEG_L > 0:
+            one = tl.arange(0, 1)
+            tl.store(chunk_cum + nh + one, cum, mask=lead)
+            slot = i_nh * NSEG + j
+            if not HAS_DFINAL:
+                slot = tl.where(j == last_j, -1, slot)
+            tl.store(chunk_slot + nh + one, tl.zeros([1], dtype=tl.int32) + slot, mask=lead)
         offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c, C)
         Q_T = tl.load(q + (tok[None, :] * H + i_h) * K + offs_k[:, None],
                       mask=mask_k[:, None] & valid[None, :], other=0.)                  # [BK, C]
@@ -107,10 +130,17 @@ def _dstate_bwd_kernel(
         if DECAY == 1:
             Q_T = Q_T.to(tl.float32) * tl.exp(G)[None, :]
             dS = tl.exp(g_total) * dS
+            if SEG_L > 0:
+                cum += g_total
         dS += scale * tl.dot(Q_T.to(od), dO, input_precision=PRECISION)
         if LOWRANK:
             dS += tl.dot(X_T.to(od), dP.to(od), input_precision=PRECISION)
-    tl.store(dh0 + i_nh.to(tl.int64) * K * V + kv, dS, mask=mask_kv)
+    if SEG_L > 0:
+        slot = i_nh.to(tl.int64) * NSEG + j
+        tl.store(seg_end + slot * K * V + kv, dS, mask=mask_kv)
+        tl.store(seg_g + slot + tl.arange(0, 1), cum, mask=lead)
+    else:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + kv, dS, mask=mask_kv)
 
 
 @triton.jit
@@ -527,12 +557,18 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     else:
         x_wy = dprobes = dstates
     grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev)
-    _dstate_bwd_kernel[grid](
-        q, a, d_o, g if g is not None else dummy, x_wy, df if df is not None else dummy, dstates, dprobes,
-        dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale, H, K=K, V=V, C=C, DECAY=decay,
-        HAS_DFINAL=df is not None, LOWRANK=R > 0, BK=BK_seq, BV=BV, PRECISION=prec,
-        num_warps=shape.warps_seq,
-    )
+    args = (q, a, d_o, g if g is not None else dummy, x_wy, df if df is not None else dummy, dstates, dprobes,
+            dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale, H) + no_segments(dummy)
+    kw = dict(K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None, LOWRANK=R > 0, BK=BK_seq, BV=BV,
+              PRECISION=prec, num_warps=shape.warps_seq)
+    split = R == 0 and env_choice("OLSM_MATRIX_STATE", ("walk", "split")) == "split"
+    if split:
+        from .split import split_state_pass
+        split = split_state_pass(lambda grid_, args_, **extra: _dstate_bwd_kernel[grid_](*args_, **kw, **extra),
+                                 grid, args, dstates, df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay,
+                                 lay.max_chunks, dev, reverse=True)
+    if not split:
+        _dstate_bwd_kernel[grid](*args, **kw)
     dq, dw, du = torch.empty_like(q), torch.empty_like(w), torch.empty_like(u)
     da = db = None
     if R:

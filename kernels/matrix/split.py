@@ -13,7 +13,10 @@ sequence cut into segments of L chunks can be walked in parallel and joined afte
    Z_0 = h0 (or 0), Z_{j+1} = e^{Γ_j} Z_j + E_j, and the final state Z_{nseg};
 3. S_n = Š_n + e^{c_n} Z_{j(n)} in place (:func:`_fixup_kernel`).
 
-The output kernel and the backward then read the same states as with the single walk. The cost:
+The output kernel and the backward then read the same states as with the single walk. The
+reverse pass of the backward (dS_n = γ_n dS_{n+1} + scale Q̂ᵀ dO) is the same recurrence run
+backwards and is split the same way (segments walked last chunk first, joined last segment
+first from d_final, ending in dh0). The cost:
 a read and write of the states in step 3 and the [K, V] segment states (fp32). The segment
 length is picked so that step 1 has about four programs per SM (:func:`segment_length`).
 """
@@ -27,21 +30,24 @@ from .fused import _sm_count
 
 
 @triton.jit
-def _combine_kernel(seg_end, seg_g, h0, final, chunk_offsets, H, NSEG, SEG_L,
+def _combine_kernel(seg_end, seg_g, init, out, chunk_offsets, H, NSEG, SEG_L,
                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    HAS_H0: tl.constexpr, DECAY: tl.constexpr):
+                    HAS_INIT: tl.constexpr, DECAY: tl.constexpr, REVERSE: tl.constexpr = False):
     """Step 2 for one sequence × head × value block × key block: seg_end ``[N·H, NSEG, K, V]``
-    fp32 holds E_j on entry and Z_j on exit; writes final ``[N, H, K, V]`` fp32."""
+    fp32 holds E_j on entry and Z_j on exit; Z starts from init ``[N, H, K, V]`` (h0; with
+    REVERSE, the reverse pass's d_final, segments taken last to first) and its last value goes to
+    out ``[N, H, K, V]`` fp32 (the final state; with REVERSE, dh0)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     offs_k = tl.program_id(2) * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     mask = (offs_k < K)[:, None] & (offs_v < V)[None, :]
     kv = offs_k[:, None] * V + offs_v[None, :]
-    n_chunks = tl.load(chunk_offsets + i_nh // H + 1) - tl.load(chunk_offsets + i_nh // H)
+    n_seg = (tl.load(chunk_offsets + i_nh // H + 1) - tl.load(chunk_offsets + i_nh // H) + SEG_L - 1) // SEG_L
     Z = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        Z += tl.load(h0 + i_nh.to(tl.int64) * K * V + kv, mask=mask, other=0.)
-    for j in range(0, (n_chunks + SEG_L - 1) // SEG_L):
+    if HAS_INIT:
+        Z += tl.load(init + i_nh.to(tl.int64) * K * V + kv, mask=mask, other=0.)
+    for i in range(0, n_seg):
+        j = n_seg - 1 - i if REVERSE else i
         slot = i_nh.to(tl.int64) * NSEG + j
         E = tl.load(seg_end + slot * K * V + kv, mask=mask, other=0.)
         tl.store(seg_end + slot * K * V + kv, Z, mask=mask)
@@ -49,7 +55,7 @@ def _combine_kernel(seg_end, seg_g, h0, final, chunk_offsets, H, NSEG, SEG_L,
             Z = tl.exp(tl.load(seg_g + slot)) * Z + E
         else:
             Z = Z + E
-    tl.store(final + i_nh.to(tl.int64) * K * V + kv, Z, mask=mask)
+    tl.store(out + i_nh.to(tl.int64) * K * V + kv, Z, mask=mask)
 
 
 @triton.jit
@@ -80,20 +86,23 @@ def segment_length(programs: int, max_chunks: int, device) -> int:
     return -(-max_chunks // nseg)
 
 
-def split_state_pass(launch, grid, args, h0, final, chunk_offsets, H, K, V, BK, BV, decay, max_chunks, device):
-    """Steps 1–3 of the module docstring. ``launch(grid, args, **constexprs)`` runs the state
-    kernel with ``args`` (as for the single walk, with ``args[-5:]`` the segment arguments
-    filled in here), ``grid`` is the single walk's. Writes ``final`` and the states ``args[7]``.
+def split_state_pass(launch, grid, args, states, init, out, chunk_offsets, H, K, V, BK, BV, decay, max_chunks,
+                     device, reverse=False):
+    """Steps 1–3 of the module docstring. ``launch(grid, args, **constexprs)`` runs the sequence
+    kernel (:func:`.fused._state_fwd_kernel`, or with ``reverse`` the reverse pass
+    :func:`.fused_bwd._dstate_bwd_kernel`) with ``args`` as for the single walk, ``args[-5:]``
+    the segment arguments filled in here; ``grid`` is the single walk's. ``states`` ``[NC, H, K, V]``
+    (what the kernel writes per chunk: S_n, or dS_{n+1}) are fixed up in place; ``init`` (h0 or
+    d_final, or None) starts the join and ``out`` (final state or dh0) receives its end.
 
     Returns:
         whether it ran (False: one segment would cover every sequence; the caller walks them whole).
     """
     nv, NH, nk = grid
     L = segment_length(nv * NH * nk, max_chunks, device)
-    nseg = -(-max_chunks // L)
+    nseg = -(-max_chunks // L) if L else 0
     if nseg <= 1:
         return False
-    states = args[7]
     NC = states.shape[0]
     f32 = dict(device=device, dtype=torch.float32)
     seg_end = torch.empty(NH, nseg, K, V, **f32)
@@ -101,9 +110,9 @@ def split_state_pass(launch, grid, args, h0, final, chunk_offsets, H, K, V, BK, 
     chunk_cum = torch.empty(NC, H, **f32)
     chunk_slot = torch.empty(NC, H, device=device, dtype=torch.int32)
     launch((nv * nseg, NH, nk), args[:-5] + (seg_end, seg_g, chunk_cum, chunk_slot, nseg), SEG_L=L)
-    dummy = seg_end
-    _combine_kernel[(nv, NH, nk)](seg_end, seg_g, h0 if h0 is not None else dummy, final, chunk_offsets, H, nseg, L,
-                                  K=K, V=V, BK=BK, BV=BV, HAS_H0=h0 is not None, DECAY=decay)
+    _combine_kernel[(nv, NH, nk)](seg_end, seg_g, init if init is not None else seg_end, out, chunk_offsets, H, nseg,
+                                  L, K=K, V=V, BK=BK, BV=BV, HAS_INIT=init is not None, DECAY=decay,
+                                  REVERSE=reverse)
     if NC > 0:
         _fixup_kernel[(nv, NC * H, nk)](states, seg_end, chunk_cum, chunk_slot, H, K=K, V=V, BK=BK, BV=BV,
                                         DECAY=decay)
