@@ -38,7 +38,10 @@ import triton.language as tl
 
 from olsm.errors import BackendError
 
-from .tiles import chunk_decay, chunk_key_tiles, chunk_tokens, sequence_program
+from .tiles import (
+    chunk_decay, chunk_key_tiles, chunk_tokens, store_chunk_scalars, store_segment_end,
+    walk_program,
+)
 
 DECAY_NONE, DECAY_SCALAR = 0, 1
 
@@ -256,19 +259,9 @@ def _state_fwd_kernel(
     ``[NC, H]`` int32 (−1 where the segment starts from zero: the first one without h0). No
     final state; :mod:`.split` combines the segments.
     """
-    i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v = sequence_program(chunk_offsets, H, K, V, BK, BV)
-    if SEG_L > 0:
-        # program_id(0) = segment · value blocks + value block
-        NV: tl.constexpr = (V + BV - 1) // BV
-        i_v = tl.program_id(0) % NV
-        j = tl.program_id(0) // NV
-        offs_v = i_v * BV + tl.arange(0, BV)
-        mask_v = offs_v < V
-        c_start, c_end = c_start + j * SEG_L, tl.minimum(c_start + (j + 1) * SEG_L, c_end)
-        lead = (tl.zeros([1], dtype=tl.int32) + i_v + tl.program_id(2)) == 0   # writes the per-chunk scalars
-        cum = tl.zeros([1], dtype=tl.float32)
-    mask_kv = mask_k[:, None] & mask_v[None, :]
-    kv = offs_k[:, None] * V + offs_v[None, :]
+    i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v, mask_kv, kv, j, n_seg, lead = walk_program(
+        chunk_offsets, H, K, V, BK, BV, SEG_L)
+    cum = tl.zeros([1], dtype=tl.float32)       # with SEG_L: log-decay from the segment's start
 
     # dot operands: fp32 copies, or with DELTA / LOWP as stored (bf16/fp16 tensor-core dots for
     # half-precision inputs, as FLA's state pass; fp32 accumulators and S): half the registers and
@@ -282,12 +275,10 @@ def _state_fwd_kernel(
         nh = (c * H + i_h).to(tl.int64)
         tl.store(states + nh * K * V + kv, S.to(states.dtype.element_ty), mask=mask_kv)
         if SEG_L > 0:
-            one = tl.arange(0, 1)
-            tl.store(chunk_cum + nh + one, cum, mask=lead)
             slot = i_nh * NSEG + j
             if not HAS_H0:
                 slot = tl.where(j == 0, -1, slot)
-            tl.store(chunk_slot + nh + one, tl.zeros([1], dtype=tl.int32) + slot, mask=lead)
+            store_chunk_scalars(chunk_cum, chunk_slot, nh, cum, slot, lead)
         offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c, C)
         col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]
         mask_col = mask_k[:, None] & valid[None, :]
@@ -323,9 +314,7 @@ def _state_fwd_kernel(
         S = S_next
 
     if SEG_L > 0:
-        slot = i_nh.to(tl.int64) * NSEG + j
-        tl.store(seg_end + slot * K * V + kv, S, mask=mask_kv)
-        tl.store(seg_g + slot + tl.arange(0, 1), cum, mask=lead)
+        store_segment_end(seg_end, seg_g, i_nh, NSEG, j, S, cum, kv, mask_kv, lead, K, V)
     else:
         tl.store(final + i_nh.to(tl.int64) * K * V + kv, S, mask=mask_kv)
 

@@ -49,7 +49,10 @@ import triton
 import triton.language as tl
 
 from .fused import env_choice, launch_shape, launch_wy, no_segments, sequence_launch
-from .tiles import chunk_decay, chunk_key_tiles, chunk_tokens, kslice_program, sequence_program
+from .tiles import (
+    chunk_decay, chunk_key_tiles, chunk_tokens, kslice_program, store_chunk_scalars, store_segment_end,
+    walk_program,
+)
 
 
 @triton.jit
@@ -73,19 +76,9 @@ def _dstate_bwd_kernel(
     chunk_cum the log-decay of the segment's chunks after the chunk and slot −1 for the last
     segment when there is no d_final; dh0 is left to the join.
     """
-    i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v = sequence_program(chunk_offsets, H, K, V, BK, BV)
-    if SEG_L > 0:
-        NV: tl.constexpr = (V + BV - 1) // BV
-        i_v = tl.program_id(0) % NV
-        j = tl.program_id(0) // NV
-        offs_v = i_v * BV + tl.arange(0, BV)
-        mask_v = offs_v < V
-        last_j = (c_end - c_start + SEG_L - 1) // SEG_L - 1
-        c_start, c_end = c_start + j * SEG_L, tl.minimum(c_start + (j + 1) * SEG_L, c_end)
-        lead = (tl.zeros([1], dtype=tl.int32) + i_v + tl.program_id(2)) == 0   # writes the per-chunk scalars
-        cum = tl.zeros([1], dtype=tl.float32)
-    mask_kv = mask_k[:, None] & mask_v[None, :]
-    kv = offs_k[:, None] * V + offs_v[None, :]
+    i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v, mask_kv, kv, j, n_seg, lead = walk_program(
+        chunk_offsets, H, K, V, BK, BV, SEG_L)
+    cum = tl.zeros([1], dtype=tl.float32)       # with SEG_L: log-decay from the segment's start
 
     # dot operands: fp32 copies, or with LOWP as stored (dprobes' dtype: the inputs' for bf16/fp16)
     od = dprobes.dtype.element_ty if LOWP else tl.float32
@@ -97,12 +90,10 @@ def _dstate_bwd_kernel(
         nh = (c * H + i_h).to(tl.int64)
         tl.store(dstates + nh * K * V + kv, dS.to(dstates.dtype.element_ty), mask=mask_kv)
         if SEG_L > 0:
-            one = tl.arange(0, 1)
-            tl.store(chunk_cum + nh + one, cum, mask=lead)
             slot = i_nh * NSEG + j
             if not HAS_DFINAL:
-                slot = tl.where(j == last_j, -1, slot)
-            tl.store(chunk_slot + nh + one, tl.zeros([1], dtype=tl.int32) + slot, mask=lead)
+                slot = tl.where(j == n_seg - 1, -1, slot)
+            store_chunk_scalars(chunk_cum, chunk_slot, nh, cum, slot, lead)
         offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c, C)
         Q_T = tl.load(q + (tok[None, :] * H + i_h) * K + offs_k[:, None],
                       mask=mask_k[:, None] & valid[None, :], other=0.)                  # [BK, C]
@@ -136,9 +127,7 @@ def _dstate_bwd_kernel(
         if LOWRANK:
             dS += tl.dot(X_T.to(od), dP.to(od), input_precision=PRECISION)
     if SEG_L > 0:
-        slot = i_nh.to(tl.int64) * NSEG + j
-        tl.store(seg_end + slot * K * V + kv, dS, mask=mask_kv)
-        tl.store(seg_g + slot + tl.arange(0, 1), cum, mask=lead)
+        store_segment_end(seg_end, seg_g, i_nh, NSEG, j, dS, cum, kv, mask_kv, lead, K, V)
     else:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + kv, dS, mask=mask_kv)
 
