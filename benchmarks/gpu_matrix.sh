@@ -24,8 +24,8 @@ if [ "${SANITIZE:-0}" = 1 ]; then
     tar czf $OUT/matrix.tgz -C $R .
     cat $R/sanitizer.txt
 fi
-if [ -n "${TESTS-chunk_delta or storage_dtype}" ]; then
-    (cd tests && timeout 540 python -m pytest -q -s -p no:cacheprovider test_triton_matrix_gpu.py -k "${TESTS-chunk_delta or storage_dtype}" \
+if [ -n "${TESTS-chunk_delta or storage_dtype or split}" ]; then
+    (cd tests && timeout 540 python -m pytest -q -s -p no:cacheprovider test_triton_matrix_gpu.py -k "${TESTS-chunk_delta or storage_dtype or split}" \
         > $R/gpu_tests.log 2>&1; echo "gpu tests rc=$?" >> $R/gpu_tests.log)
     tar czf $OUT/matrix.tgz -C $R .
     grep -E "^chunk_delta|passed|failed|rc=" $R/gpu_tests.log | cut -c1-240

@@ -167,7 +167,8 @@ DELTA_CASES = [
     (torch.bfloat16, True, {"K": 100, "V": 72, "T": 200}, {}),
     (torch.float16, True, {"K": 64, "V": 64, "T": 256}, {"chunk_size": 32}),
     (torch.bfloat16, True, {"u_scale": True}, {}),                     # s v formed in the kernels
-    (torch.bfloat16, False, {"K": 64, "V": 16, "T": 130}, {}),         # V = 16 with a pair (blocks of 32)
+    (torch.bfloat16, False, {"K": 64, "V": 16, "T": 130}, {}),         # V = 16 (value blocks of 64, masked)
+    (torch.bfloat16, True, {"kk_coef": True}, {}),                     # Longhorn's ε formed in the kernels
 ]
 
 
@@ -182,6 +183,7 @@ def test_chunk_delta_realistic(dtype, decay, make, kw, dots, monkeypatch):
     shape = dict(dict(B=2, T=300, H=4, K=128, V=128), **make)
     inputs = delta_inputs(0, decay=decay, device="cuda", **shape)
     shape.pop("u_scale", None)
+    shape.pop("kk_coef", None)
     inputs = inputs[:5] + (inputs[5] * 0.1,) + inputs[6:]
     kw = dict(dict(chunk_size=64), **kw)
     tols, note = {}, ""
@@ -200,3 +202,38 @@ def test_chunk_delta_realistic(dtype, decay, make, kw, dots, monkeypatch):
     print(f"chunk_delta {str(dtype):15s} decay={decay} {shape} {kw} "
           + " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + note)
     assert calls == ["delta_forward", "delta_backward"], "chunk_delta fell back to the general pair"
+
+
+@pytest.mark.parametrize("switch", ["OLSM_MATRIX_DELTA_SAVE=keep", "OLSM_MATRIX_INVERSE=rows16",
+                                    "OLSM_MATRIX_INVERSE=rows4", "OLSM_MATRIX_INVERSE=levels3"])
+def test_chunk_delta_switches(switch, monkeypatch):
+    # the opt-in switches of the delta path, bf16 with a decay and u_scale, correlated keys for the
+    # inverses (the decay gradient held as in test_chunk_delta_realistic)
+    from test_triton_delta import check_delta, delta_inputs, pair_decay_error
+
+    monkeypatch.setenv(*switch.split("="))
+    inputs = delta_inputs(3, B=2, T=300, H=4, K=128, V=128, decay=True, u_scale=True, correlated=True,
+                          device="cuda")
+    inputs = inputs[:5] + (inputs[5] * 0.1,) + inputs[6:]
+    pair = pair_decay_error(inputs, dtype=torch.bfloat16, err=rel, device="cuda", scale=128 ** -0.5)
+    errs = check_delta(inputs, dtype=torch.bfloat16, tol=TOL[torch.bfloat16], err=rel, device="cuda",
+                       scale=128 ** -0.5, chunk_size=64,
+                       tols={"dlog_decay": max(TOL[torch.bfloat16], min(2 * pair, 3e-2))})
+    print(f"chunk_delta {switch} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + f" (pair dlog_decay={pair:.1e})")
+
+
+@pytest.mark.parametrize("name", ["linear_attention", "mamba2"])
+def test_split_state_pass(name, monkeypatch):
+    # OLSM_MATRIX_STATE=split: the rank-0 state and reverse passes cut into segments (few heads,
+    # long sequences: the case it is for), also packed
+    import importlib
+
+    monkeypatch.setenv("OLSM_MATRIX_STATE", "split")
+    split = importlib.import_module("olsm.kernels.matrix.split")
+    ran = []
+    real = split.split_state_pass
+    monkeypatch.setattr(split, "split_state_pass", lambda *a, **kw: ran.append(real(*a, **kw)) or ran[-1])
+    run_case(name, torch.bfloat16, B=1, T=4000, H=2, K=128, V=128)
+    run_case(name, torch.float32, B=1, T=4000, H=2, K=128, V=128)
+    run_case(name, torch.bfloat16, B=1, T=4000, H=2, K=128, V=128, cu_seqlens=(0, 57, 3000, 4000))
+    assert ran == [True] * 6, ran
