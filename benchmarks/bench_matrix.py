@@ -162,7 +162,7 @@ def ours(method, x, km, delta=True):
     if delta:
         return km.chunk_delta(q, k, v, c, ld, scale=scale, u_scale=s, kk_coef=kk_coef)[0]
     if kk_coef is not None:
-        c = s = beta / (1 + beta * (k * k).sum(-1))
+        c = s = beta / (1 + beta * k.float().pow(2).sum(-1))     # kᵀk in fp32, as the kernels take it
     return km.chunk_matrix(q, k, s[..., None] * v, ld, [(-c[..., None].to(k.dtype) * k, k)], scale=scale)[0]
 
 

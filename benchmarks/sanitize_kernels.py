@@ -8,12 +8,14 @@ context), small enough that the sanitizer's slowdown stays in seconds; compiles 
 
     python -u benchmarks/sanitize_kernels.py [--only matrix|elementwise] [--out benchmarks/results/sanitizer.txt]
 
-Cases: ``(path, K, V, dtype, decay, heads, storage_dots)``; path ``delta`` is ``chunk_delta``
-(with ``u_scale``), ``pair`` is ``chunk_matrix`` with the pair ``(−c k, k)``, ``rank0`` has no
-low-rank part. Four heads at B = 2 give few programs, so the sequential passes take their
+Cases: ``(path, K, V, dtype, decay, heads, switches)``; path ``delta`` is ``chunk_delta``
+(with ``u_scale``), ``longhorn`` the same with ``kk_coef`` (ε formed in the kernels), ``pair``
+is ``chunk_matrix`` with the pair ``(−c k, k)``, ``rank0`` has no low-rank part; switches are
+``OLSM_MATRIX_*=value`` settings, comma-separated (the split cases use T = 1300, one head: the
+segments need long sequences and few programs). Four heads at B = 2 give few programs, so the sequential passes take their
 narrowest blocks (``sequence_launch``); twenty keep the wide ones. Path ``elem:<objective>`` runs
 the catalogue's elementwise member through ``Recurrence`` (backend triton) with K = d_state and
-V = E channels (heads and storage_dots unused).
+V = E channels (heads and switches unused).
 """
 from __future__ import annotations
 
@@ -26,14 +28,22 @@ import sys
 import torch
 from tqdm import tqdm
 
+LOWP = "OLSM_MATRIX_DOTS=storage"
+SPLIT = "OLSM_MATRIX_STATE=split"
 CASES = [
-    ("delta", 64, 16, "bf16", 0, 4, 0), ("delta", 64, 16, "bf16", 1, 4, 1), ("delta", 64, 32, "bf16", 1, 4, 0),
-    ("delta", 32, 16, "bf16", 1, 4, 1), ("delta", 128, 128, "bf16", 1, 4, 1), ("delta", 128, 128, "bf16", 1, 20, 0),
-    ("delta", 100, 72, "bf16", 1, 4, 1), ("delta", 64, 64, "fp16", 1, 4, 1), ("delta", 128, 128, "fp32", 1, 4, 0),
-    ("rank0", 128, 128, "bf16", 1, 4, 1), ("rank0", 64, 16, "bf16", 1, 4, 1), ("pair", 64, 16, "bf16", 1, 4, 0),
-    ("pair", 32, 32, "bf16", 1, 4, 0), ("pair", 128, 128, "bf16", 1, 20, 0),
-    ("elem:mamba1", 16, 384, "bf16", 0, 1, 0), ("elem:longhorn_diag", 16, 384, "bf16", 0, 1, 0),
-    ("elem:mamba1", 16, 384, "fp32", 0, 1, 0), ("elem:longhorn_diag", 8, 100, "bf16", 0, 1, 0),
+    ("delta", 64, 16, "bf16", 0, 4, ""), ("delta", 64, 16, "bf16", 1, 4, LOWP), ("delta", 64, 32, "bf16", 1, 4, ""),
+    ("delta", 32, 16, "bf16", 1, 4, LOWP), ("delta", 128, 128, "bf16", 1, 4, LOWP), ("delta", 128, 128, "bf16", 1, 20, ""),
+    ("delta", 100, 72, "bf16", 1, 4, LOWP), ("delta", 64, 64, "fp16", 1, 4, LOWP), ("delta", 128, 128, "fp32", 1, 4, ""),
+    ("rank0", 128, 128, "bf16", 1, 4, LOWP), ("rank0", 64, 16, "bf16", 1, 4, LOWP), ("pair", 64, 16, "bf16", 1, 4, ""),
+    ("pair", 32, 32, "bf16", 1, 4, ""), ("pair", 128, 128, "bf16", 1, 20, ""),
+    # the paths written after run 8's sweep: Longhorn's in-kernel ε, the switches, the split passes
+    ("longhorn", 128, 128, "bf16", 1, 4, ""), ("longhorn", 64, 16, "bf16", 0, 4, LOWP),
+    ("delta", 128, 128, "bf16", 1, 4, "OLSM_MATRIX_INVERSE=rows16"),
+    ("delta", 64, 64, "bf16", 1, 4, "OLSM_MATRIX_INVERSE=rows4"),
+    ("delta", 128, 128, "bf16", 1, 4, "OLSM_MATRIX_DELTA_SAVE=keep"),
+    ("rank0", 128, 128, "bf16", 1, 1, SPLIT), ("rank0", 64, 16, "bf16", 0, 1, SPLIT + "," + LOWP),
+    ("elem:mamba1", 16, 384, "bf16", 0, 1, ""), ("elem:longhorn_diag", 16, 384, "bf16", 0, 1, ""),
+    ("elem:mamba1", 16, 384, "fp32", 0, 1, ""), ("elem:longhorn_diag", 8, 100, "bf16", 0, 1, ""),
 ]
 DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
 
@@ -53,8 +63,8 @@ def run_case(path: str, K: int, V: int, dtype: str, decay: int, H: int, device: 
     ld = (-0.5 * torch.rand(B, T, H, device=device, generator=gen)).requires_grad_() if decay else None
     h0 = rand(B, H, K, V).requires_grad_()
     kw = dict(scale=K ** -0.5, initial_state=h0, output_final_state=True)
-    if path == "delta":
-        o, S = chunk_delta(q, k, u, c, ld, u_scale=s, **kw)
+    if path in ("delta", "longhorn"):
+        o, S = chunk_delta(q, k, u, c, ld, u_scale=s, kk_coef=c if path == "longhorn" else None, **kw)
     else:
         pairs = [((-c[..., None] * k.float()).to(dt), k)] if path == "pair" else []
         o, S = chunk_matrix(q, k, u, ld, pairs, **kw)
@@ -95,15 +105,16 @@ def main() -> None:
     ap.add_argument("--case", nargs=7, help=argparse.SUPPRESS)      # the child process
     args = ap.parse_args()
     if args.case:
-        path, K, V, dtype, decay, H, _ = args.case
-        run_case(path, int(K), int(V), dtype, int(decay), int(H))
+        path, K, V, dtype, decay, H, switches = args.case
+        run_case(path, int(K), int(V), dtype, int(decay), int(H), T=1300 if "STATE=split" in switches else 130)
         return
     lines, bad = [f"# compute-sanitizer memcheck, {torch.cuda.get_device_name()}, torch {torch.__version__}"], 0
     cases = [c for c in CASES if args.only is None or (args.only == "elementwise") == c[0].startswith("elem:")]
     for case in tqdm(cases, desc="memcheck"):
-        env = dict(os.environ, OLSM_MATRIX_DOTS="storage" if case[-1] else "fp32")
+        env = dict(os.environ, OLSM_MATRIX_DOTS="fp32")
+        env.update(kv.split("=") for kv in case[-1].split(",") if kv)
         cmd = ["compute-sanitizer", "--tool", "memcheck", "--print-limit", "3", "--error-exitcode", "9",
-               sys.executable, __file__, "--case", *map(str, case)]
+               sys.executable, __file__, "--case", *map(str, case[:-1]), case[-1] or "-"]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
             found = [ln.strip("= ") for ln in r.stdout.splitlines() if "Invalid" in ln or " at " in ln]

@@ -17,16 +17,23 @@ import sanitize_kernels as SK  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("case", [("delta", 16, 16, "fp32", 1, 1, 0), ("pair", 16, 16, "fp32", 0, 1, 0),
-                                  ("rank0", 16, 16, "fp32", 1, 1, 0), ("elem:mamba1", 4, 24, "fp32", 0, 1, 0),
-                                  ("elem:longhorn_diag", 4, 24, "fp32", 0, 1, 0)])
-def test_case_bodies_run(case):
-    path, K, V, dtype, decay, H, _ = case
+@pytest.mark.parametrize("case", [("delta", 16, 16, "fp32", 1, 1, ""), ("longhorn", 16, 16, "fp32", 1, 1, ""),
+                                  ("pair", 16, 16, "fp32", 0, 1, ""), ("rank0", 16, 16, "fp32", 1, 1, ""),
+                                  ("rank0", 16, 16, "fp32", 1, 1, "OLSM_MATRIX_STATE=split"),
+                                  ("elem:mamba1", 4, 24, "fp32", 0, 1, ""), ("elem:longhorn_diag", 4, 24, "fp32", 0, 1, "")])
+def test_case_bodies_run(case, monkeypatch):
+    path, K, V, dtype, decay, H, switches = case
+    for kv in filter(None, switches.split(",")):
+        monkeypatch.setenv(*kv.split("="))
     SK.run_case(path, K, V, dtype, decay, H, device=DEV, T=130 if not path.startswith("elem") else 9)
 
 
 def test_cases_are_well_formed():
-    # every case names a path the runner knows and seven fields the child process parses
+    # every case names a path the runner knows, seven fields the child process parses, and
+    # NAME=value switches of the matrix kernels
     for case in SK.CASES:
-        assert len(case) == 7 and (case[0] in ("delta", "pair", "rank0") or case[0].startswith("elem:")), case
+        assert len(case) == 7 and (case[0] in ("delta", "longhorn", "pair", "rank0") or case[0].startswith("elem:"))
         assert case[3] in SK.DTYPES
+        for kv in filter(None, case[-1].split(",")):
+            name, value = kv.split("=")
+            assert name.startswith("OLSM_MATRIX_") and value, case

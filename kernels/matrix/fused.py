@@ -438,12 +438,13 @@ def launch_shape(K: int, V: int, C: int, fp32: bool = False) -> LaunchShape:
     DeltaNet GPU tests did not finish in minutes.
     """
     BK = max(16, triton.next_power_of_2(K))
-    # value blocks are at least 64 wide, even for small V: Triton 3.6's Hopper MMA, given a
-    # 16-bit [K, BV] operand with 64- or 32-byte rows (BV = 32 or 16) next to an operand
+    # BV, BV_out and BV_wide are at least 64 wide, even for small V: Triton 3.6's Hopper MMA,
+    # given a 16-bit [K, BV] operand with 64- or 32-byte rows (BV = 32 or 16) next to an operand
     # converted in registers, read shared memory past its buffer (compute-sanitizer on an H200:
     # 1024- / 512-byte invalid __shared__ reads in the delta WY kernel's X·S dot at K = 64 and
     # V = 32 / 16 and in the output kernel's storage-dtype M·ν dot; illegal-address faults that
-    # depended on the process's history). 128-byte rows ran clean in every case checked.
+    # depended on the process's history); 128-byte rows ran clean in every case checked.
+    # BV_dqdw (32 at BK = 128) and BV_rank1 (16) feed other operands: README §1.3.
     pv = max(64, triton.next_power_of_2(V))
     small = C <= 64
     w4 = 8 if fp32 else 4

@@ -13,7 +13,10 @@ sequence cut into segments of L chunks can be walked in parallel and joined afte
    Z_0 = h0 (or 0), Z_{j+1} = e^{Γ_j} Z_j + E_j, and the final state Z_{nseg};
 3. S_n = Š_n + e^{c_n} Z_{j(n)} in place (:func:`_fixup_kernel`).
 
-The output kernel and the backward then read the same states as with the single walk. The
+The output kernel and the backward then read the same states as with the single walk, up to
+rounding: with bf16/fp16 states Š_n is rounded to the storage dtype before the fix-up adds
+e^{c_n} Z_j and rounds again (one more rounding than the single walk, larger where the two
+cancel). The
 reverse pass of the backward (dS_n = γ_n dS_{n+1} + scale Q̂ᵀ dO) is the same recurrence run
 backwards and is split the same way (segments walked last chunk first, joined last segment
 first from d_final, ending in dh0). The cost:
