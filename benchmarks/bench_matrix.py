@@ -30,8 +30,8 @@ backward where they apply, Triton triangular inverse), ``autograd_bwd`` (the
 same forward, the autograd backward), ``general`` (general path, Triton inverse) and ``legacy``
 (general path with ``torch.linalg.solve_triangular``: the code measured in runs 2 and 3), ``pair``
 (the delta members through ``chunk_matrix`` with the general pair ``(−c k, k)``: the fused rank-1
-kernels measured up to run 6), ``inv3`` (``new`` with the three-level WY inverse), ``rows16`` / ``rows4`` (``new`` with the
-innermost 16- / 4-row blocks of the WY inverse by row substitution instead of dots), ``keep``
+kernels measured up to run 6), ``inv3`` (``new`` with the three-level WY inverse), ``rows16`` /
+``rows4`` (``new`` with the innermost 16- / 4-row blocks of the WY inverse by row substitution instead of dots), ``keep``
 (``new`` with the delta form's X and ν kept from the forward, not re-derived), ``split`` (``new``
 with the rank-0 forward state pass split along the sequence, ``kernels/matrix/split.py``), ``lowp``
 (``new`` with the delta form's per-chunk backward dots on storage-dtype operands). The paths are

@@ -20,7 +20,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("case", [("delta", 16, 16, "fp32", 1, 1, ""), ("longhorn", 16, 16, "fp32", 1, 1, ""),
                                   ("pair", 16, 16, "fp32", 0, 1, ""), ("rank0", 16, 16, "fp32", 1, 1, ""),
                                   ("rank0", 16, 16, "fp32", 1, 1, "OLSM_MATRIX_STATE=split"),
-                                  ("elem:mamba1", 4, 24, "fp32", 0, 1, ""), ("elem:longhorn_diag", 4, 24, "fp32", 0, 1, "")])
+                                  ("elem:mamba1", 4, 24, "fp32", 0, 1, ""),
+                                  ("elem:longhorn_diag", 4, 24, "fp32", 0, 1, "")])
 def test_case_bodies_run(case, monkeypatch):
     path, K, V, dtype, decay, H, switches = case
     for kv in filter(None, switches.split(",")):

@@ -272,7 +272,8 @@ def test_catalogue_delta_members_take_chunk_delta(name, monkeypatch):
     gen = torch.Generator().manual_seed(0)
     q, v = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, V, generator=gen)
     # keys of norms 0.5..2: Longhorn's ε = β / (1 + β kᵀk) then depends on them
-    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1) * (0.5 + 1.5 * torch.rand(B, T, H, 1, generator=gen))
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    k = k * (0.5 + 1.5 * torch.rand(B, T, H, 1, generator=gen))
     coefs = {s.name: torch.rand(B, T, H, generator=gen) * 0.9 + 0.05 for s in rec.inputs}
     coefs = {n: (-x if n.startswith("log") else x) for n, x in coefs.items()}   # log-decays <= 0
     leaves = dict(q=q, k=k, v=v, **coefs)

@@ -219,7 +219,8 @@ def test_chunk_delta_switches(switch, monkeypatch):
     errs = check_delta(inputs, dtype=torch.bfloat16, tol=TOL[torch.bfloat16], err=rel, device="cuda",
                        scale=128 ** -0.5, chunk_size=64,
                        tols={"dlog_decay": max(TOL[torch.bfloat16], min(2 * pair, 3e-2))})
-    print(f"chunk_delta {switch} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + f" (pair dlog_decay={pair:.1e})")
+    print(f"chunk_delta {switch} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+          + f" (pair dlog_decay={pair:.1e})")
 
 
 @pytest.mark.parametrize("name", ["linear_attention", "mamba2"])
