@@ -365,17 +365,24 @@ def test_sequential_passes_with_a_pair_split_along_values(monkeypatch):
     assert len(grids) == 2 and all(grid == (2, 1, 1) and bv == 64 for grid, _, bv in grids), grids
 
 
+def spy_split(monkeypatch):
+    """Switch on ``OLSM_MATRIX_STATE=split``; returns the list of what each ``split_state_pass``
+    call returned (True: it split; False: one segment covered every sequence)."""
+    monkeypatch.setenv("OLSM_MATRIX_STATE", "split")
+    split = importlib.import_module("olsm.kernels.matrix.split")
+    ran = []
+    real = split.split_state_pass
+    monkeypatch.setattr(split, "split_state_pass", lambda *a, **kw: ran.append(real(*a, **kw)) or ran[-1])
+    return ran
+
+
 @pytest.mark.parametrize("decay", ["none", "scalar"])
 def test_state_pass_split_along_the_sequence(decay, monkeypatch):
     # OLSM_MATRIX_STATE=split (kernels/matrix/split.py): segments walked in parallel from zero,
     # joined sequentially, states fixed up in place, in the forward state pass and the backward's
     # reverse pass; with and without an initial state, packed sequences of different lengths (an
     # empty one), a strong decay, and no final state (no d_final)
-    monkeypatch.setenv("OLSM_MATRIX_STATE", "split")
-    split = importlib.import_module("olsm.kernels.matrix.split")
-    ran = []
-    real = split.split_state_pass
-    monkeypatch.setattr(split, "split_state_pass", lambda *a, **kw: ran.append(real(*a, **kw)) or ran[-1])
+    ran = spy_split(monkeypatch)
     check(make_inputs(41, B=2, T=150, H=2, decay=decay), chunk_size=16)
     check(make_inputs(42, B=1, T=150, H=2, decay=decay, h0=False), chunk_size=16, final=False)
     check(make_inputs(43, T=230, H=2, decay=decay, N=4), cu_seqlens=(0, 20, 20, 211, 230), chunk_size=16)

@@ -227,13 +227,9 @@ def test_chunk_delta_switches(switch, monkeypatch):
 def test_split_state_pass(name, monkeypatch):
     # OLSM_MATRIX_STATE=split: the rank-0 state and reverse passes cut into segments (few heads,
     # long sequences: the case it is for), also packed
-    import importlib
+    from test_triton_matrix import spy_split
 
-    monkeypatch.setenv("OLSM_MATRIX_STATE", "split")
-    split = importlib.import_module("olsm.kernels.matrix.split")
-    ran = []
-    real = split.split_state_pass
-    monkeypatch.setattr(split, "split_state_pass", lambda *a, **kw: ran.append(real(*a, **kw)) or ran[-1])
+    ran = spy_split(monkeypatch)
     run_case(name, torch.bfloat16, B=1, T=4000, H=2, K=128, V=128)
     run_case(name, torch.float32, B=1, T=4000, H=2, K=128, V=128)
     run_case(name, torch.bfloat16, B=1, T=4000, H=2, K=128, V=128, cu_seqlens=(0, 57, 3000, 4000))
