@@ -42,6 +42,9 @@ PLAN = [  # (label, method, shape, switches, backward)
     ("dn rows4 fwd", "deltanet", (8, 2048, 16, 128), {"OLSM_MATRIX_INVERSE": "rows4"}, False),
     ("la split fwdbwd", "linear_attention", (1, 32768, 16, 128), {"OLSM_MATRIX_STATE": "split"}, True),
     ("la walk fwdbwd", "linear_attention", (1, 32768, 16, 128), {"OLSM_MATRIX_STATE": "walk"}, True),
+    # never timed next to FLA yet (per-key decay and the general pair run the general path)
+    ("gla fwdbwd", "gla", (8, 2048, 16, 128), {}, True),
+    ("dplr fwdbwd", "dplr", (8, 2048, 16, 128), {}, True),
 ]
 
 
