@@ -171,7 +171,8 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=No
     B, T, H, K, V, NC, C, N, dev = _sizes(q, u, lay)
     q, k, u, cf, sf, g, decay, prec, shape = _operands(q, k, u, c, u_scale, log_decay, meta, C)
     kb = None if kk_coef is None else _flat_c(kk_coef, B, T, H)
-    kk = None if kb is None else torch.zeros(B * T, H, device=dev, dtype=torch.float32)
+    # every token lies in a chunk (cu_seqlens span [0, T)), so the WY kernel writes all of kk
+    kk = None if kb is None else torch.empty(B * T, H, device=dev, dtype=torch.float32)
     states = torch.empty(NC, H, K, V, device=dev, dtype=state_dtype(q.dtype))
     final = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=dev, dtype=meta["out_dtype"])
