@@ -639,16 +639,12 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     key = (K, V, C, R, decay, str(q.dtype))
     kw = dict(K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,
               PRECISION=prec, LOWP=lowp and R == 0, num_warps=shape.warps_state_lr if R else shape.warps_seq)
-    split = R == 0 and env_choice("OLSM_MATRIX_STATE", ("walk", "split")) == "split"
-    if split:
-        from .split import split_state_pass
+    from .split import walk_sequences     # split imports this module
 
-        def launch(grid_, args_, **extra):
-            _launch_state(grid_, args_, key=key + ("segments",), **kw, **extra)
-        split = split_state_pass(launch, grid, args, states, h0_, final, chunk_offsets, H, K, V, BK_seq, BV, decay,
-                                 max_chunks, dev)
-    if not split:
-        _launch_state(grid, args, key=key, **kw)
+    walk_sequences(lambda grid_, args_, **extra: _launch_state(grid_, args_, key=key + tuple(extra.items()), **kw,
+                                                               **extra),
+                   grid, args, states, h0_, final, chunk_offsets, H, K, V, BK_seq, BV, decay, max_chunks, dev,
+                   may_split=R == 0)
     if NC > 0:
         BVO = shape.BV_out
         _output_fwd_kernel[(triton.cdiv(V, BVO), NC * H)](

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from .fused import env_choice, launch_shape, launch_wy, no_segments, sequence_launch
+from .split import walk_sequences
 from .tiles import (
     chunk_decay, chunk_key_tiles, chunk_tokens, kslice_program, store_chunk_scalars, store_segment_end,
     walk_program,
@@ -78,7 +79,7 @@ def _dstate_bwd_kernel(
     """
     i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v, mask_kv, kv, j, n_seg, lead = walk_program(
         chunk_offsets, H, K, V, BK, BV, SEG_L)
-    cum = tl.zeros([1], dtype=tl.float32)       # with SEG_L: log-decay from the segment's start
+    cum = tl.zeros([1], dtype=tl.float32)       # with SEG_L: log-decay from the segment's end
 
     # dot operands: fp32 copies, or with LOWP as stored (dprobes' dtype: the inputs' for bf16/fp16)
     od = dprobes.dtype.element_ty if LOWP else tl.float32
@@ -550,14 +551,9 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale, H) + no_segments(dummy)
     kw = dict(K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None, LOWRANK=R > 0, BK=BK_seq, BV=BV,
               PRECISION=prec, num_warps=shape.warps_seq)
-    split = R == 0 and env_choice("OLSM_MATRIX_STATE", ("walk", "split")) == "split"
-    if split:
-        from .split import split_state_pass
-        split = split_state_pass(lambda grid_, args_, **extra: _dstate_bwd_kernel[grid_](*args_, **kw, **extra),
-                                 grid, args, dstates, df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay,
-                                 lay.max_chunks, dev, reverse=True)
-    if not split:
-        _dstate_bwd_kernel[grid](*args, **kw)
+    walk_sequences(lambda grid_, args_, **extra: _dstate_bwd_kernel[grid_](*args_, **kw, **extra),
+                   grid, args, dstates, df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev,
+                   reverse=True, may_split=R == 0)
     dq, dw, du = torch.empty_like(q), torch.empty_like(w), torch.empty_like(u)
     da = db = None
     if R:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused import _sm_count
+from .fused import _sm_count, env_choice
 
 
 @triton.jit
@@ -120,3 +120,15 @@ def split_state_pass(launch, grid, args, states, init, out, chunk_offsets, H, K,
         _fixup_kernel[(nv, NC * H, nk)](states, seg_end, chunk_cum, chunk_slot, H, K=K, V=V, BK=BK, BV=BV,
                                         DECAY=decay)
     return True
+
+
+def walk_sequences(launch, grid, args, states, init, out, chunk_offsets, H, K, V, BK, BV, decay, max_chunks,
+                   device, reverse=False, may_split=True):
+    """Run a sequential pass: split along the sequence (:func:`split_state_pass`) when
+    ``OLSM_MATRIX_STATE=split`` asks for it, ``may_split`` allows it (no low-rank part) and there
+    is more than one segment; else one launch ``launch(grid, args)`` walking whole sequences."""
+    if may_split and env_choice("OLSM_MATRIX_STATE", ("walk", "split")) == "split":
+        if split_state_pass(launch, grid, args, states, init, out, chunk_offsets, H, K, V, BK, BV, decay,
+                            max_chunks, device, reverse):
+            return
+    launch(grid, args)
