@@ -45,9 +45,9 @@ class Env(dict):
     v, kᵀk and an aux value are each a pass over a ``[B, T, H, K]`` (or ``V``) tensor, and
     DeltaNet's delta path, for one, reads none of them."""
 
-    def __init__(self, makers: dict):
+    def __init__(self):
         super().__init__()
-        self.makers = makers
+        self.makers = {}        # name -> zero-argument function making the tensor
 
     def __missing__(self, name):
         if name not in self.makers:
@@ -72,14 +72,14 @@ def build_env(rec, k: torch.Tensor, v: torch.Tensor, coefs: Dict[str, torch.Tens
     Returns:
         :class:`Env` name -> tensor.
     """
-    env = Env({})
-    makers = {k_n.name: lambda: k.to(dtype)[..., :, None], v_j.name: lambda: v.to(dtype)[..., None, :],
-              kk.name: lambda: (env[k_n.name] ** 2).sum(-2, keepdim=True)}
+    env = Env()
+    makers = env.makers
+    makers.update({k_n.name: lambda: k.to(dtype)[..., :, None], v_j.name: lambda: v.to(dtype)[..., None, :],
+              kk.name: lambda: (env[k_n.name] ** 2).sum(-2, keepdim=True)})
     for spec in rec.inputs:
         makers[spec.symbol.name] = functools.partial(lambda spec: _broadcast(coefs[spec.name].to(dtype), spec), spec)
     for sym, expr in rec.aux:
         makers[sym.name] = functools.partial(evaluate, expr, env)
-    env.makers = makers
     return env
 
 
@@ -144,6 +144,16 @@ def _implicit_split(c: sp.Expr, s, aux: tuple):
     return (c_num, *(parts or [None]), b)
 
 
+def delta_coefficients(rec):
+    """``(c, s, b)`` sympy expressions of a delta-form recurrence: the coefficient of ``−c k kᵀ``,
+    the per-token scale s of the written value ``s v`` (None if it is not of that form) and the
+    implicit step's b when c and s share ``1 / (1 + b kᵀk)`` (then c and s are without it; else
+    b is None)."""
+    c, s = -sp.sympify(rec.lowrank[0].coef), _value_scale(rec.write_value)
+    split = _implicit_split(c, s, tuple(rec.aux))
+    return (c, s, None) if split is None else split
+
+
 def materialize(rec, k, v, coefs, dtype, delta: bool = False) -> dict:
     """Per-token tensors the numeric backends take.
 
@@ -172,22 +182,20 @@ def materialize(rec, k, v, coefs, dtype, delta: bool = False) -> dict:
     def head_scalar(e):
         return evaluate(e, env).expand(B, T, H, 1, 1)[..., 0, 0]
 
-    if delta and rec.is_delta_form and rec.write_key == k_n:
-        out = dict(w=k)       # as given: no float copy (the kernels read k in its own dtype)
+    delta = delta and rec.is_delta_form
+    if delta:
+        out = dict(w=k)       # the written key is k: as given, no float copy (the kernels read its dtype)
     else:
         out = dict(w=key_vec(rec.write_key))
     if rec.kind == "elementwise":
         return dict(out, u=value_vec(rec.write_value), gate=evaluate(rec.gate, env).expand(full))
     ld = sp.sympify(rec.log_decay)
     out["log_decay"] = None if ld == 0 else (key_vec(ld) if "K" in expr_axes(ld) else head_scalar(ld))
-    if delta and rec.is_delta_form:
-        c = -sp.sympify(rec.lowrank[0].coef)
-        s = _value_scale(rec.write_value)
-        split = _implicit_split(c, s, tuple(rec.aux))
-        if split is not None:
+    if delta:
+        c, s, b = delta_coefficients(rec)
+        if b is not None:
             # c and s share the implicit step's 1 / (1 + b kᵀk): the kernels form it from their
             # key rows, so kᵀk (a [B, T, H, K] pass, and its backward) is not made here
-            c, s, b = split
             out["kk_coef"] = head_scalar(b)
         out["c"] = head_scalar(c)
         if s is not None:

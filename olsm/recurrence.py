@@ -9,7 +9,7 @@ import torch
 from . import backends, pretty
 from .errors import BackendError
 from .ir import RecurrenceIR
-from .materialize import materialize
+from .materialize import delta_coefficients, materialize
 from .validate import check_coefficients, check_cu_seqlens, check_qkv, check_state
 
 
@@ -121,14 +121,6 @@ class Recurrence(RecurrenceIR):
         """The update in LaTeX."""
         return pretty.update_latex(self)
 
-    def _implicit_normaliser(self):
-        """b when the delta coefficients carry an implicit step's 1 / (1 + b kᵀk), else None."""
-        import sympy as sp
-
-        from .materialize import _implicit_split, _value_scale
-        split = _implicit_split(-sp.sympify(self.lowrank[0].coef), _value_scale(self.write_value), tuple(self.aux))
-        return None if split is None else split[2]
-
     def describe(self) -> str:
         """Objective, recurrence, IR class, inputs and proof, as ``olsm derive`` prints them."""
         o = self.objective
@@ -142,8 +134,9 @@ class Recurrence(RecurrenceIR):
             cls += f" (decay: {decay}; low rank: {low})"
             kernel = ("chunk_delta (one effective value per token)" if self.is_delta_form and decay != "per key"
                       else "chunk_matrix")
-            if kernel.startswith("chunk_delta") and self._implicit_normaliser() is not None:
-                kernel += f"; 1/(1 + {self._implicit_normaliser()}·kᵀk) formed in the kernel"
+            b = delta_coefficients(self)[2] if kernel.startswith("chunk_delta") else None
+            if b is not None:
+                kernel += f"; 1/(1 + {b}·kᵀk) formed in the kernel"
         else:
             cls += " (gate G[n, j] computed from per-key and per-value factors)"
             kernel = "generated elementwise scan"
