@@ -31,20 +31,16 @@ def t(fn, x, backward):
     return 0.0
 
 
-PLAN = [  # (label, method, shape, switches, backward)
-    ("la walk fwd", "linear_attention", (1, 32768, 16, 128), {"OLSM_MATRIX_STATE": "walk"}, False),
-    ("la split fwd", "linear_attention", (1, 32768, 16, 128), {"OLSM_MATRIX_STATE": "split"}, False),
-    ("dn new fwd", "deltanet", (8, 2048, 16, 128), {}, False),
-    ("dn rows16 fwd", "deltanet", (8, 2048, 16, 128), {"OLSM_MATRIX_INVERSE": "rows16"}, False),
-    ("dn new fwdbwd", "deltanet", (8, 2048, 16, 128), {}, True),
-    ("dn keep fwdbwd", "deltanet", (8, 2048, 16, 128), {"OLSM_MATRIX_DELTA_SAVE": "keep"}, True),
-    ("lh new fwdbwd", "longhorn", (8, 2048, 16, 128), {}, True),
-    ("dn rows4 fwd", "deltanet", (8, 2048, 16, 128), {"OLSM_MATRIX_INVERSE": "rows4"}, False),
-    ("la split fwdbwd", "linear_attention", (1, 32768, 16, 128), {"OLSM_MATRIX_STATE": "split"}, True),
-    ("la walk fwdbwd", "linear_attention", (1, 32768, 16, 128), {"OLSM_MATRIX_STATE": "walk"}, True),
+LA, DN = (1, 32768, 16, 128), (8, 2048, 16, 128)     # the shapes the switches aim at
+PLAN = [  # (method, shape, variant of bench_matrix.VARIANTS, backward)
+    ("linear_attention", LA, "new", False), ("linear_attention", LA, "split", False),
+    ("deltanet", DN, "new", False), ("deltanet", DN, "rows16", False),
+    ("deltanet", DN, "new", True), ("deltanet", DN, "keep", True),
+    ("longhorn", DN, "new", True),
+    ("deltanet", DN, "rows4", False),
+    ("linear_attention", LA, "split", True), ("linear_attention", LA, "new", True),
     # never timed next to FLA yet (per-key decay and the general pair run the general path)
-    ("gla fwdbwd", "gla", (8, 2048, 16, 128), {}, True),
-    ("dplr fwdbwd", "dplr", (8, 2048, 16, 128), {}, True),
+    ("gla", DN, "new", True), ("dplr", DN, "new", True),
 ]
 
 
@@ -59,17 +55,18 @@ def main():
 
 def run():
     t0, cache = time.time(), {}
-    for label, method, shape, env, backward in PLAN:
+    for method, shape, variant, backward in PLAN:
+        label = f"{method} {variant} {'fwd+bwd' if backward else 'fwd'}"
         if small:
             shape = (1, 70, 2, 16)
-        os.environ.update(dict(BM.ENV_DEFAULTS, **env))
+        delta = BM.set_variant(variant)
         if shape not in cache:
             cache.clear()
             if dev == "cuda":
                 torch.cuda.empty_cache()
             cache[shape] = BM.make_inputs(*shape, dtype=torch.float32 if small else torch.bfloat16, device=dev)
-        ms = t(lambda z: BM.ours(method, z, km, True), cache[shape], backward)
-        print(f"{label:18s} {shape} {ms if isinstance(ms, str) else round(ms, 3)} ms  [{time.time() - t0:.0f} s]",
+        ms = t(lambda z: BM.ours(method, z, km, delta), cache[shape], backward)
+        print(f"{label:32s} {shape} {ms if isinstance(ms, str) else round(ms, 3)} ms  [{time.time() - t0:.0f} s]",
               flush=True)
 
 
