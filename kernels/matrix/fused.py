@@ -366,10 +366,10 @@ def _output_fwd_kernel(
     acc = tl.dot(Q_hat.to(S.dtype), S, input_precision=PRECISION)
     if DELTA:
         U = tl.load(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], mask=mask_v[None, :],
-                             other=0.).to(od)
+                    other=0.).to(od)
     else:
         U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
-                             mask=valid[:, None] & mask_v[None, :], other=0.).to(od)
+                    mask=valid[:, None] & mask_v[None, :], other=0.).to(od)
     acc += tl.dot(M_qw.to(U.dtype), U, input_precision=PRECISION)
     if LOWRANK:
         A_T = tl.load(a + col_k, mask=mask_col, other=0.)
