@@ -125,10 +125,21 @@ VARIANTS = {
 
 def set_variant(variant):
     """Select our kernel's code path for the calls that follow (see the module docstring); returns
-    whether the delta members go through ``chunk_delta``."""
-    env, delta = VARIANTS[variant]
-    os.environ.update(dict(ENV_DEFAULTS, **env))
+    whether the delta members go through ``chunk_delta``. ``a+b`` combines variants' switches."""
+    env, delta = dict(ENV_DEFAULTS), True
+    for part in variant.split("+"):
+        more, d = VARIANTS[part]
+        env.update(more)
+        delta = delta and d
+    os.environ.update(env)
     return delta
+
+
+def variant_name(text):
+    """argparse type: a variant of VARIANTS, or several joined with ``+``."""
+    if not all(part in VARIANTS for part in text.split("+")):
+        raise argparse.ArgumentTypeError(f"{text!r}: variants are {', '.join(sorted(VARIANTS))}, joined with +")
+    return text
 
 
 def ours(method, x, km, delta=True):
@@ -261,7 +272,7 @@ def main():
     ap.add_argument("--methods", nargs="*", default=METHODS)
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--variants", nargs="*", default=["new"], choices=sorted(VARIANTS),
+    ap.add_argument("--variants", nargs="*", default=["new"], type=variant_name,
                     help="code paths of ours to time (A/B); rows become method@variant if several")
     ap.add_argument("--no-fla", action="store_true", help="skip FLA (its autotuning costs minutes)")
     args = ap.parse_args()

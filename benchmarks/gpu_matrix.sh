@@ -4,7 +4,8 @@
 # FLA 0.6.0 wheel, DESIGN §7) carried; results go to $OUT/matrix.tgz. Two calls fit one 10-minute
 # command each:
 #   BENCH=0 bash benchmarks/gpu_matrix.sh          (about 5 min of compiles)
-#   QUICK=1 BENCH=0 TESTS= bash benchmarks/gpu_matrix.sh      (quick A/B of the opt-in switches, no FLA, ~3 min)
+#   QUICK=1 BENCH=0 TESTS= [PLAN="deltanet:keep+lowp:bwd ..."] bash benchmarks/gpu_matrix.sh
+#                                                     (quick A/B of the opt-in switches, no FLA, ~1 min)
 #   SANITIZE=1 BENCH=0 TESTS= bash benchmarks/gpu_matrix.sh   (compute-sanitizer memcheck of the matrix and
 #                                                              elementwise kernels, 25 cases, about 8 min)
 #   TESTS= [METHODS="deltanet longhorn gated_deltanet linear_attention"] [VARIANTS="new inv3 rows16 rows4 lowp"] bash benchmarks/gpu_matrix.sh
@@ -15,7 +16,7 @@ python -m pip install --no-deps --no-build-isolation -e . > $R/pip.log 2>&1
 python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >> $R/pip.log 2>&1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > $R/gpu.txt 2>&1
 if [ "${QUICK:-0}" = 1 ]; then
-    timeout 400 python -u benchmarks/quick_ab.py > $R/quick_ab.log 2>&1
+    timeout 400 python -u benchmarks/quick_ab.py ${PLAN:-} > $R/quick_ab.log 2>&1
     tar czf $OUT/matrix.tgz -C $R .
     grep -v "first call" $R/quick_ab.log
 fi

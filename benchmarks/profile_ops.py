@@ -72,7 +72,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="*", default=["linear_attention", "mamba2", "deltanet"])
     ap.add_argument("--shape", default="8,2048,16,128")
-    ap.add_argument("--variant", default="new", choices=sorted(bm.VARIANTS))
+    ap.add_argument("--variant", default="new", type=bm.variant_name)
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     shape = tuple(int(p) for p in args.shape.split(","))

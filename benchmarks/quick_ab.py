@@ -5,6 +5,9 @@ finishes, so a cut-off call still reports what it reached. The full comparison w
 
     python -u benchmarks/quick_ab.py            (GPU; on a CPU it runs each case once, tiny, in the
                                                  interpreter, to check the calls)
+    python -u benchmarks/quick_ab.py deltanet:keep+lowp:bwd linear_attention:split:fwd:1,32768,16,128
+                                                (a plan of its own: method:variant:fwd|bwd[:B,T,H,D];
+                                                 variants as bench_matrix's, joined with +)
 """
 import os
 import sys
@@ -44,7 +47,22 @@ PLAN = [  # (method, shape, variant of bench_matrix.VARIANTS, backward)
 ]
 
 
-def main():
+def parse_plan(args):
+    """``method:variant:fwd|bwd[:B,T,H,D]`` items -> PLAN rows (shape DN unless given)."""
+    plan = []
+    for item in args:
+        method, variant, mode, *shape = item.split(":")
+        BM.variant_name(variant)
+        if mode not in ("fwd", "bwd"):
+            raise SystemExit(f"{item}: the third field is fwd or bwd")
+        plan.append((method, tuple(int(n) for n in shape[0].split(",")) if shape else DN, variant, mode == "bwd"))
+    return plan
+
+
+def main(argv=()):
+    global PLAN
+    if argv:
+        PLAN = parse_plan(argv)
     saved = dict(os.environ)
     try:
         run()
@@ -71,4 +89,4 @@ def run():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

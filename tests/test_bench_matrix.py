@@ -48,3 +48,24 @@ def test_quick_ab_calls_run(capsys):
 
     quick_ab.main()
     assert len(capsys.readouterr().out.strip().splitlines()) == len(quick_ab.PLAN)
+
+
+def test_quick_ab_plan_and_combined_variants():
+    # a plan from the command line; combined variants merge their switches; bad items are refused
+    import bench_matrix
+    import quick_ab
+
+    plan = quick_ab.parse_plan(["deltanet:keep+lowp:bwd", "linear_attention:split:fwd:1,64,2,16"])
+    assert plan == [("deltanet", quick_ab.DN, "keep+lowp", True), ("linear_attention", (1, 64, 2, 16), "split", False)]
+    saved = dict(os.environ)
+    try:
+        assert bench_matrix.set_variant("keep+lowp") is True
+        assert os.environ["OLSM_MATRIX_DELTA_SAVE"] == "keep" and os.environ["OLSM_MATRIX_DOTS"] == "storage"
+        assert bench_matrix.set_variant("keep+pair") is False
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    with pytest.raises(Exception, match="variants are"):
+        quick_ab.parse_plan(["deltanet:keep+nope:bwd"])
+    with pytest.raises(SystemExit, match="fwd or bwd"):
+        quick_ab.parse_plan(["deltanet:keep:both"])
