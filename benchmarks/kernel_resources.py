@@ -28,7 +28,7 @@ from olsm.kernels.matrix import split as SP
 BF16 = {p: "*bf16" for p in ("q", "w", "a", "b", "u", "do", "o", "dq", "dw", "du", "da", "db",
                              "states", "dstates", "x_wy", "y_wy", "probes", "dprobes", "k", "nu")}
 TYPES = dict(BF16, tok_start="*i32", tok_stop="*i32", chunk_offsets="*i32", H="i32", BT="i32", scale="fp32",
-             chunk_slot="*i32", NSEG="i32", SEG_L="i32")
+             NSEG="i32", SEG_L="i32")
 
 
 def configs(K=128, V=128, C=64):
@@ -44,13 +44,14 @@ def configs(K=128, V=128, C=64):
                    sh.warps_state_lr if lr else sh.warps_seq, True)
             yield (f"fwd output {tag}", F._output_fwd_kernel, dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out),
                    sh.warps_out, True)
-            if not lr:   # OLSM_MATRIX_STATE=split: segment walks, their join and the fix-up
+            if not lr:   # OLSM_MATRIX_STATE=split: segment walks, their join and the restarted walks
                 yield (f"fwd state segments {tag}", F._state_fwd_kernel,
                        dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, SEG_L=8), sh.warps_seq, False)
+                yield (f"fwd state segments restart {tag}", F._state_fwd_kernel,
+                       dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, SEG_L=8, SEG_START=True), sh.warps_seq,
+                       False)
                 yield (f"fwd split combine {tag}", SP._combine_kernel,
                        dict(K=K, V=V, BK=sh.BK, BV=sh.BV, HAS_INIT=True, DECAY=decay), sh.warps_seq, False)
-                yield (f"fwd split fixup {tag}", SP._fixup_kernel, dict(K=K, V=V, BK=sh.BK, BV=sh.BV, DECAY=decay),
-                       sh.warps_seq, False)
             if not lr:   # OLSM_MATRIX_DOTS=storage
                 yield (f"fwd state storage dots {tag}", F._state_fwd_kernel,
                        dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, LOWP=True), sh.warps_seq, False)
@@ -61,6 +62,9 @@ def configs(K=128, V=128, C=64):
             if not lr:
                 yield (f"bwd dstate segments {tag}", FB._dstate_bwd_kernel,
                        dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV, SEG_L=8), sh.warps_seq, False)
+                yield (f"bwd dstate segments restart {tag}", FB._dstate_bwd_kernel,
+                       dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV, SEG_L=8, SEG_START=True),
+                       sh.warps_seq, False)
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False)
         yield (f"fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         yield (f"bwd dq dw decay={decay}", FB._dqdw_bwd_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)

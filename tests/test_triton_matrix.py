@@ -379,7 +379,7 @@ def spy_split(monkeypatch):
 @pytest.mark.parametrize("decay", ["none", "scalar"])
 def test_state_pass_split_along_the_sequence(decay, monkeypatch):
     # OLSM_MATRIX_STATE=split (kernels/matrix/split.py): segments walked in parallel from zero,
-    # joined sequentially, states fixed up in place, in the forward state pass and the backward's
+    # joined sequentially, walked again from their true starts, in the forward state pass and the backward's
     # reverse pass; with and without an initial state, packed sequences of different lengths (an
     # empty one), a strong decay, and no final state (no d_final)
     ran = spy_split(monkeypatch)

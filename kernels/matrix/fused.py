@@ -39,7 +39,7 @@ import triton.language as tl
 from olsm.errors import BackendError
 
 from .tiles import (
-    chunk_decay, chunk_key_tiles, chunk_tokens, store_chunk_scalars, store_segment_end,
+    chunk_decay, chunk_key_tiles, chunk_tokens, store_segment_end,
     walk_program,
 )
 
@@ -235,11 +235,11 @@ def _wy_fwd_kernel(
 @triton.jit
 def _state_fwd_kernel(
     w, a, u, g, x_wy, y_wy, h0, states, probes, final, tok_start, tok_stop, chunk_offsets,
-    H, seg_end, seg_g, chunk_cum, chunk_slot, NSEG,
+    H, seg_end, seg_g, NSEG,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     DECAY: tl.constexpr, LOWRANK: tl.constexpr, HAS_H0: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr = False,
-    LOWP: tl.constexpr = False, SEG_L: tl.constexpr = 0,
+    LOWP: tl.constexpr = False, SEG_L: tl.constexpr = 0, SEG_START: tl.constexpr = False,
 ):
     """Sequential pass over one sequence × head × block of BV value columns (kernel 2); without a
     low-rank part the grid also splits K into blocks of BK (:func:`sequence_launch`). With DELTA
@@ -251,15 +251,14 @@ def _state_fwd_kernel(
     state each chunk starts from), probes ``[NC, H, C, V]`` (P) and final ``[N, H, K, V]``.
 
     SEG_L > 0 (no low-rank part; :mod:`.split`): the grid's first axis is segment × value block
-    and the program walks only segment j, chunks ``[j·SEG_L, (j + 1)·SEG_L)`` of its sequence,
-    from a zero state: it stores these *local* states in ``states``, the segment's end state in
-    seg_end ``[N·H, NSEG, K, V]`` fp32 and, from its first value / key block, the segment's total
-    log-decay seg_g ``[N·H, NSEG]`` and per chunk the log-decay from the segment's start
-    chunk_cum ``[NC, H]`` fp32 and the segment's slot ``i_nh·NSEG + j`` in chunk_slot
-    ``[NC, H]`` int32 (−1 where the segment starts from zero: the first one without h0). No
-    final state; :mod:`.split` combines the segments.
+    and the program walks only segment j, chunks ``[j·SEG_L, (j + 1)·SEG_L)`` of its sequence.
+    Without SEG_START (split step 1) it walks from a zero state, stores no chunk states, and
+    writes the segment's end state to seg_end ``[N·H, NSEG, K, V]`` fp32 and (first value / key
+    block) its total log-decay to seg_g ``[N·H, NSEG]``. With SEG_START (step 3) it starts from
+    the segment's true start state, which the join left in seg_end, and stores the chunk states
+    as the single walk does. No final state either way (the join writes it).
     """
-    i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v, mask_kv, kv, j, n_seg, lead = walk_program(
+    i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v, mask_kv, kv, j, lead = walk_program(
         chunk_offsets, H, K, V, BK, BV, SEG_L)
     cum = tl.zeros([1], dtype=tl.float32)       # with SEG_L: log-decay from the segment's start
 
@@ -270,15 +269,13 @@ def _state_fwd_kernel(
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0 and SEG_L == 0:
         S += tl.load(h0 + i_nh.to(tl.int64) * K * V + kv, mask=mask_kv, other=0.)
+    if SEG_START:
+        S += tl.load(seg_end + (i_nh.to(tl.int64) * NSEG + j) * K * V + kv, mask=mask_kv, other=0.)
 
     for c in range(c_start, c_end):
         nh = (c * H + i_h).to(tl.int64)
-        tl.store(states + nh * K * V + kv, S.to(states.dtype.element_ty), mask=mask_kv)
-        if SEG_L > 0:
-            slot = i_nh * NSEG + j
-            if not HAS_H0:
-                slot = tl.where(j == 0, -1, slot)
-            store_chunk_scalars(chunk_cum, chunk_slot, nh, cum, slot, lead)
+        if SEG_L == 0 or SEG_START:
+            tl.store(states + nh * K * V + kv, S.to(states.dtype.element_ty), mask=mask_kv)
         offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c, C)
         col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]
         mask_col = mask_k[:, None] & valid[None, :]
@@ -314,7 +311,8 @@ def _state_fwd_kernel(
         S = S_next
 
     if SEG_L > 0:
-        store_segment_end(seg_end, seg_g, i_nh, NSEG, j, S, cum, kv, mask_kv, lead, K, V)
+        if not SEG_START:
+            store_segment_end(seg_end, seg_g, i_nh, NSEG, j, S, cum, kv, mask_kv, lead, K, V)
     else:
         tl.store(final + i_nh.to(tl.int64) * K * V + kv, S, mask=mask_kv)
 
@@ -569,7 +567,7 @@ _STAGES: dict = {}
 
 def no_segments(dummy):
     """The segment arguments of :func:`_state_fwd_kernel` when it walks whole sequences."""
-    return (dummy, dummy, dummy, dummy, 1)
+    return (dummy, dummy, 1)
 
 
 def _launch_state(grid, args, key, **kw):
@@ -643,7 +641,7 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
 
     walk_sequences(lambda grid_, args_, **extra: _launch_state(grid_, args_, key=key + tuple(extra.items()), **kw,
                                                                **extra),
-                   grid, args, states, h0_, final, chunk_offsets, H, K, V, BK_seq, BV, decay, max_chunks, dev,
+                   grid, args, h0_, final, chunk_offsets, H, K, V, BK_seq, BV, decay, max_chunks, dev,
                    may_split=R == 0)
     if NC > 0:
         BVO = shape.BV_out

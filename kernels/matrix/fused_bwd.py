@@ -51,7 +51,7 @@ import triton.language as tl
 from .fused import env_choice, launch_shape, launch_wy, no_segments, sequence_launch
 from .split import walk_sequences
 from .tiles import (
-    chunk_decay, chunk_key_tiles, chunk_tokens, kslice_program, store_chunk_scalars, store_segment_end,
+    chunk_decay, chunk_key_tiles, chunk_tokens, kslice_program, store_segment_end,
     walk_program,
 )
 
@@ -59,10 +59,10 @@ from .tiles import (
 @triton.jit
 def _dstate_bwd_kernel(
     q, a, do, g, x_wy, d_final, dstates, dprobes, dh0, tok_start, tok_stop, chunk_offsets, scale,
-    H, seg_end, seg_g, chunk_cum, chunk_slot, NSEG,
+    H, seg_end, seg_g, NSEG,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, HAS_DFINAL: tl.constexpr,
     LOWRANK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-    LOWP: tl.constexpr = False, SEG_L: tl.constexpr = 0,
+    LOWP: tl.constexpr = False, SEG_L: tl.constexpr = 0, SEG_START: tl.constexpr = False,
 ):
     """Kernel 1: one sequence × head × BV value columns (× a BK key block without a low-rank
     part, :func:`~.fused.sequence_launch`) walks its chunks backwards. LOWP (the delta form, with
@@ -72,12 +72,12 @@ def _dstate_bwd_kernel(
     d_final, dh0 ``[N, H, K, V]``; writes dstates ``[NC, H, K, V]`` (∂L/∂S_{n+1}, the state chunk
     n ends in) and, with LOWRANK, dprobes ``[NC, H, C, V]`` (∂L/∂P of the chunk's probes).
 
-    SEG_L > 0 (no low-rank part; :mod:`.split`, reversed): segment j of the sequence, walked
-    backwards from zero; the same outputs as :func:`.fused._state_fwd_kernel`'s segments, with
-    chunk_cum the log-decay of the segment's chunks after the chunk and slot −1 for the last
-    segment when there is no d_final; dh0 is left to the join.
+    SEG_L > 0 (no low-rank part; :mod:`.split`, reversed): segment j of the sequence walked
+    backwards, as :func:`.fused._state_fwd_kernel`'s segments: without SEG_START from zero, to its
+    start's dS and total log-decay (seg_end, seg_g); with SEG_START from the true dS at its end
+    (left in seg_end by the join), storing dstates. dh0 is left to the join.
     """
-    i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v, mask_kv, kv, j, n_seg, lead = walk_program(
+    i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v, mask_kv, kv, j, lead = walk_program(
         chunk_offsets, H, K, V, BK, BV, SEG_L)
     cum = tl.zeros([1], dtype=tl.float32)       # with SEG_L: log-decay from the segment's end
 
@@ -86,15 +86,13 @@ def _dstate_bwd_kernel(
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DFINAL and SEG_L == 0:
         dS += tl.load(d_final + i_nh.to(tl.int64) * K * V + kv, mask=mask_kv, other=0.)
+    if SEG_START:
+        dS += tl.load(seg_end + (i_nh.to(tl.int64) * NSEG + j) * K * V + kv, mask=mask_kv, other=0.)
     for i in range(0, c_end - c_start):
         c = c_end - 1 - i
         nh = (c * H + i_h).to(tl.int64)
-        tl.store(dstates + nh * K * V + kv, dS.to(dstates.dtype.element_ty), mask=mask_kv)
-        if SEG_L > 0:
-            slot = i_nh * NSEG + j
-            if not HAS_DFINAL:
-                slot = tl.where(j == n_seg - 1, -1, slot)
-            store_chunk_scalars(chunk_cum, chunk_slot, nh, cum, slot, lead)
+        if SEG_L == 0 or SEG_START:
+            tl.store(dstates + nh * K * V + kv, dS.to(dstates.dtype.element_ty), mask=mask_kv)
         offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c, C)
         Q_T = tl.load(q + (tok[None, :] * H + i_h) * K + offs_k[:, None],
                       mask=mask_k[:, None] & valid[None, :], other=0.)                  # [BK, C]
@@ -128,7 +126,8 @@ def _dstate_bwd_kernel(
         if LOWRANK:
             dS += tl.dot(X_T.to(od), dP.to(od), input_precision=PRECISION)
     if SEG_L > 0:
-        store_segment_end(seg_end, seg_g, i_nh, NSEG, j, dS, cum, kv, mask_kv, lead, K, V)
+        if not SEG_START:
+            store_segment_end(seg_end, seg_g, i_nh, NSEG, j, dS, cum, kv, mask_kv, lead, K, V)
     else:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + kv, dS, mask=mask_kv)
 
@@ -552,7 +551,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     kw = dict(K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None, LOWRANK=R > 0, BK=BK_seq, BV=BV,
               PRECISION=prec, num_warps=shape.warps_seq)
     walk_sequences(lambda grid_, args_, **extra: _dstate_bwd_kernel[grid_](*args_, **kw, **extra),
-                   grid, args, dstates, df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev,
+                   grid, args, df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev,
                    reverse=True, may_split=R == 0)
     dq, dw, du = torch.empty_like(q), torch.empty_like(w), torch.empty_like(u)
     da = db = None

@@ -6,22 +6,21 @@ B = 1, T = 32768 (512 chunks) its few programs take most of the forward. Without
 part the chunk step is affine with a scalar transition, S_{n+1} = γ_n S_n + Ŵ_nᵀ U_n, so a
 sequence cut into segments of L chunks can be walked in parallel and joined afterwards:
 
-1. every segment from a zero state (:func:`.fused._state_fwd_kernel` with ``SEG_L = L``):
-   local chunk states Š_n, the segment's end state E_j and its total log-decay Γ_j, and per
-   chunk the log-decay from the segment's start, c_n;
+1. every segment from a zero state (:func:`.fused._state_fwd_kernel` with ``SEG_L = L``),
+   storing nothing per chunk: its end state E_j and total log-decay Γ_j;
 2. the segments' true start states, sequentially over segments (:func:`_combine_kernel`):
    Z_0 = h0 (or 0), Z_{j+1} = e^{Γ_j} Z_j + E_j, and the final state Z_{nseg};
-3. S_n = Š_n + e^{c_n} Z_{j(n)} in place (:func:`_fixup_kernel`).
+3. every segment again, in parallel, from Z_j (``SEG_START``), storing the chunk states S_n as
+   the single walk does.
 
-The output kernel and the backward then read the same states as with the single walk, up to
-rounding: with bf16/fp16 states Š_n is rounded to the storage dtype before the fix-up adds
-e^{c_n} Z_j and rounds again (one more rounding than the single walk, larger where the two
-cancel). The
-reverse pass of the backward (dS_n = γ_n dS_{n+1} + scale Q̂ᵀ dO) is the same recurrence run
-backwards and is split the same way (segments walked last chunk first, joined last segment
-first from d_final, ending in dh0). The cost:
-a read and write of the states in step 3 and the [K, V] segment states (fp32). The segment
-length is picked so that step 1 has about four programs per SM (:func:`segment_length`).
+The states are those of the single walk up to float32 rounding of the join (they are rounded to
+the storage dtype once, as there). The reverse pass of the backward (dS_n = γ_n dS_{n+1} +
+scale Q̂ᵀ dO) is the same recurrence run backwards and is split the same way (segments walked
+last chunk first, joined last segment first from d_final, ending in dh0). The cost: a second
+read of the segment walks' inputs (k and v, or q and dO) and the [K, V] segment states (fp32);
+a re-walk was chosen over adding e^{c_n} Z_j to stored local states because that costs a read
+and write of every state and rounds them twice. The segment length is picked so that steps 1
+and 3 have about four programs per SM (:func:`segment_length`).
 """
 from __future__ import annotations
 
@@ -61,25 +60,6 @@ def _combine_kernel(seg_end, seg_g, init, out, chunk_offsets, H, NSEG, SEG_L,
     tl.store(out + i_nh.to(tl.int64) * K * V + kv, Z, mask=mask)
 
 
-@triton.jit
-def _fixup_kernel(states, seg_start, chunk_cum, chunk_slot, H,
-                  K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr):
-    """Step 3 for one chunk × head × value block × key block: states ``[NC, H, K, V]`` (storage
-    dtype) += e^{c_n} Z_j, Z_j from seg_start ``[N·H, NSEG, K, V]`` fp32 at the chunk's slot
-    (chunk_slot ``[NC, H]`` int32; −1: the segment starts from zero, nothing to add)."""
-    i_v, nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    offs_k = tl.program_id(2) * BK + tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    kv = offs_k[:, None] * V + offs_v[None, :]
-    slot = tl.load(chunk_slot + nh).to(tl.int64)
-    mask = (offs_k < K)[:, None] & (offs_v < V)[None, :] & ((offs_k[:, None] * 0 + slot) >= 0)
-    Z = tl.load(seg_start + slot * K * V + kv, mask=mask, other=0.)
-    if DECAY == 1:
-        Z = Z * tl.exp(tl.load(chunk_cum + nh))
-    S = tl.load(states + nh * K * V + kv, mask=mask, other=0.).to(tl.float32)
-    tl.store(states + nh * K * V + kv, (S + Z).to(states.dtype.element_ty), mask=mask)
-
-
 def segment_length(programs: int, max_chunks: int, device) -> int:
     """Chunks per segment: the whole sequence when its programs already fill the GPU, else short
     enough that the segment walks have about four programs per SM (at least 4 chunks each)."""
@@ -89,14 +69,14 @@ def segment_length(programs: int, max_chunks: int, device) -> int:
     return -(-max_chunks // nseg)
 
 
-def split_state_pass(launch, grid, args, states, init, out, chunk_offsets, H, K, V, BK, BV, decay, max_chunks,
+def split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV, decay, max_chunks,
                      device, reverse=False):
     """Steps 1–3 of the module docstring. ``launch(grid, args, **constexprs)`` runs the sequence
     kernel (:func:`.fused._state_fwd_kernel`, or with ``reverse`` the reverse pass
-    :func:`.fused_bwd._dstate_bwd_kernel`) with ``args`` as for the single walk, ``args[-5:]``
-    the segment arguments filled in here; ``grid`` is the single walk's. ``states`` ``[NC, H, K, V]``
-    (what the kernel writes per chunk: S_n, or dS_{n+1}) are fixed up in place; ``init`` (h0 or
-    d_final, or None) starts the join and ``out`` (final state or dh0) receives its end.
+    :func:`.fused_bwd._dstate_bwd_kernel`) with ``args`` as for the single walk, ``args[-3:]``
+    the segment arguments filled in here; ``grid`` is the single walk's. Step 3 writes the chunk
+    states (S_n, or dS_{n+1}) where the single walk would; ``init`` (h0 or d_final, or None)
+    starts the join and ``out`` (final state or dh0) receives its end.
 
     Returns:
         whether it ran (False: one segment would cover every sequence; the caller walks them whole).
@@ -106,29 +86,25 @@ def split_state_pass(launch, grid, args, states, init, out, chunk_offsets, H, K,
     nseg = -(-max_chunks // L) if L else 0
     if nseg <= 1:
         return False
-    NC = states.shape[0]
     f32 = dict(device=device, dtype=torch.float32)
     seg_end = torch.empty(NH, nseg, K, V, **f32)
     seg_g = torch.empty(NH, nseg, **f32)
-    chunk_cum = torch.empty(NC, H, **f32)
-    chunk_slot = torch.empty(NC, H, device=device, dtype=torch.int32)
-    launch((nv * nseg, NH, nk), args[:-5] + (seg_end, seg_g, chunk_cum, chunk_slot, nseg), SEG_L=L)
+    seg_args = args[:-3] + (seg_end, seg_g, nseg)
+    launch((nv * nseg, NH, nk), seg_args, SEG_L=L)
     _combine_kernel[(nv, NH, nk)](seg_end, seg_g, init if init is not None else seg_end, out, chunk_offsets, H, nseg,
                                   L, K=K, V=V, BK=BK, BV=BV, HAS_INIT=init is not None, DECAY=decay,
                                   REVERSE=reverse)
-    if NC > 0:
-        _fixup_kernel[(nv, NC * H, nk)](states, seg_end, chunk_cum, chunk_slot, H, K=K, V=V, BK=BK, BV=BV,
-                                        DECAY=decay)
+    launch((nv * nseg, NH, nk), seg_args, SEG_L=L, SEG_START=True)
     return True
 
 
-def walk_sequences(launch, grid, args, states, init, out, chunk_offsets, H, K, V, BK, BV, decay, max_chunks,
+def walk_sequences(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV, decay, max_chunks,
                    device, reverse=False, may_split=True):
     """Run a sequential pass: split along the sequence (:func:`split_state_pass`) when
     ``OLSM_MATRIX_STATE=split`` asks for it, ``may_split`` allows it (no low-rank part) and there
     is more than one segment; else one launch ``launch(grid, args)`` walking whole sequences."""
     if may_split and env_choice("OLSM_MATRIX_STATE", ("walk", "split")) == "split":
-        if split_state_pass(launch, grid, args, states, init, out, chunk_offsets, H, K, V, BK, BV, decay,
+        if split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV, decay,
                             max_chunks, device, reverse):
             return
     launch(grid, args)

@@ -40,14 +40,13 @@ def sequence_program(chunk_offsets, H, K: tl.constexpr, V: tl.constexpr, BK: tl.
 def walk_program(chunk_offsets, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  SEG_L: tl.constexpr):
     """The program of a sequential pass: :func:`sequence_program`'s outputs, then ``(mask_kv,
-    kv, j, n_seg, lead)``: the [BK, BV] tile's mask and offsets, and with SEG_L > 0 (a grid
+    kv, j, lead)``: the [BK, BV] tile's mask and offsets, and with SEG_L > 0 (a grid
     ``(segments · cdiv(V, BV), N·H, cdiv(K, BK))``, :mod:`.split`) the segment j it walks (chunks
-    ``[j·SEG_L, (j + 1)·SEG_L)`` of its sequence, which is the chunk range returned), the
-    sequence's number of segments and whether this program (first value and key block) writes
-    the per-chunk scalars; SEG_L = 0: the whole sequence (j = 0, n_seg = 1)."""
+    ``[j·SEG_L, (j + 1)·SEG_L)`` of its sequence, which is the chunk range returned) and whether
+    this program (first value and key block) writes the segment's scalar; SEG_L = 0: the whole
+    sequence (j = 0)."""
     i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v = sequence_program(chunk_offsets, H, K, V, BK, BV)
     j = 0
-    n_seg = 1
     lead = tl.zeros([1], dtype=tl.int32) == 0
     if SEG_L > 0:
         NV: tl.constexpr = (V + BV - 1) // BV
@@ -55,21 +54,11 @@ def walk_program(chunk_offsets, H, K: tl.constexpr, V: tl.constexpr, BK: tl.cons
         j = tl.program_id(0) // NV
         offs_v = i_v * BV + tl.arange(0, BV)
         mask_v = offs_v < V
-        n_seg = (c_end - c_start + SEG_L - 1) // SEG_L
         c_start = c_start + j * SEG_L
         c_end = tl.minimum(c_start + SEG_L, c_end)
         lead = (tl.zeros([1], dtype=tl.int32) + i_v + tl.program_id(2)) == 0
     return (i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v, mask_k[:, None] & mask_v[None, :],
-            offs_k[:, None] * V + offs_v[None, :], j, n_seg, lead)
-
-
-@triton.jit
-def store_chunk_scalars(chunk_cum, chunk_slot, nh, cum, slot, lead):
-    """A segment walk's per-chunk record: the log-decay ``cum`` ([1]) between the chunk and the
-    segment's start (or end, walking backwards) and the segment's slot (−1: nothing to add)."""
-    one = tl.arange(0, 1)
-    tl.store(chunk_cum + nh + one, cum, mask=lead)
-    tl.store(chunk_slot + nh + one, tl.zeros([1], dtype=tl.int32) + slot, mask=lead)
+            offs_k[:, None] * V + offs_v[None, :], j, lead)
 
 
 @triton.jit
