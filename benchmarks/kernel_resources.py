@@ -94,6 +94,8 @@ def configs(K=128, V=128, C=64):
                dict(d, LOWRANK=False, DELTA=True, BK=sh.BK, BV=sh.BV_out), sh.warps_out, True)
         yield (f"delta bwd wy decay={decay}", D._delta_wy_bwd_kernel, dict(d, BK=sh.BK, BV=sh.BV_rank1, U_SCALE=True),
                sh.warps_rank1, True)
+        yield (f"delta bwd wy implicit normaliser decay={decay}", D._delta_wy_bwd_kernel,
+               dict(d, BK=sh.BK, BV=sh.BV_rank1, U_SCALE=True, NORM=True), sh.warps_rank1, True)
         yield (f"delta bwd dq dk decay={decay}", FB._dqdw_bwd_kernel,
                dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DELTA=True), sh.warps_chunk, True)
         yield (f"delta bwd dq dk implicit normaliser decay={decay}", FB._dqdw_bwd_kernel,

@@ -58,9 +58,10 @@ from .tiles import chunk_decay, chunk_key_tiles
 @triton.jit
 def _delta_wy_bwd_kernel(
     k, u, c, g, states, dprobes, t_wy, e_cc, du, dc, tok_start, tok_stop, u_scale, d_scale,
+    kk_coef, kk, c_norm, d_kk, d_kk_coef,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, U_SCALE: tl.constexpr = False,
-    LOWP: tl.constexpr = False,
+    LOWP: tl.constexpr = False, NORM: tl.constexpr = False,
 ):
     """Step 3 of the module docstring for one chunk × head: du, dc and E.
 
@@ -71,6 +72,13 @@ def _delta_wy_bwd_kernel(
     d_scale ``[B·T, H]`` fp32 gets Σ_j u_j ∂L/∂(s u)_j. LOWP: the value loop's dots take
     operands in the storage dtype (A rounded to it, as FLA stores A), fp32 accumulators; the
     [C, C] products after the loop stay fp32.
+
+    NORM (``kk_coef``): c and u_scale are the raw ones, the kernel divides them by r⁻¹ = 1 +
+    b ‖k‖² (kk_coef b and the forward's kk ‖k‖², ``[B·T, H]`` fp32), writes the normalised c to
+    c_norm for step 4, and chains the gradients through r on the token's scalars: dc and d_scale
+    with respect to the raw c and s, d_kk_coef = −‖k‖² r² ρ and d_kk = −b r² ρ, ρ = ∂L/∂(c r)·c +
+    ∂L/∂(s r)·s (all ``[B·T, H]`` fp32). One launch instead of a dozen [B·T, H] torch ops, which
+    cost Longhorn more in launches than in bytes.
     """
     nh = tl.program_id(0).to(tl.int64)
     # transposed operands are loaded transposed, never tl.trans'ed (DESIGN §7)
@@ -85,8 +93,13 @@ def _delta_wy_bwd_kernel(
 
     dA = tl.zeros([C, C], dtype=tl.float32)        # dν Uᵀ
     F = tl.zeros([C, C], dtype=tl.float32)         # dν (K S_n)ᵀ
+    if NORM:
+        kk_t = tl.load(kk + tok * H + i_h, mask=valid, other=0.)
+        b_t = tl.load(kk_coef + tok * H + i_h, mask=valid, other=0.)
+        r_t = 1. / (1. + b_t * kk_t)
     if U_SCALE:
-        s_t = tl.load(u_scale + tok * H + i_h, mask=valid, other=0.)
+        s0_t = tl.load(u_scale + tok * H + i_h, mask=valid, other=0.)
+        s_t = s0_t * r_t if NORM else s0_t
         ds = tl.zeros([C], dtype=tl.float32)
     for i_v in range(0, (V + BV - 1) // BV):
         offs_v = i_v * BV + tl.arange(0, BV)
@@ -110,8 +123,6 @@ def _delta_wy_bwd_kernel(
                          axis=1)
             dU = dU * s_t[:, None]
         tl.store(du + rows_v, dU.to(du.dtype.element_ty), mask=valid[:, None] & mask_v[None, :])
-    if U_SCALE:
-        tl.store(d_scale + tok * H + i_h, ds, mask=valid)
 
     strict = offs_c[:, None] > offs_c[None, :]
     e_b = tl.full([C], 1., tl.float32)
@@ -123,6 +134,10 @@ def _delta_wy_bwd_kernel(
     else:
         R = tl.where(strict, 1., 0.)
     c_t = tl.load(c + tok * H + i_h, mask=valid, other=0.)
+    if NORM:
+        c0_t = c_t
+        c_t = c0_t * r_t
+        tl.store(c_norm + tok * H + i_h, c_t, mask=valid)
     dA = dA - F * (c_t * e_b)[None, :]
     dM = -tl.dot(tl.dot(A_T, dA, input_precision=PRECISION), A_T, input_precision=PRECISION)
     dM = tl.where(strict, dM, 0.)
@@ -130,6 +145,17 @@ def _delta_wy_bwd_kernel(
     Lp = tl.dot(Kr, K_T, input_precision=PRECISION) * R                            # L' = K Kᵀ ⊙ R
     A = tl.load(t_wy + rows)
     dcv = tl.sum(dM * Lp, axis=1) - e_b * tl.sum(A * F, axis=0)
+    if NORM:
+        # chain rule through r: ∂r/∂b = −‖k‖² r², ∂r/∂‖k‖² = −b r²
+        rho = dcv * c0_t
+        if U_SCALE:
+            rho += ds * s0_t
+            ds = ds * r_t
+        dcv = dcv * r_t
+        tl.store(d_kk_coef + tok * H + i_h, -kk_t * r_t * r_t * rho, mask=valid)
+        tl.store(d_kk + tok * H + i_h, -b_t * r_t * r_t * rho, mask=valid)
+    if U_SCALE:
+        tl.store(d_scale + tok * H + i_h, ds, mask=valid)
     tl.store(dc + tok * H + i_h, dcv, mask=valid)
     tl.store(e_cc + rows, c_t[:, None] * dM * R)
 
@@ -214,12 +240,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     """
     B, T, H, K, V, NC, C, N, dev = _sizes(q, u, lay)
     q, k, u, cf, sf, g, decay, prec, shape = _operands(q, k, u, c, u_scale, log_decay, meta, C)
-    if kk_coef is not None:
-        # the kernels run with the normalised coefficients c r, s r, r = 1 / (1 + b ‖k‖²)
-        kb = _flat_c(kk_coef, B, T, H)
-        r = 1. / (1. + kb * kk)
-        c0, s0, cf = cf, sf, cf * r
-        sf = None if sf is None else sf * r
+    kb = None if kk_coef is None else _flat_c(kk_coef, B, T, H)
     d_o = torch.zeros_like(u) if d_o is None else d_o.contiguous()
     gd = g if g is not None else u
     scale = float(meta["scale"])
@@ -228,10 +249,13 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     low = dict(device=dev, dtype=states.dtype)
 
     if x_wy is None:
-        # 1. X and ν = X S_n + Y of every chunk, from the saved A and states
+        # 1. X and ν = X S_n + Y of every chunk, from the saved A and states, with the normalised
+        # coefficients c r, s r (r = 1 / (1 + b ‖k‖²)) when there is a kk_coef b
         x_wy, nu = torch.empty(NC, H, C, K, **low), torch.empty(NC, H, C, V, **low)
+        r = None if kb is None else 1. / (1. + kb * kk)
         launch_wy(shape, k, k, k, u, g, lay.tok_start, lay.tok_stop, x_wy, nu, t_wy, H, K, V, C, decay, prec,
-                  c=cf, states=states, load_t=True, u_scale=sf)
+                  c=cf if r is None else cf * r, states=states, load_t=True,
+                  u_scale=sf if r is None or sf is None else sf * r)
     # 2. reverse pass: dS_n and dν
     dstates, dnu = torch.empty(NC, H, K, V, **low), torch.empty(NC, H, C, V, **low)
     dh0 = torch.empty(N, H, K, V, **f32)
@@ -251,24 +275,21 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     lowp = dots_lowp()
     dkk = db = None
     if NC > 0:
-        # 3. through the WY form: du, dc and the Gram gradient E
+        # 3. through the WY form: du, dc and the Gram gradient E (with kk_coef: the normalised c,
+        # and the chain through the normaliser, in the same kernel)
         e_cc = torch.empty(NC, H, C, C, **f32)
+        cn, dkk, db = (cf, None, None) if kb is None else (torch.empty(B * T, H, **f32) for _ in range(3))
         _delta_wy_bwd_kernel[(NC * H,)](
             k, u, cf, gd, states, dnu, t_wy, e_cc, du, dc, lay.tok_start, lay.tok_stop,
-            sf if sf is not None else cf, ds if ds is not None else dc, H, K=K, V=V, C=C, DECAY=decay,
+            sf if sf is not None else cf, ds if ds is not None else dc,
+            *((kb, kk, cn, dkk, db) if kb is not None else (cf,) * 5), H, K=K, V=V, C=C, DECAY=decay,
             BK=shape.BK, BV=shape.BV_rank1, PRECISION=prec, U_SCALE=sf is not None, LOWP=lowp,
-            num_warps=shape.warps_rank1,
+            NORM=kb is not None, num_warps=shape.warps_rank1,
         )
-        if kk_coef is not None:
-            # chain rule through r on [B·T, H] scalars: ∂r/∂b = −‖k‖² r², ∂r/∂‖k‖² = −b r²
-            dr = dc * c0 + (0. if ds is None else ds * s0)
-            dc = dc * r
-            ds = None if ds is None else ds * r
-            db, dkk = -kk * r * r * dr, -kb * r * r * dr
         # 4. dq, dk (with the normaliser's 2 dkk k) and the decay terms
         _dqdw_bwd_kernel[(NK, NC * H)](
             q, k, u, d_o, gd, states, dstates, dq, dk, dlam, lay.tok_start, lay.tok_stop, scale, B * T,
-            nu, dnu, t_wy, e_cc, cf, dbb, dkk if dkk is not None else dbb, H, K=K, V=V, C=C, DECAY=decay,
+            nu, dnu, t_wy, e_cc, cn, dbb, dkk if dkk is not None else dbb, H, K=K, V=V, C=C, DECAY=decay,
             BKS=shape.BKS, BV=shape.BV_dqdw, PRECISION=prec, DELTA=True, LOWP=lowp, KK_GRAD=dkk is not None,
             num_warps=shape.warps_chunk,
         )
