@@ -25,17 +25,18 @@ Usage (on the GPU machine; FLA from a carried wheel)::
         [--variants new legacy] [--no-fla]
 
 ``--variants`` times our kernel under several code paths in one process (A/B), each row named
-``method@variant`` when more than one is asked for: ``new`` (default: fused forward and Triton
-backward where they apply, Triton triangular inverse), ``autograd_bwd`` (the
-same forward, the autograd backward), ``general`` (general path, Triton inverse) and ``legacy``
-(general path with ``torch.linalg.solve_triangular``: the code measured in runs 2 and 3), ``pair``
-(the delta members through ``chunk_matrix`` with the general pair ``(−c k, k)``: the fused rank-1
-kernels measured up to run 6), ``inv3`` (``new`` with the three-level WY inverse), ``rows16`` /
-``rows4`` (``new`` with the innermost 16- / 4-row blocks of the WY inverse by row substitution instead of dots), ``keep``
-(``new`` with the delta form's X and ν kept from the forward, not re-derived), ``split`` (``new``
-with the rank-0 forward state pass split along the sequence, ``kernels/matrix/split.py``), ``lowp``
-(``new`` with the delta form's per-chunk backward dots on storage-dtype operands). The paths are
-chosen through the ``OLSM_MATRIX_*`` switches of ``ENV_DEFAULTS``, read at every call.
+``method@variant`` when more than one is asked for, several joined with ``+``: ``new`` (the
+library's defaults: fused forward and Triton backward where they apply, storage-dtype dot
+operands, the rows4 WY inverse, the delta form's X and ν kept for the backward, the rank-0
+sequential passes split along the sequence when few programs walk them), ``run8`` (the defaults
+up to run 8: fp32 dot operands, the levels2 inverse, X and ν re-derived, whole walks); one switch
+back each: ``fp32dots``, ``levels2`` / ``inv3`` (levels3) / ``rows16`` (WY inverse),
+``recompute`` (X and ν), ``walk`` / ``split`` (rank-0 sequential passes); ``autograd_bwd`` (the
+same forward, the autograd backward), ``general`` (general path, Triton inverse), ``legacy``
+(general path with ``torch.linalg.solve_triangular``: the code measured in runs 2 and 3),
+``pair`` (the delta members through ``chunk_matrix`` with the general pair ``(−c k, k)``: the
+fused rank-1 kernels measured up to run 6). The paths are chosen through the ``OLSM_MATRIX_*``
+switches of ``ENV_DEFAULTS``, read at every call.
 """
 from __future__ import annotations
 
@@ -106,16 +107,19 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0, device="cuda"):
 
 # variant -> (environment switches that differ from the defaults, delta members via chunk_delta)
 ENV_DEFAULTS = {"OLSM_MATRIX_PATH": "auto", "OLSM_MATRIX_SOLVE": "triton", "OLSM_MATRIX_BWD": "auto",
-                "OLSM_MATRIX_INVERSE": "levels2", "OLSM_MATRIX_DOTS": "fp32", "OLSM_MATRIX_DELTA_SAVE": "recompute",
-                "OLSM_MATRIX_STATE": "walk"}
+                "OLSM_MATRIX_INVERSE": "rows4", "OLSM_MATRIX_DOTS": "storage", "OLSM_MATRIX_DELTA_SAVE": "keep",
+                "OLSM_MATRIX_STATE": "auto"}
 VARIANTS = {
     "new": ({}, True),
+    "run8": ({"OLSM_MATRIX_INVERSE": "levels2", "OLSM_MATRIX_DOTS": "fp32", "OLSM_MATRIX_DELTA_SAVE": "recompute",
+              "OLSM_MATRIX_STATE": "walk"}, True),
+    "fp32dots": ({"OLSM_MATRIX_DOTS": "fp32"}, True),
+    "levels2": ({"OLSM_MATRIX_INVERSE": "levels2"}, True),
     "inv3": ({"OLSM_MATRIX_INVERSE": "levels3"}, True),
     "rows16": ({"OLSM_MATRIX_INVERSE": "rows16"}, True),
-    "rows4": ({"OLSM_MATRIX_INVERSE": "rows4"}, True),
-    "keep": ({"OLSM_MATRIX_DELTA_SAVE": "keep"}, True),
+    "recompute": ({"OLSM_MATRIX_DELTA_SAVE": "recompute"}, True),
+    "walk": ({"OLSM_MATRIX_STATE": "walk"}, True),
     "split": ({"OLSM_MATRIX_STATE": "split"}, True),
-    "lowp": ({"OLSM_MATRIX_DOTS": "storage"}, True),
     "pair": ({}, False),
     "autograd_bwd": ({"OLSM_MATRIX_BWD": "autograd"}, False),
     "general": ({"OLSM_MATRIX_PATH": "general", "OLSM_MATRIX_BWD": "autograd"}, False),

@@ -5,7 +5,7 @@ finishes, so a cut-off call still reports what it reached. The full comparison w
 
     python -u benchmarks/quick_ab.py            (GPU; on a CPU it runs each case once, tiny, in the
                                                  interpreter, to check the calls)
-    python -u benchmarks/quick_ab.py deltanet:keep+lowp:bwd linear_attention:split:fwd:1,32768,16,128
+    python -u benchmarks/quick_ab.py deltanet:recompute+fp32dots:bwd linear_attention:walk:fwd:1,32768,16,128
                                                 (a plan of its own: method:variant:fwd|bwd[:B,T,H,D];
                                                  variants as bench_matrix's, joined with +)
 """
@@ -36,13 +36,12 @@ def t(fn, x, backward):
 
 LA, DN = (1, 32768, 16, 128), (8, 2048, 16, 128)     # the shapes the switches aim at
 PLAN = [  # (method, shape, variant of bench_matrix.VARIANTS, backward)
-    ("linear_attention", LA, "new", False), ("linear_attention", LA, "split", False),
-    ("deltanet", DN, "new", False), ("deltanet", DN, "rows16", False),
-    ("deltanet", DN, "new", True), ("deltanet", DN, "keep", True),
+    ("linear_attention", LA, "new", False), ("linear_attention", LA, "walk", False),
+    ("deltanet", DN, "new", False), ("deltanet", DN, "levels2", False), ("deltanet", DN, "fp32dots", False),
+    ("deltanet", DN, "new", True), ("deltanet", DN, "recompute", True), ("deltanet", DN, "run8", True),
     ("longhorn", DN, "new", True),
-    ("deltanet", DN, "rows4", False),
-    ("linear_attention", LA, "split", True), ("linear_attention", LA, "new", True),
-    # never timed next to FLA yet (per-key decay and the general pair run the general path)
+    ("linear_attention", LA, "new", True), ("linear_attention", LA, "walk", True),
+    # the general path (per-key decay, the general pair): never timed next to FLA yet
     ("gla", DN, "new", True), ("dplr", DN, "new", True),
 ]
 

@@ -6,13 +6,14 @@ H200 with Triton 3.6, value blocks of 16 / 32 next to 64-key rows did, and fault
 processes (``fused.launch_shape``). Each case runs in its own process (a fault poisons the CUDA
 context), small enough that the sanitizer's slowdown stays in seconds; compiles dominate.
 
-    python -u benchmarks/sanitize_kernels.py [--only matrix|elementwise] [--out benchmarks/results/sanitizer.txt]
+    python -u benchmarks/sanitize_kernels.py [--only matrix|elementwise|defaults] [--out benchmarks/results/sanitizer.txt]
 
 Cases: ``(path, K, V, dtype, decay, heads, switches)``; path ``delta`` is ``chunk_delta``
 (with ``u_scale``), ``longhorn`` the same with ``kk_coef`` (ε formed in the kernels), ``pair``
 is ``chunk_matrix`` with the pair ``(−c k, k)``, ``rank0`` has no low-rank part; switches are
-``OLSM_MATRIX_*=value`` settings, comma-separated (the split cases use T = 1300, one head: the
-segments need long sequences and few programs). Four heads at B = 2 give few programs, so the
+``OLSM_MATRIX_*=value`` settings away from the library's defaults, comma-separated (the split
+cases and the one-head rank-0 ones use T = 1300: the segments need long sequences and few
+programs; without a decay the default splits them). Four heads at B = 2 give few programs, so the
 sequential passes take their narrowest blocks (``sequence_launch``); twenty keep the wide ones. Path ``elem:<objective>`` runs
 the catalogue's elementwise member through ``Recurrence`` (backend triton) with K = d_state and
 V = E channels (heads and switches unused).
@@ -28,21 +29,23 @@ import sys
 import torch
 from tqdm import tqdm
 
-LOWP = "OLSM_MATRIX_DOTS=storage"
+FP32 = "OLSM_MATRIX_DOTS=fp32"      # the default is storage-dtype dot operands (run 9)
 SPLIT = "OLSM_MATRIX_STATE=split"
 CASES = [
-    ("delta", 64, 16, "bf16", 0, 4, ""), ("delta", 64, 16, "bf16", 1, 4, LOWP), ("delta", 64, 32, "bf16", 1, 4, ""),
-    ("delta", 32, 16, "bf16", 1, 4, LOWP), ("delta", 128, 128, "bf16", 1, 4, LOWP),
-    ("delta", 128, 128, "bf16", 1, 20, ""), ("delta", 100, 72, "bf16", 1, 4, LOWP),
-    ("delta", 64, 64, "fp16", 1, 4, LOWP), ("delta", 128, 128, "fp32", 1, 4, ""),
-    ("rank0", 128, 128, "bf16", 1, 4, LOWP), ("rank0", 64, 16, "bf16", 1, 4, LOWP), ("pair", 64, 16, "bf16", 1, 4, ""),
+    ("delta", 64, 16, "bf16", 0, 4, FP32), ("delta", 64, 16, "bf16", 1, 4, ""), ("delta", 64, 32, "bf16", 1, 4, FP32),
+    ("delta", 32, 16, "bf16", 1, 4, ""), ("delta", 128, 128, "bf16", 1, 4, ""),
+    ("delta", 128, 128, "bf16", 1, 20, FP32), ("delta", 100, 72, "bf16", 1, 4, ""),
+    ("delta", 64, 64, "fp16", 1, 4, ""), ("delta", 128, 128, "fp32", 1, 4, ""),
+    ("rank0", 128, 128, "bf16", 1, 4, ""), ("rank0", 64, 16, "bf16", 1, 4, ""), ("pair", 64, 16, "bf16", 1, 4, ""),
     ("pair", 32, 32, "bf16", 1, 4, ""), ("pair", 128, 128, "bf16", 1, 20, ""),
-    # the paths written after run 8's sweep: Longhorn's in-kernel ε, the switches, the split passes
-    ("longhorn", 128, 128, "bf16", 1, 4, ""), ("longhorn", 64, 16, "bf16", 0, 4, LOWP),
+    ("longhorn", 128, 128, "bf16", 1, 4, FP32), ("longhorn", 64, 16, "bf16", 0, 4, ""),
+    ("longhorn", 64, 64, "bf16", 1, 20, ""), ("delta", 64, 32, "bf16", 1, 20, ""),
     ("delta", 128, 128, "bf16", 1, 4, "OLSM_MATRIX_INVERSE=rows16"),
-    ("delta", 64, 64, "bf16", 1, 4, "OLSM_MATRIX_INVERSE=rows4"),
-    ("delta", 128, 128, "bf16", 1, 4, "OLSM_MATRIX_DELTA_SAVE=keep"),
-    ("rank0", 128, 128, "bf16", 1, 1, SPLIT), ("rank0", 64, 16, "bf16", 0, 1, SPLIT + "," + LOWP),
+    ("delta", 64, 64, "bf16", 1, 4, "OLSM_MATRIX_INVERSE=levels2"),
+    ("delta", 128, 128, "bf16", 1, 4, "OLSM_MATRIX_DELTA_SAVE=recompute"),
+    ("longhorn", 64, 64, "bf16", 1, 4, "OLSM_MATRIX_DELTA_SAVE=recompute"),
+    ("rank0", 128, 128, "bf16", 1, 1, SPLIT + "," + FP32), ("rank0", 64, 16, "bf16", 0, 1, ""),
+    ("rank0", 128, 128, "bf16", 0, 1, ""),
     ("elem:mamba1", 16, 384, "bf16", 0, 1, ""), ("elem:longhorn_diag", 16, 384, "bf16", 0, 1, ""),
     ("elem:mamba1", 16, 384, "fp32", 0, 1, ""), ("elem:longhorn_diag", 8, 100, "bf16", 0, 1, ""),
 ]
@@ -102,17 +105,21 @@ def run_elementwise(name: str, K: int, V: int, dt, B: int, T: int, device: str =
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "sanitizer.txt"))
-    ap.add_argument("--only", choices=("matrix", "elementwise"), help="run one family's cases")
+    ap.add_argument("--only", choices=("matrix", "elementwise", "defaults"),
+                    help="run one family's cases, or the matrix cases on the library's default path")
     ap.add_argument("--case", nargs=7, help=argparse.SUPPRESS)      # the child process
     args = ap.parse_args()
     if args.case:
         path, K, V, dtype, decay, H, switches = args.case
-        run_case(path, int(K), int(V), dtype, int(decay), int(H), T=1300 if "STATE=split" in switches else 130)
+        long = "STATE=split" in switches or (path == "rank0" and H == "1")   # the split needs long sequences
+        run_case(path, int(K), int(V), dtype, int(decay), int(H), T=1300 if long else 130)
         return
     lines, bad = [f"# compute-sanitizer memcheck, {torch.cuda.get_device_name()}, torch {torch.__version__}"], 0
-    cases = [c for c in CASES if args.only is None or (args.only == "elementwise") == c[0].startswith("elem:")]
+    family = {"matrix": lambda c: not c[0].startswith("elem:"), "elementwise": lambda c: c[0].startswith("elem:"),
+              "defaults": lambda c: not c[0].startswith("elem:") and not c[-1], None: lambda c: True}[args.only]
+    cases = [c for c in CASES if family(c)]
     for case in tqdm(cases, desc="memcheck"):
-        env = dict(os.environ, OLSM_MATRIX_DOTS="fp32")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OLSM_MATRIX_")}
         env.update(kv.split("=") for kv in case[-1].split(",") if kv)
         cmd = ["compute-sanitizer", "--tool", "memcheck", "--print-limit", "3", "--error-exitcode", "9",
                sys.executable, __file__, "--case", *map(str, case[:-1]), case[-1] or "-"]

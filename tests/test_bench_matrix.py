@@ -55,17 +55,29 @@ def test_quick_ab_plan_and_combined_variants():
     import bench_matrix
     import quick_ab
 
-    plan = quick_ab.parse_plan(["deltanet:keep+lowp:bwd", "linear_attention:split:fwd:1,64,2,16"])
-    assert plan == [("deltanet", quick_ab.DN, "keep+lowp", True), ("linear_attention", (1, 64, 2, 16), "split", False)]
+    plan = quick_ab.parse_plan(["deltanet:recompute+fp32dots:bwd", "linear_attention:split:fwd:1,64,2,16"])
+    assert plan == [("deltanet", quick_ab.DN, "recompute+fp32dots", True),
+                    ("linear_attention", (1, 64, 2, 16), "split", False)]
     saved = dict(os.environ)
     try:
-        assert bench_matrix.set_variant("keep+lowp") is True
-        assert os.environ["OLSM_MATRIX_DELTA_SAVE"] == "keep" and os.environ["OLSM_MATRIX_DOTS"] == "storage"
-        assert bench_matrix.set_variant("keep+pair") is False
+        assert bench_matrix.set_variant("recompute+fp32dots") is True
+        assert os.environ["OLSM_MATRIX_DELTA_SAVE"] == "recompute" and os.environ["OLSM_MATRIX_DOTS"] == "fp32"
+        assert os.environ["OLSM_MATRIX_INVERSE"] == "rows4"         # the defaults for the rest
+        assert bench_matrix.set_variant("recompute+pair") is False
     finally:
         os.environ.clear()
         os.environ.update(saved)
     with pytest.raises(Exception, match="variants are"):
         quick_ab.parse_plan(["deltanet:keep+nope:bwd"])
     with pytest.raises(SystemExit, match="fwd or bwd"):
-        quick_ab.parse_plan(["deltanet:keep:both"])
+        quick_ab.parse_plan(["deltanet:recompute:both"])
+
+
+def test_bench_defaults_are_the_library_defaults():
+    # bench_matrix's "new" must time what a user gets: every OLSM_MATRIX_* switch's unset value
+    # (the first of env_choice's choices, read from the kernel sources) is ENV_DEFAULTS' value
+    import re
+
+    src = "".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "kernels" / "matrix").glob("*.py"))
+    found = dict(re.findall(r'env_choice\("(OLSM_MATRIX_\w+)", \("(\w+)"', src))
+    assert found == BM.ENV_DEFAULTS

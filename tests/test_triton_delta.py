@@ -143,34 +143,38 @@ def test_matches_reference(decay, chunk, make, kw):
 
 
 @pytest.mark.parametrize("decay", [False, True])
-def test_storage_dtype_backward_dots(decay, monkeypatch):
-    # OLSM_MATRIX_DOTS=storage: the output and per-chunk backward kernels keep their operands in
-    # the storage dtype (float32 here, so only the code path is checked; bf16 numerics: the GPU tests)
-    monkeypatch.setenv("OLSM_MATRIX_DOTS", "storage")
+def test_fp32_backward_dots(decay, monkeypatch):
+    # OLSM_MATRIX_DOTS=fp32 (the default is storage): the output and per-chunk backward kernels
+    # take fp32 copies of their operands (float32 here, so only the code path is checked; bf16
+    # numerics: the GPU tests)
+    monkeypatch.setenv("OLSM_MATRIX_DOTS", "fp32")
     check_delta(delta_inputs(10, decay=decay, u_scale=True, V=20), chunk_size=16)
 
 
-@pytest.mark.parametrize("inverse", ["levels3", "rows16", "rows4"])
+@pytest.mark.parametrize("inverse", ["rows4", "levels2", "levels3", "rows16"])
 @pytest.mark.parametrize("chunk", [64, 128])
-def test_other_wy_inverses(chunk, inverse, monkeypatch):
-    # OLSM_MATRIX_INVERSE=levels3 (4 → 16 → C blocks), rows16 / rows4 (innermost blocks by row
-    # substitution) on correlated keys, where an unstable inverse loses every digit
+def test_wy_inverses(chunk, inverse, monkeypatch):
+    # OLSM_MATRIX_INVERSE=rows4 (the default), levels2 (16 → C blocks), levels3 (4 → 16 → C),
+    # rows16 (innermost blocks by row substitution) on correlated keys, where an unstable inverse
+    # loses every digit
     monkeypatch.setenv("OLSM_MATRIX_INVERSE", inverse)
     check_delta(delta_inputs(chunk, T=150, H=1, decay=True, correlated=True, c_max=1.5), chunk_size=chunk)
 
 
 @pytest.mark.parametrize("decay", [False, True])
-def test_kept_x_and_nu(decay, monkeypatch):
-    # OLSM_MATRIX_DELTA_SAVE=keep: the backward reads the forward's X and ν instead of launching
-    # the WY kernel again (one WY launch in all, not two)
-    monkeypatch.setenv("OLSM_MATRIX_DELTA_SAVE", "keep")
+@pytest.mark.parametrize("save", ["keep", "recompute"])
+def test_kept_or_recomputed_x_and_nu(decay, save, monkeypatch):
+    # OLSM_MATRIX_DELTA_SAVE=keep (the default): the backward reads the forward's X and ν (one WY
+    # launch in all); recompute: it launches the WY kernel again (load_t), Longhorn's normalised
+    # coefficients formed in torch for it
+    monkeypatch.setenv("OLSM_MATRIX_DELTA_SAVE", save)
     import olsm.kernels.matrix.delta as D
     launches = []
     real = D.launch_wy
     monkeypatch.setattr(D, "launch_wy", lambda *a, **kw: launches.append(kw.get("load_t", False)) or real(*a, **kw))
     check_delta(delta_inputs(11, decay=decay, u_scale=True, T=45), chunk_size=16)
     check_delta(delta_inputs(12, decay=decay, kk_coef=True, T=61, N=4), cu_seqlens=(0, 9, 9, 46, 61))
-    assert launches == [False, False]
+    assert launches == ([False, False] if save == "keep" else [False, True, False, True])
 
 
 @pytest.mark.parametrize("decay", [False, True])

@@ -169,10 +169,11 @@ def test_no_initial_state_no_final_state_short_sequence():
 
 
 @pytest.mark.parametrize("decay", ["none", "scalar"])
-def test_storage_dtype_dots_without_a_pair(decay, monkeypatch):
-    # OLSM_MATRIX_DOTS=storage: the rank-0 forward state and output kernels keep their operands in
-    # the storage dtype (float32 here: the code path only; bf16 numerics in the GPU tests)
-    monkeypatch.setenv("OLSM_MATRIX_DOTS", "storage")
+def test_fp32_dots_without_a_pair(decay, monkeypatch):
+    # OLSM_MATRIX_DOTS=fp32 (the default is storage): the rank-0 forward state and output kernels
+    # take fp32 copies of their operands (float32 here: the code path only; bf16 numerics in the
+    # GPU tests)
+    monkeypatch.setenv("OLSM_MATRIX_DOTS", "fp32")
     check(make_inputs(31, decay=decay), chunk_size=16)
 
 
@@ -180,8 +181,8 @@ def test_storage_dtype_dots_without_a_pair(decay, monkeypatch):
 @pytest.mark.parametrize("chunk", [16, 64, 128])
 def test_fused_wy_inverse_over_several_blocks(chunk, levels, monkeypatch):
     # the fused WY kernel inverts I − L in blocks (kernels/matrix/fused.py, _unit_lower_inverse:
-    # 16-row blocks, or 4 → 16 → C with OLSM_MATRIX_INVERSE=levels3; rows16 / rows4: the innermost
-    # blocks by row substitution on a 3-D tile instead of dots): C = 64 and 128 take 4 and 8
+    # 16-row blocks, or 4 → 16 → C with OLSM_MATRIX_INVERSE=levels3; rows16 / rows4 (the
+    # default): the innermost blocks by row substitution on a 3-D tile instead of dots): C = 64 and 128 take 4 and 8
     # blocks of 16; K = 5 unit keys over 150 tokens are often nearly parallel, the case where an
     # unstable inverse (e.g. the power series of L) loses every digit
     monkeypatch.setenv("OLSM_MATRIX_INVERSE", levels)
@@ -389,6 +390,22 @@ def test_state_pass_split_along_the_sequence(decay, monkeypatch):
     if decay == "scalar":
         check(make_inputs(44, B=1, T=150, H=1, decay=decay, strong=True), chunk_size=16)
     assert ran and all(ran) and len(ran) == 2 * (3 + (decay == "scalar")), ran    # forward and reverse pass
+
+
+def test_state_pass_auto_splits_only_few_programs_without_decay(monkeypatch):
+    # OLSM_MATRIX_STATE unset (auto): one head's long sequence (a few programs for 132 SMs) is
+    # split, with or without packing; with a decay, or with many programs, it is walked whole
+    ran = spy_split(monkeypatch)
+    monkeypatch.delenv("OLSM_MATRIX_STATE")
+    check(make_inputs(45, B=1, T=150, H=1, decay="none"), chunk_size=16)
+    assert ran == [True, True], ran
+    ran.clear()
+    check(make_inputs(46, B=1, T=150, H=1, decay="scalar"), chunk_size=16)
+    assert ran == [], ran
+    split = importlib.import_module("olsm.kernels.matrix.split")
+    monkeypatch.setattr(split, "_sm_count", lambda device: 3)      # 2 sequences x 2 heads: 4 programs
+    check(make_inputs(47, B=2, T=150, H=2, decay="none"), chunk_size=16)
+    assert ran == [], ran
 
 
 def test_value_blocks_never_narrower_than_64_below_128_keys():

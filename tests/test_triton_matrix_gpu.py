@@ -111,9 +111,10 @@ def test_members_realistic(name, dtype):
 
 
 @pytest.mark.parametrize("name", ["linear_attention", "mamba2"])
-def test_storage_dtype_dots_rank0(name, monkeypatch):
-    # OLSM_MATRIX_DOTS=storage: the rank-0 forward's state and output dots on bf16 operands
-    monkeypatch.setenv("OLSM_MATRIX_DOTS", "storage")
+def test_fp32_dots_rank0(name, monkeypatch):
+    # OLSM_MATRIX_DOTS=fp32 (the default is storage): the rank-0 forward's state and output dots
+    # on fp32 copies of the bf16 operands
+    monkeypatch.setenv("OLSM_MATRIX_DOTS", "fp32")
     run_case(name, torch.bfloat16, B=2, T=300, H=4, K=128, V=128)
     run_case(name, torch.bfloat16, B=1, T=400, H=4, K=128, V=128, cu_seqlens=(0, 57, 300, 400))
 
@@ -204,14 +205,16 @@ def test_chunk_delta_realistic(dtype, decay, make, kw, dots, monkeypatch):
     assert calls == ["delta_forward", "delta_backward"], "chunk_delta fell back to the general pair"
 
 
-@pytest.mark.parametrize("switch", ["OLSM_MATRIX_DELTA_SAVE=keep", "OLSM_MATRIX_INVERSE=rows16",
-                                    "OLSM_MATRIX_INVERSE=rows4", "OLSM_MATRIX_INVERSE=levels3"])
+@pytest.mark.parametrize("switch", ["", "OLSM_MATRIX_DELTA_SAVE=recompute", "OLSM_MATRIX_INVERSE=rows16",
+                                    "OLSM_MATRIX_INVERSE=levels2", "OLSM_MATRIX_INVERSE=levels3"])
 def test_chunk_delta_switches(switch, monkeypatch):
-    # the opt-in switches of the delta path, bf16 with a decay and u_scale, correlated keys for the
-    # inverses (the decay gradient held as in test_chunk_delta_realistic)
+    # the delta path's defaults ("") and each switch away from them, bf16 with a decay and
+    # u_scale, correlated keys for the inverses (the decay gradient held as in
+    # test_chunk_delta_realistic)
     from test_triton_delta import check_delta, delta_inputs, pair_decay_error
 
-    monkeypatch.setenv(*switch.split("="))
+    if switch:
+        monkeypatch.setenv(*switch.split("="))
     inputs = delta_inputs(3, B=2, T=300, H=4, K=128, V=128, decay=True, u_scale=True, correlated=True,
                           device="cuda")
     inputs = inputs[:5] + (inputs[5] * 0.1,) + inputs[6:]

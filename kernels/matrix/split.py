@@ -1,5 +1,10 @@
 r"""The forward state pass split along the sequence, for the members without a low-rank part
-(linear attention, RetNet, Mamba-2): opt-in with ``OLSM_MATRIX_STATE=split``.
+(linear attention, RetNet, Mamba-2): ``OLSM_MATRIX_STATE=auto`` (the default) splits when there
+is no decay and the single walk has at most one program per SM; ``split`` whenever there is more
+than one segment, ``walk`` never. Run 9 on the H200 (bf16, H = 16, D = 128): linear attention's
+forward at (1, 32768) took 0.554 ms split and 0.752 walked (fwd+bwd 2.337 / 2.574), but fwd+bwd
+at (2, 8192), 256 programs, 1.231 split vs 1.106 walked, and Mamba-2's fwd+bwd at (1, 32768)
+5.90 split vs 4.91 walked (not understood yet; hence no decay in ``auto``).
 
 The state pass walks each sequence's chunks in order, one latency-bound step per chunk: at
 B = 1, T = 32768 (512 chunks) its few programs take most of the forward. Without a low-rank
@@ -101,9 +106,13 @@ def split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, 
 def walk_sequences(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV, decay, max_chunks,
                    device, reverse=False, may_split=True):
     """Run a sequential pass: split along the sequence (:func:`split_state_pass`) when
-    ``OLSM_MATRIX_STATE=split`` asks for it, ``may_split`` allows it (no low-rank part) and there
-    is more than one segment; else one launch ``launch(grid, args)`` walking whole sequences."""
-    if may_split and env_choice("OLSM_MATRIX_STATE", ("walk", "split")) == "split":
+    ``OLSM_MATRIX_STATE`` asks for it (module docstring), ``may_split`` allows it (no low-rank
+    part) and there is more than one segment; else one launch ``launch(grid, args)`` walking
+    whole sequences."""
+    mode = env_choice("OLSM_MATRIX_STATE", ("auto", "walk", "split"))
+    if mode == "auto":
+        mode = "split" if decay == 0 and grid[0] * grid[1] * grid[2] <= _sm_count(device) else "walk"
+    if may_split and mode == "split":
         if split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV, decay,
                             max_chunks, device, reverse):
             return
