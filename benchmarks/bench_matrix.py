@@ -55,7 +55,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPES = [(8, 2048, 16, 128), (2, 8192, 16, 128), (1, 32768, 16, 128)]
 METHODS = ["linear_attention", "mamba2", "gla", "deltanet", "gated_deltanet", "dplr", "longhorn", "sdpa"]
 # FLA's order in the second pass: most informative first (its autotuning costs minutes per op)
-FLA_ORDER = ["linear_attention", "mamba2", "deltanet", "gated_deltanet", "gla", "dplr"]
+FLA_ORDER = ["deltanet", "linear_attention", "mamba2", "gated_deltanet", "gla", "dplr"]
 FLA_NAME = {"linear_attention": "chunk_simple_gla", "mamba2": "chunk_simple_gla", "gla": "chunk_gla",
             "deltanet": "chunk_delta_rule", "gated_deltanet": "chunk_gated_delta_rule",
             "dplr": "chunk_dplr_delta_rule"}
