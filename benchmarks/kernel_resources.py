@@ -6,7 +6,8 @@ elementwise-gate kernels, compiled for Hopper (sm_90) on this machine — no GPU
                                                                 exit 1 if a default-path launch does not fit)
 
 The configurations are the launches of ``kernels/matrix/fused.py`` / ``fused_bwd.py`` at
-K = V = 128, C = 64, bf16 inputs (tf32 dots), with their num_warps; the elementwise ones are
+K = V = 128, C = 64, bf16 inputs (bf16 dots where the default takes storage-dtype operands, else
+tf32), with their num_warps and the library's default switches (``default path``); the elementwise ones are
 longhorn_diag's and mamba1's forward and backward at the benchmark shape (N = 16, E = 1536, one
 head, bf16) with the tiles ``choose_config`` picks. A default-path launch fails the run (exit 1)
 if it needs more shared memory than Hopper has or, for the elementwise kernels (whose speed is
@@ -40,31 +41,33 @@ def configs(K=128, V=128, C=64):
         d = dict(base, DECAY=decay)
         for lr in (False, True):
             tag = f"decay={decay} rank={int(lr)}"
-            yield (f"fwd state {tag}", F._state_fwd_kernel, dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV),
+            lowp = dict(LOWP=True) if not lr else {}    # storage-dtype dots (the default) apply without a pair
+            yield (f"fwd state {tag}", F._state_fwd_kernel,
+                   dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, **lowp),
                    sh.warps_state_lr if lr else sh.warps_seq, True)
-            yield (f"fwd output {tag}", F._output_fwd_kernel, dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out),
+            yield (f"fwd output {tag}", F._output_fwd_kernel, dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out, **lowp),
                    sh.warps_out, True)
-            if not lr:   # OLSM_MATRIX_STATE=split: segment walks, their join and the restarted walks
+            if not lr:   # the split passes (OLSM_MATRIX_STATE=auto: no decay, few programs; or =split)
                 yield (f"fwd state segments {tag}", F._state_fwd_kernel,
-                       dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, SEG_L=8), sh.warps_seq, False)
+                       dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, SEG_L=8, **lowp), sh.warps_seq, True)
                 yield (f"fwd state segments restart {tag}", F._state_fwd_kernel,
-                       dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, SEG_L=8, SEG_START=True), sh.warps_seq,
-                       False)
+                       dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, SEG_L=8, SEG_START=True, **lowp),
+                       sh.warps_seq, True)
                 yield (f"fwd split combine {tag}", SP._combine_kernel,
-                       dict(K=K, V=V, BK=sh.BK, BV=sh.BV, HAS_INIT=True, DECAY=decay), sh.warps_seq, False)
-            if not lr:   # OLSM_MATRIX_DOTS=storage
-                yield (f"fwd state storage dots {tag}", F._state_fwd_kernel,
-                       dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, LOWP=True), sh.warps_seq, False)
-                yield (f"fwd output storage dots {tag}", F._output_fwd_kernel,
-                       dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out, LOWP=True), sh.warps_out, False)
+                       dict(K=K, V=V, BK=sh.BK, BV=sh.BV, HAS_INIT=True, DECAY=decay), sh.warps_seq, True)
+                # OLSM_MATRIX_DOTS=fp32
+                yield (f"fwd state fp32 dots {tag}", F._state_fwd_kernel,
+                       dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_seq, False)
+                yield (f"fwd output fp32 dots {tag}", F._output_fwd_kernel,
+                       dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out), sh.warps_out, False)
             yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel,
                    dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV), sh.warps_seq, True)
             if not lr:
                 yield (f"bwd dstate segments {tag}", FB._dstate_bwd_kernel,
-                       dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV, SEG_L=8), sh.warps_seq, False)
+                       dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV, SEG_L=8), sh.warps_seq, True)
                 yield (f"bwd dstate segments restart {tag}", FB._dstate_bwd_kernel,
                        dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV, SEG_L=8, SEG_START=True),
-                       sh.warps_seq, False)
+                       sh.warps_seq, True)
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False)
         yield (f"fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         yield (f"bwd dq dw decay={decay}", FB._dqdw_bwd_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)
@@ -74,37 +77,35 @@ def configs(K=128, V=128, C=64):
         yield (f"bwd rank-1 dk decay={decay}", FB._lowrank_dk_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_rank1),
                sh.warps_rank1, True)
         # the delta form (kernels/matrix/delta.py), as delta_forward / delta_backward launch it
-        # (with u_scale: the catalogue's members write s v, formed in the kernels)
+        # (with u_scale: the catalogue's members write s v, formed in the kernels), defaults:
+        # rows4 inverse, storage-dtype dots, X and ν kept (no WY launch in the backward)
         wy = dict(F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=True, delta=True), U_SCALE=True)
         yield (f"delta fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         yield (f"delta fwd wy implicit normaliser decay={decay}", F._wy_fwd_kernel, dict(wy, NORM=True),
                sh.warps_wy, True)
-        for levels, rows, label in ((3, False, "3-level"), (2, True, "rows16"), (3, True, "rows4")):
+        for levels, rows, label in ((2, False, "levels2"), (3, False, "levels3"), (2, True, "rows16")):
             opt = dict(wy, INV_LEVELS=levels, INV_ROWS=rows)
             yield (f"delta fwd wy {label} inverse decay={decay}", F._wy_fwd_kernel, opt, sh.warps_wy, False)
         wy = dict(F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False, delta=True, store_nu=True, load_t=True),
                   U_SCALE=True)
-        yield (f"delta bwd wy+nu decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
+        yield (f"delta bwd wy+nu (recompute) decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), False)
         yield (f"delta fwd state decay={decay}", F._state_fwd_kernel,
                dict(d, LOWRANK=True, DELTA=True, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_state_lr, True)
         yield (f"delta bwd dstate decay={decay}", FB._dstate_bwd_kernel,
                dict(d, HAS_DFINAL=True, LOWRANK=True, LOWP=True, BK=sh.BK, BV=sh.BV), 8 if decay else sh.warps_seq,
                True)
-        yield (f"delta fwd output decay={decay}", F._output_fwd_kernel,
-               dict(d, LOWRANK=False, DELTA=True, BK=sh.BK, BV=sh.BV_out), sh.warps_out, True)
-        yield (f"delta bwd wy decay={decay}", D._delta_wy_bwd_kernel, dict(d, BK=sh.BK, BV=sh.BV_rank1, U_SCALE=True),
-               sh.warps_rank1, True)
-        yield (f"delta bwd wy implicit normaliser decay={decay}", D._delta_wy_bwd_kernel,
-               dict(d, BK=sh.BK, BV=sh.BV_rank1, U_SCALE=True, NORM=True), sh.warps_rank1, True)
-        yield (f"delta bwd dq dk decay={decay}", FB._dqdw_bwd_kernel,
-               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DELTA=True), sh.warps_chunk, True)
-        yield (f"delta bwd dq dk implicit normaliser decay={decay}", FB._dqdw_bwd_kernel,
-               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DELTA=True, KK_GRAD=True), sh.warps_chunk, True)
-        # OLSM_MATRIX_DOTS=storage
-        yield (f"delta bwd wy storage dots decay={decay}", D._delta_wy_bwd_kernel,
-               dict(d, BK=sh.BK, BV=sh.BV_rank1, U_SCALE=True, LOWP=True), sh.warps_rank1, False)
-        yield (f"delta bwd dq dk storage dots decay={decay}", FB._dqdw_bwd_kernel,
-               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DELTA=True, LOWP=True), sh.warps_chunk, False)
+        for lowp, default, dots in ((True, True, ""), (False, False, " fp32 dots")):
+            yield (f"delta fwd output{dots} decay={decay}", F._output_fwd_kernel,
+                   dict(d, LOWRANK=False, DELTA=True, BK=sh.BK, BV=sh.BV_out, LOWP=lowp), sh.warps_out, default)
+            yield (f"delta bwd wy{dots} decay={decay}", D._delta_wy_bwd_kernel,
+                   dict(d, BK=sh.BK, BV=sh.BV_rank1, U_SCALE=True, LOWP=lowp), sh.warps_rank1, default)
+            yield (f"delta bwd wy implicit normaliser{dots} decay={decay}", D._delta_wy_bwd_kernel,
+                   dict(d, BK=sh.BK, BV=sh.BV_rank1, U_SCALE=True, NORM=True, LOWP=lowp), sh.warps_rank1, default)
+            yield (f"delta bwd dq dk{dots} decay={decay}", FB._dqdw_bwd_kernel,
+                   dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DELTA=True, LOWP=lowp), sh.warps_chunk, default)
+            yield (f"delta bwd dq dk implicit normaliser{dots} decay={decay}", FB._dqdw_bwd_kernel,
+                   dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DELTA=True, KK_GRAD=True, LOWP=lowp), sh.warps_chunk,
+                   default)
 
 
 def elementwise_configs(K=16, V=1536, C=64):
