@@ -4,11 +4,11 @@
 # FLA 0.6.0 wheel, DESIGN §7) carried; results go to $OUT/matrix.tgz. Two calls fit one 10-minute
 # command each:
 #   BENCH=0 bash benchmarks/gpu_matrix.sh          (about 5 min of compiles)
-#   QUICK=1 BENCH=0 TESTS= [PLAN="deltanet:keep+lowp:bwd ..."] bash benchmarks/gpu_matrix.sh
+#   QUICK=1 BENCH=0 TESTS= [PLAN="deltanet:recompute+fp32dots:bwd ..."] bash benchmarks/gpu_matrix.sh
 #                                                     (quick A/B of the opt-in switches, no FLA, ~1 min)
 #   SANITIZE=1 BENCH=0 TESTS= bash benchmarks/gpu_matrix.sh   (compute-sanitizer memcheck of the matrix and
 #                                                              elementwise kernels, 25 cases, about 8 min)
-#   TESTS= [METHODS="deltanet longhorn gated_deltanet linear_attention"] [VARIANTS="new inv3 rows16 rows4 lowp"] bash benchmarks/gpu_matrix.sh
+#   TESTS= [METHODS="deltanet longhorn gated_deltanet linear_attention"] [VARIANTS="new run8 fp32dots recompute levels2"] bash benchmarks/gpu_matrix.sh
 set -u
 R=/tmp/matrix_results; mkdir -p $R
 P=$(dirname "$(python3 -c 'import sys; print(sys.executable)')"); export PATH=$P:$PATH PYTHONUNBUFFERED=1
@@ -34,7 +34,7 @@ fi
 if [ "${BENCH:-1}" = 1 ]; then
     timeout 90 python -u benchmarks/profile_ops.py --methods deltanet --variant new --top 10 > $R/profile.md 2>&1
     PYTHONPATH=/tmp/site timeout 420 python -u benchmarks/bench_matrix.py --budget-s 360 \
-        --methods ${METHODS:-deltanet longhorn gated_deltanet linear_attention} --variants ${VARIANTS:-new rows16 rows4 inv3 lowp} --out $R \
+        --methods ${METHODS:-deltanet longhorn linear_attention mamba2 gated_deltanet gla dplr sdpa} --variants ${VARIANTS:-new} --out $R \
         > $R/bench.log 2>&1
     tar czf $OUT/matrix.tgz -C $R .
     grep -E "^##|^\| _" $R/profile.md

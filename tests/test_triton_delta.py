@@ -342,3 +342,27 @@ def test_bad_coefficient_is_a_clear_error():
         km.chunk_delta(q, k, u, (c > 0.5).int(), ld)
     with pytest.raises(InputError, match="u_scale must be"):
         km.chunk_delta(q, k, u, c, ld, u_scale=c[:, :-1])
+
+
+@pytest.mark.parametrize("share", ["all", "u_scale_and_kk_coef"])
+@pytest.mark.parametrize("decay", [False, True])
+def test_one_tensor_as_several_coefficients(decay, share):
+    # Longhorn passes β as c, u_scale and kk_coef: the kernels then read one fp32 copy
+    # (delta._operands) and its gradient is the sum of the three; the same as equal copies.
+    # Also a tensor shared by u_scale and kk_coef only (c another one)
+    km = _import_kernels()
+    q, k, u, c, ld, s0, s, _ = delta_inputs(21, T=45, decay=decay, kk_coef=True)
+    leaves = [t.to(DEVICE, torch.float32) for t in (q, k, u, c, s)]
+    ld = None if ld is None else ld.to(DEVICE, torch.float32)
+
+    def run(copies):
+        q_, k_, u_, c_, s_ = (t.detach().clone().requires_grad_() for t in leaves)
+        shared = c_ if share == "all" else s_
+        b, s2 = (shared.clone(), shared.clone()) if copies else (shared, shared)
+        c2 = (shared.clone() if copies else shared) if share == "all" else c_
+        o, S = km.chunk_delta(q_, k_, u_, c2, ld, u_scale=s2, kk_coef=b, output_final_state=True, chunk_size=16)
+        (o.square().sum() + S.sum()).backward()
+        return o, S, q_.grad, k_.grad, u_.grad, shared.grad
+
+    for a, b in zip(run(False), run(True)):
+        assert rel_err(a, b.double()) < 1e-5

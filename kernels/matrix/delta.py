@@ -178,15 +178,25 @@ def _sizes(q, u, lay):
     return B, T, H, K, u.shape[-1], lay.tok_start.numel(), lay.C, lay.chunk_offsets.numel() - 1, q.device
 
 
-def _operands(q, k, u, c, u_scale, log_decay, meta, C):
-    """What the kernels read: contiguous q, k, u; c and u_scale flat ``[B·T, H]`` fp32; the
+def _same(a, b) -> bool:
+    """``a`` and ``b`` are the same tensor (also after a save/unpack round trip through autograd)."""
+    return a is b or (a is not None and b is not None and a.data_ptr() == b.data_ptr() and a.dtype == b.dtype
+                      and a.shape == b.shape and a.stride() == b.stride())
+
+
+def _operands(q, k, u, c, u_scale, log_decay, meta, C, kk_coef=None):
+    """What the kernels read: contiguous q, k, u; c, u_scale and kk_coef flat ``[B·T, H]`` fp32
+    (one copy where they are the same tensor, as Longhorn's c = u_scale = kk_coef = β); the
     log-decay fp32 (or None); the DECAY flag, dot precision and launch shape."""
     B, T, H, K = q.shape
     g = None if log_decay is None else log_decay.float().contiguous()
     prec = meta["precision"]
-    return ((q.contiguous(), k.contiguous(), u.contiguous(), _flat_c(c, B, T, H),
-             None if u_scale is None else _flat_c(u_scale, B, T, H), g, 0 if g is None else 1, prec,
-             launch_shape(K, u.shape[-1], C, fp32=prec == "ieee")))
+    cf = _flat_c(c, B, T, H)
+    sf = None if u_scale is None else (cf if _same(u_scale, c) else _flat_c(u_scale, B, T, H))
+    kb = (None if kk_coef is None else cf if _same(kk_coef, c) else sf if _same(kk_coef, u_scale)
+          else _flat_c(kk_coef, B, T, H))
+    return ((q.contiguous(), k.contiguous(), u.contiguous(), cf, sf, g, 0 if g is None else 1, prec,
+             launch_shape(K, u.shape[-1], C, fp32=prec == "ieee")), kb)
 
 
 def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=None):
@@ -195,8 +205,7 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=No
     every token's ‖k_t‖² ``[B·T, H]`` fp32 (else None), and X ``[NC, H, C, K]``, ν
     ``[NC, H, C, V]`` in the state dtype."""
     B, T, H, K, V, NC, C, N, dev = _sizes(q, u, lay)
-    q, k, u, cf, sf, g, decay, prec, shape = _operands(q, k, u, c, u_scale, log_decay, meta, C)
-    kb = None if kk_coef is None else _flat_c(kk_coef, B, T, H)
+    (q, k, u, cf, sf, g, decay, prec, shape), kb = _operands(q, k, u, c, u_scale, log_decay, meta, C, kk_coef)
     # every token lies in a chunk (cu_seqlens span [0, T)), so the WY kernel writes all of kk
     kk = None if kb is None else torch.empty(B * T, H, device=dev, dtype=torch.float32)
     states = torch.empty(NC, H, K, V, device=dev, dtype=state_dtype(q.dtype))
@@ -239,8 +248,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
         u, c, log_decay, h0, u_scale, kk_coef) says no gradient is wanted.
     """
     B, T, H, K, V, NC, C, N, dev = _sizes(q, u, lay)
-    q, k, u, cf, sf, g, decay, prec, shape = _operands(q, k, u, c, u_scale, log_decay, meta, C)
-    kb = None if kk_coef is None else _flat_c(kk_coef, B, T, H)
+    (q, k, u, cf, sf, g, decay, prec, shape), kb = _operands(q, k, u, c, u_scale, log_decay, meta, C, kk_coef)
     d_o = torch.zeros_like(u) if d_o is None else d_o.contiguous()
     gd = g if g is not None else u
     scale = float(meta["scale"])
