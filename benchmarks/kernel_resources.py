@@ -20,6 +20,7 @@ import sys
 import triton
 
 from olsm.kernels.aot import HOPPER_SHARED_BYTES, compile_for
+from olsm.kernels.matrix import decay_grad as DG
 from olsm.kernels.matrix import delta as D
 from olsm.kernels.matrix import fused as F
 from olsm.kernels.matrix import fused_bwd as FB
@@ -76,6 +77,11 @@ def configs(K=128, V=128, C=64):
                sh.warps_rank1, True)
         yield (f"bwd rank-1 dk decay={decay}", FB._lowrank_dk_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_rank1),
                sh.warps_rank1, True)
+        if decay:   # the decay gradient's suffix sums (kernels/matrix/decay_grad.py)
+            NK = triton.cdiv(K, sh.BKS)
+            yield ("bwd decay chunk totals", DG._chunk_total_kernel, dict(NK=NK, C=C), 4, True)
+            yield ("bwd decay carry", DG._carry_kernel, dict(HAS_LAST=True, BLOCK=DG.CARRY_BLOCK), 4, True)
+            yield ("bwd decay grad", DG._decay_grad_kernel, dict(NK=NK, C=C, HAS_BB=True), 4, True)
         # the delta form (kernels/matrix/delta.py), as delta_forward / delta_backward launch it
         # (with u_scale: the catalogue's members write s v, formed in the kernels), defaults:
         # rows4 inverse, storage-dtype dots, X and ν kept (no WY launch in the backward)

@@ -51,7 +51,8 @@ from .fused import (
     MAX_FUSED_DIM, _launch_state, _output_fwd_kernel, dots_lowp, env_choice, launch_shape, launch_wy,
     no_segments, sequence_launch, state_dtype,
 )
-from .fused_bwd import _decay_grad_kernel, _dqdw_bwd_kernel, _dstate_bwd_kernel
+from .decay_grad import decay_gradient
+from .fused_bwd import _dqdw_bwd_kernel, _dstate_bwd_kernel
 from .tiles import chunk_decay, chunk_key_tiles
 
 
@@ -308,12 +309,8 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
             db = torch.zeros_like(kb)
     dg = None
     if g is not None and needs[4]:
-        dg = torch.empty(B * T, H, **f32)
         last = None if df is None else (df * final).sum((-2, -1)).contiguous()
-        _decay_grad_kernel[(N * H,)](
-            dlam, dbb, last if last is not None else dlam, dg, lay.tok_start, lay.tok_stop, lay.chunk_offsets,
-            B * T, H, NK=NK, C=C, HAS_LAST=last is not None, HAS_BB=True,
-        )
+        dg = decay_gradient(dlam, dbb, last, lay.tok_start, lay.tok_stop, lay.chunk_offsets, C)
         dg = dg.reshape(B, T, H).to(log_decay.dtype)
     grads = (dq, dk, du, dc.reshape(c.shape).to(c.dtype), dg, dh0 if h0 is not None else None,
              None if ds is None else ds.reshape(u_scale.shape).to(u_scale.dtype),

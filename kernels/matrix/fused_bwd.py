@@ -35,8 +35,8 @@ sequence up to token t. Rescaling S̃_t = e^{−Λ_t} S_t turns the recurrence i
 in the variables q̃ = e^{Λ_t} q, w̃ = e^{−Λ_t} w, ã = e^{−Λ_t} a, b̃ = e^{Λ_{t−1}} b (and the
 final state e^{Λ_end} S̃), so ∂L/∂Λ_t = q_t·dq_t − w_t·dw_t − a_t·da_t + b_{t+1}·db_{t+1}
 (+ ⟨dS_final, S_final⟩ at the sequence's last token) and ∂L/∂g_j = Σ_{t ≥ j} ∂L/∂Λ_t within its
-sequence: the kernels write those dot products per token, and :func:`_decay_grad_kernel` sums
-them backwards within each sequence (the same identity FLA uses for its scalar-gate kernels; GLA, arXiv 2312.06635).
+sequence: the kernels write those dot products per token, and :func:`.decay_grad.decay_gradient`
+sums them backwards within each sequence (the same identity FLA uses for its scalar-gate kernels; GLA, arXiv 2312.06635).
 
 Every exponent is ≤ 0 after masking. Everything accumulates in float32; gradients are returned in
 the inputs' dtype. ``OLSM_MATRIX_BWD`` (read at each call): ``auto`` (default: these kernels
@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from .fused import env_choice, launch_shape, launch_wy, no_segments, sequence_launch
+from .decay_grad import decay_gradient
 from .split import walk_sequences
 from .tiles import (
     chunk_decay, chunk_key_tiles, chunk_tokens, kslice_program, store_segment_end,
@@ -468,40 +469,6 @@ def fused_backward_applies(log_decay, lowrank, K: int, V: int) -> bool:
     return len(lowrank) in (0, 2) and (log_decay is None or log_decay.dim() == 3) and max(K, V) <= 128
 
 
-@triton.jit
-def _decay_grad_kernel(
-    dlam, dbb, last, dg, tok_start, tok_stop, chunk_offsets, BT, H,
-    NK: tl.constexpr, C: tl.constexpr, HAS_LAST: tl.constexpr, HAS_BB: tl.constexpr,
-):
-    """∂L/∂g_t = Σ_{t' ≥ t in its sequence} λ_t' (− bb_t): one sequence × head walks its chunks
-    backwards, carrying the suffix sum (module docstring, decay gradient).
-
-    Shapes: dlam, dbb ``[NK, B·T, H]`` fp32 (per key slice: summed here); last ``[N, H]`` fp32
-    (⟨dS_final, S_final⟩, which belongs to the sequence's last token, so it starts the carry);
-    writes dg ``[B·T, H]`` fp32. Summing within the sequence directly, rather than a
-    whole-batch suffix sum minus the part past the sequence's end, cancels nothing.
-    """
-    i_nh = tl.program_id(0)
-    i_h = i_nh % H
-    c_start = tl.load(chunk_offsets + i_nh // H)
-    c_end = tl.load(chunk_offsets + i_nh // H + 1)
-    carry = 0.
-    if HAS_LAST:
-        carry = tl.load(last + i_nh)
-    for i in range(0, c_end - c_start):
-        offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c_end - 1 - i, C)
-        lam = tl.zeros([C], dtype=tl.float32)
-        for k in range(0, NK):
-            lam += tl.load(dlam + k * BT * H + tok * H + i_h, mask=valid, other=0.)
-        suffix = tl.sum(tl.where(offs_c[None, :] >= offs_c[:, None], lam[None, :], 0.), axis=1) + carry
-        if HAS_BB:
-            for k in range(0, NK):
-                # b_t is scaled by e^{Λ_{t−1}}: its term starts one token later
-                suffix -= tl.load(dbb + k * BT * H + tok * H + i_h, mask=valid, other=0.)
-        tl.store(dg + tok * H + i_h, suffix, mask=valid)
-        carry += tl.sum(lam, axis=0)
-
-
 def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, meta, needs, lowrank_flat=()):
     """Gradients of :func:`.chunk.chunk_matrix` for no / scalar decay and rank <= 1.
 
@@ -589,13 +556,9 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             )
     dg = None
     if g is not None and needs[3]:
-        dg = torch.empty(B * T, H, **f32)
         # the final state carries e^{Λ_end}: its term belongs to each sequence's last token
         last = None if df is None else (df * final).sum((-2, -1)).contiguous()     # [N, H]
-        _decay_grad_kernel[(N * H,)](
-            dlam, dbb, last if last is not None else dlam, dg, lay.tok_start, lay.tok_stop, lay.chunk_offsets,
-            B * T, H, NK=NK, C=C, HAS_LAST=last is not None, HAS_BB=R > 0,
-        )
+        dg = decay_gradient(dlam, dbb if R > 0 else None, last, lay.tok_start, lay.tok_stop, lay.chunk_offsets, C)
         dg = dg.reshape(B, T, H).to(log_decay.dtype)
     grads = (dq if needs[0] else None, dw if needs[1] else None, du if needs[2] else None, dg,
              dh0 if (h0 is not None and needs[4]) else None)

@@ -1,0 +1,116 @@
+r"""The scalar log-decay's gradient from the per-token terms the backward kernels write
+(:mod:`.fused_bwd` module docstring, decay gradient):
+
+    ∂L/∂g_t = Σ_{t' ≥ t in t's sequence} λ_t'  −  bb_t
+
+with λ summed over the key slices (``dlam [NK, B·T, H]``), ⟨dS_final, S_final⟩ belonging to each
+sequence's last token, and bb (``dbb``) the low-rank b terms, which start one token later.
+
+A suffix sum along each sequence. Walking each sequence × head's chunks in one program (the
+first version) is latency-bound where there are few of them: at B = 1, T = 32768, H = 16, 16
+programs walk 512 chunks each. Here it is three launches, the two large ones parallel over
+chunks × heads:
+
+1. :func:`_chunk_total_kernel`: each chunk's Σ λ;
+2. :func:`_carry_kernel`: per sequence × head, the sum over the chunks after each chunk (plus
+   the final-state term), a block of chunk totals at a time;
+3. :func:`_decay_grad_kernel`: within each chunk the suffix sum of λ, plus the chunk's carry,
+   minus bb.
+
+Every sum stays within its sequence (no whole-batch suffix sum minus the part past a
+sequence's end, which would cancel).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tiles import chunk_tokens
+
+CARRY_BLOCK = 64    # chunk totals per step of the carry scan
+
+
+@triton.jit
+def _chunk_lam(dlam, tok, valid, i_h, BT, H, NK: tl.constexpr, C: tl.constexpr):
+    """λ of one chunk's tokens ``[C]``, summed over the NK key slices."""
+    lam = tl.zeros([C], dtype=tl.float32)
+    for k in range(0, NK):
+        lam += tl.load(dlam + k * BT * H + tok * H + i_h, mask=valid, other=0.)
+    return lam
+
+
+@triton.jit
+def _chunk_total_kernel(dlam, tot, tok_start, tok_stop, BT, H, NK: tl.constexpr, C: tl.constexpr):
+    """Step 1 for one chunk × head (program ``c·H + h``): tot ``[NC·H]`` fp32 gets Σ λ."""
+    nh = tl.program_id(0)
+    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
+    tl.store(tot + nh, tl.sum(_chunk_lam(dlam, tok, valid, nh % H, BT, H, NK, C), axis=0))
+
+
+@triton.jit
+def _carry_kernel(tot, last, carry, chunk_offsets, H, HAS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """Step 2 for one sequence × head: carry ``[NC·H]`` fp32 of chunk c gets the sequence's
+    final-state term (``last [N·H]``) plus Σ tot over the sequence's chunks after c; blocks of
+    BLOCK chunk totals from the sequence's end, each block's exclusive suffix sums by a masked
+    [BLOCK, BLOCK] reduction."""
+    i_nh = tl.program_id(0)
+    i_h = i_nh % H
+    c_start = tl.load(chunk_offsets + i_nh // H)
+    c_end = tl.load(chunk_offsets + i_nh // H + 1)
+    acc = tl.zeros([1], dtype=tl.float32)
+    if HAS_LAST:
+        acc += tl.load(last + i_nh + tl.arange(0, 1))
+    offs = tl.arange(0, BLOCK)
+    after = offs[None, :] > offs[:, None]          # [i, j]: chunk j of the block comes after chunk i
+    for b in range(0, (c_end - c_start + BLOCK - 1) // BLOCK):
+        c = c_end - (b + 1) * BLOCK + offs
+        mask = c >= c_start
+        vals = tl.load(tot + c * H + i_h, mask=mask, other=0.)
+        tl.store(carry + c * H + i_h, acc + tl.sum(tl.where(after, vals[None, :], 0.), axis=1), mask=mask)
+        acc += tl.sum(vals, axis=0)
+
+
+@triton.jit
+def _decay_grad_kernel(dlam, dbb, carry, dg, tok_start, tok_stop, BT, H,
+                       NK: tl.constexpr, C: tl.constexpr, HAS_BB: tl.constexpr):
+    """Step 3 for one chunk × head: dg ``[B·T, H]`` fp32 = suffix sum of λ within the chunk +
+    the chunk's carry − bb."""
+    nh = tl.program_id(0)
+    i_h = nh % H
+    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
+    lam = _chunk_lam(dlam, tok, valid, i_h, BT, H, NK, C)
+    suffix = tl.sum(tl.where(offs_c[None, :] >= offs_c[:, None], lam[None, :], 0.), axis=1) + tl.load(carry + nh)
+    if HAS_BB:
+        for k in range(0, NK):
+            # b_t is scaled by e^{Λ_{t−1}}: its term starts one token later
+            suffix -= tl.load(dbb + k * BT * H + tok * H + i_h, mask=valid, other=0.)
+    tl.store(dg + tok * H + i_h, suffix, mask=valid)
+
+
+def decay_gradient(dlam: torch.Tensor, dbb, last, tok_start, tok_stop, chunk_offsets, C: int) -> torch.Tensor:
+    """∂L/∂g (module docstring).
+
+    Args:
+        dlam: ``[NK, B·T, H]`` fp32, the per-token λ of each key slice.
+        dbb: ``None`` or ``[NK, B·T, H]`` fp32, the low-rank b terms.
+        last: ``None`` or ``[N, H]`` fp32, ⟨dS_final, S_final⟩ of each sequence.
+        tok_start, tok_stop: ``[NC]`` int32, each chunk's tokens; chunk_offsets ``[N + 1]`` int32.
+        C: the chunk size.
+
+    Returns:
+        dg ``[B·T, H]`` fp32.
+    """
+    NK, BT, H = dlam.shape
+    NC, N = tok_start.numel(), chunk_offsets.numel() - 1
+    dg = torch.empty(BT, H, device=dlam.device, dtype=torch.float32)
+    if NC == 0:
+        return dg
+    tot = torch.empty(NC * H, device=dlam.device, dtype=torch.float32)
+    carry = torch.empty_like(tot)
+    _chunk_total_kernel[(NC * H,)](dlam, tot, tok_start, tok_stop, BT, H, NK=NK, C=C)
+    _carry_kernel[(N * H,)](tot, last if last is not None else tot, carry, chunk_offsets, H,
+                            HAS_LAST=last is not None, BLOCK=CARRY_BLOCK)
+    _decay_grad_kernel[(NC * H,)](dlam, dbb if dbb is not None else dlam, carry, dg, tok_start, tok_stop, BT, H,
+                                  NK=NK, C=C, HAS_BB=dbb is not None)
+    return dg
