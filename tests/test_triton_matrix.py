@@ -408,6 +408,30 @@ def test_state_pass_auto_splits_only_few_programs_without_decay(monkeypatch):
     assert ran == [], ran
 
 
+def test_cached_layout_survives_inference_mode_and_fake_tensors():
+    # the equal-length chunk layout is cached per (B, T, C, device) (chunk._layout): a first call
+    # under inference_mode must not leave inference tensors that the general path's backward
+    # then saves for autograd (rank-2 pairs take that path), and a call under a fake-tensor mode
+    # must not leave fakes for the next real call
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    chunk = importlib.import_module("olsm.kernels.matrix.chunk")
+    q, w, u, g, pairs, _ = make_inputs(48, T=40, H=1, K=4, V=4, lowrank="general2")
+    chunk._dense_layout.cache_clear()
+    with torch.inference_mode():
+        km.chunk_matrix(q.float(), w.float(), u.float(), g, [(a.float(), b.float()) for a, b in pairs], chunk_size=16)
+    leaves = [t.float().requires_grad_() for t in (q, w, u)]
+    o, _ = km.chunk_matrix(*leaves, g, [(a.float(), b.float()) for a, b in pairs], chunk_size=16)
+    o.sum().backward()
+    assert all(t.grad is not None for t in leaves)
+    chunk._dense_layout.cache_clear()
+    with pytest.raises(Exception), FakeTensorMode(allow_non_fake_inputs=True):
+        km.chunk_matrix(q.float(), w.float(), u.float(), chunk_size=16)
+    assert chunk._dense_layout.cache_info().currsize == 0
+    o, _ = km.chunk_matrix(q.float(), w.float(), u.float(), chunk_size=16)
+    assert torch.isfinite(o).all()
+
+
 def test_value_blocks_never_narrower_than_64_below_128_keys():
     # Triton 3.6 on Hopper read shared memory out of bounds for 16-bit [K, 32] / [K, 16] dot
     # operands at K = 64 (compute-sanitizer, benchmarks/sanitize_kernels.py): every value block

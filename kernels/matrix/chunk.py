@@ -162,8 +162,24 @@ def _layout(B, T, C, cu_seqlens, device) -> _Layout:
     and is kept (:func:`_dense_layout`): its eight small tensor ops were a visible part of a
     call's launch overhead at B = 8, T = 2048, where the kernels themselves take ~2 ms."""
     if cu_seqlens is None:
-        return _dense_layout(B, T, C, torch.device(device))
+        device = torch.device(device)
+        if not _may_cache(device):
+            return _dense_layout.__wrapped__(B, T, C, device)
+        # made as normal tensors even under inference_mode: the general path's backward saves
+        # chunk_offsets for autograd, which refuses inference tensors
+        with torch.inference_mode(False):
+            return _dense_layout(B, T, C, device)
     return _packed_layout(B, T, C, cu_seqlens, device)
+
+
+def _may_cache(device: torch.device) -> bool:
+    """Whether a layout made now may serve later calls: not under a fake-tensor mode (the tensors
+    would be fakes) nor during CUDA graph capture (they would stay unwritten until replay)."""
+    from torch._guards import detect_fake_mode
+
+    if detect_fake_mode() is not None:
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 @functools.lru_cache(maxsize=64)
