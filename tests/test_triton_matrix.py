@@ -408,6 +408,7 @@ def test_state_pass_auto_splits_only_few_programs_without_decay(monkeypatch):
     assert ran == [], ran
 
 
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")   # the interpreter, on the fake call
 def test_cached_layout_survives_inference_mode_and_fake_tensors():
     # the equal-length chunk layout is cached per (B, T, C, device) (chunk._layout): a first call
     # under inference_mode must not leave inference tensors that the general path's backward
