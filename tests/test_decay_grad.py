@@ -41,6 +41,9 @@ def test_decay_gradient_matches_a_per_sequence_loop(bounds, C, with_last, with_b
     dlam = torch.randn(NK, T, H, generator=g).to(DEV)
     dbb = torch.randn(NK, T, H, generator=g).to(DEV) if with_bb else None
     last = torch.randn(len(bounds) - 1, H, generator=g).to(DEV) if with_last else None
-    dg = DG.decay_gradient(dlam, dbb, last, lay.tok_start, lay.tok_stop, lay.chunk_offsets, C)
+    # the final-state term ⟨dS_final, S_final⟩ as one-element states: S_final = 1, dS_final = last
+    fin = None if last is None else torch.ones(len(bounds) - 1, H, 1, 1, device=DEV)
+    d_fin = None if last is None else last[..., None, None]
+    dg = DG.decay_gradient(dlam, dbb, d_fin, fin, lay.tok_start, lay.tok_stop, lay.chunk_offsets, C)
     ref = reference(dlam.cpu(), None if dbb is None else dbb.cpu(), None if last is None else last.cpu(), bounds)
     assert (dg.cpu().double() - ref).abs().max() <= 1e-4 * ref.abs().max().clamp_min(1.0)

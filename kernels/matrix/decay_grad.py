@@ -88,13 +88,16 @@ def _decay_grad_kernel(dlam, dbb, carry, dg, tok_start, tok_stop, BT, H,
     tl.store(dg + tok * H + i_h, suffix, mask=valid)
 
 
-def decay_gradient(dlam: torch.Tensor, dbb, last, tok_start, tok_stop, chunk_offsets, C: int) -> torch.Tensor:
+def decay_gradient(dlam: torch.Tensor, dbb, d_final, final, tok_start, tok_stop, chunk_offsets,
+                   C: int) -> torch.Tensor:
     """∂L/∂g (module docstring).
 
     Args:
         dlam: ``[NK, B·T, H]`` fp32, the per-token λ of each key slice.
         dbb: ``None`` or ``[NK, B·T, H]`` fp32, the low-rank b terms.
-        last: ``None`` or ``[N, H]`` fp32, ⟨dS_final, S_final⟩ of each sequence.
+        d_final, final: ``None`` or ``[N, H, K, V]`` fp32 (the final state and its gradient):
+            the final state carries e^{Λ_end}, so ⟨dS_final, S_final⟩ belongs to each sequence's
+            last token.
         tok_start, tok_stop: ``[NC]`` int32, each chunk's tokens; chunk_offsets ``[N + 1]`` int32.
         C: the chunk size.
 
@@ -106,6 +109,7 @@ def decay_gradient(dlam: torch.Tensor, dbb, last, tok_start, tok_stop, chunk_off
     dg = torch.empty(BT, H, device=dlam.device, dtype=torch.float32)
     if NC == 0:
         return dg
+    last = None if d_final is None else (d_final * final).sum((-2, -1)).contiguous()     # [N, H]
     tot = torch.empty(NC * H, device=dlam.device, dtype=torch.float32)
     carry = torch.empty_like(tot)
     _chunk_total_kernel[(NC * H,)](dlam, tot, tok_start, tok_stop, BT, H, NK=NK, C=C)

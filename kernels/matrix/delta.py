@@ -309,8 +309,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
             db = torch.zeros_like(kb)
     dg = None
     if g is not None and needs[4]:
-        last = None if df is None else (df * final).sum((-2, -1)).contiguous()
-        dg = decay_gradient(dlam, dbb, last, lay.tok_start, lay.tok_stop, lay.chunk_offsets, C)
+        dg = decay_gradient(dlam, dbb, df, final, lay.tok_start, lay.tok_stop, lay.chunk_offsets, C)
         dg = dg.reshape(B, T, H).to(log_decay.dtype)
     grads = (dq, dk, du, dc.reshape(c.shape).to(c.dtype), dg, dh0 if h0 is not None else None,
              None if ds is None else ds.reshape(u_scale.shape).to(u_scale.dtype),

@@ -556,9 +556,8 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             )
     dg = None
     if g is not None and needs[3]:
-        # the final state carries e^{Λ_end}: its term belongs to each sequence's last token
-        last = None if df is None else (df * final).sum((-2, -1)).contiguous()     # [N, H]
-        dg = decay_gradient(dlam, dbb if R > 0 else None, last, lay.tok_start, lay.tok_stop, lay.chunk_offsets, C)
+        dg = decay_gradient(dlam, dbb if R > 0 else None, df, final, lay.tok_start, lay.tok_stop,
+                            lay.chunk_offsets, C)
         dg = dg.reshape(B, T, H).to(log_decay.dtype)
     grads = (dq if needs[0] else None, dw if needs[1] else None, du if needs[2] else None, dg,
              dh0 if (h0 is not None and needs[4]) else None)

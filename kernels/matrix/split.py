@@ -88,7 +88,7 @@ def split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, 
     """
     nv, NH, nk = grid
     L = segment_length(nv * NH * nk, max_chunks, device)
-    nseg = -(-max_chunks // L) if L else 0
+    nseg = -(-max_chunks // L)
     if nseg <= 1:
         return False
     f32 = dict(device=device, dtype=torch.float32)
