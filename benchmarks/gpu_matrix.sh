@@ -7,7 +7,7 @@
 #   QUICK=1 BENCH=0 TESTS= [PLAN="deltanet:recompute+fp32dots:bwd ..."] bash benchmarks/gpu_matrix.sh
 #                                                     (quick A/B of the opt-in switches, no FLA, ~1 min)
 #   SANITIZE=1 BENCH=0 TESTS= bash benchmarks/gpu_matrix.sh   (compute-sanitizer memcheck of the matrix and
-#                                                              elementwise kernels, 25 cases, about 8 min)
+#                                                              elementwise kernels, 29 cases, about 9 min)
 #   TESTS= [METHODS="deltanet longhorn gated_deltanet linear_attention"] [VARIANTS="new run8 fp32dots recompute levels2"] bash benchmarks/gpu_matrix.sh
 set -u
 R=/tmp/matrix_results; mkdir -p $R
@@ -25,8 +25,8 @@ if [ "${SANITIZE:-0}" = 1 ]; then
     tar czf $OUT/matrix.tgz -C $R .
     cat $R/sanitizer.txt
 fi
-if [ -n "${TESTS-chunk_delta or storage_dtype or split}" ]; then
-    (cd tests && timeout 540 python -m pytest -q -s -p no:cacheprovider test_triton_matrix_gpu.py -k "${TESTS-chunk_delta or storage_dtype or split}" \
+if [ -n "${TESTS-chunk_delta or fp32_dots or split}" ]; then
+    (cd tests && timeout 540 python -m pytest -q -s -p no:cacheprovider test_triton_matrix_gpu.py -k "${TESTS-chunk_delta or fp32_dots or split}" \
         > $R/gpu_tests.log 2>&1; echo "gpu tests rc=$?" >> $R/gpu_tests.log)
     tar czf $OUT/matrix.tgz -C $R .
     grep -E "^chunk_delta|passed|failed|rc=" $R/gpu_tests.log | cut -c1-240
