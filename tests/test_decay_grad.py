@@ -1,6 +1,6 @@
 """``kernels/matrix/decay_grad.py``: the scalar log-decay's gradient as a suffix sum within each
 sequence, in three launches parallel over chunks (Triton's interpreter on CPU), against a plain
-per-sequence loop in float64: packed sequences of different lengths (an empty one, one longer
+per-sequence loop in float64 (and the module's own reference against the same loop): packed sequences of different lengths (an empty one, one longer
 than a block of the carry scan), with and without the final-state term and the low-rank b terms."""
 import os
 
@@ -44,6 +44,9 @@ def test_decay_gradient_matches_a_per_sequence_loop(bounds, C, with_last, with_b
     # the final-state term ⟨dS_final, S_final⟩ as one-element states: S_final = 1, dS_final = last
     fin = None if last is None else torch.ones(len(bounds) - 1, H, 1, 1, device=DEV)
     d_fin = None if last is None else last[..., None, None]
-    dg = DG.decay_gradient(dlam, dbb, d_fin, fin, lay.tok_start, lay.tok_stop, lay.chunk_offsets, C)
+    args = (dlam, dbb, d_fin, fin, lay.tok_start, lay.tok_stop, lay.chunk_offsets, C)
+    dg = DG.decay_gradient(*args)
     ref = reference(dlam.cpu(), None if dbb is None else dbb.cpu(), None if last is None else last.cpu(), bounds)
     assert (dg.cpu().double() - ref).abs().max() <= 1e-4 * ref.abs().max().clamp_min(1.0)
+    # the module's plain reference (same signature) agrees with this test's loop over the bounds
+    assert (DG.decay_gradient_reference(*args).cpu().double() - ref).abs().max() <= 1e-6 * ref.abs().max().clamp_min(1.0)

@@ -118,3 +118,22 @@ def decay_gradient(dlam: torch.Tensor, dbb, d_final, final, tok_start, tok_stop,
     _decay_grad_kernel[(NC * H,)](dlam, dbb if dbb is not None else dlam, carry, dg, tok_start, tok_stop, BT, H,
                                   NK=NK, C=C, HAS_BB=dbb is not None)
     return dg
+
+
+def decay_gradient_reference(dlam, dbb, d_final, final, tok_start, tok_stop, chunk_offsets, C: int):
+    """:func:`decay_gradient` as a plain loop over each sequence's tokens, last to first, in
+    float64 (same arguments; returns ``[B·T, H]`` fp32): the reference its tests compare with."""
+    lam = dlam.double().sum(0)
+    dg = torch.zeros_like(lam)
+    offsets = chunk_offsets.tolist()
+    for i, (c0, c1) in enumerate(zip(offsets[:-1], offsets[1:])):
+        carry = torch.zeros_like(lam[0])
+        if d_final is not None:
+            carry = carry + (d_final[i].double() * final[i].double()).sum((-2, -1))
+        if c1 > c0:
+            for t in range(int(tok_stop[c1 - 1]) - 1, int(tok_start[c0]) - 1, -1):
+                carry = carry + lam[t]
+                dg[t] = carry
+    if dbb is not None:
+        dg = dg - dbb.double().sum(0)
+    return dg.float()
