@@ -24,12 +24,13 @@ from olsm.kernels.matrix import decay_grad as DG
 from olsm.kernels.matrix import delta as D
 from olsm.kernels.matrix import fused as F
 from olsm.kernels.matrix import fused_bwd as FB
+from olsm.kernels.matrix import perkey as PK
 from olsm.kernels.matrix import split as SP
 
 # the inputs, their gradients and what the wrappers store in the inputs' dtype (fused.state_dtype)
 BF16 = {p: "*bf16" for p in ("q", "w", "a", "b", "u", "do", "o", "dq", "dw", "du", "da", "db",
                              "states", "dstates", "x_wy", "y_wy", "probes", "dprobes", "k", "nu")}
-TYPES = dict(BF16, tok_start="*i32", tok_stop="*i32", chunk_offsets="*i32", H="i32", BT="i32", scale="fp32",
+TYPES = dict(BF16, dq32="*fp32", dw32="*fp32", tok_start="*i32", tok_stop="*i32", chunk_offsets="*i32", H="i32", BT="i32", scale="fp32",
              NSEG="i32", SEG_L="i32")
 
 
@@ -82,6 +83,21 @@ def configs(K=128, V=128, C=64):
             yield ("bwd decay chunk totals", DG._chunk_total_kernel, dict(NK=NK, C=C), 4, True)
             yield ("bwd decay carry", DG._carry_kernel, dict(HAS_LAST=True, BLOCK=DG.CARRY_BLOCK), 4, True)
             yield ("bwd decay grad", DG._decay_grad_kernel, dict(NK=NK, C=C, HAS_BB=True), 4, True)
+        if decay == 1:   # per-key decay without a pair (GLA; kernels/matrix/perkey.py), DECAY = 2
+            d2 = dict(base, DECAY=2)
+            yield ("fwd per-key cumsum", PK._cumsum_kernel, dict(K=K, C=C, BK=sh.BK), 4, True)
+            yield ("fwd per-key intra gram", PK._intra_gram_kernel,
+                   dict(K=K, C=C, BK=sh.BK, SUB=PK.SUB, PRECISION="tf32"), 4, True)
+            yield ("fwd state per-key", F._state_fwd_kernel,
+                   dict(d2, LOWRANK=False, HAS_H0=True, BK=sh.BK, BV=sh.BV, LOWP=True), sh.warps_seq, True)
+            yield ("fwd output per-key", F._output_fwd_kernel, dict(d2, LOWRANK=False, BK=sh.BK, BV=sh.BV_out, LOWP=True),
+                   sh.warps_out, True)
+            yield ("bwd dstate per-key", FB._dstate_bwd_kernel,
+                   dict(d2, HAS_DFINAL=True, LOWRANK=False, BK=sh.BK, BV=sh.BV), sh.warps_seq, True)
+            yield ("bwd dq dw per-key", FB._dqdw_bwd_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)
+            yield ("bwd du per-key", FB._du_bwd_kernel, dict(d2, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, True)
+            yield ("bwd per-key intra", PK._intra_bwd_kernel,
+                   dict(K=K, C=C, BK=sh.BK, SUB=PK.SUB, PRECISION="tf32"), 4, True)
         # the delta form (kernels/matrix/delta.py), as delta_forward / delta_backward launch it
         # (with u_scale: the catalogue's members write s v, formed in the kernels), defaults:
         # rows4 inverse, storage-dtype dots, X and ν kept (no WY launch in the backward)

@@ -265,17 +265,19 @@ def test_code_path_switches_refuse_unknown_values(monkeypatch):
         km.chunk_matrix(q, w, u, None, [(w, q)])
 
 
-FUSED_CASES = [("none", "none"), ("scalar", "none"), ("none", "delta"), ("scalar", "delta"),
+FUSED_CASES = [("none", "none"), ("scalar", "none"), ("key", "none"), ("none", "delta"), ("scalar", "delta"),
                ("none", "longhorn"), ("scalar", "general")]
 
 
 @pytest.mark.parametrize("decay,lowrank", FUSED_CASES, ids=[f"{d}-{r}" for d, r in FUSED_CASES])
 def test_fused_path_is_taken_and_general_path_still_matches(decay, lowrank, monkeypatch):
-    # no / scalar decay with rank <= 1 run the fused forward (kernels/matrix/fused.py); the
-    # general path stays selectable with OLSM_MATRIX_PATH=general (A/B timing on the GPU)
+    # no / scalar decay with rank <= 1, and a per-key decay without a pair, run the fused forward
+    # (kernels/matrix/fused.py, perkey.py); the general path stays selectable with
+    # OLSM_MATRIX_PATH=general (A/B timing on the GPU)
     fused = importlib.import_module("olsm.kernels.matrix.fused")
-    assert fused.fused_applies(None if decay == "none" else torch.zeros(1, 1, 1),
-                               [] if lowrank == "none" else [(None, None)])
+    log_decay = {"none": None, "scalar": torch.zeros(1, 1, 1), "key": torch.zeros(1, 1, 1, 1)}[decay]
+    assert fused.fused_applies(log_decay, [] if lowrank == "none" else [(None, None)])
+    assert not fused.fused_applies(torch.zeros(1, 1, 1, 1), [(None, None)])      # per key with a pair: general
     inputs = make_inputs(11, T=37, H=1, K=6, V=5, decay=decay, lowrank=lowrank)
     check(inputs, chunk_size=32)
     monkeypatch.setenv("OLSM_MATRIX_PATH", "general")
@@ -310,7 +312,7 @@ def test_fused_path_falls_back_when_out_of_resources(monkeypatch):
     check(make_inputs(9, T=5, H=1, decay="scalar", lowrank="delta"))
 
 
-@pytest.mark.parametrize("decay", ["none", "scalar"])
+@pytest.mark.parametrize("decay", ["none", "scalar", "key"])
 def test_fused_backward_is_taken_and_autograd_backward_still_matches(decay, monkeypatch):
     # without a low-rank part the backward is kernels/matrix/fused_bwd.py (three Triton kernels, a
     # fourth for the decay gradient's per-sequence sum);
@@ -454,6 +456,22 @@ def test_fused_backward_packed_with_an_empty_sequence():
     # gradient's per-sequence suffix sums must not leak across the packed boundaries
     for cu in ((0, 12, 12, 50), (0, 0, 20, 33, 33)):      # empty in the middle; first and last
         check(make_inputs(17, T=cu[-1], H=2, decay="scalar", N=len(cu) - 1), cu_seqlens=cu)
+        check(make_inputs(18, T=cu[-1], H=1, K=6, decay="key", N=len(cu) - 1), cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("chunk", [32, 64])
+def test_per_key_decay_fused_sub_blocks(chunk, monkeypatch):
+    # GLA on the fused path (kernels/matrix/perkey.py): the intra-chunk A and its gradient by
+    # sub-blocks of 16 around reference rows. Per-step log-decays down to -8 (a factoring from
+    # the chunk's start would overflow float32), several chunks with a short last one, packed
+    # sequences whose chunks end inside a sub-block, and the value axis in two blocks
+    chunk_mod = importlib.import_module("olsm.kernels.matrix.chunk")
+    calls = []
+    real = chunk_mod.fused_backward
+    monkeypatch.setattr(chunk_mod, "fused_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    check(make_inputs(61, B=2, T=150, H=1, K=20, V=70, decay="key", strong=True), chunk_size=chunk)
+    check(make_inputs(62, T=140, H=2, K=9, V=5, decay="key", N=3), cu_seqlens=(0, 37, 38, 140), chunk_size=chunk)
+    assert len(calls) == 2
 
 
 RANK1_CASES = [("none", "delta"), ("scalar", "delta"), ("none", "longhorn"), ("scalar", "general")]

@@ -231,7 +231,7 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=No
     )
     if NC > 0:
         _output_fwd_kernel[(triton.cdiv(V, shape.BV_out), NC * H)](
-            q, k, k, u, gd, states, nu, o, lay.tok_start, lay.tok_stop, meta["scale"], H, K=K, V=V, C=C,
+            q, k, k, u, gd, states, nu, o, u, lay.tok_start, lay.tok_stop, meta["scale"], H, K=K, V=V, C=C,
             DECAY=decay, LOWRANK=False, BK=shape.BK, BV=shape.BV_out, PRECISION=prec, DELTA=True,
             LOWP=dots_lowp(), num_warps=shape.warps_out,
         )
@@ -298,7 +298,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
         # 4. dq, dk (with the normaliser's 2 dkk k) and the decay terms
         _dqdw_bwd_kernel[(NK, NC * H)](
             q, k, u, d_o, gd, states, dstates, dq, dk, dlam, lay.tok_start, lay.tok_stop, scale, B * T,
-            nu, dnu, t_wy, e_cc, cn, dbb, dkk if dkk is not None else dbb, H, K=K, V=V, C=C, DECAY=decay,
+            nu, dnu, t_wy, e_cc, cn, dbb, dkk if dkk is not None else dbb, dbb, H, K=K, V=V, C=C, DECAY=decay,
             BKS=shape.BKS, BV=shape.BV_dqdw, PRECISION=prec, DELTA=True, LOWP=lowp, KK_GRAD=dkk is not None,
             num_warps=shape.warps_chunk,
         )

@@ -1,6 +1,7 @@
 r"""Fused forward of the matrix class for the common members: no decay or a scalar decay per
 head, and at most one low-rank pair (linear attention, RetNet, Mamba2, DeltaNet, Gated DeltaNet,
-Longhorn, gated Longhorn, any rank-1 DPLR with a scalar decay).
+Longhorn, gated Longhorn, any rank-1 DPLR with a scalar decay); and a per-key decay without a
+pair (GLA), whose extra kernels are in :mod:`.perkey` (``DECAY = 2`` here).
 
 Same algorithm as :mod:`.chunk` (read its docstring first), rearranged the way fast chunked
 linear-attention kernels are (GLA arXiv 2312.06635; the WY/UT form of DeltaNet arXiv 2406.06484
@@ -38,12 +39,13 @@ import triton.language as tl
 
 from olsm.errors import BackendError
 
+from . import perkey
 from .tiles import (
-    chunk_decay, chunk_key_tiles, chunk_tokens, store_segment_end,
+    chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, store_segment_end,
     walk_program,
 )
 
-DECAY_NONE, DECAY_SCALAR = 0, 1
+DECAY_NONE, DECAY_SCALAR, DECAY_PER_KEY = 0, 1, 2
 
 
 @triton.jit
@@ -248,7 +250,8 @@ def _state_fwd_kernel(
     (and LOWRANK) P is the delta form's ν and S_{n+1} = γ_n S_n + Ŵᵀ ν (u and a are not read),
     its dots taking operands in the storage dtype; LOWP does the same without a low-rank part.
 
-    Shapes: w, a ``[B·T, H, K]``, u ``[B·T, H, V]`` (input dtype); g ``[B·T, H]`` fp32;
+    Shapes: w, a ``[B·T, H, K]``, u ``[B·T, H, V]`` (input dtype); g ``[B·T, H]`` fp32 (DECAY = 2,
+    no low-rank part: the per-key cumulative G ``[B·T, H, K]`` of :mod:`.perkey`);
     x_wy ``[NC, H, C, K]``, y_wy ``[NC, H, C, V]``; writes states ``[NC, H, K, V]`` (S_n, the
     state each chunk starts from), probes ``[NC, H, C, V]`` (P) and final ``[N, H, K, V]``.
 
@@ -286,6 +289,10 @@ def _state_fwd_kernel(
             _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
             to_end = tl.exp(g_total - G)                    # decay from s to the chunk's end, <= 1
             W_T = W_T * to_end[None, :]
+        if DECAY == 2:
+            # per key (:mod:`.perkey`): g is the chunk-relative cumulative G [B·T, H, K], γ its last row
+            gam = chunk_gamma(g, tok_stop, c, i_h, H, K, offs_k, mask_k)
+            W_T = W_T * tl.exp(gam[:, None] - tl.load(g + col_k, mask=mask_col, other=0.))
         if LOWRANK:
             X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :], mask=mask_k[None, :], other=0.)
             P = tl.dot(X.to(od), S.to(od), input_precision=PRECISION)
@@ -308,6 +315,8 @@ def _state_fwd_kernel(
             S_next += tl.exp(g_total) * S
             if SEG_L > 0:
                 cum += g_total
+        elif DECAY == 2:
+            S_next += tl.exp(gam)[:, None] * S
         else:
             S_next += S
         S = S_next
@@ -321,7 +330,7 @@ def _state_fwd_kernel(
 
 @triton.jit
 def _output_fwd_kernel(
-    q, w, a, u, g, states, probes, o, tok_start, tok_stop, scale,
+    q, w, a, u, g, states, probes, o, amat, tok_start, tok_stop, scale,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     DECAY: tl.constexpr, LOWRANK: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr = False,
@@ -329,7 +338,9 @@ def _output_fwd_kernel(
 ):
     """o = scale · (Q̂ S_n + M_qa P + M_qw U) for one chunk × head × V-block (kernel 3); with
     DELTA (LOWRANK off) o = scale · (Q̂ S_n + M_qw ν), ν read from probes instead of u. LOWP
-    (LOWRANK off): the two value dots on storage-dtype operands (:func:`dots_lowp`).
+    (LOWRANK off): the two value dots on storage-dtype operands (:func:`dots_lowp`). DECAY = 2
+    (per key, LOWRANK off; :mod:`.perkey`): g is the cumulative G ``[B·T, H, K]`` fp32 and M_qw is
+    read from amat ``[NC, H, C, C]`` fp32 (lower triangle) instead of formed from q and w.
 
     Shapes: q, w, a ``[B·T, H, K]``; u ``[B·T, H, V]``; g ``[B·T, H]`` fp32; states
     ``[NC, H, K, V]``; probes ``[NC, H, C, V]``; o ``[B·T, H, V]`` (written token-major in the
@@ -348,16 +359,22 @@ def _output_fwd_kernel(
                 mask=valid[:, None] & mask_k[None, :], other=0.)
     col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]
     mask_col = mask_k[:, None] & valid[None, :]
-    W_T = tl.load(w + col_k, mask=mask_col, other=0.)
-    M_qw = tl.dot(Q, W_T, input_precision=PRECISION)                           # [C, C]
     incl = offs_c[:, None] >= offs_c[None, :]
     Q_hat = Q.to(tl.float32)
+    if DECAY == 2:
+        # per key: Q̂ = Q ⊙ e^{G} from the cumulative G in g, the intra-chunk A made by .perkey
+        Q_hat = Q_hat * tl.exp(tl.load(g + (tok[:, None] * H + i_h) * K + offs_k[None, :],
+                                       mask=valid[:, None] & mask_k[None, :], other=0.))
+        M_qw = tl.where(incl, tl.load(amat + nh * C * C + offs_c[:, None] * C + offs_c[None, :]), 0.)
+    else:
+        W_T = tl.load(w + col_k, mask=mask_col, other=0.)
+        M_qw = tl.dot(Q, W_T, input_precision=PRECISION)                       # [C, C]
     if DECAY == 1:
         _, G, _ = chunk_decay(g, tok, valid, i_h, H, offs_c)
         ratio = tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
         M_qw = M_qw * ratio
         Q_hat = Q_hat * tl.exp(G)[:, None]
-    else:
+    elif DECAY == 0:
         M_qw = tl.where(incl, M_qw, 0.)
 
     od = states.dtype.element_ty if LOWP else tl.float32       # dot operands (see _state_fwd_kernel)
@@ -554,13 +571,13 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def fused_applies(log_decay, lowrank, K: int = 0, V: int = 0) -> bool:
-    """Whether :func:`fused_forward` handles this call: no or scalar decay, rank <= 1,
-    K, V <= :data:`MAX_FUSED_DIM`, and the user did not ask for the general path with
-    ``OLSM_MATRIX_PATH=general``."""
+    """Whether :func:`fused_forward` handles this call: no or scalar decay with rank <= 1, or a
+    per-key decay without a low-rank part (:mod:`.perkey`); K, V <= :data:`MAX_FUSED_DIM`; and
+    the user did not ask for the general path with ``OLSM_MATRIX_PATH=general``."""
     if env_choice("OLSM_MATRIX_PATH", ("auto", "general")) == "general":
         return False
-    return (len(lowrank) <= 1 and (log_decay is None or log_decay.dim() == 3)
-            and max(K, V) <= MAX_FUSED_DIM)
+    per_key = log_decay is not None and log_decay.dim() == 4
+    return len(lowrank) <= (0 if per_key else 1) and max(K, V) <= MAX_FUSED_DIM
 
 
 # Shared-memory fallback of the state pass: prefetching the next chunk (num_stages=2) may not
@@ -585,11 +602,13 @@ def _launch_state(grid, args, key, **kw):
 
 
 def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_offsets, C, meta, max_chunks=0):
-    """The forward of :func:`.chunk.chunk_matrix` for no / scalar decay and rank <= 1.
+    """The forward of :func:`.chunk.chunk_matrix` for no / scalar decay and rank <= 1, or a
+    per-key decay and rank 0.
 
     Args:
         q, w: ``[B, T, H, K]``; u: ``[B, T, H, V]``; one dtype (contiguous copies are made if
-            needed). log_decay: ``None`` or ``[B, T, H]``. lowrank: ``()`` or ``((a, b),)``.
+            needed). log_decay: ``None``, ``[B, T, H]`` or (no lowrank) ``[B, T, H, K]``.
+            lowrank: ``()`` or ``((a, b),)``.
         h0: ``None`` or ``[N, H, K, V]``.
         tok_start, tok_stop: ``[NC]`` int32, the flat token range ``[start, stop)`` of chunk n.
         chunk_offsets: ``[N + 1]`` int32, the chunks of sequence i.
@@ -609,13 +628,18 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     q, w, u = (t.contiguous() for t in (q, w, u))
     lowrank = [(a.contiguous(), b.contiguous()) for a, b in lowrank]
     g = None if log_decay is None else log_decay.float().contiguous()
-    decay = DECAY_NONE if g is None else DECAY_SCALAR
+    decay = DECAY_NONE if g is None else DECAY_SCALAR if g.dim() == 3 else DECAY_PER_KEY
     R = len(lowrank)
     prec = meta["precision"]
     shape = launch_shape(K, V, C, fp32=prec == "ieee")
     BK, BV = shape.BK, shape.BV
     dummy = u  # stands in for absent pointers; constexpr flags keep it unread
     a, b = lowrank[0] if R else (dummy, dummy)
+    amat = dummy
+    if decay == DECAY_PER_KEY:
+        # per key (.perkey): the kernels read the cumulative G and the intra-chunk A
+        g = perkey.chunk_cumsum(g, tok_start, tok_stop, H, K, C)
+        amat = perkey.intra_gram(q, w, g, tok_start, tok_stop, H, K, C, prec)
 
     # The chunk-boundary states are stored in the inputs' dtype (bf16/fp16 inputs: half the bytes
     # of the largest tensors the forward writes and the backward reads, as FLA stores its h);
@@ -645,11 +669,11 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     walk_sequences(lambda grid_, args_, **extra: _launch_state(grid_, args_, key=key + tuple(extra.items()), **kw,
                                                                **extra),
                    grid, args, h0_, final, chunk_offsets, H, K, V, BK_seq, BV, decay, max_chunks, dev,
-                   may_split=R == 0)
+                   may_split=R == 0 and decay != DECAY_PER_KEY)
     if NC > 0:
         BVO = shape.BV_out
         _output_fwd_kernel[(triton.cdiv(V, BVO), NC * H)](
-            q, w, a, u, g if g is not None else dummy, states, probes, o, tok_start, tok_stop,
+            q, w, a, u, g if g is not None else dummy, states, probes, o, amat, tok_start, tok_stop,
             meta["scale"], H, K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, BK=BK, BV=BVO,
             PRECISION=prec, LOWP=lowp and R == 0, num_warps=shape.warps_out,
         )

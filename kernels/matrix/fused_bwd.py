@@ -48,11 +48,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import perkey
 from .fused import env_choice, launch_shape, launch_wy, no_segments, sequence_launch
 from .decay_grad import decay_gradient
 from .split import walk_sequences
 from .tiles import (
-    chunk_decay, chunk_key_tiles, chunk_tokens, kslice_program, store_segment_end,
+    chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, kslice_program, store_segment_end,
     walk_program,
 )
 
@@ -123,6 +124,11 @@ def _dstate_bwd_kernel(
             dS = tl.exp(g_total) * dS
             if SEG_L > 0:
                 cum += g_total
+        if DECAY == 2:
+            # per key (no low-rank part): g is the cumulative G [B·T, H, K] of .perkey
+            Q_T = Q_T.to(tl.float32) * tl.exp(tl.load(g + (tok[None, :] * H + i_h) * K + offs_k[:, None],
+                                                      mask=mask_k[:, None] & valid[None, :], other=0.))
+            dS = tl.exp(chunk_gamma(g, tok_stop, c, i_h, H, K, offs_k, mask_k))[:, None] * dS
         dS += scale * tl.dot(Q_T.to(od), dO, input_precision=PRECISION)
         if LOWRANK:
             dS += tl.dot(X_T.to(od), dP.to(od), input_precision=PRECISION)
@@ -136,7 +142,7 @@ def _dstate_bwd_kernel(
 @triton.jit
 def _dqdw_bwd_kernel(
     q, w, u, do, g, states, dstates, dq, dw, dlam, tok_start, tok_stop, scale, BT,
-    probes, dprobes, t_wy, e_cc, c, dbb, dkk,
+    probes, dprobes, t_wy, e_cc, c, dbb, dkk, amat,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     BKS: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr = False,
     LOWP: tl.constexpr = False, KK_GRAD: tl.constexpr = False,
@@ -145,6 +151,9 @@ def _dqdw_bwd_kernel(
 
     Shapes: q, w ``[B·T, H, K]``; u, do ``[B·T, H, V]``; states, dstates ``[NC, H, K, V]``;
     writes dq, dw ``[B·T, H, K]`` and dlam ``[NK, B·T, H]`` fp32 (this slice's q·dq − w·dw).
+    DECAY = 2 (per key, :mod:`.perkey`; g the cumulative G ``[B·T, H, K]``): dq, dw are fp32 and
+    get only the inter-chunk parts, the first key slice writes dA = scale · dO Uᵀ (lower,
+    inclusive) to amat ``[NC, H, C, C]`` fp32, and dlam is not written (the intra kernel forms λ).
 
     DELTA (the delta form of :mod:`.delta`, w = k): the values are ν (probes ``[NC, H, C, V]``)
     instead of u, and dw gains the WY terms from dν (dprobes), A (t_wy ``[NC, H, C, C]``), the
@@ -183,7 +192,8 @@ def _dqdw_bwd_kernel(
         dO_T = tl.load(do + col_v, mask=mask_cv, other=0.).to(od)      # [BV, C]
         U_T = tl.load(src + col_u, mask=mask_cv, other=0.).to(od)
         dA += tl.dot(dO, U_T, input_precision=PRECISION)
-        dA_T += tl.dot(U, dO_T, input_precision=PRECISION)
+        if DECAY != 2:
+            dA_T += tl.dot(U, dO_T, input_precision=PRECISION)
         # S_nᵀ and dS_{n+1}ᵀ of this (K-slice, V-block), transposed by pointer arithmetic
         vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V
         mask_vk = mask_v[:, None] & mask_k[None, :]
@@ -195,9 +205,19 @@ def _dqdw_bwd_kernel(
             dnu = tl.load(dprobes + row_u, mask=mask_rv, other=0.).to(od)
             dX += tl.dot(dnu, S_T, input_precision=PRECISION)
 
+    incl = offs_c[:, None] >= offs_c[None, :]
+    if DECAY == 2:
+        # per key (.perkey): the inter-chunk parts in fp32 into dq, dw, and (first key slice)
+        # dA = scale · dO Uᵀ into amat; .perkey's intra kernel finishes dq, dw and the decay terms
+        G = tl.load(g + row_k, mask=mask_row, other=0.)
+        gam = chunk_gamma(g, tok_stop, nh // H, i_h, H, K, offs_k, mask_k)
+        tl.store(dq + row_k, scale * dq_s * tl.exp(G), mask=mask_row)
+        tl.store(dw + row_k, dw_s * tl.exp(gam[None, :] - G), mask=mask_row)
+        tl.store(amat + nh * C * C + offs_c[:, None] * C + offs_c[None, :], scale * tl.where(incl, dA, 0.),
+                 mask=(offs_c[:, None] * 0 + offs_c[None, :] * 0 + i_k) == 0)
+        return
     Q = tl.load(q + row_k, mask=mask_row, other=0.).to(tl.float32)             # [C, BKS]
     W = tl.load(w + row_k, mask=mask_row, other=0.).to(tl.float32)
-    incl = offs_c[:, None] >= offs_c[None, :]
     if DECAY == 1:
         g_c, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
         D = tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))   # [t, s]
@@ -238,14 +258,15 @@ def _dqdw_bwd_kernel(
 
 @triton.jit
 def _du_bwd_kernel(
-    q, w, do, g, dstates, du, tok_start, tok_stop, scale,
+    q, w, do, g, dstates, du, amat, tok_start, tok_stop, scale,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     BKS: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Kernel 3: du for one V-block × chunk × head.
 
     Shapes: q, w ``[B·T, H, K]``; do ``[B·T, H, V]``; dstates ``[NC, H, K, V]``; writes du
-    ``[B·T, H, V]``.
+    ``[B·T, H, V]``. DECAY = 2 (per key): g is the cumulative G ``[B·T, H, K]`` and the intra-chunk
+    matrix is the forward's A read from amat ``[NC, H, C, C]`` (:mod:`.perkey`), not q wᵀ.
     """
     i_v = tl.program_id(0)
     nh = tl.program_id(1).to(tl.int64)
@@ -261,18 +282,27 @@ def _du_bwd_kernel(
         mask_k = offs_k < K
         W = tl.load(w + (tok[:, None] * H + i_h) * K + offs_k[None, :],
                     mask=valid[:, None] & mask_k[None, :], other=0.)
-        Q_T = tl.load(q + (tok[None, :] * H + i_h) * K + offs_k[:, None],
-                      mask=mask_k[:, None] & valid[None, :], other=0.)
-        M_T += tl.dot(W, Q_T, input_precision=PRECISION)
         dS = tl.load(dstates + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
                      mask=mask_k[:, None] & mask_v[None, :], other=0.).to(tl.float32)
-        acc += tl.dot(W.to(tl.float32), dS, input_precision=PRECISION)
+        if DECAY == 2:
+            # per key: Ŵ = W ⊙ e^{γ − G} (g is the cumulative G); M_T is .perkey's A, read below
+            G = tl.load(g + (tok[:, None] * H + i_h) * K + offs_k[None, :],
+                        mask=valid[:, None] & mask_k[None, :], other=0.)
+            gam = chunk_gamma(g, tok_stop, nh // H, i_h, H, K, offs_k, mask_k)
+            acc += tl.dot(W.to(tl.float32) * tl.exp(gam[None, :] - G), dS, input_precision=PRECISION)
+        else:
+            Q_T = tl.load(q + (tok[None, :] * H + i_h) * K + offs_k[:, None],
+                          mask=mask_k[:, None] & valid[None, :], other=0.)
+            M_T += tl.dot(W, Q_T, input_precision=PRECISION)
+            acc += tl.dot(W.to(tl.float32), dS, input_precision=PRECISION)
     upper = offs_c[:, None] <= offs_c[None, :]
+    if DECAY == 2:
+        M_T = tl.where(upper, tl.load(amat + nh * C * C + offs_c[None, :] * C + offs_c[:, None]), 0.)
     if DECAY == 1:
         _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
         M_T = M_T * tl.exp(tl.where(upper, G[None, :] - G[:, None], float("-inf")))
         acc = acc * tl.exp(g_total - G)[:, None]
-    else:
+    elif DECAY == 0:
         M_T = tl.where(upper, M_T, 0.)
     dO = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :],
                  mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)
@@ -461,19 +491,23 @@ def _lowrank_dk_kernel(
 
 
 def fused_backward_applies(log_decay, lowrank, K: int, V: int) -> bool:
-    """Whether :func:`fused_backward` handles this call: no or scalar decay, K, V <= 128, at
-    most one low-rank pair, and the user did not ask for the autograd backward with
+    """Whether :func:`fused_backward` handles this call: no or scalar decay with at most one
+    low-rank pair, or a per-key decay without one; K, V <= 128; and the user did not ask for the
+    autograd backward with
     ``OLSM_MATRIX_BWD=autograd``. ``lowrank`` is the flat ``(a, b, ...)`` tuple."""
     if env_choice("OLSM_MATRIX_BWD", ("auto", "autograd")) == "autograd":
         return False
-    return len(lowrank) in (0, 2) and (log_decay is None or log_decay.dim() == 3) and max(K, V) <= 128
+    per_key = log_decay is not None and log_decay.dim() == 4
+    return len(lowrank) in ((0,) if per_key else (0, 2)) and max(K, V) <= 128
 
 
 def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, meta, needs, lowrank_flat=()):
-    """Gradients of :func:`.chunk.chunk_matrix` for no / scalar decay and rank <= 1.
+    """Gradients of :func:`.chunk.chunk_matrix` for no / scalar decay and rank <= 1, or a per-key
+    decay and rank 0 (:mod:`.perkey`).
 
     Args:
-        q, w: ``[B, T, H, K]``; u: ``[B, T, H, V]``; log_decay: ``None`` or ``[B, T, H]``;
+        q, w: ``[B, T, H, K]``; u: ``[B, T, H, V]``; log_decay: ``None``, ``[B, T, H]`` or
+        (no pair) ``[B, T, H, K]``;
         h0: ``None`` or ``[N, H, K, V]``; states ``[NC, H, K, V]`` and final ``[N, H, K, V]``
         (from the forward; states in :func:`.fused.state_dtype`, final fp32); d_o ``[B, T, H, V]`` or None; d_final ``[N, H, K, V]`` or None;
         lay: the chunk layout; meta: ``scale``, ``precision``; needs: which of
@@ -493,12 +527,14 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     a, b = (t.contiguous() for t in lowrank_flat) if R else (u, u)
     d_o = torch.zeros_like(u) if d_o is None else d_o.contiguous()
     g = None if log_decay is None else log_decay.float().contiguous()
-    decay = 0 if g is None else 1
+    decay = 0 if g is None else 1 if g.dim() == 3 else 2
     dummy = u
     prec, scale = meta["precision"], float(meta["scale"])
     shape = launch_shape(K, V, C, fp32=prec == "ieee")
     BK, BV, BKS = shape.BK, shape.BV, shape.BKS
     NK = triton.cdiv(K, BKS)
+    if decay == 2:
+        g = perkey.chunk_cumsum(g, lay.tok_start, lay.tok_stop, H, K, C)     # the kernels read G
 
     f32 = dict(device=dev, dtype=torch.float32)
     dstates = torch.empty(NC, H, K, V, device=q.device, dtype=states.dtype)   # as the forward's S_n
@@ -519,7 +555,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
               PRECISION=prec, num_warps=shape.warps_seq)
     walk_sequences(lambda grid_, args_, **extra: _dstate_bwd_kernel[grid_](*args_, **kw, **extra),
                    grid, args, df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev,
-                   reverse=True, may_split=R == 0)
+                   reverse=True, may_split=R == 0 and decay != 2)
     dq, dw, du = torch.empty_like(q), torch.empty_like(w), torch.empty_like(u)
     da = db = None
     if R:
@@ -543,19 +579,35 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             )
     else:
         dlam = dbb = torch.empty(NK, B * T, H, **f32)
+        # per key (.perkey): the dq/dw kernel leaves fp32 inter-chunk parts and dA, the intra
+        # kernel finishes dq, dw and leaves the decay terms λ in dq32; du reads the forward's A
+        pk = decay == 2
+        dq32, dw32 = (torch.empty(B * T, H, K, **f32) for _ in range(2)) if pk else (dq, dw)
+        dA = torch.empty(NC, H, C, C, **f32) if pk else dummy
         if NC > 0:
             _dqdw_bwd_kernel[(NK, NC * H)](
-                q, w, u, d_o, g if g is not None else dummy, states, dstates, dq, dw, dlam,
-                lay.tok_start, lay.tok_stop, scale, B * T, *(dummy,) * 7, H, K=K, V=V, C=C, DECAY=decay,
+                q, w, u, d_o, g if g is not None else dummy, states, dstates, dq32, dw32, dlam,
+                lay.tok_start, lay.tok_stop, scale, B * T, *(dummy,) * 7, dA, H, K=K, V=V, C=C, DECAY=decay,
                 BKS=BKS, BV=shape.BV_dqdw, PRECISION=prec, num_warps=shape.warps_chunk,
             )
+            amat = perkey.intra_gram(q, w, g, lay.tok_start, lay.tok_stop, H, K, C, prec) if pk else dummy
             _du_bwd_kernel[(triton.cdiv(V, shape.BV_wide), NC * H)](
-                q, w, d_o, g if g is not None else dummy, dstates, du, lay.tok_start, lay.tok_stop, scale,
+                q, w, d_o, g if g is not None else dummy, dstates, du, amat, lay.tok_start, lay.tok_stop, scale,
                 H, K=K, V=V, C=C, DECAY=decay, BKS=shape.BKS_du, BV=shape.BV_wide, PRECISION=prec,
                 num_warps=shape.warps_chunk,
             )
+            if pk:
+                dq, dw = perkey.intra_backward(q, w, g, dA, dq32, dw32, lay.tok_start, lay.tok_stop, H, K, C, prec)
+        elif pk:
+            dq.zero_(), dw.zero_(), du.zero_(), dq32.zero_()
     dg = None
-    if g is not None and needs[3]:
+    if decay == 2 and needs[3]:
+        # per key: the key axis folded into the heads (λ in dq32, the final-state term per key)
+        fold = lambda t: None if t is None else t.reshape(N, H * K, 1, V)  # noqa: E731
+        dg = decay_gradient(dq32.view(1, B * T, H * K), None, fold(df), fold(final), lay.tok_start, lay.tok_stop,
+                            lay.chunk_offsets, C)
+        dg = dg.reshape(B, T, H, K).to(log_decay.dtype)
+    elif g is not None and needs[3]:
         dg = decay_gradient(dlam, dbb if R > 0 else None, df, final, lay.tok_start, lay.tok_stop,
                             lay.chunk_offsets, C)
         dg = dg.reshape(B, T, H).to(log_decay.dtype)

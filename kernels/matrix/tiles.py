@@ -105,3 +105,11 @@ def kslice_program(tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr, BKS
     i_h, offs_c, valid, tok, offs_k, mask_k, row_k, mask_row, _, _ = chunk_key_tiles(tok_start, tok_stop, nh, H, K,
                                                                                      C, BKS, i_k * BKS)
     return nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, mask_row
+
+
+@triton.jit
+def chunk_gamma(gc, tok_stop, c, i_h, H, K: tl.constexpr, offs_k, mask_k):
+    """Per-key decay of chunk ``c`` (head i_h) over all its tokens, γ ``[BK]`` fp32: the last row
+    of the chunk-relative cumulative log-decay gc ``[B·T, H, K]`` (:mod:`.perkey`)."""
+    last = tl.load(tok_stop + c).to(tl.int64) - 1
+    return tl.load(gc + (last * H + i_h) * K + offs_k, mask=mask_k, other=0.)
