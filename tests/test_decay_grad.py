@@ -50,3 +50,21 @@ def test_decay_gradient_matches_a_per_sequence_loop(bounds, C, with_last, with_b
     assert (dg.cpu().double() - ref).abs().max() <= 1e-4 * ref.abs().max().clamp_min(1.0)
     # the module's plain reference (same signature) agrees with this test's loop over the bounds
     assert (DG.decay_gradient_reference(*args).cpu().double() - ref).abs().max() <= 1e-6 * ref.abs().max().clamp_min(1.0)
+
+
+@pytest.mark.parametrize("with_last", [True, False])
+@pytest.mark.parametrize("bounds,C,K", [((0, 20, 20, 1300, 1333), 16, 5), ((0, 64 * 70 + 5), 64, 70)])
+def test_per_key_decay_gradient_matches_the_loop(bounds, C, K, with_last):
+    # the per-key form (GLA, kernels/matrix/perkey.py): a λ per token and key, the final-state term
+    # Σ_v dS ⊙ S per key; K = 70 spans two key blocks of 64, the second masked
+    g = torch.Generator().manual_seed(K + C)
+    T, H, V = bounds[-1], 2, 3
+    lay = _layout(1, T, C, torch.tensor(bounds, device=DEV) if len(bounds) > 2 else None, torch.device(DEV))
+    lam = torch.randn(T, H, K, generator=g).to(DEV)
+    N = len(bounds) - 1
+    fin = torch.randn(N, H, K, V, generator=g).to(DEV) if with_last else None
+    d_fin = torch.randn(N, H, K, V, generator=g).to(DEV) if with_last else None
+    dg = DG.decay_gradient_per_key(lam, d_fin, fin, lay.tok_start, lay.tok_stop, lay.chunk_offsets, C)
+    last = None if fin is None else (fin * d_fin).sum(-1).reshape(N, H * K).cpu()
+    ref = reference(lam.reshape(1, T, H * K).cpu(), None, last, bounds).reshape(T, H, K)
+    assert (dg.cpu().double() - ref).abs().max() <= 1e-4 * ref.abs().max().clamp_min(1.0)

@@ -18,7 +18,9 @@ chunks × heads:
    minus bb.
 
 Every sum stays within its sequence (no whole-batch suffix sum minus the part past a
-sequence's end, which would cancel).
+sequence's end, which would cancel). A per-key decay (:mod:`.perkey`) has a λ per token and key;
+:func:`decay_gradient_per_key` runs the same three steps on ``[C, K]`` tiles (reversed
+cumulative sums along the tokens and along the chunks).
 """
 from __future__ import annotations
 
@@ -117,6 +119,89 @@ def decay_gradient(dlam: torch.Tensor, dbb, d_final, final, tok_start, tok_stop,
                             HAS_LAST=last is not None, BLOCK=CARRY_BLOCK)
     _decay_grad_kernel[(NC * H,)](dlam, dbb if dbb is not None else dlam, carry, dg, tok_start, tok_stop, BT, H,
                                   NK=NK, C=C, HAS_BB=dbb is not None)
+    return dg
+
+
+@triton.jit
+def _key_total_kernel(lam, tot, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+    """Per-key step 1 for one chunk × head × key block: tot ``[NC·H, K]`` fp32 gets Σ λ."""
+    nh = tl.program_id(0)
+    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
+    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask_k = offs_k < K
+    x = tl.load(lam + (tok[:, None] * H + nh % H) * K + offs_k[None, :], mask=valid[:, None] & mask_k[None, :],
+                other=0.)
+    tl.store(tot + nh.to(tl.int64) * K + offs_k, tl.sum(x, axis=0), mask=mask_k)
+
+
+@triton.jit
+def _key_carry_kernel(tot, last, carry, chunk_offsets, H, K: tl.constexpr, HAS_LAST: tl.constexpr,
+                      BLOCK: tl.constexpr, BK: tl.constexpr):
+    """Per-key step 2 for one sequence × head × key block: carry ``[NC·H, K]`` of chunk c gets the
+    final-state term (``last [N·H, K]``) plus Σ tot over the sequence's chunks after c, a
+    ``[BLOCK, BK]`` tile of chunk totals at a time (a reversed cumulative sum along the chunks)."""
+    i_nh = tl.program_id(0)
+    i_h = i_nh % H
+    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask_k = offs_k < K
+    c_start = tl.load(chunk_offsets + i_nh // H)
+    c_end = tl.load(chunk_offsets + i_nh // H + 1)
+    acc = tl.zeros([BK], dtype=tl.float32)
+    if HAS_LAST:
+        acc += tl.load(last + i_nh.to(tl.int64) * K + offs_k, mask=mask_k, other=0.)
+    offs = tl.arange(0, BLOCK)
+    for b in range(0, (c_end - c_start + BLOCK - 1) // BLOCK):
+        c = c_end - (b + 1) * BLOCK + offs
+        m = (c >= c_start)[:, None] & mask_k[None, :]
+        at = (c.to(tl.int64) * H + i_h)[:, None] * K + offs_k[None, :]
+        vals = tl.load(tot + at, mask=m, other=0.)
+        tl.store(carry + at, acc[None, :] + tl.cumsum(vals, axis=0, reverse=True) - vals, mask=m)
+        acc += tl.sum(vals, axis=0)
+
+
+@triton.jit
+def _key_grad_kernel(lam, carry, dg, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+    """Per-key step 3 for one chunk × head × key block: dg ``[B·T, H, K]`` fp32 = the suffix sum of
+    λ within the chunk + the chunk's carry."""
+    nh = tl.program_id(0)
+    offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
+    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask_k = offs_k < K
+    m = valid[:, None] & mask_k[None, :]
+    at = (tok[:, None] * H + nh % H) * K + offs_k[None, :]
+    x = tl.load(lam + at, mask=m, other=0.)
+    suffix = tl.cumsum(x, axis=0, reverse=True) + tl.load(carry + nh.to(tl.int64) * K + offs_k, mask=mask_k,
+                                                          other=0.)[None, :]
+    tl.store(dg + at, suffix, mask=m)
+
+
+def decay_gradient_per_key(lam: torch.Tensor, d_final, final, tok_start, tok_stop, chunk_offsets,
+                           C: int) -> torch.Tensor:
+    """∂L/∂g for a per-key log-decay (:mod:`.perkey`): the same suffix sums per key.
+
+    Args:
+        lam: ``[B·T, H, K]`` fp32, the per-token, per-key λ = q ⊙ dq − w ⊙ dw.
+        d_final, final: ``None`` or ``[N, H, K, V]`` fp32: Σ_v dS_final ⊙ S_final belongs to each
+            sequence's last token.
+        tok_start, tok_stop, chunk_offsets, C: as :func:`decay_gradient`.
+
+    Returns:
+        dg ``[B·T, H, K]`` fp32.
+    """
+    BT, H, K = lam.shape
+    NC, N = tok_start.numel(), chunk_offsets.numel() - 1
+    dg = torch.empty_like(lam)
+    if NC == 0:
+        return dg
+    last = None if d_final is None else (d_final * final).sum(-1).contiguous()            # [N, H, K]
+    tot = torch.empty(NC * H, K, device=lam.device, dtype=torch.float32)
+    carry = torch.empty_like(tot)
+    BK = min(64, max(16, triton.next_power_of_2(K)))
+    NK = triton.cdiv(K, BK)
+    _key_total_kernel[(NC * H, NK)](lam, tot, tok_start, tok_stop, H, K=K, C=C, BK=BK)
+    _key_carry_kernel[(N * H, NK)](tot, last if last is not None else tot, carry, chunk_offsets, H, K=K,
+                                   HAS_LAST=last is not None, BLOCK=CARRY_BLOCK, BK=BK)
+    _key_grad_kernel[(NC * H, NK)](lam, carry, dg, tok_start, tok_stop, H, K=K, C=C, BK=BK)
     return dg
 
 

@@ -50,7 +50,7 @@ import triton.language as tl
 
 from . import perkey
 from .fused import env_choice, launch_shape, launch_wy, no_segments, sequence_launch
-from .decay_grad import decay_gradient
+from .decay_grad import decay_gradient, decay_gradient_per_key
 from .split import walk_sequences
 from .tiles import (
     chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, kslice_program, store_segment_end,
@@ -602,10 +602,8 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             dq.zero_(), dw.zero_(), du.zero_(), dq32.zero_()
     dg = None
     if decay == 2 and needs[3]:
-        # per key: the key axis folded into the heads (λ in dq32, the final-state term per key)
-        fold = lambda t: None if t is None else t.reshape(N, H * K, 1, V)  # noqa: E731
-        dg = decay_gradient(dq32.view(1, B * T, H * K), None, fold(df), fold(final), lay.tok_start, lay.tok_stop,
-                            lay.chunk_offsets, C)
+        # per key: λ was left in dq32 by the intra kernel
+        dg = decay_gradient_per_key(dq32, df, final, lay.tok_start, lay.tok_stop, lay.chunk_offsets, C)
         dg = dg.reshape(B, T, H, K).to(log_decay.dtype)
     elif g is not None and needs[3]:
         dg = decay_gradient(dlam, dbb if R > 0 else None, df, final, lay.tok_start, lay.tok_stop,

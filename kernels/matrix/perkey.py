@@ -19,7 +19,8 @@ the A below). What is here:
   columns in sub-blocks of 16; an off-diagonal sub-block (rows in block i, columns in block
   j < i) is one tensor-core dot of ``Q_i ⊙ e^{G_i − r}`` and ``W_j ⊙ e^{r − G_j}`` around the
   reference ``r = G[16 i − 1]`` (G is non-increasing along the chunk, so both exponents are
-  ≤ 0 and neither factor can overflow); a diagonal sub-block exactly, one column at a time.
+  ≤ 0 and neither factor can overflow); a diagonal sub-block exactly, as ``[16, 16, 32]`` tiles
+  of e^{G_t − G_s} over 32 keys at a time.
   Entries above the diagonal are not written (readers mask them);
 * :func:`_intra_bwd_kernel`: from ``dA = scale · (dO Uᵀ)`` (lower, inclusive; written by the
   dq/dw kernel) the intra-chunk parts of the gradients by the same sub-block factoring::
@@ -41,6 +42,7 @@ import triton
 import triton.language as tl
 
 SUB = 16  # sub-block length of the secondary chunking; tl.dot needs every dim >= 16
+BKD = 32  # keys per [SUB, SUB, BKD] tile of the diagonal sub-blocks (and per intra-backward program)
 
 
 @triton.jit
@@ -60,46 +62,59 @@ def _cumsum_kernel(g, gc, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constex
 
 
 @triton.jit
-def _block_rows(x, gc, t0, n_tok, i_b, i_h, H, K: tl.constexpr, BK: tl.constexpr, SUB: tl.constexpr):
-    """Rows ``[i_b·SUB, (i_b + 1)·SUB)`` of one chunk (first token ``t0``, ``n_tok`` tokens):
-    ``(X [SUB, BK] fp32, G [SUB, BK], mask [SUB, BK])`` of x and gc (0 outside the chunk)."""
+def _block_rows(x, gc, t0, n_tok, i_b, i_h, H, offs_k, K: tl.constexpr, SUB: tl.constexpr):
+    """Rows ``[i_b·SUB, (i_b + 1)·SUB)`` of one chunk (first token ``t0``, ``n_tok`` tokens), keys
+    ``offs_k``: ``(X [SUB, BK] fp32, G [SUB, BK], mask [SUB, BK])`` of x and gc (0 outside)."""
     rows = i_b * SUB + tl.arange(0, SUB)
-    offs_k = tl.arange(0, BK)
     off = ((t0 + rows)[:, None] * H + i_h) * K + offs_k[None, :]
     m = (rows < n_tok)[:, None] & (offs_k < K)[None, :]
     return tl.load(x + off, mask=m, other=0.).to(tl.float32), tl.load(gc + off, mask=m, other=0.), m
 
 
 @triton.jit
-def _reference_row(gc, t0, n_tok, i_b, i_h, H, K: tl.constexpr, BK: tl.constexpr, SUB: tl.constexpr):
-    """G at the chunk's row ``i_b·SUB − 1`` ``[BK]``, the reference of row block i_b; past the
-    chunk's end (the block has no tokens) its last row, so that ``r − G_s`` stays ≤ 0 for every
-    token s before the block: a zero there made e^{−G_s} overflow, times a zero gradient."""
-    offs_k = tl.arange(0, BK)
+def _reference_row(gc, t0, n_tok, i_b, i_h, H, offs_k, K: tl.constexpr, SUB: tl.constexpr):
+    """G at the chunk's row ``i_b·SUB − 1`` (keys ``offs_k``), the reference of row block i_b;
+    past the chunk's end (the block has no tokens) its last row, so that ``r − G_s`` stays ≤ 0
+    for every token s before the block: a zero there made e^{−G_s} overflow, times a zero."""
     row = tl.minimum(i_b * SUB - 1, n_tok - 1)
     return tl.load(gc + ((t0 + row) * H + i_h) * K + offs_k, mask=offs_k < K, other=0.)
 
 
 @triton.jit
-def _intra_gram_kernel(q, w, gc, amat, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr,
-                       BK: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
-    """Rows of sub-block ``i = program_id(0)`` of A for one chunk × head (``program_id(1)``)
-    (module docstring). Shapes: q, w ``[B·T, H, K]``; gc ``[B·T, H, K]`` fp32; amat
-    ``[NC, H, C, C]`` fp32 (written on and below the diagonal)."""
-    i_b = tl.program_id(0)
+def _diag_decay(G, m, SUB: tl.constexpr):
+    """``E[t, s, k] = e^{G_tk − G_sk}`` for t ≥ s within one sub-block, 0 elsewhere
+    ``[SUB, SUB, BK]`` (masked before exp: above the diagonal the exponent is positive)."""
+    r = tl.arange(0, SUB)
+    keep = (r[:, None] >= r[None, :])[:, :, None] & m[:, None, :] & m[None, :, :]
+    return tl.exp(tl.where(keep, G[:, None, :] - G[None, :, :], float("-inf")))
+
+
+@triton.jit
+def _chunk_program(tok_start, tok_stop, H):
+    """``(nh, i_h, t0, n_tok)`` of a program whose second grid axis is chunk × head."""
     nh = tl.program_id(1).to(tl.int64)
-    i_h = nh % H
-    t0 = tl.load(tok_start + nh // H).to(tl.int64)
-    n_tok = tl.load(tok_stop + nh // H) - tl.load(tok_start + nh // H)
+    t0 = tl.load(tok_start + nh // H)
+    return nh, nh % H, t0.to(tl.int64), tl.load(tok_stop + nh // H) - t0
+
+
+@triton.jit
+def _intra_gram_kernel(q, w, gc, amat, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr,
+                       BK: tl.constexpr, BKD: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows of sub-block ``i = program_id(0)`` of A for one chunk × head (``program_id(1)``)
+    (module docstring): the off-diagonal sub-blocks as dots over all of K, the diagonal one as
+    ``[SUB, SUB, BKD]`` tiles, BKD keys at a time. Shapes: q, w ``[B·T, H, K]``; gc
+    ``[B·T, H, K]`` fp32; amat ``[NC, H, C, C]`` fp32 (written on and below the diagonal)."""
+    i_b = tl.program_id(0)
+    nh, i_h, t0, n_tok = _chunk_program(tok_start, tok_stop, H)
     r = tl.arange(0, SUB)
     rows = i_b * SUB + r
     offs_k = tl.arange(0, BK)
     mask_k = offs_k < K
     a_rows = amat + nh * C * C + rows[:, None] * C
-    Q, G, m = _block_rows(q, gc, t0, n_tok, i_b, i_h, H, K, BK, SUB)
 
     if i_b > 0:
-        ref = _reference_row(gc, t0, n_tok, i_b, i_h, H, K, BK, SUB)
+        Q, G, m = _block_rows(q, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
+        ref = _reference_row(gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
         Q_r = Q * tl.exp(tl.where(m, G - ref[None, :], 0.))                      # exponents <= 0
         for j in range(0, i_b):
             cols = j * SUB + r
@@ -110,76 +125,60 @@ def _intra_gram_kernel(q, w, gc, amat, tok_start, tok_stop, H, K: tl.constexpr, 
             W_T = W_T * tl.exp(tl.where(mc, ref[:, None] - tl.load(gc + col_off, mask=mc, other=0.), 0.))
             tl.store(a_rows + cols[None, :], tl.dot(Q_r, W_T, input_precision=PRECISION))
 
-    # the diagonal sub-block exactly, one column s at a time (masked before exp: above the
-    # diagonal the exponent is positive)
+    # the diagonal sub-block exactly: A[t, s] = Σ_k q_tk w_sk E[t, s, k]
     diag = tl.zeros([SUB, SUB], dtype=tl.float32)
-    for s in range(0, SUB):
-        col = i_b * SUB + s
-        off = ((t0 + col) * H + i_h) * K + offs_k
-        ok = mask_k & (offs_k * 0 + col < n_tok)
-        w_s = tl.load(w + off, mask=ok, other=0.).to(tl.float32)
-        g_s = tl.load(gc + off, mask=ok, other=0.)
-        expo = tl.where(m & (rows >= col)[:, None], G - g_s[None, :], float("-inf"))
-        c_s = tl.sum(Q * w_s[None, :] * tl.exp(expo), axis=1)
-        diag += tl.where(r[None, :] == s, c_s[:, None], 0.)
+    for kk in range(0, (K + BKD - 1) // BKD):
+        ks = kk * BKD + tl.arange(0, BKD)
+        Q, G, m = _block_rows(q, gc, t0, n_tok, i_b, i_h, H, ks, K, SUB)
+        W, _, _ = _block_rows(w, gc, t0, n_tok, i_b, i_h, H, ks, K, SUB)
+        diag += tl.sum(Q[:, None, :] * W[None, :, :] * _diag_decay(G, m, SUB), axis=2)
     tl.store(a_rows + rows[None, :], diag)
 
 
 @triton.jit
 def _intra_bwd_kernel(q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H,
-                      K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, SUB: tl.constexpr,
+                      K: tl.constexpr, C: tl.constexpr, BKS: tl.constexpr, SUB: tl.constexpr,
                       PRECISION: tl.constexpr):
-    """Rows of sub-block ``i = program_id(0)`` of one chunk × head: dq, dw (intra parts from dA
-    ``[NC, H, C, C]`` fp32, plus the inter parts read from dq32, dw32 ``[B·T, H, K]`` fp32), written
-    to dq, dw in their dtype, and the decay term ``q ⊙ dq − w ⊙ dw`` written over dq32 (each
-    program reads and writes only its own rows)."""
+    """Rows of sub-block ``i = program_id(0)``, keys ``[j·BKS, (j + 1)·BKS)`` (``j = program_id(2)``)
+    of one chunk × head (``program_id(1)``): dq, dw (intra parts from dA ``[NC, H, C, C]`` fp32,
+    plus the inter parts read from dq32, dw32 ``[B·T, H, K]`` fp32), written to dq, dw in their
+    dtype, and the decay term ``q ⊙ dq − w ⊙ dw`` written over dq32 (each program reads and
+    writes only its own rows and keys). Every product is per key, so the keys split freely."""
     i_b = tl.program_id(0)
-    nh = tl.program_id(1).to(tl.int64)
-    i_h = nh % H
-    t0 = tl.load(tok_start + nh // H).to(tl.int64)
-    n_tok = tl.load(tok_stop + nh // H) - tl.load(tok_start + nh // H)
+    nh, i_h, t0, n_tok = _chunk_program(tok_start, tok_stop, H)
     NB: tl.constexpr = C // SUB
     r = tl.arange(0, SUB)
     blk = i_b * SUB + r
-    offs_k = tl.arange(0, BK)
-    mask_k = offs_k < K
+    offs_k = tl.program_id(2) * BKS + tl.arange(0, BKS)
     dA_nh = dA + nh * C * C
-    Q, G, m = _block_rows(q, gc, t0, n_tok, i_b, i_h, H, K, BK, SUB)
-    W, _, _ = _block_rows(w, gc, t0, n_tok, i_b, i_h, H, K, BK, SUB)
+    Q, G, m = _block_rows(q, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
+    W, _, _ = _block_rows(w, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
     tile = ((t0 + blk)[:, None] * H + i_h) * K + offs_k[None, :]
     dQ = tl.load(dq32 + tile, mask=m, other=0.)
     dW = tl.load(dw32 + tile, mask=m, other=0.)
 
     # dq of these rows from earlier column blocks j < i, through the reference r_i
     if i_b > 0:
-        ref = _reference_row(gc, t0, n_tok, i_b, i_h, H, K, BK, SUB)
-        acc = tl.zeros([SUB, BK], dtype=tl.float32)
+        ref = _reference_row(gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
+        acc = tl.zeros([SUB, BKS], dtype=tl.float32)
         for j in range(0, i_b):
-            W_j, G_j, m_j = _block_rows(w, gc, t0, n_tok, j, i_h, H, K, BK, SUB)
+            W_j, G_j, m_j = _block_rows(w, gc, t0, n_tok, j, i_h, H, offs_k, K, SUB)
             dA_ij = tl.load(dA_nh + blk[:, None] * C + (j * SUB + r)[None, :])
             acc += tl.dot(dA_ij, W_j * tl.exp(tl.where(m_j, ref[None, :] - G_j, 0.)), input_precision=PRECISION)
         dQ += acc * tl.exp(tl.where(m, G - ref[None, :], 0.))
     # dw of these columns from later row blocks mb > i, each through its own reference r_mb
     for mb in range(i_b + 1, NB):
-        ref_m = _reference_row(gc, t0, n_tok, mb, i_h, H, K, BK, SUB)
-        Q_m, G_m, m_m = _block_rows(q, gc, t0, n_tok, mb, i_h, H, K, BK, SUB)
+        ref_m = _reference_row(gc, t0, n_tok, mb, i_h, H, offs_k, K, SUB)
+        Q_m, G_m, m_m = _block_rows(q, gc, t0, n_tok, mb, i_h, H, offs_k, K, SUB)
         dA_T = tl.load(dA_nh + (mb * SUB + r)[None, :] * C + blk[:, None])           # [cols i, rows mb]
         part = tl.dot(dA_T, Q_m * tl.exp(tl.where(m_m, G_m - ref_m[None, :], 0.)), input_precision=PRECISION)
         dW += part * tl.exp(tl.where(m, ref_m[None, :] - G, 0.))
-    # the diagonal sub-block exactly: dq one column s at a time, dw one row t at a time
-    for s in range(0, SUB):
-        col = i_b * SUB + s
-        ok = mask_k & (offs_k * 0 + col < n_tok)
-        off = ((t0 + col) * H + i_h) * K + offs_k
-        w_s = tl.load(w + off, mask=ok, other=0.).to(tl.float32)
-        q_s = tl.load(q + off, mask=ok, other=0.).to(tl.float32)
-        g_s = tl.load(gc + off, mask=ok, other=0.)
-        dA_col = tl.load(dA_nh + blk * C + col)                                       # dA[rows i, s]
-        dA_row = tl.load(dA_nh + col * C + blk)                                       # dA[s, cols i]
-        lower = m & (blk >= col)[:, None] & ok[None, :]
-        upper = m & (blk <= col)[:, None] & ok[None, :]
-        dQ += dA_col[:, None] * w_s[None, :] * tl.exp(tl.where(lower, G - g_s[None, :], float("-inf")))
-        dW += dA_row[:, None] * q_s[None, :] * tl.exp(tl.where(upper, g_s[None, :] - G, float("-inf")))
+    # the diagonal sub-block exactly, with E[t, s, k] = e^{G_tk − G_sk} (t ≥ s):
+    # dq_t += Σ_s dA[t, s] w_s E[t, s],  dw_s += Σ_t dA[t, s] q_t E[t, s]
+    dA_ii = tl.load(dA_nh + blk[:, None] * C + blk[None, :])[:, :, None]
+    E = _diag_decay(G, m, SUB)
+    dQ += tl.sum(dA_ii * W[None, :, :] * E, axis=1)
+    dW += tl.sum(dA_ii * Q[:, None, :] * E, axis=0)
     tl.store(dq + tile, dQ.to(dq.dtype.element_ty), mask=m)
     tl.store(dw + tile, dW.to(dw.dtype.element_ty), mask=m)
     tl.store(dq32 + tile, Q * dQ - W * dW, mask=m)
@@ -202,8 +201,8 @@ def intra_gram(q, w, gc, tok_start, tok_stop, H: int, K: int, C: int, prec: str)
     amat = torch.empty(NC, H, C, C, device=q.device, dtype=torch.float32)
     if NC:
         _intra_gram_kernel[(C // SUB, NC * H)](q, w, gc, amat, tok_start, tok_stop, H, K=K, C=C,
-                                               BK=max(16, triton.next_power_of_2(K)), SUB=SUB, PRECISION=prec,
-                                               num_warps=4)
+                                               BK=max(16, triton.next_power_of_2(K)), BKD=BKD, SUB=SUB,
+                                               PRECISION=prec, num_warps=4)
     return amat
 
 
@@ -213,7 +212,7 @@ def intra_backward(q, w, gc, dA, dq32, dw32, tok_start, tok_stop, H: int, K: int
     dq, dw = torch.empty_like(q), torch.empty_like(w)
     NC = tok_start.numel()
     if NC:
-        _intra_bwd_kernel[(C // SUB, NC * H)](q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H, K=K, C=C,
-                                              BK=max(16, triton.next_power_of_2(K)), SUB=SUB, PRECISION=prec,
-                                              num_warps=4)
+        _intra_bwd_kernel[(C // SUB, NC * H, triton.cdiv(K, BKD))](
+            q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H, K=K, C=C, BKS=BKD, SUB=SUB, PRECISION=prec,
+            num_warps=4)
     return dq, dw
