@@ -87,7 +87,8 @@ def configs(K=128, V=128, C=64):
             d2 = dict(base, DECAY=2)
             yield ("fwd per-key cumsum", PK._cumsum_kernel, dict(K=K, C=C, BK=sh.BK), 4, True)
             yield ("fwd per-key intra gram", PK._intra_gram_kernel,
-                   dict(K=K, C=C, BK=sh.BK, BKD=PK.BKD, SUB=PK.SUB, PRECISION="tf32"), 4, True)
+                   dict(K=K, C=C, BK=sh.BK, BKS=PK._key_slice(K), SUB=PK.SUB, PRECISION="tf32",
+                        FAST_RANGE=PK.FAST_RANGE), 4, True)
             yield ("fwd state per-key", F._state_fwd_kernel,
                    dict(d2, LOWRANK=False, HAS_H0=True, BK=sh.BK, BV=sh.BV, LOWP=True), sh.warps_seq, True)
             yield ("fwd output per-key", F._output_fwd_kernel, dict(d2, LOWRANK=False, BK=sh.BK, BV=sh.BV_out, LOWP=True),
@@ -97,7 +98,8 @@ def configs(K=128, V=128, C=64):
             yield ("bwd dq dw per-key", FB._dqdw_bwd_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)
             yield ("bwd du per-key", FB._du_bwd_kernel, dict(d2, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, True)
             yield ("bwd per-key intra", PK._intra_bwd_kernel,
-                   dict(K=K, C=C, BKS=PK.BKD, SUB=PK.SUB, PRECISION="tf32"), 4, True)
+                   dict(K=K, C=C, BKS=PK._key_slice(K), SUB=PK.SUB, PRECISION="tf32", FAST_RANGE=PK.FAST_RANGE), 4,
+                   True)
             yield ("bwd per-key decay totals", DG._key_total_kernel, dict(K=K, C=C, BK=64), 4, True)
             yield ("bwd per-key decay carry", DG._key_carry_kernel,
                    dict(K=K, HAS_LAST=True, BLOCK=DG.CARRY_BLOCK, BK=64), 4, True)

@@ -471,7 +471,12 @@ def test_per_key_decay_fused_sub_blocks(chunk, monkeypatch):
     monkeypatch.setattr(chunk_mod, "fused_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
     check(make_inputs(61, B=2, T=150, H=1, K=20, V=70, decay="key", strong=True), chunk_size=chunk)
     check(make_inputs(62, T=140, H=2, K=9, V=5, decay="key", N=3), cu_seqlens=(0, 37, 38, 140), chunk_size=chunk)
-    assert len(calls) == 2
+    # mild decays with a step of -40 and one of -100 (e^100 overflows float32): in one chunk, sub-blocks whose diagonal
+    # goes into the dot (decay across the block <= perkey.FAST_RANGE) next to ones summed exactly
+    q, w, u, g, pairs, s0 = make_inputs(63, B=1, T=100, H=1, K=6, V=5, decay="key")
+    g[0, 20, 0, 1], g[0, 70, 0, 4] = -40.0, -100.0
+    check((q, w, u, g, pairs, s0), chunk_size=chunk)
+    assert len(calls) == 3
 
 
 RANK1_CASES = [("none", "delta"), ("scalar", "delta"), ("none", "longhorn"), ("scalar", "general")]

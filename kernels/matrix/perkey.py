@@ -15,15 +15,16 @@ the A below). What is here:
 
 * :func:`_cumsum_kernel`: G, once per call, fp32 ``[B·T, H, K]`` (every kernel then loads the
   rows it needs; a [C, K] cumulative sum cannot be sliced into sub-blocks in registers);
-* :func:`_intra_gram_kernel`: A ``[NC, H, C, C]`` fp32, by GLA's secondary chunking: rows and
-  columns in sub-blocks of 16; an off-diagonal sub-block (rows in block i, columns in block
-  j < i) is one tensor-core dot of ``Q_i ⊙ e^{G_i − r}`` and ``W_j ⊙ e^{r − G_j}`` around the
-  reference ``r = G[16 i − 1]`` (G is non-increasing along the chunk, so both exponents are
-  ≤ 0 and neither factor can overflow); a diagonal sub-block exactly, as ``[16, 16, 32]`` tiles
-  of e^{G_t − G_s} over 32 keys at a time.
-  Entries above the diagonal are not written (readers mask them);
+* :func:`_intra_gram_kernel`: A ``[NC, H, C, C]`` fp32, by GLA's secondary chunking: rows in
+  sub-blocks of 16; rows in block i meet every earlier column in one tensor-core dot of
+  ``Q_i ⊙ e^{G_i − r}`` and ``W ⊙ e^{r − G}`` around the reference ``r = G[16 i − 1]`` (G is
+  non-increasing along the chunk, so both exponents are ≤ 0 and neither factor can overflow).
+  The block's own (diagonal) columns join the same dot when the block's decay
+  ``max_k (G[16 i − 1] − G[16 i + 15])`` is at most :data:`FAST_RANGE` (their factor
+  ``e^{r − G_s}`` is then ≤ e^{30}; gates of trained GLA models are far milder); otherwise they
+  are summed exactly, one column at a time, with every exponent masked to ≤ 0;
 * :func:`_intra_bwd_kernel`: from ``dA = scale · (dO Uᵀ)`` (lower, inclusive; written by the
-  dq/dw kernel) the intra-chunk parts of the gradients by the same sub-block factoring::
+  dq/dw kernel) the intra-chunk parts of the gradients by the same factoring::
 
       dq_t += Σ_{s ≤ t} dA[t, s] w_s ⊙ e^{G_t − G_s},   dw_s += Σ_{t ≥ s} dA[t, s] q_t ⊙ e^{G_t − G_s}
 
@@ -42,7 +43,14 @@ import triton
 import triton.language as tl
 
 SUB = 16  # sub-block length of the secondary chunking; tl.dot needs every dim >= 16
-BKD = 32  # keys per [SUB, SUB, BKD] tile of the diagonal sub-blocks (and per intra-backward program)
+#: largest decay across one sub-block, max_k (G[16 i − 1] − G[16 i + 15]), for which its diagonal
+#: sub-block is factored like the others (factors up to e^30 ≈ 1e13, far from fp32's e^88)
+FAST_RANGE = 30.0
+
+
+def _key_slice(K: int) -> int:
+    """Keys per slice of the intra kernels (the forward's dot loop, the backward's programs)."""
+    return min(64, max(16, triton.next_power_of_2(K)))
 
 
 @triton.jit
@@ -72,21 +80,32 @@ def _block_rows(x, gc, t0, n_tok, i_b, i_h, H, offs_k, K: tl.constexpr, SUB: tl.
 
 
 @triton.jit
-def _reference_row(gc, t0, n_tok, i_b, i_h, H, offs_k, K: tl.constexpr, SUB: tl.constexpr):
-    """G at the chunk's row ``i_b·SUB − 1`` (keys ``offs_k``), the reference of row block i_b;
-    past the chunk's end (the block has no tokens) its last row, so that ``r − G_s`` stays ≤ 0
-    for every token s before the block: a zero there made e^{−G_s} overflow, times a zero."""
-    row = tl.minimum(i_b * SUB - 1, n_tok - 1)
-    return tl.load(gc + ((t0 + row) * H + i_h) * K + offs_k, mask=offs_k < K, other=0.)
+def _row_at(gc, t0, n_tok, row, i_h, H, offs_k, K: tl.constexpr):
+    """G at chunk row ``row`` (keys ``offs_k``), clamped to the chunk's last token (a block with no
+    tokens then keeps every exponent ≤ 0); zeros for row −1 (G before the chunk's first token)."""
+    row = tl.minimum(row, n_tok - 1)
+    # the scalar condition is broadcast first: block & scalar masks break Triton's interpreter
+    return tl.load(gc + ((t0 + row) * H + i_h) * K + offs_k, mask=(offs_k < K) & (offs_k * 0 + row >= 0), other=0.)
 
 
 @triton.jit
-def _diag_decay(G, m, SUB: tl.constexpr):
-    """``E[t, s, k] = e^{G_tk − G_sk}`` for t ≥ s within one sub-block, 0 elsewhere
-    ``[SUB, SUB, BK]`` (masked before exp: above the diagonal the exponent is positive)."""
-    r = tl.arange(0, SUB)
-    keep = (r[:, None] >= r[None, :])[:, :, None] & m[:, None, :] & m[None, :, :]
-    return tl.exp(tl.where(keep, G[:, None, :] - G[None, :, :], float("-inf")))
+def _fast_block(gc, t0, n_tok, i_b, i_h, H, offs_k, K: tl.constexpr, SUB: tl.constexpr,
+                FAST_RANGE: tl.constexpr):
+    """Whether sub-block i_b's own decay, ``max_k (G[16 i − 1] − G[16 i + 15])``, is at most
+    FAST_RANGE: then its diagonal sub-block goes into the same dot as the earlier ones (module
+    docstring), the factor ``e^{r − G_s}`` staying ≤ e^{FAST_RANGE}."""
+    spread = (_row_at(gc, t0, n_tok, i_b * SUB - 1, i_h, H, offs_k, K)
+              - _row_at(gc, t0, n_tok, i_b * SUB + SUB - 1, i_h, H, offs_k, K))
+    return tl.max(spread, axis=0) <= FAST_RANGE
+
+
+@triton.jit
+def _chunk_rows(x, gc, t0, n_tok, i_h, H, offs_k, K: tl.constexpr, C: tl.constexpr):
+    """All C rows of one chunk, keys ``offs_k``: ``(X [C, BK] fp32, G [C, BK], mask)``."""
+    offs_c = tl.arange(0, C)
+    off = ((t0 + offs_c)[:, None] * H + i_h) * K + offs_k[None, :]
+    m = (offs_c < n_tok)[:, None] & (offs_k < K)[None, :]
+    return tl.load(x + off, mask=m, other=0.).to(tl.float32), tl.load(gc + off, mask=m, other=0.), m
 
 
 @triton.jit
@@ -99,86 +118,110 @@ def _chunk_program(tok_start, tok_stop, H):
 
 @triton.jit
 def _intra_gram_kernel(q, w, gc, amat, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr,
-                       BK: tl.constexpr, BKD: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
-    """Rows of sub-block ``i = program_id(0)`` of A for one chunk × head (``program_id(1)``)
-    (module docstring): the off-diagonal sub-blocks as dots over all of K, the diagonal one as
-    ``[SUB, SUB, BKD]`` tiles, BKD keys at a time. Shapes: q, w ``[B·T, H, K]``; gc
-    ``[B·T, H, K]`` fp32; amat ``[NC, H, C, C]`` fp32 (written on and below the diagonal)."""
+                       BK: tl.constexpr, BKS: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr,
+                       FAST_RANGE: tl.constexpr):
+    """Rows of sub-block ``i = program_id(0)`` of A for one chunk × head (``program_id(1)``), all C
+    columns (zeros above the diagonal), module docstring: one ``[SUB, C]`` dot per BKS keys
+    around the reference ``r = G[16 i − 1]`` over the columns before the block, and the block's
+    own columns too when :func:`_fast_block`; else the diagonal sub-block exactly, a column at
+    a time. Shapes: q, w ``[B·T, H, K]``; gc ``[B·T, H, K]`` fp32; amat ``[NC, H, C, C]`` fp32."""
     i_b = tl.program_id(0)
     nh, i_h, t0, n_tok = _chunk_program(tok_start, tok_stop, H)
     r = tl.arange(0, SUB)
     rows = i_b * SUB + r
-    offs_k = tl.arange(0, BK)
-    mask_k = offs_k < K
-    a_rows = amat + nh * C * C + rows[:, None] * C
+    offs_c = tl.arange(0, C)
+    fast = _fast_block(gc, t0, n_tok, i_b, i_h, H, tl.arange(0, BK), K, SUB, FAST_RANGE)
+    n_cols = i_b * SUB + SUB * fast.to(tl.int32)          # columns that go through the dot
 
-    if i_b > 0:
-        Q, G, m = _block_rows(q, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
-        ref = _reference_row(gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
-        Q_r = Q * tl.exp(tl.where(m, G - ref[None, :], 0.))                      # exponents <= 0
-        for j in range(0, i_b):
-            cols = j * SUB + r
-            # columns loaded transposed ([BK, SUB]) by pointer arithmetic, never tl.trans
-            col_off = ((t0 + cols)[None, :] * H + i_h) * K + offs_k[:, None]
-            mc = mask_k[:, None] & (cols < n_tok)[None, :]
-            W_T = tl.load(w + col_off, mask=mc, other=0.).to(tl.float32)
-            W_T = W_T * tl.exp(tl.where(mc, ref[:, None] - tl.load(gc + col_off, mask=mc, other=0.), 0.))
-            tl.store(a_rows + cols[None, :], tl.dot(Q_r, W_T, input_precision=PRECISION))
-
-    # the diagonal sub-block exactly: A[t, s] = Σ_k q_tk w_sk E[t, s, k]
-    diag = tl.zeros([SUB, SUB], dtype=tl.float32)
-    for kk in range(0, (K + BKD - 1) // BKD):
-        ks = kk * BKD + tl.arange(0, BKD)
+    acc = tl.zeros([SUB, C], dtype=tl.float32)
+    for kk in range(0, (K + BKS - 1) // BKS):
+        ks = kk * BKS + tl.arange(0, BKS)
+        ref = _row_at(gc, t0, n_tok, i_b * SUB - 1, i_h, H, ks, K)
         Q, G, m = _block_rows(q, gc, t0, n_tok, i_b, i_h, H, ks, K, SUB)
-        W, _, _ = _block_rows(w, gc, t0, n_tok, i_b, i_h, H, ks, K, SUB)
-        diag += tl.sum(Q[:, None, :] * W[None, :, :] * _diag_decay(G, m, SUB), axis=2)
-    tl.store(a_rows + rows[None, :], diag)
+        Q_r = Q * tl.exp(tl.where(m, G - ref[None, :], 0.))                       # exponents <= 0
+        # the chunk's w loaded transposed ([BKS, C]) by pointer arithmetic, never tl.trans
+        col_off = ((t0 + offs_c)[None, :] * H + i_h) * K + ks[:, None]
+        mc = (ks < K)[:, None] & ((offs_c < n_tok) & (offs_c < n_cols))[None, :]
+        W_T = tl.load(w + col_off, mask=mc, other=0.).to(tl.float32)
+        W_T = W_T * tl.exp(tl.where(mc, ref[:, None] - tl.load(gc + col_off, mask=mc, other=0.), 0.))
+        acc += tl.dot(Q_r, W_T, input_precision=PRECISION)
+    acc = tl.where(rows[:, None] >= offs_c[None, :], acc, 0.)
+    if not fast:
+        # a strong decay inside the block: its diagonal sub-block exactly, one column s at a time
+        # (masked before exp: above the diagonal the exponent is positive)
+        offs_k = tl.arange(0, BK)
+        Q, G, m = _block_rows(q, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
+        for s in range(0, SUB):
+            col = i_b * SUB + s
+            off = ((t0 + col) * H + i_h) * K + offs_k
+            ok = (offs_k < K) & (offs_k * 0 + col < n_tok)
+            w_s = tl.load(w + off, mask=ok, other=0.).to(tl.float32)
+            g_s = tl.load(gc + off, mask=ok, other=0.)
+            expo = tl.where(m & (rows >= col)[:, None], G - g_s[None, :], float("-inf"))
+            c_s = tl.sum(Q * w_s[None, :] * tl.exp(expo), axis=1)
+            acc += tl.where(offs_c[None, :] == col, c_s[:, None], 0.)
+    tl.store(amat + nh * C * C + rows[:, None] * C + offs_c[None, :], acc)
 
 
 @triton.jit
 def _intra_bwd_kernel(q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H,
                       K: tl.constexpr, C: tl.constexpr, BKS: tl.constexpr, SUB: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      PRECISION: tl.constexpr, FAST_RANGE: tl.constexpr):
     """Rows of sub-block ``i = program_id(0)``, keys ``[j·BKS, (j + 1)·BKS)`` (``j = program_id(2)``)
     of one chunk × head (``program_id(1)``): dq, dw (intra parts from dA ``[NC, H, C, C]`` fp32,
     plus the inter parts read from dq32, dw32 ``[B·T, H, K]`` fp32), written to dq, dw in their
     dtype, and the decay term ``q ⊙ dq − w ⊙ dw`` written over dq32 (each program reads and
-    writes only its own rows and keys). Every product is per key, so the keys split freely."""
+    writes only its own rows and keys; every product is per key, so the keys split freely).
+
+    dq_t = e^{G_t − r} ⊙ Σ_s dA[t, s] (w_s ⊙ e^{r − G_s}) over s before the block (and in it when
+    :func:`_fast_block`), r = G[16 i − 1]; dw_s = e^{ρ − G_s} ⊙ Σ_t dA[t, s] (q_t ⊙ e^{G_t − ρ}) over
+    t after the block (and in it when fast), ρ = r when fast, else the block's last row G[16 i + 15];
+    a block that is not fast adds its diagonal sub-block exactly, a token at a time."""
     i_b = tl.program_id(0)
     nh, i_h, t0, n_tok = _chunk_program(tok_start, tok_stop, H)
-    NB: tl.constexpr = C // SUB
     r = tl.arange(0, SUB)
     blk = i_b * SUB + r
+    offs_c = tl.arange(0, C)
     offs_k = tl.program_id(2) * BKS + tl.arange(0, BKS)
     dA_nh = dA + nh * C * C
+    fast = _fast_block(gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB, FAST_RANGE)
+    fast_i = fast.to(tl.int32)
     Q, G, m = _block_rows(q, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
     W, _, _ = _block_rows(w, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
     tile = ((t0 + blk)[:, None] * H + i_h) * K + offs_k[None, :]
     dQ = tl.load(dq32 + tile, mask=m, other=0.)
     dW = tl.load(dw32 + tile, mask=m, other=0.)
+    Wc, Gc, mc = _chunk_rows(w, gc, t0, n_tok, i_h, H, offs_k, K, C)
+    Qc, _, _ = _chunk_rows(q, gc, t0, n_tok, i_h, H, offs_k, K, C)
 
-    # dq of these rows from earlier column blocks j < i, through the reference r_i
-    if i_b > 0:
-        ref = _reference_row(gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
-        acc = tl.zeros([SUB, BKS], dtype=tl.float32)
-        for j in range(0, i_b):
-            W_j, G_j, m_j = _block_rows(w, gc, t0, n_tok, j, i_h, H, offs_k, K, SUB)
-            dA_ij = tl.load(dA_nh + blk[:, None] * C + (j * SUB + r)[None, :])
-            acc += tl.dot(dA_ij, W_j * tl.exp(tl.where(m_j, ref[None, :] - G_j, 0.)), input_precision=PRECISION)
-        dQ += acc * tl.exp(tl.where(m, G - ref[None, :], 0.))
-    # dw of these columns from later row blocks mb > i, each through its own reference r_mb
-    for mb in range(i_b + 1, NB):
-        ref_m = _reference_row(gc, t0, n_tok, mb, i_h, H, offs_k, K, SUB)
-        Q_m, G_m, m_m = _block_rows(q, gc, t0, n_tok, mb, i_h, H, offs_k, K, SUB)
-        dA_T = tl.load(dA_nh + (mb * SUB + r)[None, :] * C + blk[:, None])           # [cols i, rows mb]
-        part = tl.dot(dA_T, Q_m * tl.exp(tl.where(m_m, G_m - ref_m[None, :], 0.)), input_precision=PRECISION)
-        dW += part * tl.exp(tl.where(m, ref_m[None, :] - G, 0.))
-    # the diagonal sub-block exactly, with E[t, s, k] = e^{G_tk − G_sk} (t ≥ s):
-    # dq_t += Σ_s dA[t, s] w_s E[t, s],  dw_s += Σ_t dA[t, s] q_t E[t, s]
-    dA_ii = tl.load(dA_nh + blk[:, None] * C + blk[None, :])[:, :, None]
-    E = _diag_decay(G, m, SUB)
-    dQ += tl.sum(dA_ii * W[None, :, :] * E, axis=1)
-    dW += tl.sum(dA_ii * Q[:, None, :] * E, axis=0)
+    # dq: columns s < 16 i (+ 16 when fast), around r
+    ref = _row_at(gc, t0, n_tok, i_b * SUB - 1, i_h, H, offs_k, K)
+    ms = mc & (offs_c < i_b * SUB + SUB * fast_i)[:, None]
+    W_r = tl.where(ms, Wc * tl.exp(tl.where(ms, ref[None, :] - Gc, 0.)), 0.)
+    dA_rows = tl.load(dA_nh + blk[:, None] * C + offs_c[None, :])                   # [SUB, C]
+    dQ += tl.dot(dA_rows, W_r, input_precision=PRECISION) * tl.exp(tl.where(m, G - ref[None, :], 0.))
+    # dw: rows t >= 16 (i + 1) (16 i when fast), around ρ
+    rho = _row_at(gc, t0, n_tok, i_b * SUB + SUB * (1 - fast_i) - 1, i_h, H, offs_k, K)
+    mt = mc & (offs_c >= i_b * SUB + SUB * (1 - fast_i))[:, None]
+    Q_r = tl.where(mt, Qc * tl.exp(tl.where(mt, Gc - rho[None, :], 0.)), 0.)
+    dA_cols = tl.load(dA_nh + offs_c[None, :] * C + blk[:, None])                   # [SUB, C]: dA[t, s]ᵀ
+    dW += tl.dot(dA_cols, Q_r, input_precision=PRECISION) * tl.exp(tl.where(m, rho[None, :] - G, 0.))
+    if not fast:
+        # a strong decay inside the block: its diagonal sub-block exactly, dq one column s at a
+        # time, dw one row at a time (masked before exp: the other side's exponent is positive)
+        for s in range(0, SUB):
+            col = i_b * SUB + s
+            ok = (offs_k < K) & (offs_k * 0 + col < n_tok)
+            off = ((t0 + col) * H + i_h) * K + offs_k
+            w_s = tl.load(w + off, mask=ok, other=0.).to(tl.float32)
+            q_s = tl.load(q + off, mask=ok, other=0.).to(tl.float32)
+            g_s = tl.load(gc + off, mask=ok, other=0.)
+            dA_col = tl.load(dA_nh + blk * C + col)                                   # dA[rows i, s]
+            dA_row = tl.load(dA_nh + col * C + blk)                                   # dA[s, cols i]
+            lower = m & (blk >= col)[:, None] & ok[None, :]
+            upper = m & (blk <= col)[:, None] & ok[None, :]
+            dQ += dA_col[:, None] * w_s[None, :] * tl.exp(tl.where(lower, G - g_s[None, :], float("-inf")))
+            dW += dA_row[:, None] * q_s[None, :] * tl.exp(tl.where(upper, g_s[None, :] - G, float("-inf")))
     tl.store(dq + tile, dQ.to(dq.dtype.element_ty), mask=m)
     tl.store(dw + tile, dW.to(dw.dtype.element_ty), mask=m)
     tl.store(dq32 + tile, Q * dQ - W * dW, mask=m)
@@ -201,8 +244,8 @@ def intra_gram(q, w, gc, tok_start, tok_stop, H: int, K: int, C: int, prec: str)
     amat = torch.empty(NC, H, C, C, device=q.device, dtype=torch.float32)
     if NC:
         _intra_gram_kernel[(C // SUB, NC * H)](q, w, gc, amat, tok_start, tok_stop, H, K=K, C=C,
-                                               BK=max(16, triton.next_power_of_2(K)), BKD=BKD, SUB=SUB,
-                                               PRECISION=prec, num_warps=4)
+                                               BK=max(16, triton.next_power_of_2(K)), BKS=_key_slice(K),
+                                               SUB=SUB, PRECISION=prec, FAST_RANGE=FAST_RANGE, num_warps=4)
     return amat
 
 
@@ -212,7 +255,8 @@ def intra_backward(q, w, gc, dA, dq32, dw32, tok_start, tok_stop, H: int, K: int
     dq, dw = torch.empty_like(q), torch.empty_like(w)
     NC = tok_start.numel()
     if NC:
-        _intra_bwd_kernel[(C // SUB, NC * H, triton.cdiv(K, BKD))](
-            q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H, K=K, C=C, BKS=BKD, SUB=SUB, PRECISION=prec,
-            num_warps=4)
+        BKS = _key_slice(K)
+        _intra_bwd_kernel[(C // SUB, NC * H, triton.cdiv(K, BKS))](
+            q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H, K=K, C=C, BKS=BKS, SUB=SUB, PRECISION=prec,
+            FAST_RANGE=FAST_RANGE, num_warps=4)
     return dq, dw
