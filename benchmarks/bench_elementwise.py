@@ -12,21 +12,30 @@ Compared, in one process:
   materialises G ``[B, T, H, K, V]``;
 * ``olsm-triton-swept``: the same kernels at the best tiles of ``sweep_elementwise.py``
   (``--tiles``), to show what the default tile choice leaves;
+* ``olsm-triton-<slab>`` (``--slabs``): the backward's block-entering states in a global
+  scratch slab (``global``) or in registers (``registers``, checkpoint every 128 tokens;
+  ``registers:S`` with S segments per checkpoint, every 128·S tokens), e.g. ``--slabs
+  global,registers,registers:8,registers:16`` A/B-times the slabs (the plain ``olsm-triton``
+  row is the default, whichever slab that is);
 * ``longhorn-cuda`` (longhorn_diag) and ``mamba-ssm`` (mamba1): the Longhorn paper's CUDA
   scan and mamba_ssm's ``selective_scan_cuda``, built on the GPU machine from sources carried
   in ``--longhorn-src`` / ``--mamba-src`` (never committed; :mod:`peers_elementwise`, DESIGN
   §7), each in its own channels-first layout.
 
 Reported per case: median forward and forward+backward milliseconds, the peak extra memory
-of forward+backward, and the forward I/O floor (bytes of q, k, v, coefficients and o over
+of forward+backward (MiB above the inputs: output, checkpoints, slab, gradients), and the
+forward I/O floor (bytes of q, k, v, coefficients and o over
 the measured device-to-device copy bandwidth).
 
 Usage (the peer builds take minutes: start them first, in the background)::
 
     python benchmarks/bench_elementwise.py --build-only longhorn &
     python benchmarks/bench_elementwise.py --build-only mamba &
+    for i in 0 1 2 3 4 5 6 7; do python benchmarks/bench_elementwise.py --warm $i/8 [--slabs ...] & done; wait
     python -u benchmarks/bench_elementwise.py --out benchmarks/results --peer-wait 400 \
-        [--tiles benchmarks/results/elementwise_sweep.json] [--quick]
+        [--tiles benchmarks/results/elementwise_sweep.json] [--slabs global,registers] [--quick]
+
+(the optional ``--warm`` shards compile our kernels into Triton's disk cache in parallel).
 """
 from __future__ import annotations
 
@@ -119,12 +128,12 @@ def io_bytes_fwd(name: str, B: int, T: int, E: int, elem: int = 2) -> int:
 
 # ------------------------------------------------------------------------------ runners
 def olsm_triton(rec, q, k, v, coefs, D, block_t=None, block_v=None, num_warps=None, prefetch=None,
-                max_registers=None, chunk_size=64):
+                max_registers=None, chunk_size=64, slab=None, slab_segments=None):
     from olsm.kernels.elementwise import elementwise_scan
 
     leaves = [q, k, v, D, *coefs.values()]
     opts = dict(scale=1.0, block_t=block_t, block_v=block_v, num_warps=num_warps, prefetch=prefetch,
-                max_registers=max_registers, chunk_size=chunk_size)
+                max_registers=max_registers, chunk_size=chunk_size, slab=slab, slab_segments=slab_segments)
 
     def fwd():
         with torch.no_grad():
@@ -205,6 +214,28 @@ def write_reports(rows, meta, out: Path, stem: str):
 
 
 # ------------------------------------------------------------------------------ main
+def slab_variants(spec: str):
+    """``--slabs`` as ``(impl name, slab, segments)``: ``global``, ``registers`` or
+    ``registers:S`` (S segments per checkpoint interval)."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        slab, _, seg = item.partition(":")
+        if slab not in ("global", "registers"):
+            raise SystemExit(f"--slabs: unknown slab {slab!r} (global, registers, registers:S)")
+        name = "olsm-triton-" + ("regs" if slab == "registers" else "global") + (f"-seg{int(seg)}" if seg else "")
+        out.append((name, slab, int(seg) if seg else None))
+    return out
+
+
+def checkpoint_note(T: int, E: int, slab, segments) -> str:
+    """The checkpoint interval and the memory of checkpoints and slab at one shape."""
+    from olsm.kernels.elementwise.config import choose_config
+
+    cfg = choose_config(T, N_STATE, E, 64, torch.device("cuda"), slab=slab, slab_segments=segments)
+    stored = -(-T // cfg.C) - 1
+    return f"slab={cfg.slab}, C={cfg.C} ({stored} checkpoints/seq), slots={cfg.slots}, segments={cfg.segments}"
+
+
 def swept_tiles(path: str, B: int, T: int):
     """``(block_t, block_v, num_warps, prefetch, max_registers)`` (forward, backward) pairs from a
     sweep's JSON for the nearest shape (a kernel the sweep left out keeps its default), or None."""
@@ -260,8 +291,15 @@ def main():
     ap.add_argument("--chunk-sizes", default="",
                     help="comma-separated checkpoint intervals to also time on the first shape "
                          "(memory of the checkpoints against the backward's replay)")
+    ap.add_argument("--slabs", default="",
+                    help="comma-separated backward slabs to also time: global, registers, registers:S "
+                         "(S segments per checkpoint interval)")
+    ap.add_argument("--recurrences", default="longhorn_diag,mamba1", help="comma-separated subset to time")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--quick", action="store_true", help="first case only")
+    ap.add_argument("--warm", default=None,
+                    help="I/N: only compile shard I of N of our kernels (default and --slabs, every "
+                         "case) by one forward+backward at B = 1, no timing; run N in parallel first")
     args = ap.parse_args()
 
     from peers_elementwise import build_longhorn, build_mamba, grad_parity, longhorn_cuda, mamba_cuda
@@ -284,7 +322,20 @@ def main():
     from olsm.objectives import longhorn_diag, mamba1
 
     assert torch.cuda.is_available(), "this benchmark needs a GPU"
-    recs = {"longhorn_diag": olsm.derive(longhorn_diag), "mamba1": olsm.derive(mamba1)}
+    wanted = set(args.recurrences.split(","))
+    recs = {n: olsm.derive(o) for n, o in (("longhorn_diag", longhorn_diag), ("mamba1", mamba1)) if n in wanted}
+    variants = slab_variants(args.slabs)
+    if args.warm:
+        # the kernels' constexprs depend on E and (through C) on T, not on B
+        i, n = (int(x) for x in args.warm.split("/"))
+        shard = [(name, d, T, v) for name in recs for (d, _, T) in (CASES[:1] if args.quick else CASES)
+                 for v in [("olsm-triton", None, None)] + variants][i::n]
+        for name, d, T, (_, slab, seg) in shard:
+            q, k, v, coefs, D = make_inputs(name, 1, T, 2 * d)
+            olsm_triton(recs[name], q, k, v, coefs, D, slab=slab, slab_segments=seg)[1]()
+        torch.cuda.synchronize()
+        print(f"warm {args.warm}: {len(shard)} compiled")
+        return
     bw = copy_bandwidth_tbs()
     meta = {
         "device": torch.cuda.get_device_name(),
@@ -294,6 +345,7 @@ def main():
         "dtype": "bfloat16 inputs, float32 state/accumulation",
         "timing": "median ms (triton.testing.do_bench; 3 CUDA-event runs when > 30 ms)",
         "olsm-triton": "tiles chosen by choose_config; olsm-triton-swept: the sweep's best tiles (--tiles)",
+        "peak MiB": "max_memory_allocated during forward+backward minus what was allocated before",
     }
     print(meta, flush=True)
     rows = []
@@ -312,7 +364,8 @@ def main():
         rows.append(row)
         print(f"  {row['recurrence']} D={row['d_model']} B={row['B']} T={row['T']} {row['impl']}: "
               f"fwd {row.get('fwd_ms', float('nan')):.3f} ms, fwd+bwd {row.get('fwdbwd_ms', float('nan')):.3f} ms, "
-              f"peak {row.get('peak_mb', float('nan')):.0f} MiB, floor {row['io_floor_fwd_ms']:.3f} ms", flush=True)
+              f"peak {row.get('peak_mb', float('nan')):.1f} MiB, floor {row['io_floor_fwd_ms']:.3f} ms"
+              f"{'  [' + row['note'] + ']' if row.get('note') else ''}", flush=True)
         write_reports(rows, meta, Path(args.out), args.stem)  # partial results survive a timeout
 
     # -- 1. ours ---------------------------------------------------------------------------
@@ -323,7 +376,11 @@ def main():
         q, k, v, coefs, D = make_inputs(name, B, T, E)
         floor = io_bytes_fwd(name, B, T, E) / (bw * 1e12) * 1e3
         base = dict(recurrence=name, d_model=d, E=E, B=B, T=T, io_floor_fwd_ms=floor)
-        measure(dict(base, impl="olsm-triton"), *olsm_triton(recs[name], q, k, v, coefs, D))
+        measure(dict(base, impl="olsm-triton", note=checkpoint_note(T, E, None, None)),
+                *olsm_triton(recs[name], q, k, v, coefs, D))
+        for impl, slab, seg in variants:
+            measure(dict(base, impl=impl, note=checkpoint_note(T, E, slab, seg)),
+                    *olsm_triton(recs[name], q, k, v, coefs, D, slab=slab, slab_segments=seg))
         tiles = swept_tiles(args.tiles, B, T)
         if tiles is not None:
             measure(dict(base, impl="olsm-triton-swept",
@@ -342,6 +399,8 @@ def main():
     peers = [("longhorn-cuda", "longhorn_diag", "longhorn", longhorn_cuda),
              ("mamba-ssm", "mamba1", "mamba", mamba_cuda)]
     for impl, name, key, runner in peers:
+        if name not in recs:
+            continue
         build, src = builds[key]
         ext = peer(impl, build, src, Path(args.build_root, key), args.peer_wait, meta)
         print(f"{impl}: {meta[impl]}", flush=True)
@@ -368,7 +427,31 @@ def main():
                     fwd, fb)
             del q, k, v, coefs, D
     write_reports(rows, meta, Path(args.out), args.stem)
+    summary = versus_peers(rows)
+    if summary:
+        with open(Path(args.out, f"{args.stem}.md"), "a") as f:
+            f.write("\n" + summary)
     print(Path(args.out, f"{args.stem}.md").read_text())
+
+
+def versus_peers(rows) -> str:
+    """Markdown: each olsm-triton variant's forward+backward time and peak memory over the CUDA
+    peer's (mamba-ssm for mamba1, longhorn-cuda for longhorn_diag) at the same shape."""
+    peer_of = {"mamba1": "mamba-ssm", "longhorn_diag": "longhorn-cuda"}
+    lines = ["## olsm-triton variants / CUDA peer (fwd+bwd time, peak memory)", "",
+             "| recurrence | d_model | B | T | impl | fwd+bwd × peer | peak × peer |", "|---|---|---|---|---|---|---|"]
+    n = 0
+    for r in rows:
+        if not r["impl"].startswith("olsm-triton"):
+            continue
+        p = [x for x in rows if x["impl"] == peer_of.get(r["recurrence"]) and
+             (x["recurrence"], x["d_model"], x["B"], x["T"]) == (r["recurrence"], r["d_model"], r["B"], r["T"])]
+        if not p or not isinstance(p[0].get("fwdbwd_ms"), float) or not isinstance(r.get("fwdbwd_ms"), float):
+            continue
+        n += 1
+        lines.append(f"| {r['recurrence']} | {r['d_model']} | {r['B']} | {r['T']} | {r['impl']} | "
+                     f"{r['fwdbwd_ms'] / p[0]['fwdbwd_ms']:.3f} | {r['peak_mb'] / p[0]['peak_mb']:.3f} |")
+    return "\n".join(lines) + "\n" if n else ""
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 # One GPU session for the elementwise scan (issue 5): GPU tests, tile sweep, benchmark.
 # Run from the repository root on the GPU machine with .carry/longhorn_ss and .carry/mamba_ss
 # carried; results go to $OUT/elementwise.tgz (the device tool returns few files).
-#   [KINDS=bwd] [CHUNKS=8,32,128] bash benchmarks/gpu_elementwise.sh [quick]
+#   [KINDS=bwd] [CHUNKS=8,32,128] [SLABS=registers,registers:8] bash benchmarks/gpu_elementwise.sh [quick]
 # (KINDS: kernels to sweep, none if empty; GRID: explicit sweep grid, see sweep_elementwise.configs;
-#  CHUNKS: checkpoint intervals also timed)
+#  CHUNKS: checkpoint intervals also timed; SLABS: backward slabs also timed, see bench --slabs)
 set -u
 R=/tmp/ew_results; mkdir -p $R
 P=$(dirname "$(python3 -c 'import sys; print(sys.executable)')"); export PATH=$P:$PATH PYTHONUNBUFFERED=1
@@ -24,6 +24,6 @@ tar czf $OUT/elementwise.tgz -C $R . 2>/dev/null
 [ -n "$KINDS" ] && timeout 240 python -u benchmarks/sweep_elementwise.py --kinds $KINDS --grid "${GRID:-}" --out $R > $R/sweep.log 2>&1
 tar czf $OUT/elementwise.tgz -C $R . 2>/dev/null
 timeout 300 python -u benchmarks/bench_elementwise.py --out $R --tiles $R/elementwise_sweep.json \
-    --peer-wait 300 --no-torch --chunk-sizes "${CHUNKS:-}" ${1:+--quick} > $R/bench.log 2>&1
+    --peer-wait 300 --no-torch --chunk-sizes "${CHUNKS:-}" --slabs "${SLABS:-}" ${1:+--quick} > $R/bench.log 2>&1
 tar czf $OUT/elementwise.tgz -C $R .
 tail -5 $R/gpu_tests.log; tail -30 $R/bench.log

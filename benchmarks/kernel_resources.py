@@ -157,8 +157,8 @@ def elementwise_configs(K=16, V=1536, C=64):
                dict(sizes, BV=t.BV, BT=t.BT, HAS_H0=True, STORE_HT=False, STORE_CKPT=True), types, t.num_warps)
         t = cfg.bwd
         yield (f"elementwise bwd {name} [{t.BT},{cfg.BK},{t.BV}]", mod.bwd_kernel,
-               dict(sizes, BV=t.BV, BT=t.BT, NB_C=cfg.C // t.BT, HAS_DHT=False, STORE_DH0=True,
-                    SPLIT_V=True), types, t.num_warps)
+               dict(sizes, BV=t.BV, BT=t.BT, NB_C=cfg.slots, HAS_DHT=False, STORE_DH0=True, SPLIT_V=True,
+                    HAS_H0=True, SLAB_IN_REGS=int(cfg.slab == "registers"), NSEG=cfg.segments), types, t.num_warps)
 
 
 def stages_of(name: str) -> int:

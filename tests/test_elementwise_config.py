@@ -7,20 +7,30 @@ import pytest
 import torch
 
 from olsm.errors import BackendError, InputError
-from olsm.kernels.elementwise.config import MAX_BT, MIN_BT, TILE_ELEMS, Tile, choose_config
+from olsm.kernels.elementwise.config import (
+    DEFAULT_SLAB,
+    MAX_BT,
+    MAX_REG_SLOTS,
+    MIN_BT,
+    REG_SLOTS,
+    TILE_ELEMS,
+    Tile,
+    choose_config,
+)
 
 CUDA = torch.device("cuda")  # constructing the device needs no GPU
 
 
 @pytest.fixture(autouse=True)
 def compiled_path(monkeypatch):
-    # the GPU heuristic, not the interpreter's small tiles
+    # the GPU heuristic, not the interpreter's small tiles; the library's default slab
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("OLSM_ELEMENTWISE_SLAB", raising=False)
 
 
 def test_measured_defaults_at_the_paper_shape():
     cfg = choose_config(2048, 16, 1536, 64, CUDA)
-    assert (cfg.BK, cfg.C) == (16, 64)
+    assert (cfg.BK, cfg.C, cfg.slab) == (16, 128, "registers")      # 16 register slots of 8 tokens
     assert cfg.fwd == Tile(BT=16, BV=8, num_warps=1)
     assert cfg.bwd == Tile(BT=8, BV=4, num_warps=1)
     assert cfg.bwd.launch_options() == {"num_warps": 1}
@@ -34,7 +44,8 @@ def test_tiles_are_powers_of_two_within_bounds(K, V, T):
             assert x >= 1 and x & (x - 1) == 0
         assert t.BT <= max(MAX_BT, 1) and (t.BT >= MIN_BT or t.BT >= T)
         assert t.BV <= max(8, V)
-    assert cfg.BK >= K and cfg.C % max(cfg.fwd.BT, cfg.bwd.BT) == 0 and cfg.C >= 64
+    # the register slab's interval is capped at what the sequence needs
+    assert cfg.BK >= K and cfg.C % max(cfg.fwd.BT, cfg.bwd.BT) == 0 and (cfg.C >= 64 or cfg.C >= T)
     # register tiles stay near their budget (a wide key can force the 4-token minimum block)
     for t, elems in ((cfg.fwd, TILE_ELEMS[0]), (cfg.bwd, TILE_ELEMS[1])):
         assert t.BT * cfg.BK * t.BV <= 2 * elems
@@ -59,3 +70,42 @@ def test_bad_overrides_are_clear_errors():
         choose_config(2048, 16, 1536, 64, CUDA, max_registers=(None, 512))
     with pytest.raises(InputError, match="chunk_size"):
         choose_config(2048, 16, 1536, 0, CUDA)
+
+
+def test_slab_default_and_environment(monkeypatch):
+    assert DEFAULT_SLAB == "registers"
+    cfg = choose_config(2048, 16, 1536, 64, CUDA)
+    assert (cfg.slab, cfg.C, cfg.slots, cfg.segments) == ("registers", 128, 16, 1)
+    monkeypatch.setenv("OLSM_ELEMENTWISE_SLAB", "global")
+    cfg = choose_config(2048, 16, 1536, 64, CUDA)
+    assert (cfg.slab, cfg.C, cfg.slots, cfg.segments) == ("global", 64, 8, 1)
+    assert choose_config(2048, 16, 1536, 64, CUDA, slab="registers").slab == "registers"  # the argument wins
+
+
+def test_register_slab_checkpoint_interval():
+    """The register slab checkpoints every BT · slots · segments tokens, slots a power of two."""
+    reg = dict(slab="registers")
+    cfg = choose_config(2048, 16, 1536, 64, CUDA, **reg)
+    assert (cfg.bwd.BT, cfg.slots, cfg.C, cfg.segments) == (8, REG_SLOTS, 8 * REG_SLOTS, 1)
+    # a longer chunk_size is rounded up to a power of two of blocks, up to MAX_REG_SLOTS
+    assert choose_config(2048, 16, 1536, 200, CUDA, **reg).slots == 32
+    assert choose_config(2048, 16, 1536, 4096, CUDA, **reg).slots == MAX_REG_SLOTS
+    # explicit slots and segments
+    cfg = choose_config(2048, 16, 1536, 64, CUDA, slab_slots=4, slab_segments=8, **reg)
+    assert (cfg.slots, cfg.segments, cfg.C) == (4, 8, 256)
+    cfg = choose_config(8192, 16, 1536, 64, CUDA, slab_segments=16, **reg)
+    assert (cfg.slots, cfg.segments, cfg.C) == (16, 16, 2048)
+    # never more than the sequence needs, never shorter than the forward's block
+    cfg = choose_config(100, 16, 1536, 64, CUDA, slab_segments=16, **reg)
+    assert cfg.C >= 100 and cfg.slots * cfg.segments * cfg.bwd.BT == cfg.C and cfg.C <= 256
+    cfg = choose_config(2048, 16, 1536, 64, CUDA, block_t=(64, 8), slab_slots=2, **reg)
+    assert cfg.C % 64 == 0 and cfg.slots == 8
+
+
+def test_slab_errors():
+    with pytest.raises(InputError, match="slab"):
+        choose_config(2048, 16, 1536, 64, CUDA, slab="shared")
+    with pytest.raises(InputError, match="slab_segments"):
+        choose_config(2048, 16, 1536, 64, CUDA, slab="global", slab_segments=4)
+    with pytest.raises(BackendError, match="power of two"):
+        choose_config(2048, 16, 1536, 64, CUDA, slab="registers", slab_slots=3)

@@ -123,7 +123,8 @@ def make_inputs(name, B, T, H, K, V, *, seed=0, dtype=torch.float32, device=DEV)
 
 
 def run_both(name, B, T, H, K, V, *, h0=False, D=False, cu_seqlens=None, chunk_size=8,
-             block_v=None, dtype=torch.float32, seed=0, scale=None, prefetch=None, block_t=None):
+             block_v=None, dtype=torch.float32, seed=0, scale=None, prefetch=None, block_t=None,
+             slab=None, slab_slots=None, slab_segments=None):
     """Kernel (in ``dtype``) and float64 reference on the same inputs: outputs and grads."""
     rec = get_rec(name)
     q, k, v, coefs = make_inputs(name, B, T, H, K, V, seed=seed, dtype=dtype)
@@ -153,6 +154,9 @@ def run_both(name, B, T, H, K, V, *, h0=False, D=False, cu_seqlens=None, chunk_s
             kw["block_v"] = block_v
             kw["block_t"] = block_t
             kw["prefetch"] = prefetch
+            kw["slab"] = slab
+            kw["slab_slots"] = slab_slots
+            kw["slab_segments"] = slab_segments
         o, S = fn(rec, x["q"], x["k"], x["v"], c, **kw)
         loss = (o.double() * do.double()).sum() + (S.double() * dS.double()).sum()
         grads = torch.autograd.grad(loss, list(x.values()))
@@ -215,6 +219,75 @@ def test_deep_prefetch_short_chunks_and_sequences():
     got, ref = run_both("user", 1, 12, 1, 4, 3, h0=True, cu_seqlens=[0, 2, 9, 12],
                         chunk_size=4, prefetch=(3, 2))
     check(got, ref)
+
+
+# the register slab (slab="registers"): the backward keeps a chunk's block-entering states in
+# a [slots, BK, BV] register tensor instead of a global scratch slab. In the interpreter the
+# backward's block is 4 tokens, so slab_slots = s checkpoints every 4 s tokens.
+
+
+@pytest.mark.parametrize("slots", [2, 4])
+def test_register_slab_longhorn_diag_odd_T_initial_state_D(slots):
+    """Several chunks, the last one partial (T = 19 is no multiple of C = 8 or 16), h0, D."""
+    check(*run_both("longhorn_diag", 2, 19, 1, 8, 6, h0=True, D=True, slab="registers", slab_slots=slots))
+
+
+def test_register_slab_mamba1_value_tiles():
+    """mamba1's [H, V, K] parameter and two value slices (atomics into dq, dk)."""
+    check(*run_both("mamba1", 1, 21, 2, 4, 8, block_v=4, seed=2, slab="registers", slab_slots=2))
+
+
+def test_register_slab_user_objective():
+    """The hand-written objective (every input kind), h0 and D, 4 slots: C = 16 < T = 23."""
+    check(*run_both("user", 1, 23, 2, 5, 3, h0=True, D=True, seed=4, slab="registers", slab_slots=4))
+
+
+def test_register_slab_varlen():
+    """Packed sequences shorter and longer than the chunk (C = 8): per-sequence checkpoint
+    offsets, initial and final states."""
+    check(*run_both("longhorn_diag", 1, 29, 1, 4, 4, h0=True, cu_seqlens=[0, 3, 20, 20, 29],
+                    slab="registers", slab_slots=2, seed=6))
+
+
+def test_register_slab_default_slots_long_sequence():
+    """The default slot count (REG_SLOTS) with chunk_size asking for more: C = 64 < T = 150,
+    so the slab is filled and read back across several chunks; odd T, h0, D."""
+    check(*run_both("mamba1", 1, 150, 1, 4, 4, h0=True, D=True, chunk_size=40, seed=8, slab="registers"))
+
+
+def test_register_slab_gives_the_global_slab_results():
+    """At one checkpoint interval both slabs hold the same states: identical gradients."""
+    common = dict(h0=True, D=True, chunk_size=16, seed=9)
+    g_reg, _ = run_both("user", 1, 37, 1, 4, 3, slab="registers", slab_slots=4, **common)
+    g_glb, _ = run_both("user", 1, 37, 1, 4, 3, slab="global", **common)
+    (o1, S1, d1), (o2, S2, d2) = g_reg, g_glb
+    assert torch.equal(o1, o2) and torch.equal(S1, S2)
+    for n in d1:
+        assert rel(d1[n], d2[n]) < 1e-6, n
+
+
+# register slab with segments: a checkpoint every BT · slots · segments tokens; the backward
+# replays a chunk to keep each segment's entering state in registers, then does the segments
+# last to first as chunks of their own
+
+
+def test_register_slab_segments_odd_T():
+    """C = 4 · 2 · 4 = 32 < T = 45: a full chunk of four segments, then a partial chunk of a
+    full and a partial segment; h0, D, two sequences."""
+    check(*run_both("longhorn_diag", 2, 45, 1, 8, 6, h0=True, D=True, seed=12,
+                    slab="registers", slab_slots=2, slab_segments=4))
+
+
+def test_register_slab_segments_of_one_block():
+    """Segments of a single block (slots = 1, so no block slab), mamba1 with two value slices."""
+    check(*run_both("mamba1", 1, 27, 2, 4, 8, block_v=4, block_t=4, seed=13,
+                    slab="registers", slab_slots=1, slab_segments=4))
+
+
+def test_register_slab_segments_varlen_user_objective():
+    """Packed sequences (one empty) with segments: C = 16, h0 and D, every input kind."""
+    check(*run_both("user", 1, 41, 1, 4, 3, h0=True, D=True, cu_seqlens=[0, 5, 5, 30, 41], seed=14,
+                    slab="registers", slab_slots=2, slab_segments=2))
 
 
 def test_varlen_user_objective_matches_separate_calls():
@@ -360,3 +433,17 @@ def test_gpu_varlen_bf16():
     got, ref = run_both("longhorn_diag", 1, 1000, 1, 16, 256, h0=True, D=True,
                         cu_seqlens=[0, 100, 611, 1000], chunk_size=64, dtype=torch.bfloat16, seed=4)
     check(got, ref, tol=2e-2, gtol=5e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["longhorn_diag", "mamba1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("segments", [None, 8])
+def test_gpu_register_slab_paper_shapes(name, dtype, segments):
+    """The register slab compiled: checkpoints every 128 tokens, or every 1024 (8 segments),
+    T = 2000 not a multiple of either."""
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    got, ref = run_both(name, 2, 2000, 1, 16, 1536, h0=True, D=True, chunk_size=64, dtype=dtype, seed=12,
+                        slab="registers", slab_segments=segments)
+    check(got, ref, tol=tol, gtol=tol if dtype == torch.float32 else 5e-2)

@@ -24,9 +24,22 @@ reductions; the loads of a block are issued together (and a block ahead, see
 :class:`~.emit.BlockLoads`).
 
 **Backward.** Every ``C`` tokens (a multiple of the block) the forward stores the state
-entering the chunk. The backward walks the chunks last to first. For a chunk it replays the
-forward from the checkpoint to get the state entering each of its blocks (kept in a small
-per-program scratch slab), then walks the blocks last to first. For a block it needs S_t
+entering the chunk (but not chunk 0's: the initial state, or zeros). The backward walks the
+chunks last to first. For a chunk it replays the forward from the checkpoint to get the
+state entering each of its ``NB_C`` blocks (``C / BT``; see segments below), then walks the
+blocks last to first.
+Those block-entering states are kept either in a per-program scratch slab in global memory
+(``SLAB_IN_REGS = 0``: a store per block, a barrier, a load back; every program's slab at
+once costs ``C / BT`` states per (sequence, head)) or in a register tensor ``slab [NB_C, BK,
+BV]`` (``SLAB_IN_REGS = 1``, NB_C a power of two): the replay writes slot i with
+``tl.where(slot == i, S, slab)`` and the reverse walk reads it back with a select and a sum
+over the slot axis (on sm_90 no shared memory beyond the global-slab kernel's, and at 16
+slots no spills at the default backward tile). With the slab in registers C no longer costs
+memory, so checkpoints can be rarer; ``NSEG > 1`` goes further: a chunk
+(``C = NSEG · NB_C · BT``) is ``NSEG`` segments of ``NB_C`` blocks, a first replay
+keeps the state entering each segment in a second register tensor ``[NSEG, BK, BV]``, and the
+segments are then done last to first, each as a chunk above (a second replay of the chunk
+for ``NSEG`` times fewer checkpoints). For a block it needs S_t
 (for dq), S_{t-1} (for dG) and dS_t. One forward scan whose elements carry a second,
 *exclusive* affine pair,
 
@@ -66,7 +79,12 @@ from .emit import (
 from .plan import Factor, Plan
 
 #: bump whenever the generated source changes for the same expressions
-GENERATOR_VERSION = "elementwise-5-blockscan"
+GENERATOR_VERSION = "elementwise-6-regslab"
+
+#: default of the backward's ``SLAB_IN_REGS`` constexpr (the launcher always passes it and
+#: ``HAS_H0``; the defaults serve compiles that name only the older constexprs, e.g.
+#: benchmarks/kernel_resources.py)
+DEFAULT_SLAB_IN_REGS = 0
 
 _HELPERS = '''\
 # Local helpers instead of tl.sum / tl.cdiv / tl.sigmoid: those are @jit functions of
@@ -130,7 +148,7 @@ if IS_VARLEN:
 else:
     bos = i_b.to(tl.int64) * T
     eos = bos + T
-    ck0 = i_b.to(tl.int64) * _cdiv(T, C)
+    ck0 = i_b.to(tl.int64) * (_cdiv(T, C) - 1)  # chunk 0's entering state is not stored
 n_tok = (eos - bos).to(tl.int32)
 rows = tl.arange(0, BT)
 r3 = rows[:, None, None]
@@ -193,8 +211,9 @@ def _forward(src: Src, plan: Plan, depth: int, coef_args: str):
     src(
         "t_blk = bos + i_blk * BT",
         "if STORE_CKPT:",
-        "    if i_blk % (C // BT) == 0:",
-        "        tl.store(ckpt + ((ck0 + i_blk // (C // BT)) * H + i_h) * K * V + o_state, S, mask=m_kv)",
+        "    # the state entering chunk c > 0 (chunk 0 starts from h0 or zeros: not stored)",
+        "    if (i_blk % (C // BT) == 0) & (i_blk > 0):",
+        "        tl.store(ckpt + ((ck0 + i_blk // (C // BT) - 1) * H + i_h) * K * V + o_state, S, mask=m_kv)",
     )
     loads.take(src, "t_blk", "BT", "i_blk", "n_blk")
     emit_block_masks(src, "t_blk")
@@ -240,19 +259,25 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
     src("@triton.jit")
     src(
         "def bwd_kernel(\n"
-        f"    q, k, v, do, {coef_args}d_skip, dht, dh0, ckpt, scratch,\n"
+        f"    q, k, v, do, {coef_args}d_skip, h0, dht, dh0, ckpt, scratch,\n"
         f"    dq, dk, dv, dd_skip, {grad_args}cu_seqlens, chunk_offsets,\n"
         "    scale, T, NV,\n"
         f"{_SIZES}\n"
         "    NB_C: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,\n"
         "    HAS_D: tl.constexpr, IS_VARLEN: tl.constexpr, SPLIT_V: tl.constexpr,\n"
+        f"    HAS_H0: tl.constexpr = False, SLAB_IN_REGS: tl.constexpr = {DEFAULT_SLAB_IN_REGS},\n"
+        "    NSEG: tl.constexpr = 1,\n"
         "):"
     )
     src.indent()
     src(
         '"""Reverse pass of one (sequence, head, BV-slice): chunks last to first, and inside a',
         "chunk its NB_C = C / BT blocks last to first, each replayed from the block's entering",
-        "state (scratch slab) and differentiated with one forward and one reverse scan.",
+        "state and differentiated with one forward and one reverse scan. The chunk's NB_C",
+        "block-entering states live in registers ([NB_C, BK, BV], SLAB_IN_REGS; NB_C a power of",
+        "two) or in a per-program global scratch slab. With NSEG > 1 (register slab only) a",
+        "checkpoint covers NSEG segments of NB_C blocks: a first replay keeps the state entering",
+        "each segment in registers ([NSEG, BK, BV]), and each segment is then done as a chunk.",
         "",
         "Outputs that sum over the value axis (dq, dk, per-key/per-head coefficients) are",
         "accumulated over the value slices (atomics when SPLIT_V); per-value ones are written;",
@@ -276,8 +301,13 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
         "if HAS_DHT:",
         "    P = tl.load(dht + i_bh.to(tl.int64) * K * V + o_state, mask=m_kv, other=0.0).to(tl.float32)",
         "if NB_C > 1:",
-        "    o_slab = n_k[:, None] * BV + tl.arange(0, BV)[None, :]",
-        "    scr = scratch + (i_bh * NV + i_v).to(tl.int64) * NB_C * BK * BV",
+        "    if SLAB_IN_REGS:",
+        "        slot = tl.arange(0, NB_C)[:, None, None]  # slab slot of each block of a chunk",
+        "    else:",
+        "        o_slab = n_k[:, None] * BV + tl.arange(0, BV)[None, :]",
+        "        scr = scratch + (i_bh * NV + i_v).to(tl.int64) * NB_C * BK * BV",
+        "if NSEG > 1:",
+        "    sslot = tl.arange(0, NSEG)[:, None, None]  # segment-slab slot of each segment",
         "n_chunks = _cdiv(n_tok, C)",
         "for i_r in range(0, n_chunks):",
     )
@@ -285,35 +315,87 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
     src(
         "i_c = n_chunks - 1 - i_r",
         "t_chunk = bos + i_c * C",
-        "nb = _cdiv(tl.minimum(C, n_tok - i_c * C), BT)  # blocks in this chunk",
-        "S = tl.load(ckpt + ((ck0 + i_c) * H + i_h) * K * V + o_state, mask=m_kv, other=0.0)",
+        "n_seg = _cdiv(tl.minimum(C, n_tok - i_c * C), NB_C * BT)  # segments in this chunk",
+        "if i_c > 0:",
+        "    S = tl.load(ckpt + ((ck0 + i_c - 1) * H + i_h) * K * V + o_state, mask=m_kv, other=0.0)",
+        "elif HAS_H0:",
+        "    S = tl.load(h0 + i_bh.to(tl.int64) * K * V + o_state, mask=m_kv, other=0.0).to(tl.float32)",
+        "else:",
+        "    S = tl.full([BK, BV], 0.0, dtype=tl.float32)",
+        "if NSEG > 1:",
+    )
+    src.indent()
+    src(
+        "# 0) replay the chunk's segments but the last; slot s holds the state entering segment s",
+        "segs = tl.where(sslot == 0, S[None, :, :], 0.0)",
+    )
+    rec_loads.prologue(src, "t_chunk", "BT", "(n_seg - 1) * NB_C")
+    src("for i_blk in range(0, (n_seg - 1) * NB_C):")
+    src.indent()
+    src("t_blk = t_chunk + i_blk * BT")
+    rec_loads.take(src, "t_blk", "BT", "i_blk", "(n_seg - 1) * NB_C")
+    emit_block_masks(src, "t_blk")
+    emit_factors(src, plan)
+    Coefficients(plan, with_partials=False).emit_values(src)
+    _scan_block_end(src)
+    src(
+        "seg_to = tl.where((i_blk + 1) % NB_C == 0, (i_blk + 1) // NB_C, -1)  # -1: no slot",
+        "segs = tl.where(sslot == seg_to, S[None, :, :], segs)",
+    )
+    src.dedent()
+    src.dedent()
+    src("for i_rs in range(0, n_seg):")
+    src.indent()
+    src(
+        "i_s = n_seg - 1 - i_rs",
+        "t_seg = t_chunk + i_s * (NB_C * BT)",
+        "nb = _cdiv(tl.minimum(NB_C * BT, n_tok - i_c * C - i_s * (NB_C * BT)), BT)  # blocks in this segment",
+        "if NSEG > 1:",
+        "    S = _sum(tl.where(sslot == i_s, segs, -0.0), 0)",
         "if NB_C > 1:",
     )
     src.indent()
-    src("# 1) replay the chunk forward; slot i of the slab holds the state entering block i")
-    src("tl.store(scr + o_slab, S)")
-    rec_loads.prologue(src, "t_chunk", "BT", "nb - 1")
+    src(
+        "# 1) replay the segment forward; slot i of the slab holds the state entering block i",
+        "if SLAB_IN_REGS:",
+        "    slab = tl.where(slot == 0, S[None, :, :], 0.0)",
+        "else:",
+        "    tl.store(scr + o_slab, S)",
+    )
+    rec_loads.prologue(src, "t_seg", "BT", "nb - 1")
     src("for i_blk in range(0, nb - 1):")
     src.indent()
-    src("t_blk = t_chunk + i_blk * BT")
+    src("t_blk = t_seg + i_blk * BT")
     rec_loads.take(src, "t_blk", "BT", "i_blk", "nb - 1")
     emit_block_masks(src, "t_blk")
     emit_factors(src, plan)
     Coefficients(plan, with_partials=False).emit_values(src)
     _scan_block_end(src)
-    src("tl.store(scr + (i_blk + 1) * BK * BV + o_slab, S)")
+    src(
+        "if SLAB_IN_REGS:",
+        "    slab = tl.where(slot == i_blk + 1, S[None, :, :], slab)",
+        "else:",
+        "    tl.store(scr + (i_blk + 1) * BK * BV + o_slab, S)",
+    )
     src.dedent()
-    src("tl.debug_barrier()  # the slab is read back by other threads")
+    src(
+        "if SLAB_IN_REGS == 0:",
+        "    tl.debug_barrier()  # the slab is read back by other threads",
+    )
     src.dedent()
-    src("# 2) the chunk's blocks, last to first")
-    rev_loads.prologue(src, "t_chunk + (nb - 1) * BT", "-BT", "nb")
+    src("# 2) the segment's blocks, last to first")
+    rev_loads.prologue(src, "t_seg + (nb - 1) * BT", "-BT", "nb")
     src("for i_rb in range(0, nb):")
     src.indent()
-    src("i_blk = nb - 1 - i_rb", "t_blk = t_chunk + i_blk * BT")
+    src("i_blk = nb - 1 - i_rb", "t_blk = t_seg + i_blk * BT")
     rev_loads.take(src, "t_blk", "-BT", "i_rb", "nb")
     src(
         "if NB_C > 1:",
-        "    S0 = tl.load(scr + i_blk * BK * BV + o_slab)",
+        "    if SLAB_IN_REGS:",
+        "        # slot i_blk: a select over the slots, in each thread's own registers",
+        "        S0 = _sum(tl.where(slot == i_blk, slab, -0.0), 0)",
+        "    else:",
+        "        S0 = tl.load(scr + i_blk * BK * BV + o_slab)",
         "else:",
         "    S0 = S",
     )
@@ -373,8 +455,10 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
     src.dedent()
     src(
         "if NB_C > 1:",
-        "    tl.debug_barrier()  # the next chunk overwrites the slab",
+        "    if SLAB_IN_REGS == 0:",
+        "        tl.debug_barrier()  # the next chunk overwrites the slab",
     )
+    src.dedent()
     src.dedent()
     src(
         "if STORE_DH0:",

@@ -10,6 +10,19 @@ warp, 512 elements, 16 per thread (2.47 ms at B = 8, T = 2048, forward+backward 
 forward; it keeps many tiles alive and
 larger tiles spill: ``[8, 16, 8]`` on 2 warps 3.06 ms, ``[16, 16, 8]`` on 2 warps 5.7 ms).
 Every knob can be overridden per call.
+
+Where the backward keeps a chunk's block-entering states (``slab``): ``"global"``, a
+per-program scratch slab in global memory (``C / BT`` states of ``[BK, BV]`` per program, all
+programs at once), or ``"registers"``, a ``[C / BT, BK, BV]`` register tensor per program (no
+memory, a few registers: compiled for sm_90 by Triton 3.9, the backward [8, 16, 4] on one warp
+takes 241 registers instead of 232 (mamba1) and 255 instead of 249 (longhorn_diag) at 16
+slots, no spills; 32 slots spill 48 bytes). Off-chip memory then no longer grows with ``C``,
+so the register slab checkpoints less often by default: every ``BT · REG_SLOTS`` tokens (128)
+unless ``chunk_size`` asks for more. ``slab_segments = S`` multiplies that by S with a
+second register tensor of S segment-entering states and a second replay (16 slots × 8
+segments, C = 1024: 248 / 255 registers, no spills; × 16 segments, C = 2048: 252 / 255, and
+longhorn_diag spills 32 bytes). ``OLSM_ELEMENTWISE_SLAB`` sets the default slab (``global``
+unless set).
 """
 from __future__ import annotations
 
@@ -32,6 +45,19 @@ MAX_BV = (8, 4)
 
 #: token blocks stay within these bounds
 MIN_BT, MAX_BT = 4, 64
+
+#: where the backward keeps the block-entering states of a chunk
+SLABS = ("global", "registers")
+
+#: default of ``slab`` (``$OLSM_ELEMENTWISE_SLAB`` overrides it). On the H200 (run 10, bf16, the
+#: paper shapes, ``benchmarks/results/elementwise_slab_h200.md``) the register slab (C = 128) took
+#: 0.99–1.01× the global slab's fwd+bwd time for mamba1 and 1.02–1.04× for longhorn_diag, with
+#: 8–10 % less peak memory (mamba1 at D = 768, B = 8, T = 2048: 159.1 vs 177.1 MiB)
+DEFAULT_SLAB = "registers"
+
+#: register slab: default slots (backward blocks per checkpoint interval), and the most a
+#: ``chunk_size`` can ask for without naming ``slab_slots`` (more spill registers)
+REG_SLOTS, MAX_REG_SLOTS = 16, 32
 
 Knob = Union[None, int, Sequence[Optional[int]]]
 
@@ -66,15 +92,28 @@ class Config:
 
     Attributes:
         BK: padded key dimension (the whole K sits in one tile).
-        C: checkpoint interval in tokens, a multiple of both kernels' BT.
+        C: checkpoint interval in tokens, a multiple of both kernels' BT (with the register
+            slab, ``bwd.BT`` times a power of two).
         fwd: forward kernel tile.
         bwd: backward kernel tile.
+        slab: where the backward keeps a chunk's block-entering states, ``"global"`` or
+            ``"registers"``.
+        segments: register slab only: segments per checkpoint interval (a power of two);
+            above 1 the backward first replays a chunk to keep each segment's entering state
+            in registers, then does each segment as a chunk of ``C / segments`` tokens.
     """
 
     BK: int
     C: int
     fwd: Tile
     bwd: Tile
+    slab: str = "global"
+    segments: int = 1
+
+    @property
+    def slots(self) -> int:
+        """Block-entering states the backward keeps per segment: ``C / (segments · bwd.BT)``."""
+        return self.C // (self.segments * self.bwd.BT)
 
 
 def next_pow2(n: int) -> int:
@@ -124,9 +163,15 @@ def _tile(T: int, BK: int, V: int, elems: int, per_thread: int, max_bv: int,
     return Tile(BT=BT, BV=BV, num_warps=_pow2(warps, "num_warps"), maxnreg=maxnreg)
 
 
+def default_slab() -> str:
+    """``$OLSM_ELEMENTWISE_SLAB`` if set, else :data:`DEFAULT_SLAB`."""
+    return os.environ.get("OLSM_ELEMENTWISE_SLAB", "") or DEFAULT_SLAB
+
+
 def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
                   block_t: Knob = None, block_v: Knob = None, num_warps: Knob = None,
-                  max_registers: Knob = None) -> Config:
+                  max_registers: Knob = None, slab: Optional[str] = None,
+                  slab_slots: Optional[int] = None, slab_segments: Optional[int] = None) -> Config:
     """Pick the tile shapes and the checkpoint interval.
 
     Args:
@@ -141,13 +186,22 @@ def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
         block_t, block_v, num_warps: overrides, each an int for both kernels or a
             ``(forward, backward)`` pair whose ``None`` entries keep the heuristic.
         max_registers: per-thread register cap (CUDA only), int or pair; None: no cap.
+        slab: ``"global"`` or ``"registers"`` (None: :func:`default_slab`).
+        slab_slots: register slab only: the backward blocks per checkpoint interval, a power
+            of two (``C = bwd.BT · slab_slots``); None: enough for ``chunk_size`` and at least
+            :data:`REG_SLOTS`, at most :data:`MAX_REG_SLOTS`. Never more than the sequence
+            needs, never a C shorter than the forward's block.
+        slab_segments: register slab only: segments of ``bwd.BT · slots`` tokens per
+            checkpoint interval, a power of two (None: 1): ``C = bwd.BT · slots · segments``,
+            at the price of a second forward replay in the backward. Never more than the
+            sequence needs.
 
     Returns:
         The :class:`Config`.
 
     Raises:
         BackendError: an override that is not a power of two, or a register cap outside 1..255.
-        InputError: a non-positive chunk size.
+        InputError: a non-positive chunk size, an unknown slab, segments with the global slab.
     """
     if int(chunk_size) < 1:
         raise InputError(f"chunk_size must be positive, got {chunk_size}")
@@ -166,4 +220,21 @@ def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
         bwd = _tile(T, BK, V, TILE_ELEMS[1], ELEMS_PER_THREAD[1], MAX_BV[1], bt[1], bv[1], nw[1], mr[1])
     step = max(fwd.BT, bwd.BT)
     C = -(-int(chunk_size) // step) * step
-    return Config(BK=BK, C=C, fwd=fwd, bwd=bwd)
+    slab = default_slab() if slab is None else slab
+    if slab not in SLABS:
+        raise InputError(f"slab must be one of {SLABS}, got {slab!r}")
+    segments = 1
+    if slab == "global" and slab_segments not in (None, 1):
+        raise InputError(f"slab_segments needs slab='registers', got slab_segments={slab_segments} with the global slab")
+    if slab == "registers":
+        if slab_slots is not None:
+            slots = _pow2(slab_slots, "slab_slots")
+        else:
+            slots = min(MAX_REG_SLOTS, max(REG_SLOTS, next_pow2(-(-C // bwd.BT))))
+        slots = min(slots, next_pow2(-(-max(T, 1) // bwd.BT)))  # one chunk covers the sequence
+        slots = max(slots, step // bwd.BT)  # a multiple of the forward's block
+        if slab_segments is not None:
+            segments = _pow2(slab_segments, "slab_segments")
+            segments = min(segments, next_pow2(-(-max(T, 1) // (bwd.BT * slots))))
+        C = bwd.BT * slots * segments
+    return Config(BK=BK, C=C, fwd=fwd, bwd=bwd, slab=slab, segments=segments)

@@ -6,11 +6,25 @@ on disk) a forward and a backward kernel whose coefficient arithmetic was printe
 IR's sympy expressions (:mod:`.codegen` describes the block-parallel algorithm).
 
 Memory the forward keeps for the backward: the inputs plus one float32 ``[K, V]`` state per
-head every ``C`` tokens (``T / C`` of them, C = ``chunk_size`` rounded to the block), never a
-``[T, K, V]`` tensor. The backward adds a per-program slab of ``C / BT`` states (the
-block-entering states of one chunk, ``[K, BV]`` each), one float32 ``[B, T, H, K]`` buffer
-each for dq and dk (summed over value slices with atomics) and writes the per-value
-gradients (dv, dβ, dΔ) straight in their inputs' dtypes.
+sequence and head at the start of every chunk of ``C`` tokens but the first (which starts
+from the initial state or zeros): ``ceil(T / C) - 1`` of them, never a ``[T, K, V]`` tensor.
+The backward walks one chunk at a time and needs the state entering each of the chunk's
+``C / BT`` blocks. With ``slab="global"`` they go to a float32 scratch slab of
+``N · H · K · V · C / BT`` (every program's at once), so C trades checkpoints (∝ T / C)
+against slab (∝ C / BT) and stays small (C = ``chunk_size`` rounded to the block, 64). With
+``slab="registers"`` they stay in each program's registers: no slab memory, and C grows to
+``BT · REG_SLOTS`` (128) by default; ``slab_segments=S`` makes it S times longer for a second
+forward replay in the backward. E.g. B = 8, T = 2048, one head, K = 16, V = 1536 (one
+checkpoint per sequence: 0.75 MiB; at B = 2, T = 8192: 0.19 MiB):
+
+    global,    C = 64:                  31 checkpoints 23.3 MiB + slab 6 MiB   (T = 8192: 23.8 + 1.5)
+    registers, C = 128:                 15 checkpoints 11.3 MiB                (T = 8192: 11.8)
+    registers, 8 segments, C = 1024:     1 checkpoint   0.75 MiB               (T = 8192: 1.3)
+    registers, 16 segments, C = 2048:    none                                  (T = 8192: 0.56)
+
+The backward also takes one float32 ``[B, T, H, K]`` buffer each for dq and dk (summed over
+value slices with atomics) and writes the per-value gradients (dv, dβ, dΔ) straight in their
+inputs' dtypes.
 """
 from __future__ import annotations
 
@@ -103,10 +117,11 @@ def _check(rec, plan: Plan, q, k, v, coefs, initial_state, cu_seqlens, D):
 
 
 def _chunk_offsets(cu_seqlens: torch.Tensor, C: int) -> torch.Tensor:
-    """Index of each packed sequence's first checkpoint: ``[N]`` int32."""
+    """Index of each packed sequence's first stored checkpoint (that of its second chunk):
+    ``[N]`` int32."""
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    n_chunks = (lens + C - 1) // C
-    return torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)[:-1]]).to(torch.int32)
+    stored = ((lens + C - 1) // C - 1).clamp_min(0)
+    return torch.cat([stored.new_zeros(1), stored.cumsum(0)[:-1]]).to(torch.int32)
 
 
 class _ElementwiseScan(torch.autograd.Function):
@@ -124,9 +139,10 @@ class _ElementwiseScan(torch.autograd.Function):
         chunk_offsets = None
         if cu_seqlens is not None:
             chunk_offsets = _chunk_offsets(cu_seqlens, cfg.C)
-            total_chunks = -(-T // cfg.C) + N  # an upper bound that needs no device sync
+            # an upper bound that needs no device sync: Σ (ceil(L_i / C) - 1) <= ceil(T / C)
+            total_chunks = -(-T // cfg.C)
         else:
-            total_chunks = N * -(-T // cfg.C)
+            total_chunks = N * (-(-T // cfg.C) - 1)
         f32 = dict(dtype=torch.float32, device=q.device)
         o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
         ht = torch.empty(N, H, K, V, **f32) if output_final_state else None
@@ -149,7 +165,7 @@ class _ElementwiseScan(torch.autograd.Function):
             **tile.launch_options(),
         )
         if need_ckpt:
-            ctx.save_for_backward(q, k, v, Dc, cu_seqlens, chunk_offsets, ckpt, *coefs)
+            ctx.save_for_backward(q, k, v, Dc, h0, cu_seqlens, chunk_offsets, ckpt, *coefs)
             ctx.meta = (plan, mod, cfg, float(scale), h0 is not None, N)
             ctx.coef_dtypes = [c.dtype for c in coefs]
             ctx.state_dtype = initial_state.dtype if initial_state is not None else None
@@ -158,7 +174,7 @@ class _ElementwiseScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, D, cu_seqlens, chunk_offsets, ckpt, *coefs = ctx.saved_tensors
+        q, k, v, D, h0, cu_seqlens, chunk_offsets, ckpt, *coefs = ctx.saved_tensors
         plan, mod, cfg, scale, has_h0, N = ctx.meta
         B, T, H, K = q.shape
         V = v.shape[-1]
@@ -177,8 +193,10 @@ class _ElementwiseScan(torch.autograd.Function):
         dv = alloc(B, T, H, V, dtype=v.dtype, device=dev)
         dh0 = torch.empty(N, H, K, V, **f32) if has_h0 else None
         dD = torch.empty(N, H, V, **f32) if D is not None else None
-        nb_c = cfg.C // tile.BT
-        scratch = torch.empty(N * H * NV * nb_c * cfg.BK * tile.BV if nb_c > 1 else 1, **f32)
+        nb_c = cfg.slots
+        in_regs = cfg.slab == "registers"
+        # the global slab: C / BT block-entering states per program (none in registers)
+        scratch = torch.empty(N * H * NV * nb_c * cfg.BK * tile.BV if nb_c > 1 and not in_regs else 1, **f32)
         gbufs = []
         for spec, c in zip(plan.inputs, coefs):
             ax = tuple(spec.axes)
@@ -194,6 +212,7 @@ class _ElementwiseScan(torch.autograd.Function):
         mod.bwd_kernel[(N * H, NV)](
             q, k, v, do, *coefs,
             D if D is not None else dummy,
+            h0 if h0 is not None else dummy,
             dht.contiguous() if dht is not None else dummy,
             dh0 if dh0 is not None else dummy,
             ckpt, scratch, dq, dk, dv,
@@ -203,8 +222,9 @@ class _ElementwiseScan(torch.autograd.Function):
             chunk_offsets if chunk_offsets is not None else dummy,
             scale, T, NV,
             H=H, K=K, V=V, BK=cfg.BK, BV=tile.BV, BT=tile.BT, C=cfg.C, NB_C=nb_c,
-            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+            HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
             HAS_D=D is not None, IS_VARLEN=cu_seqlens is not None, SPLIT_V=split_v,
+            SLAB_IN_REGS=int(in_regs), NSEG=cfg.segments,
             **tile.launch_options(),
         )
         dcoefs = []
@@ -242,6 +262,9 @@ def elementwise_scan(
     num_warps: Knob = None,
     prefetch: Optional[Tuple[int, int]] = None,
     max_registers: Knob = None,
+    slab: Optional[str] = None,
+    slab_slots: Optional[int] = None,
+    slab_segments: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run an elementwise-gate recurrence with a generated block-parallel Triton scan.
 
@@ -259,7 +282,9 @@ def elementwise_scan(
         output_final_state: also return the final state.
         cu_seqlens: ``[N + 1]`` int32/int64 boundaries of packed sequences (then ``B == 1``).
         chunk_size: tokens between the checkpointed states the backward restarts from
-            (rounded up to a multiple of the token block).
+            (rounded up to a multiple of the token block; with ``slab="registers"`` to the
+            backward's block times a power of two, at least ``BT · REG_SLOTS``, see
+            :func:`~.config.choose_config`).
         D: optional ``[H, V]`` skip connection, ``o += D[h, j] · v`` (the Mamba/Longhorn block).
         block_t, block_v, num_warps: tokens per block, value-slice width and warps per
             program (default: :func:`~.config.choose_config`); an int sets both kernels, a
@@ -267,6 +292,14 @@ def elementwise_scan(
         prefetch: ``(forward, backward)`` blocks loaded ahead (default ``(1, 1)``).
         max_registers: per-thread register cap of the compiled kernels (CUDA), an int or a
             ``(forward, backward)`` pair; None leaves it to the compiler.
+        slab: where the backward keeps a chunk's block-entering states: ``"global"`` (a
+            scratch slab in global memory) or ``"registers"`` (none off chip, fewer
+            checkpoints); None: ``$OLSM_ELEMENTWISE_SLAB`` or :data:`~.config.DEFAULT_SLAB`.
+        slab_slots: register slab only: backward blocks per segment (a power of two; None:
+            :func:`~.config.choose_config`'s choice).
+        slab_segments: register slab only: segments per checkpoint interval (a power of two,
+            default 1): ``C = BT · slab_slots · slab_segments``; above 1 the backward replays
+            each chunk twice (fewer checkpoints for one more forward pass).
 
     Returns:
         ``(o [B, T, H, V] in q's dtype, S [N, H, K, V] float32 or None)``. Differentiable with
@@ -274,7 +307,8 @@ def elementwise_scan(
     """
     plan, mod = compile_recurrence(rec, prefetch)
     B, T, H, K, V, N = _check(rec, plan, q, k, v, coefs, initial_state, cu_seqlens, D)
-    cfg = choose_config(T, K, V, chunk_size, q.device, block_t, block_v, num_warps, max_registers)
+    cfg = choose_config(T, K, V, chunk_size, q.device, block_t, block_v, num_warps, max_registers,
+                        slab=slab, slab_slots=slab_slots, slab_segments=slab_segments)
     coef_list = [coefs[s.name] for s in rec.inputs]
     tensors = [q, k, v, initial_state, D, *coef_list]
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
