@@ -504,3 +504,14 @@ def test_triton_backward_with_one_lowrank_pair(decay, lowrank, monkeypatch):
           cu_seqlens=cu)
     # K > 64: two K-slices in kernel 2'b, whose decay terms are summed afterwards
     check(make_inputs(8, T=70, H=1, K=80, V=20, decay=decay, lowrank=lowrank), chunk_size=32)
+
+
+def test_per_key_backward_reuses_the_forward_intra_matrix(monkeypatch):
+    # the fused per-key forward keeps its intra-chunk A for the backward (fused_forward returns it,
+    # ChunkMatrixFunction saves it): A is made once per forward+backward, not again in the backward
+    perkey = importlib.import_module("olsm.kernels.matrix.perkey")
+    made = []
+    real = perkey.intra_gram
+    monkeypatch.setattr(perkey, "intra_gram", lambda *a, **k: made.append(1) or real(*a, **k))
+    check(make_inputs(64, B=1, T=40, H=1, K=6, V=5, decay="key"), chunk_size=16)
+    assert len(made) == 1, made

@@ -501,7 +501,8 @@ def fused_backward_applies(log_decay, lowrank, K: int, V: int) -> bool:
     return len(lowrank) in ((0,) if per_key else (0, 2)) and max(K, V) <= 128
 
 
-def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, meta, needs, lowrank_flat=()):
+def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, meta, needs, lowrank_flat=(),
+                   amat=None):
     """Gradients of :func:`.chunk.chunk_matrix` for no / scalar decay and rank <= 1, or a per-key
     decay and rank 0 (:mod:`.perkey`).
 
@@ -511,7 +512,9 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
         h0: ``None`` or ``[N, H, K, V]``; states ``[NC, H, K, V]`` and final ``[N, H, K, V]``
         (from the forward; states in :func:`.fused.state_dtype`, final fp32); d_o ``[B, T, H, V]`` or None; d_final ``[N, H, K, V]`` or None;
         lay: the chunk layout; meta: ``scale``, ``precision``; needs: which of
-        (q, w, u, log_decay, h0) need a gradient; lowrank_flat: ``()`` or ``(a, b)``.
+        (q, w, u, log_decay, h0) need a gradient; lowrank_flat: ``()`` or ``(a, b)``;
+        amat: the forward's intra-chunk A ``[NC, H, C, C]`` fp32 with a per-key decay (None:
+        made again).
 
     Returns:
         ``(dq, dw, du, d_log_decay, dh0)``, then ``(da, db)`` with a low-rank pair; None where
@@ -590,9 +593,11 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
                 lay.tok_start, lay.tok_stop, scale, B * T, *(dummy,) * 7, dA, H, K=K, V=V, C=C, DECAY=decay,
                 BKS=BKS, BV=shape.BV_dqdw, PRECISION=prec, num_warps=shape.warps_chunk,
             )
-            amat = perkey.intra_gram(q, w, g, lay.tok_start, lay.tok_stop, H, K, C, prec) if pk else dummy
+            if pk and amat is None:
+                amat = perkey.intra_gram(q, w, g, lay.tok_start, lay.tok_stop, H, K, C, prec)
             _du_bwd_kernel[(triton.cdiv(V, shape.BV_wide), NC * H)](
-                q, w, d_o, g if g is not None else dummy, dstates, du, amat, lay.tok_start, lay.tok_stop, scale,
+                q, w, d_o, g if g is not None else dummy, dstates, du, amat if pk else dummy, lay.tok_start,
+                lay.tok_stop, scale,
                 H, K=K, V=V, C=C, DECAY=decay, BKS=shape.BKS_du, BV=shape.BV_wide, PRECISION=prec,
                 num_warps=shape.warps_chunk,
             )
