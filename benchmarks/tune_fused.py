@@ -33,8 +33,8 @@ def with_change(field, value):
     """Install ``field = value`` in the launches; returns an undo callable."""
     real = fused.launch_shape
 
-    def patched(K, V, C):
-        return dataclasses.replace(real(K, V, C), **{field: value})
+    def patched(*args, **kwargs):     # launch_shape(K, V, C, fp32=...)
+        return dataclasses.replace(real(*args, **kwargs), **{field: value})
 
     fused.launch_shape = fused_bwd.launch_shape = patched
 
@@ -47,14 +47,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="8,2048,16,128")
     ap.add_argument("--methods", nargs="*", default=["mamba2", "gated_deltanet"])
+    ap.add_argument("--changes", nargs="*", default=None,
+                    help="field=value pairs to try instead of CHANGES, e.g. warps_state_lr=4 BV=64")
     args = ap.parse_args()
+    changes = CHANGES if args.changes is None else [(c.split("=")[0], int(c.split("=")[1])) for c in args.changes]
     shape = tuple(int(p) for p in args.shape.split(","))
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, shape {shape} bf16")
     print(f"default: {fused.launch_shape(shape[3], shape[3], 64)}")
     for method in args.methods:
         base = {k: ms for k, (_, ms) in profile_ops.kernel_times(method, shape).items() if not k.startswith("void")}
         rows = {k: {} for k in base}
-        for field, value in CHANGES:
+        for field, value in changes:
             undo = with_change(field, value)
             try:
                 got = profile_ops.kernel_times(method, shape)
