@@ -253,6 +253,21 @@ def _store_token_grad(src: Src, ptr: str, axes: str, val: str, cast: bool):
         src(f"_accumulate({addr}, {val}, {mask}, SPLIT_V)")
 
 
+def _replay_loop(src, plan: Plan, rec_loads, t0: str, count: str) -> None:
+    """Emit the head of a forward replay in the backward: ``for i_blk in range(0, count)`` over
+    blocks from token ``t0``, each block's values and scan (no partials), the body left open
+    (indented) for the caller to keep the state it needs."""
+    rec_loads.prologue(src, t0, "BT", count)
+    src(f"for i_blk in range(0, {count}):")
+    src.indent()
+    src(f"t_blk = {t0} + i_blk * BT")
+    rec_loads.take(src, "t_blk", "BT", "i_blk", count)
+    emit_block_masks(src, "t_blk")
+    emit_factors(src, plan)
+    Coefficients(plan, with_partials=False).emit_values(src)
+    _scan_block_end(src)
+
+
 def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
     rec_loads = BlockLoads(plan, with_q=False, with_do=False, depth=depth)
     rev_loads = BlockLoads(plan, with_q=True, with_do=True, depth=depth)
@@ -329,15 +344,7 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
         "# 0) replay the chunk's segments but the last; slot s holds the state entering segment s",
         "segs = tl.where(sslot == 0, S[None, :, :], 0.0)",
     )
-    rec_loads.prologue(src, "t_chunk", "BT", "(n_seg - 1) * NB_C")
-    src("for i_blk in range(0, (n_seg - 1) * NB_C):")
-    src.indent()
-    src("t_blk = t_chunk + i_blk * BT")
-    rec_loads.take(src, "t_blk", "BT", "i_blk", "(n_seg - 1) * NB_C")
-    emit_block_masks(src, "t_blk")
-    emit_factors(src, plan)
-    Coefficients(plan, with_partials=False).emit_values(src)
-    _scan_block_end(src)
+    _replay_loop(src, plan, rec_loads, "t_chunk", "(n_seg - 1) * NB_C")
     src(
         "seg_to = tl.where((i_blk + 1) % NB_C == 0, (i_blk + 1) // NB_C, -1)  # -1: no slot",
         "segs = tl.where(sslot == seg_to, S[None, :, :], segs)",
@@ -362,15 +369,7 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
         "else:",
         "    tl.store(scr + o_slab, S)",
     )
-    rec_loads.prologue(src, "t_seg", "BT", "nb - 1")
-    src("for i_blk in range(0, nb - 1):")
-    src.indent()
-    src("t_blk = t_seg + i_blk * BT")
-    rec_loads.take(src, "t_blk", "BT", "i_blk", "nb - 1")
-    emit_block_masks(src, "t_blk")
-    emit_factors(src, plan)
-    Coefficients(plan, with_partials=False).emit_values(src)
-    _scan_block_end(src)
+    _replay_loop(src, plan, rec_loads, "t_seg", "nb - 1")
     src(
         "if SLAB_IN_REGS:",
         "    slab = tl.where(slot == i_blk + 1, S[None, :, :], slab)",
