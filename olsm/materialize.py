@@ -179,8 +179,16 @@ def materialize(rec, k, v, coefs, dtype, delta: bool = False) -> dict:
     def value_vec(e):
         return evaluate(e, env).expand(B, T, H, 1, V)[..., 0, :]
 
+    scalars = {}
+
     def head_scalar(e):
-        return evaluate(e, env).expand(B, T, H, 1, 1)[..., 0, 0]
+        # one tensor per expression: Longhorn's c = s = b = β (DeltaNet's c = s = β) reach
+        # chunk_delta as one tensor, which sums its gradients once (fp32, one cast) instead of
+        # autograd adding one per place; squeeze, not [..., 0, 0]: its backward is a view too,
+        # where select's allocates and fills a zero tensor (two GPU launches per select)
+        if e not in scalars:
+            scalars[e] = evaluate(e, env).expand(B, T, H, 1, 1).squeeze((-2, -1))
+        return scalars[e]
 
     delta = delta and rec.is_delta_form
     if delta:

@@ -313,6 +313,11 @@ def test_delta_path_makes_no_float_copies(name, monkeypatch):
     assert t["w"] is k and t["u"] is v
     assert set(envs[0]) - {s.symbol.name for s in rec.inputs} == set()
     assert ("kk_coef" in t) == ("longhorn" in name)
+    # one expression, one tensor: chunk_delta then returns its gradient once (summed in fp32)
+    # instead of autograd adding one per place (test_tied_coefficients_get_one_gradient)
+    c, s, b = M.delta_coefficients(rec)
+    assert (t.get("u_scale") is t["c"]) == (s == c)
+    assert (b is not None and t["kk_coef"] is t.get("u_scale")) == (b is not None and b == s)
 
 
 def test_second_derivative_is_refused():
@@ -344,25 +349,83 @@ def test_bad_coefficient_is_a_clear_error():
         km.chunk_delta(q, k, u, c, ld, u_scale=c[:, :-1])
 
 
-@pytest.mark.parametrize("share", ["all", "u_scale_and_kk_coef"])
+# which leaf each of (c, u_scale, kk_coef) is: "x" one tensor passed in several places, "c", "s",
+# "b" others
+SHARES = {"all": ("x", "x", "x"),                   # Longhorn: c = u_scale = kk_coef = β
+          "deltanet": ("x", "x", None),              # DeltaNet: c = u_scale = β
+          "u_scale_and_kk_coef": ("c", "x", "x"),
+          "c_and_u_scale": ("x", "x", "b"),
+          "c_and_kk_coef": ("x", "s", "x"),          # tied positions not next to each other
+          "c_and_kk_coef_only": ("x", None, "x")}
+
+
+@pytest.mark.parametrize("share", list(SHARES))
 @pytest.mark.parametrize("decay", [False, True])
-def test_one_tensor_as_several_coefficients(decay, share):
+def test_one_tensor_as_several_coefficients(decay, share, coef_dtype=torch.float32, T=45, tol=1e-5):
     # Longhorn passes β as c, u_scale and kk_coef: the kernels then read one fp32 copy
-    # (delta._operands) and its gradient is the sum of the three; the same as equal copies.
-    # Also a tensor shared by u_scale and kk_coef only (c another one)
+    # (delta._operands) and its gradient is the sum of the three (formed once in fp32 by
+    # delta_backward, not by autograd); the same as equal copies. Also tensors shared by two of
+    # the three, next to each other or not
     km = _import_kernels()
-    q, k, u, c, ld, s0, s, _ = delta_inputs(21, T=45, decay=decay, kk_coef=True)
-    leaves = [t.to(DEVICE, torch.float32) for t in (q, k, u, c, s)]
+    q, k, u, c, ld, s0, s, b = delta_inputs(21, T=T, decay=decay, kk_coef=True)
+    x = (c + s) / 2
+    leaves = [t.to(DEVICE, torch.float32) for t in (q, k, u)] + [t.to(DEVICE, coef_dtype) for t in (c, s, b, x)]
     ld = None if ld is None else ld.to(DEVICE, torch.float32)
+    roles = SHARES[share]
 
     def run(copies):
-        q_, k_, u_, c_, s_ = (t.detach().clone().requires_grad_() for t in leaves)
-        shared = c_ if share == "all" else s_
-        b, s2 = (shared.clone(), shared.clone()) if copies else (shared, shared)
-        c2 = (shared.clone() if copies else shared) if share == "all" else c_
-        o, S = km.chunk_delta(q_, k_, u_, c2, ld, u_scale=s2, kk_coef=b, output_final_state=True, chunk_size=16)
+        q_, k_, u_, *coefs = (t.detach().clone().requires_grad_() for t in leaves)
+        named = dict(zip("csbx", coefs))
+        # as copies, each place of "x" gets its own clone (autograd sums their gradients)
+        args = [None if r is None else named[r].clone() if copies and r == "x" else named[r] for r in roles]
+        o, S = km.chunk_delta(q_, k_, u_, args[0], ld, u_scale=args[1], kk_coef=args[2], output_final_state=True,
+                              chunk_size=16)
         (o.square().sum() + S.sum()).backward()
-        return o, S, q_.grad, k_.grad, u_.grad, shared.grad
+        used = [t for n, t in zip("csbx", coefs) if n in roles]
+        return [o, S, q_.grad, k_.grad, u_.grad] + [t.grad for t in used]
 
-    for a, b in zip(run(False), run(True)):
-        assert rel_err(a, b.double()) < 1e-5
+    for i, (a, b) in enumerate(zip(run(False), run(True))):
+        assert a.dtype == b.dtype, i
+        assert rel_err(a, b.double()) < tol, i
+
+
+@pytest.mark.parametrize("share", ["all", "deltanet"])
+def test_one_half_precision_tensor_as_several_coefficients(share):
+    # β in bf16 (q, k, u fp32): one gradient in bf16, summed in fp32 before the rounding (equal
+    # copies round each part first, so the two agree to bf16's resolution); B·T·H a multiple of 4
+    # here, so the coefficient buffer's rows are not padded
+    test_one_tensor_as_several_coefficients(True, share, coef_dtype=torch.bfloat16, T=48, tol=2e-2)
+
+
+@pytest.mark.parametrize("share", list(SHARES))
+def test_tied_coefficients_get_one_gradient(share, monkeypatch):
+    # the backward converts no coefficient again (the forward's fp32 copies are kept) and returns
+    # a tensor passed as several of c, u_scale, kk_coef one summed gradient, at its first
+    # position, None at the others; distinct tensors each get their own
+    import importlib
+
+    mod = importlib.import_module("olsm.kernels.matrix.delta")
+    flats, outs = [], []
+    real_flat, real_bwd = mod._flat_c, mod.delta_backward
+    monkeypatch.setattr(mod, "_flat_c", lambda *a: flats.append(1) or real_flat(*a))
+    monkeypatch.setattr(mod, "delta_backward", lambda *a, **kw: outs.append(real_bwd(*a, **kw)) or outs[-1])
+    q, k, u, c, _, _, s, b = (t if t is None else t.float().requires_grad_()
+                              for t in delta_inputs(4, T=20, kk_coef=True, h0=False))
+    roles = SHARES[share]
+    named = dict(c=c, s=s, b=b, x=(c + s).detach().requires_grad_())
+    args = [None if r is None else named[r] for r in roles]
+    o, _ = km.chunk_delta(q, k, u, args[0], None, u_scale=args[1], kk_coef=args[2], chunk_size=16)
+    n_fwd = len(flats)
+    assert n_fwd == len({id(t) for t in args if t is not None})       # one fp32 copy per distinct tensor
+    o.square().sum().backward()
+    assert len(flats) == n_fwd                                         # none in the backward
+    (grads,) = outs
+    first = {}
+    for pos, t in zip((3, 6, 7), args):
+        if t is None:
+            assert grads[pos] is None
+        elif id(t) in first:
+            assert grads[pos] is None, (share, pos)
+        else:
+            first[id(t)] = pos
+            assert grads[pos] is not None and grads[pos].shape == t.shape, (share, pos)

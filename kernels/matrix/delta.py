@@ -173,6 +173,21 @@ def _flat_c(c, B, T, H):
     return c.reshape(B * T, H).float().contiguous()
 
 
+def _cdiv(a: int, b: int) -> int:
+    # plain ints: triton.cdiv is a constexpr_function whose host-side call costs a few µs
+    return -(-a // b)
+
+
+def _sequence_launch(meta, shape, N, H, K, V, dev):
+    """:func:`.fused.sequence_launch` of the sequential passes, kept in the call's ``meta`` so the
+    backward reuses the forward's (its ``triton.cdiv`` calls cost ~10 µs of host time on the CPU)."""
+    key = (shape, N, H, K, V, dev)
+    hit = meta.get("_sequence_launch")
+    if hit is None or hit[0] != key:
+        hit = meta["_sequence_launch"] = (key, sequence_launch(shape, N, H, K, V, True, dev))
+    return hit[1]
+
+
 def _sizes(q, u, lay):
     """``(B, T, H, K, V, NC, C, N, device)`` of one call."""
     B, T, H, K = q.shape
@@ -200,13 +215,16 @@ def _operands(q, k, u, c, u_scale, log_decay, meta, C, kk_coef=None):
              launch_shape(K, u.shape[-1], C, fp32=prec == "ieee")), kb)
 
 
-def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=None):
+def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=None, ops=None):
     """Forward of :func:`chunk_delta` (module docstring). Returns ``(o, final, states, A, kk, X, ν)``:
     as :func:`.fused.fused_forward` does, the chunks' A ``[NC, H, C, C]`` fp32, with ``kk_coef``
     every token's ‖k_t‖² ``[B·T, H]`` fp32 (else None), and X ``[NC, H, C, K]``, ν
-    ``[NC, H, C, V]`` in the state dtype."""
+    ``[NC, H, C, V]`` in the state dtype. ``ops``: :func:`_operands` of this call if the caller
+    formed them already (:class:`ChunkDeltaFunction` keeps them for the backward)."""
     B, T, H, K, V, NC, C, N, dev = _sizes(q, u, lay)
-    (q, k, u, cf, sf, g, decay, prec, shape), kb = _operands(q, k, u, c, u_scale, log_decay, meta, C, kk_coef)
+    if ops is None:
+        ops = _operands(q, k, u, c, u_scale, log_decay, meta, C, kk_coef)
+    (q, k, u, cf, sf, g, decay, prec, shape), kb = ops
     # every token lies in a chunk (cu_seqlens span [0, T)), so the WY kernel writes all of kk
     kk = None if kb is None else torch.empty(B * T, H, device=dev, dtype=torch.float32)
     states = torch.empty(NC, H, K, V, device=dev, dtype=state_dtype(q.dtype))
@@ -221,7 +239,7 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=No
               u_scale=sf, kk_coef=kb, kk_out=kk)
     h0_ = None if h0 is None else h0.float().contiguous()
     gd = g if g is not None else u
-    grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, True, dev)
+    grid, BK_seq, BV = _sequence_launch(meta, shape, N, H, K, V, dev)
     _launch_state(
         grid, (k, k, u, gd, x_wy, y_wy, h0_ if h0_ is not None else u, states, nu, final, lay.tok_start,
                lay.tok_stop, lay.chunk_offsets, H) + no_segments(u),
@@ -230,7 +248,7 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=No
         PRECISION=prec, DELTA=True, num_warps=shape.warps_state_lr,
     )
     if NC > 0:
-        _output_fwd_kernel[(triton.cdiv(V, shape.BV_out), NC * H)](
+        _output_fwd_kernel[(_cdiv(V, shape.BV_out), NC * H)](
             q, k, k, u, gd, states, nu, o, u, lay.tok_start, lay.tok_stop, meta["scale"], H, K=K, V=V, C=C,
             DECAY=decay, LOWRANK=False, BK=shape.BK, BV=shape.BV_out, PRECISION=prec, DELTA=True,
             LOWP=dots_lowp(), num_warps=shape.warps_out,
@@ -238,22 +256,62 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=No
     return o, final, states, t_wy, kk, x_wy, nu
 
 
+def _coef_buffer(R, B, T, H, dev):
+    """``R`` per-token fp32 buffers ``[B, T, H]`` (what the kernels index as ``[B·T, H]``) from one
+    allocation ``[R, B, T, H]``: rows start 16-byte aligned (padded if B·T·H is not a multiple of
+    4, as separate allocations would be), and tied gradients sum over neighbouring rows in one op.
+    Returns the ``[R, B, T, H]`` view and its rows. (An untied fp32 coefficient's gradient is then
+    a row of it, keeping the other R − 1 rows alive with it: 1/64 of a bf16 dq's bytes each at
+    D = 128.)"""
+    n = B * T * H
+    if n % 4 == 0:
+        buf = torch.empty(R, B, T, H, device=dev, dtype=torch.float32)
+    else:
+        buf = torch.empty(R, n + 4 - n % 4, device=dev, dtype=torch.float32)[:, :n].view(R, B, T, H)
+    return buf, buf.unbind(0)
+
+
+def _tied_grads(buf, rows, slots, ties):
+    """The gradients of (c, u_scale, kk_coef): ``slots[i]`` the row of ``buf`` holding input i's
+    (None: no such input), ``ties[i]`` the first input that is the same tensor as input i. A
+    tensor passed several times (Longhorn's β thrice, DeltaNet's twice) gets the sum of its rows
+    once, at its first position, and None at the others: one fp32 reduction and one cast instead
+    of a cast per position and autograd's adds in the input dtype."""
+    out = [None, None, None]
+    for i in range(3):
+        if slots[i] is None or ties[i] != i:
+            continue
+        members = [slots[j] for j in range(3) if slots[j] is not None and ties[j] == i]
+        if len(members) == 1:
+            out[i] = rows[members[0]]
+        elif members == list(range(members[0], members[-1] + 1)):
+            out[i] = buf[members[0]:members[-1] + 1].sum(0)
+        else:
+            out[i] = rows[members[0]] + rows[members[1]]
+    return out
+
+
 def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final, lay, meta, needs, u_scale=None,
-                   kk_coef=None, kk=None, x_wy=None, nu=None):
+                   kk_coef=None, kk=None, x_wy=None, nu=None, ops=None, ties=None):
     """Gradients of :func:`chunk_delta` (module docstring, backward); ``kk``: the forward's ‖k_t‖²
     when ``kk_coef`` is given; ``x_wy``, ``nu``: the forward's X and ν if it kept them (step 1 is
-    then skipped).
+    then skipped); ``ops``: the forward's :func:`_operands` (else formed again); ``ties``: for c,
+    u_scale, kk_coef, the position (0, 1, 2) of the first of them that is the same tensor (None:
+    no ties, each gets its own gradient).
 
     Returns:
         ``(dq, dk, du, dc, d_log_decay, dh0, d_u_scale, d_kk_coef)``, None where ``needs`` (q, k,
-        u, c, log_decay, h0, u_scale, kk_coef) says no gradient is wanted.
+        u, c, log_decay, h0, u_scale, kk_coef) says no gradient is wanted; of tied coefficients
+        only the first position gets the (summed) gradient, the others None.
     """
     B, T, H, K, V, NC, C, N, dev = _sizes(q, u, lay)
-    (q, k, u, cf, sf, g, decay, prec, shape), kb = _operands(q, k, u, c, u_scale, log_decay, meta, C, kk_coef)
+    if ops is None:
+        ops = _operands(q, k, u, c, u_scale, log_decay, meta, C, kk_coef)
+    (q, k, u, cf, sf, g, decay, prec, shape), kb = ops
     d_o = torch.zeros_like(u) if d_o is None else d_o.contiguous()
     gd = g if g is not None else u
     scale = float(meta["scale"])
-    NK = triton.cdiv(K, shape.BKS)
+    NK = _cdiv(K, shape.BKS)
     f32 = dict(device=dev, dtype=torch.float32)
     low = dict(device=dev, dtype=states.dtype)
 
@@ -269,7 +327,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     dstates, dnu = torch.empty(NC, H, K, V, **low), torch.empty(NC, H, C, V, **low)
     dh0 = torch.empty(N, H, K, V, **f32)
     df = None if d_final is None else d_final.float().contiguous()
-    grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, True, dev)
+    grid, BK_seq, BV = _sequence_launch(meta, shape, N, H, K, V, dev)
     _dstate_bwd_kernel[grid](
         q, k, d_o, gd, x_wy, df if df is not None else u, dstates, dnu, dh0, lay.tok_start, lay.tok_stop,
         lay.chunk_offsets, scale, H, *no_segments(u), K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None,
@@ -278,16 +336,22 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
         num_warps=shape.warps_seq if decay == 0 else 8,
     )
     dq, dk, du = torch.empty_like(q), torch.empty_like(k), torch.empty_like(u)
-    dc = torch.empty(B * T, H, **f32)
-    ds = None if sf is None else torch.empty(B * T, H, **f32)
-    dlam, dbb = torch.zeros(NK, B * T, H, **f32), torch.zeros(NK, B * T, H, **f32)
+    # the per-token fp32 buffers in one allocation: the gradients of c (, u_scale) (, kk_coef)
+    # (neighbouring rows, so tied ones sum in one op), then with kk_coef the normalised c and d‖k‖²
+    slots = (0, None if sf is None else 1, None if kb is None else 1 + (sf is not None))
+    nco = 1 + (sf is not None) + (kb is not None)
+    cbuf, rows = _coef_buffer(nco + (2 if kb is not None else 0), B, T, H, dev)
+    dc = rows[0]
+    ds = None if sf is None else rows[1]
+    # the dq/dw kernel writes every token's λ and k·d(b-role) (each token lies in a chunk): no memset
+    dlam, dbb = torch.empty(NK, B * T, H, **f32), torch.empty(NK, B * T, H, **f32)
     lowp = dots_lowp()
     dkk = db = None
     if NC > 0:
         # 3. through the WY form: du, dc and the Gram gradient E (with kk_coef: the normalised c,
         # and the chain through the normaliser, in the same kernel)
         e_cc = torch.empty(NC, H, C, C, **f32)
-        cn, dkk, db = (cf, None, None) if kb is None else (torch.empty(B * T, H, **f32) for _ in range(3))
+        cn, dkk, db = (cf, None, None) if kb is None else (rows[nco], rows[nco + 1], rows[slots[2]])
         _delta_wy_bwd_kernel[(NC * H,)](
             k, u, cf, gd, states, dnu, t_wy, e_cc, du, dc, lay.tok_start, lay.tok_stop,
             sf if sf is not None else cf, ds if ds is not None else dc,
@@ -303,18 +367,25 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
             num_warps=shape.warps_chunk,
         )
     else:
-        for t in (dq, dk, du, dc) + (() if ds is None else (ds,)):
+        for t in (dq, dk, du, cbuf):
             t.zero_()
-        if kk_coef is not None:
-            db = torch.zeros_like(kb)
     dg = None
     if g is not None and needs[4]:
         dg = decay_gradient(dlam, dbb, df, final, lay.tok_start, lay.tok_stop, lay.chunk_offsets, C)
         dg = dg.reshape(B, T, H).to(log_decay.dtype)
-    grads = (dq, dk, du, dc.reshape(c.shape).to(c.dtype), dg, dh0 if h0 is not None else None,
-             None if ds is None else ds.reshape(u_scale.shape).to(u_scale.dtype),
-             None if db is None else db.reshape(kk_coef.shape).to(kk_coef.dtype))
+    dcs = _tied_grads(cbuf, rows, slots, (0, 1, 2) if ties is None else ties)
+    grads = (dq, dk, du, None if dcs[0] is None else dcs[0].to(c.dtype), dg, dh0 if h0 is not None else None,
+             None if dcs[1] is None else dcs[1].to(u_scale.dtype),
+             None if dcs[2] is None else dcs[2].to(kk_coef.dtype))
     return tuple(x if (x is not None and n) else None for x, n in zip(grads, needs))
+
+
+def _ties(c, u_scale, kk_coef):
+    """For c, u_scale, kk_coef: the position of the first of them that is the same tensor object
+    (Longhorn's β thrice: ``(0, 0, 0)``; DeltaNet's twice: ``(0, 0, 2)``). Identity, not equal
+    storage: two tensors over one storage may still have different autograd histories."""
+    return (0, 1 if u_scale is None or u_scale is not c else 0,
+            2 if kk_coef is None else 0 if kk_coef is c else 1 if kk_coef is u_scale else 2)
 
 
 class ChunkDeltaFunction(torch.autograd.Function):
@@ -322,28 +393,42 @@ class ChunkDeltaFunction(torch.autograd.Function):
     state and X and ν (``OLSM_MATRIX_DELTA_SAVE=keep``, the default: two ``[B, T, H, D]`` tensors
     in the storage dtype, and the backward skips re-deriving them; ``recompute`` re-derives them
     with one more WY launch, about 0.23 ms of DeltaNet's 2.39 ms fwd+bwd at (8, 2048, 16, 128) on
-    the H200, run 9); the backward is :func:`delta_backward`."""
+    the H200, run 9); the backward is :func:`delta_backward`. It also keeps the kernels' operands
+    (:func:`_operands`: the flat fp32 ``[B·T, H]`` coefficients, each a copy only where the input
+    is not fp32 (4 bytes a token and head: 1 MiB at (8, 2048, 16)), and the launch shape), so the
+    backward converts nothing again, and it returns one summed gradient for a tensor passed as
+    several of c, u_scale, kk_coef (Longhorn's β, DeltaNet's), which autograd would otherwise sum
+    in the input dtype after a cast per position."""
 
     @staticmethod
     def forward(ctx, q, k, u, c, log_decay, h0, u_scale, kk_coef, lay, meta, opts):
         with torch.no_grad():
+            ops = _operands(q, k, u, c, u_scale, log_decay, meta, lay.C, kk_coef)
             o, final, states, t_wy, kk, x_wy, nu = delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale,
-                                                                 kk_coef)
+                                                                 kk_coef, ops=ops)
         if env_choice("OLSM_MATRIX_DELTA_SAVE", ("keep", "recompute")) == "recompute":
             x_wy = nu = None        # the backward re-derives them from A and the states (less memory)
-        ctx.save_for_backward(q, k, u, c, log_decay, h0, u_scale, kk_coef, kk, states, t_wy, final, x_wy, nu)
+        (qc, kc, uc, cf, sf, g, decay, prec, shape), kb = ops
+        # q, k, u as the kernels read them (contiguous; the inputs themselves when they are)
+        ctx.save_for_backward(qc, kc, uc, c, log_decay, h0, u_scale, kk_coef, kk, states, t_wy, final, x_wy, nu,
+                              cf, sf, kb, g)
         ctx.lay, ctx.meta, ctx.opts = lay, meta, opts
+        ctx.launch = (decay, prec, shape)
+        ctx.ties = _ties(c, u_scale, kk_coef)
         ctx.set_materialize_grads(False)
         return o, final
 
     @staticmethod
     @once_differentiable      # a second derivative through the kernels is an error, not a silent zero
     def backward(ctx, d_o, d_final):
-        q, k, u, c, log_decay, h0, u_scale, kk_coef, kk, states, t_wy, final, x_wy, nu = ctx.saved_tensors
+        q, k, u, c, log_decay, h0, u_scale, kk_coef, kk, states, t_wy, final, x_wy, nu, cf, sf, kb, g = \
+            ctx.saved_tensors
         needs = ctx.needs_input_grad[:8]
+        decay, prec, shape = ctx.launch
         try:
             grads = delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final, ctx.lay,
-                                   ctx.meta, needs, u_scale, kk_coef, kk, x_wy, nu)
+                                   ctx.meta, needs, u_scale, kk_coef, kk, x_wy, nu,
+                                   ops=((q, k, u, cf, sf, g, decay, prec, shape), kb), ties=ctx.ties)
         except OutOfResources:
             # this GPU's shared memory is too small for the tiles: differentiate the general pair
             grads = _general_pair_grads((q, k, u, c, log_decay, h0, u_scale, kk_coef), needs, d_o, d_final,
@@ -423,7 +508,7 @@ def chunk_delta(
     _check_backend(q.device)
     _check_c(c, q)
     for name, x in (("u_scale", u_scale), ("kk_coef", kk_coef)):
-        if x is not None:
+        if x is not None and x is not c:       # Longhorn's β thrice: checked once
             _check_c(x, q, name)
     _check_inputs(q, k, u, log_decay, (), initial_state, cu_seqlens, chunk_size)
     B, T, H, K = q.shape
