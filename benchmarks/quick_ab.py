@@ -41,7 +41,7 @@ PLAN = [  # (method, shape, variant of bench_matrix.VARIANTS, backward)
     ("deltanet", DN, "new", True), ("deltanet", DN, "recompute", True), ("deltanet", DN, "run8", True),
     ("longhorn", DN, "new", True),
     ("linear_attention", LA, "new", True), ("linear_attention", LA, "walk", True),
-    # the general path (per-key decay, the general pair): never timed next to FLA yet
+    # GLA (fused per-key path since run 10) and the RWKV-7 form (general path)
     ("gla", DN, "new", True), ("dplr", DN, "new", True),
 ]
 

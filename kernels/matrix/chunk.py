@@ -22,13 +22,13 @@ representation of DeltaNet arXiv 2406.06484 / Gated DeltaNet arXiv 2412.06464 fo
 2. State pass (Triton, sequential over chunks): S_{n+1} = Γ S_n + Âᵀ (X S_n + Y) + Ŵᵀ U.
 3. Output pass (Triton, parallel): o = scale · (Q' S_n + O).
 
-Fast path: with no or a scalar decay and at most one low-rank pair (K, V <= 128) the forward is
-:mod:`.fused` instead (the same quantities, formed inside Triton kernels from the inputs in
-place; ``OLSM_MATRIX_PATH=general`` turns it off). The triangular solve of step 1 is an explicit
+Fast path: with no or a scalar decay and at most one low-rank pair, or a per-key decay and no
+pair (GLA, :mod:`.perkey`), K, V <= 128, the forward is :mod:`.fused` instead (the same
+quantities, formed inside Triton kernels from the inputs in place; ``OLSM_MATRIX_PATH=general``
+turns it off). The triangular solve of step 1 is an explicit
 Triton inverse (:mod:`.trinv`; ``OLSM_MATRIX_SOLVE=torch`` restores the batched solve).
 
-Backward: with no or a scalar decay and at most one low-rank pair it is Triton kernels
-(:mod:`.fused_bwd`; ``OLSM_MATRIX_BWD=autograd`` turns them off). Otherwise the chunk-boundary
+Backward: in the same cases it is Triton kernels (:mod:`.fused_bwd`; ``OLSM_MATRIX_BWD=autograd`` turns them off). Otherwise the chunk-boundary
 states S_n of the forward are kept; the preparation is recomputed under autograd, the reverse
 state pass (Triton) gives ∂L/∂S_n, and torch's autograd carries the rest back to the inputs
 (through the per-key Gram kernel's own backward).
