@@ -515,3 +515,14 @@ def test_per_key_backward_reuses_the_forward_intra_matrix(monkeypatch):
     monkeypatch.setattr(perkey, "intra_gram", lambda *a, **k: made.append(1) or real(*a, **k))
     check(make_inputs(64, B=1, T=40, H=1, K=6, V=5, decay="key"), chunk_size=16)
     assert len(made) == 1, made
+
+
+@pytest.mark.parametrize("decay,lowrank,chunk", [("key", "none", 16), ("scalar", "none", 32), ("key", "general", 16),
+                                                 ("scalar", "delta", 16)])
+def test_minus_infinite_log_decay_is_a_reset_not_nan(decay, lowrank, chunk):
+    # a log-decay of −inf (forget everything) is ≤ 0 and allowed: every path floors each step at
+    # tiles.LOG_DECAY_FLOOR before the chunk's cumulative sum (−inf − (−inf) gave NaN outputs)
+    q, w, u, g, pairs, s0 = make_inputs(8, B=1, T=40, H=1, K=8, V=4, decay=decay, lowrank=lowrank)
+    g = g.clone()
+    g[0, 20, 0] = -float("inf")            # every key of token 20, or its scalar
+    check((q, w, u, g, pairs, s0), chunk_size=chunk)

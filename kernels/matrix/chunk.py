@@ -51,6 +51,7 @@ from .fused import env_choice, fused_applies, fused_forward
 from .fused_bwd import fused_backward, fused_backward_applies
 from .gram import decayed_gram
 from .state import _ChunkRecurrence
+from .tiles import LOG_DECAY_FLOOR
 from .trinv import unit_lower_inverse
 
 MAX_DIM = 256
@@ -313,7 +314,9 @@ def _prepare(q, w, u, g, lowrank):
 def _pipeline(q, w, u, log_decay, lowrank, h0, lay: _Layout, meta, replay=None):
     """Tokens in, (o [B, T, H, V], final [N, H, K, V], states [NC, H, K, V]) out."""
     qc, wc, uc = (_to_chunks(t, lay) for t in (q, w, u))
-    gc = None if log_decay is None else _to_chunks(log_decay, lay)
+    # each step floored as the fused kernels do (tiles.LOG_DECAY_FLOOR: a −inf step, a full
+    # reset, would give −inf − (−inf) = NaN in the cumulative sums); clamp keeps NaN
+    gc = None if log_decay is None else _to_chunks(log_decay, lay).clamp(min=LOG_DECAY_FLOOR.value)
     lrc = [(_to_chunks(a, lay), _to_chunks(b, lay)) for a, b in lowrank]
     gamma, a_hat, x_wy, y_wy, w_hat, q_eff, o_intra = _prepare(qc, wc, uc, gc, lrc)
     h0 = None if h0 is None else h0.float().contiguous()

@@ -7,8 +7,9 @@ Same algorithm as :mod:`.chunk` (read its docstring first), rearranged the way f
 linear-attention kernels are (GLA arXiv 2312.06635; the WY/UT form of DeltaNet arXiv 2406.06484
 and Gated DeltaNet arXiv 2412.06464): nothing chunk-local is prepared in torch, and the inputs
 are read where they lie (token-major ``[B·T, H, D]``, in their own dtype). Per chunk n and head,
-with G the chunk-relative cumulative log-decay (computed in every kernel from ``log_decay``; a
-[C] vector is cheap to re-sum) and the rank-1 pair (a, b)::
+with G the chunk-relative cumulative log-decay (a scalar one is computed in every kernel from
+``log_decay``, a [C] vector being cheap to re-sum; a per-key one, ``[C, K]``, once per call by
+:mod:`.perkey`) and the rank-1 pair (a, b)::
 
     L = strict(b aᵀ ⊙ e^{G_{t−1} − G_s}),  N = strict(b wᵀ ⊙ e^{G_{t−1} − G_s}),  T = (I − L)⁻¹
     X = T B̂ [C, K],  Y = T N U [C, V]                                 (kernel 1, WY/UT form)

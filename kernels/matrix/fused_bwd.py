@@ -1,6 +1,6 @@
 r"""Triton backward of the matrix class for no decay or a scalar decay per head and at most one
-low-rank pair. Pairs with the fused forward of :mod:`.fused`, whose chunk-boundary states S_n it
-reuses.
+low-rank pair, and for a per-key decay without one (its extra kernels in :mod:`.perkey`). Pairs
+with the fused forward of :mod:`.fused`, whose chunk-boundary states S_n it reuses.
 
 **Without a low-rank part** (linear attention, RetNet, Mamba-2 / simple GLA; the default). Per
 chunk n and head, with G the chunk-relative cumulative log-decay, D[t, s] = e^{G_t − G_s} for
@@ -581,10 +581,10 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
                 DECAY=decay, BKS=BKS, BV=shape.BV_rank1, PRECISION=prec, num_warps=shape.warps_rank1,
             )
     else:
-        dlam = dbb = torch.empty(NK, B * T, H, **f32)
+        pk = decay == 2
+        dlam = dbb = dummy if pk else torch.empty(NK, B * T, H, **f32)   # per key: λ goes to dq32
         # per key (.perkey): the dq/dw kernel leaves fp32 inter-chunk parts and dA, the intra
         # kernel finishes dq, dw and leaves the decay terms λ in dq32; du reads the forward's A
-        pk = decay == 2
         dq32, dw32 = (torch.empty(B * T, H, K, **f32) for _ in range(2)) if pk else (dq, dw)
         dA = torch.empty(NC, H, C, C, **f32) if pk else dummy
         if NC > 0:

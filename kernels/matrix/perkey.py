@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import floor_log_decay
+
 SUB = 16  # sub-block length of the secondary chunking; tl.dot needs every dim >= 16
 #: largest decay across one sub-block, max_k (G[16 i − 1] − G[16 i + 15]), for which its diagonal
 #: sub-block is factored like the others (factors up to e^30 ≈ 1e13, far from fp32's e^88)
@@ -56,7 +58,8 @@ def _key_slice(K: int) -> int:
 @triton.jit
 def _cumsum_kernel(g, gc, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
     """gc ``[B·T, H, K]`` fp32 = the inclusive cumulative sum of g ``[B·T, H, K]`` fp32 within
-    each chunk, for one chunk × head (program ``c·H + h``)."""
+    each chunk (steps floored at ``tiles.LOG_DECAY_FLOOR``), for one chunk × head (program
+    ``c·H + h``)."""
     nh = tl.program_id(0)
     i_h = nh % H
     t0 = tl.load(tok_start + nh // H).to(tl.int64)
@@ -65,7 +68,7 @@ def _cumsum_kernel(g, gc, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constex
     offs_k = tl.arange(0, BK)
     off = ((t0 + offs_c)[:, None] * H + i_h) * K + offs_k[None, :]
     m = (offs_c < n_tok)[:, None] & (offs_k < K)[None, :]
-    x = tl.load(g + off, mask=m, other=0.)
+    x = floor_log_decay(tl.load(g + off, mask=m, other=0.))
     tl.store(gc + off, tl.cumsum(x, axis=0), mask=m)
 
 

@@ -70,11 +70,24 @@ def store_segment_end(seg_end, seg_g, i_nh, NSEG, j, S, cum, kv, mask_kv, lead, 
     tl.store(seg_g + slot + tl.arange(0, 1), cum, mask=lead)
 
 
+#: lower bound put on every log-decay step before it is summed: e^{−100} is already below
+#: float32's normal range (so no result moves), and a log-decay of −inf (a full reset) then gives
+#: G_t − G_s = −100 instead of −inf − (−inf) = NaN. NaN itself stays NaN (``where``, not ``maximum``).
+LOG_DECAY_FLOOR = tl.constexpr(-100.0)
+
+
+@triton.jit
+def floor_log_decay(x):
+    """``x`` with entries below :data:`LOG_DECAY_FLOOR` raised to it (NaN kept)."""
+    return tl.where(x < LOG_DECAY_FLOOR, LOG_DECAY_FLOOR, x)
+
+
 @triton.jit
 def chunk_decay(g, tok, valid, i_h, H, offs_c):
     """Scalar log-decay of one chunk × head: ``(g_c [C], G [C], total)``, G the inclusive
-    cumulative sum within the chunk (chunk-relative, so it never grows past one chunk); fp32."""
-    g_c = tl.load(g + tok * H + i_h, mask=valid, other=0.)
+    cumulative sum within the chunk (chunk-relative, so it never grows past one chunk); fp32,
+    each step floored at :data:`LOG_DECAY_FLOOR`."""
+    g_c = floor_log_decay(tl.load(g + tok * H + i_h, mask=valid, other=0.))
     G = tl.sum(tl.where(offs_c[None, :] <= offs_c[:, None], g_c[None, :], 0.), axis=1)
     return g_c, G, tl.sum(g_c, axis=0)
 
