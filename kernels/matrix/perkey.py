@@ -21,7 +21,8 @@ the A below). What is here:
   non-increasing along the chunk, so both exponents are ≤ 0 and neither factor can overflow).
   The block's own (diagonal) columns join the same dot when the block's decay
   ``max_k (G[16 i − 1] − G[16 i + 15])`` is at most :data:`FAST_RANGE` (their factor
-  ``e^{r − G_s}`` is then ≤ e^{30}; gates of trained GLA models are far milder); otherwise they
+  ``e^{r − G_s}`` is then ≤ e^{30}; GLA's log-sigmoid gates divided by 16 reach 30 over 16 tokens
+  only with logits averaging below about −30); otherwise they
   are summed exactly, one column at a time, with every exponent masked to ≤ 0;
 * :func:`_intra_bwd_kernel`: from ``dA = scale · (dO Uᵀ)`` (lower, inclusive; written by the
   dq/dw kernel) the intra-chunk parts of the gradients by the same factoring::
@@ -33,8 +34,8 @@ the A below). What is here:
 
 The decay gradient is the per-key form of :mod:`.fused_bwd`'s identity: rescaling each key row
 by e^{−Λ_{t,k}} removes the decay, so ∂L/∂g_{j,k} = Σ_{t ≥ j} λ_{t,k} within j's sequence,
-plus Σ_v (S_final ⊙ dS_final)_{k,v} at its last token: :func:`.decay_grad.decay_gradient` with
-the key axis folded into the heads.
+plus Σ_v (S_final ⊙ dS_final)_{k,v} at its last token: :func:`.decay_grad.decay_gradient_per_key`
+(the scalar version's three launches on ``[C, 64]`` tiles).
 """
 from __future__ import annotations
 
