@@ -341,7 +341,7 @@ def _output_fwd_kernel(
     DELTA (LOWRANK off) o = scale · (Q̂ S_n + M_qw ν), ν read from probes instead of u. LOWP
     (LOWRANK off): the two value dots on storage-dtype operands (:func:`dots_lowp`). DECAY = 2
     (per key, LOWRANK off; :mod:`.perkey`): g is the cumulative G ``[B·T, H, K]`` fp32 and M_qw is
-    read from amat ``[NC, H, C, C]`` fp32 (lower triangle) instead of formed from q and w.
+    read from amat ``[NC, H, C, C]`` fp32 (zeros above the diagonal) instead of formed from q and w.
 
     Shapes: q, w, a ``[B·T, H, K]``; u ``[B·T, H, V]``; g ``[B·T, H]`` fp32; states
     ``[NC, H, K, V]``; probes ``[NC, H, C, V]``; o ``[B·T, H, V]`` (written token-major in the
@@ -366,7 +366,7 @@ def _output_fwd_kernel(
         # per key: Q̂ = Q ⊙ e^{G} from the cumulative G in g, the intra-chunk A made by .perkey
         Q_hat = Q_hat * tl.exp(tl.load(g + (tok[:, None] * H + i_h) * K + offs_k[None, :],
                                        mask=valid[:, None] & mask_k[None, :], other=0.))
-        M_qw = tl.where(incl, tl.load(amat + nh * C * C + offs_c[:, None] * C + offs_c[None, :]), 0.)
+        M_qw = tl.load(amat + nh * C * C + offs_c[:, None] * C + offs_c[None, :])   # zeros above the diagonal
     else:
         W_T = tl.load(w + col_k, mask=mask_col, other=0.)
         M_qw = tl.dot(Q, W_T, input_precision=PRECISION)                       # [C, C]

@@ -297,7 +297,7 @@ def _du_bwd_kernel(
             acc += tl.dot(W.to(tl.float32), dS, input_precision=PRECISION)
     upper = offs_c[:, None] <= offs_c[None, :]
     if DECAY == 2:
-        M_T = tl.where(upper, tl.load(amat + nh * C * C + offs_c[None, :] * C + offs_c[:, None]), 0.)
+        M_T = tl.load(amat + nh * C * C + offs_c[None, :] * C + offs_c[:, None])   # Aᵀ, zeros below the diagonal
     if DECAY == 1:
         _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
         M_T = M_T * tl.exp(tl.where(upper, G[None, :] - G[:, None], float("-inf")))

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import floor_log_decay
+from .tiles import chunk_tokens, floor_log_decay
 
 SUB = 16  # sub-block length of the secondary chunking; tl.dot needs every dim >= 16
 #: largest decay across one sub-block, max_k (G[16 i − 1] − G[16 i + 15]), for which its diagonal
@@ -62,13 +62,10 @@ def _cumsum_kernel(g, gc, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constex
     each chunk (steps floored at ``tiles.LOG_DECAY_FLOOR``), for one chunk × head (program
     ``c·H + h``)."""
     nh = tl.program_id(0)
-    i_h = nh % H
-    t0 = tl.load(tok_start + nh // H).to(tl.int64)
-    n_tok = tl.load(tok_stop + nh // H) - tl.load(tok_start + nh // H)
-    offs_c = tl.arange(0, C)
+    _, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
     offs_k = tl.arange(0, BK)
-    off = ((t0 + offs_c)[:, None] * H + i_h) * K + offs_k[None, :]
-    m = (offs_c < n_tok)[:, None] & (offs_k < K)[None, :]
+    off = (tok[:, None] * H + nh % H) * K + offs_k[None, :]
+    m = valid[:, None] & (offs_k < K)[None, :]
     x = floor_log_decay(tl.load(g + off, mask=m, other=0.))
     tl.store(gc + off, tl.cumsum(x, axis=0), mask=m)
 
@@ -76,7 +73,8 @@ def _cumsum_kernel(g, gc, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constex
 @triton.jit
 def _block_rows(x, gc, t0, n_tok, i_b, i_h, H, offs_k, K: tl.constexpr, SUB: tl.constexpr):
     """Rows ``[i_b·SUB, (i_b + 1)·SUB)`` of one chunk (first token ``t0``, ``n_tok`` tokens), keys
-    ``offs_k``: ``(X [SUB, BK] fp32, G [SUB, BK], mask [SUB, BK])`` of x and gc (0 outside)."""
+    ``offs_k``: ``(X [SUB, BK] fp32, G [SUB, BK], mask [SUB, BK])`` of x and gc (0 outside);
+    ``i_b = 0, SUB = C``: the whole chunk."""
     rows = i_b * SUB + tl.arange(0, SUB)
     off = ((t0 + rows)[:, None] * H + i_h) * K + offs_k[None, :]
     m = (rows < n_tok)[:, None] & (offs_k < K)[None, :]
@@ -101,15 +99,6 @@ def _fast_block(gc, t0, n_tok, i_b, i_h, H, offs_k, K: tl.constexpr, SUB: tl.con
     spread = (_row_at(gc, t0, n_tok, i_b * SUB - 1, i_h, H, offs_k, K)
               - _row_at(gc, t0, n_tok, i_b * SUB + SUB - 1, i_h, H, offs_k, K))
     return tl.max(spread, axis=0) <= FAST_RANGE
-
-
-@triton.jit
-def _chunk_rows(x, gc, t0, n_tok, i_h, H, offs_k, K: tl.constexpr, C: tl.constexpr):
-    """All C rows of one chunk, keys ``offs_k``: ``(X [C, BK] fp32, G [C, BK], mask)``."""
-    offs_c = tl.arange(0, C)
-    off = ((t0 + offs_c)[:, None] * H + i_h) * K + offs_k[None, :]
-    m = (offs_c < n_tok)[:, None] & (offs_k < K)[None, :]
-    return tl.load(x + off, mask=m, other=0.).to(tl.float32), tl.load(gc + off, mask=m, other=0.), m
 
 
 @triton.jit
@@ -195,8 +184,8 @@ def _intra_bwd_kernel(q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H,
     tile = ((t0 + blk)[:, None] * H + i_h) * K + offs_k[None, :]
     dQ = tl.load(dq32 + tile, mask=m, other=0.)
     dW = tl.load(dw32 + tile, mask=m, other=0.)
-    Wc, Gc, mc = _chunk_rows(w, gc, t0, n_tok, i_h, H, offs_k, K, C)
-    Qc, _, _ = _chunk_rows(q, gc, t0, n_tok, i_h, H, offs_k, K, C)
+    Wc, Gc, mc = _block_rows(w, gc, t0, n_tok, 0, i_h, H, offs_k, K, C)      # the whole chunk's rows
+    Qc, _, _ = _block_rows(q, gc, t0, n_tok, 0, i_h, H, offs_k, K, C)
 
     # dq: columns s < 16 i (+ 16 when fast), around r
     ref = _row_at(gc, t0, n_tok, i_b * SUB - 1, i_h, H, offs_k, K)
@@ -243,7 +232,7 @@ def chunk_cumsum(g: torch.Tensor, tok_start, tok_stop, H: int, K: int, C: int) -
 
 
 def intra_gram(q, w, gc, tok_start, tok_stop, H: int, K: int, C: int, prec: str) -> torch.Tensor:
-    """A ``[NC, H, C, C]`` fp32 (module docstring; above the diagonal unwritten)."""
+    """A ``[NC, H, C, C]`` fp32 (module docstring), zeros above the diagonal."""
     NC = tok_start.numel()
     amat = torch.empty(NC, H, C, C, device=q.device, dtype=torch.float32)
     if NC:
