@@ -68,3 +68,6 @@ def test_per_key_decay_gradient_matches_the_loop(bounds, C, K, with_last):
     last = None if fin is None else (fin * d_fin).sum(-1).reshape(N, H * K).cpu()
     ref = reference(lam.reshape(1, T, H * K).cpu(), None, last, bounds).reshape(T, H, K)
     assert (dg.cpu().double() - ref).abs().max() <= 1e-4 * ref.abs().max().clamp_min(1.0)
+    # the module's plain reference (same signature) agrees with this test's loop
+    mine = DG.decay_gradient_per_key_reference(lam, d_fin, fin, lay.tok_start, lay.tok_stop, lay.chunk_offsets, C)
+    assert (mine.cpu().double() - ref).abs().max() <= 1e-6 * ref.abs().max().clamp_min(1.0)

@@ -222,3 +222,12 @@ def decay_gradient_reference(dlam, dbb, d_final, final, tok_start, tok_stop, chu
     if dbb is not None:
         dg = dg - dbb.double().sum(0)
     return dg.float()
+
+
+def decay_gradient_per_key_reference(lam, d_final, final, tok_start, tok_stop, chunk_offsets, C: int):
+    """:func:`decay_gradient_per_key` by :func:`decay_gradient_reference` with the keys folded into
+    the heads (same arguments; returns ``[B·T, H, K]`` fp32): the reference its tests compare with."""
+    BT, H, K = lam.shape
+    fold = lambda t: None if t is None else t.reshape(t.shape[0], H * K, 1, t.shape[-1])  # noqa: E731
+    return decay_gradient_reference(lam.reshape(1, BT, H * K), None, fold(d_final), fold(final), tok_start,
+                                    tok_stop, chunk_offsets, C).reshape(BT, H, K)
