@@ -479,6 +479,29 @@ def test_per_key_decay_fused_sub_blocks(chunk, monkeypatch):
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+def test_per_key_decay_with_a_pair_fused(chunk, monkeypatch):
+    # the RWKV-7 / DPLR form (per-key decay, a and b unrelated) and a delta rule with per-key gates
+    # on the fused path (kernels/matrix/perkey_pair.py): its four Grams made once per forward and
+    # kept, the Triton backward taken. Per-step log-decays down to -8, a -40 and a -100 step (fast
+    # and exact diagonal sub-blocks in one chunk), packed sequences with an empty one, K > 64
+    # (two key slices of the pair kernel)
+    chunk_mod = importlib.import_module("olsm.kernels.matrix.chunk")
+    pair = importlib.import_module("olsm.kernels.matrix.perkey_pair")
+    calls, made = [], []
+    real, real_grams = chunk_mod.fused_backward, pair.pair_grams
+    monkeypatch.setattr(chunk_mod, "fused_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(pair, "pair_grams", lambda *a, **k: made.append(1) or real_grams(*a, **k))
+    check(make_inputs(71, B=2, T=150, H=1, K=20, V=70, decay="key", lowrank="general", strong=True), chunk_size=chunk)
+    q, w, u, g, pairs, s0 = make_inputs(72, B=1, T=100, H=2, K=6, V=5, decay="key", lowrank="general")
+    g[0, 20, 0, 1], g[0, 70, 1, 4] = -40.0, -100.0
+    check((q, w, u, g, pairs, s0), chunk_size=chunk)
+    cu = (0, 37, 37, 38, 140)
+    check(make_inputs(73, T=140, H=1, K=9, V=5, decay="key", lowrank="general", N=4), cu_seqlens=cu, chunk_size=chunk)
+    check(make_inputs(74, B=1, T=70, H=1, K=80, V=20, decay="key", lowrank="delta"), chunk_size=chunk, final=False)
+    assert len(calls) == 4 and len(made) == 4, (calls, made)
+
+
 RANK1_CASES = [("none", "delta"), ("scalar", "delta"), ("none", "longhorn"), ("scalar", "general")]
 
 

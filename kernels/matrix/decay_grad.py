@@ -160,9 +160,11 @@ def _key_carry_kernel(tot, last, carry, chunk_offsets, H, K: tl.constexpr, HAS_L
 
 
 @triton.jit
-def _key_grad_kernel(lam, carry, dg, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+def _key_grad_kernel(lam, bb, carry, dg, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                     HAS_BB: tl.constexpr = False):
     """Per-key step 3 for one chunk × head × key block: dg ``[B·T, H, K]`` fp32 = the suffix sum of
-    λ within the chunk + the chunk's carry."""
+    λ within the chunk + the chunk's carry (− bb ``[B·T, H, K]`` with HAS_BB: b's term starts one
+    token later)."""
     nh = tl.program_id(0)
     offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
     offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
@@ -172,18 +174,23 @@ def _key_grad_kernel(lam, carry, dg, tok_start, tok_stop, H, K: tl.constexpr, C:
     x = tl.load(lam + at, mask=m, other=0.)
     suffix = tl.cumsum(x, axis=0, reverse=True) + tl.load(carry + nh.to(tl.int64) * K + offs_k, mask=mask_k,
                                                           other=0.)[None, :]
+    if HAS_BB:
+        suffix -= tl.load(bb + at, mask=m, other=0.)
     tl.store(dg + at, suffix, mask=m)
 
 
 def decay_gradient_per_key(lam: torch.Tensor, d_final, final, tok_start, tok_stop, chunk_offsets,
-                           C: int) -> torch.Tensor:
+                           C: int, bb=None) -> torch.Tensor:
     """∂L/∂g for a per-key log-decay (:mod:`.perkey`): the same suffix sums per key.
 
     Args:
-        lam: ``[B·T, H, K]`` fp32, the per-token, per-key λ = q ⊙ dq − w ⊙ dw.
+        lam: ``[B·T, H, K]`` fp32, the per-token, per-key λ = q ⊙ dq − w ⊙ dw (with a pair
+            − a ⊙ da + b ⊙ db, :mod:`.perkey_pair`).
         d_final, final: ``None`` or ``[N, H, K, V]`` fp32: Σ_v dS_final ⊙ S_final belongs to each
             sequence's last token.
         tok_start, tok_stop, chunk_offsets, C: as :func:`decay_gradient`.
+        bb: ``None`` or ``[B·T, H, K]`` fp32, b ⊙ db, subtracted at its own token (b_t's decay
+            factor is the one up to token t − 1).
 
     Returns:
         dg ``[B·T, H, K]`` fp32.
@@ -201,7 +208,8 @@ def decay_gradient_per_key(lam: torch.Tensor, d_final, final, tok_start, tok_sto
     _key_total_kernel[(NC * H, NK)](lam, tot, tok_start, tok_stop, H, K=K, C=C, BK=BK)
     _key_carry_kernel[(N * H, NK)](tot, last if last is not None else tot, carry, chunk_offsets, H, K=K,
                                    HAS_LAST=last is not None, BLOCK=CARRY_BLOCK, BK=BK)
-    _key_grad_kernel[(NC * H, NK)](lam, carry, dg, tok_start, tok_stop, H, K=K, C=C, BK=BK)
+    _key_grad_kernel[(NC * H, NK)](lam, bb if bb is not None else lam, carry, dg, tok_start, tok_stop, H, K=K, C=C,
+                                   BK=BK, HAS_BB=bb is not None)
     return dg
 
 
@@ -224,10 +232,10 @@ def decay_gradient_reference(dlam, dbb, d_final, final, tok_start, tok_stop, chu
     return dg.float()
 
 
-def decay_gradient_per_key_reference(lam, d_final, final, tok_start, tok_stop, chunk_offsets, C: int):
+def decay_gradient_per_key_reference(lam, d_final, final, tok_start, tok_stop, chunk_offsets, C: int, bb=None):
     """:func:`decay_gradient_per_key` by :func:`decay_gradient_reference` with the keys folded into
     the heads (same arguments; returns ``[B·T, H, K]`` fp32): the reference its tests compare with."""
     BT, H, K = lam.shape
     fold = lambda t: None if t is None else t.reshape(t.shape[0], H * K, 1, t.shape[-1])  # noqa: E731
-    return decay_gradient_reference(lam.reshape(1, BT, H * K), None, fold(d_final), fold(final), tok_start,
-                                    tok_stop, chunk_offsets, C).reshape(BT, H, K)
+    return decay_gradient_reference(lam.reshape(1, BT, H * K), None if bb is None else bb.reshape(1, BT, H * K),
+                                    fold(d_final), fold(final), tok_start, tok_stop, chunk_offsets, C).reshape(BT, H, K)

@@ -330,7 +330,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     grid, BK_seq, BV = _sequence_launch(meta, shape, N, H, K, V, dev)
     _dstate_bwd_kernel[grid](
         q, k, d_o, gd, x_wy, df if df is not None else u, dstates, dnu, dh0, lay.tok_start, lay.tok_stop,
-        lay.chunk_offsets, scale, H, *no_segments(u), K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None,
+        lay.chunk_offsets, scale, u, H, *no_segments(u), K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None,
         LOWRANK=True, BK=BK_seq, BV=BV, PRECISION=prec, LOWP=True,
         # sm_90 compile, K = V = 128, bf16: with a decay 4 warps spill 488 B per thread, 8 warps 88
         num_warps=shape.warps_seq if decay == 0 else 8,

@@ -1,7 +1,8 @@
 r"""Fused forward of the matrix class for the common members: no decay or a scalar decay per
 head, and at most one low-rank pair (linear attention, RetNet, Mamba2, DeltaNet, Gated DeltaNet,
-Longhorn, gated Longhorn, any rank-1 DPLR with a scalar decay); and a per-key decay without a
-pair (GLA), whose extra kernels are in :mod:`.perkey` (``DECAY = 2`` here).
+Longhorn, gated Longhorn, any rank-1 DPLR with a scalar decay); and a per-key decay with at most
+one pair (GLA; RWKV-7 / DPLR, KDA), whose extra kernels are in :mod:`.perkey` and
+:mod:`.perkey_pair` (``DECAY = 2`` here).
 
 Same algorithm as :mod:`.chunk` (read its docstring first), rearranged the way fast chunked
 linear-attention kernels are (GLA arXiv 2312.06635; the WY/UT form of DeltaNet arXiv 2406.06484
@@ -40,7 +41,8 @@ import triton.language as tl
 
 from olsm.errors import BackendError
 
-from . import perkey
+from . import perkey, perkey_pair
+from .perkey_pair import BA, BW, QA, QW
 from .tiles import (
     chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, store_segment_end,
     walk_program,
@@ -139,7 +141,7 @@ def _unit_lower_inverse(L, offs_c, C: tl.constexpr, PRECISION: tl.constexpr, LEV
 
 @triton.jit
 def _wy_fwd_kernel(
-    w, a, b, u, g, c, states, tok_start, tok_stop, x_wy, y_wy, t_wy, u_scale, kk_coef, kk_out,
+    w, a, b, u, g, c, states, tok_start, tok_stop, x_wy, y_wy, t_wy, u_scale, kk_coef, kk_out, grams,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PRECISION: tl.constexpr,
     STORE_T: tl.constexpr = False, DELTA: tl.constexpr = False, STORE_NU: tl.constexpr = False,
@@ -165,6 +167,10 @@ def _wy_fwd_kernel(
     ``[B·T, H]`` fp32), the implicit step's normaliser (Longhorn's ε = β / (1 + β kᵀk)), with
     ‖k_t‖² taken from the key rows in registers and written to kk_out ``[B·T, H]`` fp32 for the
     backward.
+
+    DECAY = 2 (a per-key decay with the pair, :mod:`.perkey_pair`): g is the cumulative G
+    ``[B·T, H, K]`` fp32, L and N are read from grams ``[NC, H, 4, C, C]`` (decay and strict mask
+    included) and B̂ = B ⊙ e^{G_prev} per key.
     """
     nh = tl.program_id(0).to(tl.int64)
     # rows of b, columns of a and w (transposed by pointer arithmetic, never tl.trans)
@@ -187,9 +193,12 @@ def _wy_fwd_kernel(
             tl.store(kk_out + tok * H + i_h, kk_t, mask=valid)
             r_t = 1. / (1. + tl.load(kk_coef + tok * H + i_h, mask=valid, other=0.) * kk_t)
             c_t = c_t * r_t
-        a_cols = tl.load(a + col_k, mask=mask_col, other=0.)
-        L = tl.dot(b_rows, a_cols, input_precision=PRECISION)                       # [C, C]
-        L = L * _strict_ratio(G_prev, G, offs_c)
+        if DECAY == 2:
+            L = tl.load(grams + (nh * 4 + BA) * C * C + offs_c[:, None] * C + offs_c[None, :])
+        else:
+            a_cols = tl.load(a + col_k, mask=mask_col, other=0.)
+            L = tl.dot(b_rows, a_cols, input_precision=PRECISION)                   # [C, C]
+            L = L * _strict_ratio(G_prev, G, offs_c)
         if DELTA:
             # a = −c k written as a row scale: the delta rule's ν_t = u_t − c_t k_tᵀ S_{t−1}
             L = L * (-c_t)[:, None]
@@ -202,14 +211,22 @@ def _wy_fwd_kernel(
     # spilled registers on sm_90)
     b_rows = tl.load(b + row_k, mask=mask_row, other=0.)
     # X = T B̂ with B̂ = diag(e^{G_{t−1}}) B: the scale goes on T's columns ([C, C], not [C, K])
-    col_scale = tl.exp(G_prev)
-    if DELTA:
-        col_scale = -c_t * col_scale
-    X = tl.dot(Tm * col_scale[None, :], b_rows.to(tl.float32), input_precision=PRECISION)
+    if DECAY == 2:
+        # per key: B̂ = B ⊙ e^{G_prev}, G_prev the cumulative G of the row before (0 on the first)
+        G_prev_k = tl.load(g + row_k - H * K, mask=mask_row & (offs_c >= 1)[:, None], other=0.)
+        X = tl.dot(Tm, b_rows.to(tl.float32) * tl.exp(G_prev_k), input_precision=PRECISION)
+    else:
+        col_scale = tl.exp(G_prev)
+        if DELTA:
+            col_scale = -c_t * col_scale
+        X = tl.dot(Tm * col_scale[None, :], b_rows.to(tl.float32), input_precision=PRECISION)
     out_k = nh * C * K + offs_c[:, None] * K + offs_k[None, :]
     tl.store(x_wy + out_k, X.to(x_wy.dtype.element_ty), mask=mask_k[None, :])
     if DELTA:
         TN = Tm                                     # Y = A U: the write shares the probe's key
+    elif DECAY == 2:
+        TN = tl.dot(Tm, tl.load(grams + (nh * 4 + BW) * C * C + offs_c[:, None] * C + offs_c[None, :]),
+                    input_precision=PRECISION)
     else:
         w_cols = tl.load(w + col_k, mask=mask_col, other=0.)
         # the decay ratio is formed again, not kept live through the inverse (registers)
@@ -293,7 +310,8 @@ def _state_fwd_kernel(
         if DECAY == 2:
             # per key (:mod:`.perkey`): g is the chunk-relative cumulative G [B·T, H, K], γ its last row
             gam = chunk_gamma(g, tok_stop, c, i_h, H, K, offs_k, mask_k)
-            W_T = W_T * tl.exp(gam[:, None] - tl.load(g + col_k, mask=mask_col, other=0.))
+            to_end_k = tl.exp(gam[:, None] - tl.load(g + col_k, mask=mask_col, other=0.))   # [BK, C]
+            W_T = W_T * to_end_k
         if LOWRANK:
             X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :], mask=mask_k[None, :], other=0.)
             P = tl.dot(X.to(od), S.to(od), input_precision=PRECISION)
@@ -311,6 +329,8 @@ def _state_fwd_kernel(
                 A_T = tl.load(a + col_k, mask=mask_col, other=0.).to(tl.float32)
                 if DECAY == 1:
                     A_T = A_T * to_end[None, :]
+                elif DECAY == 2:
+                    A_T = A_T * to_end_k
                 S_next += tl.dot(A_T, P, input_precision=PRECISION)
         if DECAY == 1:
             S_next += tl.exp(g_total) * S
@@ -340,8 +360,9 @@ def _output_fwd_kernel(
     """o = scale · (Q̂ S_n + M_qa P + M_qw U) for one chunk × head × V-block (kernel 3); with
     DELTA (LOWRANK off) o = scale · (Q̂ S_n + M_qw ν), ν read from probes instead of u. LOWP
     (LOWRANK off): the two value dots on storage-dtype operands (:func:`dots_lowp`). DECAY = 2
-    (per key, LOWRANK off; :mod:`.perkey`): g is the cumulative G ``[B·T, H, K]`` fp32 and M_qw is
-    read from amat ``[NC, H, C, C]`` fp32 (zeros above the diagonal) instead of formed from q and w.
+    (per key; :mod:`.perkey`): g is the cumulative G ``[B·T, H, K]`` fp32 and M_qw is read from
+    amat ``[NC, H, C, C]`` fp32 (zeros above the diagonal) instead of formed from q and w; with
+    LOWRANK amat is :mod:`.perkey_pair`'s ``[NC, H, 4, C, C]`` and M_qa comes from it too.
 
     Shapes: q, w, a ``[B·T, H, K]``; u ``[B·T, H, V]``; g ``[B·T, H]`` fp32; states
     ``[NC, H, K, V]``; probes ``[NC, H, C, V]``; o ``[B·T, H, V]`` (written token-major in the
@@ -366,7 +387,9 @@ def _output_fwd_kernel(
         # per key: Q̂ = Q ⊙ e^{G} from the cumulative G in g, the intra-chunk A made by .perkey
         Q_hat = Q_hat * tl.exp(tl.load(g + (tok[:, None] * H + i_h) * K + offs_k[None, :],
                                        mask=valid[:, None] & mask_k[None, :], other=0.))
-        M_qw = tl.load(amat + nh * C * C + offs_c[:, None] * C + offs_c[None, :])   # zeros above the diagonal
+        # zeros above the diagonal; with a pair amat holds .perkey_pair's four Grams
+        gram = amat + nh * (4 if LOWRANK else 1) * C * C + offs_c[:, None] * C + offs_c[None, :]
+        M_qw = tl.load(gram + (QW * C * C if LOWRANK else 0))
     else:
         W_T = tl.load(w + col_k, mask=mask_col, other=0.)
         M_qw = tl.dot(Q, W_T, input_precision=PRECISION)                       # [C, C]
@@ -390,12 +413,15 @@ def _output_fwd_kernel(
                     mask=valid[:, None] & mask_v[None, :], other=0.).to(od)
     acc += tl.dot(M_qw.to(U.dtype), U, input_precision=PRECISION)
     if LOWRANK:
-        A_T = tl.load(a + col_k, mask=mask_col, other=0.)
-        M_qa = tl.dot(Q, A_T, input_precision=PRECISION)
-        if DECAY == 1:
-            M_qa = M_qa * ratio
+        if DECAY == 2:
+            M_qa = tl.load(gram + QA * C * C)
         else:
-            M_qa = tl.where(incl, M_qa, 0.)
+            A_T = tl.load(a + col_k, mask=mask_col, other=0.)
+            M_qa = tl.dot(Q, A_T, input_precision=PRECISION)
+            if DECAY == 1:
+                M_qa = M_qa * ratio
+            else:
+                M_qa = tl.where(incl, M_qa, 0.)
         P = tl.load(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], mask=mask_v[None, :],
                     other=0.).to(tl.float32)
         acc += tl.dot(M_qa, P, input_precision=PRECISION)
@@ -520,12 +546,13 @@ def wy_constexprs(shape: LaunchShape, K: int, V: int, C: int, decay: int, prec: 
 
 
 def launch_wy(shape: LaunchShape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec,
-              c=None, states=None, load_t=False, u_scale=None, kk_coef=None, kk_out=None):
+              c=None, states=None, load_t=False, u_scale=None, kk_coef=None, kk_out=None, grams=None):
     """Kernel 1 (:func:`_wy_fwd_kernel`) over all NC chunks × H heads; with ``t_wy`` it also
     stores T (``load_t``: reads it instead). ``g`` is None without decay. With ``c``
     (``[B·T, H]`` fp32) it runs the delta form (w = a = b), and with ``states`` as well writes ν
     into ``y_wy``; ``u_scale`` (``[B·T, H]`` fp32) scales each token's u; ``kk_coef`` (with
-    ``kk_out``, both ``[B·T, H]`` fp32; forward only) divides c and u_scale by 1 + kk_coef ‖k‖²."""
+    ``kk_out``, both ``[B·T, H]`` fp32; forward only) divides c and u_scale by 1 + kk_coef ‖k‖².
+    ``grams``: a per-key decay's four Grams (:mod:`.perkey_pair`), with ``g`` its cumulative G."""
     NC = tok_start.numel()
     if NC == 0:
         return
@@ -533,7 +560,7 @@ def launch_wy(shape: LaunchShape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy
         w, a, b, u, g if g is not None else u, c if c is not None else u, states if states is not None else u,
         tok_start, tok_stop, x_wy, y_wy, t_wy if t_wy is not None else x_wy, u_scale if u_scale is not None else u,
         kk_coef if kk_coef is not None else u, kk_out if kk_out is not None else u,
-        H, U_SCALE=u_scale is not None, NORM=kk_coef is not None,
+        grams if grams is not None else u, H, U_SCALE=u_scale is not None, NORM=kk_coef is not None,
         **wy_constexprs(shape, K, V, C, decay, prec, t_wy is not None and not load_t, c is not None,
                         states is not None, load_t))
 
@@ -572,13 +599,12 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def fused_applies(log_decay, lowrank, K: int = 0, V: int = 0) -> bool:
-    """Whether :func:`fused_forward` handles this call: no or scalar decay with rank <= 1, or a
-    per-key decay without a low-rank part (:mod:`.perkey`); K, V <= :data:`MAX_FUSED_DIM`; and
-    the user did not ask for the general path with ``OLSM_MATRIX_PATH=general``."""
+    """Whether :func:`fused_forward` handles this call: any decay (none, scalar, per key) with at
+    most one low-rank pair; K, V <= :data:`MAX_FUSED_DIM`; and the user did not ask for the
+    general path with ``OLSM_MATRIX_PATH=general``."""
     if env_choice("OLSM_MATRIX_PATH", ("auto", "general")) == "general":
         return False
-    per_key = log_decay is not None and log_decay.dim() == 4
-    return len(lowrank) <= (0 if per_key else 1) and max(K, V) <= MAX_FUSED_DIM
+    return len(lowrank) <= 1 and max(K, V) <= MAX_FUSED_DIM
 
 
 # Shared-memory fallback of the state pass: prefetching the next chunk (num_stages=2) may not
@@ -604,11 +630,11 @@ def _launch_state(grid, args, key, **kw):
 
 def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_offsets, C, meta, max_chunks=0):
     """The forward of :func:`.chunk.chunk_matrix` for no / scalar decay and rank <= 1, or a
-    per-key decay and rank 0.
+    per-key decay and rank <= 1.
 
     Args:
         q, w: ``[B, T, H, K]``; u: ``[B, T, H, V]``; one dtype (contiguous copies are made if
-            needed). log_decay: ``None``, ``[B, T, H]`` or (no lowrank) ``[B, T, H, K]``.
+            needed). log_decay: ``None``, ``[B, T, H]`` or ``[B, T, H, K]``.
             lowrank: ``()`` or ``((a, b),)``.
         h0: ``None`` or ``[N, H, K, V]``.
         tok_start, tok_stop: ``[NC]`` int32, the flat token range ``[start, stop)`` of chunk n.
@@ -623,7 +649,8 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
         decay, the intra-chunk A ``[NC, H, C, C]`` fp32 (:mod:`.perkey`; None otherwise), which
         the backward reuses: making it again took 0.40 ms of GLA's 3.06 at (8, 2048, 16, 128)
         on an H200, keeping it costs C² fp32 per chunk and head (a quarter of the bf16 states at
-        C = 64, K = V = 128).
+        C = 64, K = V = 128); with a pair as well, its four Grams ``[NC, H, 4, C, C]`` fp32
+        (:mod:`.perkey_pair`) in A's place.
     """
     B, T, H, K = q.shape
     V = u.shape[-1]
@@ -642,9 +669,13 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     a, b = lowrank[0] if R else (dummy, dummy)
     amat = None
     if decay == DECAY_PER_KEY:
-        # per key (.perkey): the kernels read the cumulative G and the intra-chunk A
+        # per key (.perkey): the kernels read the cumulative G and the intra-chunk A, or with a
+        # pair its four Grams (.perkey_pair)
         g = perkey.chunk_cumsum(g, tok_start, tok_stop, H, K, C)
-        amat = perkey.intra_gram(q, w, g, tok_start, tok_stop, H, K, C, prec)
+        if R:
+            amat = perkey_pair.pair_grams(q, w, a, b, g, tok_start, tok_stop, H, K, C, prec)
+        else:
+            amat = perkey.intra_gram(q, w, g, tok_start, tok_stop, H, K, C, prec)
 
     # The chunk-boundary states are stored in the inputs' dtype (bf16/fp16 inputs: half the bytes
     # of the largest tensors the forward writes and the backward reads, as FLA stores its h);
@@ -660,7 +691,7 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     else:
         x_wy = y_wy = probes = states
     if R:
-        launch_wy(shape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, None, H, K, V, C, decay, prec)
+        launch_wy(shape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, None, H, K, V, C, decay, prec, grams=amat)
     h0_ = None if h0 is None else h0.float().contiguous()
     lowp = dots_lowp()
     grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev)

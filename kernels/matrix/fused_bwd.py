@@ -48,9 +48,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import perkey
+from . import perkey, perkey_pair
 from .fused import env_choice, launch_shape, launch_wy, no_segments, sequence_launch
 from .decay_grad import decay_gradient, decay_gradient_per_key
+from .perkey_pair import BW, QA, QW
 from .split import walk_sequences
 from .tiles import (
     chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, kslice_program, store_segment_end,
@@ -60,7 +61,7 @@ from .tiles import (
 
 @triton.jit
 def _dstate_bwd_kernel(
-    q, a, do, g, x_wy, d_final, dstates, dprobes, dh0, tok_start, tok_stop, chunk_offsets, scale,
+    q, a, do, g, x_wy, d_final, dstates, dprobes, dh0, tok_start, tok_stop, chunk_offsets, scale, amat,
     H, seg_end, seg_g, NSEG,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, HAS_DFINAL: tl.constexpr,
     LOWRANK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
@@ -73,6 +74,8 @@ def _dstate_bwd_kernel(
     Shapes: q, a ``[B·T, H, K]``, do ``[B·T, H, V]``; g ``[B·T, H]`` fp32; x_wy ``[NC, H, C, K]``;
     d_final, dh0 ``[N, H, K, V]``; writes dstates ``[NC, H, K, V]`` (∂L/∂S_{n+1}, the state chunk
     n ends in) and, with LOWRANK, dprobes ``[NC, H, C, V]`` (∂L/∂P of the chunk's probes).
+    DECAY = 2 (per key): g is the cumulative G ``[B·T, H, K]`` fp32 and, with LOWRANK, M_qa is read
+    from amat, the four Grams ``[NC, H, 4, C, C]`` of :mod:`.perkey_pair`.
 
     SEG_L > 0 (no low-rank part; :mod:`.split`, reversed): segment j of the sequence walked
     backwards, as :func:`.fused._state_fwd_kernel`'s segments: without SEG_START from zero, to its
@@ -102,16 +105,24 @@ def _dstate_bwd_kernel(
                      mask=valid[:, None] & mask_v[None, :], other=0.).to(od)           # [C, BV]
         if DECAY == 1:
             _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
+        if DECAY == 2:
+            # per key: g is the cumulative G [B·T, H, K] of .perkey, γ its chunk's last row
+            gam = chunk_gamma(g, tok_stop, c, i_h, H, K, offs_k, mask_k)
         if LOWRANK:
             # dP = scale · M_qaᵀ dO + Â dS_{n+1}, with M_qaᵀ[s, t] = a_s·q_t e^{G_t − G_s} (s ≤ t)
-            A = tl.load(a + (tok[:, None] * H + i_h) * K + offs_k[None, :],
-                        mask=valid[:, None] & mask_k[None, :], other=0.)               # [C, BK]
-            M_T = tl.dot(A.to(od), Q_T.to(od), input_precision=PRECISION)
+            row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
+            A = tl.load(a + row_k, mask=valid[:, None] & mask_k[None, :], other=0.)     # [C, BK]
             upper = offs_c[:, None] <= offs_c[None, :]
+            if DECAY == 2:
+                M_T = tl.load(amat + (nh * 4 + QA) * C * C + offs_c[None, :] * C + offs_c[:, None])
+                A = A.to(tl.float32) * tl.exp(gam[None, :] - tl.load(g + row_k, mask=valid[:, None] & mask_k[None, :],
+                                                                     other=0.))
+            else:
+                M_T = tl.dot(A.to(od), Q_T.to(od), input_precision=PRECISION)
             if DECAY == 1:
                 M_T = M_T * tl.exp(tl.where(upper, G[None, :] - G[:, None], float("-inf")))
                 A = A.to(tl.float32) * tl.exp(g_total - G)[:, None]
-            else:
+            elif DECAY == 0:
                 M_T = tl.where(upper, M_T, 0.)
             dP = scale * tl.dot(M_T.to(od), dO, input_precision=PRECISION)
             dP += tl.dot(A.to(od), dS.to(od), input_precision=PRECISION)
@@ -128,7 +139,7 @@ def _dstate_bwd_kernel(
             # per key (no low-rank part): g is the cumulative G [B·T, H, K] of .perkey
             Q_T = Q_T.to(tl.float32) * tl.exp(tl.load(g + (tok[None, :] * H + i_h) * K + offs_k[:, None],
                                                       mask=mask_k[:, None] & valid[None, :], other=0.))
-            dS = tl.exp(chunk_gamma(g, tok_stop, c, i_h, H, K, offs_k, mask_k))[:, None] * dS
+            dS = tl.exp(gam)[:, None] * dS
         dS += scale * tl.dot(Q_T.to(od), dO, input_precision=PRECISION)
         if LOWRANK:
             dS += tl.dot(X_T.to(od), dP.to(od), input_precision=PRECISION)
@@ -360,7 +371,7 @@ def _value_block(u, do, dprobes, nh, i_h, H, tok, valid, offs_c, i_v, V: tl.cons
 
 @triton.jit
 def _lowrank_cc_kernel(
-    q, w, u, b, do, g, states, dstates, dprobes, x_wy, y_wy, t_wy, probes, cc, du,
+    q, w, u, b, do, g, states, dstates, dprobes, x_wy, y_wy, t_wy, probes, cc, du, grams,
     tok_start, tok_stop, scale,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
@@ -372,7 +383,9 @@ def _lowrank_cc_kernel(
 
     Shapes: q, w, b ``[B·T, H, K]``; u, do ``[B·T, H, V]``; states, dstates ``[NC, H, K, V]``;
     dprobes, y_wy, probes ``[NC, H, C, V]``; x_wy ``[NC, H, C, K]``; t_wy ``[NC, H, C, C]``;
-    cc ``[NC, H, 4, C, C]`` fp32; du ``[B·T, H, V]``.
+    cc ``[NC, H, 4, C, C]`` fp32; du ``[B·T, H, V]``. DECAY = 2 (per key, :mod:`.perkey_pair`): g is
+    the cumulative G ``[B·T, H, K]``, N and M_qw are read from grams ``[NC, H, 4, C, C]`` and cc
+    holds the gradients of the four decayed Grams (only the causal masks applied).
     """
     nh = tl.program_id(0).to(tl.int64)
     # No tl.trans anywhere (DESIGN §7: a transposed MMA result broke a backward on Hopper with
@@ -385,11 +398,21 @@ def _lowrank_cc_kernel(
     T_T = tl.load(t_wy + nh * C * C + offs_c[None, :] * C + offs_c[:, None])
     W = tl.load(w + row_k, mask=m_ck, other=0.).to(tl.float32)
     B_T = tl.load(b + col_k, mask=m_kc, other=0.).to(tl.float32)
-    Q_T = tl.load(q + col_k, mask=m_kc, other=0.).to(tl.float32)
-    N_T = tl.dot(W, B_T, input_precision=PRECISION) * R_T                        # [s, t] = N[t, s]
-    M_qw_T = tl.dot(W, Q_T, input_precision=PRECISION) * D_T
-    W_hat = W * e_end[:, None]
-    B_hat_T = B_T * e_b[None, :]
+    if DECAY == 2:
+        # per key: the Grams from .perkey_pair (transposed loads), Ŵ = W ⊙ e^{γ − G},
+        # B̂ᵀ = Bᵀ ⊙ e^{G_prevᵀ} (G_prev: G of the row before, 0 on the chunk's first)
+        gram_T = grams + nh * 4 * C * C + offs_c[None, :] * C + offs_c[:, None]
+        N_T = tl.load(gram_T + BW * C * C)
+        M_qw_T = tl.load(gram_T + QW * C * C)
+        gam = chunk_gamma(g, tok_stop, nh // H, i_h, H, K, offs_k, mask_k)
+        W_hat = W * tl.exp(gam[None, :] - tl.load(g + row_k, mask=m_ck, other=0.))
+        B_hat_T = B_T * tl.exp(tl.load(g + col_k - H * K, mask=m_kc & (offs_c >= 1)[None, :], other=0.))
+    else:
+        Q_T = tl.load(q + col_k, mask=m_kc, other=0.).to(tl.float32)
+        N_T = tl.dot(W, B_T, input_precision=PRECISION) * R_T                    # [s, t] = N[t, s]
+        M_qw_T = tl.dot(W, Q_T, input_precision=PRECISION) * D_T
+        W_hat = W * e_end[:, None]
+        B_hat_T = B_T * e_b[None, :]
 
     dM_qa = tl.zeros([C, C], dtype=tl.float32)     # dO Pᵀ
     dM_qw = tl.zeros([C, C], dtype=tl.float32)     # dO Uᵀ
@@ -437,7 +460,9 @@ def _lowrank_dk_kernel(
 ):
     """Kernel 2'b (rank 1), one K-slice × chunk × head: dq, dw, da, db from a V-loop over
     dO S_nᵀ, P dS_{n+1}ᵀ, U dS_{n+1}ᵀ, dP S_nᵀ and the [C, C] matrices of kernel 2'a; writes this
-    slice's part of the decay terms dlam, dbb ``[NK, B·T, H]``.
+    slice's part of the decay terms dlam, dbb ``[NK, B·T, H]``. DECAY = 2 (per key; g the cumulative
+    G ``[B·T, H, K]``): dq, dw, da, db are fp32 buffers that get only the inter-chunk parts, cc and
+    the decay terms are left to :mod:`.perkey_pair`.
     """
     nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, m_ck = kslice_program(tok_start, tok_stop, H, K,
                                                                                        C, BKS)
@@ -459,6 +484,16 @@ def _lowrank_dk_kernel(
         dW_hat += tl.dot(U, dSn_T, input_precision=PRECISION)
         dX += tl.dot(dP, S_T, input_precision=PRECISION)
 
+    if DECAY == 2:
+        G = tl.load(g + row_k, mask=m_ck, other=0.)
+        G_prev = tl.load(g + row_k - H * K, mask=m_ck & (offs_c >= 1)[:, None], other=0.)
+        e_end_k = tl.exp(chunk_gamma(g, tok_stop, nh // H, i_h, H, K, offs_k, mask_k)[None, :] - G)
+        tl.store(dq + row_k, scale * dQ_hat * tl.exp(G), mask=m_ck)
+        tl.store(da + row_k, dA_hat * e_end_k, mask=m_ck)
+        tl.store(dw + row_k, dW_hat * e_end_k, mask=m_ck)
+        T_T = tl.load(t_wy + nh * C * C + offs_c[None, :] * C + offs_c[:, None])
+        tl.store(db + row_k, tl.dot(T_T, dX, input_precision=PRECISION) * tl.exp(G_prev), mask=m_ck)
+        return
     D, _, R, _, e_q, e_b, e_end = _chunk_masks(g, tok, valid, i_h, H, offs_c, C, DECAY)
     Q = tl.load(q + row_k, mask=m_ck, other=0.).to(tl.float32)
     W = tl.load(w + row_k, mask=m_ck, other=0.).to(tl.float32)
@@ -491,14 +526,12 @@ def _lowrank_dk_kernel(
 
 
 def fused_backward_applies(log_decay, lowrank, K: int, V: int) -> bool:
-    """Whether :func:`fused_backward` handles this call: no or scalar decay with at most one
-    low-rank pair, or a per-key decay without one; K, V <= 128; and the user did not ask for the
-    autograd backward with
+    """Whether :func:`fused_backward` handles this call: any decay with at most one low-rank pair;
+    K, V <= 128; and the user did not ask for the autograd backward with
     ``OLSM_MATRIX_BWD=autograd``. ``lowrank`` is the flat ``(a, b, ...)`` tuple."""
     if env_choice("OLSM_MATRIX_BWD", ("auto", "autograd")) == "autograd":
         return False
-    per_key = log_decay is not None and log_decay.dim() == 4
-    return len(lowrank) in ((0,) if per_key else (0, 2)) and max(K, V) <= 128
+    return len(lowrank) in (0, 2) and max(K, V) <= 128
 
 
 def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, meta, needs, lowrank_flat=(),
@@ -548,12 +581,16 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
         low = dict(device=q.device, dtype=states.dtype)   # stored like the states; T stays fp32
         x_wy, y_wy = torch.empty(NC, H, C, K, **low), torch.empty(NC, H, C, V, **low)
         t_wy, dprobes = torch.empty(NC, H, C, C, **f32), torch.empty(NC, H, C, V, **low)
-        launch_wy(shape, w, a, b, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec)
+        if decay == 2 and amat is None:     # the forward ran on the general path
+            amat = perkey_pair.pair_grams(q, w, a, b, g, lay.tok_start, lay.tok_stop, H, K, C, prec)
+        launch_wy(shape, w, a, b, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec,
+                  grams=amat)
     else:
         x_wy = dprobes = dstates
     grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev)
     args = (q, a, d_o, g if g is not None else dummy, x_wy, df if df is not None else dummy, dstates, dprobes,
-            dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale, H) + no_segments(dummy)
+            dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale, amat if R and decay == 2 else dummy,
+            H) + no_segments(dummy)
     kw = dict(K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None, LOWRANK=R > 0, BK=BK_seq, BV=BV,
               PRECISION=prec, num_warps=shape.warps_seq)
     walk_sequences(lambda grid_, args_, **extra: _dstate_bwd_kernel[grid_](*args_, **kw, **extra),
@@ -562,14 +599,21 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     dq, dw, du = torch.empty_like(q), torch.empty_like(w), torch.empty_like(u)
     da = db = None
     if R:
+        pk = decay == 2
+        if pk:
+            # per key (.perkey_pair): 2'b leaves the fp32 inter-chunk parts, the pair kernel
+            # finishes the gradients and leaves λ in dq32 and bb in db32
+            d32 = torch.empty(4, B * T, H, K, **f32)
+            dq32, dw32, da32, db32 = d32.unbind(0)
         da, db = torch.empty_like(a), torch.empty_like(b)
-        dlam, dbb = torch.zeros(NK, B * T, H, **f32), torch.zeros(NK, B * T, H, **f32)
+        dlam, dbb = (dummy, dummy) if pk else (torch.zeros(NK, B * T, H, **f32), torch.zeros(NK, B * T, H, **f32))
         if NC > 0:
             probes = torch.empty(NC, H, C, V, **low)
             cc = torch.empty(NC, H, 4, C, C, **f32)
             _lowrank_cc_kernel[(NC * H,)](
                 q, w, u, b, d_o, g if g is not None else dummy, states, dstates, dprobes, x_wy, y_wy, t_wy,
-                probes, cc, du, lay.tok_start, lay.tok_stop, scale, H, K=K, V=V, C=C, DECAY=decay,
+                probes, cc, du, amat if pk else dummy, lay.tok_start, lay.tok_stop, scale, H, K=K, V=V, C=C,
+                DECAY=decay,
                 BK=BK, BV=shape.BV_rank1, PRECISION=prec, num_warps=shape.warps_rank1,
                 # fp32 inputs (ieee dots) with a decay need 233 KB of shared memory at 3 stages
                 # and K = 128, 205 KB at 2 (sm_90 compile): 2 stages keep them on an H100
@@ -577,9 +621,15 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             )
             _lowrank_dk_kernel[(NK, NC * H)](
                 q, w, u, a, b, d_o, g if g is not None else dummy, states, dstates, dprobes, probes, t_wy, cc,
-                dq, dw, da, db, dlam, dbb, lay.tok_start, lay.tok_stop, scale, B * T, H, K=K, V=V, C=C,
+                *((dq32, dw32, da32, db32) if pk else (dq, dw, da, db)), dlam, dbb, lay.tok_start, lay.tok_stop,
+                scale, B * T, H, K=K, V=V, C=C,
                 DECAY=decay, BKS=BKS, BV=shape.BV_rank1, PRECISION=prec, num_warps=shape.warps_rank1,
             )
+            if pk:
+                dq, dw, da, db = perkey_pair.pair_backward(q, w, a, b, g, cc, (dq32, dw32, da32, db32),
+                                                           lay.tok_start, lay.tok_stop, H, K, C, prec)
+        elif pk:
+            dq.zero_(), dw.zero_(), du.zero_(), da.zero_(), db.zero_(), d32.zero_()
     else:
         pk = decay == 2
         dlam = dbb = dummy if pk else torch.empty(NK, B * T, H, **f32)   # per key: λ goes to dq32
@@ -607,8 +657,9 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             dq.zero_(), dw.zero_(), du.zero_(), dq32.zero_()
     dg = None
     if decay == 2 and needs[3]:
-        # per key: λ was left in dq32 by the intra kernel
-        dg = decay_gradient_per_key(dq32, df, final, lay.tok_start, lay.tok_stop, lay.chunk_offsets, C)
+        # per key: λ was left in dq32 by the intra kernel (and with a pair bb in db32)
+        dg = decay_gradient_per_key(dq32, df, final, lay.tok_start, lay.tok_stop, lay.chunk_offsets, C,
+                                    bb=db32 if R else None)
         dg = dg.reshape(B, T, H, K).to(log_decay.dtype)
     elif g is not None and needs[3]:
         dg = decay_gradient(dlam, dbb if R > 0 else None, df, final, lay.tok_start, lay.tok_stop,
