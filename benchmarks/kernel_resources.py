@@ -25,12 +25,13 @@ from olsm.kernels.matrix import delta as D
 from olsm.kernels.matrix import fused as F
 from olsm.kernels.matrix import fused_bwd as FB
 from olsm.kernels.matrix import perkey as PK
+from olsm.kernels.matrix import perkey_pair as PP
 from olsm.kernels.matrix import split as SP
 
 # the inputs, their gradients and what the wrappers store in the inputs' dtype (fused.state_dtype)
 BF16 = {p: "*bf16" for p in ("q", "w", "a", "b", "u", "do", "o", "dq", "dw", "du", "da", "db",
                              "states", "dstates", "x_wy", "y_wy", "probes", "dprobes", "k", "nu")}
-TYPES = dict(BF16, dq32="*fp32", dw32="*fp32", tok_start="*i32", tok_stop="*i32", chunk_offsets="*i32", H="i32", BT="i32", scale="fp32",
+TYPES = dict(BF16, dq32="*fp32", dw32="*fp32", da32="*fp32", db32="*fp32", tok_start="*i32", tok_stop="*i32", chunk_offsets="*i32", H="i32", BT="i32", scale="fp32",
              NSEG="i32", SEG_L="i32")
 
 
@@ -104,6 +105,25 @@ def configs(K=128, V=128, C=64):
             yield ("bwd per-key decay carry", DG._key_carry_kernel,
                    dict(K=K, HAS_LAST=True, BLOCK=DG.CARRY_BLOCK, BK=64), 4, True)
             yield ("bwd per-key decay grad", DG._key_grad_kernel, dict(K=K, C=C, BK=64), 4, True)
+            # per-key decay with one pair (RWKV-7 / DPLR; kernels/matrix/perkey_pair.py), DECAY = 2
+            yield ("fwd per-key pair grams", PP._pair_gram_kernel,
+                   dict(K=K, C=C, BK=sh.BK, BKS=PK._key_slice(K), SUB=PK.SUB, PRECISION="tf32",
+                        FAST_RANGE=PK.FAST_RANGE), 4, True)
+            wy2 = F.wy_constexprs(sh, K, V, C, 2, "tf32", store_t=True)
+            yield ("fwd wy per-key pair", F._wy_fwd_kernel, wy2, wy2.pop("num_warps"), True)
+            yield ("fwd state per-key pair", F._state_fwd_kernel,
+                   dict(d2, LOWRANK=True, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_state_lr, True)
+            yield ("fwd output per-key pair", F._output_fwd_kernel, dict(d2, LOWRANK=True, BK=sh.BK, BV=sh.BV_out),
+                   sh.warps_out, True)
+            yield ("bwd dstate per-key pair", FB._dstate_bwd_kernel,
+                   dict(d2, HAS_DFINAL=True, LOWRANK=True, BK=sh.BK, BV=sh.BV), sh.warps_seq, True)
+            yield ("bwd rank-1 cc per-key", FB._lowrank_cc_kernel, dict(d2, BK=sh.BK, BV=sh.BV_rank1),
+                   sh.warps_rank1, True)
+            yield ("bwd rank-1 dk per-key", FB._lowrank_dk_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_rank1),
+                   sh.warps_rank1, True)
+            yield ("bwd per-key pair", PP._pair_bwd_kernel,
+                   dict(K=K, C=C, BKS=PK._key_slice(K), SUB=PK.SUB, PRECISION="tf32", FAST_RANGE=PK.FAST_RANGE), 4,
+                   True)
         # the delta form (kernels/matrix/delta.py), as delta_forward / delta_backward launch it
         # (with u_scale: the catalogue's members write s v, formed in the kernels), defaults:
         # rows4 inverse, storage-dtype dots, X and ν kept (no WY launch in the backward)

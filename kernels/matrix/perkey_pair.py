@@ -57,13 +57,23 @@ def _prev_rows(gc, t0, n_tok, i_b, i_h, H, offs_k, K: tl.constexpr, SUB: tl.cons
 
 
 @triton.jit
-def _diag_column(x, gc, t0, n_tok, col, i_h, H, offs_k, K: tl.constexpr):
-    """Row ``col`` of x (fp32), its G and its G_prev, keys ``offs_k`` (0 outside the chunk), and
-    the key mask: one column of a diagonal sub-block summed exactly."""
+def _rows(x, gc, t0, n_tok, i_b, i_h, H, offs_k, K: tl.constexpr, SUB: tl.constexpr):
+    """:func:`.perkey._block_rows` without G and the mask (compiled Triton wants every name to
+    keep one type, so kernels do not unpack into a throwaway ``_``)."""
+    X, G, m = _block_rows(x, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
+    return X
+
+
+@triton.jit
+def _token(x, t0, n_tok, col, i_h, H, offs_k, K: tl.constexpr, PREV: tl.constexpr = False):
+    """Row ``col`` of one chunk (first token t0, n_tok tokens) of x ``[B·T, H, K]`` as fp32, keys
+    ``offs_k``, 0 outside the chunk; with PREV the row before (0 for the chunk's first row): the
+    operands of one column of a diagonal sub-block summed exactly."""
     ok = (offs_k < K) & (offs_k * 0 + col < n_tok)
     off = ((t0 + col) * H + i_h) * K + offs_k
-    g_prev = tl.load(gc + off - H * K, mask=ok & (offs_k * 0 + col >= 1), other=0.)
-    return tl.load(x + off, mask=ok, other=0.).to(tl.float32), tl.load(gc + off, mask=ok, other=0.), g_prev, ok
+    if PREV:
+        return tl.load(x + off - H * K, mask=ok & (offs_k * 0 + col >= 1), other=0.).to(tl.float32)
+    return tl.load(x + off, mask=ok, other=0.).to(tl.float32)
 
 
 @triton.jit
@@ -90,7 +100,7 @@ def _pair_gram_kernel(q, w, a, b, gc, grams, tok_start, tok_stop, H, K: tl.const
         ks = kk * BKS + tl.arange(0, BKS)
         ref = _row_at(gc, t0, n_tok, i_b * SUB - 1, i_h, H, ks, K)
         Q, G, m = _block_rows(q, gc, t0, n_tok, i_b, i_h, H, ks, K, SUB)
-        Bm, _, _ = _block_rows(b, gc, t0, n_tok, i_b, i_h, H, ks, K, SUB)
+        Bm = _rows(b, gc, t0, n_tok, i_b, i_h, H, ks, K, SUB)
         G_prev = _prev_rows(gc, t0, n_tok, i_b, i_h, H, ks, K, SUB)
         Q_r = Q * tl.exp(tl.where(m, G - ref[None, :], 0.))                        # exponents <= 0
         B_r = Bm * tl.exp(tl.where(m, G_prev - ref[None, :], 0.))
@@ -115,12 +125,13 @@ def _pair_gram_kernel(q, w, a, b, gc, grams, tok_start, tok_stop, H, K: tl.const
         # (masked before exp: above the diagonal the exponents are positive)
         offs_k = tl.arange(0, BK)
         Q, G, m = _block_rows(q, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
-        Bm, _, _ = _block_rows(b, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
+        Bm = _rows(b, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
         G_prev = _prev_rows(gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
         for s in range(0, SUB):
             col = i_b * SUB + s
-            a_s, g_s, _, _ = _diag_column(a, gc, t0, n_tok, col, i_h, H, offs_k, K)
-            w_s, _, _, _ = _diag_column(w, gc, t0, n_tok, col, i_h, H, offs_k, K)
+            a_s = _token(a, t0, n_tok, col, i_h, H, offs_k, K)
+            w_s = _token(w, t0, n_tok, col, i_h, H, offs_k, K)
+            g_s = _token(gc, t0, n_tok, col, i_h, H, offs_k, K)
             e_q = Q * tl.exp(tl.where(m & (rows >= col)[:, None], G - g_s[None, :], float("-inf")))
             e_b = Bm * tl.exp(tl.where(m & (rows > col)[:, None], G_prev - g_s[None, :], float("-inf")))
             here = offs_c[None, :] == col
@@ -159,7 +170,7 @@ def _pair_bwd_kernel(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db,
     fast = _fast_block(gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB, FAST_RANGE)
     fast_i = fast.to(tl.int32)
     tile = ((t0 + blk)[:, None] * H + i_h) * K + offs_k[None, :]
-    _, G, m = _block_rows(q, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
+    Q, G, m = _block_rows(q, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
     G_prev = _prev_rows(gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
     dQ = tl.load(dq32 + tile, mask=m, other=0.)
     dB = tl.load(db32 + tile, mask=m, other=0.)
@@ -171,7 +182,7 @@ def _pair_bwd_kernel(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db,
     # row side: columns s < 16 i (+ 16 when fast), around r
     ref = _row_at(gc, t0, n_tok, i_b * SUB - 1, i_h, H, offs_k, K)
     Ac, Gc, mc = _block_rows(a, gc, t0, n_tok, 0, i_h, H, offs_k, K, C)      # the whole chunk's rows
-    Wc, _, _ = _block_rows(w, gc, t0, n_tok, 0, i_h, H, offs_k, K, C)
+    Wc = _rows(w, gc, t0, n_tok, 0, i_h, H, offs_k, K, C)
     ms = mc & (offs_c < i_b * SUB + SUB * fast_i)[:, None]
     e_col = tl.where(ms, tl.exp(tl.where(ms, ref[None, :] - Gc, 0.)), 0.)
     A_r = Ac * e_col
@@ -184,8 +195,8 @@ def _pair_bwd_kernel(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db,
         * tl.exp(tl.where(m, G_prev - ref[None, :], 0.))
     # column side: rows t >= 16 (i + 1) (16 i when fast), around ρ
     rho = _row_at(gc, t0, n_tok, i_b * SUB + SUB * (1 - fast_i) - 1, i_h, H, offs_k, K)
-    Qc, _, _ = _block_rows(q, gc, t0, n_tok, 0, i_h, H, offs_k, K, C)
-    Bc, _, _ = _block_rows(b, gc, t0, n_tok, 0, i_h, H, offs_k, K, C)
+    Qc = _rows(q, gc, t0, n_tok, 0, i_h, H, offs_k, K, C)
+    Bc = _rows(b, gc, t0, n_tok, 0, i_h, H, offs_k, K, C)
     Gpc = _prev_rows(gc, t0, n_tok, 0, i_h, H, offs_k, K, C)
     mt = mc & (offs_c >= i_b * SUB + SUB * (1 - fast_i))[:, None]
     Q_r = tl.where(mt, Qc * tl.exp(tl.where(mt, Gc - rho[None, :], 0.)), 0.)
@@ -200,11 +211,13 @@ def _pair_bwd_kernel(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db,
         # s at a time, the column side one row at a time (masked before exp)
         for s in range(0, SUB):
             col = i_b * SUB + s
-            q_s, g_s, gp_s, ok = _diag_column(q, gc, t0, n_tok, col, i_h, H, offs_k, K)
-            a_s, _, _, _ = _diag_column(a, gc, t0, n_tok, col, i_h, H, offs_k, K)
-            w_s, _, _, _ = _diag_column(w, gc, t0, n_tok, col, i_h, H, offs_k, K)
-            b_s, _, _, _ = _diag_column(b, gc, t0, n_tok, col, i_h, H, offs_k, K)
-            ok2 = m & ok[None, :]
+            q_s = _token(q, t0, n_tok, col, i_h, H, offs_k, K)
+            a_s = _token(a, t0, n_tok, col, i_h, H, offs_k, K)
+            w_s = _token(w, t0, n_tok, col, i_h, H, offs_k, K)
+            b_s = _token(b, t0, n_tok, col, i_h, H, offs_k, K)
+            g_s = _token(gc, t0, n_tok, col, i_h, H, offs_k, K)
+            gp_s = _token(gc, t0, n_tok, col, i_h, H, offs_k, K, PREV=True)
+            ok2 = m & ((offs_k < K) & (offs_k * 0 + col < n_tok))[None, :]
             # row side: cc[block rows, s]
             incl = tl.exp(tl.where(ok2 & (blk >= col)[:, None], G - g_s[None, :], float("-inf")))
             strict = tl.exp(tl.where(ok2 & (blk > col)[:, None], G_prev - g_s[None, :], float("-inf")))
@@ -221,10 +234,9 @@ def _pair_bwd_kernel(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db,
             c_bw = tl.load(cc_nh + BW * C * C + col * C + blk)[:, None]
             dA += c_qa * q_s[None, :] * incl + c_ba * b_s[None, :] * strict
             dW += c_qw * q_s[None, :] * incl + c_bw * b_s[None, :] * strict
-    Q, _, _ = _block_rows(q, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
-    A, _, _ = _block_rows(a, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
-    W, _, _ = _block_rows(w, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
-    Bm, _, _ = _block_rows(b, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
+    A = _rows(a, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
+    W = _rows(w, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
+    Bm = _rows(b, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
     tl.store(dq + tile, dQ.to(dq.dtype.element_ty), mask=m)
     tl.store(dw + tile, dW.to(dw.dtype.element_ty), mask=m)
     tl.store(da + tile, dA.to(da.dtype.element_ty), mask=m)
