@@ -271,13 +271,14 @@ FUSED_CASES = [("none", "none"), ("scalar", "none"), ("key", "none"), ("none", "
 
 @pytest.mark.parametrize("decay,lowrank", FUSED_CASES, ids=[f"{d}-{r}" for d, r in FUSED_CASES])
 def test_fused_path_is_taken_and_general_path_still_matches(decay, lowrank, monkeypatch):
-    # no / scalar decay with rank <= 1, and a per-key decay without a pair, run the fused forward
-    # (kernels/matrix/fused.py, perkey.py); the general path stays selectable with
+    # any decay with rank <= 1 runs the fused forward (kernels/matrix/fused.py, perkey.py,
+    # perkey_pair.py), rank 2 the general path, which stays selectable with
     # OLSM_MATRIX_PATH=general (A/B timing on the GPU)
     fused = importlib.import_module("olsm.kernels.matrix.fused")
     log_decay = {"none": None, "scalar": torch.zeros(1, 1, 1), "key": torch.zeros(1, 1, 1, 1)}[decay]
     assert fused.fused_applies(log_decay, [] if lowrank == "none" else [(None, None)])
-    assert not fused.fused_applies(torch.zeros(1, 1, 1, 1), [(None, None)])      # per key with a pair: general
+    assert fused.fused_applies(torch.zeros(1, 1, 1, 1), [(None, None)])          # per key with a pair (DPLR)
+    assert not fused.fused_applies(torch.zeros(1, 1, 1, 1), [(None, None)] * 2)  # rank 2: general
     inputs = make_inputs(11, T=37, H=1, K=6, V=5, decay=decay, lowrank=lowrank)
     check(inputs, chunk_size=32)
     monkeypatch.setenv("OLSM_MATRIX_PATH", "general")
