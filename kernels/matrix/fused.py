@@ -443,7 +443,7 @@ class LaunchShape:
         warps_seq, warps_state_lr, warps_out, warps_wy, warps_chunk, warps_rank1: num_warps of
             the sequential passes (the forward one with a low-rank part: warps_state_lr), the
             output kernel, the WY kernel, the rank-0 per-chunk backward kernels and
-            the rank-1 ones.
+            the rank-1 ones; warps_pair: :mod:`.perkey_pair`'s two kernels.
 
     The values are what ``benchmarks/tune_fused.py`` measured fastest on an H100 at
     (8, 2048, 16, 128), bf16, C = 64 (one knob at a time, 2026-11-24): 4 warps beat 8 for every
@@ -469,6 +469,7 @@ class LaunchShape:
     warps_wy: int
     warps_chunk: int
     warps_rank1: int
+    warps_pair: int = 4
 
 
 def launch_shape(K: int, V: int, C: int, fp32: bool = False) -> LaunchShape:
@@ -659,7 +660,8 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     dev = q.device
     q, w, u = (t.contiguous() for t in (q, w, u))
     lowrank = [(a.contiguous(), b.contiguous()) for a, b in lowrank]
-    g = None if log_decay is None else log_decay.float().contiguous()
+    # a per-key log-decay is read in its own dtype by .perkey's cumsum (fp32 out), no cast here
+    g = None if log_decay is None else log_decay.contiguous() if log_decay.dim() == 4 else log_decay.float().contiguous()
     decay = DECAY_NONE if g is None else DECAY_SCALAR if g.dim() == 3 else DECAY_PER_KEY
     R = len(lowrank)
     prec = meta["precision"]
@@ -673,7 +675,7 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
         # pair its four Grams (.perkey_pair)
         g = perkey.chunk_cumsum(g, tok_start, tok_stop, H, K, C)
         if R:
-            amat = perkey_pair.pair_grams(q, w, a, b, g, tok_start, tok_stop, H, K, C, prec)
+            amat = perkey_pair.pair_grams(q, w, a, b, g, tok_start, tok_stop, H, K, C, prec, shape.warps_pair)
         else:
             amat = perkey.intra_gram(q, w, g, tok_start, tok_stop, H, K, C, prec)
 

@@ -562,7 +562,8 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     R = len(lowrank_flat) // 2
     a, b = (t.contiguous() for t in lowrank_flat) if R else (u, u)
     d_o = torch.zeros_like(u) if d_o is None else d_o.contiguous()
-    g = None if log_decay is None else log_decay.float().contiguous()
+    # a per-key log-decay is read in its own dtype by .perkey's cumsum (fp32 out), no cast here
+    g = None if log_decay is None else log_decay.contiguous() if log_decay.dim() == 4 else log_decay.float().contiguous()
     decay = 0 if g is None else 1 if g.dim() == 3 else 2
     dummy = u
     prec, scale = meta["precision"], float(meta["scale"])
@@ -582,7 +583,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
         x_wy, y_wy = torch.empty(NC, H, C, K, **low), torch.empty(NC, H, C, V, **low)
         t_wy, dprobes = torch.empty(NC, H, C, C, **f32), torch.empty(NC, H, C, V, **low)
         if decay == 2 and amat is None:     # the forward ran on the general path
-            amat = perkey_pair.pair_grams(q, w, a, b, g, lay.tok_start, lay.tok_stop, H, K, C, prec)
+            amat = perkey_pair.pair_grams(q, w, a, b, g, lay.tok_start, lay.tok_stop, H, K, C, prec, shape.warps_pair)
         launch_wy(shape, w, a, b, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec,
                   grams=amat)
     else:
@@ -627,7 +628,8 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             )
             if pk:
                 dq, dw, da, db = perkey_pair.pair_backward(q, w, a, b, g, cc, (dq32, dw32, da32, db32),
-                                                           lay.tok_start, lay.tok_stop, H, K, C, prec)
+                                                           lay.tok_start, lay.tok_stop, H, K, C, prec,
+                                                           shape.warps_pair)
         elif pk:
             dq.zero_(), dw.zero_(), du.zero_(), da.zero_(), db.zero_(), d32.zero_()
     else:

@@ -246,7 +246,8 @@ def _pair_bwd_kernel(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db,
     tl.store(db32 + tile, bb, mask=m)
 
 
-def pair_grams(q, w, a, b, gc, tok_start, tok_stop, H: int, K: int, C: int, prec: str) -> torch.Tensor:
+def pair_grams(q, w, a, b, gc, tok_start, tok_stop, H: int, K: int, C: int, prec: str,
+               num_warps: int = 4) -> torch.Tensor:
     """The four Grams ``[NC, H, 4, C, C]`` fp32, order :data:`QA`, :data:`QW`, :data:`BA`,
     :data:`BW` (module docstring). q, w, a, b ``[B·T, H, K]``; gc the cumulative G ``[B·T, H, K]``
     fp32 (:func:`.perkey.chunk_cumsum`)."""
@@ -255,11 +256,12 @@ def pair_grams(q, w, a, b, gc, tok_start, tok_stop, H: int, K: int, C: int, prec
     if NC:
         _pair_gram_kernel[(C // SUB, NC * H)](q, w, a, b, gc, grams, tok_start, tok_stop, H, K=K, C=C,
                                               BK=max(16, triton.next_power_of_2(K)), BKS=_key_slice(K),
-                                              SUB=SUB, PRECISION=prec, FAST_RANGE=FAST_RANGE, num_warps=4)
+                                              SUB=SUB, PRECISION=prec, FAST_RANGE=FAST_RANGE, num_warps=num_warps)
     return grams
 
 
-def pair_backward(q, w, a, b, gc, cc, d32, tok_start, tok_stop, H: int, K: int, C: int, prec: str):
+def pair_backward(q, w, a, b, gc, cc, d32, tok_start, tok_stop, H: int, K: int, C: int, prec: str,
+                  num_warps: int = 4):
     """``(dq, dw, da, db)`` in the inputs' dtypes from kernel 2'a's cc ``[NC, H, 4, C, C]`` and the
     inter-chunk parts d32 = ``(dq32, dw32, da32, db32)`` ``[B·T, H, K]`` fp32 of kernel 2'b;
     afterwards dq32 holds λ and db32 holds bb (:func:`_pair_bwd_kernel`)."""
@@ -269,5 +271,5 @@ def pair_backward(q, w, a, b, gc, cc, d32, tok_start, tok_stop, H: int, K: int, 
         BKS = _key_slice(K)
         _pair_bwd_kernel[(C // SUB, NC * H, triton.cdiv(K, BKS))](
             q, w, a, b, gc, cc, *d32, *grads, tok_start, tok_stop, H, K=K, C=C, BKS=BKS, SUB=SUB,
-            PRECISION=prec, FAST_RANGE=FAST_RANGE, num_warps=4)
+            PRECISION=prec, FAST_RANGE=FAST_RANGE, num_warps=num_warps)
     return grads
