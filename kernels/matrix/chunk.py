@@ -346,9 +346,10 @@ class ChunkMatrixFunction(torch.autograd.Function):
                     result = None
             if result is None:
                 result = _pipeline(q, w, u, log_decay, lowrank, h0, lay, meta)
-            # the fused per-key forward also hands over its intra-chunk A (kept for the backward)
+            # the fused per-key forward also hands over what its backward reuses (its Grams; with a
+            # pair T, X and P as well)
             o, final, states, *kept = result
-        ctx.save_for_backward(q, w, u, log_decay, h0, states, final, kept[0] if kept else None, *lowrank_flat)
+        ctx.save_for_backward(q, w, u, log_decay, h0, states, final, *lowrank_flat, *kept)
         ctx.lay, ctx.meta, ctx.n_lowrank = lay, meta, n_lowrank
         ctx.set_materialize_grads(False)
         return o, final
@@ -356,11 +357,12 @@ class ChunkMatrixFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable      # a second derivative through the kernels is an error, not a silent zero
     def backward(ctx, d_o, d_final):
-        q, w, u, log_decay, h0, states, final, amat, *lowrank_flat = ctx.saved_tensors
+        q, w, u, log_decay, h0, states, final, *rest = ctx.saved_tensors
+        lowrank_flat, kept = rest[:2 * ctx.n_lowrank], tuple(rest[2 * ctx.n_lowrank:])
         if fused_backward_applies(log_decay, lowrank_flat, q.shape[-1], u.shape[-1]):
             try:
                 grads = fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, ctx.lay,
-                                       ctx.meta, ctx.needs_input_grad[:5], lowrank_flat, amat=amat)
+                                       ctx.meta, ctx.needs_input_grad[:5], lowrank_flat, kept=kept)
                 return (*grads[:5], None, None, None, *grads[5:])
             except OutOfResources:
                 pass  # this GPU's shared memory is too small for the tiles: autograd path below

@@ -650,8 +650,9 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
         decay, the intra-chunk A ``[NC, H, C, C]`` fp32 (:mod:`.perkey`; None otherwise), which
         the backward reuses: making it again took 0.40 ms of GLA's 3.06 at (8, 2048, 16, 128)
         on an H200, keeping it costs C² fp32 per chunk and head (a quarter of the bf16 states at
-        C = 64, K = V = 128); with a pair as well, its four Grams ``[NC, H, 4, C, C]`` fp32
-        (:mod:`.perkey_pair`) in A's place.
+        C = 64, K = V = 128); with a pair, its four Grams ``[NC, H, 4, C, C]`` fp32
+        (:mod:`.perkey_pair`) in A's place, then T ``[NC, H, C, C]`` fp32, X ``[NC, H, C, K]``
+        and P ``[NC, H, C, V]`` (so the backward launches no WY kernel and 2'a reads P).
     """
     B, T, H, K = q.shape
     V = u.shape[-1]
@@ -692,8 +693,10 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
         probes = torch.empty(NC, H, C, V, device=dev, dtype=states.dtype)
     else:
         x_wy = y_wy = probes = states
+    # a per-key decay with a pair keeps T (fp32), X and P for the backward (:mod:`.perkey_pair`)
+    t_wy = torch.empty(NC, H, C, C, device=dev, dtype=torch.float32) if R and decay == DECAY_PER_KEY else None
     if R:
-        launch_wy(shape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, None, H, K, V, C, decay, prec, grams=amat)
+        launch_wy(shape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec, grams=amat)
     h0_ = None if h0 is None else h0.float().contiguous()
     lowp = dots_lowp()
     grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev)
@@ -716,4 +719,5 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
             meta["scale"], H, K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, BK=BK, BV=BVO,
             PRECISION=prec, LOWP=lowp and R == 0, num_warps=shape.warps_out,
         )
-    return o, final, states, amat
+    kept = () if amat is None else (amat,) if t_wy is None else (amat, t_wy, x_wy, probes)
+    return (o, final, states) + kept

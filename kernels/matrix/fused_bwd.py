@@ -51,7 +51,7 @@ import triton.language as tl
 from . import perkey, perkey_pair
 from .fused import env_choice, launch_shape, launch_wy, no_segments, sequence_launch
 from .decay_grad import decay_gradient, decay_gradient_per_key
-from .perkey_pair import BW, QA, QW
+from .perkey_pair import BA, BW, QA, QW
 from .split import walk_sequences
 from .tiles import (
     chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, kslice_program, store_segment_end,
@@ -384,8 +384,9 @@ def _lowrank_cc_kernel(
     Shapes: q, w, b ``[B·T, H, K]``; u, do ``[B·T, H, V]``; states, dstates ``[NC, H, K, V]``;
     dprobes, y_wy, probes ``[NC, H, C, V]``; x_wy ``[NC, H, C, K]``; t_wy ``[NC, H, C, C]``;
     cc ``[NC, H, 4, C, C]`` fp32; du ``[B·T, H, V]``. DECAY = 2 (per key, :mod:`.perkey_pair`): g is
-    the cumulative G ``[B·T, H, K]``, N and M_qw are read from grams ``[NC, H, 4, C, C]`` and cc
-    holds the gradients of the four decayed Grams (only the causal masks applied).
+    the cumulative G ``[B·T, H, K]``, N, M_qw and L are read from grams ``[NC, H, 4, C, C]``, P is
+    read from probes (the forward's) and Z = (I − L) P instead of B̂ S_n + N U (no states, X or
+    Y read), and cc holds the gradients of the four decayed Grams (only the causal masks applied).
     """
     nh = tl.program_id(0).to(tl.int64)
     # No tl.trans anywhere (DESIGN §7: a transposed MMA result broke a backward on Hopper with
@@ -393,21 +394,21 @@ def _lowrank_cc_kernel(
     i_h, offs_c, valid, tok, offs_k, mask_k, row_k, m_ck, col_k, m_kc = chunk_key_tiles(
         tok_start, tok_stop, nh, H, K, C, BK, 0)
     D, D_T, R, R_T, e_q, e_b, e_end = _chunk_masks(g, tok, valid, i_h, H, offs_c, C, DECAY)
-    X_T = tl.load(x_wy + nh * C * K + offs_c[None, :] * K + offs_k[:, None], mask=mask_k[:, None],
-                  other=0.).to(tl.float32)
     T_T = tl.load(t_wy + nh * C * C + offs_c[None, :] * C + offs_c[:, None])
     W = tl.load(w + row_k, mask=m_ck, other=0.).to(tl.float32)
-    B_T = tl.load(b + col_k, mask=m_kc, other=0.).to(tl.float32)
     if DECAY == 2:
-        # per key: the Grams from .perkey_pair (transposed loads), Ŵ = W ⊙ e^{γ − G},
-        # B̂ᵀ = Bᵀ ⊙ e^{G_prevᵀ} (G_prev: G of the row before, 0 on the chunk's first)
+        # per key: the Grams from .perkey_pair (transposed loads), Ŵ = W ⊙ e^{γ − G}; P is the
+        # forward's (kept) and Z = (I − L) P, so neither X, S_n nor B̂ is needed here
         gram_T = grams + nh * 4 * C * C + offs_c[None, :] * C + offs_c[:, None]
         N_T = tl.load(gram_T + BW * C * C)
         M_qw_T = tl.load(gram_T + QW * C * C)
+        L_T = tl.load(gram_T + BA * C * C)
         gam = chunk_gamma(g, tok_stop, nh // H, i_h, H, K, offs_k, mask_k)
         W_hat = W * tl.exp(gam[None, :] - tl.load(g + row_k, mask=m_ck, other=0.))
-        B_hat_T = B_T * tl.exp(tl.load(g + col_k - H * K, mask=m_kc & (offs_c >= 1)[None, :], other=0.))
     else:
+        X_T = tl.load(x_wy + nh * C * K + offs_c[None, :] * K + offs_k[:, None], mask=mask_k[:, None],
+                      other=0.).to(tl.float32)
+        B_T = tl.load(b + col_k, mask=m_kc, other=0.).to(tl.float32)
         Q_T = tl.load(q + col_k, mask=m_kc, other=0.).to(tl.float32)
         N_T = tl.dot(W, B_T, input_precision=PRECISION) * R_T                    # [s, t] = N[t, s]
         M_qw_T = tl.dot(W, Q_T, input_precision=PRECISION) * D_T
@@ -424,16 +425,19 @@ def _lowrank_cc_kernel(
         col_v = (tok[None, :] * H + i_h) * V + offs_v[:, None]                  # [BV, C]
         m_vc = mask_v[:, None] & valid[None, :]
         U_T = tl.load(u + col_v, mask=m_vc, other=0.).to(tl.float32)
-        vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V                  # [BV, BK]: Sᵀ
-        m_vk = mask_v[:, None] & mask_k[None, :]
-        S_T = tl.load(states + vk, mask=m_vk, other=0.).to(tl.float32)
         dSn = tl.load(dstates + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
                       mask=mask_k[:, None] & mask_v[None, :], other=0.).to(tl.float32)
         cv_T = nh * C * V + offs_c[None, :] * V + offs_v[:, None]               # [BV, C]
-        P_T = tl.dot(S_T, X_T, input_precision=PRECISION) + tl.load(y_wy + cv_T, mask=mask_v[:, None],
-                                                                    other=0.).to(tl.float32)
-        tl.store(probes + cv_T, P_T.to(probes.dtype.element_ty), mask=mask_v[:, None])
-        Z_T = tl.dot(S_T, B_hat_T, input_precision=PRECISION) + tl.dot(U_T, N_T, input_precision=PRECISION)
+        if DECAY == 2:
+            P_T = tl.load(probes + cv_T, mask=mask_v[:, None], other=0.).to(tl.float32)
+            Z_T = P_T - tl.dot(P_T, L_T, input_precision=PRECISION)
+        else:
+            vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V              # [BV, BK]: Sᵀ
+            S_T = tl.load(states + vk, mask=mask_v[:, None] & mask_k[None, :], other=0.).to(tl.float32)
+            P_T = tl.dot(S_T, X_T, input_precision=PRECISION) + tl.load(y_wy + cv_T, mask=mask_v[:, None],
+                                                                        other=0.).to(tl.float32)
+            tl.store(probes + cv_T, P_T.to(probes.dtype.element_ty), mask=mask_v[:, None])
+            Z_T = tl.dot(S_T, B_hat_T, input_precision=PRECISION) + tl.dot(U_T, N_T, input_precision=PRECISION)
         dNU = tl.dot(T_T, dP, input_precision=PRECISION)
         dM_qa += tl.dot(dO, P_T, input_precision=PRECISION)
         dM_qw += tl.dot(dO, U_T, input_precision=PRECISION)
@@ -535,7 +539,7 @@ def fused_backward_applies(log_decay, lowrank, K: int, V: int) -> bool:
 
 
 def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, meta, needs, lowrank_flat=(),
-                   amat=None):
+                   kept=()):
     """Gradients of :func:`.chunk.chunk_matrix` for no / scalar decay and rank <= 1, or a per-key
     decay and rank 0 (:mod:`.perkey`).
 
@@ -546,13 +550,14 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
         (from the forward; states in :func:`.fused.state_dtype`, final fp32); d_o ``[B, T, H, V]`` or None; d_final ``[N, H, K, V]`` or None;
         lay: the chunk layout; meta: ``scale``, ``precision``; needs: which of
         (q, w, u, log_decay, h0) need a gradient; lowrank_flat: ``()`` or ``(a, b)``;
-        amat: the forward's intra-chunk A ``[NC, H, C, C]`` fp32 with a per-key decay (None:
-        made again).
+        kept: what :func:`.fused.fused_forward` kept for the backward with a per-key decay: ``(A,)``
+            without a pair, ``(grams, T, X, P)`` with one (``()``: made again).
 
     Returns:
         ``(dq, dw, du, d_log_decay, dh0)``, then ``(da, db)`` with a low-rank pair; None where
         not needed.
     """
+    amat = kept[0] if kept else None
     B, T, H, K = q.shape
     V = u.shape[-1]
     NC, C = lay.tok_start.numel(), lay.C
@@ -578,14 +583,23 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     dh0 = torch.empty(N, H, K, V, **f32)
     df = None if d_final is None else d_final.float().contiguous()
     if R:
-        # the forward's WY factors, recomputed, and T itself (kernel 1 of the fused forward)
         low = dict(device=q.device, dtype=states.dtype)   # stored like the states; T stays fp32
-        x_wy, y_wy = torch.empty(NC, H, C, K, **low), torch.empty(NC, H, C, V, **low)
-        t_wy, dprobes = torch.empty(NC, H, C, C, **f32), torch.empty(NC, H, C, V, **low)
-        if decay == 2 and amat is None:     # the forward ran on the general path
-            amat = perkey_pair.pair_grams(q, w, a, b, g, lay.tok_start, lay.tok_stop, H, K, C, prec, shape.warps_pair)
-        launch_wy(shape, w, a, b, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec,
-                  grams=amat)
+        dprobes = torch.empty(NC, H, C, V, **low)
+        probes = torch.empty(NC, H, C, V, **low) if NC else dummy   # 2'a writes them (per key: kept)
+        if decay == 2 and len(kept) == 4:
+            amat, t_wy, x_wy, probes = kept      # the fused forward kept T, X and P: no WY launch
+            y_wy = x_wy                          # (2'a reads P, not Y, with a per-key decay)
+        else:
+            # the forward's WY factors, recomputed, and T itself (kernel 1 of the fused forward)
+            x_wy, y_wy = torch.empty(NC, H, C, K, **low), torch.empty(NC, H, C, V, **low)
+            t_wy = torch.empty(NC, H, C, C, **f32)
+            if decay == 2:      # the forward ran on the general path: its Grams and P made here
+                amat = perkey_pair.pair_grams(q, w, a, b, g, lay.tok_start, lay.tok_stop, H, K, C, prec,
+                                              shape.warps_pair)
+            launch_wy(shape, w, a, b, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec,
+                      grams=amat)
+            if decay == 2:
+                probes = (x_wy.float() @ states.float() + y_wy.float()).to(states.dtype)
     else:
         x_wy = dprobes = dstates
     grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev)
@@ -609,7 +623,6 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
         da, db = torch.empty_like(a), torch.empty_like(b)
         dlam, dbb = (dummy, dummy) if pk else (torch.zeros(NK, B * T, H, **f32), torch.zeros(NK, B * T, H, **f32))
         if NC > 0:
-            probes = torch.empty(NC, H, C, V, **low)
             cc = torch.empty(NC, H, 4, C, C, **f32)
             _lowrank_cc_kernel[(NC * H,)](
                 q, w, u, b, d_o, g if g is not None else dummy, states, dstates, dprobes, x_wy, y_wy, t_wy,
