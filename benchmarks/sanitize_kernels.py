@@ -10,7 +10,9 @@ context), small enough that the sanitizer's slowdown stays in seconds; compiles 
 
 Cases: ``(path, K, V, dtype, decay, heads, switches)``; path ``delta`` is ``chunk_delta``
 (with ``u_scale``), ``longhorn`` the same with ``kk_coef`` (ε formed in the kernels), ``pair``
-is ``chunk_matrix`` with the pair ``(−c k, k)``, ``rank0`` has no low-rank part; switches are
+is ``chunk_matrix`` with the pair ``(−c k, k)``, ``rank0`` has no low-rank part, ``dplr`` is
+``chunk_matrix`` with a per-key decay and an unrelated pair (a, b) (the RWKV-7 form;
+``dplr128``: chunks of 128, where the rank-1 kernels take 8 warps); switches are
 ``OLSM_MATRIX_*=value`` settings away from the library's defaults, comma-separated (the split
 cases and the one-head rank-0 ones use T = 1300: the segments need long sequences and few
 programs; without a decay the default splits them). Four heads at B = 2 give few programs, so the
@@ -46,6 +48,8 @@ CASES = [
     ("longhorn", 64, 64, "bf16", 1, 4, "OLSM_MATRIX_DELTA_SAVE=recompute"),
     ("rank0", 128, 128, "bf16", 1, 1, SPLIT + "," + FP32), ("rank0", 64, 16, "bf16", 0, 1, ""),
     ("rank0", 128, 128, "bf16", 0, 1, ""),
+    ("dplr128", 128, 128, "bf16", 1, 4, ""), ("dplr", 128, 128, "bf16", 1, 4, ""), ("dplr", 128, 128, "fp32", 1, 4, ""),
+    ("dplr", 64, 16, "bf16", 1, 4, ""), ("dplr", 100, 72, "bf16", 1, 20, ""),
     ("elem:mamba1", 16, 384, "bf16", 0, 1, ""), ("elem:longhorn_diag", 16, 384, "bf16", 0, 1, ""),
     ("elem:mamba1", 16, 384, "fp32", 0, 1, ""), ("elem:longhorn_diag", 8, 100, "bf16", 0, 1, ""),
 ]
@@ -69,6 +73,10 @@ def run_case(path: str, K: int, V: int, dtype: str, decay: int, H: int, device: 
     kw = dict(scale=K ** -0.5, initial_state=h0, output_final_state=True)
     if path in ("delta", "longhorn"):
         o, S = chunk_delta(q, k, u, c, ld, u_scale=s, kk_coef=c if path == "longhorn" else None, **kw)
+    elif path.startswith("dplr"):
+        ld = (-0.5 * torch.rand(B, T, H, K, device=device, generator=gen)).requires_grad_()
+        a, b = ((0.3 * rand(B, T, H, K)).to(dt).requires_grad_() for _ in range(2))
+        o, S = chunk_matrix(q, k, u, ld, [(a, b)], chunk_size=128 if path == "dplr128" else 64, **kw)
     else:
         pairs = [((-c[..., None] * k.float()).to(dt), k)] if path == "pair" else []
         o, S = chunk_matrix(q, k, u, ld, pairs, **kw)
@@ -107,6 +115,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "sanitizer.txt"))
     ap.add_argument("--only", choices=("matrix", "elementwise", "defaults"),
                     help="run one family's cases, or the matrix cases on the library's default path")
+    ap.add_argument("--paths", nargs="*", help="only the cases whose path starts with one of these, e.g. dplr")
     ap.add_argument("--case", nargs=7, help=argparse.SUPPRESS)      # the child process
     args = ap.parse_args()
     if args.case:
@@ -117,7 +126,7 @@ def main() -> None:
     lines, bad = [f"# compute-sanitizer memcheck, {torch.cuda.get_device_name()}, torch {torch.__version__}"], 0
     family = {"matrix": lambda c: not c[0].startswith("elem:"), "elementwise": lambda c: c[0].startswith("elem:"),
               "defaults": lambda c: not c[0].startswith("elem:") and not c[-1], None: lambda c: True}[args.only]
-    cases = [c for c in CASES if family(c)]
+    cases = [c for c in CASES if family(c) and (not args.paths or c[0].startswith(tuple(args.paths)))]
     for case in tqdm(cases, desc="memcheck"):
         env = {k: v for k, v in os.environ.items() if not k.startswith("OLSM_MATRIX_")}
         env.update(kv.split("=") for kv in case[-1].split(",") if kv)
