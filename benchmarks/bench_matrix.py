@@ -22,7 +22,11 @@ FLA kernels that refuse (its gated backward on Hopper with Triton < 3.7.1) are r
 Usage (on the GPU machine; FLA from a carried wheel)::
 
     python benchmarks/bench_matrix.py [--shapes 8,2048,16,128 ...] [--budget-s 300] [--out DIR]
-        [--variants new legacy] [--no-fla]
+        [--variants new legacy] [--no-fla] [--autotune-cache .carry/autotune.tar --autotune-save $OUT/autotune.tar]
+
+``--autotune-cache`` seeds Triton's on-disk autotuning results from a tar of an earlier session
+(``autotune_cache.py``) and ``--autotune-save`` writes them after every FLA row, so FLA's
+minutes of autotuning are paid once, not every session (carry the tar in ``.carry/``).
 
 ``--variants`` times our kernel under several code paths in one process (A/B), each row named
 ``method@variant`` when more than one is asked for, several joined with ``+``: ``new`` (the
@@ -279,7 +283,14 @@ def main():
     ap.add_argument("--variants", nargs="*", default=["new"], type=variant_name,
                     help="code paths of ours to time (A/B); rows become method@variant if several")
     ap.add_argument("--no-fla", action="store_true", help="skip FLA (its autotuning costs minutes)")
+    ap.add_argument("--autotune-cache", help="tar of Triton autotuning results to start from (autotune_cache.py)")
+    ap.add_argument("--autotune-save", help="write the autotuning results to this tar after every FLA row")
     args = ap.parse_args()
+    if args.autotune_cache or args.autotune_save:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import autotune_cache
+
+        autotune_cache.enable(args.autotune_cache)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -346,6 +357,8 @@ def main():
         del x
         torch.cuda.empty_cache()
         save(list(rows.values()), out, head)
+        if args.autotune_save and who == "ref":
+            print(f"  autotuning results saved: {autotune_cache.save(args.autotune_save)}")
     rows = list(rows.values())
     save(rows, out, head)
     print("\n".join(write_markdown(rows, out, head)))
