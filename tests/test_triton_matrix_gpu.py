@@ -136,10 +136,14 @@ def test_packed_sequences(name):
 def test_fp16_and_chunk_sizes():
     run_case("gated_deltanet", torch.float16, B=2, T=256, H=2, K=64, V=64, chunk_size=32)
     run_case("gla", torch.bfloat16, B=2, T=256, H=2, K=64, V=64, chunk_size=128)
+    # the per-key pair (kernels/matrix/perkey_pair.py): 8-warp rank-1 kernels at C = 128, fp16
+    # with odd heads on the fused path (K, V <= 128)
+    run_case("dplr", torch.bfloat16, B=2, T=256, H=2, K=64, V=64, chunk_size=128)
+    run_case("dplr", torch.float16, B=1, T=200, H=2, K=100, V=72, chunk_size=32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "longhorn"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "longhorn", "dplr"])
 def test_rank1_triton_backward(name, dtype, monkeypatch):
     # the rank-1 Triton backward (the default) must really run, in bf16 and fp32, at K = 128:
     # no silent fallback to autograd on OutOfResources (fp32 with a decay needed 233 KB of shared
