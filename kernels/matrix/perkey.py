@@ -222,7 +222,8 @@ def _intra_bwd_kernel(q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H,
 
 def chunk_cumsum(g: torch.Tensor, tok_start, tok_stop, H: int, K: int, C: int) -> torch.Tensor:
     """G: the chunk-relative inclusive cumulative log-decay of g ``[B·T, H, K]`` (any float dtype;
-    read as it is, which saved a cast kernel of 0.085 ms per call at (8, 2048, 16, 128) in bf16):
+    read as it is: no fp32 copy of a bf16 g, 6 bytes per element, about 0.05 ms per call at
+    (8, 2048, 16, 128) by the H200's copy bandwidth; not timed on its own):
     same shape, fp32."""
     gc = torch.empty(g.shape, device=g.device, dtype=torch.float32)
     NC = tok_start.numel()
