@@ -106,9 +106,12 @@ def configs(K=128, V=128, C=64):
                    dict(K=K, HAS_LAST=True, BLOCK=DG.CARRY_BLOCK, BK=64), 4, True)
             yield ("bwd per-key decay grad", DG._key_grad_kernel, dict(K=K, C=C, BK=64), 4, True)
             # per-key decay with one pair (RWKV-7 / DPLR; kernels/matrix/perkey_pair.py), DECAY = 2
-            yield ("fwd per-key pair grams", PP._pair_gram_kernel,
-                   dict(K=K, C=C, BK=sh.BK, BKS=PK._key_slice(K), SUB=PK.SUB, PRECISION="tf32",
-                        FAST_RANGE=PK.FAST_RANGE), 4, True)
+            # whole chunks (the decays the benchmarks draw) and 16-row sub-blocks (the others)
+            whole = dict(K=K, C=C, BKS=PP.pair_keys(K, C), PRECISION="tf32", CHUNK_RANGE=PP.CHUNK_RANGE)
+            block = dict(whole, BKS=PK._key_slice(K), SUB=PK.SUB, FAST_RANGE=PK.FAST_RANGE)
+            yield ("fwd per-key pair grams", PP._pair_gram_kernel, dict(whole, BK=sh.BK), sh.warps_pair, True)
+            yield ("fwd per-key pair grams, sub-blocks", PP._pair_gram_block_kernel, dict(block, BK=sh.BK), 4,
+                   True)
             wy2 = F.wy_constexprs(sh, K, V, C, 2, "tf32", store_t=True)
             yield ("fwd wy per-key pair", F._wy_fwd_kernel, wy2, wy2.pop("num_warps"), True)
             yield ("fwd state per-key pair", F._state_fwd_kernel,
@@ -121,9 +124,8 @@ def configs(K=128, V=128, C=64):
                    sh.warps_rank1, True)
             yield ("bwd rank-1 dk per-key", FB._lowrank_dk_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_rank1),
                    sh.warps_rank1, True)
-            yield ("bwd per-key pair", PP._pair_bwd_kernel,
-                   dict(K=K, C=C, BKS=PK._key_slice(K), SUB=PK.SUB, PRECISION="tf32", FAST_RANGE=PK.FAST_RANGE), 4,
-                   True)
+            yield ("bwd per-key pair", PP._pair_bwd_kernel, whole, sh.warps_pair, True)
+            yield ("bwd per-key pair, sub-blocks", PP._pair_bwd_block_kernel, block, 4, True)
         # the delta form (kernels/matrix/delta.py), as delta_forward / delta_backward launch it
         # (with u_scale: the catalogue's members write s v, formed in the kernels), defaults:
         # rows4 inverse, storage-dtype dots, X and ν kept (no WY launch in the backward)
@@ -182,8 +184,9 @@ def elementwise_configs(K=16, V=1536, C=64):
 
 
 def stages_of(name: str) -> int:
-    """num_stages of the launch: the forward state pass asks for 2 (``fused._launch_state``)."""
-    return 2 if name.startswith(("fwd state", "delta fwd state")) else 3
+    """num_stages of the launch: the forward state pass asks for 2 (``fused._launch_state``), the
+    whole-chunk pair Grams ``LaunchShape.stages_pair`` = 2."""
+    return 2 if name.startswith(("fwd state", "delta fwd state")) or name == "fwd per-key pair grams" else 3
 
 
 def main():

@@ -480,15 +480,18 @@ def test_per_key_decay_fused_sub_blocks(chunk, monkeypatch):
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("chunk", [16, 32, 64])
-def test_per_key_decay_with_a_pair_fused(chunk, monkeypatch):
+@pytest.mark.parametrize("chunk,whole", [(16, True), (32, True), (64, True), (32, False)])
+def test_per_key_decay_with_a_pair_fused(chunk, whole, monkeypatch):
     # the RWKV-7 / DPLR form (per-key decay, a and b unrelated) and a delta rule with per-key gates
     # on the fused path (kernels/matrix/perkey_pair.py): its four Grams made once per forward and
-    # kept, the Triton backward taken. Per-step log-decays down to -8, a -40 and a -100 step (fast
-    # and exact diagonal sub-blocks in one chunk), packed sequences with an empty one, K > 64
-    # (two key slices of the pair kernel)
+    # kept, the Triton backward taken. Per-step log-decays down to -8 (chunks past CHUNK_RANGE: 16-row
+    # sub-blocks), mild ones (whole chunks), a -40 and a -100 step (fast and exact diagonal
+    # sub-blocks in one chunk), packed sequences with an empty one, K > 32 (several key slices of
+    # the pair kernels); whole=False: the sub-block path everywhere
     chunk_mod = importlib.import_module("olsm.kernels.matrix.chunk")
     pair = importlib.import_module("olsm.kernels.matrix.perkey_pair")
+    if not whole:
+        monkeypatch.setattr(pair, "CHUNK_RANGE", -1.0)
     calls, made = [], []
     real, real_grams = chunk_mod.fused_backward, pair.pair_grams
     monkeypatch.setattr(chunk_mod, "fused_backward", lambda *a, **k: calls.append(1) or real(*a, **k))

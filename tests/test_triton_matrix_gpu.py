@@ -27,9 +27,10 @@ def _kernels():
     return _import_kernels()
 
 
-def make_member(name, B, T, H, K, V, seed=0, N=None):
+def make_member(name, B, T, H, K, V, seed=0, N=None, strong=False):
     """float64 CUDA inputs ``(q, w, u, log_decay, lowrank, h0)`` of one catalogue member, with
-    gates in the ranges models use (log-sigmoid decays, unit keys, β in (0, 1))."""
+    gates in the ranges models use (log-sigmoid decays, unit keys, β in (0, 1)); ``strong``:
+    per-key log-decays ``−1.5 σ(x)`` per step, past RWKV-7's ``−0.61 σ(x)``."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     rand = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.float64)  # noqa: E731
     q = rand(B, T, H, K)
@@ -38,6 +39,8 @@ def make_member(name, B, T, H, K, V, seed=0, N=None):
     beta = torch.rand(B, T, H, 1, generator=g, device="cuda", dtype=torch.float64)
     scalar = F.logsigmoid(rand(B, T, H) + 4.0)
     per_key = F.logsigmoid(rand(B, T, H, K) + 3.0) / 4
+    if strong:
+        per_key = -1.5 * torch.sigmoid(rand(B, T, H, K))
     h0 = rand(B if N is None else N, H, K, V) * 0.1
     if name == "linear_attention":
         return q, k * 0.3, v, None, [], h0
@@ -62,14 +65,14 @@ def rel(x, y):
     return ((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30)).item()
 
 
-def run_case(name, dtype, B, T, H, K, V, chunk_size=64, cu_seqlens=None, tols=None):
+def run_case(name, dtype, B, T, H, K, V, chunk_size=64, cu_seqlens=None, tols=None, strong=False):
     """One member against the float64 reference (outputs, final state, every gradient); errors
     over ``TOL[dtype]`` (or ``tols[name]``) fail. Returns the errors by name."""
     from olsm.backends import reference
 
     km = _kernels()
     N = None if cu_seqlens is None else len(cu_seqlens) - 1
-    inputs = make_member(name, B, T, H, K, V, N=N)
+    inputs = make_member(name, B, T, H, K, V, N=N, strong=strong)
     q, w, u, gd, pairs, h0 = inputs
     flat = [q, w, u, gd, *[t for p in pairs for t in p], h0]
     # low-precision copies; the reference sees exactly the rounded values, upcast
@@ -140,6 +143,16 @@ def test_fp16_and_chunk_sizes():
     # with odd heads on the fused path (K, V <= 128)
     run_case("dplr", torch.bfloat16, B=2, T=256, H=2, K=64, V=64, chunk_size=128)
     run_case("dplr", torch.float16, B=1, T=200, H=2, K=100, V=72, chunk_size=32)
+
+
+@pytest.mark.parametrize("chunk", [64, 128])
+def test_dplr_strong_decays(chunk):
+    # per-key decays past RWKV-7's range: most chunks (and key slices) too long for one factoring
+    # around their middle row take perkey_pair's 16-row sub-block kernels, the others the
+    # whole-chunk ones, in the same call
+    run_case("dplr", torch.bfloat16, B=2, T=300, H=2, K=128, V=128, chunk_size=chunk, strong=True)
+    run_case("dplr", torch.float32, B=1, T=200, H=2, K=64, V=64, chunk_size=chunk, strong=True,
+             cu_seqlens=(0, 77, 200))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -443,7 +443,9 @@ class LaunchShape:
         warps_seq, warps_state_lr, warps_out, warps_wy, warps_chunk, warps_rank1: num_warps of
             the sequential passes (the forward one with a low-rank part: warps_state_lr), the
             output kernel, the WY kernel, the rank-0 per-chunk backward kernels and
-            the rank-1 ones; warps_pair: :mod:`.perkey_pair`'s two kernels.
+            the rank-1 ones; warps_pair: :mod:`.perkey_pair`'s two whole-chunk kernels (Grams,
+            backward), stages_pair: the Grams' num_stages (2: half the shared memory of 3, sm_90
+            compile at C = 64).
 
     The values are what ``benchmarks/tune_fused.py`` measured fastest on an H100 at
     (8, 2048, 16, 128), bf16, C = 64 (one knob at a time, 2026-11-24): 4 warps beat 8 for every
@@ -470,6 +472,7 @@ class LaunchShape:
     warps_chunk: int
     warps_rank1: int
     warps_pair: int = 4
+    stages_pair: int = 2
 
 
 def launch_shape(K: int, V: int, C: int, fp32: bool = False) -> LaunchShape:
@@ -499,7 +502,7 @@ def launch_shape(K: int, V: int, C: int, fp32: bool = False) -> LaunchShape:
                        BV_rank1=16, warps_seq=w4, warps_state_lr=4 if BK <= 64 else 8,
                        warps_out=w4 if BK * C <= 128 * 64 else 8,
                        warps_wy=w4 if C * BK <= 64 * 128 else 8, warps_chunk=4 if small else 8,
-                       warps_rank1=w4 if small else 8)
+                       warps_rank1=w4 if small else 8, warps_pair=4 if small else 8)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -676,7 +679,8 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
         # pair its four Grams (.perkey_pair)
         g = perkey.chunk_cumsum(g, tok_start, tok_stop, H, K, C)
         if R:
-            amat = perkey_pair.pair_grams(q, w, a, b, g, tok_start, tok_stop, H, K, C, prec, shape.warps_pair)
+            amat = perkey_pair.pair_grams(q, w, a, b, g, tok_start, tok_stop, H, K, C, prec, shape.warps_pair,
+                                          shape.stages_pair)
         else:
             amat = perkey.intra_gram(q, w, g, tok_start, tok_stop, H, K, C, prec)
 

@@ -595,7 +595,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             t_wy = torch.empty(NC, H, C, C, **f32)
             if decay == 2:      # the forward ran on the general path: its Grams and P made here
                 amat = perkey_pair.pair_grams(q, w, a, b, g, lay.tok_start, lay.tok_stop, H, K, C, prec,
-                                              shape.warps_pair)
+                                              shape.warps_pair, shape.stages_pair)
             launch_wy(shape, w, a, b, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec,
                       grams=amat)
             if decay == 2:

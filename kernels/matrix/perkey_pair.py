@@ -42,6 +42,19 @@ import triton.language as tl
 
 from .perkey import FAST_RANGE, SUB, _block_rows, _chunk_program, _fast_block, _key_slice, _row_at
 
+#: largest ``max(−G[C/2 − 1], G[C/2 − 1] − G[last])`` over a chunk's keys for which its Grams (and
+#: their gradients) are factored whole around ``r = G[C/2 − 1]`` (:func:`_chunk_fast`): factors up to
+#: e^30, as :data:`.perkey.FAST_RANGE`; −1 turns the whole-chunk path off (tests)
+CHUNK_RANGE = 30.0
+
+
+def pair_keys(K: int, C: int) -> int:
+    """Keys per slice of the whole-chunk kernels (the Grams' dot loop, the backward's programs): 32
+    (16 at C = 128), so that a chunk's ``[C, BKS]`` fp32 operands stay in registers next to the
+    ``[C, C]`` accumulator or cc tile."""
+    return min(32 if C <= 64 else 16, _key_slice(K))
+
+
 #: index of each Gram in the ``[NC, H, 4, C, C]`` tensor (and of its gradient in kernel 2'a's cc)
 QA, QW, BA, BW = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 
@@ -77,16 +90,102 @@ def _token(x, t0, n_tok, col, i_h, H, offs_k, K: tl.constexpr, PREV: tl.constexp
 
 
 @triton.jit
+def _chunk_fast(gc, t0, n_tok, i_h, H, offs_k, K: tl.constexpr, C: tl.constexpr, CHUNK_RANGE: tl.constexpr):
+    """Whether one chunk's Grams can be factored whole around the reference ``r = G[C/2 − 1]``:
+    ``max_k max(−r, r − G[last]) ≤ CHUNK_RANGE``, so that every factor ``e^{G_t − r}``,
+    ``e^{G_prev,t − r}``, ``e^{r − G_s}`` is ≤ e^{CHUNK_RANGE} (G is non-increasing from 0)."""
+    r = _row_at(gc, t0, n_tok, C // 2 - 1, i_h, H, offs_k, K)
+    last = _row_at(gc, t0, n_tok, C - 1, i_h, H, offs_k, K)
+    return tl.max(tl.maximum(-r, r - last), axis=0) <= CHUNK_RANGE
+
+
+@triton.jit
+def _chunk_rows(x, gc, t0, n_tok, i_h, H, ks, K: tl.constexpr, C: tl.constexpr, PREV: tl.constexpr):
+    """The whole chunk's rows of x and G (G_prev with PREV) ``[C, BKS]`` fp32, keys ``ks``, 0 outside."""
+    offs_c = tl.arange(0, C)
+    off = ((t0 + offs_c)[:, None] * H + i_h) * K + ks[None, :]
+    m = (offs_c < n_tok)[:, None] & (ks < K)[None, :]
+    X = tl.load(x + off, mask=m, other=0.).to(tl.float32)
+    if PREV:
+        G = tl.load(gc + off - H * K, mask=m & (offs_c >= 1)[:, None], other=0.)
+    else:
+        G = tl.load(gc + off, mask=m, other=0.)
+    return X, G
+
+
+@triton.jit
+def _chunk_cols(x, gc, t0, n_tok, i_h, H, ks, r, K: tl.constexpr, C: tl.constexpr):
+    """``(x ⊙ e^{r − G})ᵀ`` ``[BKS, C]`` fp32 of the whole chunk, loaded transposed by pointer
+    arithmetic (never tl.trans), 0 outside."""
+    offs_c = tl.arange(0, C)
+    off = ((t0 + offs_c)[None, :] * H + i_h) * K + ks[:, None]
+    m = (ks < K)[:, None] & (offs_c < n_tok)[None, :]
+    e = tl.exp(r[:, None] - tl.load(gc + off, mask=m, other=0.))
+    return tl.load(x + off, mask=m, other=0.).to(tl.float32) * e
+
+
+@triton.jit
+def _gram_chunk(row, col, gc, out, t0, n_tok, i_h, H, PREV: tl.constexpr, K: tl.constexpr,
+                C: tl.constexpr, BKS: tl.constexpr, PRECISION: tl.constexpr):
+    """One Gram of a whole chunk, ``Σ_k row_tk col_sk e^{G(_prev)_tk − G_sk}`` masked (inclusive, strict
+    with PREV), ``[C, C]`` stored at out: one ``[C, C]`` dot per BKS keys around the chunk's
+    reference ``r = G[C/2 − 1]`` (:func:`_chunk_fast`)."""
+    offs_c = tl.arange(0, C)
+    acc = tl.zeros([C, C], dtype=tl.float32)
+    for kk in range(0, (K + BKS - 1) // BKS):
+        ks = kk * BKS + tl.arange(0, BKS)
+        r = _row_at(gc, t0, n_tok, C // 2 - 1, i_h, H, ks, K)
+        X, G = _chunk_rows(row, gc, t0, n_tok, i_h, H, ks, K, C, PREV)
+        acc += tl.dot(X * tl.exp(G - r[None, :]), _chunk_cols(col, gc, t0, n_tok, i_h, H, ks, r, K, C),
+                      input_precision=PRECISION)
+    if PREV:
+        keep = offs_c[:, None] > offs_c[None, :]
+    else:
+        keep = offs_c[:, None] >= offs_c[None, :]
+    tl.store(out + offs_c[:, None] * C + offs_c[None, :], tl.where(keep, acc, 0.))
+
+
+@triton.jit
 def _pair_gram_kernel(q, w, a, b, gc, grams, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr,
-                      BK: tl.constexpr, BKS: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr,
-                      FAST_RANGE: tl.constexpr):
-    """Rows of sub-block ``i = program_id(0)`` of the four Grams of one chunk × head
-    (``program_id(1)``), all C columns (zeros above the diagonal, and on it for L and N): module
-    docstring; as :func:`.perkey._intra_gram_kernel` with two row operands (q with G, b with
-    G_prev) and two column operands (a, w). Shapes: q, w, a, b ``[B·T, H, K]``; gc ``[B·T, H, K]``
-    fp32; grams ``[NC, H, 4, C, C]`` fp32."""
-    i_b = tl.program_id(0)
+                      BK: tl.constexpr, BKS: tl.constexpr, PRECISION: tl.constexpr, CHUNK_RANGE: tl.constexpr):
+    """Gram ``j = program_id(0)`` (order QA, QW, BA, BW) of one chunk × head (``program_id(1)``) in one
+    piece (:func:`_gram_chunk`) if :func:`_chunk_fast` allows; else nothing (the chunk is
+    :func:`_pair_gram_block_kernel`'s). Shapes: q, w, a, b ``[B·T, H, K]``; gc ``[B·T, H, K]`` fp32;
+    grams ``[NC, H, 4, C, C]`` fp32."""
+    j = tl.program_id(0)
     nh, i_h, t0, n_tok = _chunk_program(tok_start, tok_stop, H)
+    if _chunk_fast(gc, t0, n_tok, i_h, H, tl.arange(0, BK), K, C, CHUNK_RANGE):
+        out = grams + nh * 4 * C * C + j * C * C
+        if j == QA:
+            _gram_chunk(q, a, gc, out, t0, n_tok, i_h, H, False, K, C, BKS, PRECISION)
+        elif j == QW:
+            _gram_chunk(q, w, gc, out, t0, n_tok, i_h, H, False, K, C, BKS, PRECISION)
+        elif j == BA:
+            _gram_chunk(b, a, gc, out, t0, n_tok, i_h, H, True, K, C, BKS, PRECISION)
+        else:
+            _gram_chunk(b, w, gc, out, t0, n_tok, i_h, H, True, K, C, BKS, PRECISION)
+
+
+@triton.jit
+def _pair_gram_block_kernel(q, w, a, b, gc, grams, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr,
+                            BK: tl.constexpr, BKS: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr,
+                            FAST_RANGE: tl.constexpr, CHUNK_RANGE: tl.constexpr):
+    """Rows of sub-block ``i = program_id(0)`` of the four Grams of one chunk × head
+    (``program_id(1)``) that :func:`_chunk_fast` does not allow whole (:func:`_gram_block`); a
+    kernel of its own, so that its registers and shared memory do not limit the other's occupancy."""
+    nh, i_h, t0, n_tok = _chunk_program(tok_start, tok_stop, H)
+    if not _chunk_fast(gc, t0, n_tok, i_h, H, tl.arange(0, BK), K, C, CHUNK_RANGE):
+        _gram_block(q, w, a, b, gc, grams, nh, i_h, t0, n_tok, tl.program_id(0), H, K, C, BK, BKS, SUB,
+                    PRECISION, FAST_RANGE)
+
+
+@triton.jit
+def _gram_block(q, w, a, b, gc, grams, nh, i_h, t0, n_tok, i_b, H, K: tl.constexpr, C: tl.constexpr,
+                BK: tl.constexpr, BKS: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr,
+                FAST_RANGE: tl.constexpr):
+    """Rows of sub-block ``i_b`` of the four Grams of one chunk × head, all C columns (zeros above
+    the diagonal, and on it for L and N): module docstring; as :func:`.perkey._intra_gram_kernel`
+    with two row operands (q with G, b with G_prev) and two column operands (a, w)."""
     rows = i_b * SUB + tl.arange(0, SUB)
     offs_c = tl.arange(0, C)
     fast = _fast_block(gc, t0, n_tok, i_b, i_h, H, tl.arange(0, BK), K, SUB, FAST_RANGE)
@@ -148,12 +247,93 @@ def _pair_gram_kernel(q, w, a, b, gc, grams, tok_start, tok_stop, H, K: tl.const
 
 @triton.jit
 def _pair_bwd_kernel(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db, tok_start, tok_stop, H,
-                     K: tl.constexpr, C: tl.constexpr, BKS: tl.constexpr, SUB: tl.constexpr,
-                     PRECISION: tl.constexpr, FAST_RANGE: tl.constexpr):
-    """Rows of sub-block ``i = program_id(0)``, keys ``[j·BKS, (j + 1)·BKS)`` (``j = program_id(2)``)
-    of one chunk × head (``program_id(1)``): dq, dw, da, db (module docstring: the intra parts from
-    cc ``[NC, H, 4, C, C]`` fp32, plus the inter parts read from dq32, dw32, da32, db32
-    ``[B·T, H, K]`` fp32) written in their dtype; then λ over dq32 and bb = b ⊙ db over db32.
+                     K: tl.constexpr, C: tl.constexpr, BKS: tl.constexpr, PRECISION: tl.constexpr,
+                     CHUNK_RANGE: tl.constexpr):
+    """Keys ``[j·BKS, (j + 1)·BKS)`` (``j = program_id(2)``) of one chunk × head (``program_id(1)``):
+    dq, dw, da, db (module docstring: the intra parts from cc ``[NC, H, 4, C, C]`` fp32, plus the
+    inter parts read from dq32, dw32, da32, db32 ``[B·T, H, K]`` fp32) written in their dtype;
+    then λ over dq32 and bb = b ⊙ db over db32: the whole chunk at once (:func:`_bwd_chunk`) if
+    :func:`_chunk_fast` allows for these keys, else nothing (:func:`_pair_bwd_block_kernel`'s)."""
+    nh, i_h, t0, n_tok = _chunk_program(tok_start, tok_stop, H)
+    offs_k = tl.program_id(2) * BKS + tl.arange(0, BKS)
+    if _chunk_fast(gc, t0, n_tok, i_h, H, offs_k, K, C, CHUNK_RANGE):
+        _bwd_chunk(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db, nh, i_h, t0, n_tok, offs_k, H,
+                   K, C, PRECISION)
+
+
+@triton.jit
+def _pair_bwd_block_kernel(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db, tok_start, tok_stop, H,
+                           K: tl.constexpr, C: tl.constexpr, BKS: tl.constexpr, SUB: tl.constexpr,
+                           PRECISION: tl.constexpr, FAST_RANGE: tl.constexpr, CHUNK_RANGE: tl.constexpr):
+    """As :func:`_pair_bwd_kernel` for the chunks and keys it leaves: rows of sub-block
+    ``i = program_id(0)`` (:func:`_bwd_block`)."""
+    nh, i_h, t0, n_tok = _chunk_program(tok_start, tok_stop, H)
+    offs_k = tl.program_id(2) * BKS + tl.arange(0, BKS)
+    if not _chunk_fast(gc, t0, n_tok, i_h, H, offs_k, K, C, CHUNK_RANGE):
+        _bwd_block(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db, nh, i_h, t0, n_tok,
+                   tl.program_id(0), offs_k, H, K, C, SUB, PRECISION, FAST_RANGE)
+
+
+@triton.jit
+def _store_grads(q, w, a, b, dq32, db32, dq, dw, da, db, tile, m, dQ, dW, dA, dB):
+    """dq, dw, da, db of one tile in their dtypes; λ = q ⊙ dq − w ⊙ dw − a ⊙ da + b ⊙ db over dq32 and
+    bb = b ⊙ db over db32 (fp32)."""
+    tl.store(dq + tile, dQ.to(dq.dtype.element_ty), mask=m)
+    tl.store(dw + tile, dW.to(dw.dtype.element_ty), mask=m)
+    tl.store(da + tile, dA.to(da.dtype.element_ty), mask=m)
+    tl.store(db + tile, dB.to(db.dtype.element_ty), mask=m)
+    bb = tl.load(b + tile, mask=m, other=0.).to(tl.float32) * dB
+    lam = (tl.load(q + tile, mask=m, other=0.).to(tl.float32) * dQ
+           - tl.load(w + tile, mask=m, other=0.).to(tl.float32) * dW
+           - tl.load(a + tile, mask=m, other=0.).to(tl.float32) * dA)
+    tl.store(dq32 + tile, lam + bb, mask=m)
+    tl.store(db32 + tile, bb, mask=m)
+
+
+@triton.jit
+def _bwd_chunk(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db, nh, i_h, t0, n_tok, offs_k, H,
+               K: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr):
+    """The whole chunk's rows, keys offs_k, around ``r = G[C/2 − 1]`` (:func:`_chunk_fast`): with
+    ``Ǎ = A ⊙ e^{r − G}`` (W̌ the same) and ``Q̌ = Q ⊙ e^{G − r}``, ``B̌ = B ⊙ e^{G_prev − r}``,
+    ``dQ += (cc_qa Ǎ + cc_qw W̌) ⊙ e^{G − r}``, ``dB += (cc_L Ǎ + cc_N W̌) ⊙ e^{G_prev − r}``,
+    ``dA += (cc_qaᵀ Q̌ + cc_Lᵀ B̌) ⊙ e^{r − G}``, dW the same with cc_qw, cc_N."""
+    offs_c = tl.arange(0, C)
+    cc_nh = cc + nh * 4 * C * C
+    cc_rows = offs_c[:, None] * C + offs_c[None, :]
+    cc_cols = offs_c[None, :] * C + offs_c[:, None]            # the transpose, by pointer arithmetic
+    r = _row_at(gc, t0, n_tok, C // 2 - 1, i_h, H, offs_k, K)
+    tile = ((t0 + offs_c)[:, None] * H + i_h) * K + offs_k[None, :]
+    m = (offs_c < n_tok)[:, None] & (offs_k < K)[None, :]
+    G = tl.load(gc + tile, mask=m, other=0.)
+    e_col = tl.exp(r[None, :] - G)
+    A_r = tl.load(a + tile, mask=m, other=0.).to(tl.float32) * e_col
+    W_r = tl.load(w + tile, mask=m, other=0.).to(tl.float32) * e_col
+    e_row = tl.exp(G - r[None, :])
+    e_prev = tl.exp(tl.load(gc + tile - H * K, mask=m & (offs_c >= 1)[:, None], other=0.) - r[None, :])
+    # each gradient one accumulator through two dots, one after the other (fewer operand buffers in
+    # shared memory at once)
+    acc = tl.dot(tl.load(cc_nh + QA * C * C + cc_rows), A_r, input_precision=PRECISION)
+    acc = tl.dot(tl.load(cc_nh + QW * C * C + cc_rows), W_r, acc, input_precision=PRECISION)
+    dQ = tl.load(dq32 + tile, mask=m, other=0.) + e_row * acc
+    acc = tl.dot(tl.load(cc_nh + BA * C * C + cc_rows), A_r, input_precision=PRECISION)
+    acc = tl.dot(tl.load(cc_nh + BW * C * C + cc_rows), W_r, acc, input_precision=PRECISION)
+    dB = tl.load(db32 + tile, mask=m, other=0.) + e_prev * acc
+    Q_r = tl.load(q + tile, mask=m, other=0.).to(tl.float32) * e_row
+    B_r = tl.load(b + tile, mask=m, other=0.).to(tl.float32) * e_prev
+    acc = tl.dot(tl.load(cc_nh + QA * C * C + cc_cols), Q_r, input_precision=PRECISION)
+    acc = tl.dot(tl.load(cc_nh + BA * C * C + cc_cols), B_r, acc, input_precision=PRECISION)
+    dA = tl.load(da32 + tile, mask=m, other=0.) + e_col * acc
+    acc = tl.dot(tl.load(cc_nh + QW * C * C + cc_cols), Q_r, input_precision=PRECISION)
+    acc = tl.dot(tl.load(cc_nh + BW * C * C + cc_cols), B_r, acc, input_precision=PRECISION)
+    dW = tl.load(dw32 + tile, mask=m, other=0.) + e_col * acc
+    _store_grads(q, w, a, b, dq32, db32, dq, dw, da, db, tile, m, dQ, dW, dA, dB)
+
+
+@triton.jit
+def _bwd_block(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db, nh, i_h, t0, n_tok, i_b, offs_k, H,
+               K: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr,
+               FAST_RANGE: tl.constexpr):
+    """Rows of sub-block ``i_b``, keys offs_k, of one chunk × head.
 
     Row side (dq, db of the block's rows): columns s before the block (and in it when
     :func:`.perkey._fast_block`) around r = G[16 i − 1]. Column side (da, dw of the block's rows
@@ -161,11 +341,8 @@ def _pair_bwd_kernel(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db,
     block's last row G[16 i + 15]; G_t and G_prev,t of those rows are ≤ ρ. A block that is not
     fast adds its diagonal sub-block exactly, a token at a time (as :func:`.perkey._intra_bwd_kernel`).
     """
-    i_b = tl.program_id(0)
-    nh, i_h, t0, n_tok = _chunk_program(tok_start, tok_stop, H)
     blk = i_b * SUB + tl.arange(0, SUB)
     offs_c = tl.arange(0, C)
-    offs_k = tl.program_id(2) * BKS + tl.arange(0, BKS)
     cc_nh = cc + nh * 4 * C * C
     fast = _fast_block(gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB, FAST_RANGE)
     fast_i = fast.to(tl.int32)
@@ -234,29 +411,24 @@ def _pair_bwd_kernel(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db,
             c_bw = tl.load(cc_nh + BW * C * C + col * C + blk)[:, None]
             dA += c_qa * q_s[None, :] * incl + c_ba * b_s[None, :] * strict
             dW += c_qw * q_s[None, :] * incl + c_bw * b_s[None, :] * strict
-    A = _rows(a, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
-    W = _rows(w, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
-    Bm = _rows(b, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
-    tl.store(dq + tile, dQ.to(dq.dtype.element_ty), mask=m)
-    tl.store(dw + tile, dW.to(dw.dtype.element_ty), mask=m)
-    tl.store(da + tile, dA.to(da.dtype.element_ty), mask=m)
-    tl.store(db + tile, dB.to(db.dtype.element_ty), mask=m)
-    bb = Bm * dB
-    tl.store(dq32 + tile, Q * dQ - W * dW - A * dA + bb, mask=m)
-    tl.store(db32 + tile, bb, mask=m)
+    _store_grads(q, w, a, b, dq32, db32, dq, dw, da, db, tile, m, dQ, dW, dA, dB)
 
 
 def pair_grams(q, w, a, b, gc, tok_start, tok_stop, H: int, K: int, C: int, prec: str,
-               num_warps: int = 4) -> torch.Tensor:
+               num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """The four Grams ``[NC, H, 4, C, C]`` fp32, order :data:`QA`, :data:`QW`, :data:`BA`,
     :data:`BW` (module docstring). q, w, a, b ``[B·T, H, K]``; gc the cumulative G ``[B·T, H, K]``
     fp32 (:func:`.perkey.chunk_cumsum`)."""
     NC = tok_start.numel()
     grams = torch.empty(NC, H, 4, C, C, device=q.device, dtype=torch.float32)
     if NC:
-        _pair_gram_kernel[(C // SUB, NC * H)](q, w, a, b, gc, grams, tok_start, tok_stop, H, K=K, C=C,
-                                              BK=max(16, triton.next_power_of_2(K)), BKS=_key_slice(K),
-                                              SUB=SUB, PRECISION=prec, FAST_RANGE=FAST_RANGE, num_warps=num_warps)
+        BK = max(16, triton.next_power_of_2(K))
+        args = (q, w, a, b, gc, grams, tok_start, tok_stop, H)
+        _pair_gram_kernel[(4, NC * H)](*args, K=K, C=C, BK=BK, BKS=pair_keys(K, C), PRECISION=prec,
+                                       CHUNK_RANGE=CHUNK_RANGE, num_warps=num_warps, num_stages=num_stages)
+        _pair_gram_block_kernel[(C // SUB, NC * H)](*args, K=K, C=C, BK=BK, BKS=_key_slice(K), SUB=SUB,
+                                                    PRECISION=prec, FAST_RANGE=FAST_RANGE,
+                                                    CHUNK_RANGE=CHUNK_RANGE, num_warps=4)
     return grams
 
 
@@ -268,8 +440,12 @@ def pair_backward(q, w, a, b, gc, cc, d32, tok_start, tok_stop, H: int, K: int, 
     grads = tuple(torch.empty_like(t) for t in (q, w, a, b))
     NC = tok_start.numel()
     if NC:
+        args = (q, w, a, b, gc, cc, *d32, *grads, tok_start, tok_stop, H)
+        BKS = pair_keys(K, C)
+        _pair_bwd_kernel[(1, NC * H, triton.cdiv(K, BKS))](*args, K=K, C=C, BKS=BKS, PRECISION=prec,
+                                                           CHUNK_RANGE=CHUNK_RANGE, num_warps=num_warps)
         BKS = _key_slice(K)
-        _pair_bwd_kernel[(C // SUB, NC * H, triton.cdiv(K, BKS))](
-            q, w, a, b, gc, cc, *d32, *grads, tok_start, tok_stop, H, K=K, C=C, BKS=BKS, SUB=SUB,
-            PRECISION=prec, FAST_RANGE=FAST_RANGE, num_warps=num_warps)
+        _pair_bwd_block_kernel[(C // SUB, NC * H, triton.cdiv(K, BKS))](
+            *args, K=K, C=C, BKS=BKS, SUB=SUB, PRECISION=prec, FAST_RANGE=FAST_RANGE, CHUNK_RANGE=CHUNK_RANGE,
+            num_warps=4)
     return grads
