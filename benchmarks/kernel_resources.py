@@ -125,7 +125,8 @@ def configs(K=128, V=128, C=64):
             yield ("bwd rank-1 dk per-key", FB._lowrank_dk_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_rank1),
                    sh.warps_rank1, True)
             yield ("bwd per-key pair", PP._pair_bwd_kernel, whole, sh.warps_pair, True)
-            yield ("bwd per-key pair, sub-blocks", PP._pair_bwd_block_kernel, block, 4, True)
+            yield ("bwd per-key pair, sub-blocks", PP._pair_bwd_block_kernel, dict(block, BKS=whole["BKS"], SPP=PK._key_slice(K) // whole["BKS"]),
+                   4, True)
         # the delta form (kernels/matrix/delta.py), as delta_forward / delta_backward launch it
         # (with u_scale: the catalogue's members write s v, formed in the kernels), defaults:
         # rows4 inverse, storage-dtype dots, X and ν kept (no WY launch in the backward)

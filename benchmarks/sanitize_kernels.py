@@ -12,7 +12,8 @@ Cases: ``(path, K, V, dtype, decay, heads, switches)``; path ``delta`` is ``chun
 (with ``u_scale``), ``longhorn`` the same with ``kk_coef`` (ε formed in the kernels), ``pair``
 is ``chunk_matrix`` with the pair ``(−c k, k)``, ``rank0`` has no low-rank part, ``dplr`` is
 ``chunk_matrix`` with a per-key decay and an unrelated pair (a, b) (the RWKV-7 form;
-``dplr128``: chunks of 128, where the rank-1 kernels take 8 warps); switches are
+``dplr128``: chunks of 128, where the rank-1 kernels take 8 warps; ``dplr-strong[128]``: decays
+strong enough for ``perkey_pair``'s 16-row sub-block kernels); switches are
 ``OLSM_MATRIX_*=value`` settings away from the library's defaults, comma-separated (the split
 cases and the one-head rank-0 ones use T = 1300: the segments need long sequences and few
 programs; without a decay the default splits them). Four heads at B = 2 give few programs, so the
@@ -50,6 +51,7 @@ CASES = [
     ("rank0", 128, 128, "bf16", 0, 1, ""),
     ("dplr128", 128, 128, "bf16", 1, 4, ""), ("dplr", 128, 128, "bf16", 1, 4, ""), ("dplr", 128, 128, "fp32", 1, 4, ""),
     ("dplr", 64, 16, "bf16", 1, 4, ""), ("dplr", 100, 72, "bf16", 1, 20, ""),
+    ("dplr-strong", 128, 128, "bf16", 1, 4, ""), ("dplr-strong128", 100, 72, "bf16", 1, 4, ""),
     ("elem:mamba1", 16, 384, "bf16", 0, 1, ""), ("elem:longhorn_diag", 16, 384, "bf16", 0, 1, ""),
     ("elem:mamba1", 16, 384, "fp32", 0, 1, ""), ("elem:longhorn_diag", 8, 100, "bf16", 0, 1, ""),
 ]
@@ -74,9 +76,11 @@ def run_case(path: str, K: int, V: int, dtype: str, decay: int, H: int, device: 
     if path in ("delta", "longhorn"):
         o, S = chunk_delta(q, k, u, c, ld, u_scale=s, kk_coef=c if path == "longhorn" else None, **kw)
     elif path.startswith("dplr"):
-        ld = (-0.5 * torch.rand(B, T, H, K, device=device, generator=gen)).requires_grad_()
+        # -strong: decays of -1 per step on average, most chunks on perkey_pair's sub-block kernels
+        lo = -2.0 if "strong" in path else -0.5
+        ld = (lo * torch.rand(B, T, H, K, device=device, generator=gen)).requires_grad_()
         a, b = ((0.3 * rand(B, T, H, K)).to(dt).requires_grad_() for _ in range(2))
-        o, S = chunk_matrix(q, k, u, ld, [(a, b)], chunk_size=128 if path == "dplr128" else 64, **kw)
+        o, S = chunk_matrix(q, k, u, ld, [(a, b)], chunk_size=128 if path.endswith("128") else 64, **kw)
     else:
         pairs = [((-c[..., None] * k.float()).to(dt), k)] if path == "pair" else []
         o, S = chunk_matrix(q, k, u, ld, pairs, **kw)

@@ -21,6 +21,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
                                   ("pair", 16, 16, "fp32", 0, 1, ""), ("rank0", 16, 16, "fp32", 1, 1, ""),
                                   ("rank0", 16, 16, "fp32", 1, 1, "OLSM_MATRIX_STATE=split"),
                                   ("dplr", 16, 16, "fp32", 1, 1, ""), ("dplr128", 16, 16, "fp32", 1, 1, ""),
+                                  ("dplr-strong", 16, 16, "fp32", 1, 1, ""),
                                   ("elem:mamba1", 4, 24, "fp32", 0, 1, ""),
                                   ("elem:longhorn_diag", 4, 24, "fp32", 0, 1, "")])
 def test_case_bodies_run(case, monkeypatch):
@@ -34,7 +35,7 @@ def test_cases_are_well_formed():
     # every case names a path the runner knows, seven fields the child process parses, and
     # NAME=value switches of the matrix kernels
     for case in SK.CASES:
-        assert len(case) == 7 and (case[0] in ("delta", "longhorn", "pair", "rank0", "dplr", "dplr128") or case[0].startswith("elem:"))
+        assert len(case) == 7 and (case[0] in ("delta", "longhorn", "pair", "rank0", "dplr", "dplr128", "dplr-strong", "dplr-strong128") or case[0].startswith("elem:"))
         assert case[3] in SK.DTYPES
         for kv in filter(None, case[-1].split(",")):
             name, value = kv.split("=")

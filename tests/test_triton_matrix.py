@@ -503,7 +503,11 @@ def test_per_key_decay_with_a_pair_fused(chunk, whole, monkeypatch):
     cu = (0, 37, 37, 38, 140)
     check(make_inputs(73, T=140, H=1, K=9, V=5, decay="key", lowrank="general", N=4), cu_seqlens=cu, chunk_size=chunk)
     check(make_inputs(74, B=1, T=70, H=1, K=80, V=20, decay="key", lowrank="delta"), chunk_size=chunk, final=False)
-    assert len(calls) == 4 and len(made) == 4, (calls, made)
+    # strong decays on the first 32 keys only: the backward's key slices split between its two kernels
+    q, w, u, g, pairs, s0 = make_inputs(75, B=1, T=70, H=1, K=80, V=8, decay="key", lowrank="general")
+    g[..., :32] *= 16
+    check((q, w, u, g, pairs, s0), chunk_size=chunk)
+    assert len(calls) == 5 and len(made) == 5, (calls, made)
 
 
 RANK1_CASES = [("none", "delta"), ("scalar", "delta"), ("none", "longhorn"), ("scalar", "general")]

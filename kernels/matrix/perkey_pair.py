@@ -263,15 +263,19 @@ def _pair_bwd_kernel(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db,
 
 @triton.jit
 def _pair_bwd_block_kernel(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db, tok_start, tok_stop, H,
-                           K: tl.constexpr, C: tl.constexpr, BKS: tl.constexpr, SUB: tl.constexpr,
-                           PRECISION: tl.constexpr, FAST_RANGE: tl.constexpr, CHUNK_RANGE: tl.constexpr):
-    """As :func:`_pair_bwd_kernel` for the chunks and keys it leaves: rows of sub-block
-    ``i = program_id(0)`` (:func:`_bwd_block`)."""
+                           K: tl.constexpr, C: tl.constexpr, BKS: tl.constexpr, SPP: tl.constexpr,
+                           SUB: tl.constexpr, PRECISION: tl.constexpr, FAST_RANGE: tl.constexpr,
+                           CHUNK_RANGE: tl.constexpr):
+    """As :func:`_pair_bwd_kernel` for the (chunk, key slice) pairs it leaves: rows of sub-block
+    ``i = program_id(0)`` (:func:`_bwd_block`), key slices ``SPP·j … SPP·j + SPP − 1``
+    (``j = program_id(2)``; several per program, because a program that finds nothing to do still
+    holds this kernel's registers while it looks)."""
     nh, i_h, t0, n_tok = _chunk_program(tok_start, tok_stop, H)
-    offs_k = tl.program_id(2) * BKS + tl.arange(0, BKS)
-    if not _chunk_fast(gc, t0, n_tok, i_h, H, offs_k, K, C, CHUNK_RANGE):
-        _bwd_block(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db, nh, i_h, t0, n_tok,
-                   tl.program_id(0), offs_k, H, K, C, SUB, PRECISION, FAST_RANGE)
+    for u in range(0, SPP):
+        offs_k = (tl.program_id(2) * SPP + u) * BKS + tl.arange(0, BKS)
+        if not _chunk_fast(gc, t0, n_tok, i_h, H, offs_k, K, C, CHUNK_RANGE):
+            _bwd_block(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db, nh, i_h, t0, n_tok,
+                       tl.program_id(0), offs_k, H, K, C, SUB, PRECISION, FAST_RANGE)
 
 
 @triton.jit
@@ -441,11 +445,13 @@ def pair_backward(q, w, a, b, gc, cc, d32, tok_start, tok_stop, H: int, K: int, 
     NC = tok_start.numel()
     if NC:
         args = (q, w, a, b, gc, cc, *d32, *grads, tok_start, tok_stop, H)
+        # one key slicing for both kernels: each (chunk, slice) is taken by exactly one of them (the
+        # whole-chunk kernel overwrites dq32 with λ, which the other would read as dq's inter part)
         BKS = pair_keys(K, C)
         _pair_bwd_kernel[(1, NC * H, triton.cdiv(K, BKS))](*args, K=K, C=C, BKS=BKS, PRECISION=prec,
                                                            CHUNK_RANGE=CHUNK_RANGE, num_warps=num_warps)
-        BKS = _key_slice(K)
-        _pair_bwd_block_kernel[(C // SUB, NC * H, triton.cdiv(K, BKS))](
-            *args, K=K, C=C, BKS=BKS, SUB=SUB, PRECISION=prec, FAST_RANGE=FAST_RANGE, CHUNK_RANGE=CHUNK_RANGE,
-            num_warps=4)
+        SPP = max(1, _key_slice(K) // BKS)       # key slices of 64 per program, as the Grams' sub-blocks
+        _pair_bwd_block_kernel[(C // SUB, NC * H, triton.cdiv(triton.cdiv(K, BKS), SPP))](
+            *args, K=K, C=C, BKS=BKS, SPP=SPP, SUB=SUB, PRECISION=prec, FAST_RANGE=FAST_RANGE,
+            CHUNK_RANGE=CHUNK_RANGE, num_warps=4)
     return grads
