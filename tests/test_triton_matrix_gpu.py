@@ -149,8 +149,12 @@ def test_fp16_and_chunk_sizes():
 def test_dplr_strong_decays(chunk):
     # per-key decays past RWKV-7's range: most chunks (and key slices) too long for one factoring
     # around their middle row take perkey_pair's 16-row sub-block kernels, the others the
-    # whole-chunk ones, in the same call
-    run_case("dplr", torch.bfloat16, B=2, T=300, H=2, K=128, V=128, chunk_size=chunk, strong=True)
+    # whole-chunk ones, in the same call. The bf16 decay gradient at C = 64 is 2.8e-2 on an H200
+    # (run 12), the same with the sub-block kernels alone and with fp32 dots, 1.4e-3 at C = 128 and
+    # 2.9e-6 in fp32: a precision limit of the λ suffix sums in bf16, not of these kernels; held
+    # at 1.5x what was measured
+    run_case("dplr", torch.bfloat16, B=2, T=300, H=2, K=128, V=128, chunk_size=chunk, strong=True,
+             tols={"dlog_decay": 4.2e-2})
     run_case("dplr", torch.float32, B=1, T=200, H=2, K=64, V=64, chunk_size=chunk, strong=True,
              cu_seqlens=(0, 77, 200))
 

@@ -12,19 +12,22 @@ of a chunk are::
     M_qa[t, s] = Σ_k q_tk a_sk e^{G_tk − G_sk}   (s ≤ t)      M_qw: the same with w
     L[t, s]    = Σ_k b_tk a_sk e^{G_prev,tk − G_sk}   (s < t)      N: the same with w
 
-:func:`_pair_gram_kernel` makes all four, ``[NC, H, 4, C, C]`` fp32 in the order
-``(M_qa, M_qw, L, N)`` (that of kernel 2'a's ``cc``), by :mod:`.perkey`'s secondary chunking:
-16-row blocks, one tensor-core dot per 64 keys around the reference row ``r = G[16 i − 1]``
-(both G_t and G_prev,t of block i's rows are ≤ r, so neither factor overflows), the diagonal
-sub-block in the dot when :func:`.perkey._fast_block`, else exactly, a column at a time. The
-forward's WY kernel then reads L and N, the output kernel M_qa and M_qw, and
-``ChunkMatrixFunction`` keeps them for the backward (the backward's WY, reverse-pass and 2'a
-kernels read them again).
+:func:`_pair_gram_kernel` makes all four, ``[NC, H, 4, C, C]`` fp32 in the order ``(M_qa, M_qw, L, N)``
+(that of kernel 2'a's ``cc``). A chunk whose decay stays within :data:`CHUNK_RANGE` on either side
+of its middle row ``r = G[C/2 − 1]`` (every chunk of RWKV-7's gates at C = 64) is factored whole
+around r: one ``[C, C]`` dot per 32 keys, ``(X ⊙ e^{G − r}) (Y ⊙ e^{r − G})ᵀ``. The other chunks go
+to :func:`_pair_gram_block_kernel`, :mod:`.perkey`'s secondary chunking: 16-row blocks, one
+tensor-core dot per 64 keys around the reference row ``r = G[16 i − 1]`` (both G_t and G_prev,t of
+block i's rows are ≤ r, so neither factor overflows), the diagonal sub-block in the dot when
+:func:`.perkey._fast_block`, else exactly, a column at a time. The forward's WY kernel then reads
+L and N, the output kernel M_qa and M_qw, and ``ChunkMatrixFunction`` keeps them for the backward
+(its reverse-pass and 2'a kernels read them again).
 
 The backward's kernel 2'a stores ``cc``, the gradients of the four decayed Grams (masked:
 inclusive for M_qa, M_qw, strict for L, N), and kernel 2'b with ``DECAY = 2`` the inter-chunk
-parts of dq, da, dw, db in fp32. :func:`_pair_bwd_kernel` adds the intra-chunk parts by the
-same factoring, each Gram's gradient reaching its row operand and its column operand::
+parts of dq, da, dw, db in fp32. :func:`_pair_bwd_kernel` (whole chunks, per 32-key slice) and
+:func:`_pair_bwd_block_kernel` (the other slices, 16-row blocks) add the intra-chunk parts by the
+same factorings, each Gram's gradient reaching its row operand and its column operand::
 
     dq_t += Σ_s (cc_qa[t, s] a_s + cc_qw[t, s] w_s) ⊙ e^{G_t − G_s}
     db_t += Σ_s (cc_L[t, s] a_s + cc_N[t, s] w_s) ⊙ e^{G_prev,t − G_s}
