@@ -87,9 +87,13 @@ def configs(K=128, V=128, C=64):
         if decay == 1:   # per-key decay without a pair (GLA; kernels/matrix/perkey.py), DECAY = 2
             d2 = dict(base, DECAY=2)
             yield ("fwd per-key cumsum", PK._cumsum_kernel, dict(K=K, C=C, BK=sh.BK), 4, True)
-            yield ("fwd per-key intra gram", PK._intra_gram_kernel,
+            # whole chunks (the benchmark's decays) and 16-row sub-blocks (the others)
+            yield ("fwd per-key intra gram", PK._intra_gram_whole_kernel,
+                   dict(K=K, C=C, BK=sh.BK, BKS=min(32, PK._key_slice(K)), PRECISION="tf32",
+                        CHUNK_RANGE=PK.CHUNK_RANGE), 4, True)
+            yield ("fwd per-key intra gram, sub-blocks", PK._intra_gram_kernel,
                    dict(K=K, C=C, BK=sh.BK, BKS=PK._key_slice(K), SUB=PK.SUB, PRECISION="tf32",
-                        FAST_RANGE=PK.FAST_RANGE), 4, True)
+                        FAST_RANGE=PK.FAST_RANGE, CHUNK_RANGE=PK.CHUNK_RANGE), 4, True)
             yield ("fwd state per-key", F._state_fwd_kernel,
                    dict(d2, LOWRANK=False, HAS_H0=True, BK=sh.BK, BV=sh.BV, LOWP=True), sh.warps_seq, True)
             yield ("fwd output per-key", F._output_fwd_kernel, dict(d2, LOWRANK=False, BK=sh.BK, BV=sh.BV_out, LOWP=True),
@@ -98,9 +102,12 @@ def configs(K=128, V=128, C=64):
                    dict(d2, HAS_DFINAL=True, LOWRANK=False, BK=sh.BK, BV=sh.BV), sh.warps_seq, True)
             yield ("bwd dq dw per-key", FB._dqdw_bwd_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)
             yield ("bwd du per-key", FB._du_bwd_kernel, dict(d2, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, True)
-            yield ("bwd per-key intra", PK._intra_bwd_kernel,
-                   dict(K=K, C=C, BKS=PK._key_slice(K), SUB=PK.SUB, PRECISION="tf32", FAST_RANGE=PK.FAST_RANGE), 4,
-                   True)
+            bks = min(32, PK._key_slice(K))
+            yield ("bwd per-key intra", PK._intra_bwd_whole_kernel,
+                   dict(K=K, C=C, BKS=bks, PRECISION="tf32", CHUNK_RANGE=PK.CHUNK_RANGE), 4, True)
+            yield ("bwd per-key intra, sub-blocks", PK._intra_bwd_kernel,
+                   dict(K=K, C=C, BKS=bks, SPP=PK._key_slice(K) // bks, SUB=PK.SUB, PRECISION="tf32",
+                        FAST_RANGE=PK.FAST_RANGE, CHUNK_RANGE=PK.CHUNK_RANGE), 4, True)
             yield ("bwd per-key decay totals", DG._key_total_kernel, dict(K=K, C=C, BK=64), 4, True)
             yield ("bwd per-key decay carry", DG._key_carry_kernel,
                    dict(K=K, HAS_LAST=True, BLOCK=DG.CARRY_BLOCK, BK=64), 4, True)
@@ -186,8 +193,9 @@ def elementwise_configs(K=16, V=1536, C=64):
 
 def stages_of(name: str) -> int:
     """num_stages of the launch: the forward state pass asks for 2 (``fused._launch_state``), the
-    whole-chunk pair Grams ``LaunchShape.stages_pair`` = 2."""
-    return 2 if name.startswith(("fwd state", "delta fwd state")) or name == "fwd per-key pair grams" else 3
+    whole-chunk Grams 2 (``LaunchShape.stages_pair``, ``perkey.intra_gram``)."""
+    return 2 if name.startswith(("fwd state", "delta fwd state")) or name in ("fwd per-key pair grams",
+                                                                             "fwd per-key intra gram") else 3
 
 
 def main():

@@ -460,13 +460,17 @@ def test_fused_backward_packed_with_an_empty_sequence():
         check(make_inputs(18, T=cu[-1], H=1, K=6, decay="key", N=len(cu) - 1), cu_seqlens=cu)
 
 
-@pytest.mark.parametrize("chunk", [32, 64])
-def test_per_key_decay_fused_sub_blocks(chunk, monkeypatch):
-    # GLA on the fused path (kernels/matrix/perkey.py): the intra-chunk A and its gradient by
-    # sub-blocks of 16 around reference rows. Per-step log-decays down to -8 (a factoring from
-    # the chunk's start would overflow float32), several chunks with a short last one, packed
-    # sequences whose chunks end inside a sub-block, and the value axis in two blocks
+@pytest.mark.parametrize("chunk,whole", [(32, True), (64, True), (32, False)])
+def test_per_key_decay_fused_sub_blocks(chunk, whole, monkeypatch):
+    # GLA on the fused path (kernels/matrix/perkey.py): the intra-chunk A and its gradient whole
+    # around each chunk's middle row where its decay allows, else by sub-blocks of 16 around
+    # reference rows. Per-step log-decays down to -8 (a factoring from the chunk's start would
+    # overflow float32), mild ones, several chunks with a short last one, packed sequences whose
+    # chunks end inside a sub-block, the value axis in two blocks, strong decays on some keys only
+    # (key slices split between the two backward kernels); whole=False: sub-blocks everywhere
     chunk_mod = importlib.import_module("olsm.kernels.matrix.chunk")
+    if not whole:
+        monkeypatch.setattr(importlib.import_module("olsm.kernels.matrix.perkey"), "CHUNK_RANGE", -1.0)
     calls = []
     real = chunk_mod.fused_backward
     monkeypatch.setattr(chunk_mod, "fused_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -477,7 +481,10 @@ def test_per_key_decay_fused_sub_blocks(chunk, monkeypatch):
     q, w, u, g, pairs, s0 = make_inputs(63, B=1, T=100, H=1, K=6, V=5, decay="key")
     g[0, 20, 0, 1], g[0, 70, 0, 4] = -40.0, -100.0
     check((q, w, u, g, pairs, s0), chunk_size=chunk)
-    assert len(calls) == 3
+    q, w, u, g, pairs, s0 = make_inputs(65, B=1, T=70, H=1, K=80, V=8, decay="key")
+    g[..., :64] *= 16
+    check((q, w, u, g, pairs, s0), chunk_size=chunk)
+    assert len(calls) == 4
 
 
 @pytest.mark.parametrize("chunk,whole", [(16, True), (32, True), (64, True), (32, False)])

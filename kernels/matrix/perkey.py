@@ -49,6 +49,10 @@ SUB = 16  # sub-block length of the secondary chunking; tl.dot needs every dim >
 #: largest decay across one sub-block, max_k (G[16 i − 1] − G[16 i + 15]), for which its diagonal
 #: sub-block is factored like the others (factors up to e^30 ≈ 1e13, far from fp32's e^88)
 FAST_RANGE = 30.0
+#: largest ``max(−G[C/2 − 1], G[C/2 − 1] − G[last])`` over a chunk's keys for which its Gram(s) and
+#: their gradients are factored whole around ``r = G[C/2 − 1]`` (:func:`_chunk_fast`): factors up
+#: to e^30, as FAST_RANGE; −1 turns the whole-chunk kernels off (tests)
+CHUNK_RANGE = 30.0
 
 
 def _key_slice(K: int) -> int:
@@ -110,16 +114,94 @@ def _chunk_program(tok_start, tok_stop, H):
 
 
 @triton.jit
+def _chunk_fast(gc, t0, n_tok, i_h, H, offs_k, K: tl.constexpr, C: tl.constexpr, CHUNK_RANGE: tl.constexpr):
+    """Whether one chunk's Grams can be factored whole around the reference ``r = G[C/2 − 1]``:
+    ``max_k max(−r, r − G[last]) ≤ CHUNK_RANGE``, so that every factor ``e^{G_t − r}``,
+    ``e^{G_prev,t − r}``, ``e^{r − G_s}`` is ≤ e^{CHUNK_RANGE} (G is non-increasing from 0)."""
+    r = _row_at(gc, t0, n_tok, C // 2 - 1, i_h, H, offs_k, K)
+    last = _row_at(gc, t0, n_tok, C - 1, i_h, H, offs_k, K)
+    return tl.max(tl.maximum(-r, r - last), axis=0) <= CHUNK_RANGE
+
+
+@triton.jit
+def _chunk_rows(x, gc, t0, n_tok, i_h, H, ks, K: tl.constexpr, C: tl.constexpr, PREV: tl.constexpr):
+    """The whole chunk's rows of x and G (G_prev with PREV) ``[C, BKS]`` fp32, keys ``ks``, 0 outside."""
+    offs_c = tl.arange(0, C)
+    off = ((t0 + offs_c)[:, None] * H + i_h) * K + ks[None, :]
+    m = (offs_c < n_tok)[:, None] & (ks < K)[None, :]
+    X = tl.load(x + off, mask=m, other=0.).to(tl.float32)
+    if PREV:
+        G = tl.load(gc + off - H * K, mask=m & (offs_c >= 1)[:, None], other=0.)
+    else:
+        G = tl.load(gc + off, mask=m, other=0.)
+    return X, G
+
+
+@triton.jit
+def _chunk_cols(x, gc, t0, n_tok, i_h, H, ks, r, K: tl.constexpr, C: tl.constexpr):
+    """``(x ⊙ e^{r − G})ᵀ`` ``[BKS, C]`` fp32 of the whole chunk, loaded transposed by pointer
+    arithmetic (never tl.trans), 0 outside."""
+    offs_c = tl.arange(0, C)
+    off = ((t0 + offs_c)[None, :] * H + i_h) * K + ks[:, None]
+    m = (ks < K)[:, None] & (offs_c < n_tok)[None, :]
+    e = tl.exp(r[:, None] - tl.load(gc + off, mask=m, other=0.))
+    return tl.load(x + off, mask=m, other=0.).to(tl.float32) * e
+
+
+@triton.jit
+def _gram_chunk(row, col, gc, out, t0, n_tok, i_h, H, PREV: tl.constexpr, K: tl.constexpr,
+                C: tl.constexpr, BKS: tl.constexpr, PRECISION: tl.constexpr):
+    """One Gram of a whole chunk, ``Σ_k row_tk col_sk e^{G(_prev)_tk − G_sk}`` masked (inclusive, strict
+    with PREV), ``[C, C]`` stored at out: one ``[C, C]`` dot per BKS keys around the chunk's
+    reference ``r = G[C/2 − 1]`` (:func:`_chunk_fast`)."""
+    offs_c = tl.arange(0, C)
+    acc = tl.zeros([C, C], dtype=tl.float32)
+    for kk in range(0, (K + BKS - 1) // BKS):
+        ks = kk * BKS + tl.arange(0, BKS)
+        r = _row_at(gc, t0, n_tok, C // 2 - 1, i_h, H, ks, K)
+        X, G = _chunk_rows(row, gc, t0, n_tok, i_h, H, ks, K, C, PREV)
+        acc += tl.dot(X * tl.exp(G - r[None, :]), _chunk_cols(col, gc, t0, n_tok, i_h, H, ks, r, K, C),
+                      input_precision=PRECISION)
+    if PREV:
+        keep = offs_c[:, None] > offs_c[None, :]
+    else:
+        keep = offs_c[:, None] >= offs_c[None, :]
+    tl.store(out + offs_c[:, None] * C + offs_c[None, :], tl.where(keep, acc, 0.))
+
+
+@triton.jit
 def _intra_gram_kernel(q, w, gc, amat, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BKS: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr,
-                       FAST_RANGE: tl.constexpr):
-    """Rows of sub-block ``i = program_id(0)`` of A for one chunk × head (``program_id(1)``), all C
+                       FAST_RANGE: tl.constexpr, CHUNK_RANGE: tl.constexpr):
+    """For a chunk that :func:`_chunk_fast` does not allow whole (:func:`_intra_gram_whole_kernel`
+    takes the others): rows of sub-block ``i = program_id(0)`` of A for one chunk × head (``program_id(1)``), all C
     columns (zeros above the diagonal), module docstring: one ``[SUB, C]`` dot per BKS keys
     around the reference ``r = G[16 i − 1]`` over the columns before the block, and the block's
     own columns too when :func:`_fast_block`; else the diagonal sub-block exactly, a column at
     a time. Shapes: q, w ``[B·T, H, K]``; gc ``[B·T, H, K]`` fp32; amat ``[NC, H, C, C]`` fp32."""
-    i_b = tl.program_id(0)
     nh, i_h, t0, n_tok = _chunk_program(tok_start, tok_stop, H)
+    if not _chunk_fast(gc, t0, n_tok, i_h, H, tl.arange(0, BK), K, C, CHUNK_RANGE):
+        _intra_gram_block(q, w, gc, amat, nh, i_h, t0, n_tok, tl.program_id(0), K, C, BK, BKS, SUB, PRECISION,
+                          FAST_RANGE, H)
+
+
+@triton.jit
+def _intra_gram_whole_kernel(q, w, gc, amat, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr,
+                             BK: tl.constexpr, BKS: tl.constexpr, PRECISION: tl.constexpr,
+                             CHUNK_RANGE: tl.constexpr):
+    """A of one chunk × head (``program_id(1)``) in one piece (:func:`_gram_chunk`, one ``[C, C]``
+    dot per BKS keys around the chunk's middle row) if :func:`_chunk_fast` allows, else nothing
+    (the chunk is :func:`_intra_gram_kernel`'s)."""
+    nh, i_h, t0, n_tok = _chunk_program(tok_start, tok_stop, H)
+    if _chunk_fast(gc, t0, n_tok, i_h, H, tl.arange(0, BK), K, C, CHUNK_RANGE):
+        _gram_chunk(q, w, gc, amat + nh * C * C, t0, n_tok, i_h, H, False, K, C, BKS, PRECISION)
+
+
+@triton.jit
+def _intra_gram_block(q, w, gc, amat, nh, i_h, t0, n_tok, i_b, K: tl.constexpr, C: tl.constexpr,
+                      BK: tl.constexpr, BKS: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr,
+                      FAST_RANGE: tl.constexpr, H):
+    """Rows of sub-block i_b of A (:func:`_intra_gram_kernel`)."""
     r = tl.arange(0, SUB)
     rows = i_b * SUB + r
     offs_c = tl.arange(0, C)
@@ -158,9 +240,9 @@ def _intra_gram_kernel(q, w, gc, amat, tok_start, tok_stop, H, K: tl.constexpr, 
 
 @triton.jit
 def _intra_bwd_kernel(q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H,
-                      K: tl.constexpr, C: tl.constexpr, BKS: tl.constexpr, SUB: tl.constexpr,
-                      PRECISION: tl.constexpr, FAST_RANGE: tl.constexpr):
-    """Rows of sub-block ``i = program_id(0)``, keys ``[j·BKS, (j + 1)·BKS)`` (``j = program_id(2)``)
+                      K: tl.constexpr, C: tl.constexpr, BKS: tl.constexpr, SPP: tl.constexpr, SUB: tl.constexpr,
+                      PRECISION: tl.constexpr, FAST_RANGE: tl.constexpr, CHUNK_RANGE: tl.constexpr):
+    """For the (chunk, key slice) pairs :func:`_intra_bwd_whole_kernel` leaves: rows of sub-block ``i = program_id(0)``, keys ``[j·BKS, (j + 1)·BKS)`` (``j = program_id(2)``)
     of one chunk × head (``program_id(1)``): dq, dw (intra parts from dA ``[NC, H, C, C]`` fp32,
     plus the inter parts read from dq32, dw32 ``[B·T, H, K]`` fp32), written to dq, dw in their
     dtype, and the decay term ``q ⊙ dq − w ⊙ dw`` written over dq32 (each program reads and
@@ -170,12 +252,50 @@ def _intra_bwd_kernel(q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H,
     :func:`_fast_block`), r = G[16 i − 1]; dw_s = e^{ρ − G_s} ⊙ Σ_t dA[t, s] (q_t ⊙ e^{G_t − ρ}) over
     t after the block (and in it when fast), ρ = r when fast, else the block's last row G[16 i + 15];
     a block that is not fast adds its diagonal sub-block exactly, a token at a time."""
-    i_b = tl.program_id(0)
     nh, i_h, t0, n_tok = _chunk_program(tok_start, tok_stop, H)
+    for u in range(0, SPP):       # key slices SPP·j … SPP·j + SPP − 1 (j = program_id(2))
+        offs_k = (tl.program_id(2) * SPP + u) * BKS + tl.arange(0, BKS)
+        if not _chunk_fast(gc, t0, n_tok, i_h, H, offs_k, K, C, CHUNK_RANGE):
+            _intra_bwd_block(q, w, gc, dA, dq32, dw32, dq, dw, nh, i_h, t0, n_tok, tl.program_id(0), offs_k, H, K,
+                             C, SUB, PRECISION, FAST_RANGE)
+
+
+@triton.jit
+def _intra_bwd_whole_kernel(q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H,
+                            K: tl.constexpr, C: tl.constexpr, BKS: tl.constexpr, PRECISION: tl.constexpr,
+                            CHUNK_RANGE: tl.constexpr):
+    """Keys ``[j·BKS, (j + 1)·BKS)`` (``j = program_id(2)``) of one chunk × head (``program_id(1)``)
+    whose decay :func:`_chunk_fast` allows, the whole chunk at once around ``r = G[C/2 − 1]``:
+    ``dq += e^{G − r} ⊙ dA (W ⊙ e^{r − G})``, ``dw += e^{r − G} ⊙ dAᵀ (Q ⊙ e^{G − r})``; then as
+    :func:`_intra_bwd_kernel` (which takes the other slices, with the same BKS)."""
+    nh, i_h, t0, n_tok = _chunk_program(tok_start, tok_stop, H)
+    offs_k = tl.program_id(2) * BKS + tl.arange(0, BKS)
+    if _chunk_fast(gc, t0, n_tok, i_h, H, offs_k, K, C, CHUNK_RANGE):
+        offs_c = tl.arange(0, C)
+        dA_nh = dA + nh * C * C
+        r = _row_at(gc, t0, n_tok, C // 2 - 1, i_h, H, offs_k, K)
+        Q, G, m = _block_rows(q, gc, t0, n_tok, 0, i_h, H, offs_k, K, C)
+        W, G, m = _block_rows(w, gc, t0, n_tok, 0, i_h, H, offs_k, K, C)
+        tile = ((t0 + offs_c)[:, None] * H + i_h) * K + offs_k[None, :]
+        e_row = tl.exp(G - r[None, :])
+        e_col = tl.exp(r[None, :] - G)
+        dQ = tl.load(dq32 + tile, mask=m, other=0.) + e_row * tl.dot(
+            tl.load(dA_nh + offs_c[:, None] * C + offs_c[None, :]), W * e_col, input_precision=PRECISION)
+        dW = tl.load(dw32 + tile, mask=m, other=0.) + e_col * tl.dot(
+            tl.load(dA_nh + offs_c[None, :] * C + offs_c[:, None]), Q * e_row, input_precision=PRECISION)
+        tl.store(dq + tile, dQ.to(dq.dtype.element_ty), mask=m)
+        tl.store(dw + tile, dW.to(dw.dtype.element_ty), mask=m)
+        tl.store(dq32 + tile, Q * dQ - W * dW, mask=m)
+
+
+@triton.jit
+def _intra_bwd_block(q, w, gc, dA, dq32, dw32, dq, dw, nh, i_h, t0, n_tok, i_b, offs_k, H,
+                     K: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr,
+                     FAST_RANGE: tl.constexpr):
+    """Rows of sub-block i_b, keys offs_k (:func:`_intra_bwd_kernel`)."""
     r = tl.arange(0, SUB)
     blk = i_b * SUB + r
     offs_c = tl.arange(0, C)
-    offs_k = tl.program_id(2) * BKS + tl.arange(0, BKS)
     dA_nh = dA + nh * C * C
     fast = _fast_block(gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB, FAST_RANGE)
     fast_i = fast.to(tl.int32)
@@ -238,9 +358,12 @@ def intra_gram(q, w, gc, tok_start, tok_stop, H: int, K: int, C: int, prec: str)
     NC = tok_start.numel()
     amat = torch.empty(NC, H, C, C, device=q.device, dtype=torch.float32)
     if NC:
-        _intra_gram_kernel[(C // SUB, NC * H)](q, w, gc, amat, tok_start, tok_stop, H, K=K, C=C,
-                                               BK=max(16, triton.next_power_of_2(K)), BKS=_key_slice(K),
-                                               SUB=SUB, PRECISION=prec, FAST_RANGE=FAST_RANGE, num_warps=4)
+        BK = max(16, triton.next_power_of_2(K))
+        args = (q, w, gc, amat, tok_start, tok_stop, H)
+        _intra_gram_whole_kernel[(1, NC * H)](*args, K=K, C=C, BK=BK, BKS=min(32, _key_slice(K)), PRECISION=prec,
+                                              CHUNK_RANGE=CHUNK_RANGE, num_warps=4 if C <= 64 else 8, num_stages=2)
+        _intra_gram_kernel[(C // SUB, NC * H)](*args, K=K, C=C, BK=BK, BKS=_key_slice(K), SUB=SUB, PRECISION=prec,
+                                               FAST_RANGE=FAST_RANGE, CHUNK_RANGE=CHUNK_RANGE, num_warps=4)
     return amat
 
 
@@ -250,8 +373,16 @@ def intra_backward(q, w, gc, dA, dq32, dw32, tok_start, tok_stop, H: int, K: int
     dq, dw = torch.empty_like(q), torch.empty_like(w)
     NC = tok_start.numel()
     if NC:
-        BKS = _key_slice(K)
-        _intra_bwd_kernel[(C // SUB, NC * H, triton.cdiv(K, BKS))](
-            q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H, K=K, C=C, BKS=BKS, SUB=SUB, PRECISION=prec,
-            FAST_RANGE=FAST_RANGE, num_warps=4)
+        # one key slicing for both kernels (each (chunk, slice) is taken by exactly one of them: the
+        # whole-chunk one overwrites dq32 with λ); 32 keys (sm_90 compile at C = 64: 212 registers,
+        # where 64 spilled 416 B), SPP of them per sub-block program
+        BKS = min(32, _key_slice(K))
+        nks = triton.cdiv(K, BKS)
+        args = (q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H)
+        _intra_bwd_whole_kernel[(1, NC * H, nks)](*args, K=K, C=C, BKS=BKS, PRECISION=prec, CHUNK_RANGE=CHUNK_RANGE,
+                                                  num_warps=4 if C <= 64 else 8)
+        SPP = _key_slice(K) // BKS
+        _intra_bwd_kernel[(C // SUB, NC * H, triton.cdiv(nks, SPP))](
+            *args, K=K, C=C, BKS=BKS, SPP=SPP, SUB=SUB, PRECISION=prec, FAST_RANGE=FAST_RANGE,
+            CHUNK_RANGE=CHUNK_RANGE, num_warps=4)
     return dq, dw

@@ -43,13 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .perkey import FAST_RANGE, SUB, _block_rows, _chunk_program, _fast_block, _key_slice, _row_at
-
-#: largest ``max(−G[C/2 − 1], G[C/2 − 1] − G[last])`` over a chunk's keys for which its Grams (and
-#: their gradients) are factored whole around ``r = G[C/2 − 1]`` (:func:`_chunk_fast`): factors up to
-#: e^30, as :data:`.perkey.FAST_RANGE`; −1 turns the whole-chunk path off (tests)
-CHUNK_RANGE = 30.0
-
+from .perkey import (CHUNK_RANGE, FAST_RANGE, SUB, _block_rows, _chunk_fast, _chunk_program, _fast_block,
+                     _gram_chunk, _key_slice, _row_at)
 
 def pair_keys(K: int, C: int) -> int:
     """Keys per slice of the whole-chunk kernels (the Grams' dot loop, the backward's programs): 32
@@ -90,62 +85,6 @@ def _token(x, t0, n_tok, col, i_h, H, offs_k, K: tl.constexpr, PREV: tl.constexp
     if PREV:
         return tl.load(x + off - H * K, mask=ok & (offs_k * 0 + col >= 1), other=0.).to(tl.float32)
     return tl.load(x + off, mask=ok, other=0.).to(tl.float32)
-
-
-@triton.jit
-def _chunk_fast(gc, t0, n_tok, i_h, H, offs_k, K: tl.constexpr, C: tl.constexpr, CHUNK_RANGE: tl.constexpr):
-    """Whether one chunk's Grams can be factored whole around the reference ``r = G[C/2 − 1]``:
-    ``max_k max(−r, r − G[last]) ≤ CHUNK_RANGE``, so that every factor ``e^{G_t − r}``,
-    ``e^{G_prev,t − r}``, ``e^{r − G_s}`` is ≤ e^{CHUNK_RANGE} (G is non-increasing from 0)."""
-    r = _row_at(gc, t0, n_tok, C // 2 - 1, i_h, H, offs_k, K)
-    last = _row_at(gc, t0, n_tok, C - 1, i_h, H, offs_k, K)
-    return tl.max(tl.maximum(-r, r - last), axis=0) <= CHUNK_RANGE
-
-
-@triton.jit
-def _chunk_rows(x, gc, t0, n_tok, i_h, H, ks, K: tl.constexpr, C: tl.constexpr, PREV: tl.constexpr):
-    """The whole chunk's rows of x and G (G_prev with PREV) ``[C, BKS]`` fp32, keys ``ks``, 0 outside."""
-    offs_c = tl.arange(0, C)
-    off = ((t0 + offs_c)[:, None] * H + i_h) * K + ks[None, :]
-    m = (offs_c < n_tok)[:, None] & (ks < K)[None, :]
-    X = tl.load(x + off, mask=m, other=0.).to(tl.float32)
-    if PREV:
-        G = tl.load(gc + off - H * K, mask=m & (offs_c >= 1)[:, None], other=0.)
-    else:
-        G = tl.load(gc + off, mask=m, other=0.)
-    return X, G
-
-
-@triton.jit
-def _chunk_cols(x, gc, t0, n_tok, i_h, H, ks, r, K: tl.constexpr, C: tl.constexpr):
-    """``(x ⊙ e^{r − G})ᵀ`` ``[BKS, C]`` fp32 of the whole chunk, loaded transposed by pointer
-    arithmetic (never tl.trans), 0 outside."""
-    offs_c = tl.arange(0, C)
-    off = ((t0 + offs_c)[None, :] * H + i_h) * K + ks[:, None]
-    m = (ks < K)[:, None] & (offs_c < n_tok)[None, :]
-    e = tl.exp(r[:, None] - tl.load(gc + off, mask=m, other=0.))
-    return tl.load(x + off, mask=m, other=0.).to(tl.float32) * e
-
-
-@triton.jit
-def _gram_chunk(row, col, gc, out, t0, n_tok, i_h, H, PREV: tl.constexpr, K: tl.constexpr,
-                C: tl.constexpr, BKS: tl.constexpr, PRECISION: tl.constexpr):
-    """One Gram of a whole chunk, ``Σ_k row_tk col_sk e^{G(_prev)_tk − G_sk}`` masked (inclusive, strict
-    with PREV), ``[C, C]`` stored at out: one ``[C, C]`` dot per BKS keys around the chunk's
-    reference ``r = G[C/2 − 1]`` (:func:`_chunk_fast`)."""
-    offs_c = tl.arange(0, C)
-    acc = tl.zeros([C, C], dtype=tl.float32)
-    for kk in range(0, (K + BKS - 1) // BKS):
-        ks = kk * BKS + tl.arange(0, BKS)
-        r = _row_at(gc, t0, n_tok, C // 2 - 1, i_h, H, ks, K)
-        X, G = _chunk_rows(row, gc, t0, n_tok, i_h, H, ks, K, C, PREV)
-        acc += tl.dot(X * tl.exp(G - r[None, :]), _chunk_cols(col, gc, t0, n_tok, i_h, H, ks, r, K, C),
-                      input_precision=PRECISION)
-    if PREV:
-        keep = offs_c[:, None] > offs_c[None, :]
-    else:
-        keep = offs_c[:, None] >= offs_c[None, :]
-    tl.store(out + offs_c[:, None] * C + offs_c[None, :], tl.where(keep, acc, 0.))
 
 
 @triton.jit
