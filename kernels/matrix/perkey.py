@@ -23,14 +23,20 @@ the A below). What is here:
   ``max_k (G[16 i − 1] − G[16 i + 15])`` is at most :data:`FAST_RANGE` (their factor
   ``e^{r − G_s}`` is then ≤ e^{30}; GLA's log-sigmoid gates divided by 16 reach 30 over 16 tokens
   only with logits averaging below about −30); otherwise they
-  are summed exactly, one column at a time, with every exponent masked to ≤ 0;
+  are summed exactly, one column at a time, with every exponent masked to ≤ 0. A chunk whose decay
+  stays within :data:`CHUNK_RANGE` on either side of its middle row ``r = G[C/2 − 1]``
+  (:func:`_chunk_fast`) is instead made whole by :func:`_intra_gram_whole_kernel`, one ``[C, C]``
+  dot per 32 keys around r (:func:`_gram_chunk`, shared with :mod:`.perkey_pair`), and the sub-block
+  kernel's programs for it only check and leave;
 * :func:`_intra_bwd_kernel`: from ``dA = scale · (dO Uᵀ)`` (lower, inclusive; written by the
   dq/dw kernel) the intra-chunk parts of the gradients by the same factoring::
 
       dq_t += Σ_{s ≤ t} dA[t, s] w_s ⊙ e^{G_t − G_s},   dw_s += Σ_{t ≥ s} dA[t, s] q_t ⊙ e^{G_t − G_s}
 
   added to the inter-chunk parts (``scale · e^{G} ⊙ dO S_nᵀ`` and ``e^{γ − G} ⊙ U dS_{n+1}ᵀ``, fp32
-  from the dq/dw kernel), and the per-key decay term ``λ_{t,k} = q_tk dq_tk − w_tk dw_tk``.
+  from the dq/dw kernel), and the per-key decay term ``λ_{t,k} = q_tk dq_tk − w_tk dw_tk``;
+  :func:`_intra_bwd_whole_kernel` does the same for whole chunks (per 32-key slice, around the
+  chunk's middle row), the sub-block kernel for the slices it leaves.
 
 The decay gradient is the per-key form of :mod:`.fused_bwd`'s identity: rescaling each key row
 by e^{−Λ_{t,k}} removes the decay, so ∂L/∂g_{j,k} = Σ_{t ≥ j} λ_{t,k} within j's sequence,
