@@ -237,6 +237,16 @@ def _store_grads(q, w, a, b, dq32, db32, dq, dw, da, db, tile, m, dQ, dW, dA, dB
 
 
 @triton.jit
+def _two_grams(cc_nh, i, j, cc_offs, X, Y, d32, tile, m, e, C: tl.constexpr, PRECISION: tl.constexpr):
+    """``d32[tile] + e ⊙ (cc_i X + cc_j Y)`` ``[C, BKS]`` fp32, cc_i read at cc_offs (rows, or the
+    transpose); one accumulator through the two dots, one after the other (fewer operand buffers in
+    shared memory at once)."""
+    acc = tl.dot(tl.load(cc_nh + i * C * C + cc_offs), X, input_precision=PRECISION)
+    acc = tl.dot(tl.load(cc_nh + j * C * C + cc_offs), Y, acc, input_precision=PRECISION)
+    return tl.load(d32 + tile, mask=m, other=0.) + e * acc
+
+
+@triton.jit
 def _bwd_chunk(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db, nh, i_h, t0, n_tok, offs_k, H,
                K: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr):
     """The whole chunk's rows, keys offs_k, around ``r = G[C/2 − 1]`` (:func:`_chunk_fast`): with
@@ -256,22 +266,12 @@ def _bwd_chunk(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db, nh, i
     W_r = tl.load(w + tile, mask=m, other=0.).to(tl.float32) * e_col
     e_row = tl.exp(G - r[None, :])
     e_prev = tl.exp(tl.load(gc + tile - H * K, mask=m & (offs_c >= 1)[:, None], other=0.) - r[None, :])
-    # each gradient one accumulator through two dots, one after the other (fewer operand buffers in
-    # shared memory at once)
-    acc = tl.dot(tl.load(cc_nh + QA * C * C + cc_rows), A_r, input_precision=PRECISION)
-    acc = tl.dot(tl.load(cc_nh + QW * C * C + cc_rows), W_r, acc, input_precision=PRECISION)
-    dQ = tl.load(dq32 + tile, mask=m, other=0.) + e_row * acc
-    acc = tl.dot(tl.load(cc_nh + BA * C * C + cc_rows), A_r, input_precision=PRECISION)
-    acc = tl.dot(tl.load(cc_nh + BW * C * C + cc_rows), W_r, acc, input_precision=PRECISION)
-    dB = tl.load(db32 + tile, mask=m, other=0.) + e_prev * acc
+    dQ = _two_grams(cc_nh, QA, QW, cc_rows, A_r, W_r, dq32, tile, m, e_row, C, PRECISION)
+    dB = _two_grams(cc_nh, BA, BW, cc_rows, A_r, W_r, db32, tile, m, e_prev, C, PRECISION)
     Q_r = tl.load(q + tile, mask=m, other=0.).to(tl.float32) * e_row
     B_r = tl.load(b + tile, mask=m, other=0.).to(tl.float32) * e_prev
-    acc = tl.dot(tl.load(cc_nh + QA * C * C + cc_cols), Q_r, input_precision=PRECISION)
-    acc = tl.dot(tl.load(cc_nh + BA * C * C + cc_cols), B_r, acc, input_precision=PRECISION)
-    dA = tl.load(da32 + tile, mask=m, other=0.) + e_col * acc
-    acc = tl.dot(tl.load(cc_nh + QW * C * C + cc_cols), Q_r, input_precision=PRECISION)
-    acc = tl.dot(tl.load(cc_nh + BW * C * C + cc_cols), B_r, acc, input_precision=PRECISION)
-    dW = tl.load(dw32 + tile, mask=m, other=0.) + e_col * acc
+    dA = _two_grams(cc_nh, QA, BA, cc_cols, Q_r, B_r, da32, tile, m, e_col, C, PRECISION)
+    dW = _two_grams(cc_nh, QW, BW, cc_cols, Q_r, B_r, dw32, tile, m, e_col, C, PRECISION)
     _store_grads(q, w, a, b, dq32, db32, dq, dw, da, db, tile, m, dQ, dW, dA, dB)
 
 
