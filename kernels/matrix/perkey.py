@@ -248,7 +248,8 @@ def _intra_gram_block(q, w, gc, amat, nh, i_h, t0, n_tok, i_b, K: tl.constexpr, 
 def _intra_bwd_kernel(q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H,
                       K: tl.constexpr, C: tl.constexpr, BKS: tl.constexpr, SPP: tl.constexpr, SUB: tl.constexpr,
                       PRECISION: tl.constexpr, FAST_RANGE: tl.constexpr, CHUNK_RANGE: tl.constexpr):
-    """For the (chunk, key slice) pairs :func:`_intra_bwd_whole_kernel` leaves: rows of sub-block ``i = program_id(0)``, keys ``[j·BKS, (j + 1)·BKS)`` (``j = program_id(2)``)
+    """For the (chunk, key slice) pairs :func:`_intra_bwd_whole_kernel` leaves: rows of sub-block
+    ``i = program_id(0)``, key slices ``SPP·j … SPP·j + SPP − 1`` of BKS keys (``j = program_id(2)``)
     of one chunk × head (``program_id(1)``): dq, dw (intra parts from dA ``[NC, H, C, C]`` fp32,
     plus the inter parts read from dq32, dw32 ``[B·T, H, K]`` fp32), written to dq, dw in their
     dtype, and the decay term ``q ⊙ dq − w ⊙ dw`` written over dq32 (each program reads and
