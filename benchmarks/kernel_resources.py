@@ -89,8 +89,8 @@ def configs(K=128, V=128, C=64):
             yield ("fwd per-key cumsum", PK._cumsum_kernel, dict(K=K, C=C, BK=sh.BK), 4, True)
             # whole chunks (the benchmark's decays) and 16-row sub-blocks (the others)
             yield ("fwd per-key intra gram", PK._intra_gram_whole_kernel,
-                   dict(K=K, C=C, BK=sh.BK, BKS=min(32, PK._key_slice(K)), PRECISION="tf32",
-                        CHUNK_RANGE=PK.CHUNK_RANGE), 4, True)
+                   dict(K=K, C=C, BK=sh.BK, BKS=PK.whole_keys(K), PRECISION="tf32",
+                        CHUNK_RANGE=PK.CHUNK_RANGE), sh.warps_pair, True)
             yield ("fwd per-key intra gram, sub-blocks", PK._intra_gram_kernel,
                    dict(K=K, C=C, BK=sh.BK, BKS=PK._key_slice(K), SUB=PK.SUB, PRECISION="tf32",
                         FAST_RANGE=PK.FAST_RANGE, CHUNK_RANGE=PK.CHUNK_RANGE), 4, True)
@@ -102,9 +102,9 @@ def configs(K=128, V=128, C=64):
                    dict(d2, HAS_DFINAL=True, LOWRANK=False, BK=sh.BK, BV=sh.BV), sh.warps_seq, True)
             yield ("bwd dq dw per-key", FB._dqdw_bwd_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)
             yield ("bwd du per-key", FB._du_bwd_kernel, dict(d2, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, True)
-            bks = min(32, PK._key_slice(K))
+            bks = PK.whole_keys(K)
             yield ("bwd per-key intra", PK._intra_bwd_whole_kernel,
-                   dict(K=K, C=C, BKS=bks, PRECISION="tf32", CHUNK_RANGE=PK.CHUNK_RANGE), 4, True)
+                   dict(K=K, C=C, BKS=bks, PRECISION="tf32", CHUNK_RANGE=PK.CHUNK_RANGE), sh.warps_pair, True)
             yield ("bwd per-key intra, sub-blocks", PK._intra_bwd_kernel,
                    dict(K=K, C=C, BKS=bks, SPP=PK._key_slice(K) // bks, SUB=PK.SUB, PRECISION="tf32",
                         FAST_RANGE=PK.FAST_RANGE, CHUNK_RANGE=PK.CHUNK_RANGE), 4, True)

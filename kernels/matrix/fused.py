@@ -443,9 +443,9 @@ class LaunchShape:
         warps_seq, warps_state_lr, warps_out, warps_wy, warps_chunk, warps_rank1: num_warps of
             the sequential passes (the forward one with a low-rank part: warps_state_lr), the
             output kernel, the WY kernel, the rank-0 per-chunk backward kernels and
-            the rank-1 ones; warps_pair: :mod:`.perkey_pair`'s two whole-chunk kernels (Grams,
-            backward), stages_pair: the Grams' num_stages (2: half the shared memory of 3, sm_90
-            compile at C = 64).
+            the rank-1 ones; warps_pair: the whole-chunk per-key kernels' (:mod:`.perkey` and
+            :mod:`.perkey_pair`: Grams, backward), stages_pair: the pair Grams' num_stages (2: half
+            the shared memory of 3, sm_90 compile at C = 64).
 
     The values are what ``benchmarks/tune_fused.py`` measured fastest on an H100 at
     (8, 2048, 16, 128), bf16, C = 64 (one knob at a time, 2026-11-24): 4 warps beat 8 for every
@@ -682,7 +682,7 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
             amat = perkey_pair.pair_grams(q, w, a, b, g, tok_start, tok_stop, H, K, C, prec, shape.warps_pair,
                                           shape.stages_pair)
         else:
-            amat = perkey.intra_gram(q, w, g, tok_start, tok_stop, H, K, C, prec)
+            amat = perkey.intra_gram(q, w, g, tok_start, tok_stop, H, K, C, prec, shape.warps_pair)
 
     # The chunk-boundary states are stored in the inputs' dtype (bf16/fp16 inputs: half the bytes
     # of the largest tensors the forward writes and the backward reads, as FLA stores its h);

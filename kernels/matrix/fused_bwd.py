@@ -659,7 +659,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
                 BKS=BKS, BV=shape.BV_dqdw, PRECISION=prec, num_warps=shape.warps_chunk,
             )
             if pk and amat is None:
-                amat = perkey.intra_gram(q, w, g, lay.tok_start, lay.tok_stop, H, K, C, prec)
+                amat = perkey.intra_gram(q, w, g, lay.tok_start, lay.tok_stop, H, K, C, prec, shape.warps_pair)
             _du_bwd_kernel[(triton.cdiv(V, shape.BV_wide), NC * H)](
                 q, w, d_o, g if g is not None else dummy, dstates, du, amat if pk else dummy, lay.tok_start,
                 lay.tok_stop, scale,
@@ -667,7 +667,8 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
                 num_warps=shape.warps_chunk,
             )
             if pk:
-                dq, dw = perkey.intra_backward(q, w, g, dA, dq32, dw32, lay.tok_start, lay.tok_stop, H, K, C, prec)
+                dq, dw = perkey.intra_backward(q, w, g, dA, dq32, dw32, lay.tok_start, lay.tok_stop, H, K, C, prec,
+                                               shape.warps_pair)
         elif pk:
             dq.zero_(), dw.zero_(), du.zero_(), dq32.zero_()
     dg = None

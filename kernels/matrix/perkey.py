@@ -66,6 +66,12 @@ def _key_slice(K: int) -> int:
     return min(64, max(16, triton.next_power_of_2(K)))
 
 
+def whole_keys(K: int) -> int:
+    """Keys per slice of the whole-chunk kernels (the Gram's dot loop, the backward's programs):
+    32 (sm_90 compile of the intra backward at C = 64: 212 registers, where 64 keys spilled 416 B)."""
+    return min(32, _key_slice(K))
+
+
 @triton.jit
 def _cumsum_kernel(g, gc, tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
     """gc ``[B·T, H, K]`` fp32 = the inclusive cumulative sum of g ``[B·T, H, K]`` (any float dtype) within
@@ -89,6 +95,24 @@ def _block_rows(x, gc, t0, n_tok, i_b, i_h, H, offs_k, K: tl.constexpr, SUB: tl.
     off = ((t0 + rows)[:, None] * H + i_h) * K + offs_k[None, :]
     m = (rows < n_tok)[:, None] & (offs_k < K)[None, :]
     return tl.load(x + off, mask=m, other=0.).to(tl.float32), tl.load(gc + off, mask=m, other=0.), m
+
+
+@triton.jit
+def _prev_rows(gc, t0, n_tok, i_b, i_h, H, offs_k, K: tl.constexpr, SUB: tl.constexpr):
+    """G_prev of rows ``[i_b·SUB, (i_b + 1)·SUB)`` of one chunk ``[SUB, BK]``: G of the row before
+    (0 for the chunk's first row and outside the chunk)."""
+    rows = i_b * SUB + tl.arange(0, SUB)
+    off = ((t0 + rows - 1)[:, None] * H + i_h) * K + offs_k[None, :]
+    m = ((rows >= 1) & (rows < n_tok))[:, None] & (offs_k < K)[None, :]
+    return tl.load(gc + off, mask=m, other=0.)
+
+
+@triton.jit
+def _rows(x, gc, t0, n_tok, i_b, i_h, H, offs_k, K: tl.constexpr, SUB: tl.constexpr):
+    """:func:`_block_rows` without G and the mask (compiled Triton wants every name to
+    keep one type, so kernels do not unpack into a throwaway ``_``)."""
+    X, G, m = _block_rows(x, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
+    return X
 
 
 @triton.jit
@@ -130,20 +154,6 @@ def _chunk_fast(gc, t0, n_tok, i_h, H, offs_k, K: tl.constexpr, C: tl.constexpr,
 
 
 @triton.jit
-def _chunk_rows(x, gc, t0, n_tok, i_h, H, ks, K: tl.constexpr, C: tl.constexpr, PREV: tl.constexpr):
-    """The whole chunk's rows of x and G (G_prev with PREV) ``[C, BKS]`` fp32, keys ``ks``, 0 outside."""
-    offs_c = tl.arange(0, C)
-    off = ((t0 + offs_c)[:, None] * H + i_h) * K + ks[None, :]
-    m = (offs_c < n_tok)[:, None] & (ks < K)[None, :]
-    X = tl.load(x + off, mask=m, other=0.).to(tl.float32)
-    if PREV:
-        G = tl.load(gc + off - H * K, mask=m & (offs_c >= 1)[:, None], other=0.)
-    else:
-        G = tl.load(gc + off, mask=m, other=0.)
-    return X, G
-
-
-@triton.jit
 def _chunk_cols(x, gc, t0, n_tok, i_h, H, ks, r, K: tl.constexpr, C: tl.constexpr):
     """``(x ⊙ e^{r − G})ᵀ`` ``[BKS, C]`` fp32 of the whole chunk, loaded transposed by pointer
     arithmetic (never tl.trans), 0 outside."""
@@ -165,7 +175,9 @@ def _gram_chunk(row, col, gc, out, t0, n_tok, i_h, H, PREV: tl.constexpr, K: tl.
     for kk in range(0, (K + BKS - 1) // BKS):
         ks = kk * BKS + tl.arange(0, BKS)
         r = _row_at(gc, t0, n_tok, C // 2 - 1, i_h, H, ks, K)
-        X, G = _chunk_rows(row, gc, t0, n_tok, i_h, H, ks, K, C, PREV)
+        X, G, m = _block_rows(row, gc, t0, n_tok, 0, i_h, H, ks, K, C)
+        if PREV:
+            G = _prev_rows(gc, t0, n_tok, 0, i_h, H, ks, K, C)
         acc += tl.dot(X * tl.exp(G - r[None, :]), _chunk_cols(col, gc, t0, n_tok, i_h, H, ks, r, K, C),
                       input_precision=PRECISION)
     if PREV:
@@ -282,7 +294,7 @@ def _intra_bwd_whole_kernel(q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_sto
         dA_nh = dA + nh * C * C
         r = _row_at(gc, t0, n_tok, C // 2 - 1, i_h, H, offs_k, K)
         Q, G, m = _block_rows(q, gc, t0, n_tok, 0, i_h, H, offs_k, K, C)
-        W, G, m = _block_rows(w, gc, t0, n_tok, 0, i_h, H, offs_k, K, C)
+        W = _rows(w, gc, t0, n_tok, 0, i_h, H, offs_k, K, C)
         tile = ((t0 + offs_c)[:, None] * H + i_h) * K + offs_k[None, :]
         e_row = tl.exp(G - r[None, :])
         e_col = tl.exp(r[None, :] - G)
@@ -360,34 +372,35 @@ def chunk_cumsum(g: torch.Tensor, tok_start, tok_stop, H: int, K: int, C: int) -
     return gc
 
 
-def intra_gram(q, w, gc, tok_start, tok_stop, H: int, K: int, C: int, prec: str) -> torch.Tensor:
+def intra_gram(q, w, gc, tok_start, tok_stop, H: int, K: int, C: int, prec: str,
+               num_warps: int = 4) -> torch.Tensor:
     """A ``[NC, H, C, C]`` fp32 (module docstring), zeros above the diagonal."""
     NC = tok_start.numel()
     amat = torch.empty(NC, H, C, C, device=q.device, dtype=torch.float32)
     if NC:
         BK = max(16, triton.next_power_of_2(K))
         args = (q, w, gc, amat, tok_start, tok_stop, H)
-        _intra_gram_whole_kernel[(1, NC * H)](*args, K=K, C=C, BK=BK, BKS=min(32, _key_slice(K)), PRECISION=prec,
-                                              CHUNK_RANGE=CHUNK_RANGE, num_warps=4 if C <= 64 else 8, num_stages=2)
+        _intra_gram_whole_kernel[(1, NC * H)](*args, K=K, C=C, BK=BK, BKS=whole_keys(K), PRECISION=prec,
+                                              CHUNK_RANGE=CHUNK_RANGE, num_warps=num_warps, num_stages=2)
         _intra_gram_kernel[(C // SUB, NC * H)](*args, K=K, C=C, BK=BK, BKS=_key_slice(K), SUB=SUB, PRECISION=prec,
                                                FAST_RANGE=FAST_RANGE, CHUNK_RANGE=CHUNK_RANGE, num_warps=4)
     return amat
 
 
-def intra_backward(q, w, gc, dA, dq32, dw32, tok_start, tok_stop, H: int, K: int, C: int, prec: str):
+def intra_backward(q, w, gc, dA, dq32, dw32, tok_start, tok_stop, H: int, K: int, C: int, prec: str,
+                   num_warps: int = 4):
     """``(dq, dw)`` in q's and w's dtype; dq32 then holds the decay terms λ ``[B·T, H, K]`` fp32
     (:func:`_intra_bwd_kernel`)."""
     dq, dw = torch.empty_like(q), torch.empty_like(w)
     NC = tok_start.numel()
     if NC:
         # one key slicing for both kernels (each (chunk, slice) is taken by exactly one of them: the
-        # whole-chunk one overwrites dq32 with λ); 32 keys (sm_90 compile at C = 64: 212 registers,
-        # where 64 spilled 416 B), SPP of them per sub-block program
-        BKS = min(32, _key_slice(K))
+        # whole-chunk one overwrites dq32 with λ), SPP slices per sub-block program
+        BKS = whole_keys(K)
         nks = triton.cdiv(K, BKS)
         args = (q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H)
         _intra_bwd_whole_kernel[(1, NC * H, nks)](*args, K=K, C=C, BKS=BKS, PRECISION=prec, CHUNK_RANGE=CHUNK_RANGE,
-                                                  num_warps=4 if C <= 64 else 8)
+                                                  num_warps=num_warps)
         SPP = _key_slice(K) // BKS
         _intra_bwd_kernel[(C // SUB, NC * H, triton.cdiv(nks, SPP))](
             *args, K=K, C=C, BKS=BKS, SPP=SPP, SUB=SUB, PRECISION=prec, FAST_RANGE=FAST_RANGE,

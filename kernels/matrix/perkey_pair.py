@@ -44,35 +44,17 @@ import triton
 import triton.language as tl
 
 from .perkey import (CHUNK_RANGE, FAST_RANGE, SUB, _block_rows, _chunk_fast, _chunk_program, _fast_block,
-                     _gram_chunk, _key_slice, _row_at)
-
-def pair_keys(K: int, C: int) -> int:
-    """Keys per slice of the whole-chunk kernels (the Grams' dot loop, the backward's programs): 32
-    (16 at C = 128), so that a chunk's ``[C, BKS]`` fp32 operands stay in registers next to the
-    ``[C, C]`` accumulator or cc tile."""
-    return min(32 if C <= 64 else 16, _key_slice(K))
-
+                     _gram_chunk, _key_slice, _prev_rows, _row_at, _rows, whole_keys)
 
 #: index of each Gram in the ``[NC, H, 4, C, C]`` tensor (and of its gradient in kernel 2'a's cc)
 QA, QW, BA, BW = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 
 
-@triton.jit
-def _prev_rows(gc, t0, n_tok, i_b, i_h, H, offs_k, K: tl.constexpr, SUB: tl.constexpr):
-    """G_prev of rows ``[i_b·SUB, (i_b + 1)·SUB)`` of one chunk ``[SUB, BK]``: G of the row before
-    (0 for the chunk's first row and outside the chunk)."""
-    rows = i_b * SUB + tl.arange(0, SUB)
-    off = ((t0 + rows - 1)[:, None] * H + i_h) * K + offs_k[None, :]
-    m = ((rows >= 1) & (rows < n_tok))[:, None] & (offs_k < K)[None, :]
-    return tl.load(gc + off, mask=m, other=0.)
-
-
-@triton.jit
-def _rows(x, gc, t0, n_tok, i_b, i_h, H, offs_k, K: tl.constexpr, SUB: tl.constexpr):
-    """:func:`.perkey._block_rows` without G and the mask (compiled Triton wants every name to
-    keep one type, so kernels do not unpack into a throwaway ``_``)."""
-    X, G, m = _block_rows(x, gc, t0, n_tok, i_b, i_h, H, offs_k, K, SUB)
-    return X
+def pair_keys(K: int, C: int) -> int:
+    """Keys per slice of the whole-chunk pair kernels (the Grams' dot loop, the backward's
+    programs): :func:`.perkey.whole_keys`, and 16 at C = 128, so that a chunk's ``[C, BKS]`` fp32
+    operands stay in registers next to the ``[C, C]`` accumulator or cc tile."""
+    return whole_keys(K) if C <= 64 else min(16, whole_keys(K))
 
 
 @triton.jit
@@ -259,17 +241,16 @@ def _bwd_chunk(q, w, a, b, gc, cc, dq32, dw32, da32, db32, dq, dw, da, db, nh, i
     cc_cols = offs_c[None, :] * C + offs_c[:, None]            # the transpose, by pointer arithmetic
     r = _row_at(gc, t0, n_tok, C // 2 - 1, i_h, H, offs_k, K)
     tile = ((t0 + offs_c)[:, None] * H + i_h) * K + offs_k[None, :]
-    m = (offs_c < n_tok)[:, None] & (offs_k < K)[None, :]
-    G = tl.load(gc + tile, mask=m, other=0.)
+    A, G, m = _block_rows(a, gc, t0, n_tok, 0, i_h, H, offs_k, K, C)       # the whole chunk's rows
     e_col = tl.exp(r[None, :] - G)
-    A_r = tl.load(a + tile, mask=m, other=0.).to(tl.float32) * e_col
-    W_r = tl.load(w + tile, mask=m, other=0.).to(tl.float32) * e_col
+    A_r = A * e_col
+    W_r = _rows(w, gc, t0, n_tok, 0, i_h, H, offs_k, K, C) * e_col
     e_row = tl.exp(G - r[None, :])
-    e_prev = tl.exp(tl.load(gc + tile - H * K, mask=m & (offs_c >= 1)[:, None], other=0.) - r[None, :])
+    e_prev = tl.exp(_prev_rows(gc, t0, n_tok, 0, i_h, H, offs_k, K, C) - r[None, :])
     dQ = _two_grams(cc_nh, QA, QW, cc_rows, A_r, W_r, dq32, tile, m, e_row, C, PRECISION)
     dB = _two_grams(cc_nh, BA, BW, cc_rows, A_r, W_r, db32, tile, m, e_prev, C, PRECISION)
-    Q_r = tl.load(q + tile, mask=m, other=0.).to(tl.float32) * e_row
-    B_r = tl.load(b + tile, mask=m, other=0.).to(tl.float32) * e_prev
+    Q_r = _rows(q, gc, t0, n_tok, 0, i_h, H, offs_k, K, C) * e_row
+    B_r = _rows(b, gc, t0, n_tok, 0, i_h, H, offs_k, K, C) * e_prev
     dA = _two_grams(cc_nh, QA, BA, cc_cols, Q_r, B_r, da32, tile, m, e_col, C, PRECISION)
     dW = _two_grams(cc_nh, QW, BW, cc_cols, Q_r, B_r, dw32, tile, m, e_col, C, PRECISION)
     _store_grads(q, w, a, b, dq32, db32, dq, dw, da, db, tile, m, dQ, dW, dA, dB)
@@ -392,7 +373,7 @@ def pair_backward(q, w, a, b, gc, cc, d32, tok_start, tok_stop, H: int, K: int, 
         BKS = pair_keys(K, C)
         _pair_bwd_kernel[(1, NC * H, triton.cdiv(K, BKS))](*args, K=K, C=C, BKS=BKS, PRECISION=prec,
                                                            CHUNK_RANGE=CHUNK_RANGE, num_warps=num_warps)
-        SPP = max(1, _key_slice(K) // BKS)       # key slices of 64 per program, as the Grams' sub-blocks
+        SPP = _key_slice(K) // BKS       # key slices of 64 per program, as the Grams' sub-blocks
         _pair_bwd_block_kernel[(C // SUB, NC * H, triton.cdiv(triton.cdiv(K, BKS), SPP))](
             *args, K=K, C=C, BKS=BKS, SPP=SPP, SUB=SUB, PRECISION=prec, FAST_RANGE=FAST_RANGE,
             CHUNK_RANGE=CHUNK_RANGE, num_warps=4)
