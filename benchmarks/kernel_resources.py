@@ -35,6 +35,18 @@ TYPES = dict(BF16, dq32="*fp32", dw32="*fp32", da32="*fp32", db32="*fp32", tok_s
              NSEG="i32", SEG_L="i32")
 
 
+def segments(name, kernel, consts, warps, lowrank, K, V, walk=True):
+    """A sequential pass's launches: the whole walk (unless ``walk`` is False) and the two
+    segment walks of :mod:`olsm.kernels.matrix.split` (``OLSM_MATRIX_STATE=auto``: few programs),
+    with a pair also walking the segment's transition and in value blocks of 32 (the few-program
+    case, :func:`~olsm.kernels.matrix.fused.sequence_launch`)."""
+    if walk:
+        yield (name, kernel, consts, warps, True)
+    seg = dict(consts, SEG_L=8, SEG_W=V + K if lowrank else V, BV=32 if lowrank else consts["BV"])
+    yield (f"{name}, segments", kernel, dict(seg, SEG_EXT=lowrank), warps, True)
+    yield (f"{name}, segments restart", kernel, dict(seg, SEG_START=True), warps, True)
+
+
 def configs(K=128, V=128, C=64):
     """(name, kernel, constexprs, num_warps, default_path) for every launch the wrappers make,
     with their block sizes and warps from :func:`olsm.kernels.matrix.fused.launch_shape`."""
@@ -45,32 +57,22 @@ def configs(K=128, V=128, C=64):
         for lr in (False, True):
             tag = f"decay={decay} rank={int(lr)}"
             lowp = dict(LOWP=True) if not lr else {}    # storage-dtype dots (the default) apply without a pair
-            yield (f"fwd state {tag}", F._state_fwd_kernel,
-                   dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, **lowp),
-                   sh.warps_state_lr if lr else sh.warps_seq, True)
             yield (f"fwd output {tag}", F._output_fwd_kernel, dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out, **lowp),
                    sh.warps_out, True)
-            if not lr:   # the split passes (OLSM_MATRIX_STATE=auto: no decay, few programs; or =split)
-                yield (f"fwd state segments {tag}", F._state_fwd_kernel,
-                       dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, SEG_L=8, **lowp), sh.warps_seq, True)
-                yield (f"fwd state segments restart {tag}", F._state_fwd_kernel,
-                       dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, SEG_L=8, SEG_START=True, **lowp),
-                       sh.warps_seq, True)
-                yield (f"fwd split combine {tag}", SP._combine_kernel,
-                       dict(K=K, V=V, BK=sh.BK, BV=sh.BV, HAS_INIT=True, DECAY=decay), sh.warps_seq, True)
-                # OLSM_MATRIX_DOTS=fp32
+            fwd = dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, **lowp)
+            yield from segments(f"fwd state {tag}", F._state_fwd_kernel, fwd, sh.warps_state_lr if lr else sh.warps_seq,
+                                lr, K, V)
+            yield (f"fwd split combine {tag}", SP._combine_kernel,
+                   dict(K=K, V=V, BK=sh.BK, BV=32 if lr else sh.BV, HAS_INIT=True, DECAY=decay, MAT=lr),
+                   8 if lr else 4, True)
+            if not lr:   # OLSM_MATRIX_DOTS=fp32
                 yield (f"fwd state fp32 dots {tag}", F._state_fwd_kernel,
                        dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_seq, False)
                 yield (f"fwd output fp32 dots {tag}", F._output_fwd_kernel,
                        dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out), sh.warps_out, False)
-            yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel,
-                   dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV), sh.warps_seq, True)
-            if not lr:
-                yield (f"bwd dstate segments {tag}", FB._dstate_bwd_kernel,
-                       dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV, SEG_L=8), sh.warps_seq, True)
-                yield (f"bwd dstate segments restart {tag}", FB._dstate_bwd_kernel,
-                       dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV, SEG_L=8, SEG_START=True),
-                       sh.warps_seq, True)
+            bwd = dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV)
+            yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, sh.warps_seq, True)
+            yield from segments(f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, sh.warps_seq, lr, K, V, walk=False)
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False)
         yield (f"fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         yield (f"bwd dq dw decay={decay}", FB._dqdw_bwd_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)
@@ -94,12 +96,14 @@ def configs(K=128, V=128, C=64):
             yield ("fwd per-key intra gram, sub-blocks", PK._intra_gram_kernel,
                    dict(K=K, C=C, BK=sh.BK, BKS=PK._key_slice(K), SUB=PK.SUB, PRECISION="tf32",
                         FAST_RANGE=PK.FAST_RANGE, CHUNK_RANGE=PK.CHUNK_RANGE), 4, True)
-            yield ("fwd state per-key", F._state_fwd_kernel,
-                   dict(d2, LOWRANK=False, HAS_H0=True, BK=sh.BK, BV=sh.BV, LOWP=True), sh.warps_seq, True)
+            fwd = dict(d2, LOWRANK=False, HAS_H0=True, BK=sh.BK, BV=sh.BV, LOWP=True)
+            yield from segments("fwd state per-key", F._state_fwd_kernel, fwd, sh.warps_seq, False, K, V)
+            yield ("fwd split combine per-key", SP._combine_kernel,
+                   dict(K=K, V=V, BK=sh.BK, BV=sh.BV, HAS_INIT=True, DECAY=2), 4, True)
             yield ("fwd output per-key", F._output_fwd_kernel, dict(d2, LOWRANK=False, BK=sh.BK, BV=sh.BV_out, LOWP=True),
                    sh.warps_out, True)
-            yield ("bwd dstate per-key", FB._dstate_bwd_kernel,
-                   dict(d2, HAS_DFINAL=True, LOWRANK=False, BK=sh.BK, BV=sh.BV), sh.warps_seq, True)
+            yield from segments("bwd dstate per-key", FB._dstate_bwd_kernel,
+                                dict(d2, HAS_DFINAL=True, LOWRANK=False, BK=sh.BK, BV=sh.BV), sh.warps_seq, False, K, V)
             yield ("bwd dq dw per-key", FB._dqdw_bwd_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)
             yield ("bwd du per-key", FB._du_bwd_kernel, dict(d2, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, True)
             bks = PK.whole_keys(K)
@@ -121,12 +125,12 @@ def configs(K=128, V=128, C=64):
                    True)
             wy2 = F.wy_constexprs(sh, K, V, C, 2, "tf32", store_t=True)
             yield ("fwd wy per-key pair", F._wy_fwd_kernel, wy2, wy2.pop("num_warps"), True)
-            yield ("fwd state per-key pair", F._state_fwd_kernel,
-                   dict(d2, LOWRANK=True, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_state_lr, True)
+            yield from segments("fwd state per-key pair", F._state_fwd_kernel,
+                                dict(d2, LOWRANK=True, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_state_lr, True, K, V)
             yield ("fwd output per-key pair", F._output_fwd_kernel, dict(d2, LOWRANK=True, BK=sh.BK, BV=sh.BV_out),
                    sh.warps_out, True)
-            yield ("bwd dstate per-key pair", FB._dstate_bwd_kernel,
-                   dict(d2, HAS_DFINAL=True, LOWRANK=True, BK=sh.BK, BV=sh.BV), sh.warps_seq, True)
+            yield from segments("bwd dstate per-key pair", FB._dstate_bwd_kernel,
+                                dict(d2, HAS_DFINAL=True, LOWRANK=True, BK=sh.BK, BV=sh.BV), sh.warps_seq, True, K, V)
             yield ("bwd rank-1 cc per-key", FB._lowrank_cc_kernel, dict(d2, BK=sh.BK, BV=sh.BV_rank1),
                    sh.warps_rank1, True)
             yield ("bwd rank-1 dk per-key", FB._lowrank_dk_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_rank1),
@@ -147,11 +151,12 @@ def configs(K=128, V=128, C=64):
         wy = dict(F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False, delta=True, store_nu=True, load_t=True),
                   U_SCALE=True)
         yield (f"delta bwd wy+nu (recompute) decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), False)
-        yield (f"delta fwd state decay={decay}", F._state_fwd_kernel,
-               dict(d, LOWRANK=True, DELTA=True, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_state_lr, True)
-        yield (f"delta bwd dstate decay={decay}", FB._dstate_bwd_kernel,
-               dict(d, HAS_DFINAL=True, LOWRANK=True, LOWP=True, BK=sh.BK, BV=sh.BV), 8 if decay else sh.warps_seq,
-               True)
+        yield from segments(f"delta fwd state decay={decay}", F._state_fwd_kernel,
+                            dict(d, LOWRANK=True, DELTA=True, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_state_lr,
+                            True, K, V)
+        yield from segments(f"delta bwd dstate decay={decay}", FB._dstate_bwd_kernel,
+                            dict(d, HAS_DFINAL=True, LOWRANK=True, LOWP=True, BK=sh.BK, BV=sh.BV),
+                            8 if decay else sh.warps_seq, True, K, V)
         for lowp, default, dots in ((True, True, ""), (False, False, " fp32 dots")):
             yield (f"delta fwd output{dots} decay={decay}", F._output_fwd_kernel,
                    dict(d, LOWRANK=False, DELTA=True, BK=sh.BK, BV=sh.BV_out, LOWP=lowp), sh.warps_out, default)

@@ -183,6 +183,21 @@ def test_packed_sequences_with_an_empty_one(decay):
     check_delta(delta_inputs(3, T=61, N=4, decay=decay), cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("decay", [False, True])
+def test_state_passes_split_along_the_sequence(decay, monkeypatch):
+    # OLSM_MATRIX_STATE=split: the delta form's forward state pass and reverse pass cut into
+    # segments, each also walking its [K, K] transition (kernels/matrix/split.py); packed with an
+    # empty sequence, no initial state, strong decays, and the implicit normaliser
+    from test_triton_matrix import spy_split
+
+    ran = spy_split(monkeypatch)
+    check_delta(delta_inputs(31, T=150, H=2, decay=decay), chunk_size=16)
+    check_delta(delta_inputs(32, T=230, N=4, decay=decay, h0=False), cu_seqlens=(0, 20, 20, 211, 230))
+    check_delta(delta_inputs(33, T=300, H=1, decay=decay, strong=decay, kk_coef=True, K=16, V=12),
+                chunk_size=32, final=False)
+    assert ran == [True] * 6, ran
+
+
 @pytest.mark.parametrize("decay,chunk", [(False, 16), (True, 32)])
 def test_value_scale_in_kernel(decay, chunk):
     # u_scale: the written value s ⊙ u is formed in the kernels (DeltaNet's β v), gradient to s

@@ -380,28 +380,42 @@ def spy_split(monkeypatch):
     return ran
 
 
-@pytest.mark.parametrize("decay", ["none", "scalar"])
-def test_state_pass_split_along_the_sequence(decay, monkeypatch):
+SPLIT_CASES = [("none", "none"), ("scalar", "none"), ("key", "none"), ("none", "general"), ("scalar", "delta"),
+               ("key", "general")]
+
+
+@pytest.mark.parametrize("decay,lowrank", SPLIT_CASES, ids=[f"{d}-{r}" for d, r in SPLIT_CASES])
+def test_state_pass_split_along_the_sequence(decay, lowrank, monkeypatch):
     # OLSM_MATRIX_STATE=split (kernels/matrix/split.py): segments walked in parallel from zero,
     # joined sequentially, walked again from their true starts, in the forward state pass and the backward's
     # reverse pass; with and without an initial state, packed sequences of different lengths (an
-    # empty one), a strong decay, and no final state (no d_final)
+    # empty one), a strong decay, and no final state (no d_final). With a pair (fused path) the
+    # segments also walk their [K, K] transitions (SEG_EXT), the join multiplies by them; a per-key
+    # decay joins with a per-key total. K = 5 and V = 7 leave the transition's columns straddling
+    # a value block.
     ran = spy_split(monkeypatch)
-    check(make_inputs(41, B=2, T=150, H=2, decay=decay), chunk_size=16)
-    check(make_inputs(42, B=1, T=150, H=2, decay=decay, h0=False), chunk_size=16, final=False)
-    check(make_inputs(43, T=230, H=2, decay=decay, N=4), cu_seqlens=(0, 20, 20, 211, 230), chunk_size=16)
-    if decay == "scalar":
-        check(make_inputs(44, B=1, T=150, H=1, decay=decay, strong=True), chunk_size=16)
-    assert ran and all(ran) and len(ran) == 2 * (3 + (decay == "scalar")), ran    # forward and reverse pass
+    check(make_inputs(41, B=2, T=150, H=2, decay=decay, lowrank=lowrank), chunk_size=16)
+    check(make_inputs(42, B=1, T=150, H=2, decay=decay, lowrank=lowrank, h0=False), chunk_size=16, final=False)
+    check(make_inputs(43, T=230, H=2, decay=decay, lowrank=lowrank, N=4), cu_seqlens=(0, 20, 20, 211, 230),
+          chunk_size=16)
+    strong = decay != "none"
+    if strong:
+        check(make_inputs(44, B=1, T=150, H=1, decay=decay, lowrank=lowrank, strong=True), chunk_size=16)
+    assert ran and all(ran) and len(ran) == 2 * (3 + strong), ran    # forward and reverse pass
 
 
-def test_state_pass_auto_splits_only_few_programs_without_decay(monkeypatch):
+def test_state_pass_auto_splits_few_programs_unless_scalar_decay_alone(monkeypatch):
     # OLSM_MATRIX_STATE unset (auto): one head's long sequence (a few programs for 132 SMs) is
-    # split, with or without packing; with a decay, or with many programs, it is walked whole
+    # split, with or without packing, also with a pair or a per-key decay; with a scalar decay and
+    # no pair, or with many programs, it is walked whole
     ran = spy_split(monkeypatch)
     monkeypatch.delenv("OLSM_MATRIX_STATE")
     check(make_inputs(45, B=1, T=150, H=1, decay="none"), chunk_size=16)
     assert ran == [True, True], ran
+    ran.clear()
+    check(make_inputs(49, B=1, T=150, H=1, decay="key"), chunk_size=16)
+    check(make_inputs(50, B=1, T=150, H=1, decay="scalar", lowrank="delta"), chunk_size=16)
+    assert ran == [True] * 4, ran
     ran.clear()
     check(make_inputs(46, B=1, T=150, H=1, decay="scalar"), chunk_size=16)
     assert ran == [], ran

@@ -254,20 +254,44 @@ def test_chunk_delta_switches(switch, monkeypatch):
           + f" (pair dlog_decay={pair:.1e})")
 
 
-@pytest.mark.parametrize("name", ["linear_attention", "mamba2"])
+@pytest.mark.parametrize("name", ["linear_attention", "mamba2", "gla", "deltanet", "gated_deltanet", "dplr"])
 def test_split_state_pass(name, monkeypatch):
-    # OLSM_MATRIX_STATE=split: the rank-0 state and reverse passes cut into segments (few heads,
-    # long sequences: the case it is for), also packed
+    # OLSM_MATRIX_STATE=split: the state and reverse passes cut into segments (few heads, long
+    # sequences: the case it is for), also packed; with a pair the segments carry [K, K]
+    # transitions, with a per-key decay per-key totals (kernels/matrix/split.py)
     from test_triton_matrix import spy_split
 
     # split must be as accurate as the whole walk on the same inputs: in bf16 the decay gradient
     # of a 2943-token sequence is near 2e-2 either way (H200, run 9: 2.05e-2 split), so each
     # error is held to max(TOL, 1.25 x the walk's)
     ran = spy_split(monkeypatch)
-    for dtype, cu in ((torch.bfloat16, None), (torch.float32, None), (torch.bfloat16, (0, 57, 3000, 4000))):
+    T = 4000 if name in ("linear_attention", "mamba2") else 2000     # 32 chunks: 8 segments
+    for dtype, cu in ((torch.bfloat16, None), (torch.float32, None), (torch.bfloat16, (0, 57, T - 1000, T))):
         monkeypatch.setenv("OLSM_MATRIX_STATE", "walk")
-        walk = run_case(name, dtype, B=1, T=4000, H=2, K=128, V=128, cu_seqlens=cu, tols={"dlog_decay": 3e-2})
+        walk = run_case(name, dtype, B=1, T=T, H=2, K=128, V=128, cu_seqlens=cu, tols={"dlog_decay": 3e-2})
         monkeypatch.setenv("OLSM_MATRIX_STATE", "split")
-        run_case(name, dtype, B=1, T=4000, H=2, K=128, V=128, cu_seqlens=cu,
-                 tols={k: max(TOL[dtype], 1.25 * v) for k, v in walk.items()})
+        split = run_case(name, dtype, B=1, T=T, H=2, K=128, V=128, cu_seqlens=cu,
+                         tols={k: max(TOL[dtype], 1.25 * v) for k, v in walk.items()})
+        print(f"split {name} {dtype} cu={cu} " + " ".join(f"{k}={v:.1e}/{walk[k]:.1e}" for k, v in split.items()))
     assert ran == [True] * 6, ran
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_chunk_delta_split_state_pass(decay, monkeypatch):
+    # the delta form's state and reverse passes split (segments with [K, K] transitions), bf16
+    # and fp32, each error held to max(TOL, 1.25 x the whole walk's on the same inputs)
+    from test_triton_delta import check_delta, delta_inputs
+    from test_triton_matrix import spy_split
+
+    ran = spy_split(monkeypatch)
+    inputs = delta_inputs(5, B=1, T=3000, H=2, K=128, V=128, decay=decay, u_scale=True, device="cuda")
+    for dtype in (torch.bfloat16, torch.float32):
+        run = dict(dtype=dtype, tol=1.0, err=rel, device="cuda", scale=128 ** -0.5, chunk_size=64)
+        monkeypatch.setenv("OLSM_MATRIX_STATE", "walk")
+        walk = check_delta(inputs, **run)
+        monkeypatch.setenv("OLSM_MATRIX_STATE", "split")
+        split = check_delta(inputs, **dict(run, tol=TOL[dtype], tols={k: max(TOL[dtype], 1.25 * v)
+                                                                      for k, v in walk.items()}))
+        print(f"chunk_delta split decay={decay} {dtype} "
+              + " ".join(f"{k}={v:.1e}/{walk[k]:.1e}" for k, v in split.items()))
+    assert ran == [True] * 4, ran

@@ -53,6 +53,7 @@ from .fused import (
 )
 from .decay_grad import decay_gradient
 from .fused_bwd import _dqdw_bwd_kernel, _dstate_bwd_kernel
+from .split import walk_sequences
 from .tiles import chunk_decay, chunk_key_tiles
 
 
@@ -240,13 +241,14 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=No
     h0_ = None if h0 is None else h0.float().contiguous()
     gd = g if g is not None else u
     grid, BK_seq, BV = _sequence_launch(meta, shape, N, H, K, V, dev)
-    _launch_state(
-        grid, (k, k, u, gd, x_wy, y_wy, h0_ if h0_ is not None else u, states, nu, final, lay.tok_start,
-               lay.tok_stop, lay.chunk_offsets, H) + no_segments(u),
-        key=(K, V, C, "delta", decay, str(q.dtype)),
-        K=K, V=V, C=C, DECAY=decay, LOWRANK=True, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,
-        PRECISION=prec, DELTA=True, num_warps=shape.warps_state_lr,
-    )
+    key = (K, V, C, "delta", decay, str(q.dtype))
+    kw = dict(K=K, V=V, C=C, DECAY=decay, LOWRANK=True, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,
+              PRECISION=prec, DELTA=True, num_warps=shape.warps_state_lr)
+    walk_sequences(lambda grid_, args_, **extra: _launch_state(grid_, args_, key=key + tuple(extra.items()), **kw,
+                                                               **extra),
+                   grid, (k, k, u, gd, x_wy, y_wy, h0_ if h0_ is not None else u, states, nu, final, lay.tok_start,
+                          lay.tok_stop, lay.chunk_offsets, H) + no_segments(u),
+                   h0_, final, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev, lowrank=True)
     if NC > 0:
         _output_fwd_kernel[(_cdiv(V, shape.BV_out), NC * H)](
             q, k, k, u, gd, states, nu, o, u, lay.tok_start, lay.tok_stop, meta["scale"], H, K=K, V=V, C=C,
@@ -328,13 +330,15 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     dh0 = torch.empty(N, H, K, V, **f32)
     df = None if d_final is None else d_final.float().contiguous()
     grid, BK_seq, BV = _sequence_launch(meta, shape, N, H, K, V, dev)
-    _dstate_bwd_kernel[grid](
-        q, k, d_o, gd, x_wy, df if df is not None else u, dstates, dnu, dh0, lay.tok_start, lay.tok_stop,
-        lay.chunk_offsets, scale, u, H, *no_segments(u), K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None,
-        LOWRANK=True, BK=BK_seq, BV=BV, PRECISION=prec, LOWP=True,
-        # sm_90 compile, K = V = 128, bf16: with a decay 4 warps spill 488 B per thread, 8 warps 88
-        num_warps=shape.warps_seq if decay == 0 else 8,
-    )
+    kw = dict(K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None, LOWRANK=True, BK=BK_seq, BV=BV,
+              PRECISION=prec, LOWP=True,
+              # sm_90 compile, K = V = 128, bf16: with a decay 4 warps spill 488 B per thread, 8 warps 88
+              num_warps=shape.warps_seq if decay == 0 else 8)
+    walk_sequences(lambda grid_, args_, **extra: _dstate_bwd_kernel[grid_](*args_, **kw, **extra),
+                   grid, (q, k, d_o, gd, x_wy, df if df is not None else u, dstates, dnu, dh0, lay.tok_start,
+                          lay.tok_stop, lay.chunk_offsets, scale, u, H) + no_segments(u),
+                   df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev, reverse=True,
+                   lowrank=True)
     dq, dk, du = torch.empty_like(q), torch.empty_like(k), torch.empty_like(u)
     # the per-token fp32 buffers in one allocation: the gradients of c (, u_scale) (, kk_coef)
     # (neighbouring rows, so tied ones sum in one op), then with kk_coef the normalised c and d‖k‖²

@@ -44,7 +44,7 @@ from olsm.errors import BackendError
 from . import perkey, perkey_pair
 from .perkey_pair import BA, BW, QA, QW
 from .tiles import (
-    chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, store_segment_end,
+    chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, segment_start, store_segment_end,
     walk_program,
 )
 
@@ -262,6 +262,7 @@ def _state_fwd_kernel(
     DECAY: tl.constexpr, LOWRANK: tl.constexpr, HAS_H0: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr = False,
     LOWP: tl.constexpr = False, SEG_L: tl.constexpr = 0, SEG_START: tl.constexpr = False,
+    SEG_W: tl.constexpr = 0, SEG_EXT: tl.constexpr = False,
 ):
     """Sequential pass over one sequence × head × block of BV value columns (kernel 2); without a
     low-rank part the grid also splits K into blocks of BK (:func:`sequence_launch`). With DELTA
@@ -273,31 +274,39 @@ def _state_fwd_kernel(
     x_wy ``[NC, H, C, K]``, y_wy ``[NC, H, C, V]``; writes states ``[NC, H, K, V]`` (S_n, the
     state each chunk starts from), probes ``[NC, H, C, V]`` (P) and final ``[N, H, K, V]``.
 
-    SEG_L > 0 (no low-rank part; :mod:`.split`): the grid's first axis is segment × value block
-    and the program walks only segment j, chunks ``[j·SEG_L, (j + 1)·SEG_L)`` of its sequence.
-    Without SEG_START (split step 1) it walks from a zero state, stores no chunk states, and
-    writes the segment's end state to seg_end ``[N·H, NSEG, K, V]`` fp32 and (first value / key
-    block) its total log-decay to seg_g ``[N·H, NSEG]``. With SEG_START (step 3) it starts from
-    the segment's true start state, which the join left in seg_end, and stores the chunk states
-    as the single walk does. No final state either way (the join writes it).
+    SEG_L > 0 (:mod:`.split`): the grid's first axis is segment × value block and the program
+    walks only segment j, chunks ``[j·SEG_L, (j + 1)·SEG_L)`` of its sequence. Without SEG_START
+    (split step 1) it walks from a zero state, stores no chunk states or probes, and writes the
+    segment's end state to seg_end ``[N·H, NSEG, K, SEG_W]`` fp32 and (first value block) its
+    total log-decay to seg_g (``[N·H, NSEG]``, per key ``[N·H, NSEG, K]``). With a low-rank part
+    (SEG_EXT, SEG_W = V + K) the columns ``[V, V + K)`` walk the identity with no input, which
+    leaves the segment's transition (a product of ``γ I + Âᵀ X`` over its chunks) in seg_end
+    beside its end state. With SEG_START (step 3) it starts from the segment's true start state,
+    which the join left in seg_end, and stores the chunk states (and probes) as the single walk
+    does. No final state either way (the join writes it).
     """
-    i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v, mask_kv, kv, j, lead = walk_program(
-        chunk_offsets, H, K, V, BK, BV, SEG_L)
-    cum = tl.zeros([1], dtype=tl.float32)       # with SEG_L: log-decay from the segment's start
+    i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v, mask_kv, kv, kvs, j, lead = walk_program(
+        chunk_offsets, H, K, V, BK, BV, SEG_L, SEG_W, SEG_EXT)
+    mask_u = offs_v < V                         # the value columns (SEG_EXT walks more: .split)
+    store = SEG_L == 0 or SEG_START             # chunk states and probes (not in split step 1)
+    # with SEG_L: log-decay from the segment's start (per key: a [BK] vector)
+    if DECAY == 2:
+        cum = tl.zeros([BK], dtype=tl.float32)
+    else:
+        cum = tl.zeros([1], dtype=tl.float32)
 
     # dot operands: fp32 copies, or with DELTA / LOWP as stored (bf16/fp16 tensor-core dots for
     # half-precision inputs, as FLA's state pass; fp32 accumulators and S): half the registers and
     # MMA steps of tf32 on this latency-bound sequential path
     od = states.dtype.element_ty if (DELTA or LOWP) else tl.float32
-    S = tl.zeros([BK, BV], dtype=tl.float32)
+    S = segment_start(seg_end, i_nh, NSEG, j, kvs, mask_kv, offs_k, offs_v, K, V, BK, BV, SEG_W, SEG_START,
+                      SEG_EXT)
     if HAS_H0 and SEG_L == 0:
         S += tl.load(h0 + i_nh.to(tl.int64) * K * V + kv, mask=mask_kv, other=0.)
-    if SEG_START:
-        S += tl.load(seg_end + (i_nh.to(tl.int64) * NSEG + j) * K * V + kv, mask=mask_kv, other=0.)
 
     for c in range(c_start, c_end):
         nh = (c * H + i_h).to(tl.int64)
-        if SEG_L == 0 or SEG_START:
+        if store:
             tl.store(states + nh * K * V + kv, S.to(states.dtype.element_ty), mask=mask_kv)
         offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c, C)
         col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]
@@ -316,14 +325,15 @@ def _state_fwd_kernel(
             X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :], mask=mask_k[None, :], other=0.)
             P = tl.dot(X.to(od), S.to(od), input_precision=PRECISION)
             P += tl.load(y_wy + nh * C * V + offs_c[:, None] * V + offs_v[None, :],
-                         mask=mask_v[None, :], other=0.).to(tl.float32)
-            tl.store(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], P.to(probes.dtype.element_ty),
-                     mask=mask_v[None, :])
+                         mask=mask_u[None, :], other=0.).to(tl.float32)
+            if store:
+                tl.store(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :],
+                         P.to(probes.dtype.element_ty), mask=mask_v[None, :])
         if DELTA:
             S_next = tl.dot(W_T.to(od), P.to(od), input_precision=PRECISION)
         else:
             U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
-                        mask=valid[:, None] & mask_v[None, :], other=0.)                  # [C, BV]
+                        mask=valid[:, None] & mask_u[None, :], other=0.)                  # [C, BV]
             S_next = tl.dot(W_T.to(od), U.to(od), input_precision=PRECISION)
             if LOWRANK:
                 A_T = tl.load(a + col_k, mask=mask_col, other=0.).to(tl.float32)
@@ -338,13 +348,16 @@ def _state_fwd_kernel(
                 cum += g_total
         elif DECAY == 2:
             S_next += tl.exp(gam)[:, None] * S
+            if SEG_L > 0:
+                cum += gam
         else:
             S_next += S
         S = S_next
 
     if SEG_L > 0:
         if not SEG_START:
-            store_segment_end(seg_end, seg_g, i_nh, NSEG, j, S, cum, kv, mask_kv, lead, K, V)
+            store_segment_end(seg_end, seg_g, i_nh, NSEG, j, S, cum, kvs, mask_kv, lead, offs_k, mask_k, K, SEG_W,
+                              0 if SEG_EXT else DECAY)
     else:
         tl.store(final + i_nh.to(tl.int64) * K * V + kv, S, mask=mask_kv)
 
@@ -714,7 +727,7 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     walk_sequences(lambda grid_, args_, **extra: _launch_state(grid_, args_, key=key + tuple(extra.items()), **kw,
                                                                **extra),
                    grid, args, h0_, final, chunk_offsets, H, K, V, BK_seq, BV, decay, max_chunks, dev,
-                   may_split=R == 0 and decay != DECAY_PER_KEY)
+                   lowrank=R > 0)
     if NC > 0:
         BVO = shape.BV_out
         _output_fwd_kernel[(triton.cdiv(V, BVO), NC * H)](

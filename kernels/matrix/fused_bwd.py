@@ -54,7 +54,7 @@ from .decay_grad import decay_gradient, decay_gradient_per_key
 from .perkey_pair import BA, BW, QA, QW
 from .split import walk_sequences
 from .tiles import (
-    chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, kslice_program, store_segment_end,
+    chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, kslice_program, segment_start, store_segment_end,
     walk_program,
 )
 
@@ -66,6 +66,7 @@ def _dstate_bwd_kernel(
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, HAS_DFINAL: tl.constexpr,
     LOWRANK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
     LOWP: tl.constexpr = False, SEG_L: tl.constexpr = 0, SEG_START: tl.constexpr = False,
+    SEG_W: tl.constexpr = 0, SEG_EXT: tl.constexpr = False,
 ):
     """Kernel 1: one sequence × head × BV value columns (× a BK key block without a low-rank
     part, :func:`~.fused.sequence_launch`) walks its chunks backwards. LOWP (the delta form, with
@@ -77,32 +78,38 @@ def _dstate_bwd_kernel(
     DECAY = 2 (per key): g is the cumulative G ``[B·T, H, K]`` fp32 and, with LOWRANK, M_qa is read
     from amat, the four Grams ``[NC, H, 4, C, C]`` of :mod:`.perkey_pair`.
 
-    SEG_L > 0 (no low-rank part; :mod:`.split`, reversed): segment j of the sequence walked
-    backwards, as :func:`.fused._state_fwd_kernel`'s segments: without SEG_START from zero, to its
-    start's dS and total log-decay (seg_end, seg_g); with SEG_START from the true dS at its end
-    (left in seg_end by the join), storing dstates. dh0 is left to the join.
+    SEG_L > 0 (:mod:`.split`, reversed): segment j of the sequence walked backwards, as
+    :func:`.fused._state_fwd_kernel`'s segments: without SEG_START from zero, to its start's dS
+    and total log-decay (seg_end, seg_g), with a low-rank part (SEG_EXT) also its transposed
+    transition from the identity in the columns ``[V, V + K)``; with SEG_START from the true dS at
+    its end (left in seg_end by the join), storing dstates and dprobes. dh0 is left to the join.
     """
-    i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v, mask_kv, kv, j, lead = walk_program(
-        chunk_offsets, H, K, V, BK, BV, SEG_L)
-    cum = tl.zeros([1], dtype=tl.float32)       # with SEG_L: log-decay from the segment's end
+    i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v, mask_kv, kv, kvs, j, lead = walk_program(
+        chunk_offsets, H, K, V, BK, BV, SEG_L, SEG_W, SEG_EXT)
+    mask_u = offs_v < V                         # the value columns (SEG_EXT walks more: .split)
+    store = SEG_L == 0 or SEG_START             # dstates and dprobes (not in split step 1)
+    # with SEG_L: log-decay from the segment's end (per key: a [BK] vector)
+    if DECAY == 2:
+        cum = tl.zeros([BK], dtype=tl.float32)
+    else:
+        cum = tl.zeros([1], dtype=tl.float32)
 
     # dot operands: fp32 copies, or with LOWP as stored (dprobes' dtype: the inputs' for bf16/fp16)
     od = dprobes.dtype.element_ty if LOWP else tl.float32
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    dS = segment_start(seg_end, i_nh, NSEG, j, kvs, mask_kv, offs_k, offs_v, K, V, BK, BV, SEG_W, SEG_START,
+                       SEG_EXT)
     if HAS_DFINAL and SEG_L == 0:
         dS += tl.load(d_final + i_nh.to(tl.int64) * K * V + kv, mask=mask_kv, other=0.)
-    if SEG_START:
-        dS += tl.load(seg_end + (i_nh.to(tl.int64) * NSEG + j) * K * V + kv, mask=mask_kv, other=0.)
     for i in range(0, c_end - c_start):
         c = c_end - 1 - i
         nh = (c * H + i_h).to(tl.int64)
-        if SEG_L == 0 or SEG_START:
+        if store:
             tl.store(dstates + nh * K * V + kv, dS.to(dstates.dtype.element_ty), mask=mask_kv)
         offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c, C)
         Q_T = tl.load(q + (tok[None, :] * H + i_h) * K + offs_k[:, None],
                       mask=mask_k[:, None] & valid[None, :], other=0.)                  # [BK, C]
         dO = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :],
-                     mask=valid[:, None] & mask_v[None, :], other=0.).to(od)           # [C, BV]
+                     mask=valid[:, None] & mask_u[None, :], other=0.).to(od)           # [C, BV]
         if DECAY == 1:
             _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
         if DECAY == 2:
@@ -126,8 +133,9 @@ def _dstate_bwd_kernel(
                 M_T = tl.where(upper, M_T, 0.)
             dP = scale * tl.dot(M_T.to(od), dO, input_precision=PRECISION)
             dP += tl.dot(A.to(od), dS.to(od), input_precision=PRECISION)
-            tl.store(dprobes + nh * C * V + offs_c[:, None] * V + offs_v[None, :], dP.to(dprobes.dtype.element_ty),
-                     mask=mask_v[None, :])
+            if store:
+                tl.store(dprobes + nh * C * V + offs_c[:, None] * V + offs_v[None, :],
+                         dP.to(dprobes.dtype.element_ty), mask=mask_v[None, :])
             X_T = tl.load(x_wy + nh * C * K + offs_c[None, :] * K + offs_k[:, None],
                           mask=mask_k[:, None], other=0.)                               # [BK, C]
         if DECAY == 1:
@@ -140,12 +148,15 @@ def _dstate_bwd_kernel(
             Q_T = Q_T.to(tl.float32) * tl.exp(tl.load(g + (tok[None, :] * H + i_h) * K + offs_k[:, None],
                                                       mask=mask_k[:, None] & valid[None, :], other=0.))
             dS = tl.exp(gam)[:, None] * dS
+            if SEG_L > 0:
+                cum += gam
         dS += scale * tl.dot(Q_T.to(od), dO, input_precision=PRECISION)
         if LOWRANK:
             dS += tl.dot(X_T.to(od), dP.to(od), input_precision=PRECISION)
     if SEG_L > 0:
         if not SEG_START:
-            store_segment_end(seg_end, seg_g, i_nh, NSEG, j, dS, cum, kv, mask_kv, lead, K, V)
+            store_segment_end(seg_end, seg_g, i_nh, NSEG, j, dS, cum, kvs, mask_kv, lead, offs_k, mask_k, K, SEG_W,
+                              0 if SEG_EXT else DECAY)
     else:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + kv, dS, mask=mask_kv)
 
@@ -610,7 +621,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
               PRECISION=prec, num_warps=shape.warps_seq)
     walk_sequences(lambda grid_, args_, **extra: _dstate_bwd_kernel[grid_](*args_, **kw, **extra),
                    grid, args, df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev,
-                   reverse=True, may_split=R == 0 and decay != 2)
+                   reverse=True, lowrank=R > 0)
     dq, dw, du = torch.empty_like(q), torch.empty_like(w), torch.empty_like(u)
     da = db = None
     if R:

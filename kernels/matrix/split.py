@@ -39,16 +39,23 @@ from .fused import _sm_count, env_choice
 @triton.jit
 def _combine_kernel(seg_end, seg_g, init, out, chunk_offsets, H, NSEG, SEG_L,
                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    HAS_INIT: tl.constexpr, DECAY: tl.constexpr, REVERSE: tl.constexpr = False):
-    """Step 2 for one sequence × head × value block × key block: seg_end ``[N·H, NSEG, K, V]``
-    fp32 holds E_j on entry and Z_j on exit; Z starts from init ``[N, H, K, V]`` (h0; with
-    REVERSE, the reverse pass's d_final, segments taken last to first) and its last value goes to
-    out ``[N, H, K, V]`` fp32 (the final state; with REVERSE, dh0)."""
+                    HAS_INIT: tl.constexpr, DECAY: tl.constexpr, REVERSE: tl.constexpr = False,
+                    MAT: tl.constexpr = False, PRECISION: tl.constexpr = "tf32x3"):
+    """Step 2 for one sequence × head × value block × key block: seg_end ``[N·H, NSEG, K, W]``
+    fp32 holds E_j (its first V columns) on entry and Z_j on exit; Z starts from init
+    ``[N, H, K, V]`` (h0; with REVERSE, the reverse pass's d_final, segments taken last to first)
+    and its last value goes to out ``[N, H, K, V]`` fp32 (the final state; with REVERSE, dh0).
+    The segment's transition: e^{Γ_j} (DECAY = 1, seg_g ``[N·H, NSEG]``), diag(e^{Γ_j}) (DECAY =
+    2, seg_g ``[N·H, NSEG, K]``), or with MAT the ``[K, K]`` matrix T_j in seg_end's columns
+    ``[V, V + K)`` (W = V + K; one key block holds all of K), Z_{j+1} = T_j Z_j + E_j."""
+    W: tl.constexpr = V + K * MAT
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     offs_k = tl.program_id(2) * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
-    mask = (offs_k < K)[:, None] & (offs_v < V)[None, :]
+    mask_k = offs_k < K
+    mask = mask_k[:, None] & (offs_v < V)[None, :]
     kv = offs_k[:, None] * V + offs_v[None, :]
+    kvs = offs_k[:, None] * W + offs_v[None, :]
     n_seg = (tl.load(chunk_offsets + i_nh // H + 1) - tl.load(chunk_offsets + i_nh // H) + SEG_L - 1) // SEG_L
     Z = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_INIT:
@@ -56,10 +63,18 @@ def _combine_kernel(seg_end, seg_g, init, out, chunk_offsets, H, NSEG, SEG_L,
     for i in range(0, n_seg):
         j = n_seg - 1 - i if REVERSE else i
         slot = i_nh.to(tl.int64) * NSEG + j
-        E = tl.load(seg_end + slot * K * V + kv, mask=mask, other=0.)
-        tl.store(seg_end + slot * K * V + kv, Z, mask=mask)
-        if DECAY == 1:
+        E = tl.load(seg_end + slot * K * W + kvs, mask=mask, other=0.)
+        tl.store(seg_end + slot * K * W + kvs, Z, mask=mask)
+        if MAT:
+            T_j = tl.load(seg_end + slot * K * W + offs_k[:, None] * W + V + offs_k[None, :],
+                          mask=mask_k[:, None] & mask_k[None, :], other=0.)
+            # near-fp32 on tensor cores (three tf32 products): a handful of these per sequence, each
+            # feeding every later segment; "ieee" (FMA) compiled to 7 KB of spills per thread on sm_90
+            Z = tl.dot(T_j, Z, input_precision=PRECISION) + E
+        elif DECAY == 1:
             Z = tl.exp(tl.load(seg_g + slot)) * Z + E
+        elif DECAY == 2:
+            Z = tl.exp(tl.load(seg_g + slot * K + offs_k, mask=mask_k, other=0.))[:, None] * Z + E
         else:
             Z = Z + E
     tl.store(out + i_nh.to(tl.int64) * K * V + kv, Z, mask=mask)
@@ -75,13 +90,14 @@ def segment_length(programs: int, max_chunks: int, device) -> int:
 
 
 def split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV, decay, max_chunks,
-                     device, reverse=False):
+                     device, reverse=False, lowrank=False):
     """Steps 1–3 of the module docstring. ``launch(grid, args, **constexprs)`` runs the sequence
     kernel (:func:`.fused._state_fwd_kernel`, or with ``reverse`` the reverse pass
     :func:`.fused_bwd._dstate_bwd_kernel`) with ``args`` as for the single walk, ``args[-3:]``
     the segment arguments filled in here; ``grid`` is the single walk's. Step 3 writes the chunk
     states (S_n, or dS_{n+1}) where the single walk would; ``init`` (h0 or d_final, or None)
-    starts the join and ``out`` (final state or dh0) receives its end.
+    starts the join and ``out`` (final state or dh0) receives its end. ``lowrank``: the walk has
+    a low-rank part (one key block of all K), so step 1 also walks the transition (``SEG_EXT``).
 
     Returns:
         whether it ran (False: one segment would cover every sequence; the caller walks them whole).
@@ -91,29 +107,32 @@ def split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, 
     nseg = -(-max_chunks // L)
     if nseg <= 1:
         return False
+    W = V + K if lowrank else V
     f32 = dict(device=device, dtype=torch.float32)
-    seg_end = torch.empty(NH, nseg, K, V, **f32)
-    seg_g = torch.empty(NH, nseg, **f32)
+    seg_end = torch.empty(NH, nseg, K, W, **f32)
+    seg_g = torch.empty(NH, nseg, K if decay == 2 else 1, **f32)
     seg_args = args[:-3] + (seg_end, seg_g, nseg)
-    launch((nv * nseg, NH, nk), seg_args, SEG_L=L)
+    launch((triton.cdiv(W, BV) * nseg, NH, nk), seg_args, SEG_L=L, SEG_W=W, SEG_EXT=lowrank)
     _combine_kernel[(nv, NH, nk)](seg_end, seg_g, init if init is not None else seg_end, out, chunk_offsets, H, nseg,
                                   L, K=K, V=V, BK=BK, BV=BV, HAS_INIT=init is not None, DECAY=decay,
-                                  REVERSE=reverse)
-    launch((nv * nseg, NH, nk), seg_args, SEG_L=L, SEG_START=True)
+                                  REVERSE=reverse, MAT=lowrank, num_warps=8 if lowrank else 4)
+    launch((nv * nseg, NH, nk), seg_args, SEG_L=L, SEG_W=W, SEG_START=True)
     return True
 
 
 def walk_sequences(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV, decay, max_chunks,
-                   device, reverse=False, may_split=True):
+                   device, reverse=False, lowrank=False):
     """Run a sequential pass: split along the sequence (:func:`split_state_pass`) when
-    ``OLSM_MATRIX_STATE`` asks for it (module docstring), ``may_split`` allows it (no low-rank
-    part) and there is more than one segment; else one launch ``launch(grid, args)`` walking
-    whole sequences."""
+    ``OLSM_MATRIX_STATE`` asks for it (module docstring) and there is more than one segment;
+    else one launch ``launch(grid, args)`` walking whole sequences. ``lowrank``: the pass has a
+    low-rank part (its segments carry their ``[K, K]`` transitions)."""
     mode = env_choice("OLSM_MATRIX_STATE", ("auto", "walk", "split"))
     if mode == "auto":
-        mode = "split" if decay == 0 and grid[0] * grid[1] * grid[2] <= _sm_count(device) else "walk"
-    if may_split and mode == "split":
+        # a scalar decay without a pair walks whole (Mamba-2 was slower split in run 9, not understood)
+        few = grid[0] * grid[1] * grid[2] <= _sm_count(device)
+        mode = "split" if few and (decay != 1 or lowrank) else "walk"
+    if mode == "split":
         if split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV, decay,
-                            max_chunks, device, reverse):
+                            max_chunks, device, reverse, lowrank):
             return
     launch(grid, args)

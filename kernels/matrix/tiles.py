@@ -38,36 +38,62 @@ def sequence_program(chunk_offsets, H, K: tl.constexpr, V: tl.constexpr, BK: tl.
 
 @triton.jit
 def walk_program(chunk_offsets, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 SEG_L: tl.constexpr):
+                 SEG_L: tl.constexpr, SEG_W: tl.constexpr = 0, SEG_EXT: tl.constexpr = False):
     """The program of a sequential pass: :func:`sequence_program`'s outputs, then ``(mask_kv,
-    kv, j, lead)``: the [BK, BV] tile's mask and offsets, and with SEG_L > 0 (a grid
-    ``(segments · cdiv(V, BV), N·H, cdiv(K, BK))``, :mod:`.split`) the segment j it walks (chunks
-    ``[j·SEG_L, (j + 1)·SEG_L)`` of its sequence, which is the chunk range returned) and whether
-    this program (first value and key block) writes the segment's scalar; SEG_L = 0: the whole
-    sequence (j = 0)."""
+    kv, kvs, j, lead)``: the [BK, BV] tile's mask and offsets in a ``[.., K, V]`` state, its
+    offsets in a segment row of seg_end ``[.., K, SEG_W]``, and with SEG_L > 0 (a grid
+    ``(segments · cdiv(columns, BV), N·H, cdiv(K, BK))``, :mod:`.split`) the segment j it walks
+    (chunks ``[j·SEG_L, (j + 1)·SEG_L)`` of its sequence, which is the chunk range returned) and
+    its value block ``[1]`` int32 (the first writes the segment's log-decay);
+    SEG_L = 0: the whole sequence (j = 0). The columns are V, or with SEG_EXT V + K: the last K
+    are the columns of the segment's transition, walked from the identity (:mod:`.split`)."""
     i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v = sequence_program(chunk_offsets, H, K, V, BK, BV)
     j = 0
-    lead = tl.zeros([1], dtype=tl.int32) == 0
+    lead = tl.zeros([1], dtype=tl.int32)
+    kvs = offs_k[:, None] * V + offs_v[None, :]
     if SEG_L > 0:
-        NV: tl.constexpr = (V + BV - 1) // BV
+        NCOL: tl.constexpr = V + K * SEG_EXT
+        NV: tl.constexpr = (NCOL + BV - 1) // BV
         i_v = tl.program_id(0) % NV
         j = tl.program_id(0) // NV
         offs_v = i_v * BV + tl.arange(0, BV)
-        mask_v = offs_v < V
+        mask_v = offs_v < NCOL
         c_start = c_start + j * SEG_L
         c_end = tl.minimum(c_start + SEG_L, c_end)
-        lead = (tl.zeros([1], dtype=tl.int32) + i_v + tl.program_id(2)) == 0
+        lead += i_v
+        kvs = offs_k[:, None] * SEG_W + offs_v[None, :]
     return (i_nh, i_h, c_start, c_end, offs_k, mask_k, offs_v, mask_v, mask_k[:, None] & mask_v[None, :],
-            offs_k[:, None] * V + offs_v[None, :], j, lead)
+            offs_k[:, None] * V + offs_v[None, :], kvs, j, lead)
 
 
 @triton.jit
-def store_segment_end(seg_end, seg_g, i_nh, NSEG, j, S, cum, kv, mask_kv, lead, K: tl.constexpr, V: tl.constexpr):
-    """A segment walk's result: its end state ``S`` into seg_end ``[N·H, NSEG, K, V]`` and its
-    total log-decay ``cum`` into seg_g ``[N·H, NSEG]``."""
+def segment_start(seg_end, i_nh, NSEG, j, kvs, mask_kv, offs_k, offs_v, K: tl.constexpr, V: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, SEG_W: tl.constexpr, SEG_START: tl.constexpr,
+                  SEG_EXT: tl.constexpr):
+    """The state a segment walk starts from, ``[BK, BV]`` fp32: with SEG_START its true start,
+    which the join left in seg_end ``[N·H, NSEG, K, SEG_W]``; with SEG_EXT the identity in the
+    transition's columns ``[V, V + K)`` (zeros in the others); else zeros."""
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if SEG_START:
+        S += tl.load(seg_end + (i_nh.to(tl.int64) * NSEG + j) * K * SEG_W + kvs, mask=mask_kv, other=0.)
+    if SEG_EXT:
+        S += tl.where(offs_k[:, None] == offs_v[None, :] - V, 1., 0.)
+    return S
+
+
+@triton.jit
+def store_segment_end(seg_end, seg_g, i_nh, NSEG, j, S, cum, kvs, mask_kv, lead, offs_k, mask_k,
+                      K: tl.constexpr, SEG_W: tl.constexpr, GK: tl.constexpr):
+    """A segment walk's result: its end state ``S`` (with the transition's columns, if walked)
+    into seg_end ``[N·H, NSEG, K, SEG_W]`` and, from the first value block, its total log-decay
+    ``cum`` into seg_g: ``[N·H, NSEG]`` for a scalar decay (GK = 1), ``[N·H, NSEG, K]`` per key
+    (GK = 2; each key block its keys); GK = 0 stores none (no decay, or the transition walked)."""
     slot = i_nh.to(tl.int64) * NSEG + j
-    tl.store(seg_end + slot * K * V + kv, S, mask=mask_kv)
-    tl.store(seg_g + slot + tl.arange(0, 1), cum, mask=lead)
+    tl.store(seg_end + slot * K * SEG_W + kvs, S, mask=mask_kv)
+    if GK == 1:
+        tl.store(seg_g + slot + tl.arange(0, 1), cum, mask=(lead + tl.program_id(2)) == 0)
+    elif GK == 2:
+        tl.store(seg_g + slot * K + offs_k, cum, mask=mask_k & (lead == 0))
 
 
 #: lower bound put on every log-decay step before it is summed: e^{−100} is already below
