@@ -128,12 +128,13 @@ def io_bytes_fwd(name: str, B: int, T: int, E: int, elem: int = 2) -> int:
 
 # ------------------------------------------------------------------------------ runners
 def olsm_triton(rec, q, k, v, coefs, D, block_t=None, block_v=None, num_warps=None, prefetch=None,
-                max_registers=None, chunk_size=64, slab=None, slab_segments=None):
+                max_registers=None, chunk_size=64, slab=None, slab_segments=None, seq_split=None):
     from olsm.kernels.elementwise import elementwise_scan
 
     leaves = [q, k, v, D, *coefs.values()]
     opts = dict(scale=1.0, block_t=block_t, block_v=block_v, num_warps=num_warps, prefetch=prefetch,
-                max_registers=max_registers, chunk_size=chunk_size, slab=slab, slab_segments=slab_segments)
+                max_registers=max_registers, chunk_size=chunk_size, slab=slab, slab_segments=slab_segments,
+                seq_split=seq_split)
 
     def fwd():
         with torch.no_grad():
@@ -236,6 +237,16 @@ def checkpoint_note(T: int, E: int, slab, segments) -> str:
     return f"slab={cfg.slab}, C={cfg.C} ({stored} checkpoints/seq), slots={cfg.slots}, segments={cfg.segments}"
 
 
+def split_note(B: int, T: int, E: int) -> str:
+    """The default forward's split along the sequence at one shape."""
+    from olsm.kernels.elementwise.config import choose_config
+    from olsm.kernels.elementwise.scan import sequence_segments
+
+    cfg = choose_config(T, N_STATE, E, 64, torch.device("cuda"))
+    seg_t = sequence_segments(cfg, B, 1, E, T, torch.device("cuda"))
+    return f", forward split into {-(-T // seg_t)} segments of {seg_t}" if seg_t else ", forward not split"
+
+
 def swept_tiles(path: str, B: int, T: int):
     """``(block_t, block_v, num_warps, prefetch, max_registers)`` (forward, backward) pairs from a
     sweep's JSON for the nearest shape (a kernel the sweep left out keeps its default), or None."""
@@ -294,6 +305,9 @@ def main():
     ap.add_argument("--slabs", default="",
                     help="comma-separated backward slabs to also time: global, registers, registers:S "
                          "(S segments per checkpoint interval)")
+    ap.add_argument("--seq-splits", default="",
+                    help="comma-separated segment counts of the forward's split along the sequence "
+                         "also timed (olsm-triton-splitS; 1: no split; the plain row is the default)")
     ap.add_argument("--recurrences", default="longhorn_diag,mamba1", help="comma-separated subset to time")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--quick", action="store_true", help="first case only")
@@ -376,11 +390,14 @@ def main():
         q, k, v, coefs, D = make_inputs(name, B, T, E)
         floor = io_bytes_fwd(name, B, T, E) / (bw * 1e12) * 1e3
         base = dict(recurrence=name, d_model=d, E=E, B=B, T=T, io_floor_fwd_ms=floor)
-        measure(dict(base, impl="olsm-triton", note=checkpoint_note(T, E, None, None)),
+        measure(dict(base, impl="olsm-triton", note=checkpoint_note(T, E, None, None) + split_note(B, T, E)),
                 *olsm_triton(recs[name], q, k, v, coefs, D))
         for impl, slab, seg in variants:
             measure(dict(base, impl=impl, note=checkpoint_note(T, E, slab, seg)),
                     *olsm_triton(recs[name], q, k, v, coefs, D, slab=slab, slab_segments=seg))
+        for S in filter(None, args.seq_splits.split(",")):
+            measure(dict(base, impl=f"olsm-triton-split{int(S)}", note=f"seq_split={int(S)}"),
+                    *olsm_triton(recs[name], q, k, v, coefs, D, seq_split=int(S)))
         tiles = swept_tiles(args.tiles, B, T)
         if tiles is not None:
             measure(dict(base, impl="olsm-triton-swept",

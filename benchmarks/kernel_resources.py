@@ -37,14 +37,16 @@ TYPES = dict(BF16, dq32="*fp32", dw32="*fp32", da32="*fp32", db32="*fp32", tok_s
 
 def segments(name, kernel, consts, warps, lowrank, K, V, walk=True):
     """A sequential pass's launches: the whole walk (unless ``walk`` is False) and the two
-    segment walks of :mod:`olsm.kernels.matrix.split` (``OLSM_MATRIX_STATE=auto``: few programs),
-    with a pair also walking the segment's transition and in value blocks of 32 (the few-program
-    case, :func:`~olsm.kernels.matrix.fused.sequence_launch`)."""
+    segment walks of :mod:`olsm.kernels.matrix.split`, with a pair also walking the segment's
+    transition and in value blocks of 32 (the few-program case,
+    :func:`~olsm.kernels.matrix.fused.sequence_launch`). The segments are on the default path
+    (``OLSM_MATRIX_STATE=auto``, few programs) only without a decay or a pair."""
     if walk:
         yield (name, kernel, consts, warps, True)
     seg = dict(consts, SEG_L=8, SEG_W=V + K if lowrank else V, BV=32 if lowrank else consts["BV"])
-    yield (f"{name}, segments", kernel, dict(seg, SEG_EXT=lowrank), warps, True)
-    yield (f"{name}, segments restart", kernel, dict(seg, SEG_START=True), warps, True)
+    default = not lowrank and consts["DECAY"] == 0
+    yield (f"{name}, segments", kernel, dict(seg, SEG_EXT=lowrank), warps, default)
+    yield (f"{name}, segments restart", kernel, dict(seg, SEG_START=True), warps, default)
 
 
 def configs(K=128, V=128, C=64):
@@ -64,7 +66,7 @@ def configs(K=128, V=128, C=64):
                                 lr, K, V)
             yield (f"fwd split combine {tag}", SP._combine_kernel,
                    dict(K=K, V=V, BK=sh.BK, BV=32 if lr else sh.BV, HAS_INIT=True, DECAY=decay, MAT=lr),
-                   8 if lr else 4, True)
+                   8 if lr else 4, decay == 0 and not lr)
             if not lr:   # OLSM_MATRIX_DOTS=fp32
                 yield (f"fwd state fp32 dots {tag}", F._state_fwd_kernel,
                        dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_seq, False)
@@ -99,7 +101,7 @@ def configs(K=128, V=128, C=64):
             fwd = dict(d2, LOWRANK=False, HAS_H0=True, BK=sh.BK, BV=sh.BV, LOWP=True)
             yield from segments("fwd state per-key", F._state_fwd_kernel, fwd, sh.warps_seq, False, K, V)
             yield ("fwd split combine per-key", SP._combine_kernel,
-                   dict(K=K, V=V, BK=sh.BK, BV=sh.BV, HAS_INIT=True, DECAY=2), 4, True)
+                   dict(K=K, V=V, BK=sh.BK, BV=sh.BV, HAS_INIT=True, DECAY=2), 4, False)
             yield ("fwd output per-key", F._output_fwd_kernel, dict(d2, LOWRANK=False, BK=sh.BK, BV=sh.BV_out, LOWP=True),
                    sh.warps_out, True)
             yield from segments("bwd dstate per-key", FB._dstate_bwd_kernel,
@@ -188,8 +190,13 @@ def elementwise_configs(K=16, V=1536, C=64):
     for name, obj in (("longhorn_diag", longhorn_diag), ("mamba1", mamba1)):
         _, mod = compile_recurrence(olsm.derive(obj))
         t = cfg.fwd
-        yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}]", mod.fwd_kernel,
-               dict(sizes, BV=t.BV, BT=t.BT, HAS_H0=True, STORE_HT=False, STORE_CKPT=True), types, t.num_warps)
+        fwd = dict(sizes, BV=t.BV, BT=t.BT, HAS_H0=True, STORE_HT=False, STORE_CKPT=True)
+        yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}]", mod.fwd_kernel, fwd, types, t.num_warps)
+        # the split along the sequence (scan.sequence_segments: the default at few programs)
+        for phase in (1, 2):
+            yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}] split phase {phase}", mod.fwd_kernel,
+                   dict(fwd, SEG_T=2048, PHASE=phase, STORE_HT=True), dict(types, seg="*fp32", NSEG="i32"),
+                   t.num_warps)
         t = cfg.bwd
         yield (f"elementwise bwd {name} [{t.BT},{cfg.BK},{t.BV}]", mod.bwd_kernel,
                dict(sizes, BV=t.BV, BT=t.BT, NB_C=cfg.slots, HAS_DHT=False, STORE_DH0=True, SPLIT_V=True,

@@ -124,7 +124,7 @@ def make_inputs(name, B, T, H, K, V, *, seed=0, dtype=torch.float32, device=DEV)
 
 def run_both(name, B, T, H, K, V, *, h0=False, D=False, cu_seqlens=None, chunk_size=8,
              block_v=None, dtype=torch.float32, seed=0, scale=None, prefetch=None, block_t=None,
-             slab=None, slab_slots=None, slab_segments=None):
+             slab=None, slab_slots=None, slab_segments=None, seq_split=None):
     """Kernel (in ``dtype``) and float64 reference on the same inputs: outputs and grads."""
     rec = get_rec(name)
     q, k, v, coefs = make_inputs(name, B, T, H, K, V, seed=seed, dtype=dtype)
@@ -157,6 +157,7 @@ def run_both(name, B, T, H, K, V, *, h0=False, D=False, cu_seqlens=None, chunk_s
             kw["slab"] = slab
             kw["slab_slots"] = slab_slots
             kw["slab_segments"] = slab_segments
+            kw["seq_split"] = seq_split
         o, S = fn(rec, x["q"], x["k"], x["v"], c, **kw)
         loss = (o.double() * do.double()).sum() + (S.double() * dS.double()).sum()
         grads = torch.autograd.grad(loss, list(x.values()))
@@ -288,6 +289,38 @@ def test_register_slab_segments_varlen_user_objective():
     """Packed sequences (one empty) with segments: C = 16, h0 and D, every input kind."""
     check(*run_both("user", 1, 41, 1, 4, 3, h0=True, D=True, cu_seqlens=[0, 5, 5, 30, 41], seed=14,
                     slab="registers", slab_slots=2, slab_segments=2))
+
+
+# the forward split along the sequence (seq_split): every segment but the last walked from zero
+# for its gate product and end state, then every segment from its true start; the backward
+# restarts from the checkpoints the second walk stored
+
+
+def test_sequence_split_longhorn_diag_odd_T_initial_state_D():
+    """Three segments of 16 tokens (C = 8) over T = 45, the last one partial; h0, D."""
+    check(*run_both("longhorn_diag", 2, 45, 1, 8, 6, h0=True, D=True, seed=21, slab="registers", slab_slots=2,
+                    seq_split=3))
+
+
+def test_sequence_split_mamba1_value_tiles_more_segments_than_chunks():
+    """mamba1 with two value slices (the segment pairs are per slice); 4 segments asked of a
+    sequence of 2 chunks gives 2."""
+    check(*run_both("mamba1", 1, 13, 2, 4, 8, block_v=4, chunk_size=8, seed=22, seq_split=4))
+    check(*run_both("mamba1", 1, 40, 2, 4, 8, block_v=4, seed=23, slab="registers", slab_slots=2, seq_split=4))
+
+
+def test_sequence_split_varlen_user_objective():
+    """Packed sequences (one empty, one shorter than a segment) split: segments past a
+    sequence's end do nothing, each sequence's last segment writes its final state."""
+    check(*run_both("user", 1, 41, 1, 4, 3, h0=True, D=True, cu_seqlens=[0, 5, 5, 30, 41], seed=24,
+                    slab="registers", slab_slots=2, seq_split=3))
+
+
+def test_sequence_split_is_refused_below_one():
+    rec = get_rec("longhorn_diag")
+    q, k, v, coefs = make_inputs("longhorn_diag", 1, 8, 1, 4, 4)
+    with pytest.raises(InputError, match="seq_split"):
+        elementwise_scan(rec, q, k, v, coefs, seq_split=0)
 
 
 def test_varlen_user_objective_matches_separate_calls():
@@ -429,9 +462,28 @@ def test_gpu_paper_shapes(name, dtype):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_varlen_bf16():
+@pytest.mark.parametrize("seq_split", [None, 4])
+def test_gpu_varlen_bf16(seq_split):
+    # None: packed sequences are not split by default; 4: segments of 256 tokens
     got, ref = run_both("longhorn_diag", 1, 1000, 1, 16, 256, h0=True, D=True,
-                        cu_seqlens=[0, 100, 611, 1000], chunk_size=64, dtype=torch.bfloat16, seed=4)
+                        cu_seqlens=[0, 100, 611, 1000], chunk_size=64, dtype=torch.bfloat16, seed=4,
+                        seq_split=seq_split)
+    check(got, ref, tol=2e-2, gtol=5e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["longhorn_diag", "mamba1"])
+@pytest.mark.parametrize("seq_split", [1, None, 8])
+def test_gpu_sequence_split_paper_shape(name, seq_split):
+    """B = 2, T = 4000 at E = 1536: 384 forward programs, which the default splits (None)."""
+    from olsm.kernels.elementwise.scan import sequence_segments
+    from olsm.kernels.elementwise.config import choose_config
+
+    cfg = choose_config(4000, 16, 1536, 64, torch.device("cuda"))
+    assert sequence_segments(cfg, 2, 1, 1536, 4000, torch.device("cuda")) > 0     # the default splits here
+    got, ref = run_both(name, 2, 4000, 1, 16, 1536, h0=True, D=True, chunk_size=64, dtype=torch.bfloat16,
+                        seed=13, seq_split=seq_split)
     check(got, ref, tol=2e-2, gtol=5e-2)
 
 

@@ -404,20 +404,18 @@ def test_state_pass_split_along_the_sequence(decay, lowrank, monkeypatch):
     assert ran and all(ran) and len(ran) == 2 * (3 + strong), ran    # forward and reverse pass
 
 
-def test_state_pass_auto_splits_few_programs_unless_scalar_decay_alone(monkeypatch):
+def test_state_pass_auto_splits_only_few_programs_of_rank_0_without_decay(monkeypatch):
     # OLSM_MATRIX_STATE unset (auto): one head's long sequence (a few programs for 132 SMs) is
-    # split, with or without packing, also with a pair or a per-key decay; with a scalar decay and
-    # no pair, or with many programs, it is walked whole
+    # split, with or without packing; with a decay (scalar or per key), a pair, or many programs,
+    # it is walked whole (the split was slower or no faster there on an H200, run 13)
     ran = spy_split(monkeypatch)
     monkeypatch.delenv("OLSM_MATRIX_STATE")
     check(make_inputs(45, B=1, T=150, H=1, decay="none"), chunk_size=16)
     assert ran == [True, True], ran
     ran.clear()
-    check(make_inputs(49, B=1, T=150, H=1, decay="key"), chunk_size=16)
-    check(make_inputs(50, B=1, T=150, H=1, decay="scalar", lowrank="delta"), chunk_size=16)
-    assert ran == [True] * 4, ran
-    ran.clear()
     check(make_inputs(46, B=1, T=150, H=1, decay="scalar"), chunk_size=16)
+    check(make_inputs(49, B=1, T=150, H=1, decay="key"), chunk_size=16)
+    check(make_inputs(50, B=1, T=150, H=1, decay="none", lowrank="delta"), chunk_size=16)
     assert ran == [], ran
     split = importlib.import_module("olsm.kernels.matrix.split")
     monkeypatch.setattr(split, "_sm_count", lambda device: 3)      # 2 sequences x 2 heads: 4 programs

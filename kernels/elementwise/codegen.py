@@ -79,7 +79,7 @@ from .emit import (
 from .plan import Factor, Plan
 
 #: bump whenever the generated source changes for the same expressions
-GENERATOR_VERSION = "elementwise-6-regslab"
+GENERATOR_VERSION = "elementwise-7-seqsplit"
 
 #: default of the backward's ``SLAB_IN_REGS`` constexpr (the launcher always passes it and
 #: ``HAS_H0``; the defaults serve compiles that name only the older constexprs, e.g.
@@ -187,33 +187,59 @@ def _forward(src: Src, plan: Plan, depth: int, coef_args: str):
         f"{_SIZES}\n"
         "    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_CKPT: tl.constexpr,\n"
         "    HAS_D: tl.constexpr, IS_VARLEN: tl.constexpr,\n"
+        "    seg=None, NSEG=1, SEG_T: tl.constexpr = 0, PHASE: tl.constexpr = 0,\n"
         "):"
     )
     src.indent()
     src(
         '"""One program: one (sequence, head, BV-slice of V), all tokens in blocks of BT, each',
         "block one scan over its tokens. Every C tokens the state entering the chunk goes to",
-        '``ckpt`` for the backward."""',
+        "``ckpt`` for the backward.",
+        "",
+        "SEG_T > 0 (a multiple of C): the sequence split into segments of SEG_T tokens, the grid's",
+        "third axis the segment j. PHASE 1 walks segment j from zero and writes its gate product",
+        "and end state to seg ``[N·H, NV, NSEG, 2, BK, BV]`` fp32 (no outputs); PHASE 2 starts",
+        "segment j from its true state, h0 (or zeros) carried through the earlier segments'",
+        "(product, end state) pairs, and writes its outputs and checkpoints as the single walk",
+        '(the last segment the final state)."""',
         _HEAD,
     )
     emit_params(src, plan)
     src(
         "S = tl.full([BK, BV], 0.0, dtype=tl.float32)",
-        "if HAS_H0:",
+        "if HAS_H0 and PHASE != 1:",
         "    S = tl.load(h0 + i_bh.to(tl.int64) * K * V + o_state, mask=m_kv, other=0.0).to(tl.float32)",
         "if HAS_D:",
         "    d_j = tl.load(d_skip + i_h * V + j_v, mask=m_v, other=0.0).to(tl.float32)",
-        "n_blk = _cdiv(n_tok, BT)",
+        "t0 = bos",
+        "blk0 = 0  # blocks before this program's first, in its sequence (checkpoint numbering)",
+        "if SEG_T > 0:",
+        "    i_s = tl.program_id(2)",
+        "    t0 = bos + i_s * SEG_T",
+        "    blk0 = i_s * (SEG_T // BT)",
+        "    last = i_s == tl.maximum(_cdiv(n_tok, SEG_T), 1) - 1  # holds the final state",
+        "    eos = tl.minimum(eos, t0 + SEG_T)  # the block masks stop at the segment's end",
+        "    # the pairs of segment i: seg[(i_bh, i_v), i, 0] = gate product, [.., 1] = end state",
+        "    o_seg = seg + (i_bh * tl.num_programs(1) + i_v).to(tl.int64) * NSEG * 2 * BK * BV",
+        "    o_tile = n_k[:, None] * BV + tl.arange(0, BV)[None, :]",
+        "    if PHASE == 1:",
+        "        A = tl.full([BK, BV], 1.0, dtype=tl.float32)  # product of the gates so far",
+        "    else:",
+        "        for i in range(0, i_s):",
+        "            A_i = tl.load(o_seg + (2 * i) * BK * BV + o_tile)",
+        "            S = A_i * S + tl.load(o_seg + (2 * i + 1) * BK * BV + o_tile)",
+        "n_blk = _cdiv(tl.maximum(eos - t0, 0).to(tl.int32), BT)",
     )
-    loads.prologue(src, "bos", "BT", "n_blk")
+    loads.prologue(src, "t0", "BT", "n_blk")
     src("for i_blk in range(0, n_blk):")
     src.indent()
     src(
-        "t_blk = bos + i_blk * BT",
-        "if STORE_CKPT:",
+        "t_blk = t0 + i_blk * BT",
+        "if STORE_CKPT and PHASE != 1:",
         "    # the state entering chunk c > 0 (chunk 0 starts from h0 or zeros: not stored)",
-        "    if (i_blk % (C // BT) == 0) & (i_blk > 0):",
-        "        tl.store(ckpt + ((ck0 + i_blk // (C // BT) - 1) * H + i_h) * K * V + o_state, S, mask=m_kv)",
+        "    g_blk = blk0 + i_blk",
+        "    if (g_blk % (C // BT) == 0) & (g_blk > 0):",
+        "        tl.store(ckpt + ((ck0 + g_blk // (C // BT) - 1) * H + i_h) * K * V + o_state, S, mask=m_kv)",
     )
     loads.take(src, "t_blk", "BT", "i_blk", "n_blk")
     emit_block_masks(src, "t_blk")
@@ -221,13 +247,16 @@ def _forward(src: Src, plan: Plan, depth: int, coef_args: str):
     Coefficients(plan, with_partials=False).emit_values(src)
     src(
         "b = wk * wv + G * tl.where(r3 == 0, S[None, :, :], 0.0)  # entering state folded in",
-        "_, S3 = tl.associative_scan((G, b), 0, _affine)  # S3[r] = state after token r",
-        "o_b = _sum(S3 * q_c[:, :, None], 1) * scale",
-        "if HAS_D:",
-        "    o_b += d_j[None, :] * v_c",
+        "A3, S3 = tl.associative_scan((G, b), 0, _affine)  # S3[r] = state after token r",
+        "if PHASE == 1:",
+        "    A = A * _sum(tl.where(r3 == BT - 1, A3, -0.0), 0)",
+        "else:",
+        "    o_b = _sum(S3 * q_c[:, :, None], 1) * scale",
+        "    if HAS_D:",
+        "        o_b += d_j[None, :] * v_c",
     )
     addr, mask = tile_addr("o", "V", "tok", "m_t")
-    src(f"tl.store({addr}, o_b.to(o.dtype.element_ty), mask={mask})")
+    src(f"    tl.store({addr}, o_b.to(o.dtype.element_ty), mask={mask})")
     src(
         "# the last row (rows past the end carried the last token's state); the -0.0 filler",
         "# keeps the sum exact and lets the compiler drop the additions",
@@ -235,8 +264,15 @@ def _forward(src: Src, plan: Plan, depth: int, coef_args: str):
     )
     src.dedent()
     src(
-        "if STORE_HT:",
-        "    tl.store(ht + i_bh.to(tl.int64) * K * V + o_state, S, mask=m_kv)",
+        "if PHASE == 1:",
+        "    tl.store(o_seg + (2 * i_s) * BK * BV + o_tile, A)",
+        "    tl.store(o_seg + (2 * i_s + 1) * BK * BV + o_tile, S)",
+        "elif STORE_HT:",
+        "    if SEG_T > 0:",
+        "        if last:",
+        "            tl.store(ht + i_bh.to(tl.int64) * K * V + o_state, S, mask=m_kv)",
+        "    else:",
+        "        tl.store(ht + i_bh.to(tl.int64) * K * V + o_state, S, mask=m_kv)",
     )
     src.dedent()
     src("", "")

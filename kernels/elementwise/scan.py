@@ -124,11 +124,55 @@ def _chunk_offsets(cu_seqlens: torch.Tensor, C: int) -> torch.Tensor:
     return torch.cat([stored.new_zeros(1), stored.cumsum(0)[:-1]]).to(torch.int32)
 
 
+#: programs per SM the forward's split along the sequence aims at (one-warp programs of ~226
+#: registers: about 9 fit on an SM of the H200)
+SPLIT_PROGRAMS_PER_SM = 8
+
+
+def sequence_segments(cfg: Config, N: int, H: int, V: int, T: int, device, seq_split: Optional[int] = None,
+                      varlen: bool = False) -> int:
+    """Tokens per segment of the forward's split along the sequence (0: no split).
+
+    The forward walks each (sequence, head, value slice) in one program, a chain of T / BT
+    dependent block steps; with few of them (B = 2, T = 8192, E = 1536: 384 one-warp programs
+    on 132 SMs) the GPU idles. Cut into S segments of a whole number of checkpoint intervals,
+    the sequence is walked twice: every segment but the last from zero for its gate product
+    and end state, then every segment from its true start (h0 carried through the earlier
+    segments' pairs), storing outputs and checkpoints as one walk would (the backward is
+    unchanged). About (2S − 1) / S times the work on S times the programs.
+
+    Args:
+        cfg: the call's launch shape (C and the forward tile).
+        N, H, V, T: sequences, heads, value width, tokens per sequence (packed: the total).
+        device: where it runs (no split on the CPU interpreter unless asked).
+        seq_split: segments asked for (1: none); None: enough for
+            :data:`SPLIT_PROGRAMS_PER_SM` programs per SM, never with ``cu_seqlens``.
+        varlen: packed sequences (then T is the packed length, an upper bound).
+
+    Returns:
+        SEG_T, a multiple of ``cfg.C``, or 0.
+    """
+    if seq_split is not None:
+        if int(seq_split) < 1:
+            raise InputError(f"seq_split must be a positive number of segments, got {seq_split}")
+        nseg = int(seq_split)
+    elif varlen or device.type != "cuda" or interpreting():
+        return 0
+    else:
+        programs = N * H * -(-V // cfg.fwd.BV)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        nseg = -(-SPLIT_PROGRAMS_PER_SM * sms // programs)
+    nseg = min(nseg, -(-T // cfg.C))
+    if nseg <= 1:
+        return 0
+    return -(-(-(-T // nseg)) // cfg.C) * cfg.C
+
+
 class _ElementwiseScan(torch.autograd.Function):
     """Autograd wrapper: forward saves checkpoints, backward runs the reverse scan."""
 
     @staticmethod
-    def forward(ctx, plan, mod, cfg: Config, scale, output_final_state, need_ckpt, q, k, v,
+    def forward(ctx, plan, mod, cfg: Config, scale, output_final_state, need_ckpt, seg_t, q, k, v,
                 initial_state, D, cu_seqlens, *coefs):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         coefs = tuple(c.contiguous() for c in coefs)
@@ -150,20 +194,28 @@ class _ElementwiseScan(torch.autograd.Function):
         h0 = initial_state.contiguous() if initial_state is not None else None
         Dc = D.contiguous() if D is not None else None
         dummy = o
-        mod.fwd_kernel[(N * H, -(-V // tile.BV))](
-            q, k, v, o, *coefs,
-            Dc if Dc is not None else dummy,
-            h0 if h0 is not None else dummy,
-            ht if ht is not None else dummy,
-            ckpt if ckpt is not None else dummy,
-            cu_seqlens if cu_seqlens is not None else dummy,
-            chunk_offsets if chunk_offsets is not None else dummy,
-            float(scale), T,
-            H=H, K=K, V=V, BK=cfg.BK, BV=tile.BV, BT=tile.BT, C=cfg.C,
-            HAS_H0=h0 is not None, STORE_HT=ht is not None, STORE_CKPT=ckpt is not None,
-            HAS_D=Dc is not None, IS_VARLEN=cu_seqlens is not None,
-            **tile.launch_options(),
-        )
+        NV = -(-V // tile.BV)
+        args = (q, k, v, o, *coefs,
+                Dc if Dc is not None else dummy,
+                h0 if h0 is not None else dummy,
+                ht if ht is not None else dummy,
+                ckpt if ckpt is not None else dummy,
+                cu_seqlens if cu_seqlens is not None else dummy,
+                chunk_offsets if chunk_offsets is not None else dummy,
+                float(scale), T)
+        kw = dict(H=H, K=K, V=V, BK=cfg.BK, BV=tile.BV, BT=tile.BT, C=cfg.C,
+                  HAS_H0=h0 is not None, STORE_HT=ht is not None, STORE_CKPT=ckpt is not None,
+                  HAS_D=Dc is not None, IS_VARLEN=cu_seqlens is not None, **tile.launch_options())
+        nseg = -(-T // seg_t) if seg_t else 1
+        if nseg > 1:
+            # split along the sequence (:func:`sequence_segments`): every segment but the last
+            # walked from zero for its (gate product, end state), then every segment from its
+            # true start state, storing outputs and checkpoints as the single walk does
+            seg = torch.empty(N * H * NV * nseg * 2 * cfg.BK * tile.BV, **f32)
+            mod.fwd_kernel[(N * H, NV, nseg - 1)](*args, seg=seg, NSEG=nseg, SEG_T=seg_t, PHASE=1, **kw)
+            mod.fwd_kernel[(N * H, NV, nseg)](*args, seg=seg, NSEG=nseg, SEG_T=seg_t, PHASE=2, **kw)
+        else:
+            mod.fwd_kernel[(N * H, NV)](*args, **kw)
         if need_ckpt:
             ctx.save_for_backward(q, k, v, Dc, h0, cu_seqlens, chunk_offsets, ckpt, *coefs)
             ctx.meta = (plan, mod, cfg, float(scale), h0 is not None, N)
@@ -240,7 +292,7 @@ class _ElementwiseScan(torch.autograd.Function):
             dcoefs.append(g.reshape(c.shape).to(dt))
         dh0 = dh0.to(ctx.state_dtype) if dh0 is not None else None
         dD = dD.sum(0).to(ctx.D_dtype) if dD is not None else None
-        return (None, None, None, None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv, dh0, dD,
+        return (None, None, None, None, None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv, dh0, dD,
                 None, *dcoefs)
 
 
@@ -265,6 +317,7 @@ def elementwise_scan(
     slab: Optional[str] = None,
     slab_slots: Optional[int] = None,
     slab_segments: Optional[int] = None,
+    seq_split: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run an elementwise-gate recurrence with a generated block-parallel Triton scan.
 
@@ -300,6 +353,9 @@ def elementwise_scan(
         slab_segments: register slab only: segments per checkpoint interval (a power of two,
             default 1): ``C = BT · slab_slots · slab_segments``; above 1 the backward replays
             each chunk twice (fewer checkpoints for one more forward pass).
+        seq_split: segments the forward cuts each sequence into (walked in parallel, then
+            again from their true start states; :func:`sequence_segments`); None: as many as
+            fill the GPU when few programs walk whole sequences, 1: never.
 
     Returns:
         ``(o [B, T, H, V] in q's dtype, S [N, H, K, V] float32 or None)``. Differentiable with
@@ -314,8 +370,9 @@ def elementwise_scan(
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    seg_t = sequence_segments(cfg, N, H, V, T, q.device, seq_split, varlen=cu_seqlens is not None)
     return _ElementwiseScan.apply(
-        plan, mod, cfg, scale, output_final_state, need, q, k, v, initial_state, D, cu_seqlens,
+        plan, mod, cfg, scale, output_final_state, need, seg_t, q, k, v, initial_state, D, cu_seqlens,
         *coef_list,
     )
 

@@ -82,10 +82,12 @@ def _combine_kernel(seg_end, seg_g, init, out, chunk_offsets, H, NSEG, SEG_L,
 
 def segment_length(programs: int, max_chunks: int, device) -> int:
     """Chunks per segment: the whole sequence when its programs already fill the GPU, else short
-    enough that the segment walks have about four programs per SM (at least 4 chunks each)."""
+    enough that the segment walks have about ``OLSM_MATRIX_SPLIT_PER_SM`` (default 4) programs
+    per SM (at least 4 chunks each)."""
     if max_chunks <= 4:
         return max(max_chunks, 1)
-    nseg = max(1, min(max_chunks // 4, -(-4 * _sm_count(device) // max(programs, 1))))
+    per_sm = int(env_choice("OLSM_MATRIX_SPLIT_PER_SM", ("4", "1", "2", "8")))
+    nseg = max(1, min(max_chunks // 4, -(-per_sm * _sm_count(device) // max(programs, 1))))
     return -(-max_chunks // nseg)
 
 
@@ -128,9 +130,11 @@ def walk_sequences(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV
     low-rank part (its segments carry their ``[K, K]`` transitions)."""
     mode = env_choice("OLSM_MATRIX_STATE", ("auto", "walk", "split"))
     if mode == "auto":
-        # a scalar decay without a pair walks whole (Mamba-2 was slower split in run 9, not understood)
+        # only rank 0 without decay: Mamba-2 was slower split in run 9 (not understood), and with a
+        # pair or a per-key decay the split was slower or within 6 % on an H200 (run 13,
+        # benchmarks/README.md): the transition's columns and the re-walk re-read X and W
         few = grid[0] * grid[1] * grid[2] <= _sm_count(device)
-        mode = "split" if few and (decay != 1 or lowrank) else "walk"
+        mode = "split" if few and decay == 0 and not lowrank else "walk"
     if mode == "split":
         if split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV, decay,
                             max_chunks, device, reverse, lowrank):
