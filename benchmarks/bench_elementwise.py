@@ -237,16 +237,6 @@ def checkpoint_note(T: int, E: int, slab, segments) -> str:
     return f"slab={cfg.slab}, C={cfg.C} ({stored} checkpoints/seq), slots={cfg.slots}, segments={cfg.segments}"
 
 
-def split_note(B: int, T: int, E: int) -> str:
-    """The default forward's split along the sequence at one shape."""
-    from olsm.kernels.elementwise.config import choose_config
-    from olsm.kernels.elementwise.scan import sequence_segments
-
-    cfg = choose_config(T, N_STATE, E, 64, torch.device("cuda"))
-    seg_t = sequence_segments(cfg, B, 1, E, T, torch.device("cuda"))
-    return f", forward split into {-(-T // seg_t)} segments of {seg_t}" if seg_t else ", forward not split"
-
-
 def swept_tiles(path: str, B: int, T: int):
     """``(block_t, block_v, num_warps, prefetch, max_registers)`` (forward, backward) pairs from a
     sweep's JSON for the nearest shape (a kernel the sweep left out keeps its default), or None."""
@@ -390,7 +380,7 @@ def main():
         q, k, v, coefs, D = make_inputs(name, B, T, E)
         floor = io_bytes_fwd(name, B, T, E) / (bw * 1e12) * 1e3
         base = dict(recurrence=name, d_model=d, E=E, B=B, T=T, io_floor_fwd_ms=floor)
-        measure(dict(base, impl="olsm-triton", note=checkpoint_note(T, E, None, None) + split_note(B, T, E)),
+        measure(dict(base, impl="olsm-triton", note=checkpoint_note(T, E, None, None)),
                 *olsm_triton(recs[name], q, k, v, coefs, D))
         for impl, slab, seg in variants:
             measure(dict(base, impl=impl, note=checkpoint_note(T, E, slab, seg)),

@@ -192,9 +192,9 @@ def elementwise_configs(K=16, V=1536, C=64):
         t = cfg.fwd
         fwd = dict(sizes, BV=t.BV, BT=t.BT, HAS_H0=True, STORE_HT=False, STORE_CKPT=True)
         yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}]", mod.fwd_kernel, fwd, types, t.num_warps)
-        # the split along the sequence (scan.sequence_segments: the default at few programs)
+        # the split along the sequence (opt-in: elementwise_scan(..., seq_split=S), scan.sequence_segments)
         for phase in (1, 2):
-            yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}] split phase {phase}", mod.fwd_kernel,
+            yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}] split phase {phase} (opt-in)", mod.fwd_kernel,
                    dict(fwd, SEG_T=2048, PHASE=phase, STORE_HT=True), dict(types, seg="*fp32", NSEG="i32"),
                    t.num_warps)
         t = cfg.bwd

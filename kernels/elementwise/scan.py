@@ -124,45 +124,35 @@ def _chunk_offsets(cu_seqlens: torch.Tensor, C: int) -> torch.Tensor:
     return torch.cat([stored.new_zeros(1), stored.cumsum(0)[:-1]]).to(torch.int32)
 
 
-#: programs per SM the forward's split along the sequence aims at (one-warp programs of ~226
-#: registers: about 9 fit on an SM of the H200)
-SPLIT_PROGRAMS_PER_SM = 8
-
-
-def sequence_segments(cfg: Config, N: int, H: int, V: int, T: int, device, seq_split: Optional[int] = None,
-                      varlen: bool = False) -> int:
+def sequence_segments(cfg: Config, T: int, seq_split: Optional[int] = None) -> int:
     """Tokens per segment of the forward's split along the sequence (0: no split).
 
     The forward walks each (sequence, head, value slice) in one program, a chain of T / BT
-    dependent block steps; with few of them (B = 2, T = 8192, E = 1536: 384 one-warp programs
-    on 132 SMs) the GPU idles. Cut into S segments of a whole number of checkpoint intervals,
-    the sequence is walked twice: every segment but the last from zero for its gate product
-    and end state, then every segment from its true start (h0 carried through the earlier
+    dependent block steps. Cut into S segments of a whole number of checkpoint intervals, the
+    sequence is walked twice: every segment but the last from zero for its gate product and
+    end state, then every segment from its true start (h0 carried through the earlier
     segments' pairs), storing outputs and checkpoints as one walk would (the backward is
-    unchanged). About (2S − 1) / S times the work on S times the programs.
+    unchanged): about (2S − 1) / S times the work on S times the programs.
+
+    Opt-in: on an H200 (run 13, ``benchmarks/results/elementwise_split_h200.md``) three segments
+    at B = 2, T = 8192, E = 1536 (384 one-warp programs) left the forward where it was (mamba1
+    0.716 vs 0.717 ms unsplit): the single walk is not short of programs there, it runs at the
+    throughput B = 8 reaches, and the split's extra pass costs what its parallelism gains.
 
     Args:
-        cfg: the call's launch shape (C and the forward tile).
-        N, H, V, T: sequences, heads, value width, tokens per sequence (packed: the total).
-        device: where it runs (no split on the CPU interpreter unless asked).
-        seq_split: segments asked for (1: none); None: enough for
-            :data:`SPLIT_PROGRAMS_PER_SM` programs per SM, never with ``cu_seqlens``.
-        varlen: packed sequences (then T is the packed length, an upper bound).
+        cfg: the call's launch shape (its checkpoint interval C).
+        T: tokens per sequence (packed sequences: the packed length, an upper bound; segments
+            past a sequence's end do nothing).
+        seq_split: segments asked for; None or 1: none.
 
     Returns:
         SEG_T, a multiple of ``cfg.C``, or 0.
     """
-    if seq_split is not None:
-        if int(seq_split) < 1:
-            raise InputError(f"seq_split must be a positive number of segments, got {seq_split}")
-        nseg = int(seq_split)
-    elif varlen or device.type != "cuda" or interpreting():
+    if seq_split is None:
         return 0
-    else:
-        programs = N * H * -(-V // cfg.fwd.BV)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        nseg = -(-SPLIT_PROGRAMS_PER_SM * sms // programs)
-    nseg = min(nseg, -(-T // cfg.C))
+    if int(seq_split) < 1:
+        raise InputError(f"seq_split must be a positive number of segments, got {seq_split}")
+    nseg = min(int(seq_split), -(-T // cfg.C))
     if nseg <= 1:
         return 0
     return -(-(-(-T // nseg)) // cfg.C) * cfg.C
@@ -354,8 +344,8 @@ def elementwise_scan(
             default 1): ``C = BT · slab_slots · slab_segments``; above 1 the backward replays
             each chunk twice (fewer checkpoints for one more forward pass).
         seq_split: segments the forward cuts each sequence into (walked in parallel, then
-            again from their true start states; :func:`sequence_segments`); None: as many as
-            fill the GPU when few programs walk whole sequences, 1: never.
+            again from their true start states; :func:`sequence_segments`); None or 1: none
+            (the default: it did not speed up the H200 at the paper's shapes).
 
     Returns:
         ``(o [B, T, H, V] in q's dtype, S [N, H, K, V] float32 or None)``. Differentiable with
@@ -370,7 +360,7 @@ def elementwise_scan(
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-    seg_t = sequence_segments(cfg, N, H, V, T, q.device, seq_split, varlen=cu_seqlens is not None)
+    seg_t = sequence_segments(cfg, T, seq_split)
     return _ElementwiseScan.apply(
         plan, mod, cfg, scale, output_final_state, need, seg_t, q, k, v, initial_state, D, cu_seqlens,
         *coef_list,
