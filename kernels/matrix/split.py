@@ -1,7 +1,7 @@
-r"""The forward state pass split along the sequence, for the members without a low-rank part
-(linear attention, RetNet, Mamba-2): ``OLSM_MATRIX_STATE=auto`` (the default) splits when there
-is no decay and the single walk has at most one program per SM; ``split`` whenever there is more
-than one segment, ``walk`` never. Run 9 on the H200 (bf16, H = 16, D = 128): linear attention's
+r"""The sequential passes split along the sequence: ``OLSM_MATRIX_STATE=auto`` (the default)
+splits rank-0 passes without a decay (linear attention) when the single walk has at most one
+program per SM; ``split`` splits every pass with more than one segment (any decay, with or
+without a pair: below), ``walk`` none. Run 9 on the H200 (bf16, H = 16, D = 128): linear attention's
 forward at (1, 32768) took 0.554 ms split and 0.752 walked (fwd+bwd 2.337 / 2.574), but fwd+bwd
 at (2, 8192), 256 programs, 1.231 split vs 1.106 walked, and Mamba-2's fwd+bwd at (1, 32768)
 5.90 split vs 4.91 walked (not understood yet; hence no decay in ``auto``).
@@ -26,6 +26,13 @@ read of the segment walks' inputs (k and v, or q and dO) and the [K, V] segment 
 a re-walk was chosen over adding e^{c_n} Z_j to stored local states because that costs a read
 and write of every state and rounds them twice. The segment length is picked so that steps 1
 and 3 have about four programs per SM (:func:`segment_length`).
+
+With a per-key decay the total log-decay Γ_j is a per-key vector. With a pair the transition of a
+chunk is a dense ``[K, K]`` matrix (``γ_n I + Âᵀ X``): step 1 then also walks K columns from the
+identity with no input (``SEG_EXT``), which leaves the segment's transition T_j beside E_j, and
+the join is ``Z_{j+1} = T_j Z_j + E_j`` (the reverse pass leaves T_jᵀ, joined the same way).
+That was slower than the whole walk on an H200 in run 13 (the transition's columns and the second
+walk re-read each chunk's X and W), hence not in ``auto``.
 """
 from __future__ import annotations
 
