@@ -9,6 +9,7 @@ and fp32 at realistic shapes on a GPU: ``tests/test_triton_matrix_gpu.py``.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -196,6 +197,24 @@ def test_state_passes_split_along_the_sequence(decay, monkeypatch):
     check_delta(delta_inputs(33, T=300, H=1, decay=decay, strong=decay, kk_coef=True, K=16, V=12),
                 chunk_size=32, final=False)
     assert ran == [True] * 6, ran
+
+
+def test_auto_splits_only_the_forward_without_decay_at_few_programs(monkeypatch):
+    # OLSM_MATRIX_STATE unset: the delta form's forward state pass is split when it has at most
+    # half an SM's worth of programs and no decay; its reverse pass, a decay or more programs walk
+    from test_triton_matrix import spy_split
+
+    ran = spy_split(monkeypatch)
+    monkeypatch.delenv("OLSM_MATRIX_STATE")
+    check_delta(delta_inputs(34, T=150, H=1), chunk_size=16)
+    assert ran == [True], ran            # the forward only
+    ran.clear()
+    check_delta(delta_inputs(35, T=150, H=1, decay=True), chunk_size=16)
+    assert ran == [], ran
+    split = importlib.import_module("olsm.kernels.matrix.split")
+    monkeypatch.setattr(split, "_sm_count", lambda device: 1)       # 1 program: more than half of 1 SM
+    check_delta(delta_inputs(36, T=150, H=1), chunk_size=16)
+    assert ran == [], ran
 
 
 @pytest.mark.parametrize("decay,chunk", [(False, 16), (True, 32)])

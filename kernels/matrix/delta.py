@@ -248,7 +248,8 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=No
                                                                **extra),
                    grid, (k, k, u, gd, x_wy, y_wy, h0_ if h0_ is not None else u, states, nu, final, lay.tok_start,
                           lay.tok_stop, lay.chunk_offsets, H) + no_segments(u),
-                   h0_, final, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev, lowrank=True)
+                   h0_, final, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev, lowrank=True,
+                   delta=True)
     if NC > 0:
         _output_fwd_kernel[(_cdiv(V, shape.BV_out), NC * H)](
             q, k, k, u, gd, states, nu, o, u, lay.tok_start, lay.tok_stop, meta["scale"], H, K=K, V=V, C=C,
@@ -338,7 +339,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
                    grid, (q, k, d_o, gd, x_wy, df if df is not None else u, dstates, dnu, dh0, lay.tok_start,
                           lay.tok_stop, lay.chunk_offsets, scale, u, H) + no_segments(u),
                    df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev, reverse=True,
-                   lowrank=True)
+                   lowrank=True, delta=True)
     dq, dk, du = torch.empty_like(q), torch.empty_like(k), torch.empty_like(u)
     # the per-token fp32 buffers in one allocation: the gradients of c (, u_scale) (, kk_coef)
     # (neighbouring rows, so tied ones sum in one op), then with kk_coef the normalised c and d‖k‖²

@@ -1,7 +1,8 @@
 r"""The sequential passes split along the sequence: ``OLSM_MATRIX_STATE=auto`` (the default)
 splits rank-0 passes without a decay (linear attention) when the single walk has at most one
-program per SM; ``split`` splits every pass with more than one segment (any decay, with or
-without a pair: below), ``walk`` none. Run 9 on the H200 (bf16, H = 16, D = 128): linear attention's
+program per SM, and the delta form's forward pass without a decay (DeltaNet, Longhorn) at half
+an SM's worth of programs or fewer; ``split`` splits every pass with more than one segment (any
+decay, with or without a pair: below), ``walk`` none. Run 9 on the H200 (bf16, H = 16, D = 128): linear attention's
 forward at (1, 32768) took 0.554 ms split and 0.752 walked (fwd+bwd 2.337 / 2.574), but fwd+bwd
 at (2, 8192), 256 programs, 1.231 split vs 1.106 walked, and Mamba-2's fwd+bwd at (1, 32768)
 5.90 split vs 4.91 walked (not understood yet; hence no decay in ``auto``).
@@ -32,7 +33,8 @@ chunk is a dense ``[K, K]`` matrix (``γ_n I + Âᵀ X``): step 1 then also walk
 identity with no input (``SEG_EXT``), which leaves the segment's transition T_j beside E_j, and
 the join is ``Z_{j+1} = T_j Z_j + E_j`` (the reverse pass leaves T_jᵀ, joined the same way).
 That was slower than the whole walk on an H200 in run 13 (the transition's columns and the second
-walk re-read each chunk's X and W), hence not in ``auto``.
+walk re-read each chunk's X and W) except in a few forwards, hence in ``auto`` only for the
+delta form's forward without a decay at very few programs.
 """
 from __future__ import annotations
 
@@ -130,18 +132,24 @@ def split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, 
 
 
 def walk_sequences(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV, decay, max_chunks,
-                   device, reverse=False, lowrank=False):
+                   device, reverse=False, lowrank=False, delta=False):
     """Run a sequential pass: split along the sequence (:func:`split_state_pass`) when
     ``OLSM_MATRIX_STATE`` asks for it (module docstring) and there is more than one segment;
     else one launch ``launch(grid, args)`` walking whole sequences. ``lowrank``: the pass has a
-    low-rank part (its segments carry their ``[K, K]`` transitions)."""
+    low-rank part (its segments carry their ``[K, K]`` transitions); ``delta``: it is the delta
+    form's (:mod:`.delta`)."""
     mode = env_choice("OLSM_MATRIX_STATE", ("auto", "walk", "split"))
     if mode == "auto":
-        # only rank 0 without decay: Mamba-2 was slower split in run 9 (not understood), and with a
-        # pair or a per-key decay the split was slower or within 6 % on an H200 (run 13,
-        # benchmarks/README.md): the transition's columns and the re-walk re-read X and W
-        few = grid[0] * grid[1] * grid[2] <= _sm_count(device)
-        mode = "split" if few and decay == 0 and not lowrank else "walk"
+        # rank 0 without decay; and the delta form's forward without decay at half an SM's worth
+        # of programs or fewer (H200, run 13: DeltaNet at (1, 32768), 64 programs, 2.089 ms walked,
+        # 1.964 split; at (2, 8192), 128 programs, 0.773 vs 0.976, and its reverse pass lost).
+        # Mamba-2 was slower split in run 9 (not understood); the other pairs and the per-key
+        # decay were slower or within noise (run 13, benchmarks/README.md): the transition's
+        # columns and the second walk re-read X and W.
+        programs = grid[0] * grid[1] * grid[2]
+        rank0 = decay == 0 and not lowrank and programs <= _sm_count(device)
+        delta_fwd = delta and not reverse and decay == 0 and 2 * programs <= _sm_count(device)
+        mode = "split" if rank0 or delta_fwd else "walk"
     if mode == "split":
         if split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV, decay,
                             max_chunks, device, reverse, lowrank):
