@@ -44,8 +44,8 @@ from olsm.errors import BackendError
 from . import perkey, perkey_pair
 from .perkey_pair import BA, BW, QA, QW
 from .tiles import (
-    chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, segment_start, store_segment_end,
-    walk_program,
+    chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, gamma_at, segment_start, store_segment_end,
+    walk_bounds, walk_program, walk_tokens,
 )
 
 DECAY_NONE, DECAY_SCALAR, DECAY_PER_KEY = 0, 1, 2
@@ -304,11 +304,12 @@ def _state_fwd_kernel(
     if HAS_H0 and SEG_L == 0:
         S += tl.load(h0 + i_nh.to(tl.int64) * K * V + kv, mask=mask_kv, other=0.)
 
+    t_first, t_end = walk_bounds(tok_start, tok_stop, c_start, c_end)
     for c in range(c_start, c_end):
         nh = (c * H + i_h).to(tl.int64)
         if store:
             tl.store(states + nh * K * V + kv, S.to(states.dtype.element_ty), mask=mask_kv)
-        offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c, C)
+        offs_c, valid, tok, last = walk_tokens(t_first, t_end, c, c_start, C)
         col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]
         mask_col = mask_k[:, None] & valid[None, :]
         W_T = tl.load(w + col_k, mask=mask_col, other=0.).to(tl.float32)         # [BK, C]
@@ -318,7 +319,7 @@ def _state_fwd_kernel(
             W_T = W_T * to_end[None, :]
         if DECAY == 2:
             # per key (:mod:`.perkey`): g is the chunk-relative cumulative G [B·T, H, K], γ its last row
-            gam = chunk_gamma(g, tok_stop, c, i_h, H, K, offs_k, mask_k)
+            gam = gamma_at(g, last, i_h, H, K, offs_k, mask_k)
             to_end_k = tl.exp(gam[:, None] - tl.load(g + col_k, mask=mask_col, other=0.))   # [BK, C]
             W_T = W_T * to_end_k
         if LOWRANK:
@@ -635,7 +636,8 @@ def no_segments(dummy):
 
 
 def _launch_state(grid, args, key, **kw):
-    stages = _STAGES.get(key, 2)
+    # OLSM_MATRIX_STATE_STAGES: chunks the walk's loads run ahead (A/B timing; 2 by default)
+    stages = _STAGES.get(key, int(env_choice("OLSM_MATRIX_STATE_STAGES", ("2", "3", "4"))))
     try:
         _state_fwd_kernel[grid](*args, num_stages=stages, **kw)
     except triton.runtime.errors.OutOfResources:

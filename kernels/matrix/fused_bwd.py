@@ -54,8 +54,8 @@ from .decay_grad import decay_gradient, decay_gradient_per_key
 from .perkey_pair import BA, BW, QA, QW
 from .split import walk_sequences
 from .tiles import (
-    chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, kslice_program, segment_start, store_segment_end,
-    walk_program,
+    chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, gamma_at, kslice_program, segment_start,
+    store_segment_end, walk_bounds, walk_program, walk_tokens,
 )
 
 
@@ -100,12 +100,13 @@ def _dstate_bwd_kernel(
                        SEG_EXT)
     if HAS_DFINAL and SEG_L == 0:
         dS += tl.load(d_final + i_nh.to(tl.int64) * K * V + kv, mask=mask_kv, other=0.)
+    t_first, t_end = walk_bounds(tok_start, tok_stop, c_start, c_end)
     for i in range(0, c_end - c_start):
         c = c_end - 1 - i
         nh = (c * H + i_h).to(tl.int64)
         if store:
             tl.store(dstates + nh * K * V + kv, dS.to(dstates.dtype.element_ty), mask=mask_kv)
-        offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, c, C)
+        offs_c, valid, tok, last = walk_tokens(t_first, t_end, c, c_start, C)
         Q_T = tl.load(q + (tok[None, :] * H + i_h) * K + offs_k[:, None],
                       mask=mask_k[:, None] & valid[None, :], other=0.)                  # [BK, C]
         dO = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :],
@@ -114,7 +115,7 @@ def _dstate_bwd_kernel(
             _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
         if DECAY == 2:
             # per key: g is the cumulative G [B·T, H, K] of .perkey, γ its chunk's last row
-            gam = chunk_gamma(g, tok_stop, c, i_h, H, K, offs_k, mask_k)
+            gam = gamma_at(g, last, i_h, H, K, offs_k, mask_k)
         if LOWRANK:
             # dP = scale · M_qaᵀ dO + Â dS_{n+1}, with M_qaᵀ[s, t] = a_s·q_t e^{G_t − G_s} (s ≤ t)
             row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]

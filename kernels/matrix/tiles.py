@@ -67,6 +67,28 @@ def walk_program(chunk_offsets, H, K: tl.constexpr, V: tl.constexpr, BK: tl.cons
 
 
 @triton.jit
+def walk_bounds(tok_start, tok_stop, c_start, c_end):
+    """The first and one-past-last token of a walk over chunks ``[c_start, c_end)`` (one
+    sequence, or a segment of it), int64; loaded once, before the walk (0, 0 for no chunks)."""
+    some = c_end > c_start
+    t_first = tl.load(tok_start + c_start, mask=some, other=0).to(tl.int64)
+    t_end = tl.load(tok_stop + tl.maximum(c_end - 1, 0), mask=some, other=0).to(tl.int64)
+    return t_first, t_end
+
+
+@triton.jit
+def walk_tokens(t_first, t_end, c, c_start, C: tl.constexpr):
+    """:func:`chunk_tokens` of chunk ``c`` of a walk (:func:`walk_bounds`), from arithmetic on
+    ``c``: a sequence's chunks are its consecutive C-token pieces (the last one shorter), so no
+    per-chunk index load sits between the loop counter and the chunk's addresses, and the
+    compiler can issue the loads of later chunks early (``num_stages``). Returns
+    ``(offs_c, valid, tok, last)``, ``last`` the chunk's last token."""
+    t0 = t_first + (c - c_start).to(tl.int64) * C
+    offs_c = tl.arange(0, C)
+    return offs_c, offs_c < (t_end - t0), t0 + offs_c, tl.minimum(t0 + C, t_end) - 1
+
+
+@triton.jit
 def segment_start(seg_end, i_nh, NSEG, j, kvs, mask_kv, offs_k, offs_v, K: tl.constexpr, V: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, SEG_W: tl.constexpr, SEG_START: tl.constexpr,
                   SEG_EXT: tl.constexpr):
@@ -150,5 +172,10 @@ def kslice_program(tok_start, tok_stop, H, K: tl.constexpr, C: tl.constexpr, BKS
 def chunk_gamma(gc, tok_stop, c, i_h, H, K: tl.constexpr, offs_k, mask_k):
     """Per-key decay of chunk ``c`` (head i_h) over all its tokens, γ ``[BK]`` fp32: the last row
     of the chunk-relative cumulative log-decay gc ``[B·T, H, K]`` (:mod:`.perkey`)."""
-    last = tl.load(tok_stop + c).to(tl.int64) - 1
+    return gamma_at(gc, tl.load(tok_stop + c).to(tl.int64) - 1, i_h, H, K, offs_k, mask_k)
+
+
+@triton.jit
+def gamma_at(gc, last, i_h, H, K: tl.constexpr, offs_k, mask_k):
+    """:func:`chunk_gamma` of the chunk whose last token is ``last``."""
     return tl.load(gc + (last * H + i_h) * K + offs_k, mask=mask_k, other=0.)
