@@ -112,7 +112,7 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0, device="cuda"):
 # variant -> (environment switches that differ from the defaults, delta members via chunk_delta)
 ENV_DEFAULTS = {"OLSM_MATRIX_PATH": "auto", "OLSM_MATRIX_SOLVE": "triton", "OLSM_MATRIX_BWD": "auto",
                 "OLSM_MATRIX_INVERSE": "rows4", "OLSM_MATRIX_DOTS": "storage", "OLSM_MATRIX_DELTA_SAVE": "keep",
-                "OLSM_MATRIX_STATE": "auto", "OLSM_MATRIX_SPLIT_PER_SM": "4", "OLSM_MATRIX_STATE_STAGES": "2"}
+                "OLSM_MATRIX_STATE": "auto", "OLSM_MATRIX_SPLIT_PER_SM": "4", "OLSM_MATRIX_STATE_STAGES": "auto"}
 VARIANTS = {
     "new": ({}, True),
     "run8": ({"OLSM_MATRIX_INVERSE": "levels2", "OLSM_MATRIX_DOTS": "fp32", "OLSM_MATRIX_DELTA_SAVE": "recompute",
@@ -124,6 +124,7 @@ VARIANTS = {
     "recompute": ({"OLSM_MATRIX_DELTA_SAVE": "recompute"}, True),
     "walk": ({"OLSM_MATRIX_STATE": "walk"}, True),
     "split": ({"OLSM_MATRIX_STATE": "split"}, True),
+    "stages2": ({"OLSM_MATRIX_STATE_STAGES": "2"}, True),
     "stages3": ({"OLSM_MATRIX_STATE_STAGES": "3"}, True),
     "stages4": ({"OLSM_MATRIX_STATE_STAGES": "4"}, True),
     "pair": ({}, False),

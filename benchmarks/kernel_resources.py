@@ -203,11 +203,15 @@ def elementwise_configs(K=16, V=1536, C=64):
                     HAS_H0=True, SLAB_IN_REGS=int(cfg.slab == "registers"), NSEG=cfg.segments), types, t.num_warps)
 
 
-def stages_of(name: str) -> int:
-    """num_stages of the launch: the forward state pass asks for 2 (``fused._launch_state``), the
-    whole-chunk Grams 2 (``LaunchShape.stages_pair``, ``perkey.intra_gram``)."""
-    return 2 if name.startswith(("fwd state", "delta fwd state")) or name in ("fwd per-key pair grams",
-                                                                             "fwd per-key intra gram") else 3
+def stages_of(name: str, consts: dict) -> int:
+    """num_stages of the launch: the forward state pass :func:`~olsm.kernels.matrix.fused.state_stages`, the
+    reverse pass :func:`~olsm.kernels.matrix.fused_bwd.dstate_stages`, the whole-chunk Grams 2
+    (``LaunchShape.stages_pair``, ``perkey.intra_gram``), the rest Triton's default 3."""
+    if name.startswith(("bwd dstate", "delta bwd dstate")):
+        return FB.dstate_stages(consts["DECAY"], consts["LOWRANK"])
+    if name.startswith(("fwd state", "delta fwd state")):
+        return F.state_stages(consts["DECAY"], consts["LOWRANK"], consts.get("DELTA", False))
+    return 2 if name in ("fwd per-key pair grams", "fwd per-key intra gram") else 3
 
 
 def main():
@@ -219,7 +223,7 @@ def main():
     for name, kernel, consts, warps, default in configs():
         if only_default and not default:
             continue
-        r = compile_for(kernel, consts, TYPES, num_warps=warps, num_stages=stages_of(name))
+        r = compile_for(kernel, consts, TYPES, num_warps=warps, num_stages=stages_of(name, consts))
         fits = r["shared"] <= HOPPER_SHARED_BYTES
         bad += default and not fits
         print(f"| {name} | {'yes' if default else 'opt-in'} | {warps} | {r['shared']} | {'yes' if fits else '**no**'} "

@@ -52,7 +52,7 @@ from .fused import (
     no_segments, sequence_launch, state_dtype,
 )
 from .decay_grad import decay_gradient
-from .fused_bwd import _dqdw_bwd_kernel, _dstate_bwd_kernel
+from .fused_bwd import _dqdw_bwd_kernel, launch_dstate
 from .split import walk_sequences
 from .tiles import chunk_decay, chunk_key_tiles
 
@@ -335,7 +335,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
               PRECISION=prec, LOWP=True,
               # sm_90 compile, K = V = 128, bf16: with a decay 4 warps spill 488 B per thread, 8 warps 88
               num_warps=shape.warps_seq if decay == 0 else 8)
-    walk_sequences(lambda grid_, args_, **extra: _dstate_bwd_kernel[grid_](*args_, **kw, **extra),
+    walk_sequences(lambda grid_, args_, **extra: launch_dstate(grid_, args_, **kw, **extra),
                    grid, (q, k, d_o, gd, x_wy, df if df is not None else u, dstates, dnu, dh0, lay.tok_start,
                           lay.tok_stop, lay.chunk_offsets, scale, u, H) + no_segments(u),
                    df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev, reverse=True,

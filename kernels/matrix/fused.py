@@ -625,8 +625,8 @@ def fused_applies(log_decay, lowrank, K: int = 0, V: int = 0) -> bool:
     return len(lowrank) <= 1 and max(K, V) <= MAX_FUSED_DIM
 
 
-# Shared-memory fallback of the state pass: prefetching the next chunk (num_stages=2) may not
-# fit for wide heads; the first failure per configuration drops to one stage for good.
+# Shared-memory fallback of the state pass: prefetching chunks ahead (num_stages, state_stages)
+# may not fit for wide heads; the first failure per configuration drops to one stage for good.
 _STAGES: dict = {}
 
 
@@ -635,9 +635,21 @@ def no_segments(dummy):
     return (dummy, dummy, 1)
 
 
+def state_stages(decay: int, lowrank: bool, delta: bool = False) -> int:
+    """num_stages of :func:`_state_fwd_kernel`: ``OLSM_MATRIX_STATE_STAGES`` if set to 2, 3 or 4;
+    ``auto`` (unset): 3 for the delta form and a per-key decay without a pair, 2 for the rest
+    (not timed at 3; a per-key decay with a pair needs 197 KB of shared memory there). H200,
+    run 13, with the walk's addresses arithmetic (tiles.walk_tokens): DeltaNet's forward at
+    (1, 32768) 1.934 ms at 2 stages, 1.891 at 3, 2.256 at 4, its fwd+bwd at (2, 8192) 1.726 /
+    1.692 (2 / 3), at (8, 2048) 1.562 both; GLA's fwd+bwd at (1, 32768) 5.653 / 5.522 / 5.487."""
+    choice = env_choice("OLSM_MATRIX_STATE_STAGES", ("auto", "2", "3", "4"))
+    if choice != "auto":
+        return int(choice)
+    return 3 if delta or (decay == DECAY_PER_KEY and not lowrank) else 2
+
+
 def _launch_state(grid, args, key, **kw):
-    # OLSM_MATRIX_STATE_STAGES: chunks the walk's loads run ahead (A/B timing; 2 by default)
-    stages = _STAGES.get(key, int(env_choice("OLSM_MATRIX_STATE_STAGES", ("2", "3", "4"))))
+    stages = _STAGES.get(key, state_stages(kw["DECAY"], kw["LOWRANK"], kw.get("DELTA", False)))
     try:
         _state_fwd_kernel[grid](*args, num_stages=stages, **kw)
     except triton.runtime.errors.OutOfResources:

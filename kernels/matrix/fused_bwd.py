@@ -59,6 +59,33 @@ from .tiles import (
 )
 
 
+# Pipelining depth of the reverse pass: Triton's default (3), which pipelines every chunk load
+# since the walk's addresses are arithmetic (tiles.walk_tokens); a per-key decay with a pair
+# then needs 312 KB of shared memory (sm_90 compile), so it takes 2 (177 KB). An
+# OutOfResources still drops a configuration one stage for good.
+_DSTATE_STAGES: dict = {}
+
+
+def dstate_stages(decay: int, lowrank: bool) -> int:
+    """num_stages of :func:`_dstate_bwd_kernel` (also read by ``kernel_resources.py``)."""
+    return 2 if decay == 2 and lowrank else 3
+
+
+def launch_dstate(grid, args, **kw):
+    """Launch :func:`_dstate_bwd_kernel` at :func:`dstate_stages`, one stage fewer after an
+    ``OutOfResources`` (remembered per configuration)."""
+    key = tuple(sorted((k, v) for k, v in kw.items() if not isinstance(v, torch.Tensor)))
+    stages = _DSTATE_STAGES.get(key, dstate_stages(kw["DECAY"], kw["LOWRANK"]))
+    while True:
+        try:
+            return _dstate_bwd_kernel[grid](*args, num_stages=stages, **kw)
+        except triton.runtime.errors.OutOfResources:
+            if stages == 1:
+                raise
+            stages -= 1
+            _DSTATE_STAGES[key] = stages
+
+
 @triton.jit
 def _dstate_bwd_kernel(
     q, a, do, g, x_wy, d_final, dstates, dprobes, dh0, tok_start, tok_stop, chunk_offsets, scale, amat,
@@ -620,7 +647,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             H) + no_segments(dummy)
     kw = dict(K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None, LOWRANK=R > 0, BK=BK_seq, BV=BV,
               PRECISION=prec, num_warps=shape.warps_seq)
-    walk_sequences(lambda grid_, args_, **extra: _dstate_bwd_kernel[grid_](*args_, **kw, **extra),
+    walk_sequences(lambda grid_, args_, **extra: launch_dstate(grid_, args_, **kw, **extra),
                    grid, args, df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev,
                    reverse=True, lowrank=R > 0)
     dq, dw, du = torch.empty_like(q), torch.empty_like(w), torch.empty_like(u)
