@@ -313,6 +313,36 @@ def test_fused_path_falls_back_when_out_of_resources(monkeypatch):
     check(make_inputs(9, T=5, H=1, decay="scalar", lowrank="delta"))
 
 
+def test_reverse_pass_drops_stages_on_out_of_resources(monkeypatch):
+    # the reverse pass launches at fused_bwd.dstate_stages; a GPU without the shared memory for
+    # that many stages gets one stage fewer per OutOfResources (remembered), never the autograd
+    # fallback (run 13: DPLR's reverse pass at 3 stages needed 312 KB and fell back, 4x slower)
+    chunk = importlib.import_module("olsm.kernels.matrix.chunk")
+    fb = importlib.import_module("olsm.kernels.matrix.fused_bwd")
+    real, tried = fb._dstate_bwd_kernel, []
+
+    class Tight:
+        """the kernel on a GPU where only one stage fits"""
+
+        def __getitem__(self, grid):
+            def run(*args, num_stages, **kw):
+                tried.append(num_stages)
+                if num_stages > 1:
+                    raise chunk.OutOfResources(300000, 232448, "shared memory")
+                return real[grid](*args, num_stages=num_stages, **kw)
+            return run
+
+    monkeypatch.setattr(fb, "_dstate_bwd_kernel", Tight())
+    monkeypatch.setattr(fb, "_DSTATE_STAGES", {})
+    fused = []
+    monkeypatch.setattr(chunk, "fused_backward", lambda *a, **k: fused.append(1) or fb.fused_backward(*a, **k))
+    check(make_inputs(51, T=40, H=1, decay="key", lowrank="general"))
+    assert fused and tried == [2, 1], tried          # per key with a pair: 2 stages, then 1
+    tried.clear()
+    check(make_inputs(52, T=40, H=1, decay="key", lowrank="general"))
+    assert tried == [1], tried                       # remembered for this configuration
+
+
 @pytest.mark.parametrize("decay", ["none", "scalar", "key"])
 def test_fused_backward_is_taken_and_autograd_backward_still_matches(decay, monkeypatch):
     # without a low-rank part the backward is kernels/matrix/fused_bwd.py (three Triton kernels, a
