@@ -40,11 +40,13 @@ def segments(name, kernel, consts, warps, lowrank, K, V, walk=True):
     segment walks of :mod:`olsm.kernels.matrix.split`, with a pair also walking the segment's
     transition and in value blocks of 32 (the few-program case,
     :func:`~olsm.kernels.matrix.fused.sequence_launch`). The segments are on the default path
-    (``OLSM_MATRIX_STATE=auto``, few programs) only without a decay or a pair."""
+    (``OLSM_MATRIX_STATE=auto``, few programs, :func:`~olsm.kernels.matrix.split.walk_sequences`)
+    without a decay, for rank 0 and for the delta form's forward pass."""
     if walk:
         yield (name, kernel, consts, warps, True)
     seg = dict(consts, SEG_L=8, SEG_W=V + K if lowrank else V, BV=32 if lowrank else consts["BV"])
-    default = not lowrank and consts["DECAY"] == 0
+    delta_fwd = consts.get("DELTA", False) and kernel is F._state_fwd_kernel
+    default = consts["DECAY"] == 0 and (not lowrank or delta_fwd)
     yield (f"{name}, segments", kernel, dict(seg, SEG_EXT=lowrank), warps, default)
     yield (f"{name}, segments restart", kernel, dict(seg, SEG_START=True), warps, default)
 
@@ -156,6 +158,8 @@ def configs(K=128, V=128, C=64):
         yield from segments(f"delta fwd state decay={decay}", F._state_fwd_kernel,
                             dict(d, LOWRANK=True, DELTA=True, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_state_lr,
                             True, K, V)
+        yield (f"delta fwd split combine decay={decay}", SP._combine_kernel,
+               dict(K=K, V=V, BK=sh.BK, BV=32, HAS_INIT=True, DECAY=decay, MAT=True), 8, decay == 0)
         yield from segments(f"delta bwd dstate decay={decay}", FB._dstate_bwd_kernel,
                             dict(d, HAS_DFINAL=True, LOWRANK=True, LOWP=True, BK=sh.BK, BV=sh.BV),
                             8 if decay else sh.warps_seq, True, K, V)
@@ -174,7 +178,8 @@ def configs(K=128, V=128, C=64):
 
 
 def elementwise_configs(K=16, V=1536, C=64):
-    """(name, kernel, constexprs, types, num_warps) of the generated elementwise launches."""
+    """(name, kernel, constexprs, types, num_warps, default_path) of the generated elementwise
+    launches (the forward's split along the sequence is opt-in: ``seq_split``)."""
     import torch
 
     import olsm
@@ -191,16 +196,17 @@ def elementwise_configs(K=16, V=1536, C=64):
         _, mod = compile_recurrence(olsm.derive(obj))
         t = cfg.fwd
         fwd = dict(sizes, BV=t.BV, BT=t.BT, HAS_H0=True, STORE_HT=False, STORE_CKPT=True)
-        yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}]", mod.fwd_kernel, fwd, types, t.num_warps)
+        yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}]", mod.fwd_kernel, fwd, types, t.num_warps, True)
         # the split along the sequence (opt-in: elementwise_scan(..., seq_split=S), scan.sequence_segments)
         for phase in (1, 2):
-            yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}] split phase {phase} (opt-in)", mod.fwd_kernel,
+            yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}] split phase {phase}", mod.fwd_kernel,
                    dict(fwd, SEG_T=2048, PHASE=phase, STORE_HT=True), dict(types, seg="*fp32", NSEG="i32"),
-                   t.num_warps)
+                   t.num_warps, False)
         t = cfg.bwd
         yield (f"elementwise bwd {name} [{t.BT},{cfg.BK},{t.BV}]", mod.bwd_kernel,
                dict(sizes, BV=t.BV, BT=t.BT, NB_C=cfg.slots, HAS_DHT=False, STORE_DH0=True, SPLIT_V=True,
-                    HAS_H0=True, SLAB_IN_REGS=int(cfg.slab == "registers"), NSEG=cfg.segments), types, t.num_warps)
+                    HAS_H0=True, SLAB_IN_REGS=int(cfg.slab == "registers"), NSEG=cfg.segments), types, t.num_warps,
+               True)
 
 
 def stages_of(name: str, consts: dict) -> int:
@@ -228,11 +234,13 @@ def main():
         bad += default and not fits
         print(f"| {name} | {'yes' if default else 'opt-in'} | {warps} | {r['shared']} | {'yes' if fits else '**no**'} "
               f"| {r['registers']} | {r['stack']} |")
-    for name, kernel, consts, types, warps in elementwise_configs():
+    for name, kernel, consts, types, warps, default in elementwise_configs():
+        if only_default and not default:
+            continue
         r = compile_for(kernel, consts, types, num_warps=warps, num_stages=1)
         fits = r["shared"] <= HOPPER_SHARED_BYTES
-        bad += not fits or r["stack"] > 0
-        print(f"| {name} | yes | {warps} | {r['shared']} | {'yes' if fits else '**no**'} "
+        bad += default and (not fits or r["stack"] > 0)
+        print(f"| {name} | {'yes' if default else 'opt-in'} | {warps} | {r['shared']} | {'yes' if fits else '**no**'} "
               f"| {r['registers']} | {r['stack']}{' **spills**' if r['stack'] else ''} |")
     sys.exit(1 if bad else 0)
 

@@ -74,7 +74,7 @@ def dstate_stages(decay: int, lowrank: bool) -> int:
 def launch_dstate(grid, args, **kw):
     """Launch :func:`_dstate_bwd_kernel` at :func:`dstate_stages`, one stage fewer after an
     ``OutOfResources`` (remembered per configuration)."""
-    key = tuple(sorted((k, v) for k, v in kw.items() if not isinstance(v, torch.Tensor)))
+    key = (str(args[0].dtype),) + tuple(sorted(kw.items()))
     stages = _DSTATE_STAGES.get(key, dstate_stages(kw["DECAY"], kw["LOWRANK"]))
     while True:
         try:

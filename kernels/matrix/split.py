@@ -19,9 +19,11 @@ sequence cut into segments of L chunks can be walked in parallel and joined afte
 3. every segment again, in parallel, from Z_j (``SEG_START``), storing the chunk states S_n as
    the single walk does.
 
-The states are those of the single walk up to float32 rounding of the join (they are rounded to
-the storage dtype once, as there). The reverse pass of the backward (dS_n = γ_n dS_{n+1} +
-scale Q̂ᵀ dO) is the same recurrence run backwards and is split the same way (segments walked
+The states are those of the single walk up to float32 rounding of the join, and are rounded to
+the storage dtype once, as there. With a pair and storage-dtype dot operands (the delta form),
+the transition's columns are also rounded to that dtype at each chunk. The reverse pass of the
+backward (dS_n = γ_n dS_{n+1} + scale Q̂ᵀ dO) is the same recurrence run backwards and is split
+the same way (segments walked
 last chunk first, joined last segment first from d_final, ending in dh0). The cost: a second
 read of the segment walks' inputs (k and v, or q and dO) and the [K, V] segment states (fp32);
 a re-walk was chosen over adding e^{c_n} Z_j to stored local states because that costs a read
