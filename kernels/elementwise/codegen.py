@@ -58,6 +58,14 @@ value axis (dq, dk, per-key and per-head coefficients) receive one contribution 
 slice: with several slices they are added with float32 atomics into one ``[B, T, H, ...]``
 buffer (no per-slice partial copies); parameters are summed over time in registers.
 
+**Split along the sequence (opt-in, ``seq_split``).** With ``SEG_T > 0`` the forward runs
+twice over segments of SEG_T tokens (a multiple of C), the grid's third axis the segment:
+``PHASE = 1`` walks every segment but the last from zero and keeps only the product of its gates
+and its end state; ``PHASE = 2`` starts each segment from h0 carried through the earlier
+segments' pairs (``S ← A_i ⊙ S + E_i``, in the program) and stores outputs and checkpoints at
+their global positions, so the backward does not know. (On the H200 it did not speed up the
+forward at the paper's shapes: ``benchmarks/README.md``, run 13.)
+
 The key axis is never split across programs: K (d_state) is small in the models this class
 serves (16 in Mamba-1 and Longhorn), kᵀk needs the whole key, and a split would turn dv and
 every per-value gradient — ``[B, T, H, V]``, the large ones — into atomic sums.
