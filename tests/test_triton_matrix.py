@@ -313,34 +313,45 @@ def test_fused_path_falls_back_when_out_of_resources(monkeypatch):
     check(make_inputs(9, T=5, H=1, decay="scalar", lowrank="delta"))
 
 
-def test_reverse_pass_drops_stages_on_out_of_resources(monkeypatch):
-    # the reverse pass launches at fused_bwd.dstate_stages; a GPU without the shared memory for
-    # that many stages gets one stage fewer per OutOfResources (remembered), never the autograd
-    # fallback (run 13: DPLR's reverse pass at 3 stages needed 312 KB and fell back, 4x slower)
+def test_walks_drop_stages_on_out_of_resources(monkeypatch):
+    # both walks launch through fused.launch_staged (forward at state_stages, reverse at
+    # dstate_stages); a GPU without the shared memory for that many stages gets one stage fewer
+    # per OutOfResources (remembered), never the general path or the autograd fallback (run 13:
+    # DPLR's reverse pass at 3 stages needed 312 KB and fell back, 4x slower)
     chunk = importlib.import_module("olsm.kernels.matrix.chunk")
+    fused_mod = importlib.import_module("olsm.kernels.matrix.fused")
     fb = importlib.import_module("olsm.kernels.matrix.fused_bwd")
-    real, tried = fb._dstate_bwd_kernel, []
 
     class Tight:
-        """the kernel on a GPU where only one stage fits"""
+        """a walk kernel on a GPU where only one stage fits"""
+
+        def __init__(self, real):
+            self.real, self.tried = real, []
 
         def __getitem__(self, grid):
             def run(*args, num_stages, **kw):
-                tried.append(num_stages)
+                self.tried.append(num_stages)
                 if num_stages > 1:
                     raise chunk.OutOfResources(300000, 232448, "shared memory")
-                return real[grid](*args, num_stages=num_stages, **kw)
+                return self.real[grid](*args, num_stages=num_stages, **kw)
             return run
 
-    monkeypatch.setattr(fb, "_dstate_bwd_kernel", Tight())
-    monkeypatch.setattr(fb, "_DSTATE_STAGES", {})
-    fused = []
-    monkeypatch.setattr(chunk, "fused_backward", lambda *a, **k: fused.append(1) or fb.fused_backward(*a, **k))
+    fwd, rev = Tight(fused_mod._state_fwd_kernel), Tight(fb._dstate_bwd_kernel)
+    monkeypatch.setattr(fused_mod, "_state_fwd_kernel", fwd)
+    monkeypatch.setattr(fb, "_dstate_bwd_kernel", rev)
+    monkeypatch.setattr(fused_mod, "_STAGES", {})
+    taken = []
+    monkeypatch.setattr(chunk, "fused_forward", lambda *a, **k: taken.append("fwd") or fused_mod.fused_forward(*a, **k))
+    monkeypatch.setattr(chunk, "fused_backward", lambda *a, **k: taken.append("bwd") or fb.fused_backward(*a, **k))
     check(make_inputs(51, T=40, H=1, decay="key", lowrank="general"))
-    assert fused and tried == [2, 1], tried          # per key with a pair: 2 stages, then 1
-    tried.clear()
+    # per key with a pair: both walks at 2 stages, then 1
+    assert taken == ["fwd", "bwd"] and fwd.tried == [2, 1] and rev.tried == [2, 1], (taken, fwd.tried, rev.tried)
+    fwd.tried.clear(), rev.tried.clear()
     check(make_inputs(52, T=40, H=1, decay="key", lowrank="general"))
-    assert tried == [1], tried                       # remembered for this configuration
+    assert fwd.tried == [1] and rev.tried == [1], (fwd.tried, rev.tried)    # remembered per configuration
+    fwd.tried.clear(), rev.tried.clear()
+    check(make_inputs(53, T=40, H=1, decay="key"))                  # GLA: both walks start at 3 stages
+    assert fwd.tried == [3, 2, 1] and rev.tried == [3, 2, 1], (fwd.tried, rev.tried)
 
 
 @pytest.mark.parametrize("decay", ["none", "scalar", "key"])

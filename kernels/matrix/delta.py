@@ -241,11 +241,9 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=No
     h0_ = None if h0 is None else h0.float().contiguous()
     gd = g if g is not None else u
     grid, BK_seq, BV = _sequence_launch(meta, shape, N, H, K, V, dev)
-    key = (K, V, C, "delta", decay, str(q.dtype))
     kw = dict(K=K, V=V, C=C, DECAY=decay, LOWRANK=True, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,
               PRECISION=prec, DELTA=True, num_warps=shape.warps_state_lr)
-    walk_sequences(lambda grid_, args_, **extra: _launch_state(grid_, args_, key=key + tuple(extra.items()), **kw,
-                                                               **extra),
+    walk_sequences(lambda grid_, args_, **extra: _launch_state(grid_, args_, **kw, **extra),
                    grid, (k, k, u, gd, x_wy, y_wy, h0_ if h0_ is not None else u, states, nu, final, lay.tok_start,
                           lay.tok_stop, lay.chunk_offsets, H) + no_segments(u),
                    h0_, final, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev, lowrank=True,

@@ -625,9 +625,25 @@ def fused_applies(log_decay, lowrank, K: int = 0, V: int = 0) -> bool:
     return len(lowrank) <= 1 and max(K, V) <= MAX_FUSED_DIM
 
 
-# Shared-memory fallback of the state pass: prefetching chunks ahead (num_stages, state_stages)
-# may not fit for wide heads; the first failure per configuration drops to one stage for good.
+# Shared-memory fallback of the sequential passes: loading chunks ahead (num_stages) may not fit
+# for wide heads; each OutOfResources drops a configuration one stage, for good.
 _STAGES: dict = {}
+
+
+def launch_staged(kernel, grid, args, stages: int, **kw):
+    """Launch ``kernel[grid](*args, **kw)`` at ``stages``, one stage fewer after each
+    ``OutOfResources`` (remembered per kernel, input dtype and constexprs; raised at one stage).
+    Serves both walks: :func:`_launch_state` and :func:`.fused_bwd.launch_dstate`."""
+    key = (id(kernel), str(args[0].dtype)) + tuple(sorted(kw.items()))
+    stages = _STAGES.get(key, stages)
+    while True:
+        try:
+            return kernel[grid](*args, num_stages=stages, **kw)
+        except triton.runtime.errors.OutOfResources:
+            if stages == 1:
+                raise
+            stages -= 1
+            _STAGES[key] = stages
 
 
 def no_segments(dummy):
@@ -648,15 +664,10 @@ def state_stages(decay: int, lowrank: bool, delta: bool = False) -> int:
     return 3 if delta or (decay == DECAY_PER_KEY and not lowrank) else 2
 
 
-def _launch_state(grid, args, key, **kw):
-    stages = _STAGES.get(key, state_stages(kw["DECAY"], kw["LOWRANK"], kw.get("DELTA", False)))
-    try:
-        _state_fwd_kernel[grid](*args, num_stages=stages, **kw)
-    except triton.runtime.errors.OutOfResources:
-        if stages == 1:
-            raise
-        _STAGES[key] = 1
-        _state_fwd_kernel[grid](*args, num_stages=1, **kw)
+def _launch_state(grid, args, **kw):
+    """:func:`_state_fwd_kernel` at :func:`state_stages` (:func:`launch_staged`)."""
+    stages = state_stages(kw["DECAY"], kw["LOWRANK"], kw.get("DELTA", False))
+    return launch_staged(_state_fwd_kernel, grid, args, stages, **kw)
 
 
 def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_offsets, C, meta, max_chunks=0):
@@ -733,13 +744,11 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev)
     args = (w, a, u, g if g is not None else dummy, x_wy, y_wy, h0_ if h0_ is not None else dummy,
             states, probes, final, tok_start, tok_stop, chunk_offsets, H) + no_segments(dummy)
-    key = (K, V, C, R, decay, str(q.dtype))
     kw = dict(K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,
               PRECISION=prec, LOWP=lowp and R == 0, num_warps=shape.warps_state_lr if R else shape.warps_seq)
     from .split import walk_sequences     # split imports this module
 
-    walk_sequences(lambda grid_, args_, **extra: _launch_state(grid_, args_, key=key + tuple(extra.items()), **kw,
-                                                               **extra),
+    walk_sequences(lambda grid_, args_, **extra: _launch_state(grid_, args_, **kw, **extra),
                    grid, args, h0_, final, chunk_offsets, H, K, V, BK_seq, BV, decay, max_chunks, dev,
                    lowrank=R > 0)
     if NC > 0:

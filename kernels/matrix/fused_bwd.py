@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from . import perkey, perkey_pair
-from .fused import env_choice, launch_shape, launch_wy, no_segments, sequence_launch
+from .fused import env_choice, launch_shape, launch_staged, launch_wy, no_segments, sequence_launch
 from .decay_grad import decay_gradient, decay_gradient_per_key
 from .perkey_pair import BA, BW, QA, QW
 from .split import walk_sequences
@@ -59,31 +59,18 @@ from .tiles import (
 )
 
 
-# Pipelining depth of the reverse pass: Triton's default (3), which pipelines every chunk load
-# since the walk's addresses are arithmetic (tiles.walk_tokens); a per-key decay with a pair
-# then needs 312 KB of shared memory (sm_90 compile), so it takes 2 (177 KB). An
-# OutOfResources still drops a configuration one stage for good.
-_DSTATE_STAGES: dict = {}
-
-
 def dstate_stages(decay: int, lowrank: bool) -> int:
-    """num_stages of :func:`_dstate_bwd_kernel` (also read by ``kernel_resources.py``)."""
+    """num_stages of :func:`_dstate_bwd_kernel` (also read by ``kernel_resources.py``): Triton's
+    default 3, which pipelines every chunk load since the walk's addresses are arithmetic
+    (tiles.walk_tokens); a per-key decay with a pair then needs 312 KB of shared memory (sm_90
+    compile), so it takes 2 (177 KB)."""
     return 2 if decay == 2 and lowrank else 3
 
 
 def launch_dstate(grid, args, **kw):
-    """Launch :func:`_dstate_bwd_kernel` at :func:`dstate_stages`, one stage fewer after an
-    ``OutOfResources`` (remembered per configuration)."""
-    key = (str(args[0].dtype),) + tuple(sorted(kw.items()))
-    stages = _DSTATE_STAGES.get(key, dstate_stages(kw["DECAY"], kw["LOWRANK"]))
-    while True:
-        try:
-            return _dstate_bwd_kernel[grid](*args, num_stages=stages, **kw)
-        except triton.runtime.errors.OutOfResources:
-            if stages == 1:
-                raise
-            stages -= 1
-            _DSTATE_STAGES[key] = stages
+    """:func:`_dstate_bwd_kernel` at :func:`dstate_stages` (:func:`.fused.launch_staged`: one
+    stage fewer after each ``OutOfResources``)."""
+    return launch_staged(_dstate_bwd_kernel, grid, args, dstate_stages(kw["DECAY"], kw["LOWRANK"]), **kw)
 
 
 @triton.jit
