@@ -156,8 +156,8 @@ def configs(K=128, V=128, C=64):
                   U_SCALE=True)
         yield (f"delta bwd wy+nu (recompute) decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), False)
         yield from segments(f"delta fwd state decay={decay}", F._state_fwd_kernel,
-                            dict(d, LOWRANK=True, DELTA=True, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_state_lr,
-                            True, K, V)
+                            dict(d, LOWRANK=True, DELTA=True, HAS_H0=True, BK=sh.BK, BV=sh.BV),
+                            D.state_warps(sh, decay, sh.BV), True, K, V)
         yield (f"delta fwd split combine decay={decay}", SP._combine_kernel,
                dict(K=K, V=V, BK=sh.BK, BV=32, HAS_INIT=True, DECAY=decay, MAT=True), 8, decay == 0)
         yield from segments(f"delta bwd dstate decay={decay}", FB._dstate_bwd_kernel,

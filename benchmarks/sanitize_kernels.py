@@ -6,7 +6,8 @@ H200 with Triton 3.6, value blocks of 16 / 32 next to 64-key rows did, and fault
 processes (``fused.launch_shape``). Each case runs in its own process (a fault poisons the CUDA
 context), small enough that the sanitizer's slowdown stays in seconds; compiles dominate.
 
-    python -u benchmarks/sanitize_kernels.py [--only matrix|elementwise|defaults] [--out benchmarks/results/sanitizer.txt]
+    python -u benchmarks/sanitize_kernels.py [--only matrix|elementwise|defaults] [--jobs 6]
+        [--out benchmarks/results/sanitizer.txt]
 
 Cases: ``(path, K, V, dtype, decay, heads, switches)``; path ``delta`` is ``chunk_delta``
 (with ``u_scale``), ``longhorn`` the same with ``kk_coef`` (ε formed in the kernels), ``pair``
@@ -28,6 +29,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
 from tqdm import tqdm
@@ -120,6 +122,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("matrix", "elementwise", "defaults"),
                     help="run one family's cases, or the matrix cases on the library's default path")
     ap.add_argument("--paths", nargs="*", help="only the cases whose path starts with one of these, e.g. dplr")
+    ap.add_argument("--jobs", type=int, default=1, help="cases run at once (each its own process)")
     ap.add_argument("--case", nargs=7, help=argparse.SUPPRESS)      # the child process
     args = ap.parse_args()
     if args.case:
@@ -131,7 +134,8 @@ def main() -> None:
     family = {"matrix": lambda c: not c[0].startswith("elem:"), "elementwise": lambda c: c[0].startswith("elem:"),
               "defaults": lambda c: not c[0].startswith("elem:") and not c[-1], None: lambda c: True}[args.only]
     cases = [c for c in CASES if family(c) and (not args.paths or c[0].startswith(tuple(args.paths)))]
-    for case in tqdm(cases, desc="memcheck"):
+    def check(case):
+        """One case in its own sanitized process -> its verdict line."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("OLSM_MATRIX_")}
         env.update(kv.split("=") for kv in case[-1].split(",") if kv)
         cmd = ["compute-sanitizer", "--tool", "memcheck", "--print-limit", "3", "--error-exitcode", "9",
@@ -140,12 +144,18 @@ def main() -> None:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
             found = [ln.strip("= ") for ln in r.stdout.splitlines() if "Invalid" in ln or " at " in ln]
             why = " | ".join(found[:2] or [r.stderr[-200:]])
-            verdict = "clean" if r.returncode == 0 else f"rc {r.returncode}: {why}"
+            return "clean" if r.returncode == 0 else f"rc {r.returncode}: {why}"
         except subprocess.TimeoutExpired:
-            verdict = "timeout"
-        bad += verdict != "clean"
-        lines.append(f"{case}  {verdict}")
-        tqdm.write(lines[-1])
+            return "timeout"
+
+    # cases are separate processes sharing the GPU: several at once overlap their compiles
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(check, case): case for case in cases}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="memcheck"):
+            verdict = fut.result()
+            bad += verdict != "clean"
+            lines.append(f"{futures[fut]}  {verdict}")
+            tqdm.write(lines[-1])
     pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
     sys.exit(1 if bad else 0)
 

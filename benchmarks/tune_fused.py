@@ -19,9 +19,10 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import bench_matrix as BM  # noqa: E402
 import profile_ops  # noqa: E402
 
-from olsm.kernels.matrix import fused, fused_bwd  # noqa: E402
+from olsm.kernels.matrix import delta, fused, fused_bwd  # noqa: E402
 
 # (field, value) of fused.LaunchShape; the opposite of each default at K = V = 128, C = 64
 CHANGES = [("warps_seq", 8), ("warps_state_lr", 4), ("BV", 32), ("BV_dqdw", 64), ("warps_out", 8), ("BV_out", 32), ("BV_out", 128),
@@ -36,10 +37,10 @@ def with_change(field, value):
     def patched(*args, **kwargs):     # launch_shape(K, V, C, fp32=...)
         return dataclasses.replace(real(*args, **kwargs), **{field: value})
 
-    fused.launch_shape = fused_bwd.launch_shape = patched
+    fused.launch_shape = fused_bwd.launch_shape = delta.launch_shape = patched   # each imported it by name
 
     def undo():
-        fused.launch_shape = fused_bwd.launch_shape = real
+        fused.launch_shape = fused_bwd.launch_shape = delta.launch_shape = real
     return undo
 
 
@@ -49,18 +50,24 @@ def main():
     ap.add_argument("--methods", nargs="*", default=["mamba2", "gated_deltanet"])
     ap.add_argument("--changes", nargs="*", default=None,
                     help="field=value pairs to try instead of CHANGES, e.g. warps_state_lr=4 BV=64")
+    # OLSM_MATRIX_* set in the shell do not reach the calls: profile_ops sets every switch from the
+    # variant (bench_matrix.set_variant), so a code path is chosen here
+    ap.add_argument("--variant", default="new", type=BM.variant_name,
+                    help="bench_matrix variant to sweep under, e.g. stages4 or walk+stages2")
     args = ap.parse_args()
     changes = CHANGES if args.changes is None else [(c.split("=")[0], int(c.split("=")[1])) for c in args.changes]
     shape = tuple(int(p) for p in args.shape.split(","))
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, shape {shape} bf16")
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, shape {shape} bf16, "
+          f"variant {args.variant}")
     print(f"default: {fused.launch_shape(shape[3], shape[3], 64)}")
     for method in args.methods:
-        base = {k: ms for k, (_, ms) in profile_ops.kernel_times(method, shape).items() if not k.startswith("void")}
+        times = profile_ops.kernel_times(method, shape, args.variant)
+        base = {k: ms for k, (_, ms) in times.items() if not k.startswith("void")}
         rows = {k: {} for k in base}
         for field, value in changes:
             undo = with_change(field, value)
             try:
-                got = profile_ops.kernel_times(method, shape)
+                got = profile_ops.kernel_times(method, shape, args.variant)
             except Exception as err:  # noqa: BLE001 - a config that does not fit is a result too
                 print(f"  {method} {field}={value}: {type(err).__name__}: {str(err)[:100]}")
                 got = {}

@@ -468,7 +468,8 @@ class LaunchShape:
     a decay (0.37 → 0.25 ms each; rank-1 reverse pass 2.63 → 1.71), key slices of 32 in du; then,
     with those, 4 warps in the sequential passes (reverse rank-1 pass 1.30 → 1.01 ms, forward
     state pass without low rank 0.24 → 0.19) except the forward one with a low-rank part (0.88
-    at 8 warps, 1.14 at 4).
+    at 8 warps, 1.14 at 4; before the walks were pipelined; the delta form's own rule since run
+    14: :func:`.delta.state_warps`).
     """
 
     BK: int
@@ -653,15 +654,19 @@ def no_segments(dummy):
 
 def state_stages(decay: int, lowrank: bool, delta: bool = False) -> int:
     """num_stages of :func:`_state_fwd_kernel`: ``OLSM_MATRIX_STATE_STAGES`` if set to 2, 3 or 4;
-    ``auto`` (unset): 3 for the delta form and a per-key decay without a pair, 2 for the rest
-    (not timed at 3; a per-key decay with a pair needs 197 KB of shared memory there). H200,
-    run 13, with the walk's addresses arithmetic (tiles.walk_tokens): DeltaNet's forward at
-    (1, 32768) 1.934 ms at 2 stages, 1.891 at 3, 2.256 at 4, its fwd+bwd at (2, 8192) 1.726 /
-    1.692 (2 / 3), at (8, 2048) 1.562 both; GLA's fwd+bwd at (1, 32768) 5.653 / 5.522 / 5.487."""
+    ``auto`` (unset): 3 for the delta form and for a decay without a pair, 2 for the rest.
+
+    H200, with the walk's addresses arithmetic (tiles.walk_tokens), forward ms:
+    - run 13: DeltaNet at (1, 32768) 1.934 / 1.891 / 2.256 at 2 / 3 / 4 stages, fwd+bwd at (2, 8192)
+      1.726 / 1.692 (2 / 3); GLA fwd+bwd at (1, 32768) 5.653 / 5.522 / 5.487.
+    - run 14 (``quick_ab.py``, 2 / 3 stages): Mamba-2 (scalar decay, rank 0) 1.338 / 1.256 at
+      (1, 32768), 0.405 / 0.390 at (8, 2048); linear attention (no decay: the split pass) 0.533 /
+      0.579; the RWKV-7 form (per-key decay, pair; 197 KB of shared memory at 3) 4.981 / 4.987.
+    """
     choice = env_choice("OLSM_MATRIX_STATE_STAGES", ("auto", "2", "3", "4"))
     if choice != "auto":
         return int(choice)
-    return 3 if delta or (decay == DECAY_PER_KEY and not lowrank) else 2
+    return 3 if delta or (decay != DECAY_NONE and not lowrank) else 2
 
 
 def _launch_state(grid, args, **kw):
