@@ -64,7 +64,7 @@ def configs(K=128, V=128, C=64):
             yield (f"fwd output {tag}", F._output_fwd_kernel, dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out, **lowp),
                    sh.warps_out, True)
             fwd = dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, **lowp)
-            yield from segments(f"fwd state {tag}", F._state_fwd_kernel, fwd, sh.warps_state_lr if lr else sh.warps_seq,
+            yield from segments(f"fwd state {tag}", F._state_fwd_kernel, fwd, F.state_warps(sh, decay, lr, sh.BV),
                                 lr, K, V)
             yield (f"fwd split combine {tag}", SP._combine_kernel,
                    dict(K=K, V=V, BK=sh.BK, BV=32 if lr else sh.BV, HAS_INIT=True, DECAY=decay, MAT=lr),
@@ -130,7 +130,8 @@ def configs(K=128, V=128, C=64):
             wy2 = F.wy_constexprs(sh, K, V, C, 2, "tf32", store_t=True)
             yield ("fwd wy per-key pair", F._wy_fwd_kernel, wy2, wy2.pop("num_warps"), True)
             yield from segments("fwd state per-key pair", F._state_fwd_kernel,
-                                dict(d2, LOWRANK=True, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_state_lr, True, K, V)
+                                dict(d2, LOWRANK=True, HAS_H0=True, BK=sh.BK, BV=sh.BV),
+                                F.state_warps(sh, 2, True, sh.BV), True, K, V)
             yield ("fwd output per-key pair", F._output_fwd_kernel, dict(d2, LOWRANK=True, BK=sh.BK, BV=sh.BV_out),
                    sh.warps_out, True)
             yield from segments("bwd dstate per-key pair", FB._dstate_bwd_kernel,
@@ -157,7 +158,7 @@ def configs(K=128, V=128, C=64):
         yield (f"delta bwd wy+nu (recompute) decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), False)
         yield from segments(f"delta fwd state decay={decay}", F._state_fwd_kernel,
                             dict(d, LOWRANK=True, DELTA=True, HAS_H0=True, BK=sh.BK, BV=sh.BV),
-                            D.state_warps(sh, decay, sh.BV), True, K, V)
+                            F.state_warps(sh, decay, True, sh.BV, delta=True), True, K, V)
         yield (f"delta fwd split combine decay={decay}", SP._combine_kernel,
                dict(K=K, V=V, BK=sh.BK, BV=32, HAS_INIT=True, DECAY=decay, MAT=True), 8, decay == 0)
         yield from segments(f"delta bwd dstate decay={decay}", FB._dstate_bwd_kernel,

@@ -49,7 +49,7 @@ from olsm.errors import InputError
 from .chunk import _check_backend, _check_inputs, _interpreting, _layout, chunk_matrix, leaf_grads
 from .fused import (
     MAX_FUSED_DIM, _launch_state, _output_fwd_kernel, dots_lowp, env_choice, launch_shape, launch_wy,
-    no_segments, sequence_launch, state_dtype,
+    no_segments, sequence_launch, state_dtype, state_warps,
 )
 from .decay_grad import decay_gradient
 from .fused_bwd import _dqdw_bwd_kernel, launch_dstate
@@ -242,7 +242,7 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=No
     gd = g if g is not None else u
     grid, BK_seq, BV = _sequence_launch(meta, shape, N, H, K, V, dev)
     kw = dict(K=K, V=V, C=C, DECAY=decay, LOWRANK=True, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,
-              PRECISION=prec, DELTA=True, num_warps=state_warps(shape, decay, BV))
+              PRECISION=prec, DELTA=True, num_warps=state_warps(shape, decay, True, BV, delta=True))
     walk_sequences(lambda grid_, args_, **extra: _launch_state(grid_, args_, **kw, **extra),
                    grid, (k, k, u, gd, x_wy, y_wy, h0_ if h0_ is not None else u, states, nu, final, lay.tok_start,
                           lay.tok_stop, lay.chunk_offsets, H) + no_segments(u),
@@ -255,17 +255,6 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=No
             LOWP=dots_lowp(), num_warps=shape.warps_out,
         )
     return o, final, states, t_wy, kk, x_wy, nu
-
-
-def state_warps(shape, decay: int, BV: int) -> int:
-    """``num_warps`` of the delta form's forward state pass (its value block ``BV``).
-
-    H200, bf16, K = V = 128, ``benchmarks/tune_fused.py`` (run 14), state pass 8 → 4 warps:
-    without a decay 4 win at every shape (BV = 64 at (8, 2048): 0.220 → 0.190 ms; BV = 32 at
-    (2, 8192): 0.302 → 0.257, at (1, 32768): 1.010 → 0.819); with a decay at BV = 64 (0.259 →
-    0.200) but not at BV = 32 (0.411 → 0.424, 1.621 → 1.660), where the general pair's 8 stay.
-    """
-    return 4 if decay == 0 or BV >= 64 else shape.warps_state_lr
 
 
 def _coef_buffer(R, B, T, H, dev):

@@ -469,7 +469,7 @@ class LaunchShape:
     with those, 4 warps in the sequential passes (reverse rank-1 pass 1.30 → 1.01 ms, forward
     state pass without low rank 0.24 → 0.19) except the forward one with a low-rank part (0.88
     at 8 warps, 1.14 at 4; before the walks were pipelined; the delta form's own rule since run
-    14: :func:`.delta.state_warps`).
+    14: :func:`state_warps`).
     """
 
     BK: int
@@ -669,6 +669,22 @@ def state_stages(decay: int, lowrank: bool, delta: bool = False) -> int:
     return 3 if delta or (decay != DECAY_NONE and not lowrank) else 2
 
 
+def state_warps(shape: LaunchShape, decay: int, lowrank: bool, BV: int, delta: bool = False) -> int:
+    """num_warps of :func:`_state_fwd_kernel` at value block ``BV``: ``warps_seq`` for rank 0,
+    ``warps_state_lr`` with a pair, except the delta form, which takes 4 without a decay or at
+    64-wide value blocks.
+
+    H200, bf16, K = V = 128, ``benchmarks/tune_fused.py`` (run 14), state pass 8 → 4 warps: the
+    delta form without a decay won at every shape (BV = 64 at (8, 2048): 0.220 → 0.190 ms; BV = 32
+    at (2, 8192): 0.302 → 0.257, at (1, 32768): 1.010 → 0.819), with a decay at BV = 64 (0.259 →
+    0.200) but not at BV = 32 (0.411 → 0.424, 1.621 → 1.660); the general pair (DPLR) lost at every
+    shape (0.409 → 0.577 ms at (8, 2048), 2.055 → 2.159 at (1, 32768)).
+    """
+    if not lowrank:
+        return shape.warps_seq
+    return 4 if delta and (decay == DECAY_NONE or BV >= 64) else shape.warps_state_lr
+
+
 def _launch_state(grid, args, **kw):
     """:func:`_state_fwd_kernel` at :func:`state_stages` (:func:`launch_staged`)."""
     stages = state_stages(kw["DECAY"], kw["LOWRANK"], kw.get("DELTA", False))
@@ -750,7 +766,7 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     args = (w, a, u, g if g is not None else dummy, x_wy, y_wy, h0_ if h0_ is not None else dummy,
             states, probes, final, tok_start, tok_stop, chunk_offsets, H) + no_segments(dummy)
     kw = dict(K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,
-              PRECISION=prec, LOWP=lowp and R == 0, num_warps=shape.warps_state_lr if R else shape.warps_seq)
+              PRECISION=prec, LOWP=lowp and R == 0, num_warps=state_warps(shape, decay, R > 0, BV))
     from .split import walk_sequences     # split imports this module
 
     walk_sequences(lambda grid_, args_, **extra: _launch_state(grid_, args_, **kw, **extra),

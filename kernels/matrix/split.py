@@ -23,8 +23,8 @@ The states are those of the single walk up to float32 rounding of the join, and 
 the storage dtype once, as there. With a pair and storage-dtype dot operands (the delta form),
 the transition's columns are also rounded to that dtype at each chunk. The reverse pass of the
 backward (dS_n = γ_n dS_{n+1} + scale Q̂ᵀ dO) is the same recurrence run backwards and is split
-the same way (segments walked
-last chunk first, joined last segment first from d_final, ending in dh0). The cost: a second
+the same way (segments walked last chunk first, joined last segment first from d_final, ending
+in dh0). The cost: a second
 read of the segment walks' inputs (k and v, or q and dO) and the [K, V] segment states (fp32);
 a re-walk was chosen over adding e^{c_n} Z_j to stored local states because that costs a read
 and write of every state and rounds them twice. The segment length is picked so that steps 1
