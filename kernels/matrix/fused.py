@@ -44,7 +44,7 @@ from olsm.errors import BackendError
 from . import perkey, perkey_pair
 from .perkey_pair import BA, BW, QA, QW
 from .tiles import (
-    chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, gamma_at, segment_start, store_segment_end,
+    chunk_decay, chunk_key_tiles, chunk_tokens, gamma_at, segment_start, store_segment_end,
     walk_bounds, walk_program, walk_tokens,
 )
 
