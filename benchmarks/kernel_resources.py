@@ -61,7 +61,7 @@ def configs(K=128, V=128, C=64):
         for lr in (False, True):
             tag = f"decay={decay} rank={int(lr)}"
             lowp = dict(LOWP=True) if not lr else {}    # storage-dtype dots (the default) apply without a pair
-            yield (f"fwd output {tag}", F._output_fwd_kernel, dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out, **lowp),
+            yield (f"fwd output {tag}", F._output_fwd_kernel, dict(d, LOWRANK=lr, BK=sh.BK, BV=F.output_block(sh, lr), **lowp),
                    sh.warps_out, True)
             fwd = dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, **lowp)
             yield from segments(f"fwd state {tag}", F._state_fwd_kernel, fwd, F.state_warps(sh, decay, lr, sh.BV),
@@ -75,8 +75,9 @@ def configs(K=128, V=128, C=64):
                 yield (f"fwd output fp32 dots {tag}", F._output_fwd_kernel,
                        dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out), sh.warps_out, False)
             bwd = dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV)
-            yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, sh.warps_seq, True)
-            yield from segments(f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, sh.warps_seq, lr, K, V, walk=False)
+            wb = sh.warps_seq if lr else F.rank0_warps(sh, decay)      # as fused_bwd.fused_backward
+            yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, wb, True)
+            yield from segments(f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, wb, lr, K, V, walk=False)
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False)
         yield (f"fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         yield (f"bwd dq dw decay={decay}", FB._dqdw_bwd_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)
@@ -132,7 +133,8 @@ def configs(K=128, V=128, C=64):
             yield from segments("fwd state per-key pair", F._state_fwd_kernel,
                                 dict(d2, LOWRANK=True, HAS_H0=True, BK=sh.BK, BV=sh.BV),
                                 F.state_warps(sh, 2, True, sh.BV), True, K, V)
-            yield ("fwd output per-key pair", F._output_fwd_kernel, dict(d2, LOWRANK=True, BK=sh.BK, BV=sh.BV_out),
+            yield ("fwd output per-key pair", F._output_fwd_kernel, dict(d2, LOWRANK=True, BK=sh.BK,
+                                                                         BV=F.output_block(sh, True)),
                    sh.warps_out, True)
             yield from segments("bwd dstate per-key pair", FB._dstate_bwd_kernel,
                                 dict(d2, HAS_DFINAL=True, LOWRANK=True, BK=sh.BK, BV=sh.BV), sh.warps_seq, True, K, V)

@@ -255,6 +255,18 @@ def _wy_fwd_kernel(
 
 
 @triton.jit
+def _chunk_rows(y, c, c_end, i_h, H, C: tl.constexpr, V: tl.constexpr, offs_v, mask_v):
+    """Rows ``[C, BV]`` of chunk ``c`` × head ``i_h`` of a per-chunk tensor y ``[NC, H, C, V]``
+    at value columns ``offs_v``; zeros when ``c >= c_end`` (past the walk)."""
+    nh = (c * H + i_h).to(tl.int64)
+    rows = tl.arange(0, C)
+    # the row test rather than `& (c < c_end)`: the interpreter stores a bool tensor & a bool
+    # scalar as int32, which tl.load rejects as a mask
+    return tl.load(y + nh * C * V + rows[:, None] * V + offs_v[None, :],
+                   mask=(rows < tl.where(c < c_end, C, 0))[:, None] & mask_v[None, :], other=0.)
+
+
+@triton.jit
 def _state_fwd_kernel(
     w, a, u, g, x_wy, y_wy, h0, states, probes, final, tok_start, tok_stop, chunk_offsets,
     H, seg_end, seg_g, NSEG,
@@ -305,6 +317,12 @@ def _state_fwd_kernel(
         S += tl.load(h0 + i_nh.to(tl.int64) * K * V + kv, mask=mask_kv, other=0.)
 
     t_first, t_end = walk_bounds(tok_start, tok_stop, c_start, c_end)
+    if LOWRANK:
+        # Y of the walk's first chunk; each step below loads the next chunk's by hand, a whole step
+        # ahead: Triton folds `dot + Y` into the dot's accumulator, and its pipeliner prefetches
+        # only a dot's A and B operands, so Y was the walk's one synchronous load (sm_90 TTGIR,
+        # Triton 3.9), a full memory latency per chunk on the sequential path
+        Y = _chunk_rows(y_wy, c_start, c_end, i_h, H, C, V, offs_v, mask_u)
     for c in range(c_start, c_end):
         nh = (c * H + i_h).to(tl.int64)
         if store:
@@ -324,9 +342,8 @@ def _state_fwd_kernel(
             W_T = W_T * to_end_k
         if LOWRANK:
             X = tl.load(x_wy + nh * C * K + offs_c[:, None] * K + offs_k[None, :], mask=mask_k[None, :], other=0.)
-            P = tl.dot(X.to(od), S.to(od), input_precision=PRECISION)
-            P += tl.load(y_wy + nh * C * V + offs_c[:, None] * V + offs_v[None, :],
-                         mask=mask_u[None, :], other=0.).to(tl.float32)
+            P = tl.dot(X.to(od), S.to(od), input_precision=PRECISION) + Y.to(tl.float32)
+            Y = _chunk_rows(y_wy, c + 1, c_end, i_h, H, C, V, offs_v, mask_u)
             if store:
                 tl.store(probes + nh * C * V + offs_c[:, None] * V + offs_v[None, :],
                          P.to(probes.dtype.element_ty), mask=mask_v[None, :])
@@ -508,12 +525,16 @@ def launch_shape(K: int, V: int, C: int, fp32: bool = False) -> LaunchShape:
     # V = 32 / 16 and in the output kernel's storage-dtype M·ν dot; illegal-address faults that
     # depended on the process's history); 128-byte rows ran clean in every case checked.
     # BV_dqdw (32 at BK = 128) and BV_rank1 (16) feed other operands: README §1.3.
+    # BV_out: the whole value row for 16-bit inputs, so q and w are read once per chunk (H200, run
+    # 15, tune_fused.py, output kernel 64 → 128 at (1, 32768): Mamba-2 0.275 → 0.248 ms, gated
+    # DeltaNet 0.278 → 0.237, DeltaNet 0.201 → 0.188, GLA 0.415 → 0.297; linear attention within
+    # 2 %); with a pair 64 (:func:`output_block`)
     pv = max(64, triton.next_power_of_2(V))
     small = C <= 64
     w4 = 8 if fp32 else 4
     return LaunchShape(BK=BK, BKS=min(BK, 64), BKS_du=min(BK, 32), BV=min(64, pv),
                        BV_dqdw=min(64 if BK <= 64 else 32, pv),
-                       BV_out=min(64 if BK <= 128 else 32, pv), BV_wide=min(64, pv),
+                       BV_out=min(32 if BK > 128 else 64 if fp32 else 128, pv), BV_wide=min(64, pv),
                        BV_rank1=16, warps_seq=w4, warps_state_lr=4 if BK <= 64 else 8,
                        warps_out=w4 if BK * C <= 128 * 64 else 8,
                        warps_wy=w4 if C * BK <= 64 * 128 else 8, warps_chunk=4 if small else 8,
@@ -669,6 +690,22 @@ def state_stages(decay: int, lowrank: bool, delta: bool = False) -> int:
     return 3 if delta or (decay != DECAY_NONE and not lowrank) else 2
 
 
+def output_block(shape: LaunchShape, lowrank: bool) -> int:
+    """Value block of :func:`_output_fwd_kernel`: ``BV_out``, at most 64 with a pair (its M_qa·P
+    dot on fp32 operands: at 128 the RWKV-7 form's output kernel went 0.727 → 0.861 ms at
+    (1, 32768, 16, 128) on the H200, run 15, and the scalar-decay pair spilled 32 B, sm_90 compile)."""
+    return min(shape.BV_out, 64) if lowrank else shape.BV_out
+
+
+def rank0_warps(shape: LaunchShape, decay: int) -> int:
+    """num_warps of both walks (forward state, reverse dS) without a low-rank part: 8 with a scalar
+    decay, else ``warps_seq``. At 4 warps the scalar decay's reverse pass took 255 registers and
+    spilled 72 B per thread (sm_90 compile); H200, run 15, (8, 2048, 16, 128) bf16, Mamba-2, 4 → 8
+    warps: reverse pass 0.251 → 0.206 ms, forward 0.115 → 0.105 (within 2 % at (1, 32768)); linear
+    attention lost (reverse 0.142 → 0.157)."""
+    return 8 if decay == DECAY_SCALAR else shape.warps_seq
+
+
 def state_warps(shape: LaunchShape, decay: int, lowrank: bool, BV: int, delta: bool = False) -> int:
     """num_warps of :func:`_state_fwd_kernel` at value block ``BV``: ``warps_seq`` for rank 0,
     ``warps_state_lr`` with a pair, except the delta form, which takes 4 without a decay or at
@@ -681,7 +718,7 @@ def state_warps(shape: LaunchShape, decay: int, lowrank: bool, BV: int, delta: b
     shape (0.409 → 0.577 ms at (8, 2048), 2.055 → 2.159 at (1, 32768)).
     """
     if not lowrank:
-        return shape.warps_seq
+        return rank0_warps(shape, decay)
     return 4 if delta and (decay == DECAY_NONE or BV >= 64) else shape.warps_state_lr
 
 
@@ -773,7 +810,7 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
                    grid, args, h0_, final, chunk_offsets, H, K, V, BK_seq, BV, decay, max_chunks, dev,
                    lowrank=R > 0)
     if NC > 0:
-        BVO = shape.BV_out
+        BVO = output_block(shape, R > 0)
         _output_fwd_kernel[(triton.cdiv(V, BVO), NC * H)](
             q, w, a, u, g if g is not None else dummy, states, probes, o, amat if amat is not None else dummy,
             tok_start, tok_stop,

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from . import perkey, perkey_pair
-from .fused import env_choice, launch_shape, launch_staged, launch_wy, no_segments, sequence_launch
+from .fused import env_choice, launch_shape, launch_staged, launch_wy, no_segments, rank0_warps, sequence_launch
 from .decay_grad import decay_gradient, decay_gradient_per_key
 from .perkey_pair import BA, BW, QA, QW
 from .split import walk_sequences
@@ -633,7 +633,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale, amat if R and decay == 2 else dummy,
             H) + no_segments(dummy)
     kw = dict(K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None, LOWRANK=R > 0, BK=BK_seq, BV=BV,
-              PRECISION=prec, num_warps=shape.warps_seq)
+              PRECISION=prec, num_warps=shape.warps_seq if R else rank0_warps(shape, decay))
     walk_sequences(lambda grid_, args_, **extra: launch_dstate(grid_, args_, **kw, **extra),
                    grid, args, df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev,
                    reverse=True, lowrank=R > 0)

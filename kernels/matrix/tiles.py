@@ -136,7 +136,7 @@ def chunk_decay(g, tok, valid, i_h, H, offs_c):
     cumulative sum within the chunk (chunk-relative, so it never grows past one chunk); fp32,
     each step floored at :data:`LOG_DECAY_FLOOR`."""
     g_c = floor_log_decay(tl.load(g + tok * H + i_h, mask=valid, other=0.))
-    G = tl.sum(tl.where(offs_c[None, :] <= offs_c[:, None], g_c[None, :], 0.), axis=1)
+    G = tl.cumsum(g_c, axis=0)
     return g_c, G, tl.sum(g_c, axis=0)
 
 
