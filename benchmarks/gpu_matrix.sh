@@ -6,6 +6,9 @@
 #   BENCH=0 bash benchmarks/gpu_matrix.sh          (about 5 min of compiles)
 #   QUICK=1 BENCH=0 TESTS= [PLAN="deltanet:recompute+fp32dots:bwd ..."] bash benchmarks/gpu_matrix.sh
 #                                                     (quick A/B of the opt-in switches, no FLA, ~1 min)
+#   QUICK=1 BASELINE=base.tar BENCH=0 TESTS= PLAN="..." bash benchmarks/gpu_matrix.sh
+#                                                     (the same plan also on an older commit, back to back:
+#                                                      `git archive -o base.tar <commit>` here, carry base.tar)
 #   SANITIZE=1 BENCH=0 TESTS= bash benchmarks/gpu_matrix.sh   (compute-sanitizer memcheck of the matrix and
 #                                                              elementwise kernels, 29 cases, about 9 min)
 #   TESTS= [METHODS="deltanet longhorn gated_deltanet linear_attention"] [VARIANTS="new run8 fp32dots recompute levels2"] bash benchmarks/gpu_matrix.sh
@@ -17,6 +20,14 @@ python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --targ
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > $R/gpu.txt 2>&1
 if [ "${QUICK:-0}" = 1 ]; then
     timeout 400 python -u benchmarks/quick_ab.py ${PLAN:-} > $R/quick_ab.log 2>&1
+    if [ -n "${BASELINE:-}" ]; then
+        # the older tree imported in place of this one (olsm.kernels / olsm.objectives are mapped
+        # folders in the editable install, so the baseline gets them as links)
+        B=/tmp/baseline; mkdir -p $B && tar xf "$BASELINE" -C $B
+        ln -sfn ../kernels $B/olsm/kernels; ln -sfn ../objectives $B/olsm/objectives
+        (cd $B && PYTHONPATH=$B timeout 400 python -u benchmarks/quick_ab.py ${PLAN:-}) > $R/quick_ab_baseline.log 2>&1
+        grep -v "first call" $R/quick_ab_baseline.log
+    fi
     tar czf $OUT/matrix.tgz -C $R .
     grep -v "first call" $R/quick_ab.log
 fi

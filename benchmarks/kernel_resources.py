@@ -11,7 +11,10 @@ tf32), with their num_warps and the library's default switches (``default path``
 longhorn_diag's and mamba1's forward and backward at the benchmark shape (N = 16, E = 1536, one
 head, bf16) with the tiles ``choose_config`` picks. A default-path launch fails the run (exit 1)
 if it needs more shared memory than Hopper has or, for the elementwise kernels (whose speed is
-bound by registers, ``benchmarks/README.md``), if it spills.
+bound by registers, ``benchmarks/README.md``), if it spills. ``sync loads`` counts the loads in
+a kernel's loops that Triton's pipeliner left synchronous (``olsm.kernels.aot.synchronous_loop_loads``):
+on the sequential walks each is a memory latency per chunk, and ``tests/test_kernel_resources.py``
+holds the default walks at zero.
 """
 from __future__ import annotations
 
@@ -226,8 +229,8 @@ def stages_of(name: str, consts: dict) -> int:
 def main():
     only_default = "--default-only" in sys.argv[1:]   # what the test needs; skips the slow opt-in ones
     print(f"triton {triton.__version__}, sm_90, K = V = 128, C = 64, bf16; limit {HOPPER_SHARED_BYTES} B shared\n")
-    print("| kernel | default path | num_warps | shared (B) | fits H100 | registers | spill stack (B) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kernel | default path | num_warps | shared (B) | fits H100 | registers | spill stack (B) | sync loads |")
+    print("|---|---|---|---|---|---|---|---|")
     bad = 0
     for name, kernel, consts, warps, default in configs():
         if only_default and not default:
@@ -236,7 +239,7 @@ def main():
         fits = r["shared"] <= HOPPER_SHARED_BYTES
         bad += default and not fits
         print(f"| {name} | {'yes' if default else 'opt-in'} | {warps} | {r['shared']} | {'yes' if fits else '**no**'} "
-              f"| {r['registers']} | {r['stack']} |")
+              f"| {r['registers']} | {r['stack']} | {r['sync_loads']} |")
     for name, kernel, consts, types, warps, default in elementwise_configs():
         if only_default and not default:
             continue
@@ -244,7 +247,7 @@ def main():
         fits = r["shared"] <= HOPPER_SHARED_BYTES
         bad += default and (not fits or r["stack"] > 0)
         print(f"| {name} | {'yes' if default else 'opt-in'} | {warps} | {r['shared']} | {'yes' if fits else '**no**'} "
-              f"| {r['registers']} | {r['stack']}{' **spills**' if r['stack'] else ''} |")
+              f"| {r['registers']} | {r['stack']}{' **spills**' if r['stack'] else ''} | {r['sync_loads']} |")
     sys.exit(1 if bad else 0)
 
 

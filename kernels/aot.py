@@ -39,7 +39,8 @@ def compile_for(kernel, constexprs: Dict[str, object], types: Dict[str, str], *,
         num_warps, num_stages: launch options, as at the real launch.
 
     Returns:
-        ``{"shared": bytes, "registers": per thread, "stack": spill bytes per thread}``.
+        ``{"shared": bytes, "registers": per thread, "stack": spill bytes per thread,
+        "sync_loads": loads in loops left synchronous}`` (:func:`synchronous_loop_loads`).
 
     Raises:
         triton.CompilationError (or the compiler's own error) if the kernel does not compile.
@@ -71,4 +72,70 @@ def compile_for(kernel, constexprs: Dict[str, object], types: Dict[str, str], *,
     finally:
         os.unlink(fh.name)
     field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))  # noqa: E731
-    return {"shared": int(compiled.metadata.shared), "registers": field("REG"), "stack": field("STACK")}
+    return {"shared": int(compiled.metadata.shared), "registers": field("REG"), "stack": field("STACK"),
+            "sync_loads": synchronous_loop_loads(compiled.asm["ttgir"])}
+
+
+_LOAD = re.compile(r"^(%[\w#]+)(?::\d+)? = tt\.load ")
+
+
+def _carried(line: str) -> bool:
+    """A use that carries a loaded value into the next iteration (``scf.yield``) or into a nested
+    loop's first one (an ``scf.for``'s iter_args): a hand prefetch, whose latency overlaps the work
+    before that use."""
+    return line.startswith("scf.yield") or re.match(r"^(%[\w#]+(?::\d+)? = )?scf\.for ", line) is not None
+
+
+def _defines(line: str, name: str) -> bool:
+    return re.match(re.escape(name) + r"(?::\d+)? = ", line) is not None
+
+
+def synchronous_loop_loads(ttgir: str) -> int:
+    """Loads in a loop of a kernel's TTGIR (after software pipelining) that wait for memory in the
+    iteration that issues them: plain ``tt.load`` ops whose result is used in that iteration.
+
+    Triton's pipeliner turns the loads it prefetches into ``ttg.async_copy_global_to_local``; it
+    prefetches a loop's dot operands (A and B, not the accumulator), so a load feeding a dot only
+    through its accumulator or through other arithmetic stays a ``tt.load``: on a sequential walk
+    that is a memory latency per step (run 15, H200: the forward walk's Y with a pair; loading it a
+    chunk ahead took DeltaNet's forward from 1.694 to 1.581 ms at (1, 32768)). A load whose result
+    only goes to the loop's ``scf.yield`` (or a nested loop's ``iter_args``) is a prefetch by hand
+    for the next iteration and is not counted.
+
+    Args:
+        ttgir: ``compiled.asm["ttgir"]`` of a compiled kernel.
+
+    Returns:
+        the number of such loads.
+    """
+    lines = [line.strip() for line in ttgir.splitlines()]
+    stack, loops, count = [], [], 0     # open regions (True: an scf.for body), open loops' first lines
+    for i, line in enumerate(lines):
+        if line.startswith("}"):
+            if stack.pop():
+                start = loops.pop()
+                count += _sync_loads(lines[start:i])
+        if line.endswith("{"):
+            is_for = "scf.for " in line
+            stack.append(is_for)
+            if is_for:
+                loops.append(i + 1)
+    return count
+
+
+def _sync_loads(body) -> int:
+    """:func:`synchronous_loop_loads` of one loop body's lines (nested loops are counted on their own)."""
+    n, nested = 0, []                   # regions open inside the body (True: a nested loop)
+    for i, line in enumerate(body):
+        if line.startswith("}"):
+            nested.pop()
+        m = _LOAD.match(line) if not any(nested) else None
+        if m:
+            name = m.group(1)
+            use = re.compile(re.escape(name) + r"(?![\w#])")
+            # uses after the load (names are reused in sibling regions), not redefinitions
+            uses = [other for other in body[i + 1:] if use.search(other) and not _defines(other, name)]
+            n += any(not _carried(other) for other in uses)
+        if line.endswith("{"):
+            nested.append("scf.for " in line)
+    return n

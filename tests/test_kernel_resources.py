@@ -43,6 +43,14 @@ def test_default_path_kernels_compile_for_hopper_and_fit():
     # the generated elementwise kernels at their default tiles: compiled, and no register spills
     # (forward, backward) × 2 models (the forward's opt-in split phases are not on the default path)
     assert len([line for line in run.stdout.splitlines() if line.startswith("| elementwise")]) == 4
+    # the sequential walks (forward state, reverse dS) on the default path leave no load in their
+    # loop synchronous: on a walk each is a memory latency per chunk (run 15: the forward walk's Y
+    # and a per-key γ were; their loads a chunk ahead took DeltaNet's forward 1.694 -> 1.581 ms)
+    walks = [line for line in rows + [line for line in run.stdout.splitlines() if line.startswith("| delta")]
+             if line.startswith(("| fwd state", "| bwd dstate", "| delta fwd state", "| delta bwd dstate"))]
+    assert len(walks) >= 20
+    sync = [line for line in walks if line.rstrip(" |").rsplit("|", 1)[-1].strip() != "0"]
+    assert not sync, "\n".join(sync)
 
 
 def test_no_tl_trans_in_kernels():

@@ -58,6 +58,15 @@ from .tiles import chunk_decay, chunk_key_tiles
 
 
 @triton.jit
+def _value_rows(u, tok, i_h, H, V: tl.constexpr, valid, v0, BV: tl.constexpr):
+    """Columns ``[v0, v0 + BV)`` of u ``[B·T, H, V]`` at one chunk's tokens × head ``i_h``:
+    ``[C, BV]``, zeros outside (all of it for ``v0 >= V``: nothing is read)."""
+    offs_v = v0 + tl.arange(0, BV)
+    return tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=valid[:, None] & (offs_v < V)[None, :],
+                   other=0.)
+
+
+@triton.jit
 def _delta_wy_bwd_kernel(
     k, u, c, g, states, dprobes, t_wy, e_cc, du, dc, tok_start, tok_stop, u_scale, d_scale,
     kk_coef, kk, c_norm, d_kk, d_kk_coef,
@@ -103,6 +112,9 @@ def _delta_wy_bwd_kernel(
         s0_t = tl.load(u_scale + tok * H + i_h, mask=valid, other=0.)
         s_t = s0_t * r_t if NORM else s0_t
         ds = tl.zeros([C], dtype=tl.float32)
+        # u's rows for ds, loaded a value block ahead by hand: they feed a sum, not a dot, so
+        # Triton's pipeliner left the load synchronous in every step (kernel_resources.py)
+        U_rows = _value_rows(u, tok, i_h, H, V, valid, 0, BV)
     for i_v in range(0, (V + BV - 1) // BV):
         offs_v = i_v * BV + tl.arange(0, BV)
         mask_v = offs_v < V
@@ -121,8 +133,8 @@ def _delta_wy_bwd_kernel(
         dU = tl.dot(A_T_op, dnu, input_precision=PRECISION)
         rows_v = (tok[:, None] * H + i_h) * V + offs_v[None, :]
         if U_SCALE:
-            ds += tl.sum(dU * tl.load(u + rows_v, mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32),
-                         axis=1)
+            ds += tl.sum(dU * U_rows.to(tl.float32), axis=1)
+            U_rows = _value_rows(u, tok, i_h, H, V, valid, (i_v + 1) * BV, BV)
             dU = dU * s_t[:, None]
         tl.store(du + rows_v, dU.to(du.dtype.element_ty), mask=valid[:, None] & mask_v[None, :])
 

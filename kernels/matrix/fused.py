@@ -44,7 +44,7 @@ from olsm.errors import BackendError
 from . import perkey, perkey_pair
 from .perkey_pair import BA, BW, QA, QW
 from .tiles import (
-    chunk_decay, chunk_key_tiles, chunk_tokens, gamma_at, segment_start, store_segment_end,
+    chunk_decay, chunk_key_tiles, chunk_tokens, gamma_at, segment_start, store_segment_end, walk_gamma,
     walk_bounds, walk_program, walk_tokens,
 )
 
@@ -323,6 +323,10 @@ def _state_fwd_kernel(
         # only a dot's A and B operands, so Y was the walk's one synchronous load (sm_90 TTGIR,
         # Triton 3.9), a full memory latency per chunk on the sequential path
         Y = _chunk_rows(y_wy, c_start, c_end, i_h, H, C, V, offs_v, mask_u)
+    if DECAY == 2 and LOWRANK:
+        # γ a chunk ahead too (tiles.walk_gamma): with a pair the pipeliner left it synchronous;
+        # without one it prefetches it itself (kernel_resources.py's sync loads)
+        gam_next = walk_gamma(g, t_first, t_end, c_start, c_start, i_h, H, K, C, offs_k, mask_k)
     for c in range(c_start, c_end):
         nh = (c * H + i_h).to(tl.int64)
         if store:
@@ -337,7 +341,11 @@ def _state_fwd_kernel(
             W_T = W_T * to_end[None, :]
         if DECAY == 2:
             # per key (:mod:`.perkey`): g is the chunk-relative cumulative G [B·T, H, K], γ its last row
-            gam = gamma_at(g, last, i_h, H, K, offs_k, mask_k)
+            if LOWRANK:
+                gam = gam_next
+                gam_next = walk_gamma(g, t_first, t_end, c + 1, c_start, i_h, H, K, C, offs_k, mask_k)
+            else:
+                gam = gamma_at(g, last, i_h, H, K, offs_k, mask_k)
             to_end_k = tl.exp(gam[:, None] - tl.load(g + col_k, mask=mask_col, other=0.))   # [BK, C]
             W_T = W_T * to_end_k
         if LOWRANK:

@@ -55,7 +55,7 @@ from .perkey_pair import BA, BW, QA, QW
 from .split import walk_sequences
 from .tiles import (
     chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, gamma_at, kslice_program, segment_start,
-    store_segment_end, walk_bounds, walk_program, walk_tokens,
+    store_segment_end, walk_bounds, walk_gamma, walk_program, walk_tokens,
 )
 
 
@@ -115,6 +115,10 @@ def _dstate_bwd_kernel(
     if HAS_DFINAL and SEG_L == 0:
         dS += tl.load(d_final + i_nh.to(tl.int64) * K * V + kv, mask=mask_kv, other=0.)
     t_first, t_end = walk_bounds(tok_start, tok_stop, c_start, c_end)
+    if DECAY == 2 and not LOWRANK:
+        # γ a chunk ahead, by hand (tiles.walk_gamma): without a pair the pipeliner left it
+        # synchronous; with one it prefetches it itself, and a hand copy only added spills
+        gam_next = walk_gamma(g, t_first, t_end, c_end - 1, c_start, i_h, H, K, C, offs_k, mask_k)
     for i in range(0, c_end - c_start):
         c = c_end - 1 - i
         nh = (c * H + i_h).to(tl.int64)
@@ -129,7 +133,11 @@ def _dstate_bwd_kernel(
             _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
         if DECAY == 2:
             # per key: g is the cumulative G [B·T, H, K] of .perkey, γ its chunk's last row
-            gam = gamma_at(g, last, i_h, H, K, offs_k, mask_k)
+            if LOWRANK:
+                gam = gamma_at(g, last, i_h, H, K, offs_k, mask_k)
+            else:
+                gam = gam_next
+                gam_next = walk_gamma(g, t_first, t_end, c - 1, c_start, i_h, H, K, C, offs_k, mask_k)
         if LOWRANK:
             # dP = scale · M_qaᵀ dO + Â dS_{n+1}, with M_qaᵀ[s, t] = a_s·q_t e^{G_t − G_s} (s ≤ t)
             row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
@@ -396,6 +404,14 @@ def _value_block(u, do, dprobes, nh, i_h, H, tok, valid, offs_c, i_v, V: tl.cons
 
 
 @triton.jit
+def _block_T(y, nh, C: tl.constexpr, V: tl.constexpr, offs_c, v0, BV: tl.constexpr):
+    """Columns ``[v0, v0 + BV)`` of chunk × head ``nh`` of y ``[NC, H, C, V]``, transposed:
+    ``[BV, C]``, zeros outside (all of it for ``v0 >= V``: nothing is read)."""
+    offs_v = v0 + tl.arange(0, BV)
+    return tl.load(y + nh * C * V + offs_c[None, :] * V + offs_v[:, None], mask=(offs_v < V)[:, None], other=0.)
+
+
+@triton.jit
 def _lowrank_cc_kernel(
     q, w, u, b, do, g, states, dstates, dprobes, x_wy, y_wy, t_wy, probes, cc, du, grams,
     tok_start, tok_stop, scale,
@@ -445,6 +461,11 @@ def _lowrank_cc_kernel(
     dM_qw = tl.zeros([C, C], dtype=tl.float32)     # dO Uᵀ
     dT = tl.zeros([C, C], dtype=tl.float32)        # dP (B̂ S + N U)ᵀ
     dN = tl.zeros([C, C], dtype=tl.float32)        # (Tᵀ dP) Uᵀ
+    # P (per key: the forward's probes) or Y of each value block, loaded a block ahead by hand: Y
+    # joins its dot as the accumulator, and Triton's pipeliner prefetches only dot operands, so
+    # both loads were the loop's synchronous ones (kernel_resources.py's sync loads)
+    py = probes if DECAY == 2 else y_wy
+    PY_T = _block_T(py, nh, C, V, offs_c, 0, BV)
     for i_v in range(0, (V + BV - 1) // BV):
         offs_v, mask_v, row_v, m_cv, cv, U, dO, dP = _value_block(u, do, dprobes, nh, i_h, H, tok, valid, offs_c,
                                                                    i_v, V, C, BV)
@@ -455,15 +476,15 @@ def _lowrank_cc_kernel(
                       mask=mask_k[:, None] & mask_v[None, :], other=0.).to(tl.float32)
         cv_T = nh * C * V + offs_c[None, :] * V + offs_v[:, None]               # [BV, C]
         if DECAY == 2:
-            P_T = tl.load(probes + cv_T, mask=mask_v[:, None], other=0.).to(tl.float32)
+            P_T = PY_T.to(tl.float32)
             Z_T = P_T - tl.dot(P_T, L_T, input_precision=PRECISION)
         else:
             vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V              # [BV, BK]: Sᵀ
             S_T = tl.load(states + vk, mask=mask_v[:, None] & mask_k[None, :], other=0.).to(tl.float32)
-            P_T = tl.dot(S_T, X_T, input_precision=PRECISION) + tl.load(y_wy + cv_T, mask=mask_v[:, None],
-                                                                        other=0.).to(tl.float32)
+            P_T = tl.dot(S_T, X_T, input_precision=PRECISION) + PY_T.to(tl.float32)
             tl.store(probes + cv_T, P_T.to(probes.dtype.element_ty), mask=mask_v[:, None])
             Z_T = tl.dot(S_T, B_hat_T, input_precision=PRECISION) + tl.dot(U_T, N_T, input_precision=PRECISION)
+        PY_T = _block_T(py, nh, C, V, offs_c, (i_v + 1) * BV, BV)
         dNU = tl.dot(T_T, dP, input_precision=PRECISION)
         dM_qa += tl.dot(dO, P_T, input_precision=PRECISION)
         dM_qw += tl.dot(dO, U_T, input_precision=PRECISION)
