@@ -112,7 +112,8 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0, device="cuda"):
 # variant -> (environment switches that differ from the defaults, delta members via chunk_delta)
 ENV_DEFAULTS = {"OLSM_MATRIX_PATH": "auto", "OLSM_MATRIX_SOLVE": "triton", "OLSM_MATRIX_BWD": "auto",
                 "OLSM_MATRIX_INVERSE": "rows4", "OLSM_MATRIX_DOTS": "storage", "OLSM_MATRIX_DELTA_SAVE": "keep",
-                "OLSM_MATRIX_STATE": "auto", "OLSM_MATRIX_SPLIT_PER_SM": "4", "OLSM_MATRIX_STATE_STAGES": "auto"}
+                "OLSM_MATRIX_STATE": "auto", "OLSM_MATRIX_SPLIT_PER_SM": "4", "OLSM_MATRIX_STATE_STAGES": "auto",
+                "OLSM_BENCH_CHUNK": "64"}
 VARIANTS = {
     "new": ({}, True),
     "run8": ({"OLSM_MATRIX_INVERSE": "levels2", "OLSM_MATRIX_DOTS": "fp32", "OLSM_MATRIX_DELTA_SAVE": "recompute",
@@ -127,6 +128,7 @@ VARIANTS = {
     "stages2": ({"OLSM_MATRIX_STATE_STAGES": "2"}, True),
     "stages3": ({"OLSM_MATRIX_STATE_STAGES": "3"}, True),
     "stages4": ({"OLSM_MATRIX_STATE_STAGES": "4"}, True),
+    "chunk128": ({"OLSM_BENCH_CHUNK": "128"}, True),     # C = 128: half the chunk states (this script's switch)
     "pair": ({}, False),
     "autograd_bwd": ({"OLSM_MATRIX_BWD": "autograd"}, False),
     "general": ({"OLSM_MATRIX_PATH": "general", "OLSM_MATRIX_BWD": "autograd"}, False),
@@ -158,16 +160,17 @@ def ours(method, x, km, delta=True):
     ``delta``: the delta members (c, u) through ``chunk_delta``, else ``chunk_matrix`` with the
     pair ``(−c k, k)``."""
     q, k, v, beta, g, gk, b = (x[n] for n in ("q", "k", "v", "beta", "g", "gk", "b"))
-    scale = q.shape[-1] ** -0.5
+    # the chunk length C (variant chunk128; the library's default is 64)
+    kw = dict(scale=q.shape[-1] ** -0.5, chunk_size=int(os.environ.get("OLSM_BENCH_CHUNK", "64")))
     bt = beta[..., None]
     if method == "linear_attention":
-        return km.chunk_matrix(q, k, v, scale=scale)[0]
+        return km.chunk_matrix(q, k, v, **kw)[0]
     if method == "mamba2":
-        return km.chunk_matrix(q, k, v, g, scale=scale)[0]
+        return km.chunk_matrix(q, k, v, g, **kw)[0]
     if method == "gla":
-        return km.chunk_matrix(q, k, v, gk, scale=scale)[0]
+        return km.chunk_matrix(q, k, v, gk, **kw)[0]
     if method == "dplr":
-        return km.chunk_matrix(q, k, v, gk, [(-bt * k, b)], scale=scale)[0]
+        return km.chunk_matrix(q, k, v, gk, [(-bt * k, b)], **kw)[0]
     # the written value is s v (s = β, or ε for Longhorn): chunk_delta forms it in-kernel, and
     # Longhorn's ε = β / (1 + β kᵀk) from kk_coef = β, as Recurrence calls it; the pair path gets
     # ε and s v as tensors
@@ -182,10 +185,10 @@ def ours(method, x, km, delta=True):
     else:
         raise ValueError(method)
     if delta:
-        return km.chunk_delta(q, k, v, c, ld, scale=scale, u_scale=s, kk_coef=kk_coef)[0]
+        return km.chunk_delta(q, k, v, c, ld, u_scale=s, kk_coef=kk_coef, **kw)[0]
     if kk_coef is not None:
         c = s = beta / (1 + beta * k.float().pow(2).sum(-1))     # kᵀk in fp32, as the kernels take it
-    return km.chunk_matrix(q, k, s[..., None] * v, ld, [(-c[..., None].to(k.dtype) * k, k)], scale=scale)[0]
+    return km.chunk_matrix(q, k, s[..., None] * v, ld, [(-c[..., None].to(k.dtype) * k, k)], **kw)[0]
 
 
 def theirs(method, x, fla):
