@@ -39,8 +39,10 @@ back each: ``fp32dots``, ``levels2`` / ``inv3`` (levels3) / ``rows16`` (WY inver
 same forward, the autograd backward), ``general`` (general path, Triton inverse), ``legacy``
 (general path with ``torch.linalg.solve_triangular``: the code measured in runs 2 and 3),
 ``pair`` (the delta members through ``chunk_matrix`` with the general pair ``(−c k, k)``: the
-fused rank-1 kernels measured up to run 6). The paths are chosen through the ``OLSM_MATRIX_*``
-switches of ``ENV_DEFAULTS``, read at every call.
+fused rank-1 kernels measured up to run 6), ``stages2`` / ``stages3`` / ``stages4`` (the forward
+walk's num_stages), ``chunk128`` (chunk length C = 128 instead of the library's 64). The paths are
+chosen through the ``OLSM_MATRIX_*`` switches of ``ENV_DEFAULTS``, read at every call, and C
+through this script's ``OLSM_BENCH_CHUNK`` (``BENCH_DEFAULTS``).
 """
 from __future__ import annotations
 
@@ -112,8 +114,9 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0, device="cuda"):
 # variant -> (environment switches that differ from the defaults, delta members via chunk_delta)
 ENV_DEFAULTS = {"OLSM_MATRIX_PATH": "auto", "OLSM_MATRIX_SOLVE": "triton", "OLSM_MATRIX_BWD": "auto",
                 "OLSM_MATRIX_INVERSE": "rows4", "OLSM_MATRIX_DOTS": "storage", "OLSM_MATRIX_DELTA_SAVE": "keep",
-                "OLSM_MATRIX_STATE": "auto", "OLSM_MATRIX_SPLIT_PER_SM": "4", "OLSM_MATRIX_STATE_STAGES": "auto",
-                "OLSM_BENCH_CHUNK": "64"}
+                "OLSM_MATRIX_STATE": "auto", "OLSM_MATRIX_SPLIT_PER_SM": "4", "OLSM_MATRIX_STATE_STAGES": "auto"}
+# this script's own switches (not the library's), reset with ENV_DEFAULTS by every variant
+BENCH_DEFAULTS = {"OLSM_BENCH_CHUNK": "64"}
 VARIANTS = {
     "new": ({}, True),
     "run8": ({"OLSM_MATRIX_INVERSE": "levels2", "OLSM_MATRIX_DOTS": "fp32", "OLSM_MATRIX_DELTA_SAVE": "recompute",
@@ -139,7 +142,7 @@ VARIANTS = {
 def set_variant(variant):
     """Select our kernel's code path for the calls that follow (see the module docstring); returns
     whether the delta members go through ``chunk_delta``. ``a+b`` combines variants' switches."""
-    env, delta = dict(ENV_DEFAULTS), True
+    env, delta = dict(ENV_DEFAULTS, **BENCH_DEFAULTS), True
     for part in variant.split("+"):
         more, d = VARIANTS[part]
         env.update(more)

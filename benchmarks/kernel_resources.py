@@ -74,7 +74,8 @@ def configs(K=128, V=128, C=64):
                    8 if lr else 4, decay == 0 and not lr)
             if not lr:   # OLSM_MATRIX_DOTS=fp32
                 yield (f"fwd state fp32 dots {tag}", F._state_fwd_kernel,
-                       dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV), sh.warps_seq, False)
+                       dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV), F.state_warps(sh, decay, lr, sh.BV),
+                       False)
                 yield (f"fwd output fp32 dots {tag}", F._output_fwd_kernel,
                        dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out), sh.warps_out, False)
             bwd = dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV)

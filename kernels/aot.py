@@ -79,11 +79,15 @@ def compile_for(kernel, constexprs: Dict[str, object], types: Dict[str, str], *,
 _LOAD = re.compile(r"^(%[\w#]+)(?::\d+)? = tt\.load ")
 
 
-def _carried(line: str) -> bool:
-    """A use that carries a loaded value into the next iteration (``scf.yield``) or into a nested
-    loop's first one (an ``scf.for``'s iter_args): a hand prefetch, whose latency overlaps the work
-    before that use."""
-    return line.startswith("scf.yield") or re.match(r"^(%[\w#]+(?::\d+)? = )?scf\.for ", line) is not None
+def _carried(line: str, use: "re.Pattern", top: bool) -> bool:
+    """Whether this use carries a loaded value out of the iteration unused (a hand prefetch, whose
+    latency overlaps the work before its real use): the loop body's own ``scf.yield`` (``top``:
+    not the yield of an ``scf.if`` inside it, whose result is used in this iteration), or the
+    ``iter_args`` of a nested loop (not its bounds)."""
+    if line.startswith("scf.yield"):
+        return top
+    m = re.match(r"^(?:%[\w#]+(?::\d+)? = )?scf\.for .*?iter_args\((.*)\)", line)
+    return m is not None and use.search(m.group(1)) is not None and use.search(line[:m.start(1)]) is None
 
 
 def _defines(line: str, name: str) -> bool:
@@ -99,8 +103,9 @@ def synchronous_loop_loads(ttgir: str) -> int:
     through its accumulator or through other arithmetic stays a ``tt.load``: on a sequential walk
     that is a memory latency per step (run 15, H200: the forward walk's Y with a pair; loading it a
     chunk ahead took DeltaNet's forward from 1.694 to 1.581 ms at (1, 32768)). A load whose result
-    only goes to the loop's ``scf.yield`` (or a nested loop's ``iter_args``) is a prefetch by hand
-    for the next iteration and is not counted.
+    only goes to the loop body's own ``scf.yield`` (or a nested loop's ``iter_args``) is a prefetch
+    by hand for the next iteration and is not counted. ``scf.while`` loops are not examined (the
+    kernels here have none).
 
     Args:
         ttgir: ``compiled.asm["ttgir"]`` of a compiled kernel.
@@ -125,17 +130,23 @@ def synchronous_loop_loads(ttgir: str) -> int:
 
 def _sync_loads(body) -> int:
     """:func:`synchronous_loop_loads` of one loop body's lines (nested loops are counted on their own)."""
-    n, nested = 0, []                   # regions open inside the body (True: a nested loop)
-    for i, line in enumerate(body):
+    # each line's regions open inside the body (True: a nested loop), as its line is read
+    depth, nested = [], []
+    for line in body:
         if line.startswith("}"):
             nested.pop()
-        m = _LOAD.match(line) if not any(nested) else None
+        depth.append(tuple(nested))
+        if line.endswith("{"):
+            nested.append("scf.for " in line)
+    n = 0
+    for i, line in enumerate(body):
+        m = _LOAD.match(line) if not any(depth[i]) else None
         if m:
             name = m.group(1)
             use = re.compile(re.escape(name) + r"(?![\w#])")
-            # uses after the load (names are reused in sibling regions), not redefinitions
-            uses = [other for other in body[i + 1:] if use.search(other) and not _defines(other, name)]
-            n += any(not _carried(other) for other in uses)
-        if line.endswith("{"):
-            nested.append("scf.for " in line)
+            # uses after the load (names are reused in sibling regions), not redefinitions; a
+            # conditional prefetch whose name returns in a sibling region may be counted (an
+            # overcount fails loudly, an undercount would hide a load)
+            uses = [j for j in range(i + 1, len(body)) if use.search(body[j]) and not _defines(body[j], name)]
+            n += any(not _carried(body[j], use, not depth[j]) for j in uses)
     return n

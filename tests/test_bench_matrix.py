@@ -64,6 +64,10 @@ def test_quick_ab_plan_and_combined_variants():
         assert os.environ["OLSM_MATRIX_DELTA_SAVE"] == "recompute" and os.environ["OLSM_MATRIX_DOTS"] == "fp32"
         assert os.environ["OLSM_MATRIX_INVERSE"] == "rows4"         # the defaults for the rest
         assert bench_matrix.set_variant("recompute+pair") is False
+        bench_matrix.set_variant("chunk128")                        # the script's own switch is reset too
+        assert os.environ["OLSM_BENCH_CHUNK"] == "128"
+        bench_matrix.set_variant("new")
+        assert os.environ["OLSM_BENCH_CHUNK"] == "64"
     finally:
         os.environ.clear()
         os.environ.update(saved)

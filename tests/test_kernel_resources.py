@@ -88,11 +88,22 @@ def test_synchronous_loop_loads_counts_only_loads_used_in_their_own_iteration():
       } else {
         %k = arith.constant dense<0.0> : tensor<64xf32>
       }
+      %sel = scf.if %c2 -> (tensor<64xf32>) {
+        %z = tt.load %zp : tensor<64x!tt.ptr<f32>, #blocked>
+        scf.yield %z : tensor<64xf32>
+      } else {
+        scf.yield %cst : tensor<64xf32>
+      }
+      %nb = tt.load %np : !tt.ptr<i32>
+      %in2 = scf.for %j2 = %c0 to %nb step %c1 iter_args(%ff = %sel) -> (tensor<64xf32>) {
+        scf.yield %ff : tensor<64xf32>
+      }
       scf.yield %t, %ynext : tensor<64xf32>, tensor<64xf32>
     } loc(#loc7)
     """
-    # %x (used by the add), %g (the nested loop's own step) and %k (inside an scf.if) wait in their
-    # iteration; %a is outside any loop, %ynext only goes to scf.yield and %first only into the
-    # nested loop's iter_args (prefetches by hand)
-    assert synchronous_loop_loads(ttgir) == 3
-    assert synchronous_loop_loads(ttgir.replace("%t = arith.addf %s, %x", "%t = arith.addf %s, %s")) == 2
+    # %x (used by the add), %g (the nested loop's own step), %k (inside an scf.if), %z (yielded by
+    # an scf.if, whose result this iteration uses) and %nb (a nested loop's bound) wait in their
+    # iteration; %a is outside any loop, %ynext only goes to the loop's scf.yield and %first only
+    # into a nested loop's iter_args (prefetches by hand)
+    assert synchronous_loop_loads(ttgir) == 5
+    assert synchronous_loop_loads(ttgir.replace("%t = arith.addf %s, %x", "%t = arith.addf %s, %s")) == 4

@@ -337,7 +337,7 @@ def _state_fwd_kernel(
         W_T = tl.load(w + col_k, mask=mask_col, other=0.).to(tl.float32)         # [BK, C]
         if DECAY == 1:
             _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
-            to_end = tl.exp(g_total - G)                    # decay from s to the chunk's end, <= 1
+            to_end = tl.exp(g_total - G)    # decay from s to the chunk's end, <= 1 up to rounding (cumsum vs sum)
             W_T = W_T * to_end[None, :]
         if DECAY == 2:
             # per key (:mod:`.perkey`): g is the chunk-relative cumulative G [B·T, H, K], γ its last row
@@ -484,7 +484,8 @@ class LaunchShape:
             output kernel, the WY kernel, the rank-0 per-chunk backward kernels and
             the rank-1 ones; warps_pair: the whole-chunk per-key kernels' (:mod:`.perkey` and
             :mod:`.perkey_pair`: Grams, backward), stages_pair: the pair Grams' num_stages (2: half
-            the shared memory of 3, sm_90 compile at C = 64).
+            the shared memory of 3, sm_90 compile at C = 64); warps_walk_decay: both walks
+            without a pair with a scalar decay (:func:`rank0_warps`).
 
     The values are what ``benchmarks/tune_fused.py`` measured fastest on an H100 at
     (8, 2048, 16, 128), bf16, C = 64 (one knob at a time, 2026-11-24): 4 warps beat 8 for every
@@ -513,6 +514,7 @@ class LaunchShape:
     warps_rank1: int
     warps_pair: int = 4
     stages_pair: int = 2
+    warps_walk_decay: int = 8
 
 
 def launch_shape(K: int, V: int, C: int, fp32: bool = False) -> LaunchShape:
@@ -701,21 +703,22 @@ def state_stages(decay: int, lowrank: bool, delta: bool = False) -> int:
 def output_block(shape: LaunchShape, lowrank: bool) -> int:
     """Value block of :func:`_output_fwd_kernel`: ``BV_out``, at most 64 with a pair (its M_qa·P
     dot on fp32 operands: at 128 the RWKV-7 form's output kernel went 0.727 → 0.861 ms at
-    (1, 32768, 16, 128) on the H200, run 15, and the scalar-decay pair spilled 32 B, sm_90 compile)."""
+    (1, 32768, 16, 128) on the H200, run 15, and the scalar-decay pair spilled 32 B, sm_90 compile;
+    ``tune_fused.py`` patches ``BV_out`` only, so it cannot put a pair back at 128)."""
     return min(shape.BV_out, 64) if lowrank else shape.BV_out
 
 
 def rank0_warps(shape: LaunchShape, decay: int) -> int:
-    """num_warps of both walks (forward state, reverse dS) without a low-rank part: 8 with a scalar
-    decay, else ``warps_seq``. At 4 warps the scalar decay's reverse pass took 255 registers and
+    """num_warps of both walks (forward state, reverse dS) without a low-rank part:
+    ``warps_walk_decay`` (8) with a scalar decay, else ``warps_seq``. At 4 warps the scalar decay's reverse pass took 255 registers and
     spilled 72 B per thread (sm_90 compile); H200, run 15, (8, 2048, 16, 128) bf16, Mamba-2, 4 → 8
     warps: reverse pass 0.251 → 0.206 ms, forward 0.115 → 0.105 (within 2 % at (1, 32768)); linear
     attention lost (reverse 0.142 → 0.157)."""
-    return 8 if decay == DECAY_SCALAR else shape.warps_seq
+    return shape.warps_walk_decay if decay == DECAY_SCALAR else shape.warps_seq
 
 
 def state_warps(shape: LaunchShape, decay: int, lowrank: bool, BV: int, delta: bool = False) -> int:
-    """num_warps of :func:`_state_fwd_kernel` at value block ``BV``: ``warps_seq`` for rank 0,
+    """num_warps of :func:`_state_fwd_kernel` at value block ``BV``: :func:`rank0_warps` for rank 0,
     ``warps_state_lr`` with a pair, except the delta form, which takes 4 without a decay or at
     64-wide value blocks.
 

@@ -134,7 +134,8 @@ def floor_log_decay(x):
 def chunk_decay(g, tok, valid, i_h, H, offs_c):
     """Scalar log-decay of one chunk × head: ``(g_c [C], G [C], total)``, G the inclusive
     cumulative sum within the chunk (chunk-relative, so it never grows past one chunk); fp32,
-    each step floored at :data:`LOG_DECAY_FLOOR`."""
+    each step floored at :data:`LOG_DECAY_FLOOR`. G (``tl.cumsum``) and the total (``tl.sum``) add
+    in different orders, so G at the chunk's last token may differ from the total by a few ulps."""
     g_c = floor_log_decay(tl.load(g + tok * H + i_h, mask=valid, other=0.))
     G = tl.cumsum(g_c, axis=0)
     return g_c, G, tl.sum(g_c, axis=0)
