@@ -64,8 +64,8 @@ def configs(K=128, V=128, C=64):
         for lr in (False, True):
             tag = f"decay={decay} rank={int(lr)}"
             lowp = dict(LOWP=True) if not lr else {}    # storage-dtype dots (the default) apply without a pair
-            yield (f"fwd output {tag}", F._output_fwd_kernel, dict(d, LOWRANK=lr, BK=sh.BK, BV=F.output_block(sh, lr), **lowp),
-                   sh.warps_out, True)
+            yield (f"fwd output {tag}", F._output_fwd_kernel,
+                   dict(d, LOWRANK=lr, BK=sh.BK, BV=F.output_block(sh, lr), **lowp), sh.warps_out, True)
             fwd = dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, **lowp)
             yield from segments(f"fwd state {tag}", F._state_fwd_kernel, fwd, F.state_warps(sh, decay, lr, sh.BV),
                                 lr, K, V)
@@ -79,7 +79,7 @@ def configs(K=128, V=128, C=64):
                 yield (f"fwd output fp32 dots {tag}", F._output_fwd_kernel,
                        dict(d, LOWRANK=lr, BK=sh.BK, BV=sh.BV_out), sh.warps_out, False)
             bwd = dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV)
-            wb = sh.warps_seq if lr else F.rank0_warps(sh, decay)      # as fused_bwd.fused_backward
+            wb = FB.dstate_warps(sh, decay, lr)
             yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, wb, True)
             yield from segments(f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, wb, lr, K, V, walk=False)
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False)
@@ -106,13 +106,15 @@ def configs(K=128, V=128, C=64):
                    dict(K=K, C=C, BK=sh.BK, BKS=PK._key_slice(K), SUB=PK.SUB, PRECISION="tf32",
                         FAST_RANGE=PK.FAST_RANGE, CHUNK_RANGE=PK.CHUNK_RANGE), 4, True)
             fwd = dict(d2, LOWRANK=False, HAS_H0=True, BK=sh.BK, BV=sh.BV, LOWP=True)
-            yield from segments("fwd state per-key", F._state_fwd_kernel, fwd, sh.warps_seq, False, K, V)
+            yield from segments("fwd state per-key", F._state_fwd_kernel, fwd, F.state_warps(sh, 2, False, sh.BV),
+                                False, K, V)
             yield ("fwd split combine per-key", SP._combine_kernel,
                    dict(K=K, V=V, BK=sh.BK, BV=sh.BV, HAS_INIT=True, DECAY=2), 4, False)
             yield ("fwd output per-key", F._output_fwd_kernel, dict(d2, LOWRANK=False, BK=sh.BK, BV=sh.BV_out, LOWP=True),
                    sh.warps_out, True)
             yield from segments("bwd dstate per-key", FB._dstate_bwd_kernel,
-                                dict(d2, HAS_DFINAL=True, LOWRANK=False, BK=sh.BK, BV=sh.BV), sh.warps_seq, False, K, V)
+                                dict(d2, HAS_DFINAL=True, LOWRANK=False, BK=sh.BK, BV=sh.BV),
+                                FB.dstate_warps(sh, 2, False), False, K, V)
             yield ("bwd dq dw per-key", FB._dqdw_bwd_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)
             yield ("bwd du per-key", FB._du_bwd_kernel, dict(d2, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, True)
             bks = PK.whole_keys(K)
@@ -141,7 +143,8 @@ def configs(K=128, V=128, C=64):
                                                                          BV=F.output_block(sh, True)),
                    sh.warps_out, True)
             yield from segments("bwd dstate per-key pair", FB._dstate_bwd_kernel,
-                                dict(d2, HAS_DFINAL=True, LOWRANK=True, BK=sh.BK, BV=sh.BV), sh.warps_seq, True, K, V)
+                                dict(d2, HAS_DFINAL=True, LOWRANK=True, BK=sh.BK, BV=sh.BV),
+                                FB.dstate_warps(sh, 2, True), True, K, V)
             yield ("bwd rank-1 cc per-key", FB._lowrank_cc_kernel, dict(d2, BK=sh.BK, BV=sh.BV_rank1),
                    sh.warps_rank1, True)
             yield ("bwd rank-1 dk per-key", FB._lowrank_dk_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_rank1),
@@ -169,7 +172,7 @@ def configs(K=128, V=128, C=64):
                dict(K=K, V=V, BK=sh.BK, BV=32, HAS_INIT=True, DECAY=decay, MAT=True), 8, decay == 0)
         yield from segments(f"delta bwd dstate decay={decay}", FB._dstate_bwd_kernel,
                             dict(d, HAS_DFINAL=True, LOWRANK=True, LOWP=True, BK=sh.BK, BV=sh.BV),
-                            8 if decay else sh.warps_seq, True, K, V)
+                            FB.dstate_warps(sh, decay, True, delta=True), True, K, V)
         for lowp, default, dots in ((True, True, ""), (False, False, " fp32 dots")):
             yield (f"delta fwd output{dots} decay={decay}", F._output_fwd_kernel,
                    dict(d, LOWRANK=False, DELTA=True, BK=sh.BK, BV=sh.BV_out, LOWP=lowp), sh.warps_out, default)

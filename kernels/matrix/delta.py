@@ -52,7 +52,7 @@ from .fused import (
     no_segments, sequence_launch, state_dtype, state_warps,
 )
 from .decay_grad import decay_gradient
-from .fused_bwd import _dqdw_bwd_kernel, launch_dstate
+from .fused_bwd import _dqdw_bwd_kernel, dstate_warps, launch_dstate
 from .split import walk_sequences
 from .tiles import chunk_decay, chunk_key_tiles
 
@@ -342,9 +342,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     df = None if d_final is None else d_final.float().contiguous()
     grid, BK_seq, BV = _sequence_launch(meta, shape, N, H, K, V, dev)
     kw = dict(K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None, LOWRANK=True, BK=BK_seq, BV=BV,
-              PRECISION=prec, LOWP=True,
-              # sm_90 compile, K = V = 128, bf16: with a decay 4 warps spill 488 B per thread, 8 warps 88
-              num_warps=shape.warps_seq if decay == 0 else 8)
+              PRECISION=prec, LOWP=True, num_warps=dstate_warps(shape, decay, True, delta=True))
     walk_sequences(lambda grid_, args_, **extra: launch_dstate(grid_, args_, **kw, **extra),
                    grid, (q, k, d_o, gd, x_wy, df if df is not None else u, dstates, dnu, dh0, lay.tok_start,
                           lay.tok_stop, lay.chunk_offsets, scale, u, H) + no_segments(u),

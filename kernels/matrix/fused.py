@@ -710,8 +710,8 @@ def output_block(shape: LaunchShape, lowrank: bool) -> int:
 
 def rank0_warps(shape: LaunchShape, decay: int) -> int:
     """num_warps of both walks (forward state, reverse dS) without a low-rank part:
-    ``warps_walk_decay`` (8) with a scalar decay, else ``warps_seq``. At 4 warps the scalar decay's reverse pass took 255 registers and
-    spilled 72 B per thread (sm_90 compile); H200, run 15, (8, 2048, 16, 128) bf16, Mamba-2, 4 → 8
+    ``warps_walk_decay`` (8) with a scalar decay, else ``warps_seq``. At 4 warps the scalar
+    decay's reverse pass took 255 registers and spilled 72 B per thread (sm_90 compile); H200, run 15, (8, 2048, 16, 128) bf16, Mamba-2, 4 → 8
     warps: reverse pass 0.251 → 0.206 ms, forward 0.115 → 0.105 (within 2 % at (1, 32768)); linear
     attention lost (reverse 0.142 → 0.157)."""
     return shape.warps_walk_decay if decay == DECAY_SCALAR else shape.warps_seq

@@ -67,6 +67,15 @@ def dstate_stages(decay: int, lowrank: bool) -> int:
     return 2 if decay == 2 and lowrank else 3
 
 
+def dstate_warps(shape, decay: int, lowrank: bool, delta: bool = False) -> int:
+    """num_warps of :func:`_dstate_bwd_kernel` (also read by ``kernel_resources.py``): without a
+    pair :func:`.fused.rank0_warps`; with one ``warps_seq``, except the delta form with a decay: 8
+    (sm_90 compile, K = V = 128, bf16: at 4 warps it spilled 488 B per thread, at 8 warps 88)."""
+    if not lowrank:
+        return rank0_warps(shape, decay)
+    return 8 if delta and decay else shape.warps_seq
+
+
 def launch_dstate(grid, args, **kw):
     """:func:`_dstate_bwd_kernel` at :func:`dstate_stages` (:func:`.fused.launch_staged`: one
     stage fewer after each ``OutOfResources``)."""
@@ -474,7 +483,6 @@ def _lowrank_cc_kernel(
         U_T = tl.load(u + col_v, mask=m_vc, other=0.).to(tl.float32)
         dSn = tl.load(dstates + nh * K * V + offs_k[:, None] * V + offs_v[None, :],
                       mask=mask_k[:, None] & mask_v[None, :], other=0.).to(tl.float32)
-        cv_T = nh * C * V + offs_c[None, :] * V + offs_v[:, None]               # [BV, C]
         if DECAY == 2:
             P_T = PY_T.to(tl.float32)
             Z_T = P_T - tl.dot(P_T, L_T, input_precision=PRECISION)
@@ -482,6 +490,7 @@ def _lowrank_cc_kernel(
             vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V              # [BV, BK]: Sᵀ
             S_T = tl.load(states + vk, mask=mask_v[:, None] & mask_k[None, :], other=0.).to(tl.float32)
             P_T = tl.dot(S_T, X_T, input_precision=PRECISION) + PY_T.to(tl.float32)
+            cv_T = nh * C * V + offs_c[None, :] * V + offs_v[:, None]           # [BV, C]
             tl.store(probes + cv_T, P_T.to(probes.dtype.element_ty), mask=mask_v[:, None])
             Z_T = tl.dot(S_T, B_hat_T, input_precision=PRECISION) + tl.dot(U_T, N_T, input_precision=PRECISION)
         PY_T = _block_T(py, nh, C, V, offs_c, (i_v + 1) * BV, BV)
@@ -654,7 +663,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale, amat if R and decay == 2 else dummy,
             H) + no_segments(dummy)
     kw = dict(K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None, LOWRANK=R > 0, BK=BK_seq, BV=BV,
-              PRECISION=prec, num_warps=shape.warps_seq if R else rank0_warps(shape, decay))
+              PRECISION=prec, num_warps=dstate_warps(shape, decay, R > 0))
     walk_sequences(lambda grid_, args_, **extra: launch_dstate(grid_, args_, **kw, **extra),
                    grid, args, df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev,
                    reverse=True, lowrank=R > 0)
