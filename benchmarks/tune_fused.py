@@ -25,7 +25,7 @@ import profile_ops  # noqa: E402
 from olsm.kernels.matrix import delta, fused, fused_bwd  # noqa: E402
 
 # (field, value) of fused.LaunchShape; the opposite of each default at K = V = 128, C = 64
-CHANGES = [("warps_seq", 8), ("warps_walk_decay", 4), ("warps_state_lr", 4), ("BV", 32), ("BV_dqdw", 64), ("warps_out", 8),
+CHANGES = [("warps_seq", 8), ("warps_walk_decay", 4), ("warps_delta_decay", 8), ("warps_state_lr", 4), ("BV", 32), ("BV_dqdw", 64), ("warps_out", 8),
            ("BV_out", 32), ("BV_out", 64),
            ("warps_wy", 8), ("BV_wide", 32), ("BV_wide", 128), ("warps_chunk", 8), ("BKS", 32), ("BKS", 128),
            ("BKS_du", 64), ("warps_rank1", 8), ("BV_rank1", 32)]

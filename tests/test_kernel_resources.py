@@ -45,11 +45,16 @@ def test_default_path_kernels_compile_for_hopper_and_fit():
     assert len([line for line in run.stdout.splitlines() if line.startswith("| elementwise")]) == 4
     # the sequential walks (forward state, reverse dS) on the default path leave no load in their
     # loop synchronous: on a walk each is a memory latency per chunk (run 15: the forward walk's Y
-    # and a per-key γ were; their loads a chunk ahead took DeltaNet's forward 1.694 -> 1.581 ms)
+    # was; its load a chunk ahead took DeltaNet's forward 1.694 -> 1.581 ms). Except a per-key γ in
+    # two walks (the forward one with a pair, the reverse one without): loaded a chunk ahead by hand
+    # they measured slower on the H200 (run 16: DPLR's forward 4.89 -> 5.16 ms, GLA's fwd+bwd 5.41
+    # -> 5.47), so they load it where they use it, exactly once per chunk
     walks = [line for line in rows + [line for line in run.stdout.splitlines() if line.startswith("| delta")]
              if line.startswith(("| fwd state", "| bwd dstate", "| delta fwd state", "| delta bwd dstate"))]
     assert len(walks) >= 20
-    sync = [line for line in walks if line.rstrip(" |").rsplit("|", 1)[-1].strip() != "0"]
+    allowed = {"fwd state per-key pair": "1", "bwd dstate per-key": "1"}
+    cells = [[c.strip() for c in line.strip(" |").split("|")] for line in walks]
+    sync = [" | ".join(c) for c in cells if c[-1] != allowed.get(c[0], "0")]
     assert not sync, "\n".join(sync)
 
 

@@ -152,6 +152,16 @@ def test_fp32_backward_dots(decay, monkeypatch):
     check_delta(delta_inputs(10, decay=decay, u_scale=True, V=20), chunk_size=16)
 
 
+@pytest.mark.parametrize("decay", [False, True])
+def test_wy_storage_dots(decay, monkeypatch):
+    # OLSM_MATRIX_WY_DOTS=storage (opt-in): the WY kernel's X and Y dots on storage-dtype operands,
+    # u_scale folded into T's columns (float32 here, so the folding is what is checked; bf16
+    # numerics: test_chunk_delta_switches on the GPU; bf16 inputs in the interpreter gave outputs
+    # of order 1e9 on both paths, run 16)
+    monkeypatch.setenv("OLSM_MATRIX_WY_DOTS", "storage")
+    check_delta(delta_inputs(21, T=45, decay=decay, u_scale=True, V=20), chunk_size=16)
+
+
 @pytest.mark.parametrize("inverse", ["rows4", "levels2", "levels3", "rows16"])
 @pytest.mark.parametrize("chunk", [64, 128])
 def test_wy_inverses(chunk, inverse, monkeypatch):

@@ -44,7 +44,7 @@ from olsm.errors import BackendError
 from . import perkey, perkey_pair
 from .perkey_pair import BA, BW, QA, QW
 from .tiles import (
-    chunk_decay, chunk_key_tiles, chunk_tokens, gamma_at, segment_start, store_segment_end, walk_gamma,
+    chunk_decay, chunk_key_tiles, chunk_tokens, gamma_at, segment_start, store_segment_end,
     walk_bounds, walk_program, walk_tokens,
 )
 
@@ -146,7 +146,7 @@ def _wy_fwd_kernel(
     BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, PRECISION: tl.constexpr,
     STORE_T: tl.constexpr = False, DELTA: tl.constexpr = False, STORE_NU: tl.constexpr = False,
     LOAD_T: tl.constexpr = False, INV_LEVELS: tl.constexpr = 2, U_SCALE: tl.constexpr = False,
-    INV_ROWS: tl.constexpr = False, NORM: tl.constexpr = False,
+    INV_ROWS: tl.constexpr = False, NORM: tl.constexpr = False, LOWP: tl.constexpr = False,
 ):
     """X = T B̂ and Y = T N U of one chunk × head (module docstring, kernel 1).
 
@@ -171,6 +171,11 @@ def _wy_fwd_kernel(
     DECAY = 2 (a per-key decay with the pair, :mod:`.perkey_pair`): g is the cumulative G
     ``[B·T, H, K]`` fp32, L and N are read from grams ``[NC, H, 4, C, C]`` (decay and strict mask
     included) and B̂ = B ⊙ e^{G_prev} per key.
+
+    LOWP (:func:`wy_dots_lowp`, opt-in): the X and Y dots take operands in x_wy's dtype (T rounded
+    to bf16/fp16, B and U as stored, u_scale folded into T's columns), as FLA's ``recompute_w_u``,
+    instead of fp32 copies of B and U written to shared memory for tf32 dots. The inverse stays
+    fp32 either way.
     """
     nh = tl.program_id(0).to(tl.int64)
     # rows of b, columns of a and w (transposed by pointer arithmetic, never tl.trans)
@@ -206,6 +211,7 @@ def _wy_fwd_kernel(
         Tm = _unit_lower_inverse(L, offs_c, C, PRECISION, INV_LEVELS, INV_ROWS)
         if STORE_T:
             tl.store(t_nh, Tm)
+    od = x_wy.dtype.element_ty if LOWP else tl.float32      # the X and Y dots' operands
     # b is read again after the inverse, X is stored, and only then are w's columns read
     # (a second read of b hits L2; keeping [C, K] tiles live through the inverse or next to X
     # spilled registers on sm_90)
@@ -214,12 +220,12 @@ def _wy_fwd_kernel(
     if DECAY == 2:
         # per key: B̂ = B ⊙ e^{G_prev}, G_prev the cumulative G of the row before (0 on the first)
         G_prev_k = tl.load(g + row_k - H * K, mask=mask_row & (offs_c >= 1)[:, None], other=0.)
-        X = tl.dot(Tm, b_rows.to(tl.float32) * tl.exp(G_prev_k), input_precision=PRECISION)
+        X = tl.dot(Tm.to(od), (b_rows.to(tl.float32) * tl.exp(G_prev_k)).to(od), input_precision=PRECISION)
     else:
         col_scale = tl.exp(G_prev)
         if DELTA:
             col_scale = -c_t * col_scale
-        X = tl.dot(Tm * col_scale[None, :], b_rows.to(tl.float32), input_precision=PRECISION)
+        X = tl.dot((Tm * col_scale[None, :]).to(od), b_rows.to(od), input_precision=PRECISION)
     out_k = nh * C * K + offs_c[:, None] * K + offs_k[None, :]
     tl.store(x_wy + out_k, X.to(x_wy.dtype.element_ty), mask=mask_k[None, :])
     if DELTA:
@@ -236,14 +242,17 @@ def _wy_fwd_kernel(
         s_t = tl.load(u_scale + tok * H + i_h, mask=valid, other=0.)
         if NORM:
             s_t = s_t * r_t
+        if LOWP:
+            TN = TN * s_t[None, :]          # T N diag(s) U: U stays as stored (no fp32 copy)
+    TN_o = TN.to(od)
     for i_v in range(0, (V + BV - 1) // BV):
         offs_v = i_v * BV + tl.arange(0, BV)
         mask_v = offs_v < V
         U = tl.load(u + (tok[:, None] * H + i_h) * V + offs_v[None, :],
-                    mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)
-        if U_SCALE:
+                    mask=valid[:, None] & mask_v[None, :], other=0.).to(od)
+        if U_SCALE and not LOWP:
             U = U * s_t[:, None]
-        Y = tl.dot(TN, U, input_precision=PRECISION)
+        Y = tl.dot(TN_o, U, input_precision=PRECISION)
         if STORE_NU:
             # ν as the forward's state pass formed it: X, Y and S_n rounded to the storage dtype
             st = y_wy.dtype.element_ty
@@ -323,10 +332,6 @@ def _state_fwd_kernel(
         # only a dot's A and B operands, so Y was the walk's one synchronous load (sm_90 TTGIR,
         # Triton 3.9), a full memory latency per chunk on the sequential path
         Y = _chunk_rows(y_wy, c_start, c_end, i_h, H, C, V, offs_v, mask_u)
-    if DECAY == 2 and LOWRANK:
-        # γ a chunk ahead too (tiles.walk_gamma): with a pair the pipeliner left it synchronous;
-        # without one it prefetches it itself (kernel_resources.py's sync loads)
-        gam_next = walk_gamma(g, t_first, t_end, c_start, c_start, i_h, H, K, C, offs_k, mask_k)
     for c in range(c_start, c_end):
         nh = (c * H + i_h).to(tl.int64)
         if store:
@@ -341,11 +346,9 @@ def _state_fwd_kernel(
             W_T = W_T * to_end[None, :]
         if DECAY == 2:
             # per key (:mod:`.perkey`): g is the chunk-relative cumulative G [B·T, H, K], γ its last row
-            if LOWRANK:
-                gam = gam_next
-                gam_next = walk_gamma(g, t_first, t_end, c + 1, c_start, i_h, H, K, C, offs_k, mask_k)
-            else:
-                gam = gamma_at(g, last, i_h, H, K, offs_k, mask_k)
+            # loaded in the step that uses it (sync loads 1 with a pair): a hand prefetch a chunk
+            # ahead (as Y's) was measured slower, DPLR's forward at (1, 32768) 4.89 → 5.16 ms
+            gam = gamma_at(g, last, i_h, H, K, offs_k, mask_k)
             to_end_k = tl.exp(gam[:, None] - tl.load(g + col_k, mask=mask_col, other=0.))   # [BK, C]
             W_T = W_T * to_end_k
         if LOWRANK:
@@ -485,7 +488,9 @@ class LaunchShape:
             the rank-1 ones; warps_pair: the whole-chunk per-key kernels' (:mod:`.perkey` and
             :mod:`.perkey_pair`: Grams, backward), stages_pair: the pair Grams' num_stages (2: half
             the shared memory of 3, sm_90 compile at C = 64); warps_walk_decay: both walks
-            without a pair with a scalar decay (:func:`rank0_warps`).
+            without a pair with a scalar decay (:func:`rank0_warps`); warps_delta_decay: the
+            delta form's reverse pass with a decay (:func:`.fused_bwd.dstate_warps`; a field
+            so that ``tune_fused.py`` can move it).
 
     The values are what ``benchmarks/tune_fused.py`` measured fastest on an H100 at
     (8, 2048, 16, 128), bf16, C = 64 (one knob at a time, 2026-11-24): 4 warps beat 8 for every
@@ -515,6 +520,7 @@ class LaunchShape:
     warps_pair: int = 4
     stages_pair: int = 2
     warps_walk_decay: int = 8
+    warps_delta_decay: int = 4
 
 
 def launch_shape(K: int, V: int, C: int, fp32: bool = False) -> LaunchShape:
@@ -591,7 +597,7 @@ def wy_constexprs(shape: LaunchShape, K: int, V: int, C: int, decay: int, prec: 
     levels = 3 if inverse in ("levels3", "rows4") else 2
     return dict(K=K, V=V, C=C, BK=shape.BK, BV=shape.BV_wide, DECAY=decay, PRECISION=prec,
                 STORE_T=store_t, DELTA=delta, STORE_NU=store_nu, LOAD_T=load_t, INV_LEVELS=levels,
-                INV_ROWS=inverse.startswith("rows"),
+                INV_ROWS=inverse.startswith("rows"), LOWP=wy_dots_lowp(),
                 num_warps=shape.warps_wy)
 
 
@@ -641,6 +647,15 @@ def dots_lowp() -> bool:
     default up to run 8). On the H200 (run 9, (8, 2048, 16, 128), bf16) DeltaNet's fwd+bwd took
     1.986 ms with storage dots and 2.416 with fp32 copies."""
     return env_choice("OLSM_MATRIX_DOTS", ("storage", "fp32")) == "storage"
+
+
+def wy_dots_lowp() -> bool:
+    """``OLSM_MATRIX_WY_DOTS=storage`` (opt-in; read at each call): the WY kernel's X and Y dots on
+    storage-dtype operands (:func:`_wy_fwd_kernel`'s LOWP) instead of ``fp32`` copies (the
+    default). Not timed yet: the H200's ncu (run 16) found the WY forward at 2 programs per SM
+    (200 registers) with half its shared-memory wavefronts excess, and the fp32 copies of B and U
+    are the largest tiles it writes to shared memory."""
+    return env_choice("OLSM_MATRIX_WY_DOTS", ("fp32", "storage")) == "storage"
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -55,7 +55,7 @@ from .perkey_pair import BA, BW, QA, QW
 from .split import walk_sequences
 from .tiles import (
     chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, gamma_at, kslice_program, segment_start,
-    store_segment_end, walk_bounds, walk_gamma, walk_program, walk_tokens,
+    store_segment_end, walk_bounds, walk_program, walk_tokens,
 )
 
 
@@ -69,11 +69,15 @@ def dstate_stages(decay: int, lowrank: bool) -> int:
 
 def dstate_warps(shape, decay: int, lowrank: bool, delta: bool = False) -> int:
     """num_warps of :func:`_dstate_bwd_kernel` (also read by ``kernel_resources.py``): without a
-    pair :func:`.fused.rank0_warps`; with one ``warps_seq``, except the delta form with a decay: 8
-    (sm_90 compile, K = V = 128, bf16: at 4 warps it spilled 488 B per thread, at 8 warps 88)."""
+    pair :func:`.fused.rank0_warps`; with one ``warps_seq``, and the delta form with a decay
+    ``warps_delta_decay`` (4). It was 8 in runs 14–15, when the decay's fp32 copies of A and Qᵀ
+    spilled at 4; with the scales moved onto the [C, BV] tiles its loop issues 4 × 1160 SASS
+    instructions per chunk at 4 warps against 8 × 1068 at 8 (Triton 3.6, sm_90, BV = 32), and
+    gated DeltaNet's reverse pass went 2.42 → 1.49 ms at (1, 32768, 16, 128) on the H200 (2.01 at
+    8 warps)."""
     if not lowrank:
         return rank0_warps(shape, decay)
-    return 8 if delta and decay else shape.warps_seq
+    return shape.warps_delta_decay if delta and decay else shape.warps_seq
 
 
 def launch_dstate(grid, args, **kw):
@@ -124,10 +128,6 @@ def _dstate_bwd_kernel(
     if HAS_DFINAL and SEG_L == 0:
         dS += tl.load(d_final + i_nh.to(tl.int64) * K * V + kv, mask=mask_kv, other=0.)
     t_first, t_end = walk_bounds(tok_start, tok_stop, c_start, c_end)
-    if DECAY == 2 and not LOWRANK:
-        # γ a chunk ahead, by hand (tiles.walk_gamma): without a pair the pipeliner left it
-        # synchronous; with one it prefetches it itself, and a hand copy only added spills
-        gam_next = walk_gamma(g, t_first, t_end, c_end - 1, c_start, i_h, H, K, C, offs_k, mask_k)
     for i in range(0, c_end - c_start):
         c = c_end - 1 - i
         nh = (c * H + i_h).to(tl.int64)
@@ -142,11 +142,9 @@ def _dstate_bwd_kernel(
             _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
         if DECAY == 2:
             # per key: g is the cumulative G [B·T, H, K] of .perkey, γ its chunk's last row
-            if LOWRANK:
-                gam = gamma_at(g, last, i_h, H, K, offs_k, mask_k)
-            else:
-                gam = gam_next
-                gam_next = walk_gamma(g, t_first, t_end, c - 1, c_start, i_h, H, K, C, offs_k, mask_k)
+            # loaded in the step that uses it (sync loads 1 without a pair): a hand prefetch a
+            # chunk ahead was measured slower, GLA's fwd+bwd at (1, 32768) 5.41 → 5.47 ms
+            gam = gamma_at(g, last, i_h, H, K, offs_k, mask_k)
         if LOWRANK:
             # dP = scale · M_qaᵀ dO + Â dS_{n+1}, with M_qaᵀ[s, t] = a_s·q_t e^{G_t − G_s} (s ≤ t)
             row_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
@@ -160,18 +158,30 @@ def _dstate_bwd_kernel(
                 M_T = tl.dot(A.to(od), Q_T.to(od), input_precision=PRECISION)
             if DECAY == 1:
                 M_T = M_T * tl.exp(tl.where(upper, G[None, :] - G[:, None], float("-inf")))
-                A = A.to(tl.float32) * tl.exp(g_total - G)[:, None]
+                if not LOWP:
+                    A = A.to(tl.float32) * tl.exp(g_total - G)[:, None]
             elif DECAY == 0:
                 M_T = tl.where(upper, M_T, 0.)
             dP = scale * tl.dot(M_T.to(od), dO, input_precision=PRECISION)
-            dP += tl.dot(A.to(od), dS.to(od), input_precision=PRECISION)
+            if DECAY == 1 and LOWP:
+                # Â = diag(e^{g_total − G}) A: with storage-dtype operands the row scale goes on
+                # the [C, BV] product, not on an fp32 copy of A [C, BK] (those copies spilled on
+                # Triton 3.6 and forced 8 warps: dstate_warps). With fp32 operands A is an fp32
+                # copy anyway, and scaling the product spilled more (sm_90: 512 → 800 B)
+                dP += tl.dot(A.to(od), dS.to(od), input_precision=PRECISION) * tl.exp(g_total - G)[:, None]
+            else:
+                dP += tl.dot(A.to(od), dS.to(od), input_precision=PRECISION)
             if store:
                 tl.store(dprobes + nh * C * V + offs_c[:, None] * V + offs_v[None, :],
                          dP.to(dprobes.dtype.element_ty), mask=mask_v[None, :])
             X_T = tl.load(x_wy + nh * C * K + offs_c[None, :] * K + offs_k[:, None],
                           mask=mask_k[:, None], other=0.)                               # [BK, C]
         if DECAY == 1:
-            Q_T = Q_T.to(tl.float32) * tl.exp(G)[None, :]
+            if LOWP:
+                # Q̂ᵀ dO = Qᵀ (diag(e^G) dO): the scale on dO's [C, BV] rows, not on Qᵀ [BK, C]
+                dO = (dO.to(tl.float32) * tl.exp(G)[:, None]).to(od)
+            else:
+                Q_T = Q_T.to(tl.float32) * tl.exp(G)[None, :]
             dS = tl.exp(g_total) * dS
             if SEG_L > 0:
                 cum += g_total

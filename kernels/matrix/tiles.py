@@ -177,19 +177,6 @@ def chunk_gamma(gc, tok_stop, c, i_h, H, K: tl.constexpr, offs_k, mask_k):
 
 
 @triton.jit
-def walk_gamma(gc, t_first, t_end, c, c_start, i_h, H, K: tl.constexpr, C: tl.constexpr, offs_k, mask_k):
-    """:func:`chunk_gamma` of chunk ``c`` of a walk (:func:`walk_bounds`), for loading it a chunk
-    ahead by hand: a walk's γ scales its state (the dots' accumulator), and Triton's pipeliner
-    prefetches only dot operands, so loaded in the step that uses it, it waited for memory at every
-    chunk (sm_90 TTGIR, Triton 3.9). ``c`` one past either end of the walk reads a token inside it
-    (its first or last chunk's last token), so the prefetch stays in bounds; the value is unused.
-    A walk without chunks reads nothing (zeros)."""
-    _, _, _, last = walk_tokens(t_first, t_end, tl.maximum(c, c_start), c_start, C)
-    some = mask_k & ((offs_k * 0 + last) >= 0)    # a tensor test: the interpreter rejects bool & scalar masks
-    return gamma_at(gc, tl.maximum(last, 0), i_h, H, K, offs_k, some)
-
-
-@triton.jit
 def gamma_at(gc, last, i_h, H, K: tl.constexpr, offs_k, mask_k):
     """:func:`chunk_gamma` of the chunk whose last token is ``last``."""
     return tl.load(gc + (last * H + i_h) * K + offs_k, mask=mask_k, other=0.)
