@@ -237,6 +237,17 @@ def test_errors(monkeypatch):
     with pytest.raises(BackendError, match="256"):
         km.chunk_matrix(*_small(K=4, V=300))
     if DEVICE == "cpu":
+        # bfloat16 in an interpreter whose bf16 dots are wrong (Triton 3.9: values of order 1e10)
+        # is refused; the probe is a real dot, so an interpreter that gets them right is let through
+        for ok in (False, True):
+            monkeypatch.setattr("olsm.kernels.matrix.chunk.interpreter_bf16_dots_ok", lambda ok=ok: ok)
+            if ok:
+                assert km.chunk_matrix(*(t.bfloat16() for t in (q, w, u)))[0].dtype == torch.bfloat16
+            else:
+                for call in (lambda: km.chunk_matrix(*(t.bfloat16() for t in (q, w, u))),
+                             lambda: km.chunk_delta(*(t.bfloat16() for t in (q, w, u)), torch.rand(q.shape[:3]))):
+                    with pytest.raises(BackendError, match="bfloat16 operands wrongly; pass float32"):
+                        call()
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(BackendError, match="CUDA"):
             km.chunk_matrix(q, w, u)

@@ -67,7 +67,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _check_backend(device: torch.device) -> None:
+@functools.lru_cache(maxsize=None)
+def interpreter_bf16_dots_ok() -> bool:
+    """Whether this Triton's CPU interpreter computes ``tl.dot`` on bfloat16 operands correctly:
+    one 16 × 16 product, run once per process. Triton 3.9's gives values of order 1e10 (float32
+    and float16 operands are right), so bfloat16 inputs are refused there instead of returning
+    garbage."""
+    from .tiles import bf16_dot_probe
+
+    a = torch.eye(16) * 2.
+    out = torch.zeros(16, 16)
+    bf16_dot_probe[(1,)](a.bfloat16(), a.bfloat16(), out, 16)
+    return bool(torch.equal(out, a @ a))
+
+
+def _check_backend(device: torch.device, dtype: Optional[torch.dtype] = None) -> None:
     try:
         import triton
     except ImportError as err:  # pragma: no cover - triton is a dependency on Linux
@@ -83,6 +97,11 @@ def _check_backend(device: torch.device) -> None:
     if _interpreting():
         if device.type != "cpu":
             raise BackendError(f"TRITON_INTERPRET=1 runs kernels on CPU tensors, got {device}")
+        if dtype == torch.bfloat16 and not interpreter_bf16_dots_ok():
+            raise BackendError(
+                f"Triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) computes tl.dot on "
+                "bfloat16 operands wrongly; pass float32 or float16 tensors on the CPU, use "
+                "backend='torch', or run on a CUDA GPU")
         return
     raise BackendError(
         f"the Triton backend needs CUDA tensors (got {device.type}); use backend='torch' "
@@ -429,11 +448,13 @@ def chunk_matrix(
     q, w, u, log_decay, every a and b, and initial_state.
 
     Raises:
-        BackendError: no CUDA and no ``TRITON_INTERPRET=1``, Triton too old, K or V > 256.
+        BackendError: no CUDA and no ``TRITON_INTERPRET=1``, Triton too old, K or V > 256,
+            bfloat16 inputs in an interpreter whose bfloat16 dots are wrong
+            (:func:`interpreter_bf16_dots_ok`).
         InputError: wrong shapes, mixed dtypes or devices, bad ``cu_seqlens`` or chunk size.
     """
     lowrank = tuple(tuple(pair) for pair in lowrank)
-    _check_backend(q.device)
+    _check_backend(q.device, q.dtype)
     _check_inputs(q, w, u, log_decay, lowrank, initial_state, cu_seqlens, chunk_size)
     B, T, H, K = q.shape
     lay = _layout(B, T, chunk_size, cu_seqlens, q.device)

@@ -518,7 +518,7 @@ def chunk_delta(
     Raises:
         BackendError, InputError: as :func:`chunk_matrix`; also for c or u_scale of the wrong shape.
     """
-    _check_backend(q.device)
+    _check_backend(q.device, q.dtype)
     _check_c(c, q)
     for name, x in (("u_scale", u_scale), ("kk_coef", kk_coef)):
         if x is not None and x is not c:       # Longhorn's β thrice: checked once

@@ -180,3 +180,12 @@ def chunk_gamma(gc, tok_stop, c, i_h, H, K: tl.constexpr, offs_k, mask_k):
 def gamma_at(gc, last, i_h, H, K: tl.constexpr, offs_k, mask_k):
     """:func:`chunk_gamma` of the chunk whose last token is ``last``."""
     return tl.load(gc + (last * H + i_h) * K + offs_k, mask=mask_k, other=0.)
+
+
+@triton.jit
+def bf16_dot_probe(a, b, out, N: tl.constexpr):
+    """``out = a @ b`` for one ``[N, N]`` pair loaded in their dtype: the probe of
+    :func:`.chunk.interpreter_bf16_dots_ok`."""
+    r = tl.arange(0, N)
+    tile = r[:, None] * N + r[None, :]
+    tl.store(out + tile, tl.dot(tl.load(a + tile), tl.load(b + tile)))
