@@ -5,6 +5,10 @@ elementwise-gate kernels, compiled for Hopper (sm_90) on this machine — no GPU
     python benchmarks/kernel_resources.py [--default-only]     (CPU is fine; prints a markdown table;
                                                                 exit 1 if a default-path launch does not fit)
 
+It compiles with the Triton it imports; the GPU machine's is 3.6, which can differ from a newer
+one by hundreds of bytes of spills. To see what the GPU will get, put that Triton first on the
+path: ``pip install --no-deps --target /tmp/tr36 triton==3.6.0`` then ``PYTHONPATH=/tmp/tr36``.
+
 The configurations are the launches of ``kernels/matrix/fused.py`` / ``fused_bwd.py`` at
 K = V = 128, C = 64, bf16 inputs (bf16 dots where the default takes storage-dtype operands, else
 tf32), with their num_warps and the library's default switches (``default path``); the elementwise ones are
