@@ -4,6 +4,7 @@ elementwise-gate kernels, compiled for Hopper (sm_90) on this machine — no GPU
 
     python benchmarks/kernel_resources.py [--default-only]     (CPU is fine; prints a markdown table;
                                                                 exit 1 if a default-path launch does not fit)
+    python benchmarks/kernel_resources.py --loop "ROW" [BV=32 warps=4 ...]   (one row's loop, SASS mix)
 
 It compiles with the Triton it imports; the GPU machine's is 3.6, which can differ from a newer
 one by hundreds of bytes of spills. To see what the GPU will get, put that Triton first on the
@@ -26,7 +27,7 @@ import sys
 
 import triton
 
-from olsm.kernels.aot import HOPPER_SHARED_BYTES, compile_for
+from olsm.kernels.aot import HOPPER_SHARED_BYTES, compile_for, loop_mix
 from olsm.kernels.matrix import decay_grad as DG
 from olsm.kernels.matrix import delta as D
 from olsm.kernels.matrix import fused as F
@@ -235,7 +236,26 @@ def stages_of(name: str, consts: dict) -> int:
     return 2 if name in ("fwd per-key pair grams", "fwd per-key intra gram") else 3
 
 
+def loop(name, *overrides):
+    """Print the SASS instruction mix of one table row's main loop (``olsm.kernels.aot.loop_mix``),
+    with ``key=value`` overrides of its constexprs and ``warps``, e.g.
+    ``--loop "delta bwd dstate decay=1" BV=32 warps=4`` (the value block of a (1, 32768) launch)."""
+    for n, kernel, consts, warps, _ in configs():
+        if n == name:
+            extra = dict(kv.split("=") for kv in overrides)
+            warps = int(extra.pop("warps", warps))
+            consts = dict(consts, **{k: int(v) for k, v in extra.items()})
+            mix = loop_mix(kernel, consts, TYPES, num_warps=warps, num_stages=stages_of(n, consts))
+            print(f"{name} ({', '.join(overrides) or 'as launched'}), {warps} warps: {mix['total']} instructions "
+                  f"per warp per iteration, {warps * mix['total']} per iteration; "
+                  + ", ".join(f"{k} {v}" for k, v in list(mix.items())[1:16]))
+            return
+    raise SystemExit(f"no row named {name!r}")
+
+
 def main():
+    if sys.argv[1:2] == ["--loop"]:
+        return loop(*sys.argv[2:])
     only_default = "--default-only" in sys.argv[1:]   # what the test needs; skips the slow opt-in ones
     print(f"triton {triton.__version__}, sm_90, K = V = 128, C = 64, bf16; limit {HOPPER_SHARED_BYTES} B shared\n")
     print("| kernel | default path | num_warps | shared (B) | fits H100 | registers | spill stack (B) | sync loads |")

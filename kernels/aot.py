@@ -6,6 +6,8 @@ cubin for, say, Hopper (sm_90) on a CPU-only machine. That catches what the inte
 beyond the GPU's limit (an ``OutOfResources`` at launch), and register spills — at no GPU time.
 ``benchmarks/kernel_resources.py`` prints the table for every fused matrix kernel;
 ``tests/test_kernel_resources.py`` checks the default-path ones compile and fit an H100.
+:func:`loop_mix` counts a kernel's main-loop SASS instructions (a walk's issue slots per chunk).
+All of it compiles with the Triton that is imported, which may differ from the GPU machine's.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from typing import Dict
 
 import triton
@@ -45,6 +48,21 @@ def compile_for(kernel, constexprs: Dict[str, object], types: Dict[str, str], *,
     Raises:
         triton.CompilationError (or the compiler's own error) if the kernel does not compile.
     """
+    compiled = _compile(kernel, constexprs, types, arch, num_warps, num_stages)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
+        fh.write(compiled.asm["cubin"])
+    try:
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", fh.name], capture_output=True,
+                               text=True, check=True).stdout
+    finally:
+        os.unlink(fh.name)
+    field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))  # noqa: E731
+    return {"shared": int(compiled.metadata.shared), "registers": field("REG"), "stack": field("STACK"),
+            "sync_loads": synchronous_loop_loads(compiled.asm["ttgir"])}
+
+
+def _compile(kernel, constexprs, types, arch, num_warps, num_stages):
+    """``triton.compile`` of ``kernel`` for ``sm_{arch}`` with the launcher's specialisation."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -62,18 +80,39 @@ def compile_for(kernel, constexprs: Dict[str, object], types: Dict[str, str], *,
     # register counts do not match the real launch)
     attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def loop_mix(kernel, constexprs: Dict[str, object], types: Dict[str, str], *, arch: int = 90,
+             num_warps: int = 4, num_stages: int = 3) -> Dict[str, int]:
+    """SASS instruction mix of the largest loop of ``kernel`` compiled for ``sm_{arch}`` (the loop
+    between the farthest backward branch and its target): per warp, per iteration. On a walk that
+    is the work per chunk, so warps × ``total`` is the issue slots a chunk needs (run 16: the gated
+    reverse pass's 8 × 1278 against DeltaNet's 4 × 754 is how its fp32 copies were found).
+
+    Returns:
+        ``{"total": n, opcode: count, ...}``, opcodes without their modifiers, most frequent first.
+    """
+    compiled = _compile(kernel, constexprs, types, arch, num_warps, num_stages)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
         fh.write(compiled.asm["cubin"])
     try:
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", fh.name], capture_output=True,
-                               text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", fh.name], capture_output=True, text=True,
+                              check=True).stdout
     finally:
         os.unlink(fh.name)
-    field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))  # noqa: E731
-    return {"shared": int(compiled.metadata.shared), "registers": field("REG"), "stack": field("STACK"),
-            "sync_loads": synchronous_loop_loads(compiled.asm["ttgir"])}
+    ins = [(int(a, 16), full, op) for a, full, op in
+           re.findall(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)[^;]*);", sass)]
+    loop = None
+    for addr, full, op in ins:
+        m = re.search(r"0x([0-9a-f]+)", full) if op.startswith("BRA") else None
+        if m and int(m.group(1), 16) < addr and (loop is None or addr - int(m.group(1), 16) > loop[1] - loop[0]):
+            loop = (int(m.group(1), 16), addr)
+    if loop is None:
+        return {"total": 0}
+    counts = Counter(op.split(".")[0] for addr, _, op in ins if loop[0] <= addr <= loop[1])
+    return {"total": sum(counts.values()), **dict(counts.most_common())}
 
 
 _LOAD = re.compile(r"^(%[\w#]+)(?::\d+)? = tt\.load ")

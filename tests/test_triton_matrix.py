@@ -238,7 +238,17 @@ def test_errors(monkeypatch):
         km.chunk_matrix(*_small(K=4, V=300))
     if DEVICE == "cpu":
         # bfloat16 in an interpreter whose bf16 dots are wrong (Triton 3.9: values of order 1e10)
-        # is refused; the probe is a real dot, so an interpreter that gets them right is let through
+        # is refused; the probe is a real dot, so an interpreter that gets them right is let through.
+        # This interpreter, for real: refused, or (a fixed Triton) right to bf16 accuracy
+        from olsm.kernels.matrix.chunk import interpreter_bf16_dots_ok
+
+        low = [t.bfloat16() for t in (q, w, u)]
+        if interpreter_bf16_dots_ok():
+            o_ref = km.chunk_matrix(*(t.float() for t in low))[0]
+            assert rel_err(km.chunk_matrix(*low)[0].float(), o_ref) < 2e-2
+        else:
+            with pytest.raises(BackendError, match="bfloat16 operands wrongly; pass float32"):
+                km.chunk_matrix(*low)
         for ok in (False, True):
             monkeypatch.setattr("olsm.kernels.matrix.chunk.interpreter_bf16_dots_ok", lambda ok=ok: ok)
             if ok:
@@ -579,6 +589,14 @@ def test_per_key_decay_with_a_pair_fused(chunk, whole, monkeypatch):
     g[..., :32] *= 16
     check((q, w, u, g, pairs, s0), chunk_size=chunk)
     assert len(calls) == 5 and len(made) == 5, (calls, made)
+
+
+def test_wy_storage_dots_on_the_pair_paths(monkeypatch):
+    # OLSM_MATRIX_WY_DOTS=storage (opt-in) reaches every WY launch, not only the delta form's:
+    # the general pair with no, a scalar and a per-key decay (float32: the code path; bf16: GPU)
+    monkeypatch.setenv("OLSM_MATRIX_WY_DOTS", "storage")
+    for i, decay in enumerate(("none", "scalar", "key")):
+        check(make_inputs(90 + i, T=45, K=24, V=20, decay=decay, lowrank="general"), chunk_size=16)
 
 
 RANK1_CASES = [("none", "delta"), ("scalar", "delta"), ("none", "longhorn"), ("scalar", "general")]

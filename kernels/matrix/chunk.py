@@ -75,10 +75,16 @@ def interpreter_bf16_dots_ok() -> bool:
     garbage."""
     from .tiles import bf16_dot_probe
 
-    a = torch.eye(16) * 2.
+    # small integers (exact in bf16 and in the product), not symmetric, and not bit patterns that
+    # bf16 and fp16 share, so a transposed or misread operand shows too
+    i = torch.arange(16.)
+    a, b = (i[:, None] + 2 * i[None, :]) % 5 - 2, (3 * i[:, None] + i[None, :]) % 7 - 3
     out = torch.zeros(16, 16)
-    bf16_dot_probe[(1,)](a.bfloat16(), a.bfloat16(), out, 16)
-    return bool(torch.equal(out, a @ a))
+    try:
+        bf16_dot_probe[(1,)](a.bfloat16(), b.bfloat16(), out, 16)
+    except Exception:  # noqa: BLE001 - an interpreter that cannot run it cannot run the kernels either
+        return False
+    return bool(torch.equal(out, a @ b))
 
 
 def _check_backend(device: torch.device, dtype: Optional[torch.dtype] = None) -> None:

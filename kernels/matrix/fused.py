@@ -490,7 +490,7 @@ class LaunchShape:
             the shared memory of 3, sm_90 compile at C = 64); warps_walk_decay: both walks
             without a pair with a scalar decay (:func:`rank0_warps`); warps_delta_decay: the
             delta form's reverse pass with a decay (:func:`.fused_bwd.dstate_warps`; a field
-            so that ``tune_fused.py`` can move it).
+            so that ``tune_fused.py`` can move it; measured on an H200, run 16).
 
     The values are what ``benchmarks/tune_fused.py`` measured fastest on an H100 at
     (8, 2048, 16, 128), bf16, C = 64 (one knob at a time, 2026-11-24): 4 warps beat 8 for every
