@@ -240,12 +240,15 @@ def loop(name, *overrides):
     """Print the SASS instruction mix of one table row's main loop (``olsm.kernels.aot.loop_mix``),
     with ``key=value`` overrides of its constexprs and ``warps``, e.g.
     ``--loop "delta bwd dstate decay=1" BV=32 warps=4`` (the value block of a (1, 32768) launch)."""
-    for n, kernel, consts, warps, _ in configs():
+    rows = [(n, kernel, consts, TYPES, warps) for n, kernel, consts, warps, _ in configs()]
+    rows += [(n, kernel, consts, types, warps) for n, kernel, consts, types, warps, _ in elementwise_configs()]
+    for n, kernel, consts, types, warps in rows:
         if n == name:
             extra = dict(kv.split("=") for kv in overrides)
             warps = int(extra.pop("warps", warps))
             consts = dict(consts, **{k: int(v) for k, v in extra.items()})
-            mix = loop_mix(kernel, consts, TYPES, num_warps=warps, num_stages=stages_of(n, consts))
+            stages = 1 if n.startswith("elementwise") else stages_of(n, consts)
+            mix = loop_mix(kernel, consts, types, num_warps=warps, num_stages=stages)
             print(f"{name} ({', '.join(overrides) or 'as launched'}), {warps} warps: {mix['total']} instructions "
                   f"per warp per iteration, {warps * mix['total']} per iteration; "
                   + ", ".join(f"{k} {v}" for k, v in list(mix.items())[1:16]))

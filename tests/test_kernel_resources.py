@@ -74,6 +74,10 @@ def test_loop_mix_of_a_walk():
     assert m, run.stdout
     assert 4 * int(m.group(1)) == int(m.group(2)) and int(m.group(1)) > 100
     assert "HGMMA" in m.group(3)          # the walk's dots are in the loop (wgmma on sm_90)
+    # a generated elementwise kernel's row too (its block loop: shuffles for the sums over K and V)
+    ew = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--loop",
+                         "elementwise bwd mamba1 [8,16,4]"], env=env, capture_output=True, text=True, timeout=600)
+    assert ew.returncode == 0 and "SHFL" in ew.stdout, ew.stdout + ew.stderr[-3000:]
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--loop", "no such row"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "no row named" in bad.stderr
