@@ -23,6 +23,7 @@ holds the default walks at zero.
 """
 from __future__ import annotations
 
+import itertools
 import sys
 
 import triton
@@ -228,7 +229,10 @@ def elementwise_configs(K=16, V=1536, C=64):
 def stages_of(name: str, consts: dict) -> int:
     """num_stages of the launch: the forward state pass :func:`~olsm.kernels.matrix.fused.state_stages`, the
     reverse pass :func:`~olsm.kernels.matrix.fused_bwd.dstate_stages`, the whole-chunk Grams 2
-    (``LaunchShape.stages_pair``, ``perkey.intra_gram``), the rest Triton's default 3."""
+    (``LaunchShape.stages_pair``, ``perkey.intra_gram``), the generated elementwise kernels 1 (as
+    their launcher), the rest Triton's default 3."""
+    if name.startswith("elementwise"):
+        return 1
     if name.startswith(("bwd dstate", "delta bwd dstate")):
         return FB.dstate_stages(consts["DECAY"], consts["LOWRANK"])
     if name.startswith(("fwd state", "delta fwd state")):
@@ -240,15 +244,16 @@ def loop(name, *overrides):
     """Print the SASS instruction mix of one table row's main loop (``olsm.kernels.aot.loop_mix``),
     with ``key=value`` overrides of its constexprs and ``warps``, e.g.
     ``--loop "delta bwd dstate decay=1" BV=32 warps=4`` (the value block of a (1, 32768) launch)."""
-    rows = [(n, kernel, consts, TYPES, warps) for n, kernel, consts, warps, _ in configs()]
-    rows += [(n, kernel, consts, types, warps) for n, kernel, consts, types, warps, _ in elementwise_configs()]
+    # lazily: the elementwise rows generate their kernels, needed only if no matrix row matches
+    rows = itertools.chain(((n, kernel, consts, TYPES, warps) for n, kernel, consts, warps, _ in configs()),
+                           ((n, kernel, consts, types, warps)
+                            for n, kernel, consts, types, warps, _ in elementwise_configs()))
     for n, kernel, consts, types, warps in rows:
         if n == name:
             extra = dict(kv.split("=") for kv in overrides)
             warps = int(extra.pop("warps", warps))
             consts = dict(consts, **{k: int(v) for k, v in extra.items()})
-            stages = 1 if n.startswith("elementwise") else stages_of(n, consts)
-            mix = loop_mix(kernel, consts, types, num_warps=warps, num_stages=stages)
+            mix = loop_mix(kernel, consts, types, num_warps=warps, num_stages=stages_of(n, consts))
             print(f"{name} ({', '.join(overrides) or 'as launched'}), {warps} warps: {mix['total']} instructions "
                   f"per warp per iteration, {warps * mix['total']} per iteration; "
                   + ", ".join(f"{k} {v}" for k, v in list(mix.items())[1:16]))
@@ -275,7 +280,7 @@ def main():
     for name, kernel, consts, types, warps, default in elementwise_configs():
         if only_default and not default:
             continue
-        r = compile_for(kernel, consts, types, num_warps=warps, num_stages=1)
+        r = compile_for(kernel, consts, types, num_warps=warps, num_stages=stages_of(name, consts))
         fits = r["shared"] <= HOPPER_SHARED_BYTES
         bad += default and (not fits or r["stack"] > 0)
         print(f"| {name} | {'yes' if default else 'opt-in'} | {warps} | {r['shared']} | {'yes' if fits else '**no**'} "

@@ -49,16 +49,20 @@ def compile_for(kernel, constexprs: Dict[str, object], types: Dict[str, str], *,
         triton.CompilationError (or the compiler's own error) if the kernel does not compile.
     """
     compiled = _compile(kernel, constexprs, types, arch, num_warps, num_stages)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
-        fh.write(compiled.asm["cubin"])
-    try:
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", fh.name], capture_output=True,
-                               text=True, check=True).stdout
-    finally:
-        os.unlink(fh.name)
+    usage = _cuobjdump(compiled, "--dump-resource-usage")
     field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))  # noqa: E731
     return {"shared": int(compiled.metadata.shared), "registers": field("REG"), "stack": field("STACK"),
             "sync_loads": synchronous_loop_loads(compiled.asm["ttgir"])}
+
+
+def _cuobjdump(compiled, flag: str) -> str:
+    """``cuobjdump flag`` of a compiled kernel's cubin (written to a temporary file)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
+        fh.write(compiled.asm["cubin"])
+    try:
+        return subprocess.run([_tool("cuobjdump"), flag, fh.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(fh.name)
 
 
 def _compile(kernel, constexprs, types, arch, num_warps, num_stages):
@@ -94,14 +98,7 @@ def loop_mix(kernel, constexprs: Dict[str, object], types: Dict[str, str], *, ar
     Returns:
         ``{"total": n, opcode: count, ...}``, opcodes without their modifiers, most frequent first.
     """
-    compiled = _compile(kernel, constexprs, types, arch, num_warps, num_stages)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
-        fh.write(compiled.asm["cubin"])
-    try:
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", fh.name], capture_output=True, text=True,
-                              check=True).stdout
-    finally:
-        os.unlink(fh.name)
+    sass = _cuobjdump(_compile(kernel, constexprs, types, arch, num_warps, num_stages), "-sass")
     ins = [(int(a, 16), full, op) for a, full, op in
            re.findall(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)[^;]*);", sass)]
     loop = None

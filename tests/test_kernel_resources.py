@@ -22,14 +22,18 @@ def _bundled_tools() -> bool:
     return all((bin_dir / tool).exists() for tool in ("ptxas", "cuobjdump"))
 
 
+def _resources(*args):
+    """``benchmarks/kernel_resources.py args`` in a fresh process: the suite runs kernels in the
+    interpreter (TRITON_INTERPRET=1), and an interpreted function cannot be compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.skipif(platform.machine() != "x86_64" or not _bundled_tools(),
                     reason="needs the ptxas and cuobjdump that Triton bundles on x86_64")
 def test_default_path_kernels_compile_for_hopper_and_fit():
-    # a fresh process: the suite runs kernels in the interpreter (TRITON_INTERPRET=1), and an
-    # interpreted function cannot be compiled
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--default-only"], env=env,
-                         capture_output=True, text=True, timeout=600)
+    run = _resources("--default-only")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("| fwd") or line.startswith("| bwd")]
     # 16 launches × 2 decays (the 5 rank-0 split launches only without decay: OLSM_MATRIX_STATE=auto
@@ -62,24 +66,19 @@ def test_default_path_kernels_compile_for_hopper_and_fit():
                     reason="needs the ptxas and cuobjdump that Triton bundles on x86_64")
 def test_loop_mix_of_a_walk():
     # kernel_resources.py --loop: the SASS instruction mix of a walk's loop (aot.loop_mix), the
-    # count that found the gated reverse pass's fp32 copies (run 16); fresh process, as above
+    # count that found the gated reverse pass's fp32 copies (run 16)
     import re
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--loop",
-                          "delta bwd dstate decay=0", "BV=32", "warps=4"], env=env, capture_output=True, text=True,
-                         timeout=600)
+    run = _resources("--loop", "delta bwd dstate decay=0", "BV=32", "warps=4")
     assert run.returncode == 0, run.stderr[-3000:]
     m = re.search(r"4 warps: (\d+) instructions per warp per iteration, (\d+) per iteration; (.*)", run.stdout)
     assert m, run.stdout
     assert 4 * int(m.group(1)) == int(m.group(2)) and int(m.group(1)) > 100
     assert "HGMMA" in m.group(3)          # the walk's dots are in the loop (wgmma on sm_90)
     # a generated elementwise kernel's row too (its block loop: shuffles for the sums over K and V)
-    ew = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--loop",
-                         "elementwise bwd mamba1 [8,16,4]"], env=env, capture_output=True, text=True, timeout=600)
+    ew = _resources("--loop", "elementwise bwd mamba1 [8,16,4]")
     assert ew.returncode == 0 and "SHFL" in ew.stdout, ew.stdout + ew.stderr[-3000:]
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--loop", "no such row"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    bad = _resources("--loop", "no such row")
     assert bad.returncode != 0 and "no row named" in bad.stderr
 
 
