@@ -165,6 +165,9 @@ def test_wy_storage_dots(decay, save, kk, monkeypatch):
     monkeypatch.setenv("OLSM_MATRIX_WY_DOTS", "storage")
     monkeypatch.setenv("OLSM_MATRIX_DELTA_SAVE", save)
     check_delta(delta_inputs(21, T=45, decay=decay, u_scale=True, kk_coef=kk, V=20), chunk_size=16)
+    # packed sequences with their own initial states, lengths not multiples of the chunk
+    check_delta(delta_inputs(22, T=45, decay=decay, u_scale=True, kk_coef=kk, V=20, N=3), chunk_size=16,
+                cu_seqlens=[0, 7, 30, 45])
 
 
 @pytest.mark.parametrize("inverse", ["rows4", "levels2", "levels3", "rows16"])
