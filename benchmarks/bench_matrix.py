@@ -40,8 +40,8 @@ same forward, the autograd backward), ``general`` (general path, Triton inverse)
 (general path with ``torch.linalg.solve_triangular``: the code measured in runs 2 and 3),
 ``pair`` (the delta members through ``chunk_matrix`` with the general pair ``(−c k, k)``: the
 fused rank-1 kernels measured up to run 6), ``stages2`` / ``stages3`` / ``stages4`` (the forward
-walk's num_stages), ``chunk128`` (chunk length C = 128 instead of the library's 64), ``wylowp``
-(opt-in, not yet timed: the WY kernel's X and Y dots on bf16 operands). The paths are
+walk's num_stages), ``chunk128`` (chunk length C = 128 instead of the library's 64), ``wyfp32``
+(the WY kernel's X and Y dots on fp32 copies, the default up to run 16). The paths are
 chosen through the ``OLSM_MATRIX_*`` switches of ``ENV_DEFAULTS``, read at every call, and C
 through this script's ``OLSM_BENCH_CHUNK`` (``BENCH_DEFAULTS``).
 """
@@ -116,7 +116,7 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0, device="cuda"):
 ENV_DEFAULTS = {"OLSM_MATRIX_PATH": "auto", "OLSM_MATRIX_SOLVE": "triton", "OLSM_MATRIX_BWD": "auto",
                 "OLSM_MATRIX_INVERSE": "rows4", "OLSM_MATRIX_DOTS": "storage", "OLSM_MATRIX_DELTA_SAVE": "keep",
                 "OLSM_MATRIX_STATE": "auto", "OLSM_MATRIX_SPLIT_PER_SM": "4", "OLSM_MATRIX_STATE_STAGES": "auto",
-                "OLSM_MATRIX_WY_DOTS": "fp32"}
+                "OLSM_MATRIX_WY_DOTS": "storage"}
 # this script's own switches (not the library's), reset with ENV_DEFAULTS by every variant
 BENCH_DEFAULTS = {"OLSM_BENCH_CHUNK": "64"}
 VARIANTS = {
@@ -133,7 +133,7 @@ VARIANTS = {
     "stages2": ({"OLSM_MATRIX_STATE_STAGES": "2"}, True),
     "stages3": ({"OLSM_MATRIX_STATE_STAGES": "3"}, True),
     "stages4": ({"OLSM_MATRIX_STATE_STAGES": "4"}, True),
-    "wylowp": ({"OLSM_MATRIX_WY_DOTS": "storage"}, True),    # the WY kernel's X, Y dots in bf16
+    "wyfp32": ({"OLSM_MATRIX_WY_DOTS": "fp32"}, True),       # the WY kernel's X, Y dots on fp32 copies (run 16's default)
     "chunk128": ({"OLSM_BENCH_CHUNK": "128"}, True),     # C = 128: half the chunk states (this script's switch)
     "pair": ({}, False),
     "autograd_bwd": ({"OLSM_MATRIX_BWD": "autograd"}, False),

@@ -168,7 +168,7 @@ def configs(K=128, V=128, C=64):
         for levels, rows, label in ((2, False, "levels2"), (3, False, "levels3"), (2, True, "rows16")):
             opt = dict(wy, INV_LEVELS=levels, INV_ROWS=rows)
             yield (f"delta fwd wy {label} inverse decay={decay}", F._wy_fwd_kernel, opt, sh.warps_wy, False)
-        yield (f"delta fwd wy bf16 dots decay={decay}", F._wy_fwd_kernel, dict(wy, LOWP=True), sh.warps_wy, False)
+        yield (f"delta fwd wy fp32 dots decay={decay}", F._wy_fwd_kernel, dict(wy, LOWP=False), sh.warps_wy, False)
         wy = dict(F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False, delta=True, store_nu=True, load_t=True),
                   U_SCALE=True)
         yield (f"delta bwd wy+nu (recompute) decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), False)

@@ -155,14 +155,16 @@ def test_fp32_backward_dots(decay, monkeypatch):
 WY_STORAGE_CASES = [(False, "keep", False), (True, "keep", False), (True, "recompute", False), (True, "keep", True)]
 
 
+@pytest.mark.parametrize("wy", ["storage", "fp32"])
 @pytest.mark.parametrize("decay,save,kk", WY_STORAGE_CASES, ids=[f"{d}-{s}-{k}" for d, s, k in WY_STORAGE_CASES])
-def test_wy_storage_dots(decay, save, kk, monkeypatch):
-    # OLSM_MATRIX_WY_DOTS=storage (opt-in): the WY kernel's X and Y dots on storage-dtype operands,
-    # u_scale folded into T's columns; also the backward's relaunch (recompute: STORE_NU) and the
-    # implicit step's normaliser (kk_coef: NORM). float32 here, so the folding is what is checked;
-    # bf16 numerics: test_chunk_delta_switches on the GPU (the CPU interpreter's bf16 dots are
-    # wrong, chunk.interpreter_bf16_dots_ok)
-    monkeypatch.setenv("OLSM_MATRIX_WY_DOTS", "storage")
+def test_wy_dots(decay, save, kk, wy, monkeypatch):
+    # both OLSM_MATRIX_WY_DOTS paths: storage (the default), the WY kernel's X and Y dots on
+    # storage-dtype operands with u_scale folded into T's columns, and fp32 copies (the way back);
+    # also the backward's relaunch (recompute: STORE_NU) and the implicit step's normaliser
+    # (kk_coef: NORM). float32 here, so the folding is what is checked; bf16 numerics:
+    # test_chunk_delta_switches on the GPU (the CPU interpreter's bf16 dots are wrong,
+    # chunk.interpreter_bf16_dots_ok)
+    monkeypatch.setenv("OLSM_MATRIX_WY_DOTS", wy)
     monkeypatch.setenv("OLSM_MATRIX_DELTA_SAVE", save)
     check_delta(delta_inputs(21, T=45, decay=decay, u_scale=True, kk_coef=kk, V=20), chunk_size=16)
     # packed sequences with their own initial states, lengths not multiples of the chunk

@@ -591,10 +591,12 @@ def test_per_key_decay_with_a_pair_fused(chunk, whole, monkeypatch):
     assert len(calls) == 5 and len(made) == 5, (calls, made)
 
 
-def test_wy_storage_dots_on_the_pair_paths(monkeypatch):
-    # OLSM_MATRIX_WY_DOTS=storage (opt-in) reaches every WY launch, not only the delta form's:
-    # the general pair with no, a scalar and a per-key decay (float32: the code path; bf16: GPU)
-    monkeypatch.setenv("OLSM_MATRIX_WY_DOTS", "storage")
+@pytest.mark.parametrize("wy", ["storage", "fp32"])
+def test_wy_dots_on_the_pair_paths(wy, monkeypatch):
+    # OLSM_MATRIX_WY_DOTS (storage, the default, and fp32) reaches every WY launch, not only the
+    # delta form's: the general pair with no, a scalar and a per-key decay (float32: the code
+    # path; bf16: GPU)
+    monkeypatch.setenv("OLSM_MATRIX_WY_DOTS", wy)
     for i, decay in enumerate(("none", "scalar", "key")):
         check(make_inputs(90 + i, T=45, K=24, V=20, decay=decay, lowrank="general"), chunk_size=16)
 

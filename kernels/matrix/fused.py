@@ -172,10 +172,10 @@ def _wy_fwd_kernel(
     ``[B·T, H, K]`` fp32, L and N are read from grams ``[NC, H, 4, C, C]`` (decay and strict mask
     included) and B̂ = B ⊙ e^{G_prev} per key.
 
-    LOWP (:func:`wy_dots_lowp`, opt-in): the X and Y dots take operands in x_wy's dtype (T rounded
-    to bf16/fp16, B and U as stored, u_scale folded into T's columns), as FLA's ``recompute_w_u``,
-    instead of fp32 copies of B and U written to shared memory for tf32 dots. The inverse stays
-    fp32 either way.
+    LOWP (:func:`wy_dots_lowp`, the default): the X and Y dots take operands in x_wy's dtype (T
+    rounded to bf16/fp16, B and U as stored, u_scale folded into T's columns), as FLA's
+    ``recompute_w_u``, instead of fp32 copies of B and U written to shared memory for tf32 dots.
+    The inverse stays fp32 either way.
     """
     nh = tl.program_id(0).to(tl.int64)
     # rows of b, columns of a and w (transposed by pointer arithmetic, never tl.trans)
@@ -650,12 +650,14 @@ def dots_lowp() -> bool:
 
 
 def wy_dots_lowp() -> bool:
-    """``OLSM_MATRIX_WY_DOTS=storage`` (opt-in; read at each call): the WY kernel's X and Y dots on
-    storage-dtype operands (:func:`_wy_fwd_kernel`'s LOWP) instead of ``fp32`` copies (the
-    default). Not timed yet: the H200's ncu (run 16) found the WY forward at 2 programs per SM
-    (200 registers) with half its shared-memory wavefronts excess, and the fp32 copies of B and U
-    are the largest tiles it writes to shared memory."""
-    return env_choice("OLSM_MATRIX_WY_DOTS", ("fp32", "storage")) == "storage"
+    """``OLSM_MATRIX_WY_DOTS`` (read at each call): ``storage`` (the default since run 17), the WY
+    kernel's X and Y dots on storage-dtype operands (:func:`_wy_fwd_kernel`'s LOWP), or ``fp32``
+    copies of B and U (tf32 dots; the default up to run 16). On the H200 (run 17, bf16,
+    (1, 32768, 16, 128)) storage dots took DeltaNet's forward from 1.556 to 1.312 ms and its
+    fwd+bwd from 3.746 to 3.531; gated DeltaNet's forward 1.874 -> 1.646 ms. ncu (run 16) had found
+    the fp32 WY forward at 2 programs per SM with half its shared-memory wavefronts excess, the
+    fp32 copies of B and U being the largest tiles it writes to shared memory."""
+    return env_choice("OLSM_MATRIX_WY_DOTS", ("storage", "fp32")) == "storage"
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
