@@ -595,9 +595,13 @@ def wy_constexprs(shape: LaunchShape, K: int, V: int, C: int, decay: int, prec: 
     """The compile-time arguments of :func:`_wy_fwd_kernel` (also read by ``kernel_resources.py``)."""
     inverse = env_choice("OLSM_MATRIX_INVERSE", ("rows4", "levels2", "levels3", "rows16"))
     levels = 3 if inverse in ("levels3", "rows4") else 2
+    # a per-key decay's pair (DECAY = 2) keeps fp32 copies: its B̂ = B ⊙ e^{G_prev} and T spread
+    # over the decay's range, and bf16 operands gave DPLR's output a 1.1e-1 relative error at
+    # C = 128 on the H200 (run 17, test_fp16_and_chunk_sizes)
+    lowp = wy_dots_lowp() and decay != 2
     return dict(K=K, V=V, C=C, BK=shape.BK, BV=shape.BV_wide, DECAY=decay, PRECISION=prec,
                 STORE_T=store_t, DELTA=delta, STORE_NU=store_nu, LOAD_T=load_t, INV_LEVELS=levels,
-                INV_ROWS=inverse.startswith("rows"), LOWP=wy_dots_lowp(),
+                INV_ROWS=inverse.startswith("rows"), LOWP=lowp,
                 num_warps=shape.warps_wy)
 
 
@@ -651,8 +655,9 @@ def dots_lowp() -> bool:
 
 def wy_dots_lowp() -> bool:
     """``OLSM_MATRIX_WY_DOTS`` (read at each call): ``storage`` (the default since run 17), the WY
-    kernel's X and Y dots on storage-dtype operands (:func:`_wy_fwd_kernel`'s LOWP), or ``fp32``
-    copies of B and U (tf32 dots; the default up to run 16). On the H200 (run 17, bf16,
+    kernel's X and Y dots on storage-dtype operands (:func:`_wy_fwd_kernel`'s LOWP; not for a
+    per-key decay's pair, see :func:`wy_constexprs`), or ``fp32`` copies of B and U (tf32 dots;
+    the default up to run 16). On the H200 (run 17, bf16,
     (1, 32768, 16, 128)) storage dots took DeltaNet's forward from 1.556 to 1.312 ms and its
     fwd+bwd from 3.746 to 3.531; gated DeltaNet's forward 1.874 -> 1.646 ms. ncu (run 16) had found
     the fp32 WY forward at 2 programs per SM with half its shared-memory wavefronts excess, the
