@@ -9,6 +9,10 @@ warps took 2.5 ms), i.e. 2048 tile elements, 64 per thread. Backward: ``[8, 16, 
 warp, 512 elements, 16 per thread (2.47 ms at B = 8, T = 2048, forward+backward minus the no-grad
 forward; it keeps many tiles alive and
 larger tiles spill: ``[8, 16, 8]`` on 2 warps 3.06 ms, ``[16, 16, 8]`` on 2 warps 5.7 ms).
+Run 17 re-swept both with the backward's flipped reverse scan (results/elementwise_sweep_h200_run17_*.md):
+the backward default stayed best (1.99 ms at B = 8, 2.53 at B = 2), ``[32, 16, 4]`` forward tied
+the default for longhorn_diag at B = 2 but lost at d_model 1024, and tiles spread over 2 or 4
+warps were 1.4–8× slower in both kernels (Triton scans across warps through shared memory).
 Every knob can be overridden per call.
 
 Where the backward keeps a chunk's block-entering states (``slab``): ``"global"``, a
