@@ -593,12 +593,25 @@ def test_per_key_decay_with_a_pair_fused(chunk, whole, monkeypatch):
 
 @pytest.mark.parametrize("wy", ["storage", "fp32"])
 def test_wy_dots_on_the_pair_paths(wy, monkeypatch):
-    # OLSM_MATRIX_WY_DOTS (storage, the default, and fp32) reaches every WY launch, not only the
-    # delta form's: the general pair with no, a scalar and a per-key decay (float32: the code
-    # path; bf16: GPU)
+    # OLSM_MATRIX_WY_DOTS (storage, the default, and fp32) reaches the WY launches of the general
+    # pair too, not only the delta form's: no, a scalar and a per-key decay (float32: the code
+    # path; bf16: GPU; the per-key decay keeps fp32 copies either way, next test)
     monkeypatch.setenv("OLSM_MATRIX_WY_DOTS", wy)
     for i, decay in enumerate(("none", "scalar", "key")):
         check(make_inputs(90 + i, T=45, K=24, V=20, decay=decay, lowrank="general"), chunk_size=16)
+
+
+def test_wy_storage_dots_not_with_a_per_key_decay(monkeypatch):
+    # storage-dtype WY dots are the default without a decay and with a scalar one, never with a
+    # per-key decay's pair (DECAY = 2): bf16 operands gave DPLR's output a 1.1e-1 relative error
+    # at C = 128 on the H200 (run 17); OLSM_MATRIX_WY_DOTS=fp32 turns them off everywhere
+    fused = importlib.import_module("olsm.kernels.matrix.fused")
+    shape = fused.launch_shape(128, 128, 64)
+    lowp = lambda decay: fused.wy_constexprs(shape, 128, 128, 64, decay, "tf32", False)["LOWP"]  # noqa: E731
+    monkeypatch.delenv("OLSM_MATRIX_WY_DOTS", raising=False)
+    assert [lowp(d) for d in (0, 1, 2)] == [True, True, False]
+    monkeypatch.setenv("OLSM_MATRIX_WY_DOTS", "fp32")
+    assert [lowp(d) for d in (0, 1, 2)] == [False, False, False]
 
 
 RANK1_CASES = [("none", "delta"), ("scalar", "delta"), ("none", "longhorn"), ("scalar", "general")]
