@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import chunk_tokens
+from .tiles import cdiv, chunk_tokens, next_pow2
 
 CARRY_BLOCK = 64    # chunk totals per step of the carry scan
 
@@ -203,8 +203,8 @@ def decay_gradient_per_key(lam: torch.Tensor, d_final, final, tok_start, tok_sto
     last = None if d_final is None else (d_final * final).sum(-1).contiguous()            # [N, H, K]
     tot = torch.empty(NC * H, K, device=lam.device, dtype=torch.float32)
     carry = torch.empty_like(tot)
-    BK = min(64, max(16, triton.next_power_of_2(K)))
-    NK = triton.cdiv(K, BK)
+    BK = min(64, max(16, next_pow2(K)))
+    NK = cdiv(K, BK)
     _key_total_kernel[(NC * H, NK)](lam, tot, tok_start, tok_stop, H, K=K, C=C, BK=BK)
     _key_carry_kernel[(N * H, NK)](tot, last if last is not None else tot, carry, chunk_offsets, H, K=K,
                                    HAS_LAST=last is not None, BLOCK=CARRY_BLOCK, BK=BK)

@@ -54,7 +54,7 @@ from .fused import (
 from .decay_grad import decay_gradient
 from .fused_bwd import _dqdw_bwd_kernel, dstate_warps, launch_dstate
 from .split import walk_sequences
-from .tiles import chunk_decay, chunk_key_tiles
+from .tiles import cdiv, chunk_decay, chunk_key_tiles
 
 
 @triton.jit
@@ -186,14 +186,9 @@ def _flat_c(c, B, T, H):
     return c.reshape(B * T, H).float().contiguous()
 
 
-def _cdiv(a: int, b: int) -> int:
-    # plain ints: triton.cdiv is a constexpr_function whose host-side call costs a few µs
-    return -(-a // b)
-
-
 def _sequence_launch(meta, shape, N, H, K, V, dev):
     """:func:`.fused.sequence_launch` of the sequential passes, kept in the call's ``meta`` so the
-    backward reuses the forward's (its ``triton.cdiv`` calls cost ~10 µs of host time on the CPU)."""
+    backward reuses the forward's (host time on every call otherwise)."""
     key = (shape, N, H, K, V, dev)
     hit = meta.get("_sequence_launch")
     if hit is None or hit[0] != key:
@@ -261,7 +256,7 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=No
                    h0_, final, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev, lowrank=True,
                    delta=True)
     if NC > 0:
-        _output_fwd_kernel[(_cdiv(V, shape.BV_out), NC * H)](
+        _output_fwd_kernel[(cdiv(V, shape.BV_out), NC * H)](
             q, k, k, u, gd, states, nu, o, u, lay.tok_start, lay.tok_stop, meta["scale"], H, K=K, V=V, C=C,
             DECAY=decay, LOWRANK=False, BK=shape.BK, BV=shape.BV_out, PRECISION=prec, DELTA=True,
             LOWP=dots_lowp(), num_warps=shape.warps_out,
@@ -324,7 +319,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     d_o = torch.zeros_like(u) if d_o is None else d_o.contiguous()
     gd = g if g is not None else u
     scale = float(meta["scale"])
-    NK = _cdiv(K, shape.BKS)
+    NK = cdiv(K, shape.BKS)
     f32 = dict(device=dev, dtype=torch.float32)
     low = dict(device=dev, dtype=states.dtype)
 

@@ -32,6 +32,7 @@ path of :mod:`.chunk` for A/B timing; the default ``auto`` takes this one where 
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ from olsm.errors import BackendError
 from . import perkey, perkey_pair
 from .perkey_pair import BA, BW, QA, QW
 from .tiles import (
-    chunk_decay, chunk_key_tiles, chunk_tokens, gamma_at, segment_start, store_segment_end,
+    cdiv, chunk_decay, chunk_key_tiles, chunk_tokens, gamma_at, next_pow2, segment_start, store_segment_end,
     walk_bounds, walk_program, walk_tokens,
 )
 
@@ -523,8 +524,10 @@ class LaunchShape:
     warps_delta_decay: int = 4
 
 
+@functools.lru_cache(maxsize=None)
 def launch_shape(K: int, V: int, C: int, fp32: bool = False) -> LaunchShape:
-    """The :class:`LaunchShape` for head dims K, V (<= 128) and chunk length C.
+    """The :class:`LaunchShape` for head dims K, V (<= 128) and chunk length C (cached: a pure
+    function of its arguments, asked several times per call).
 
     ``fp32``: float32 inputs (``ieee`` dots, which run on the CUDA cores with twice the register
     tiles). They keep 8 warps in the WY, output and rank-1 kernels and in the sequential passes
@@ -533,7 +536,7 @@ def launch_shape(K: int, V: int, C: int, fp32: bool = False) -> LaunchShape:
     at 4 warps the reverse rank-1 pass spilled 28 KB per thread (sm_90 compile) and the fp32
     DeltaNet GPU tests did not finish in minutes.
     """
-    BK = max(16, triton.next_power_of_2(K))
+    BK = max(16, next_pow2(K))
     # BV, BV_out and BV_wide are at least 64 wide, even for small V: Triton 3.6's Hopper MMA,
     # given a 16-bit [K, BV] operand with 64- or 32-byte rows (BV = 32 or 16) next to an operand
     # converted in registers, read shared memory past its buffer (compute-sanitizer on an H200:
@@ -545,7 +548,7 @@ def launch_shape(K: int, V: int, C: int, fp32: bool = False) -> LaunchShape:
     # 15, tune_fused.py, output kernel 64 → 128 at (1, 32768): Mamba-2 0.275 → 0.248 ms, gated
     # DeltaNet 0.278 → 0.237, DeltaNet 0.201 → 0.188, GLA 0.415 → 0.297; linear attention within
     # 2 %); with a pair 64 (:func:`output_block`)
-    pv = max(64, triton.next_power_of_2(V))
+    pv = max(64, next_pow2(V))
     small = C <= 64
     w4 = 8 if fp32 else 4
     return LaunchShape(BK=BK, BKS=min(BK, 64), BKS_du=min(BK, 32), BV=min(64, pv),
@@ -580,14 +583,14 @@ def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank:
     BK, BV = shape.BK, shape.BV
     sms = _sm_count(device)
     if not lowrank:
-        while BK > 32 and N * H * triton.cdiv(V, BV) * triton.cdiv(K, BK) < 2 * sms:
+        while BK > 32 and N * H * cdiv(V, BV) * cdiv(K, BK) < 2 * sms:
             BK //= 2
     else:
         # 32-wide blocks only with a whole 128-key row (BK = 128: clean under compute-sanitizer;
         # narrower rows at K = 64 were not, see launch_shape)
-        while BV > (32 if BK >= 128 else 64) and 2 * N * H * triton.cdiv(V, BV) < sms:
+        while BV > (32 if BK >= 128 else 64) and 2 * N * H * cdiv(V, BV) < sms:
             BV //= 2
-    return (triton.cdiv(V, BV), N * H, triton.cdiv(K, BK)), BK, BV
+    return (cdiv(V, BV), N * H, cdiv(K, BK)), BK, BV
 
 
 def wy_constexprs(shape: LaunchShape, K: int, V: int, C: int, decay: int, prec: str, store_t: bool,
@@ -844,7 +847,7 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
                    lowrank=R > 0)
     if NC > 0:
         BVO = output_block(shape, R > 0)
-        _output_fwd_kernel[(triton.cdiv(V, BVO), NC * H)](
+        _output_fwd_kernel[(cdiv(V, BVO), NC * H)](
             q, w, a, u, g if g is not None else dummy, states, probes, o, amat if amat is not None else dummy,
             tok_start, tok_stop,
             meta["scale"], H, K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, BK=BK, BV=BVO,

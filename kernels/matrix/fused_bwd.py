@@ -54,7 +54,7 @@ from .decay_grad import decay_gradient, decay_gradient_per_key
 from .perkey_pair import BA, BW, QA, QW
 from .split import walk_sequences
 from .tiles import (
-    chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, gamma_at, kslice_program, segment_start,
+    cdiv, chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, gamma_at, kslice_program, segment_start,
     store_segment_end, walk_bounds, walk_program, walk_tokens,
 )
 
@@ -640,7 +640,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     prec, scale = meta["precision"], float(meta["scale"])
     shape = launch_shape(K, V, C, fp32=prec == "ieee")
     BK, BV, BKS = shape.BK, shape.BV, shape.BKS
-    NK = triton.cdiv(K, BKS)
+    NK = cdiv(K, BKS)
     if decay == 2:
         g = perkey.chunk_cumsum(g, lay.tok_start, lay.tok_stop, H, K, C)     # the kernels read G
 
@@ -726,7 +726,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             )
             if pk and amat is None:
                 amat = perkey.intra_gram(q, w, g, lay.tok_start, lay.tok_stop, H, K, C, prec, shape.warps_pair)
-            _du_bwd_kernel[(triton.cdiv(V, shape.BV_wide), NC * H)](
+            _du_bwd_kernel[(cdiv(V, shape.BV_wide), NC * H)](
                 q, w, d_o, g if g is not None else dummy, dstates, du, amat if pk else dummy, lay.tok_start,
                 lay.tok_stop, scale,
                 H, K=K, V=V, C=C, DECAY=decay, BKS=shape.BKS_du, BV=shape.BV_wide, PRECISION=prec,

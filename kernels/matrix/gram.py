@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import next_pow2
+
 SUB = 16  # sub-block length of the secondary chunking; tl.dot needs every dim >= 16
 
 
@@ -167,7 +169,7 @@ def _gram_bwd_kernel(
 
 
 def _block_k(K: int) -> int:
-    return max(16, triton.next_power_of_2(K))
+    return max(16, next_pow2(K))
 
 
 class _PerKeyGram(torch.autograd.Function):

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import chunk_tokens, floor_log_decay
+from .tiles import cdiv, chunk_tokens, floor_log_decay, next_pow2
 
 SUB = 16  # sub-block length of the secondary chunking; tl.dot needs every dim >= 16
 #: largest decay across one sub-block, max_k (G[16 i − 1] − G[16 i + 15]), for which its diagonal
@@ -63,7 +63,7 @@ CHUNK_RANGE = 30.0
 
 def _key_slice(K: int) -> int:
     """Keys per slice of the intra kernels (the forward's dot loop, the backward's programs)."""
-    return min(64, max(16, triton.next_power_of_2(K)))
+    return min(64, max(16, next_pow2(K)))
 
 
 def whole_keys(K: int) -> int:
@@ -367,7 +367,7 @@ def chunk_cumsum(g: torch.Tensor, tok_start, tok_stop, H: int, K: int, C: int) -
     gc = torch.empty(g.shape, device=g.device, dtype=torch.float32)
     NC = tok_start.numel()
     if NC:
-        _cumsum_kernel[(NC * H,)](g, gc, tok_start, tok_stop, H, K=K, C=C, BK=max(16, triton.next_power_of_2(K)),
+        _cumsum_kernel[(NC * H,)](g, gc, tok_start, tok_stop, H, K=K, C=C, BK=max(16, next_pow2(K)),
                                   num_warps=4)
     return gc
 
@@ -378,7 +378,7 @@ def intra_gram(q, w, gc, tok_start, tok_stop, H: int, K: int, C: int, prec: str,
     NC = tok_start.numel()
     amat = torch.empty(NC, H, C, C, device=q.device, dtype=torch.float32)
     if NC:
-        BK = max(16, triton.next_power_of_2(K))
+        BK = max(16, next_pow2(K))
         args = (q, w, gc, amat, tok_start, tok_stop, H)
         _intra_gram_whole_kernel[(1, NC * H)](*args, K=K, C=C, BK=BK, BKS=whole_keys(K), PRECISION=prec,
                                               CHUNK_RANGE=CHUNK_RANGE, num_warps=num_warps, num_stages=2)
@@ -397,12 +397,12 @@ def intra_backward(q, w, gc, dA, dq32, dw32, tok_start, tok_stop, H: int, K: int
         # one key slicing for both kernels (each (chunk, slice) is taken by exactly one of them: the
         # whole-chunk one overwrites dq32 with λ), SPP slices per sub-block program
         BKS = whole_keys(K)
-        nks = triton.cdiv(K, BKS)
+        nks = cdiv(K, BKS)
         args = (q, w, gc, dA, dq32, dw32, dq, dw, tok_start, tok_stop, H)
         _intra_bwd_whole_kernel[(1, NC * H, nks)](*args, K=K, C=C, BKS=BKS, PRECISION=prec, CHUNK_RANGE=CHUNK_RANGE,
                                                   num_warps=num_warps)
         SPP = _key_slice(K) // BKS
-        _intra_bwd_kernel[(C // SUB, NC * H, triton.cdiv(nks, SPP))](
+        _intra_bwd_kernel[(C // SUB, NC * H, cdiv(nks, SPP))](
             *args, K=K, C=C, BKS=BKS, SPP=SPP, SUB=SUB, PRECISION=prec, FAST_RANGE=FAST_RANGE,
             CHUNK_RANGE=CHUNK_RANGE, num_warps=4)
     return dq, dw

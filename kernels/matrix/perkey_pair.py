@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import cdiv, next_pow2
+
 from .perkey import (CHUNK_RANGE, FAST_RANGE, SUB, _block_rows, _chunk_fast, _chunk_program, _fast_block,
                      _gram_chunk, _key_slice, _prev_rows, _row_at, _rows, whole_keys)
 
@@ -349,7 +351,7 @@ def pair_grams(q, w, a, b, gc, tok_start, tok_stop, H: int, K: int, C: int, prec
     NC = tok_start.numel()
     grams = torch.empty(NC, H, 4, C, C, device=q.device, dtype=torch.float32)
     if NC:
-        BK = max(16, triton.next_power_of_2(K))
+        BK = max(16, next_pow2(K))
         args = (q, w, a, b, gc, grams, tok_start, tok_stop, H)
         _pair_gram_kernel[(4, NC * H)](*args, K=K, C=C, BK=BK, BKS=pair_keys(K, C), PRECISION=prec,
                                        CHUNK_RANGE=CHUNK_RANGE, num_warps=num_warps, num_stages=num_stages)
@@ -371,10 +373,10 @@ def pair_backward(q, w, a, b, gc, cc, d32, tok_start, tok_stop, H: int, K: int, 
         # one key slicing for both kernels: each (chunk, slice) is taken by exactly one of them (the
         # whole-chunk kernel overwrites dq32 with λ, which the other would read as dq's inter part)
         BKS = pair_keys(K, C)
-        _pair_bwd_kernel[(1, NC * H, triton.cdiv(K, BKS))](*args, K=K, C=C, BKS=BKS, PRECISION=prec,
+        _pair_bwd_kernel[(1, NC * H, cdiv(K, BKS))](*args, K=K, C=C, BKS=BKS, PRECISION=prec,
                                                            CHUNK_RANGE=CHUNK_RANGE, num_warps=num_warps)
         SPP = _key_slice(K) // BKS       # key slices of 64 per program, as the Grams' sub-blocks
-        _pair_bwd_block_kernel[(C // SUB, NC * H, triton.cdiv(triton.cdiv(K, BKS), SPP))](
+        _pair_bwd_block_kernel[(C // SUB, NC * H, cdiv(cdiv(K, BKS), SPP))](
             *args, K=K, C=C, BKS=BKS, SPP=SPP, SUB=SUB, PRECISION=prec, FAST_RANGE=FAST_RANGE,
             CHUNK_RANGE=CHUNK_RANGE, num_warps=4)
     return grads

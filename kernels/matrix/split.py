@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import cdiv
+
 from .fused import _sm_count, env_choice
 
 
@@ -125,7 +127,7 @@ def split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, 
     seg_end = torch.empty(NH, nseg, K, W, **f32)
     seg_g = torch.empty(NH, nseg, K if decay == 2 else 1, **f32)
     seg_args = args[:-3] + (seg_end, seg_g, nseg)
-    launch((triton.cdiv(W, BV) * nseg, NH, nk), seg_args, SEG_L=L, SEG_W=W, SEG_EXT=lowrank)
+    launch((cdiv(W, BV) * nseg, NH, nk), seg_args, SEG_L=L, SEG_W=W, SEG_EXT=lowrank)
     _combine_kernel[(nv, NH, nk)](seg_end, seg_g, init if init is not None else seg_end, out, chunk_offsets, H, nseg,
                                   L, K=K, V=V, BK=BK, BV=BV, HAS_INIT=init is not None, DECAY=decay,
                                   REVERSE=reverse, MAT=lowrank, num_warps=8 if lowrank else 4)

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import cdiv, next_pow2
+
 DECAY_NONE, DECAY_SCALAR, DECAY_KEY = 0, 1, 2
 
 
@@ -192,9 +194,9 @@ def _output_kernel(
 
 
 def _blocks(K: int, V: int, CR: int):
-    BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(64 if BK <= 64 else 32, triton.next_power_of_2(V)))
-    BR = max(16, triton.next_power_of_2(CR)) if CR else 16
+    BK = max(16, next_pow2(K))
+    BV = max(16, min(64 if BK <= 64 else 32, next_pow2(V)))
+    BR = max(16, next_pow2(CR)) if CR else 16
     return BK, BV, BR
 
 
@@ -222,7 +224,7 @@ class _ChunkRecurrence(torch.autograd.Function):
         if replay is None:
             states = torch.empty(NC, H, K, V, device=u.device, dtype=torch.float32)
             final = torch.empty(N, H, K, V, device=u.device, dtype=torch.float32)
-            _state_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+            _state_fwd_kernel[(cdiv(V, BV), N * H)](
                 gamma if gamma is not None else dummy,
                 a_hat if a_hat is not None else dummy,
                 x_wy if x_wy is not None else dummy,
@@ -239,8 +241,8 @@ class _ChunkRecurrence(torch.autograd.Function):
         o = torch.empty(NC, C, H, V, device=u.device, dtype=meta["out_dtype"])
         if NC > 0 and replay is None:
             # wider V-blocks than the state pass: fewer re-reads of the [C, K] queries
-            BVO = max(16, min(64 if BK <= 128 else 32, triton.next_power_of_2(V)))
-            _output_kernel[(triton.cdiv(V, BVO), NC * H)](
+            BVO = max(16, min(64 if BK <= 128 else 32, next_pow2(V)))
+            _output_kernel[(cdiv(V, BVO), NC * H)](
                 q_eff, o_intra, states, o, meta["scale"], H, C=C, K=K, V=V, BK=BK, BV=BVO,
                 PRECISION=meta["precision"], num_warps=4 if BK * C <= 64 * 64 else 8,
             )
@@ -264,7 +266,7 @@ class _ChunkRecurrence(torch.autograd.Function):
         d_z = torch.empty_like(states)
         d_h0 = torch.empty(N, H, K, V, device=states.device, dtype=torch.float32)
         dummy = states
-        _state_bwd_kernel[(triton.cdiv(V, BV), N * H)](
+        _state_bwd_kernel[(cdiv(V, BV), N * H)](
             gamma if gamma is not None else dummy,
             a_hat if a_hat is not None else dummy,
             x_wy if x_wy is not None else dummy,

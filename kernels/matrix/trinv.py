@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import next_pow2
+
 MAX_N = 128  # [n, n] fp32 tile in registers; larger spills badly
 
 
@@ -39,7 +41,7 @@ class _UnitLowerInverse(torch.autograd.Function):
         flat = L.reshape(-1, n, n).contiguous().float()
         T = torch.empty_like(flat)
         if flat.shape[0] > 0:
-            BN = max(16, triton.next_power_of_2(n))
+            BN = max(16, next_pow2(n))
             _unit_lower_inverse_kernel[(flat.shape[0],)](flat, T, n=n, BN=BN, num_warps=4 if BN <= 64 else 8)
         T = T.view(*lead, n, n)
         ctx.save_for_backward(T)
