@@ -85,3 +85,22 @@ def test_bench_defaults_are_the_library_defaults():
     src = "".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "kernels" / "matrix").glob("*.py"))
     found = dict(re.findall(r'env_choice\("(OLSM_MATRIX_\w+)", \("(\w+)"', src))
     assert found == BM.ENV_DEFAULTS
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU it times the full shapes")
+def test_host_and_graph_calls_run(capsys):
+    # benchmarks/host_and_graph.py on a CPU: each planned call once, tiny, in the interpreter,
+    # with its Triton launches counted (and Triton's launchers left as they were)
+    import host_and_graph as HG
+    from triton.runtime import interpreter, jit
+
+    runs = (jit.JITFunction.run, interpreter.InterpretedFunction.run)
+    HG.main(["linear_attention:bwd", "deltanet:fwd:1,64,2,16"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("failed" not in line for line in lines), lines
+    assert all(int(line.split("|")[-1].split()[0]) > 0 for line in lines), lines
+    assert (jit.JITFunction.run, interpreter.InterpretedFunction.run) == runs
+    with pytest.raises(SystemExit):
+        HG.parse(["deltanet:both"])
+    with pytest.raises(SystemExit):
+        HG.parse(["sdpa:fwd"])
