@@ -12,6 +12,8 @@ Compared, in one process:
   materialises G ``[B, T, H, K, V]``;
 * ``olsm-triton-swept``: the same kernels at the best tiles of ``sweep_elementwise.py``
   (``--tiles``), to show what the default tile choice leaves;
+* ``olsm-triton-lean`` (``--lean``): the lean kernel template (``OLSM_ELEMENTWISE_LEAN=1``:
+  folded masks, whole blocks without token masks, ``ex2.approx.ftz``), in the same process;
 * ``olsm-triton-<slab>`` (``--slabs``): the backward's block-entering states in a global
   scratch slab (``global``) or in registers (``registers``, checkpoint every 128 tokens;
   ``registers:S`` with S segments per checkpoint, every 128·S tokens), e.g. ``--slabs
@@ -128,13 +130,13 @@ def io_bytes_fwd(name: str, B: int, T: int, E: int, elem: int = 2) -> int:
 
 # ------------------------------------------------------------------------------ runners
 def olsm_triton(rec, q, k, v, coefs, D, block_t=None, block_v=None, num_warps=None, prefetch=None,
-                max_registers=None, chunk_size=64, slab=None, slab_segments=None, seq_split=None):
+                max_registers=None, chunk_size=64, slab=None, slab_segments=None, seq_split=None, lean=None):
     from olsm.kernels.elementwise import elementwise_scan
 
     leaves = [q, k, v, D, *coefs.values()]
     opts = dict(scale=1.0, block_t=block_t, block_v=block_v, num_warps=num_warps, prefetch=prefetch,
                 max_registers=max_registers, chunk_size=chunk_size, slab=slab, slab_segments=slab_segments,
-                seq_split=seq_split)
+                seq_split=seq_split, lean=lean)
 
     def fwd():
         with torch.no_grad():
@@ -299,6 +301,8 @@ def main():
                     help="comma-separated segment counts of the forward's split along the sequence "
                          "also timed (olsm-triton-splitS; 1: no split; the plain row is the default)")
     ap.add_argument("--recurrences", default="longhorn_diag,mamba1", help="comma-separated subset to time")
+    ap.add_argument("--lean", action="store_true",
+                    help="also time the lean kernel template (olsm-triton-lean; OLSM_ELEMENTWISE_LEAN)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--quick", action="store_true", help="first case only")
     ap.add_argument("--warm", default=None,
@@ -332,11 +336,12 @@ def main():
     if args.warm:
         # the kernels' constexprs depend on E and (through C) on T, not on B
         i, n = (int(x) for x in args.warm.split("/"))
+        lean_variant = [("olsm-triton-lean", None, None, True)] if args.lean else []
         shard = [(name, d, T, v) for name in recs for (d, _, T) in (CASES[:1] if args.quick else CASES)
-                 for v in [("olsm-triton", None, None)] + variants][i::n]
-        for name, d, T, (_, slab, seg) in shard:
+                 for v in [("olsm-triton", None, None, None)] + [(*x, None) for x in variants] + lean_variant][i::n]
+        for name, d, T, (_, slab, seg, lean) in shard:
             q, k, v, coefs, D = make_inputs(name, 1, T, 2 * d)
-            olsm_triton(recs[name], q, k, v, coefs, D, slab=slab, slab_segments=seg)[1]()
+            olsm_triton(recs[name], q, k, v, coefs, D, slab=slab, slab_segments=seg, lean=lean)[1]()
         torch.cuda.synchronize()
         print(f"warm {args.warm}: {len(shard)} compiled")
         return
@@ -385,6 +390,9 @@ def main():
         for impl, slab, seg in variants:
             measure(dict(base, impl=impl, note=checkpoint_note(T, E, slab, seg)),
                     *olsm_triton(recs[name], q, k, v, coefs, D, slab=slab, slab_segments=seg))
+        if args.lean:
+            measure(dict(base, impl="olsm-triton-lean", note="lean template (OLSM_ELEMENTWISE_LEAN=1)"),
+                    *olsm_triton(recs[name], q, k, v, coefs, D, lean=True))
         for S in filter(None, args.seq_splits.split(",")):
             measure(dict(base, impl=f"olsm-triton-split{int(S)}", note=f"seq_split={int(S)}"),
                     *olsm_triton(recs[name], q, k, v, coefs, D, seq_split=int(S)))

@@ -210,20 +210,24 @@ def elementwise_configs(K=16, V=1536, C=64):
     types = dict(bf16, cu_seqlens="*i32", chunk_offsets="*i32", scale="fp32", T="i32", NV="i32")
     sizes = dict(H=1, K=K, V=V, BK=cfg.BK, C=cfg.C, HAS_D=True, IS_VARLEN=False)
     for name, obj in (("longhorn_diag", longhorn_diag), ("mamba1", mamba1)):
-        _, mod = compile_recurrence(olsm.derive(obj))
-        t = cfg.fwd
-        fwd = dict(sizes, BV=t.BV, BT=t.BT, HAS_H0=True, STORE_HT=False, STORE_CKPT=True)
-        yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}]", mod.fwd_kernel, fwd, types, t.num_warps, True)
-        # the split along the sequence (opt-in: elementwise_scan(..., seq_split=S), scan.sequence_segments)
-        for phase in (1, 2):
-            yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}] split phase {phase}", mod.fwd_kernel,
-                   dict(fwd, SEG_T=2048, PHASE=phase, STORE_HT=True), dict(types, seg="*fp32", NSEG="i32"),
-                   t.num_warps, False)
-        t = cfg.bwd
-        yield (f"elementwise bwd {name} [{t.BT},{cfg.BK},{t.BV}]", mod.bwd_kernel,
-               dict(sizes, BV=t.BV, BT=t.BT, NB_C=cfg.slots, HAS_DHT=False, STORE_DH0=True, SPLIT_V=True,
-                    HAS_H0=True, SLAB_IN_REGS=int(cfg.slab == "registers"), NSEG=cfg.segments), types, t.num_warps,
-               True)
+        # the default template, then the lean one (opt-in: OLSM_ELEMENTWISE_LEAN=1)
+        for lean in (False, True):
+            _, mod = compile_recurrence(olsm.derive(obj), lean=lean)
+            tag = " lean" if lean else ""
+            t = cfg.fwd
+            fwd = dict(sizes, BV=t.BV, BT=t.BT, HAS_H0=True, STORE_HT=False, STORE_CKPT=True)
+            yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}]{tag}", mod.fwd_kernel, fwd, types, t.num_warps,
+                   not lean)
+            # the split along the sequence (opt-in: elementwise_scan(..., seq_split=S), scan.sequence_segments)
+            for phase in (1, 2) if not lean else ():
+                yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}] split phase {phase}", mod.fwd_kernel,
+                       dict(fwd, SEG_T=2048, PHASE=phase, STORE_HT=True), dict(types, seg="*fp32", NSEG="i32"),
+                       t.num_warps, False)
+            t = cfg.bwd
+            yield (f"elementwise bwd {name} [{t.BT},{cfg.BK},{t.BV}]{tag}", mod.bwd_kernel,
+                   dict(sizes, BV=t.BV, BT=t.BT, NB_C=cfg.slots, HAS_DHT=False, STORE_DH0=True, SPLIT_V=True,
+                        HAS_H0=True, SLAB_IN_REGS=int(cfg.slab == "registers"), NSEG=cfg.segments), types,
+                   t.num_warps, not lean)
 
 
 def stages_of(name: str, consts: dict) -> int:

@@ -47,6 +47,25 @@ DEV = "cuda" if CUDA else "cpu"
 TOL32 = 1e-4
 
 
+#: CPU cases the lean template skips, to keep CI's time: each repeats a structure that another
+#: lean case covers (slots 2; the register slab's segments; longhorn_diag's split)
+LEAN_SKIPS_ON_CPU = {"test_register_slab_longhorn_diag_odd_T_initial_state_D[lean-4]",
+                     "test_register_slab_default_slots_long_sequence[lean]",
+                     "test_sequence_split_mamba1_value_tiles_more_segments_than_chunks[lean]",
+                     "test_register_slab_gives_the_global_slab_results[lean]"}
+
+
+@pytest.fixture(autouse=True, params=["default", "lean"])
+def template(request, monkeypatch):
+    """Every test on both kernel templates: the default and the lean one
+    (``OLSM_ELEMENTWISE_LEAN=1``: folded masks, the walks' whole blocks without token masks,
+    ex2.approx.ftz on a GPU), read when each call compiles its kernels."""
+    if not CUDA and request.node.name in LEAN_SKIPS_ON_CPU:
+        pytest.skip("the lean template's structure is covered by the other lean cases")
+    monkeypatch.setenv("OLSM_ELEMENTWISE_LEAN", "1" if request.param == "lean" else "0")
+    return request.param
+
+
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     """``‖x − ref‖ / ‖ref‖`` in float64 (NaN never passes)."""
     x, ref = x.double(), ref.double()
@@ -425,11 +444,28 @@ def test_key_dimension_limit_and_input_checks():
         elementwise_scan(rec, q, k, v, {"beta": coefs["beta"][..., :1]})
 
 
+def test_lean_template_is_the_one_compiled(template):
+    # the switch reaches the generator: whole-block loops (n_full, n_part) only in the lean
+    # source, and the two templates live in different files
+    plan, mod = compile_recurrence(get_rec("mamba1"))
+    text = open(mod.__file__).read()
+    assert ("n_full" in text and "n_part" in text) == (template == "lean")
+    _, other = compile_recurrence(get_rec("mamba1"), lean=template != "lean")
+    assert other.__file__ != mod.__file__
+    assert generate_source(plan, lean=template == "lean") == text
+
+
+def test_lean_switch_refuses_other_values(monkeypatch):
+    monkeypatch.setenv("OLSM_ELEMENTWISE_LEAN", "yes")
+    with pytest.raises(BackendError, match="OLSM_ELEMENTWISE_LEAN"):
+        compile_recurrence(get_rec("mamba1"))
+
+
 def test_generated_source_is_printed_from_the_ir_and_cached_on_disk():
     rec = get_rec("mamba1")
-    plan, mod = compile_recurrence(rec)
+    plan, mod = compile_recurrence(rec, lean=False)
     text = generate_source(plan)
-    assert "tl.exp(s_A_jn*s_dt_j)" in text  # the gate, printed from sympy
+    assert "_exp(s_A_jn*s_dt_j)" in text  # the gate, printed from sympy (_exp: ex2.approx.ftz on a GPU)
     assert mod.__file__.startswith(str(cache_dir()))
     with open(mod.__file__) as f:
         assert f.read() == text

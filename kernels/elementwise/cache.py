@@ -32,12 +32,13 @@ def cache_dir() -> Path:
     return base / "kernels"
 
 
-def load_kernels(plan: Plan, prefetch: Tuple[int, int] = (1, 1)) -> ModuleType:
+def load_kernels(plan: Plan, prefetch: Tuple[int, int] = (1, 1), lean: bool = False) -> ModuleType:
     """Generate (once), write (once per machine) and import the kernel module of ``plan``.
 
     Args:
         plan: the recurrence's :class:`~.plan.Plan`.
         prefetch: ``(forward, backward)`` blocks loaded ahead, each >= 0.
+        lean: the lean template (:func:`~.codegen.generate_source`).
 
     Returns:
         The imported module; ``module.fwd_kernel`` and ``module.bwd_kernel`` are
@@ -49,12 +50,12 @@ def load_kernels(plan: Plan, prefetch: Tuple[int, int] = (1, 1)) -> ModuleType:
     prefetch = (int(prefetch[0]), int(prefetch[1]))
     if min(prefetch) < 0:
         raise BackendError(f"prefetch depths must be >= 0, got {prefetch}")
-    key = plan.key(GENERATOR_VERSION, prefetch)
+    key = plan.key(GENERATOR_VERSION + ("+lean" if lean else ""), prefetch)
     with _LOCK:
         mod = _LOADED.get(key)
         if mod is not None:
             return mod
-        text = generate_source(plan, prefetch)
+        text = generate_source(plan, prefetch, lean)
         path = cache_dir() / f"elementwise_{key}.py"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

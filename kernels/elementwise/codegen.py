@@ -89,7 +89,7 @@ from .emit import (
 from .plan import Factor, Plan
 
 #: bump whenever the generated source changes for the same expressions
-GENERATOR_VERSION = "elementwise-8-flip-scan"
+GENERATOR_VERSION = "elementwise-9-lean-switch"
 
 #: default of the backward's ``SLAB_IN_REGS`` constexpr (the launcher always passes it and
 #: ``HAS_H0``; the defaults serve compiles that name only the older constexprs, e.g.
@@ -116,9 +116,25 @@ def _cdiv(a, b: tl.constexpr):
     return (a + b - 1) // b
 
 
+# exp: tl.exp, or (the lean template on a GPU) ex2.approx.ftz: tl.exp lowers to ex2.approx
+# without .ftz, which ptxas expands with a range test and two rescaling multiplies for
+# subnormal results (five instructions an element instead of two); results under 2^-126 flush
+# to zero. The CPU interpreter runs no inline PTX.
+_FAST_EXP = tl.constexpr(@LEAN@ and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+@triton.jit
+def _exp(x):
+    if _FAST_EXP:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * 1.4426950408889634],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp(x)
+
+
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    return 1.0 / (1.0 + _exp(-x))
 
 
 @triton.jit
@@ -176,10 +192,28 @@ _SIZES = (
 )
 
 
-def _scan_block_end(src: Src):
+def _head(lean: bool) -> str:
+    """The kernels' common head; ``lean``: key and value masks that the compiler folds to true
+    when the blocks tile K and V exactly (``K == BK``, ``V % BV == 0``: their selects drop out)."""
+    if not lean:
+        return _HEAD
+    return _HEAD.replace("m_k = n_k < K\nm_v = j_v < V\n",
+                         "m_k = (n_k < K) | (K == BK)  # all true when the blocks tile K and V\n"
+                         "m_v = (j_v < V) | (V % BV == 0)\n")
+
+
+def _fold_entering(S: str, lean: bool) -> str:
+    """``b``: the block's writes with the entering state ``S`` folded into row 0 (``lean``: by a
+    select, so rows past 0 do not multiply G by zero, which IEEE keeps as instructions)."""
+    if lean:
+        return f"b = tl.where(r3 == 0, wk * wv + G * {S}[None, :, :], wk * wv)  # entering state at row 0"
+    return f"b = wk * wv + G * tl.where(r3 == 0, {S}[None, :, :], 0.0)  # entering state folded in"
+
+
+def _scan_block_end(src: Src, lean: bool):
     """S <- the state after the block (G, wk, wv of the block in scope)."""
     src(
-        "b = wk * wv + G * tl.where(r3 == 0, S[None, :, :], 0.0)  # entering state folded in",
+        _fold_entering("S", lean),
         "_, S3 = tl.associative_scan((G, b), 0, _affine)",
         "# the last row (rows past the end carried the last token's state); the -0.0 filler",
         "# keeps the sum exact and lets the compiler drop the additions",
@@ -187,7 +221,41 @@ def _scan_block_end(src: Src):
     )
 
 
-def _forward(src: Src, plan: Plan, depth: int, coef_args: str):
+def _forward_block(src: Src, plan: Plan, loads, full: bool, lean: bool):
+    """One forward block at ``t_blk``: checkpoint, loads, scan, outputs, the state after it.
+    ``full``: every token of the block lies in the sequence (no token masks)."""
+    src(
+        "t_blk = t0 + i_blk * BT",
+        "if STORE_CKPT and PHASE != 1:",
+        "    # the state entering chunk c > 0 (chunk 0 starts from h0 or zeros: not stored)",
+        "    g_blk = blk0 + i_blk",
+        "    if (g_blk % (C // BT) == 0) & (g_blk > 0):",
+        "        tl.store(ckpt + ((ck0 + g_blk // (C // BT) - 1) * H + i_h) * K * V + o_state, S, mask=m_kv)",
+    )
+    loads.take(src, "t_blk", "BT", "i_blk", "n_blk")
+    emit_block_masks(src, "t_blk", full=full)
+    emit_factors(src, plan)
+    Coefficients(plan, with_partials=False).emit_values(src)
+    src(
+        _fold_entering("S", lean),
+        "A3, S3 = tl.associative_scan((G, b), 0, _affine)  # S3[r] = state after token r",
+        "if PHASE == 1:",
+        "    A = A * _sum(tl.where(r3 == BT - 1, A3, -0.0), 0)",
+        "else:",
+        "    o_b = _sum(S3 * q_c[:, :, None], 1) * scale",
+        "    if HAS_D:",
+        "        o_b += d_j[None, :] * v_c",
+    )
+    addr, mask = tile_addr("o", "V", "tok", "m_t")
+    src(f"    tl.store({addr}, o_b.to(o.dtype.element_ty), mask={mask})")
+    src(
+        "# the last row (rows past the end carried the last token's state); the -0.0 filler",
+        "# keeps the sum exact and lets the compiler drop the additions",
+        "S = _sum(tl.where(r3 == BT - 1, S3, -0.0), 0)",
+    )
+
+
+def _forward(src: Src, plan: Plan, depth: int, coef_args: str, lean: bool):
     loads = BlockLoads(plan, with_q=True, with_do=False, depth=depth)
     src("@triton.jit")
     src(
@@ -212,7 +280,7 @@ def _forward(src: Src, plan: Plan, depth: int, coef_args: str):
         "segment j from its true state, h0 (or zeros) carried through the earlier segments'",
         "(product, end state) pairs, and writes its outputs and checkpoints as the single walk",
         '(the last segment the final state)."""',
-        _HEAD,
+        _head(lean),
     )
     emit_params(src, plan)
     src(
@@ -241,38 +309,18 @@ def _forward(src: Src, plan: Plan, depth: int, coef_args: str):
         "n_blk = _cdiv(tl.maximum(eos - t0, 0).to(tl.int32), BT)",
     )
     loads.prologue(src, "t0", "BT", "n_blk")
-    src("for i_blk in range(0, n_blk):")
-    src.indent()
-    src(
-        "t_blk = t0 + i_blk * BT",
-        "if STORE_CKPT and PHASE != 1:",
-        "    # the state entering chunk c > 0 (chunk 0 starts from h0 or zeros: not stored)",
-        "    g_blk = blk0 + i_blk",
-        "    if (g_blk % (C // BT) == 0) & (g_blk > 0):",
-        "        tl.store(ckpt + ((ck0 + g_blk // (C // BT) - 1) * H + i_h) * K * V + o_state, S, mask=m_kv)",
-    )
-    loads.take(src, "t_blk", "BT", "i_blk", "n_blk")
-    emit_block_masks(src, "t_blk")
-    emit_factors(src, plan)
-    Coefficients(plan, with_partials=False).emit_values(src)
-    src(
-        "b = wk * wv + G * tl.where(r3 == 0, S[None, :, :], 0.0)  # entering state folded in",
-        "A3, S3 = tl.associative_scan((G, b), 0, _affine)  # S3[r] = state after token r",
-        "if PHASE == 1:",
-        "    A = A * _sum(tl.where(r3 == BT - 1, A3, -0.0), 0)",
-        "else:",
-        "    o_b = _sum(S3 * q_c[:, :, None], 1) * scale",
-        "    if HAS_D:",
-        "        o_b += d_j[None, :] * v_c",
-    )
-    addr, mask = tile_addr("o", "V", "tok", "m_t")
-    src(f"    tl.store({addr}, o_b.to(o.dtype.element_ty), mask={mask})")
-    src(
-        "# the last row (rows past the end carried the last token's state); the -0.0 filler",
-        "# keeps the sum exact and lets the compiler drop the additions",
-        "S = _sum(tl.where(r3 == BT - 1, S3, -0.0), 0)",
-    )
-    src.dedent()
+    if lean:
+        # the whole blocks first, with token masks the compiler knows are true (their selects
+        # and compares drop out), then the sequence's last, partial block if there is one
+        src("n_full = (tl.maximum(eos - t0, 0) // BT).to(tl.int32)")
+        loops = (("for i_blk in range(0, n_full):", True), ("for i_blk in range(n_full, n_blk):", False))
+    else:
+        loops = (("for i_blk in range(0, n_blk):", False),)
+    for head, full in loops:
+        src(head)
+        src.indent()
+        _forward_block(src, plan, loads, full, lean)
+        src.dedent()
     src(
         "if PHASE == 1:",
         "    tl.store(o_seg + (2 * i_s) * BK * BV + o_tile, A)",
@@ -299,7 +347,7 @@ def _store_token_grad(src: Src, ptr: str, axes: str, val: str, cast: bool):
         src(f"_accumulate({addr}, {val}, {mask}, SPLIT_V)")
 
 
-def _replay_loop(src, plan: Plan, rec_loads, t0: str, count: str) -> None:
+def _replay_loop(src, plan: Plan, rec_loads, t0: str, count: str, lean: bool) -> None:
     """Emit the head of a forward replay in the backward: ``for i_blk in range(0, count)`` over
     blocks from token ``t0``, each block's values and scan (no partials), the body left open
     (indented) for the caller to keep the state it needs."""
@@ -308,13 +356,87 @@ def _replay_loop(src, plan: Plan, rec_loads, t0: str, count: str) -> None:
     src.indent()
     src(f"t_blk = {t0} + i_blk * BT")
     rec_loads.take(src, "t_blk", "BT", "i_blk", count)
-    emit_block_masks(src, "t_blk")
+    # a replay never reaches a segment's last block, the only one that can be partial (lean:
+    # no token masks)
+    emit_block_masks(src, "t_blk", full=lean)
     emit_factors(src, plan)
     Coefficients(plan, with_partials=False).emit_values(src)
-    _scan_block_end(src)
+    _scan_block_end(src, lean)
 
 
-def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
+def _reverse_block(src: Src, plan: Plan, rev_loads, full: bool, lean: bool):
+    """One block of the backward's reverse walk at ``i_rb``: its entering state, the forward
+    and reverse scans, every gradient. ``full``: every token of the block lies in the sequence."""
+    src("i_blk = nb - 1 - i_rb", "t_blk = t_seg + i_blk * BT")
+    rev_loads.take(src, "t_blk", "-BT", "i_rb", "nb")
+    src(
+        "if NB_C > 1:",
+        "    if SLAB_IN_REGS:",
+        "        # slot i_blk: a select over the slots, in each thread's own registers",
+        "        S0 = _sum(tl.where(slot == i_blk, slab, -0.0), 0)",
+        "    else:",
+        "        S0 = tl.load(scr + i_blk * BK * BV + o_slab)",
+        "else:",
+        "    S0 = S",
+    )
+    emit_block_masks(src, "t_blk", full=full)
+    emit_factors(src, plan)
+    coefs = Coefficients(plan, with_partials=True)
+    coefs.emit_values(src)
+    parts = coefs.parts
+    # the order below keeps few [BT, BK, BV] tiles alive at once: each is consumed as soon as
+    # the next step allows
+    src(
+        "# forward states: S3[r] = S after token r (inclusive), Sx3[r] = S before it (exclusive)",
+        _fold_entering("S0", lean),
+        "_, S3, _, Sx3 = tl.associative_scan((G, b, one3, nz3), 0, _affine_excl)",
+        "dq_b = _sum(S3 * do_c[:, None, :], 2) * scale",
+    )
+    _store_token_grad(src, "dq", "K", "dq_b", cast=False)
+    src(
+        "Sx3 = tl.where(r3 == 0, S0[None, :, :], Sx3)",
+        "# reverse: the maps P -> G_t ⊙ (X_t + P), the later gradient P folded into the last row;",
+        "# inclusive Pi3[r] = G_r ⊙ dS_r, exclusive Px3[r] = what reaches S_r from later tokens",
+        "XP = (q_c * scale)[:, :, None] * do_c[:, None, :] + tl.where(r3 == BT - 1, P[None, :, :], 0.0)",
+        "_, Pi3, _, Px3 = tl.associative_scan((tl.flip(G, 0), tl.flip(G * XP, 0), one3, nz3), 0, _affine_excl)",
+        "Pi3 = tl.flip(Pi3, 0)",
+        "Px3 = tl.flip(Px3, 0)",
+        "P = _sum(tl.where(r3 == 0, Pi3, -0.0), 0)  # to the previous block: G_t0 ⊙ dS_t0",
+        "dS = XP + Px3",
+        "dG = dS * Sx3",
+    )
+    coefs.emit_partials(src)
+    dk_terms = []
+    if "k_n" in plan.symbols:
+        g = grad_expr(parts, Factor("k_n", None, "K", True))
+        if g:
+            dk_terms.append(g)
+    if "kk" in plan.symbols:
+        g = grad_expr(parts, Factor("kk", None, "", True))
+        if g:
+            src(f"dkk = {g}")
+            dk_terms.append("2.0 * dkk[:, None] * k_c")
+    src(f"dk_b = {' + '.join(dk_terms) if dk_terms else 'tl.full([BT, BK], 0.0, dtype=tl.float32)'}")
+    g = grad_expr(parts, Factor("v_j", None, "V", True)) if "v_j" in plan.symbols else None
+    src(f"dv_b = {g or 'tl.full([BT, BV], 0.0, dtype=tl.float32)'}")
+    src(
+        "if HAS_D:",
+        "    dv_b += d_j[None, :] * do_c",
+        "    acc_d += _sum(do_c * v_c, 0)",
+    )
+    _store_token_grad(src, "dk", "K", "dk_b", cast=False)
+    _store_token_grad(src, "dv", "V", "dv_b", cast=True)
+    for fac in plan.factors:
+        if fac.input is None:
+            continue
+        g = grad_expr(parts, fac) or "0.0"
+        if fac.per_token:
+            _store_token_grad(src, "g_" + fac.input, fac.axes, g, cast=True)
+        else:
+            src(f"acc_{fac.input} += {g}")
+
+
+def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, lean: bool):
     rec_loads = BlockLoads(plan, with_q=False, with_do=False, depth=depth)
     rev_loads = BlockLoads(plan, with_q=True, with_do=True, depth=depth)
     src("@triton.jit")
@@ -343,7 +465,7 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
         "Outputs that sum over the value axis (dq, dk, per-key/per-head coefficients) are",
         "accumulated over the value slices (atomics when SPLIT_V); per-value ones are written;",
         'parameters are summed over time here and over sequences/slices by the caller."""',
-        _HEAD,
+        _head(lean),
     )
     emit_params(src, plan)
     acc_shape = {"": "[1]", "K": "[BK]", "V": "[BV]", "VK": "[BK, BV]"}
@@ -390,7 +512,7 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
         "# 0) replay the chunk's segments but the last; slot s holds the state entering segment s",
         "segs = tl.where(sslot == 0, S[None, :, :], 0.0)",
     )
-    _replay_loop(src, plan, rec_loads, "t_chunk", "(n_seg - 1) * NB_C")
+    _replay_loop(src, plan, rec_loads, "t_chunk", "(n_seg - 1) * NB_C", lean)
     src(
         "seg_to = tl.where((i_blk + 1) % NB_C == 0, (i_blk + 1) // NB_C, -1)  # -1: no slot",
         "segs = tl.where(sslot == seg_to, S[None, :, :], segs)",
@@ -415,7 +537,7 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
         "else:",
         "    tl.store(scr + o_slab, S)",
     )
-    _replay_loop(src, plan, rec_loads, "t_seg", "nb - 1")
+    _replay_loop(src, plan, rec_loads, "t_seg", "nb - 1", lean)
     src(
         "if SLAB_IN_REGS:",
         "    slab = tl.where(slot == i_blk + 1, S[None, :, :], slab)",
@@ -430,76 +552,18 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
     src.dedent()
     src("# 2) the segment's blocks, last to first")
     rev_loads.prologue(src, "t_seg + (nb - 1) * BT", "-BT", "nb")
-    src("for i_rb in range(0, nb):")
-    src.indent()
-    src("i_blk = nb - 1 - i_rb", "t_blk = t_seg + i_blk * BT")
-    rev_loads.take(src, "t_blk", "-BT", "i_rb", "nb")
-    src(
-        "if NB_C > 1:",
-        "    if SLAB_IN_REGS:",
-        "        # slot i_blk: a select over the slots, in each thread's own registers",
-        "        S0 = _sum(tl.where(slot == i_blk, slab, -0.0), 0)",
-        "    else:",
-        "        S0 = tl.load(scr + i_blk * BK * BV + o_slab)",
-        "else:",
-        "    S0 = S",
-    )
-    emit_block_masks(src, "t_blk")
-    emit_factors(src, plan)
-    coefs = Coefficients(plan, with_partials=True)
-    coefs.emit_values(src)
-    parts = coefs.parts
-    # the order below keeps few [BT, BK, BV] tiles alive at once: each is consumed as soon as
-    # the next step allows
-    src(
-        "# forward states: S3[r] = S after token r (inclusive), Sx3[r] = S before it (exclusive)",
-        "b = wk * wv + G * tl.where(r3 == 0, S0[None, :, :], 0.0)",
-        "_, S3, _, Sx3 = tl.associative_scan((G, b, one3, nz3), 0, _affine_excl)",
-        "dq_b = _sum(S3 * do_c[:, None, :], 2) * scale",
-    )
-    _store_token_grad(src, "dq", "K", "dq_b", cast=False)
-    src(
-        "Sx3 = tl.where(r3 == 0, S0[None, :, :], Sx3)",
-        "# reverse: the maps P -> G_t ⊙ (X_t + P), the later gradient P folded into the last row;",
-        "# inclusive Pi3[r] = G_r ⊙ dS_r, exclusive Px3[r] = what reaches S_r from later tokens",
-        "XP = (q_c * scale)[:, :, None] * do_c[:, None, :] + tl.where(r3 == BT - 1, P[None, :, :], 0.0)",
-        "_, Pi3, _, Px3 = tl.associative_scan((tl.flip(G, 0), tl.flip(G * XP, 0), one3, nz3), 0, _affine_excl)",
-        "Pi3 = tl.flip(Pi3, 0)",
-        "Px3 = tl.flip(Px3, 0)",
-        "P = _sum(tl.where(r3 == 0, Pi3, -0.0), 0)  # to the previous block: G_t0 ⊙ dS_t0",
-        "dS = XP + Px3",
-        "dG = dS * Sx3",
-    )
-    coefs.emit_partials(src)
-    dk_terms = []
-    if "k_n" in plan.symbols:
-        g = grad_expr(parts, Factor("k_n", None, "K", True))
-        if g:
-            dk_terms.append(g)
-    if "kk" in plan.symbols:
-        g = grad_expr(parts, Factor("kk", None, "", True))
-        if g:
-            src(f"dkk = {g}")
-            dk_terms.append("2.0 * dkk[:, None] * k_c")
-    src(f"dk_b = {' + '.join(dk_terms) if dk_terms else 'tl.full([BT, BK], 0.0, dtype=tl.float32)'}")
-    g = grad_expr(parts, Factor("v_j", None, "V", True)) if "v_j" in plan.symbols else None
-    src(f"dv_b = {g or 'tl.full([BT, BV], 0.0, dtype=tl.float32)'}")
-    src(
-        "if HAS_D:",
-        "    dv_b += d_j[None, :] * do_c",
-        "    acc_d += _sum(do_c * v_c, 0)",
-    )
-    _store_token_grad(src, "dk", "K", "dk_b", cast=False)
-    _store_token_grad(src, "dv", "V", "dv_b", cast=True)
-    for fac in plan.factors:
-        if fac.input is None:
-            continue
-        g = grad_expr(parts, fac) or "0.0"
-        if fac.per_token:
-            _store_token_grad(src, "g_" + fac.input, fac.axes, g, cast=True)
-        else:
-            src(f"acc_{fac.input} += {g}")
-    src.dedent()
+    if lean:
+        # the segment's last block first, with token masks if it is the sequence's partial last
+        # block; the rest with masks the compiler knows are true
+        src("n_part = (t_seg + nb * BT > eos).to(tl.int32)")
+        loops = (("for i_rb in range(0, n_part):", False), ("for i_rb in range(n_part, nb):", True))
+    else:
+        loops = (("for i_rb in range(0, nb):", False),)
+    for head, full in loops:
+        src(head)
+        src.indent()
+        _reverse_block(src, plan, rev_loads, full, lean)
+        src.dedent()
     src(
         "if NB_C > 1:",
         "    if SLAB_IN_REGS == 0:",
@@ -530,15 +594,19 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str):
     src.dedent()
 
 
-def generate_source(plan: Plan, prefetch: Tuple[int, int] = (1, 1)) -> str:
+def generate_source(plan: Plan, prefetch: Tuple[int, int] = (1, 1), lean: bool = False) -> str:
     """The Python module text holding ``fwd_kernel`` and ``bwd_kernel`` for ``plan``.
 
     Args:
         plan: what to compute.
         prefetch: how many blocks ahead the forward and the backward loops load (0: none).
+        lean: the template with fewer instructions per block (``OLSM_ELEMENTWISE_LEAN=1``;
+            opt-in until timed on a GPU): key/value masks folded when the blocks tile K and V,
+            the entering state selected into row 0, ``exp`` as ``ex2.approx.ftz`` on a GPU, and
+            the walks' whole blocks without token masks (the partial last block apart).
 
     Returns:
-        Source text of a module importing only ``triton`` and ``triton.language``.
+        Source text of a module importing only ``os``, ``triton`` and ``triton.language``.
     """
     src = Src()
     src(
@@ -550,14 +618,16 @@ def generate_source(plan: Plan, prefetch: Tuple[int, int] = (1, 1)) -> str:
         "",
         "Block-parallel scan; the algorithm is described in olsm/kernels/elementwise/codegen.py.",
         '"""',
+        "import os",
+        "",
         "import triton",
         "import triton.language as tl",
         "",
         "",
     )
-    src.lines.extend(_HELPERS.rstrip("\n").split("\n") + ["", ""])
+    src.lines.extend(_HELPERS.replace("@LEAN@", str(bool(lean))).rstrip("\n").split("\n") + ["", ""])
     coef_args = "".join(f"x_{s.name}, " for s in plan.inputs)
     grad_args = "".join(f"g_{s.name}, " for s in plan.inputs)
-    _forward(src, plan, prefetch[0], coef_args)
-    _backward(src, plan, prefetch[1], coef_args, grad_args)
+    _forward(src, plan, prefetch[0], coef_args, lean)
+    _backward(src, plan, prefetch[1], coef_args, grad_args, lean)
     return src.text()

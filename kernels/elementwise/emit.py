@@ -130,15 +130,16 @@ class BlockLoads:
                     f"_p{self.depth - 1}")
 
 
-def emit_block_masks(src: Src, start: str):
+def emit_block_masks(src: Src, start: str, full: bool = False):
     """Row tokens ``tok`` of the block at ``start`` and the masks of its valid entries.
 
-    ``m_t`` [BT] marks tokens of this sequence; ``m_tk`` [BT, BK], ``m_tv`` [BT, BV] add the
-    key/value padding; ``m_t3``, ``m_tk3``, ``m_tv3``, ``m_tkv`` are their 3-D views.
+    ``m_t`` [BT] marks tokens of this sequence (``full``: all of them, a constant the compiler
+    folds); ``m_tk`` [BT, BK], ``m_tv`` [BT, BV] add the key/value padding; ``m_t3``,
+    ``m_tk3``, ``m_tv3``, ``m_tkv`` are their 3-D views.
     """
     src(
         f"tok = ({start}) + rows",
-        f"m_t = rows < (eos - ({start}))",
+        "m_t = tl.full([BT], 1, tl.int1)" if full else f"m_t = rows < (eos - ({start}))",
         "m_t3 = m_t[:, None, None]",
         "m_tk = m_t[:, None] & m_k[None, :]",
         "m_tv = m_t[:, None] & m_v[None, :]",
@@ -202,7 +203,7 @@ class Coefficients:
         gate = sp.Symbol("G_gate_value")
         names = {f.name: f.var for f in plan.factors}
         names[gate.name] = "G"
-        printer = TritonPrinter(names, sigmoid="_sigmoid")
+        printer = TritonPrinter(names, sigmoid="_sigmoid", exp="_exp")
         exprs = [plan.gate, plan.wk, plan.wv]
         if with_partials:
             exprs += [p.expr.subs(plan.gate, gate) for p in plan.partials]

@@ -65,15 +65,19 @@ class TritonPrinter(PythonCodePrinter):
             (the kernel would reference an undefined variable).
         sigmoid: the function to call for sigmoids (generated kernels use their own
             ``_sigmoid`` helper, see :mod:`.codegen`).
+        exp: the function to call for exponentials (generated kernels: their ``_exp`` helper,
+            ``ex2.approx.ftz`` on a GPU).
     """
 
     printmethod = "_tritoncode"
     language = "Triton"
 
-    def __init__(self, names: Optional[Dict[str, str]] = None, sigmoid: str = "tl.sigmoid"):
+    def __init__(self, names: Optional[Dict[str, str]] = None, sigmoid: str = "tl.sigmoid",
+                 exp: str = "tl.exp"):
         super().__init__({"fully_qualified_modules": False, "strict": False})
         self.names = dict(names or {})
         self.sigmoid = sigmoid
+        self.exp = exp
 
     # -- the gatekeeper: refuse what the kernel cannot compute, naming the culprit ---------
     def _print(self, expr, **kwargs):
@@ -143,7 +147,7 @@ class TritonPrinter(PythonCodePrinter):
     def _print_Pow(self, expr, rational=False):
         base, p = expr.base, expr.exp
         if base is sp.E:
-            return f"tl.exp({self._print(p)})"
+            return f"{self.exp}({self._print(p)})"
         # sigmoid: 1/(1 + exp(a)) == sigmoid(-a), one call instead of three nodes
         if p == -1 and isinstance(base, sp.Add) and len(base.args) == 2 and sp.S.One in base.args:
             other = base.args[0] if base.args[1] == sp.S.One else base.args[1]
@@ -158,7 +162,7 @@ class TritonPrinter(PythonCodePrinter):
                 prod = "*".join([f"({b})"] * abs(n))
                 return f"({prod})" if n > 0 else f"(1.0/({prod}))"
             # |x|^n through exp/log, with the sign of x^n restored for odd n
-            mag = f"tl.exp({float(abs(n))!r}*tl.log(tl.abs({b})))"
+            mag = f"{self.exp}({float(abs(n))!r}*tl.log(tl.abs({b})))"
             if n % 2:
                 mag = f"tl.where(({b}) < 0.0, -{mag}, {mag})"
             return mag if n > 0 else f"(1.0/{mag})"
@@ -166,7 +170,7 @@ class TritonPrinter(PythonCodePrinter):
             return f"tl.sqrt({self._print(base)})"
         if p == sp.Rational(-1, 2):
             return f"tl.math.rsqrt({self._print(base)})"
-        return f"tl.exp(({self._print(p)})*tl.log({self._print(base)}))"
+        return f"{self.exp}(({self._print(p)})*tl.log({self._print(base)}))"
 
     # -- functions -------------------------------------------------------------------------
     def _print_Function(self, expr):
@@ -176,7 +180,7 @@ class TritonPrinter(PythonCodePrinter):
         raise BackendError(f"the Triton printer has no translation for {expr}")
 
     def _print_exp(self, expr):
-        return f"tl.exp({self._print(expr.args[0])})"
+        return f"{self.exp}({self._print(expr.args[0])})"
 
     def _print_log(self, expr):
         return f"tl.log({self._print(expr.args[0])})"
@@ -204,7 +208,7 @@ class TritonPrinter(PythonCodePrinter):
         return f"tl.log(1.0 + ({self._print(expr.args[0])}))"
 
     def _print_expm1(self, expr):
-        return f"(tl.exp({self._print(expr.args[0])}) - 1.0)"
+        return f"({self.exp}({self._print(expr.args[0])}) - 1.0)"
 
     def _print_sign(self, expr):
         a = self._print(expr.args[0])

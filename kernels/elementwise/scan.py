@@ -29,6 +29,7 @@ inputs' dtypes.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -47,29 +48,41 @@ DEFAULT_PREFETCH = (1, 1)
 
 
 @functools.lru_cache(maxsize=128)
-def _kernels_for(rec, prefetch):
+def _kernels_for(rec, prefetch, lean):
     plan = Plan(rec)
-    return plan, load_kernels(plan, prefetch)
+    return plan, load_kernels(plan, prefetch, lean)
 
 
-def compile_recurrence(rec, prefetch: Optional[Tuple[int, int]] = None):
+def lean_template() -> bool:
+    """``OLSM_ELEMENTWISE_LEAN=1`` (read at each call; opt-in until timed on a GPU): the lean
+    template of :func:`~.codegen.generate_source`, fewer instructions per block (Triton 3.6,
+    sm_90, per block: mamba1's forward 1323 -> 849, its backward 1539 -> 1189)."""
+    value = os.environ.get("OLSM_ELEMENTWISE_LEAN", "0")
+    if value not in ("0", "1", ""):
+        raise BackendError(f"OLSM_ELEMENTWISE_LEAN={value!r} is not 0 or 1; unset it for the default (0)")
+    return value == "1"
+
+
+def compile_recurrence(rec, prefetch: Optional[Tuple[int, int]] = None, lean: Optional[bool] = None):
     """Plan and kernel module of ``rec`` (generated and imported on first use).
 
     Args:
         rec: elementwise-class recurrence IR.
         prefetch: ``(forward, backward)`` load-ahead depths in blocks (default
             :data:`DEFAULT_PREFETCH`; 0 loads each block when it is used).
+        lean: the lean template (None: :func:`lean_template`).
 
     Returns:
         ``(plan, module)``; ``module.fwd_kernel``, ``module.bwd_kernel`` are the kernels and
         ``module.__file__`` the generated source.
     """
     prefetch = tuple(prefetch) if prefetch is not None else DEFAULT_PREFETCH
+    lean = lean_template() if lean is None else bool(lean)
     try:
-        return _kernels_for(rec, prefetch)
+        return _kernels_for(rec, prefetch, lean)
     except TypeError:  # unhashable IR object: no in-process memo, the disk cache still works
         plan = Plan(rec)
-        return plan, load_kernels(plan, prefetch)
+        return plan, load_kernels(plan, prefetch, lean)
 
 
 def _check(rec, plan: Plan, q, k, v, coefs, initial_state, cu_seqlens, D):
@@ -308,6 +321,7 @@ def elementwise_scan(
     slab_slots: Optional[int] = None,
     slab_segments: Optional[int] = None,
     seq_split: Optional[int] = None,
+    lean: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run an elementwise-gate recurrence with a generated block-parallel Triton scan.
 
@@ -346,12 +360,14 @@ def elementwise_scan(
         seq_split: segments the forward cuts each sequence into (walked in parallel, then
             again from their true start states; :func:`sequence_segments`); None or 1: none
             (the default: it did not speed up the H200 at the paper's shapes).
+        lean: the lean kernel template (fewer instructions per block; :func:`lean_template`);
+            None: ``$OLSM_ELEMENTWISE_LEAN`` (default off until timed on a GPU).
 
     Returns:
         ``(o [B, T, H, V] in q's dtype, S [N, H, K, V] float32 or None)``. Differentiable with
         respect to q, k, v, every coefficient, ``initial_state`` and ``D``.
     """
-    plan, mod = compile_recurrence(rec, prefetch)
+    plan, mod = compile_recurrence(rec, prefetch, lean)
     B, T, H, K, V, N = _check(rec, plan, q, k, v, coefs, initial_state, cu_seqlens, D)
     cfg = choose_config(T, K, V, chunk_size, q.device, block_t, block_v, num_warps, max_registers,
                         slab=slab, slab_slots=slab_slots, slab_segments=slab_segments)
