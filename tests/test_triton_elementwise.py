@@ -47,12 +47,15 @@ DEV = "cuda" if CUDA else "cpu"
 TOL32 = 1e-4
 
 
-#: CPU cases the lean template skips, to keep CI's time: each repeats a structure that another
-#: lean case covers (slots 2; the register slab's segments; longhorn_diag's split)
-LEAN_SKIPS_ON_CPU = {"test_register_slab_longhorn_diag_odd_T_initial_state_D[lean-4]",
-                     "test_register_slab_default_slots_long_sequence[lean]",
-                     "test_sequence_split_mamba1_value_tiles_more_segments_than_chunks[lean]",
-                     "test_register_slab_gives_the_global_slab_results[lean]"}
+#: the cases the lean template also runs on the CPU (on a GPU it runs every case): its structures
+#: (whole blocks then the partial one, forward and reverse; h0, D, value tiles, varlen with an
+#: empty sequence, the register slab's segments, the sequence split, deep prefetch, decode), a
+#: subset to keep CI's time
+LEAN_ON_CPU = {"test_longhorn_diag_odd_T_initial_state_D", "test_mamba1_param_A_and_value_tiles",
+               "test_user_objective_every_input_kind", "test_register_slab_varlen",
+               "test_register_slab_segments_varlen_user_objective", "test_sequence_split_varlen_user_objective",
+               "test_deep_prefetch_short_chunks_and_sequences", "test_decode_step_equals_full_forward",
+               "test_forward_only_no_checkpoints_and_no_final_state", "test_lean_template_is_the_one_compiled"}
 
 
 @pytest.fixture(autouse=True, params=["default", "lean"])
@@ -60,8 +63,8 @@ def template(request, monkeypatch):
     """Every test on both kernel templates: the default and the lean one
     (``OLSM_ELEMENTWISE_LEAN=1``: folded masks, the walks' whole blocks without token masks,
     ex2.approx.ftz on a GPU), read when each call compiles its kernels."""
-    if not CUDA and request.node.name in LEAN_SKIPS_ON_CPU:
-        pytest.skip("the lean template's structure is covered by the other lean cases")
+    if request.param == "lean" and not CUDA and request.function.__name__ not in LEAN_ON_CPU:
+        pytest.skip("on the CPU the lean template runs the LEAN_ON_CPU cases")
     monkeypatch.setenv("OLSM_ELEMENTWISE_LEAN", "1" if request.param == "lean" else "0")
     return request.param
 

@@ -210,6 +210,16 @@ def _fold_entering(S: str, lean: bool) -> str:
     return f"b = wk * wv + G * tl.where(r3 == 0, {S}[None, :, :], 0.0)  # entering state folded in"
 
 
+def _emit_loops(src: Src, loops, block) -> None:
+    """Each ``(loop head, full)`` of ``loops`` with ``block(full)`` as its body: one masked loop,
+    or (lean) a loop of whole blocks and one of the partial block."""
+    for head, full in loops:
+        src(head)
+        src.indent()
+        block(full)
+        src.dedent()
+
+
 def _scan_block_end(src: Src, lean: bool):
     """S <- the state after the block (G, wk, wv of the block in scope)."""
     src(
@@ -316,11 +326,7 @@ def _forward(src: Src, plan: Plan, depth: int, coef_args: str, lean: bool):
         loops = (("for i_blk in range(0, n_full):", True), ("for i_blk in range(n_full, n_blk):", False))
     else:
         loops = (("for i_blk in range(0, n_blk):", False),)
-    for head, full in loops:
-        src(head)
-        src.indent()
-        _forward_block(src, plan, loads, full, lean)
-        src.dedent()
+    _emit_loops(src, loops, lambda full: _forward_block(src, plan, loads, full, lean))
     src(
         "if PHASE == 1:",
         "    tl.store(o_seg + (2 * i_s) * BK * BV + o_tile, A)",
@@ -559,11 +565,7 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         loops = (("for i_rb in range(0, n_part):", False), ("for i_rb in range(n_part, nb):", True))
     else:
         loops = (("for i_rb in range(0, nb):", False),)
-    for head, full in loops:
-        src(head)
-        src.indent()
-        _reverse_block(src, plan, rev_loads, full, lean)
-        src.dedent()
+    _emit_loops(src, loops, lambda full: _reverse_block(src, plan, rev_loads, full, lean))
     src(
         "if NB_C > 1:",
         "    if SLAB_IN_REGS == 0:",
