@@ -47,8 +47,9 @@ for ``NSEG`` times fewer checkpoints). For a block it needs S_t
 
 with (e, f) = (1, -0) for every token, gives both S_t (inclusive) and S_{t-1} (exclusive) at
 row t. One reverse scan of the maps ``P ↦ G_t ⊙ (X_t + P)`` (written as a forward scan between
-two ``tl.flip`` of the token axis: Triton 3.6 lowers ``reverse=True`` with 512 more warp shuffles
-per block step at ``[8, 16, 4]`` on one warp, sm_90; flipping an in-thread axis costs none) with
+two ``tl.flip`` of the token axis: Triton 3.6 lowers ``reverse=True`` with many warp shuffles,
+640 ``shfl.sync`` on that line of the sm_90 backward at ``[8, 16, 4]`` against 3.9's 128;
+flipping an in-thread axis costs none) with
 ``X_t = scale · q_t do_tᵀ`` gives P_{t-1} = G_t ⊙ dS_t (inclusive, the carry to the previous
 block at row 0) and P_t (exclusive), so ``dS_t = X_t + P_t``. Then, for all BT tokens at once,
 
@@ -197,9 +198,10 @@ def _head(lean: bool) -> str:
     when the blocks tile K and V exactly (``K == BK``, ``V % BV == 0``: their selects drop out)."""
     if not lean:
         return _HEAD
-    return _HEAD.replace("m_k = n_k < K\nm_v = j_v < V\n",
-                         "m_k = (n_k < K) | (K == BK)  # all true when the blocks tile K and V\n"
-                         "m_v = (j_v < V) | (V % BV == 0)\n")
+    masks = "m_k = n_k < K\nm_v = j_v < V\n"
+    assert masks in _HEAD, "the head's mask lines changed: update _head"
+    return _HEAD.replace(masks, "m_k = (n_k < K) | (K == BK)  # all true when the blocks tile K and V\n"
+                                "m_v = (j_v < V) | (V % BV == 0)\n")
 
 
 def _fold_entering(S: str, lean: bool) -> str:

@@ -38,6 +38,8 @@ import torch
 
 from olsm.errors import BackendError, InputError
 
+from ..ints import next_pow2
+
 #: register-tile elements per program: forward, backward (BT · BK · BV)
 TILE_ELEMS = (2048, 512)
 
@@ -118,11 +120,6 @@ class Config:
     def slots(self) -> int:
         """Block-entering states the backward keeps per segment: ``C / (segments · bwd.BT)``."""
         return self.C // (self.segments * self.bwd.BT)
-
-
-def next_pow2(n: int) -> int:
-    """Smallest power of two >= n (1 for n <= 1)."""
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def interpreting() -> bool:

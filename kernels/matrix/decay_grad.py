@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import cdiv, chunk_tokens, next_pow2
+from ..ints import cdiv, next_pow2
+from .tiles import chunk_tokens
 
 CARRY_BLOCK = 64    # chunk totals per step of the carry scan
 

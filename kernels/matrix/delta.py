@@ -54,7 +54,8 @@ from .fused import (
 from .decay_grad import decay_gradient
 from .fused_bwd import _dqdw_bwd_kernel, dstate_warps, launch_dstate
 from .split import walk_sequences
-from .tiles import cdiv, chunk_decay, chunk_key_tiles
+from ..ints import cdiv
+from .tiles import chunk_decay, chunk_key_tiles
 
 
 @triton.jit

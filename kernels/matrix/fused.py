@@ -44,9 +44,10 @@ from olsm.errors import BackendError
 
 from . import perkey, perkey_pair
 from .perkey_pair import BA, BW, QA, QW
+from ..ints import cdiv, next_pow2
 from .tiles import (
-    cdiv, chunk_decay, chunk_key_tiles, chunk_tokens, gamma_at, next_pow2, segment_start, store_segment_end,
-    walk_bounds, walk_program, walk_tokens,
+    chunk_decay, chunk_key_tiles, chunk_tokens, gamma_at, segment_start, store_segment_end, walk_bounds,
+    walk_program, walk_tokens,
 )
 
 DECAY_NONE, DECAY_SCALAR, DECAY_PER_KEY = 0, 1, 2

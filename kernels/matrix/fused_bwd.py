@@ -53,8 +53,9 @@ from .fused import env_choice, launch_shape, launch_staged, launch_wy, no_segmen
 from .decay_grad import decay_gradient, decay_gradient_per_key
 from .perkey_pair import BA, BW, QA, QW
 from .split import walk_sequences
+from ..ints import cdiv
 from .tiles import (
-    cdiv, chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, gamma_at, kslice_program, segment_start,
+    chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, gamma_at, kslice_program, segment_start,
     store_segment_end, walk_bounds, walk_program, walk_tokens,
 )
 

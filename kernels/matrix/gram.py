@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import next_pow2
+from ..ints import next_pow2
 
 SUB = 16  # sub-block length of the secondary chunking; tl.dot needs every dim >= 16
 

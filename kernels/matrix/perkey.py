@@ -49,7 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import cdiv, chunk_tokens, floor_log_decay, next_pow2
+from ..ints import cdiv, next_pow2
+from .tiles import chunk_tokens, floor_log_decay
 
 SUB = 16  # sub-block length of the secondary chunking; tl.dot needs every dim >= 16
 #: largest decay across one sub-block, max_k (G[16 i − 1] − G[16 i + 15]), for which its diagonal

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import cdiv, next_pow2
+from ..ints import cdiv, next_pow2
 
 from .perkey import (CHUNK_RANGE, FAST_RANGE, SUB, _block_rows, _chunk_fast, _chunk_program, _fast_block,
                      _gram_chunk, _key_slice, _prev_rows, _row_at, _rows, whole_keys)

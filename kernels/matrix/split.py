@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import cdiv
+from ..ints import cdiv
 
 from .fused import _sm_count, env_choice
 

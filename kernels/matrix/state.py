@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import cdiv, next_pow2
+from ..ints import cdiv, next_pow2
 
 DECAY_NONE, DECAY_SCALAR, DECAY_KEY = 0, 1, 2
 

@@ -4,26 +4,11 @@ tokens a chunk program reads, which chunks a sequence program walks, and the chu
 Layouts: tokens are flat ``[B·T]`` (token-major inputs ``[B·T, H, D]``); chunk ``c`` covers
 tokens ``[tok_start[c], tok_stop[c])``; sequence ``n`` owns chunks
 ``[chunk_offsets[n], chunk_offsets[n + 1])``.
-
-Also the two integer helpers the launchers use on the host (:func:`cdiv`, :func:`next_pow2`).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-
-# Host-side integer helpers. triton.cdiv and triton.next_power_of_2 are constexpr_functions:
-# each host call unwraps its arguments and imports inside the call, about 3 µs on the CI CPU,
-# and a call of chunk_matrix made a dozen of them (launch grids, block sizes).
-def cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for ints."""
-    return -(-a // b)
-
-
-def next_pow2(n: int) -> int:
-    """Smallest power of two >= n (1 for n <= 1; every caller takes a max with 16 or more)."""
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 @triton.jit

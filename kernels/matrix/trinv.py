@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import next_pow2
+from ..ints import next_pow2
 
 MAX_N = 128  # [n, n] fp32 tile in registers; larger spills badly
 
