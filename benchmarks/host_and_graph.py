@@ -17,7 +17,8 @@ next. For each planned call this prints, side by side:
     python -u benchmarks/host_and_graph.py linear_attention:bwd:8,2048,16,128 longhorn:bwd:8,2048,16,128 [--fla]
 
 (items ``method:fwd|bwd[:B,T,H,D]``, shape (8, 2048, 16, 128) unless given; ``--fla`` adds FLA's
-kernel for the same recurrence, where it has one). On a CPU it runs each call once, tiny, in the
+kernel for the same recurrence, where it has one; ``--autotune-cache=PATH`` seeds FLA's autotuning from
+``autotune_cache.py``'s tar, as in ``bench_matrix.py``). On a CPU it runs each call once, tiny, in the
 interpreter, and reports the host column only (the interpreter runs the kernels, so that number
 is not a launch cost), to check the calls.
 """
@@ -127,6 +128,11 @@ def count_launches(step) -> int:
 
 def main(argv):
     fla_too = "--fla" in argv
+    seed = [a.split("=", 1)[1] for a in argv if a.startswith("--autotune-cache=")]
+    if seed:
+        import autotune_cache
+
+        autotune_cache.enable(seed[0])
     plan = parse([a for a in argv if not a.startswith("--")]) or parse(["linear_attention:bwd", "longhorn:bwd"])
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
