@@ -3,7 +3,7 @@
 The forward and the backward kernel have separate tiles (``olsm.kernels.elementwise.config``).
 The forward tiles are timed forward-only; the backward tiles are timed forward+backward with
 the forward at its default tile, and the backward's time is the difference. Both at the
-Longhorn paper's scan shapes (longhorn_diag, N = 16, E = 1536, bf16) with many programs
+Longhorn paper's scan shapes (N = 16, E = 1536, bf16; longhorn_diag, or mamba1 with ``--recurrence``) with many programs
 (B = 8, T = 2048) and with few (B = 2, T = 8192). Registers and spills of each compiled
 kernel are read from Triton's compiled-kernel handle where this Triton exposes them.
 
@@ -93,19 +93,22 @@ def main():
     ap.add_argument("--stem", default="elementwise_sweep")
     ap.add_argument("--warm", default=None, help="I/N: only compile shard I of N")
     ap.add_argument("--kinds", default="fwd,bwd", help="which kernels to sweep (fwd, bwd or both)")
+    ap.add_argument("--recurrence", default="longhorn_diag", choices=("longhorn_diag", "mamba1"),
+                    help="the catalogue member whose generated kernels are swept")
     ap.add_argument("--grid", default="", help='explicit grid, e.g. "bt=16,32 bv=1,2 warps=1" (see configs)')
     args = ap.parse_args()
 
     import olsm
     from olsm.kernels.elementwise import compile_recurrence
-    from olsm.objectives import longhorn_diag
+    from olsm import objectives
 
-    rec = olsm.derive(longhorn_diag)
+    name = args.recurrence
+    rec = olsm.derive(getattr(objectives, name))
     jobs = [(kind, t) for kind in args.kinds.split(",") for t in configs(kind, args.grid)]
     if args.warm:
         i, n = (int(x) for x in args.warm.split("/"))
         d, B, T = SHAPES[0]
-        inputs = make_inputs("longhorn_diag", B, 256, 2 * d)  # compiling needs no long sequence
+        inputs = make_inputs(name, B, 256, 2 * d)  # compiling needs no long sequence
         for kind, tile in jobs[i::n]:
             try:
                 run_config(rec, inputs, kind, tile)()
@@ -121,7 +124,7 @@ def main():
     rows, best, stats = [], {}, {}
     kinds = args.kinds.split(",")
     for d, B, T in SHAPES:
-        inputs = make_inputs("longhorn_diag", B, T, 2 * d)
+        inputs = make_inputs(name, B, T, 2 * d)
         fwd_default = bench_ms(olsm_triton(rec, *inputs)[0])
         for kind, tile in tqdm([j for j in jobs if j[0] in kinds], desc=f"B={B} T={T}"):
             _, mod = compile_recurrence(rec, (tile[3], 1) if kind == "fwd" else (1, tile[3]))
@@ -151,7 +154,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.stem}.json").write_text(json.dumps(best, indent=1))
     lines = [f"# Elementwise scan tile sweep ({torch.cuda.get_device_name()})", "",
-             "longhorn_diag, N = 16, E = 1536, bf16; fwd: forward ms; bwd: forward+backward ms minus the "
+             f"{name}, N = 16, E = 1536, bf16; fwd: forward ms; bwd: forward+backward ms minus the "
              "default forward's. regs/spills per thread of the compiled kernel.", "",
              "| B | T | kernel | BT | BV | warps | prefetch | maxnreg | ms | regs/spills |",
              "|---|---|---|---|---|---|---|---|---|---|"]
