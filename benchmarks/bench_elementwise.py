@@ -12,8 +12,8 @@ Compared, in one process:
   materialises G ``[B, T, H, K, V]``;
 * ``olsm-triton-swept``: the same kernels at the best tiles of ``sweep_elementwise.py``
   (``--tiles``), to show what the default tile choice leaves;
-* ``olsm-triton-lean`` (``--lean``): the lean kernel template (``OLSM_ELEMENTWISE_LEAN=1``:
-  folded masks, whole blocks without token masks, ``ex2.approx.ftz``), in the same process;
+* ``olsm-triton-classic`` (``--classic``): the classic kernel template (``OLSM_ELEMENTWISE_LEAN=0``,
+  the way back from the default lean one: masked blocks, ``tl.exp``), in the same process;
 * ``olsm-triton-<slab>`` (``--slabs``): the backward's block-entering states in a global
   scratch slab (``global``) or in registers (``registers``, checkpoint every 128 tokens;
   ``registers:S`` with S segments per checkpoint, every 128·S tokens), e.g. ``--slabs
@@ -301,8 +301,8 @@ def main():
                     help="comma-separated segment counts of the forward's split along the sequence "
                          "also timed (olsm-triton-splitS; 1: no split; the plain row is the default)")
     ap.add_argument("--recurrences", default="longhorn_diag,mamba1", help="comma-separated subset to time")
-    ap.add_argument("--lean", action="store_true",
-                    help="also time the lean kernel template (olsm-triton-lean; OLSM_ELEMENTWISE_LEAN)")
+    ap.add_argument("--classic", action="store_true",
+                    help="also time the classic kernel template (olsm-triton-classic; OLSM_ELEMENTWISE_LEAN=0)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--quick", action="store_true", help="first case only")
     ap.add_argument("--warm", default=None,
@@ -334,13 +334,14 @@ def main():
     recs = {n: olsm.derive(o) for n, o in (("longhorn_diag", longhorn_diag), ("mamba1", mamba1)) if n in wanted}
     variants = slab_variants(args.slabs)
     if args.warm:
-        # the kernels' constexprs depend on E and (through C) on T, not on B
+        # the kernels' constexprs depend on E, (through C) on T, and (through the forward's
+        # few-programs block, config.FEW_PROGRAMS_PER_SM) on B: each case at its own shape
         i, n = (int(x) for x in args.warm.split("/"))
-        lean_variant = [("olsm-triton-lean", None, None, True)] if args.lean else []
-        shard = [(name, d, T, v) for name in recs for (d, _, T) in (CASES[:1] if args.quick else CASES)
-                 for v in [("olsm-triton", None, None, None)] + [(*x, None) for x in variants] + lean_variant][i::n]
-        for name, d, T, (_, slab, seg, lean) in shard:
-            q, k, v, coefs, D = make_inputs(name, 1, T, 2 * d)
+        classic = [("olsm-triton-classic", None, None, False)] if args.classic else []
+        shard = [(name, d, B, T, v) for name in recs for (d, B, T) in (CASES[:1] if args.quick else CASES)
+                 for v in [("olsm-triton", None, None, None)] + [(*x, None) for x in variants] + classic][i::n]
+        for name, d, B, T, (_, slab, seg, lean) in shard:
+            q, k, v, coefs, D = make_inputs(name, B, T, 2 * d)
             olsm_triton(recs[name], q, k, v, coefs, D, slab=slab, slab_segments=seg, lean=lean)[1]()
         torch.cuda.synchronize()
         print(f"warm {args.warm}: {len(shard)} compiled")
@@ -390,9 +391,9 @@ def main():
         for impl, slab, seg in variants:
             measure(dict(base, impl=impl, note=checkpoint_note(T, E, slab, seg)),
                     *olsm_triton(recs[name], q, k, v, coefs, D, slab=slab, slab_segments=seg))
-        if args.lean:
-            measure(dict(base, impl="olsm-triton-lean", note="lean template (OLSM_ELEMENTWISE_LEAN=1)"),
-                    *olsm_triton(recs[name], q, k, v, coefs, D, lean=True))
+        if args.classic:
+            measure(dict(base, impl="olsm-triton-classic", note="classic template (OLSM_ELEMENTWISE_LEAN=0)"),
+                    *olsm_triton(recs[name], q, k, v, coefs, D, lean=False))
         for S in filter(None, args.seq_splits.split(",")):
             measure(dict(base, impl=f"olsm-triton-split{int(S)}", note=f"seq_split={int(S)}"),
                     *olsm_triton(recs[name], q, k, v, coefs, D, seq_split=int(S)))

@@ -210,16 +210,20 @@ def elementwise_configs(K=16, V=1536, C=64):
     types = dict(bf16, cu_seqlens="*i32", chunk_offsets="*i32", scale="fp32", T="i32", NV="i32")
     sizes = dict(H=1, K=K, V=V, BK=cfg.BK, C=cfg.C, HAS_D=True, IS_VARLEN=False)
     for name, obj in (("longhorn_diag", longhorn_diag), ("mamba1", mamba1)):
-        # the default template, then the lean one (opt-in: OLSM_ELEMENTWISE_LEAN=1)
-        for lean in (False, True):
+        # the lean template (the default), then the classic one (the way back: OLSM_ELEMENTWISE_LEAN=0)
+        for lean in (True, False):
             _, mod = compile_recurrence(olsm.derive(obj), lean=lean)
-            tag = " lean" if lean else ""
+            tag = "" if lean else " classic"
             t = cfg.fwd
             fwd = dict(sizes, BV=t.BV, BT=t.BT, HAS_H0=True, STORE_HT=False, STORE_CKPT=True)
             yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}]{tag}", mod.fwd_kernel, fwd, types, t.num_warps,
-                   not lean)
+                   lean)
+            if lean:  # few programs per SM (choose_config's FEW_PROGRAMS_PER_SM): the doubled block
+                few = choose_config(2048, K, V, C, torch.device("cuda"), sequences_heads=1, sms=132).fwd
+                yield (f"elementwise fwd {name} [{few.BT},{cfg.BK},{few.BV}] few programs", mod.fwd_kernel,
+                       dict(fwd, BT=few.BT, BV=few.BV), types, few.num_warps, True)
             # the split along the sequence (opt-in: elementwise_scan(..., seq_split=S), scan.sequence_segments)
-            for phase in (1, 2) if not lean else ():
+            for phase in (1, 2) if lean else ():
                 yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}] split phase {phase}", mod.fwd_kernel,
                        dict(fwd, SEG_T=2048, PHASE=phase, STORE_HT=True), dict(types, seg="*fp32", NSEG="i32"),
                        t.num_warps, False)
@@ -227,7 +231,7 @@ def elementwise_configs(K=16, V=1536, C=64):
             yield (f"elementwise bwd {name} [{t.BT},{cfg.BK},{t.BV}]{tag}", mod.bwd_kernel,
                    dict(sizes, BV=t.BV, BT=t.BT, NB_C=cfg.slots, HAS_DHT=False, STORE_DH0=True, SPLIT_V=True,
                         HAS_H0=True, SLAB_IN_REGS=int(cfg.slab == "registers"), NSEG=cfg.segments), types,
-                   t.num_warps, not lean)
+                   t.num_warps, lean)
 
 
 def stages_of(name: str, consts: dict) -> int:

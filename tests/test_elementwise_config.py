@@ -9,6 +9,7 @@ import torch
 from olsm.errors import BackendError, InputError
 from olsm.kernels.elementwise.config import (
     DEFAULT_SLAB,
+    FEW_PROGRAMS_PER_SM,
     MAX_BT,
     MAX_REG_SLOTS,
     MIN_BT,
@@ -34,6 +35,25 @@ def test_measured_defaults_at_the_paper_shape():
     assert cfg.fwd == Tile(BT=16, BV=8, num_warps=1)
     assert cfg.bwd == Tile(BT=8, BV=4, num_warps=1)
     assert cfg.bwd.launch_options() == {"num_warps": 1}
+
+
+def test_few_programs_double_the_forward_block_on_one_warp():
+    # B = 2 at d_model 768 (E = 1536): 384 forward programs on an H200's 132 SMs, 2.9 per SM
+    few = choose_config(8192, 16, 1536, 64, CUDA, sequences_heads=2, sms=132)
+    assert few.fwd == Tile(BT=32, BV=8, num_warps=1)
+    assert few.bwd == Tile(BT=8, BV=4, num_warps=1) and few.C == 128  # the backward keeps its tile
+    # B = 8: 1536 programs, 11.6 per SM: the measured default
+    assert choose_config(2048, 16, 1536, 64, CUDA, sequences_heads=8, sms=132).fwd == Tile(BT=16, BV=8, num_warps=1)
+    # the threshold is programs per SM, at the boundary and either side of it
+    sms = 96                                            # 4 sequences × heads give exactly 8 per SM
+    at = FEW_PROGRAMS_PER_SM * sms // (1536 // 8)
+    assert at * (1536 // 8) == FEW_PROGRAMS_PER_SM * sms
+    assert choose_config(2048, 16, 1536, 64, CUDA, sequences_heads=at, sms=sms).fwd.BT == 16
+    assert choose_config(2048, 16, 1536, 64, CUDA, sequences_heads=at - 1, sms=sms).fwd.BT == 32
+    # an explicit block wins; a short sequence caps the block; warps follow an override
+    assert choose_config(8192, 16, 1536, 64, CUDA, block_t=16, sequences_heads=2, sms=132).fwd.BT == 16
+    assert choose_config(16, 16, 1536, 64, CUDA, sequences_heads=2, sms=132).fwd.BT == 16
+    assert choose_config(8192, 16, 1536, 64, CUDA, num_warps=(2, None), sequences_heads=2, sms=132).fwd.num_warps == 2
 
 
 @pytest.mark.parametrize("K,V,T", [(16, 1536, 2048), (64, 128, 1000), (256, 256, 3), (5, 3, 1), (100, 7, 77)])

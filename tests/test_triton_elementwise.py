@@ -38,6 +38,7 @@ from olsm.kernels.elementwise import (
     generate_source,
     triton_code,
 )
+from olsm.kernels.elementwise.scan import lean_template
 from olsm.objectives import longhorn_diag, mamba1
 from olsm.spec import InputSpec
 from olsm.symbols import k_n, kk, v_j
@@ -47,24 +48,24 @@ DEV = "cuda" if CUDA else "cpu"
 TOL32 = 1e-4
 
 
-#: the cases the lean template also runs on the CPU (on a GPU it runs every case): its structures
-#: (whole blocks then the partial one, forward and reverse; h0, D, value tiles, varlen with an
-#: empty sequence, the register slab's segments, the sequence split, deep prefetch, decode), a
-#: subset to keep CI's time
-LEAN_ON_CPU = {"test_longhorn_diag_odd_T_initial_state_D", "test_mamba1_param_A_and_value_tiles",
-               "test_user_objective_every_input_kind", "test_register_slab_varlen",
-               "test_register_slab_segments_varlen_user_objective", "test_sequence_split_varlen_user_objective",
-               "test_deep_prefetch_short_chunks_and_sequences", "test_decode_step_equals_full_forward",
-               "test_forward_only_no_checkpoints_and_no_final_state", "test_lean_template_is_the_one_compiled"}
+#: the cases the classic template (``OLSM_ELEMENTWISE_LEAN=0``, the way back) also runs on the
+#: CPU (on a GPU it runs every case): its structures (masked blocks, h0, D, value tiles, varlen
+#: with an empty sequence, the register slab's segments, the sequence split, deep prefetch,
+#: decode), a subset to keep CI's time
+CLASSIC_ON_CPU = {"test_longhorn_diag_odd_T_initial_state_D", "test_mamba1_param_A_and_value_tiles",
+                  "test_user_objective_every_input_kind", "test_register_slab_varlen",
+                  "test_register_slab_segments_varlen_user_objective", "test_sequence_split_varlen_user_objective",
+                  "test_deep_prefetch_short_chunks_and_sequences", "test_decode_step_equals_full_forward",
+                  "test_forward_only_no_checkpoints_and_no_final_state", "test_lean_template_is_the_one_compiled"}
 
 
-@pytest.fixture(autouse=True, params=["default", "lean"])
+@pytest.fixture(autouse=True, params=["lean", "classic"])
 def template(request, monkeypatch):
-    """Every test on both kernel templates: the default and the lean one
-    (``OLSM_ELEMENTWISE_LEAN=1``: folded masks, the walks' whole blocks without token masks,
-    ex2.approx.ftz on a GPU), read when each call compiles its kernels."""
-    if request.param == "lean" and not CUDA and request.function.__name__ not in LEAN_ON_CPU:
-        pytest.skip("on the CPU the lean template runs the LEAN_ON_CPU cases")
+    """Every test on both kernel templates: the lean default (folded masks, the walks' whole
+    blocks without token masks, ex2.approx.ftz on a GPU) and the classic one
+    (``OLSM_ELEMENTWISE_LEAN=0``), read when each call compiles its kernels."""
+    if request.param == "classic" and not CUDA and request.function.__name__ not in CLASSIC_ON_CPU:
+        pytest.skip("on the CPU the classic template runs the CLASSIC_ON_CPU cases")
     monkeypatch.setenv("OLSM_ELEMENTWISE_LEAN", "1" if request.param == "lean" else "0")
     return request.param
 
@@ -458,6 +459,13 @@ def test_lean_template_is_the_one_compiled(template):
     assert generate_source(plan, lean=template == "lean") == text
 
 
+def test_lean_template_is_the_default(monkeypatch):
+    monkeypatch.delenv("OLSM_ELEMENTWISE_LEAN", raising=False)
+    assert lean_template()
+    monkeypatch.setenv("OLSM_ELEMENTWISE_LEAN", "0")
+    assert not lean_template()
+
+
 def test_lean_switch_refuses_other_values(monkeypatch):
     monkeypatch.setenv("OLSM_ELEMENTWISE_LEAN", "yes")
     with pytest.raises(BackendError, match="OLSM_ELEMENTWISE_LEAN"):
@@ -466,7 +474,7 @@ def test_lean_switch_refuses_other_values(monkeypatch):
 
 def test_generated_source_is_printed_from_the_ir_and_cached_on_disk():
     rec = get_rec("mamba1")
-    plan, mod = compile_recurrence(rec, lean=False)
+    plan, mod = compile_recurrence(rec, lean=True)
     text = generate_source(plan)
     assert "_exp(s_A_jn*s_dt_j)" in text  # the gate, printed from sympy (_exp: ex2.approx.ftz on a GPU)
     assert mod.__file__.startswith(str(cache_dir()))

@@ -32,13 +32,13 @@ def cache_dir() -> Path:
     return base / "kernels"
 
 
-def load_kernels(plan: Plan, prefetch: Tuple[int, int] = (1, 1), lean: bool = False) -> ModuleType:
+def load_kernels(plan: Plan, prefetch: Tuple[int, int] = (1, 1), lean: bool = True) -> ModuleType:
     """Generate (once), write (once per machine) and import the kernel module of ``plan``.
 
     Args:
         plan: the recurrence's :class:`~.plan.Plan`.
         prefetch: ``(forward, backward)`` blocks loaded ahead, each >= 0.
-        lean: the lean template (:func:`~.codegen.generate_source`).
+        lean: the lean template (:func:`~.codegen.generate_source`; False: the classic one).
 
     Returns:
         The imported module; ``module.fwd_kernel`` and ``module.bwd_kernel`` are

@@ -598,14 +598,14 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
     src.dedent()
 
 
-def generate_source(plan: Plan, prefetch: Tuple[int, int] = (1, 1), lean: bool = False) -> str:
+def generate_source(plan: Plan, prefetch: Tuple[int, int] = (1, 1), lean: bool = True) -> str:
     """The Python module text holding ``fwd_kernel`` and ``bwd_kernel`` for ``plan``.
 
     Args:
         plan: what to compute.
         prefetch: how many blocks ahead the forward and the backward loops load (0: none).
-        lean: the template with fewer instructions per block (``OLSM_ELEMENTWISE_LEAN=1``;
-            opt-in until timed on a GPU): key/value masks folded when the blocks tile K and V,
+        lean: the template with fewer instructions per block (the default; False, or
+            ``OLSM_ELEMENTWISE_LEAN=0``, gives the classic one): key/value masks folded when the blocks tile K and V,
             the entering state selected into row 0, ``exp`` as ``ex2.approx.ftz`` on a GPU, and
             the walks' whole blocks without token masks (the partial last block apart).
 

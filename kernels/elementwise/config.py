@@ -30,6 +30,7 @@ unless set).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
@@ -38,7 +39,7 @@ import torch
 
 from olsm.errors import BackendError, InputError
 
-from ..ints import next_pow2
+from ..ints import cdiv, next_pow2
 
 #: register-tile elements per program: forward, backward (BT · BK · BV)
 TILE_ELEMS = (2048, 512)
@@ -51,6 +52,14 @@ MAX_BV = (8, 4)
 
 #: token blocks stay within these bounds
 MIN_BT, MAX_BT = 4, 64
+
+#: forward programs per SM below which the forward's token block doubles (still one warp). With
+#: few programs each warp's serial walk over its sequence sets the time, and a longer block
+#: halves the walk's steps. H200 run 18, lean template, d_model 768 (E = 1536, N = 16), forward
+#: ms of BT = 16 against 32 at BV = 8 (results/elementwise_sweep_h200_run18_*.md): B = 2,
+#: T = 8192 (2.9 programs per SM) mamba1 0.551 -> 0.452, longhorn_diag 0.613 -> 0.539; B = 8,
+#: T = 2048 (11.6 per SM) mamba1 0.237 -> 0.293, longhorn_diag 0.278 -> 0.332
+FEW_PROGRAMS_PER_SM = 8
 
 #: where the backward keeps the block-entering states of a chunk
 SLABS = ("global", "registers")
@@ -164,6 +173,12 @@ def _tile(T: int, BK: int, V: int, elems: int, per_thread: int, max_bv: int,
     return Tile(BT=BT, BV=BV, num_warps=_pow2(warps, "num_warps"), maxnreg=maxnreg)
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index``."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def default_slab() -> str:
     """``$OLSM_ELEMENTWISE_SLAB`` if set, else :data:`DEFAULT_SLAB`."""
     return os.environ.get("OLSM_ELEMENTWISE_SLAB", "") or DEFAULT_SLAB
@@ -172,13 +187,12 @@ def default_slab() -> str:
 def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
                   block_t: Knob = None, block_v: Knob = None, num_warps: Knob = None,
                   max_registers: Knob = None, slab: Optional[str] = None,
-                  slab_slots: Optional[int] = None, slab_segments: Optional[int] = None) -> Config:
+                  slab_slots: Optional[int] = None, slab_segments: Optional[int] = None,
+                  sequences_heads: Optional[int] = None, sms: Optional[int] = None) -> Config:
     """Pick the tile shapes and the checkpoint interval.
 
     Args:
-        K, V: key and value dimensions (the tiles do not depend on the number of sequences
-            or heads: on the H200 one default was within 3 % of the best tiles at both B = 8
-            and B = 2).
+        K, V: key and value dimensions.
         T: tokens per sequence (an upper bound: the packed length with cu_seqlens).
         chunk_size: requested tokens between checkpoints; rounded up to a multiple of the
             larger of the two BT (checkpoints cost ``T / C`` states of ``[K, V]`` float32
@@ -196,6 +210,11 @@ def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
             checkpoint interval, a power of two (None: 1): ``C = bwd.BT · slots · segments``,
             at the price of a second forward replay in the backward. Never more than the
             sequence needs.
+        sequences_heads: sequences × heads of the call (None: unknown). When the forward
+            would run fewer than :data:`FEW_PROGRAMS_PER_SM` programs per SM, its default
+            token block doubles on the same one warp (the backward's tile does not change: on
+            the H200 its default was the best at both B = 8 and B = 2).
+        sms: the GPU's SM count (None: asked of ``device``).
 
     Returns:
         The :class:`Config`.
@@ -218,6 +237,10 @@ def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
         bwd = _tile(T, BK, V, 0, 16, 8, bt[1] or min(4, short), bv[1] or bv_cpu, nw[1] or 1)
     else:
         fwd = _tile(T, BK, V, TILE_ELEMS[0], ELEMS_PER_THREAD[0], MAX_BV[0], bt[0], bv[0], nw[0], mr[0])
+        if bt[0] is None and sequences_heads is not None and fwd.BT < min(MAX_BT, next_pow2(max(T, 1))):
+            sms = sm_count(device.index if device.index is not None else torch.cuda.current_device()) if sms is None else sms
+            if sequences_heads * cdiv(V, fwd.BV) < FEW_PROGRAMS_PER_SM * sms:
+                fwd = _tile(T, BK, V, 0, 0, 0, fwd.BT * 2, fwd.BV, nw[0] or fwd.num_warps, mr[0])
         bwd = _tile(T, BK, V, TILE_ELEMS[1], ELEMS_PER_THREAD[1], MAX_BV[1], bt[1], bv[1], nw[1], mr[1])
     step = max(fwd.BT, bwd.BT)
     C = -(-int(chunk_size) // step) * step

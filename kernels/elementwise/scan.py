@@ -54,13 +54,14 @@ def _kernels_for(rec, prefetch, lean):
 
 
 def lean_template() -> bool:
-    """``OLSM_ELEMENTWISE_LEAN=1`` (read at each call; opt-in until timed on a GPU): the lean
-    template of :func:`~.codegen.generate_source`, fewer instructions per block (Triton 3.6,
-    sm_90, per block: mamba1's forward 1323 -> 849, its backward 1539 -> 1189)."""
-    value = os.environ.get("OLSM_ELEMENTWISE_LEAN", "0")
+    """``OLSM_ELEMENTWISE_LEAN`` (read at each call): ``1`` or unset, the lean template of
+    :func:`~.codegen.generate_source` (the default since run 18: fewer instructions per block, and
+    on the H200 0.83–0.97× the classic template's fwd+bwd time at the paper's shapes); ``0``, the
+    classic template (the way back, and the A/B baseline)."""
+    value = os.environ.get("OLSM_ELEMENTWISE_LEAN", "1")
     if value not in ("0", "1", ""):
-        raise BackendError(f"OLSM_ELEMENTWISE_LEAN={value!r} is not 0 or 1; unset it for the default (0)")
-    return value == "1"
+        raise BackendError(f"OLSM_ELEMENTWISE_LEAN={value!r} is not 0 or 1; unset it for the default (1, the lean template)")
+    return value != "0"
 
 
 def compile_recurrence(rec, prefetch: Optional[Tuple[int, int]] = None, lean: Optional[bool] = None):
@@ -361,7 +362,7 @@ def elementwise_scan(
             again from their true start states; :func:`sequence_segments`); None or 1: none
             (the default: it did not speed up the H200 at the paper's shapes).
         lean: the lean kernel template (fewer instructions per block; :func:`lean_template`);
-            None: ``$OLSM_ELEMENTWISE_LEAN`` (default off until timed on a GPU).
+            None: ``$OLSM_ELEMENTWISE_LEAN`` (unset: the lean template; ``0``: the classic one).
 
     Returns:
         ``(o [B, T, H, V] in q's dtype, S [N, H, K, V] float32 or None)``. Differentiable with
@@ -370,7 +371,8 @@ def elementwise_scan(
     plan, mod = compile_recurrence(rec, prefetch, lean)
     B, T, H, K, V, N = _check(rec, plan, q, k, v, coefs, initial_state, cu_seqlens, D)
     cfg = choose_config(T, K, V, chunk_size, q.device, block_t, block_v, num_warps, max_registers,
-                        slab=slab, slab_slots=slab_slots, slab_segments=slab_segments)
+                        slab=slab, slab_slots=slab_slots, slab_segments=slab_segments,
+                        sequences_heads=N * H)
     coef_list = [coefs[s.name] for s in rec.inputs]
     tensors = [q, k, v, initial_state, D, *coef_list]
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
