@@ -56,7 +56,8 @@ CLASSIC_ON_CPU = {"test_longhorn_diag_odd_T_initial_state_D", "test_mamba1_param
                   "test_user_objective_every_input_kind", "test_register_slab_varlen",
                   "test_register_slab_segments_varlen_user_objective", "test_sequence_split_varlen_user_objective",
                   "test_deep_prefetch_short_chunks_and_sequences", "test_decode_step_equals_full_forward",
-                  "test_forward_only_no_checkpoints_and_no_final_state", "test_lean_template_is_the_one_compiled"}
+                  "test_forward_only_no_checkpoints_and_no_final_state", "test_lean_template_is_the_one_compiled",
+                  "test_few_programs_block_only_on_the_lean_template"}
 
 
 @pytest.fixture(autouse=True, params=["lean", "classic"])
@@ -464,6 +465,23 @@ def test_lean_template_is_the_default(monkeypatch):
     assert lean_template()
     monkeypatch.setenv("OLSM_ELEMENTWISE_LEAN", "0")
     assert not lean_template()
+
+
+def test_few_programs_block_only_on_the_lean_template(template, monkeypatch):
+    # choose_config hears the call's sequences × heads only for the template its rule was
+    # measured on (the classic one spilled with the doubled forward block)
+    from olsm.kernels.elementwise import scan as scan_mod
+
+    seen = []
+    real = scan_mod.choose_config
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("sequences_heads"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(scan_mod, "choose_config", spy)
+    q, k, v, coefs = make_inputs("longhorn_diag", 3, 5, 2, 4, 2)
+    elementwise_scan(get_rec("longhorn_diag"), q, k, v, coefs)
+    assert seen == [6 if template == "lean" else None]
 
 
 def test_lean_switch_refuses_other_values(monkeypatch):

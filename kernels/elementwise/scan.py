@@ -368,11 +368,14 @@ def elementwise_scan(
         ``(o [B, T, H, V] in q's dtype, S [N, H, K, V] float32 or None)``. Differentiable with
         respect to q, k, v, every coefficient, ``initial_state`` and ``D``.
     """
+    lean = lean_template() if lean is None else bool(lean)
     plan, mod = compile_recurrence(rec, prefetch, lean)
     B, T, H, K, V, N = _check(rec, plan, q, k, v, coefs, initial_state, cu_seqlens, D)
     cfg = choose_config(T, K, V, chunk_size, q.device, block_t, block_v, num_warps, max_registers,
                         slab=slab, slab_slots=slab_slots, slab_segments=slab_segments,
-                        sequences_heads=N * H)
+                        # the few-programs forward block was measured on the lean template; the
+                        # classic one spills there (H200 run 18: longhorn_diag B = 2 forward 0.64 -> 1.12 ms)
+                        sequences_heads=N * H if lean else None)
     coef_list = [coefs[s.name] for s in rec.inputs]
     tensors = [q, k, v, initial_state, D, *coef_list]
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
