@@ -196,7 +196,8 @@ def configs(K=128, V=128, C=64):
 
 def elementwise_configs(K=16, V=1536, C=64):
     """(name, kernel, constexprs, types, num_warps, default_path) of the generated elementwise
-    launches (the forward's split along the sequence is opt-in: ``seq_split``)."""
+    launches (default_path :data:`FEW`: taken at few programs per SM; the forward's split along the
+    sequence and the classic template are opt-in)."""
     import torch
 
     import olsm
@@ -218,10 +219,12 @@ def elementwise_configs(K=16, V=1536, C=64):
             fwd = dict(sizes, BV=t.BV, BT=t.BT, HAS_H0=True, STORE_HT=False, STORE_CKPT=True)
             yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}]{tag}", mod.fwd_kernel, fwd, types, t.num_warps,
                    lean)
-            if lean:  # few programs per SM (choose_config's FEW_PROGRAMS_PER_SM): the doubled block
+            if lean:  # few programs per SM (choose_config's FEW_PROGRAMS_PER_SM): the doubled block, on
+                # the default path but let spill: longhorn_diag's spills 24 B on Triton 3.6 and still
+                # measured faster there (H200 run 18: 0.613 -> 0.539 ms at B = 2, T = 8192)
                 few = choose_config(2048, K, V, C, torch.device("cuda"), sequences_heads=1, sms=132).fwd
                 yield (f"elementwise fwd {name} [{few.BT},{cfg.BK},{few.BV}] few programs", mod.fwd_kernel,
-                       dict(fwd, BT=few.BT, BV=few.BV), types, few.num_warps, True)
+                       dict(fwd, BT=few.BT, BV=few.BV), types, few.num_warps, FEW)
             # the split along the sequence (opt-in: elementwise_scan(..., seq_split=S), scan.sequence_segments)
             for phase in (1, 2) if lean else ():
                 yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}] split phase {phase}", mod.fwd_kernel,
@@ -232,6 +235,10 @@ def elementwise_configs(K=16, V=1536, C=64):
                    dict(sizes, BV=t.BV, BT=t.BT, NB_C=cfg.slots, HAS_DHT=False, STORE_DH0=True, SPLIT_V=True,
                         HAS_H0=True, SLAB_IN_REGS=int(cfg.slab == "registers"), NSEG=cfg.segments), types,
                    t.num_warps, lean)
+
+
+#: the "default path" mark of a launch taken only at few programs per SM: it must fit, and may spill
+FEW = "few programs"
 
 
 def stages_of(name: str, consts: dict) -> int:
@@ -290,8 +297,8 @@ def main():
             continue
         r = compile_for(kernel, consts, types, num_warps=warps, num_stages=stages_of(name, consts))
         fits = r["shared"] <= HOPPER_SHARED_BYTES
-        bad += default and (not fits or r["stack"] > 0)
-        print(f"| {name} | {'yes' if default else 'opt-in'} | {warps} | {r['shared']} | {'yes' if fits else '**no**'} "
+        bad += bool(default) and (not fits or (r["stack"] > 0 and default is not FEW))
+        print(f"| {name} | {'few programs' if default is FEW else 'yes' if default else 'opt-in'} | {warps} | {r['shared']} | {'yes' if fits else '**no**'} "
               f"| {r['registers']} | {r['stack']}{' **spills**' if r['stack'] else ''} | {r['sync_loads']} |")
     sys.exit(1 if bad else 0)
 

@@ -13,7 +13,10 @@ Run 17 re-swept both with the backward's flipped reverse scan (results/elementwi
 the backward default stayed best (1.99 ms at B = 8, 2.53 at B = 2), ``[32, 16, 4]`` forward tied
 the default for longhorn_diag at B = 2 but lost at d_model 1024, and tiles spread over 2 or 4
 warps were 1.4–8× slower in both kernels (Triton scans across warps through shared memory).
-Every knob can be overridden per call.
+Run 18 re-swept both on the lean template, for mamba1 and longhorn_diag
+(results/elementwise_sweep_h200_run18_*.md): the defaults stayed, prefetch depths 0–3 included,
+except the forward at few programs per SM, whose token block doubles
+(:data:`FEW_PROGRAMS_PER_SM`). Every knob can be overridden per call.
 
 Where the backward keeps a chunk's block-entering states (``slab``): ``"global"``, a
 per-program scratch slab in global memory (``C / BT`` states of ``[BK, BV]`` per program, all
