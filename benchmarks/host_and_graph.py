@@ -17,7 +17,9 @@ next. For each planned call this prints, side by side:
     python -u benchmarks/host_and_graph.py linear_attention:bwd:8,2048,16,128 longhorn:bwd:8,2048,16,128 [--fla]
 
 (items ``method:fwd|bwd[:B,T,H,D]``, shape (8, 2048, 16, 128) unless given; ``--fla`` adds FLA's
-kernel for the same recurrence, where it has one; ``--autotune-cache=PATH`` seeds FLA's autotuning from
+kernel for the same recurrence, where it has one; ``--profile`` adds, per call, the GPU time of
+each kernel (``torch.profiler``) and the host's costliest Python functions (``cProfile`` over
+the tiny calls); ``--autotune-cache=PATH`` seeds FLA's autotuning from
 ``autotune_cache.py``'s tar, as in ``bench_matrix.py``). On a CPU it runs each call once, tiny, in the
 interpreter, and reports the host column only (the interpreter runs the kernels, so that number
 is not a launch cost), to check the calls.
@@ -126,6 +128,34 @@ def count_launches(step) -> int:
     return seen[1]
 
 
+def profile(step, tiny_step, rows: int = 12) -> None:
+    """Print the GPU time per kernel of ``step`` (``torch.profiler``, 10 calls) and the host's
+    costliest functions over 50 ``tiny_step`` calls (``cProfile``, own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(50):
+        tiny_step()
+    torch.cuda.synchronize()
+    pr.disable()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(rows)
+    print("\n".join(out.getvalue().splitlines()[:rows + 12]))
+
+
 def main(argv):
     fla_too = "--fla" in argv
     seed = [a.split("=", 1)[1] for a in argv if a.startswith("--autotune-cache=")]
@@ -163,6 +193,8 @@ def main(argv):
                     graph = graph_ms(step)
                     print(f"{label:44s} {shape} eager {eager:.3f} ms | graph {graph:.3f} ms | "
                           f"host {host:.3f} ms/call | {launches} launches", flush=True)
+                    if "--profile" in argv:
+                        profile(step, tiny_step)
                 else:
                     print(f"{label:44s} (interpreter) host {host:.1f} ms/call | {launches} launches", flush=True)
             except Exception as err:  # noqa: BLE001 - FLA's refusals are rows too
