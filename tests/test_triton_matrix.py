@@ -526,6 +526,23 @@ def test_value_blocks_never_narrower_than_64_below_128_keys():
                 assert BV >= (32 if BK >= 128 else 64), (K, V, N, H, BK, BV)
 
 
+@pytest.mark.parametrize("decay", ["none", "scalar"])
+def test_dw_transposed(decay, monkeypatch):
+    # OLSM_MATRIX_DQDW=transposed (opt-in): the dq/dw kernel forms dw transposed from dA alone;
+    # odd lengths, key and value dims that are not powers of two, packed sequences with an empty
+    # one and their own initial states (the per-key decay keeps the default path: FB.dw_transposed)
+    import olsm.kernels.matrix.fused_bwd as FB
+
+    monkeypatch.setenv("OLSM_MATRIX_DQDW", "transposed")
+    assert FB.dw_transposed(0) and FB.dw_transposed(1) and not FB.dw_transposed(2)
+    check(make_inputs(31, T=75, H=2, K=20, V=12, decay=decay), chunk_size=32)
+    cu = (0, 12, 12, 50)
+    check(make_inputs(32, T=cu[-1], H=1, decay=decay, N=len(cu) - 1), cu_seqlens=cu, chunk_size=16)
+    monkeypatch.setenv("OLSM_MATRIX_DQDW", "transpose")
+    with pytest.raises(BackendError, match="OLSM_MATRIX_DQDW='transpose'"):
+        FB.dw_transposed(0)
+
+
 def test_fused_backward_packed_with_an_empty_sequence():
     # an empty sequence has no chunks: its d_final flows straight to its dh0, and the decay
     # gradient's per-sequence suffix sums must not leak across the packed boundaries

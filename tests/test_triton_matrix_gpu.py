@@ -125,6 +125,16 @@ def test_fp32_dots_rank0(name, monkeypatch):
     run_case(name, torch.bfloat16, B=1, T=400, H=4, K=128, V=128, cu_seqlens=(0, 57, 300, 400))
 
 
+@pytest.mark.parametrize("name", ["linear_attention", "mamba2", "deltanet", "gated_deltanet", "longhorn"])
+def test_dw_transposed(name, monkeypatch):
+    # OLSM_MATRIX_DQDW=transposed (opt-in): the dq/dw kernel forms dw transposed from dA alone,
+    # bf16 and fp32, packed sequences in bf16
+    monkeypatch.setenv("OLSM_MATRIX_DQDW", "transposed")
+    for dtype in (torch.bfloat16, torch.float32):
+        run_case(name, dtype, B=2, T=300, H=4, K=128, V=128)
+    run_case(name, torch.bfloat16, B=1, T=400, H=4, K=128, V=128, cu_seqlens=(0, 57, 300, 400))
+
+
 @pytest.mark.parametrize("name", ["gated_deltanet", "dplr", "gla"])
 def test_odd_dims_and_wide_heads(name):
     run_case(name, torch.bfloat16, B=1, T=200, H=2, K=100, V=200)
@@ -231,7 +241,7 @@ def test_chunk_delta_realistic(dtype, decay, make, kw, dots, monkeypatch):
 
 @pytest.mark.parametrize("switch", ["", "OLSM_MATRIX_DELTA_SAVE=recompute", "OLSM_MATRIX_INVERSE=rows16",
                                     "OLSM_MATRIX_INVERSE=levels2", "OLSM_MATRIX_INVERSE=levels3",
-                                    "OLSM_MATRIX_WY_DOTS=fp32"])
+                                    "OLSM_MATRIX_WY_DOTS=fp32", "OLSM_MATRIX_DQDW=transposed"])
 def test_chunk_delta_switches(switch, monkeypatch):
     # the delta path's defaults ("") and each switch away from them, bf16 with a decay and
     # u_scale, correlated keys for the inverses (the decay gradient held as in

@@ -52,7 +52,7 @@ from .fused import (
     no_segments, sequence_launch, state_dtype, state_warps,
 )
 from .decay_grad import decay_gradient
-from .fused_bwd import _dqdw_bwd_kernel, dstate_warps, launch_dstate
+from .fused_bwd import _dqdw_bwd_kernel, dstate_warps, dw_transposed, launch_dstate
 from .split import walk_sequences
 from ..ints import cdiv
 from .tiles import chunk_decay, chunk_key_tiles
@@ -373,7 +373,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
             q, k, u, d_o, gd, states, dstates, dq, dk, dlam, lay.tok_start, lay.tok_stop, scale, B * T,
             nu, dnu, t_wy, e_cc, cn, dbb, dkk if dkk is not None else dbb, dbb, H, K=K, V=V, C=C, DECAY=decay,
             BKS=shape.BKS, BV=shape.BV_dqdw, PRECISION=prec, DELTA=True, LOWP=lowp, KK_GRAD=dkk is not None,
-            num_warps=shape.warps_chunk,
+            DW_T=dw_transposed(decay), num_warps=shape.warps_chunk,
         )
     else:
         for t in (dq, dk, du, cbuf):

@@ -87,6 +87,14 @@ def launch_dstate(grid, args, **kw):
     return launch_staged(_dstate_bwd_kernel, grid, args, dstate_stages(kw["DECAY"], kw["LOWRANK"]), **kw)
 
 
+def dw_transposed(decay: int) -> bool:
+    """``OLSM_MATRIX_DQDW`` (read at each call): ``both`` (the default), :func:`_dqdw_bwd_kernel`
+    forms dA and dAᵀ by two products per value block; ``transposed``, dw transposed from dA alone
+    (its DW_T; a per-key decay keeps both, its kernel returning early). Opt-in until timed on a
+    GPU (on the H200, run 18, this kernel took 1.5× the time of FLA's ``chunk_bwd_kernel_dqkwg``)."""
+    return env_choice("OLSM_MATRIX_DQDW", ("both", "transposed")) == "transposed" and decay != 2
+
+
 @triton.jit
 def _dstate_bwd_kernel(
     q, a, do, g, x_wy, d_final, dstates, dprobes, dh0, tok_start, tok_stop, chunk_offsets, scale, amat,
@@ -210,7 +218,7 @@ def _dqdw_bwd_kernel(
     probes, dprobes, t_wy, e_cc, c, dbb, dkk, amat,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
     BKS: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr = False,
-    LOWP: tl.constexpr = False, KK_GRAD: tl.constexpr = False,
+    LOWP: tl.constexpr = False, KK_GRAD: tl.constexpr = False, DW_T: tl.constexpr = False,
 ):
     """Kernel 2: dq, dw and the per-token decay term for one K-slice × chunk × head.
 
@@ -229,11 +237,20 @@ def _dqdw_bwd_kernel(
     fp16 inputs; fp32 accumulators) instead of fp32 copies. KK_GRAD (DELTA): dw also gets
     2 dkk_t w_t, dkk ``[B·T, H]`` fp32 the gradient of ‖k_t‖² through the implicit step's
     normaliser (:mod:`.delta`); that path lies outside the recurrence, so dlam does not see it.
+    DW_T (DECAY 0 or 1; ``OLSM_MATRIX_DQDW=transposed``, :func:`dw_transposed`): dw is formed transposed, ``[BKS, C]``,
+    from dA alone (dWᵀ = dS Uᵀ + scale · Qᵀ dA, the delta terms likewise) and stored through
+    transposed addresses: one C×C product per value block instead of two, and neither dO nor U
+    loaded twice (no ``tl.trans``: DESIGN §7).
     """
     nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, mask_row = kslice_program(tok_start, tok_stop, H, K,
                                                                                        C, BKS)
 
     od = q.dtype.element_ty if LOWP else tl.float32   # dot operands: fp32 copies, or as stored (LOWP)
+    if DW_T:
+        _dqdw_transposed(q, w, u, do, g, states, dstates, dq, dw, dlam, tok_start, tok_stop, scale, BT,
+                         probes, dprobes, t_wy, e_cc, c, dbb, dkk, nh, i_h, offs_c, valid, tok, i_k, offs_k,
+                         mask_k, row_k, mask_row, H, K, V, C, DECAY, BKS, BV, PRECISION, DELTA, LOWP, KK_GRAD)
+        return
     dA = tl.zeros([C, C], dtype=tl.float32)       # [t, s]: scale · dO_t · u_s (masked below)
     dA_T = tl.zeros([C, C], dtype=tl.float32)     # [s, t]
     dq_s = tl.zeros([C, BKS], dtype=tl.float32)   # dO S_nᵀ
@@ -317,6 +334,92 @@ def _dqdw_bwd_kernel(
     lam = tl.sum(Q * dQ - W * dW, axis=1)
     if DELTA:
         # q·dq − w·dw − a·da + b·db with w = b = k, a = −c k: −w·dw − a·da = −k·dk + k·db
+        lam += 2. * bb
+    tl.store(dlam + part, lam, mask=valid)
+
+
+@triton.jit
+def _dqdw_transposed(
+    q, w, u, do, g, states, dstates, dq, dw, dlam, tok_start, tok_stop, scale, BT,
+    probes, dprobes, t_wy, e_cc, c, dbb, dkk, nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, mask_row,
+    H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
+    BKS: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, DELTA: tl.constexpr,
+    LOWP: tl.constexpr, KK_GRAD: tl.constexpr,
+):
+    """:func:`_dqdw_bwd_kernel` with DW_T (DECAY 0 or 1): dq as ``[C, BKS]``, dw as ``[BKS, C]``.
+
+    With dA ``[t, s]`` = dO_t · u_s (masked, decayed), the transposed dw needs no dA_T:
+    dW_intraᵀ = scale · Qᵀ dA, dW_interᵀ = dS_{n+1} Uᵀ, and in the delta form
+    dB_roleᵀ = Wᵀ Eᵀ − c e^{G_{t−1}} ⊙ (dXᵀ T), dWᵀ += dB_roleᵀ + Wᵀ E with dXᵀ = S_n dνᵀ.
+    """
+    od = q.dtype.element_ty if LOWP else tl.float32
+    dA = tl.zeros([C, C], dtype=tl.float32)        # [t, s]: dO_t · u_s (masked below)
+    dq_s = tl.zeros([C, BKS], dtype=tl.float32)    # dO S_nᵀ
+    dw_sT = tl.zeros([BKS, C], dtype=tl.float32)   # (U dS_{n+1}ᵀ)ᵀ = dS_{n+1} Uᵀ
+    if DELTA:
+        dX_T = tl.zeros([BKS, C], dtype=tl.float32)    # (dν S_nᵀ)ᵀ = S_n dνᵀ
+    for i_v in range(0, (V + BV - 1) // BV):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mask_v = offs_v < V
+        row_v = (tok[:, None] * H + i_h) * V + offs_v[None, :]
+        mask_rv = valid[:, None] & mask_v[None, :]
+        mask_cv = mask_v[:, None] & valid[None, :]
+        if DELTA:   # the values are ν, chunk-major [NC, H, C, V]
+            src, col_u = probes, nh * C * V + offs_c[None, :] * V + offs_v[:, None]
+        else:
+            src, col_u = u, (tok[None, :] * H + i_h) * V + offs_v[:, None]
+        dO = tl.load(do + row_v, mask=mask_rv, other=0.).to(od)        # [C, BV]
+        U_T = tl.load(src + col_u, mask=mask_cv, other=0.).to(od)      # [BV, C]
+        dA += tl.dot(dO, U_T, input_precision=PRECISION)
+        vk = nh * K * V + offs_v[:, None] + offs_k[None, :] * V        # S_nᵀ [BV, BKS] by address
+        kv = nh * K * V + offs_k[:, None] * V + offs_v[None, :]        # dS_{n+1} [BKS, BV] as stored
+        mask_vk = mask_v[:, None] & mask_k[None, :]
+        mask_kv = mask_k[:, None] & mask_v[None, :]
+        S_T = tl.load(states + vk, mask=mask_vk, other=0.).to(od)
+        dS = tl.load(dstates + kv, mask=mask_kv, other=0.).to(od)
+        dq_s += tl.dot(dO, S_T, input_precision=PRECISION)
+        dw_sT += tl.dot(dS, U_T, input_precision=PRECISION)
+        if DELTA:
+            S = tl.load(states + kv, mask=mask_kv, other=0.).to(od)
+            dnu_T = tl.load(dprobes + col_u, mask=mask_cv, other=0.).to(od)
+            dX_T += tl.dot(S, dnu_T, input_precision=PRECISION)
+
+    col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]             # [BKS, C] addresses of [C, BKS]
+    mask_col = mask_k[:, None] & valid[None, :]
+    Q = tl.load(q + row_k, mask=mask_row, other=0.).to(tl.float32)     # [C, BKS]
+    W = tl.load(w + row_k, mask=mask_row, other=0.).to(tl.float32)
+    Q_T = tl.load(q + col_k, mask=mask_col, other=0.).to(tl.float32)   # [BKS, C]
+    W_T = tl.load(w + col_k, mask=mask_col, other=0.).to(tl.float32)
+    incl = offs_c[:, None] >= offs_c[None, :]
+    if DECAY == 1:
+        g_c, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
+        dA = dA * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
+        dq_s = dq_s * tl.exp(G)[:, None]
+        dw_sT = dw_sT * tl.exp(g_total - G)[None, :]
+    else:
+        dA = tl.where(incl, dA, 0.)
+    dQ = scale * (dq_s + tl.dot(dA.to(od), W.to(od), input_precision=PRECISION))
+    dW_T = dw_sT + scale * tl.dot(Q_T.to(od), dA.to(od), input_precision=PRECISION)
+    part = i_k.to(tl.int64) * BT * H + tok * H + i_h
+    if DELTA:
+        rows = nh * C * C + offs_c[:, None] * C + offs_c[None, :]
+        cols = nh * C * C + offs_c[None, :] * C + offs_c[:, None]              # transposed
+        cb = tl.load(c + tok * H + i_h, mask=valid, other=0.)                  # c e^{G_{t−1}}
+        if DECAY == 1:
+            cb = cb * tl.exp(G - g_c)
+        dWc_T = tl.dot(dX_T, tl.load(t_wy + rows), input_precision=PRECISION)  # (−∂L/∂(c e^{G_{t−1}} k))ᵀ
+        dB_T = tl.dot(W_T, tl.load(e_cc + cols), input_precision=PRECISION) - cb[None, :] * dWc_T
+        dW_T += dB_T + tl.dot(W_T, tl.load(e_cc + rows), input_precision=PRECISION)
+        bb = tl.sum(W_T * dB_T, axis=0)
+        tl.store(dbb + part, bb, mask=valid)
+    tl.store(dq + row_k, dQ.to(dq.dtype.element_ty), mask=mask_row)
+    if KK_GRAD:
+        dkk_t = tl.load(dkk + tok * H + i_h, mask=valid, other=0.)
+        tl.store(dw + col_k, (dW_T + 2. * dkk_t[None, :] * W_T).to(dw.dtype.element_ty), mask=mask_col)
+    else:
+        tl.store(dw + col_k, dW_T.to(dw.dtype.element_ty), mask=mask_col)
+    lam = tl.sum(Q * dQ, axis=1) - tl.sum(W_T * dW_T, axis=0)
+    if DELTA:
         lam += 2. * bb
     tl.store(dlam + part, lam, mask=valid)
 
@@ -723,7 +826,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             _dqdw_bwd_kernel[(NK, NC * H)](
                 q, w, u, d_o, g if g is not None else dummy, states, dstates, dq32, dw32, dlam,
                 lay.tok_start, lay.tok_stop, scale, B * T, *(dummy,) * 7, dA, H, K=K, V=V, C=C, DECAY=decay,
-                BKS=BKS, BV=shape.BV_dqdw, PRECISION=prec, num_warps=shape.warps_chunk,
+                BKS=BKS, BV=shape.BV_dqdw, PRECISION=prec, DW_T=dw_transposed(decay), num_warps=shape.warps_chunk,
             )
             if pk and amat is None:
                 amat = perkey.intra_gram(q, w, g, lay.tok_start, lay.tok_stop, H, K, C, prec, shape.warps_pair)
