@@ -388,8 +388,9 @@ def _dqdw_transposed(
     mask_col = mask_k[:, None] & valid[None, :]
     Q = tl.load(q + row_k, mask=mask_row, other=0.).to(tl.float32)     # [C, BKS]
     W = tl.load(w + row_k, mask=mask_row, other=0.).to(tl.float32)
-    Q_T = tl.load(q + col_k, mask=mask_col, other=0.).to(tl.float32)   # [BKS, C]
-    W_T = tl.load(w + col_k, mask=mask_col, other=0.).to(tl.float32)
+    # Qᵀ, Wᵀ [BKS, C] as stored (dot operands; widened where they meet fp32 sums): fewer live registers
+    Q_T = tl.load(q + col_k, mask=mask_col, other=0.)
+    W_T = tl.load(w + col_k, mask=mask_col, other=0.)
     incl = offs_c[:, None] >= offs_c[None, :]
     if DECAY == 1:
         g_c, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
@@ -399,6 +400,8 @@ def _dqdw_transposed(
     else:
         dA = tl.where(incl, dA, 0.)
     dQ = scale * (dq_s + tl.dot(dA.to(od), W.to(od), input_precision=PRECISION))
+    tl.store(dq + row_k, dQ.to(dq.dtype.element_ty), mask=mask_row)
+    lam = tl.sum(Q * dQ, axis=1)     # dQ and Q end here, before the delta terms' tiles
     dW_T = dw_sT + scale * tl.dot(Q_T.to(od), dA.to(od), input_precision=PRECISION)
     part = i_k.to(tl.int64) * BT * H + tok * H + i_h
     if DELTA:
@@ -408,17 +411,16 @@ def _dqdw_transposed(
         if DECAY == 1:
             cb = cb * tl.exp(G - g_c)
         dWc_T = tl.dot(dX_T, tl.load(t_wy + rows), input_precision=PRECISION)  # (−∂L/∂(c e^{G_{t−1}} k))ᵀ
-        dB_T = tl.dot(W_T, tl.load(e_cc + cols), input_precision=PRECISION) - cb[None, :] * dWc_T
-        dW_T += dB_T + tl.dot(W_T, tl.load(e_cc + rows), input_precision=PRECISION)
-        bb = tl.sum(W_T * dB_T, axis=0)
+        dB_T = tl.dot(W_T.to(tl.float32), tl.load(e_cc + cols), input_precision=PRECISION) - cb[None, :] * dWc_T
+        dW_T += dB_T + tl.dot(W_T.to(tl.float32), tl.load(e_cc + rows), input_precision=PRECISION)
+        bb = tl.sum(W_T.to(tl.float32) * dB_T, axis=0)
         tl.store(dbb + part, bb, mask=valid)
-    tl.store(dq + row_k, dQ.to(dq.dtype.element_ty), mask=mask_row)
     if KK_GRAD:
         dkk_t = tl.load(dkk + tok * H + i_h, mask=valid, other=0.)
-        tl.store(dw + col_k, (dW_T + 2. * dkk_t[None, :] * W_T).to(dw.dtype.element_ty), mask=mask_col)
+        tl.store(dw + col_k, (dW_T + 2. * dkk_t[None, :] * W_T.to(tl.float32)).to(dw.dtype.element_ty), mask=mask_col)
     else:
         tl.store(dw + col_k, dW_T.to(dw.dtype.element_ty), mask=mask_col)
-    lam = tl.sum(Q * dQ, axis=1) - tl.sum(W_T * dW_T, axis=0)
+    lam -= tl.sum(W_T.to(tl.float32) * dW_T, axis=0)
     if DELTA:
         lam += 2. * bb
     tl.store(dlam + part, lam, mask=valid)
