@@ -90,10 +90,12 @@ def configs(K=128, V=128, C=64):
             yield from segments(f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, wb, lr, K, V, walk=False)
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False)
         yield (f"fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
-        yield (f"bwd dq dw decay={decay}", FB._dqdw_bwd_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)
-        # OLSM_MATRIX_DQDW=transposed: dw formed transposed from dA alone
-        yield (f"bwd dq dw transposed decay={decay}", FB._dqdw_bwd_kernel,
-               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DW_T=True), sh.warps_chunk, False)
+        # dw formed transposed from dA alone (the default without a low-rank part), and the way
+        # back OLSM_MATRIX_DQDW=both (dA and dAᵀ by two products)
+        yield (f"bwd dq dw decay={decay}", FB._dqdw_bwd_kernel,
+               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DW_T=FB.dw_transposed(decay)), sh.warps_chunk, True)
+        yield (f"bwd dq dw both products decay={decay}", FB._dqdw_bwd_kernel,
+               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DW_T=False), sh.warps_chunk, False)
         yield (f"bwd du decay={decay}", FB._du_bwd_kernel, dict(d, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, True)
         yield (f"bwd rank-1 cc decay={decay}", FB._lowrank_cc_kernel, dict(d, BK=sh.BK, BV=sh.BV_rank1),
                sh.warps_rank1, True)
@@ -195,7 +197,7 @@ def configs(K=128, V=128, C=64):
             yield (f"delta bwd dq dk implicit normaliser{dots} decay={decay}", FB._dqdw_bwd_kernel,
                    dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DELTA=True, KK_GRAD=True, LOWP=lowp), sh.warps_chunk,
                    default)
-            if lowp:   # OLSM_MATRIX_DQDW=transposed
+            if lowp:   # OLSM_MATRIX_DQDW=transposed (the delta form's default forms both products)
                 yield (f"delta bwd dq dk transposed decay={decay}", FB._dqdw_bwd_kernel,
                        dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DELTA=True, LOWP=True, DW_T=True), sh.warps_chunk, False)
 

@@ -174,8 +174,9 @@ def test_wy_dots(decay, save, kk, wy, monkeypatch):
 
 @pytest.mark.parametrize("decay,kk", [(False, False), (True, True)])
 def test_dw_transposed(decay, kk, monkeypatch):
-    # OLSM_MATRIX_DQDW=transposed (opt-in): dk formed transposed from dA alone, with the delta
-    # form's WY terms (E, T, c) and the implicit step's normaliser (KK_GRAD) in that orientation
+    # OLSM_MATRIX_DQDW=transposed (opt-in for the delta form, whose default forms dA and dAᵀ):
+    # dk formed transposed from dA alone, with the delta form's WY terms (E, T, c) and the
+    # implicit step's normaliser (KK_GRAD) in that orientation
     monkeypatch.setenv("OLSM_MATRIX_DQDW", "transposed")
     check_delta(delta_inputs(23, T=45, decay=decay, u_scale=True, kk_coef=kk, V=20), chunk_size=16)
     check_delta(delta_inputs(24, T=45, decay=decay, u_scale=True, kk_coef=kk, V=20, N=3), chunk_size=16,

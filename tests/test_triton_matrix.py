@@ -527,17 +527,27 @@ def test_value_blocks_never_narrower_than_64_below_128_keys():
 
 
 @pytest.mark.parametrize("decay", ["none", "scalar"])
-def test_dw_transposed(decay, monkeypatch):
-    # OLSM_MATRIX_DQDW=transposed (opt-in): the dq/dw kernel forms dw transposed from dA alone;
-    # odd lengths, key and value dims that are not powers of two, packed sequences with an empty
-    # one and their own initial states (the per-key decay keeps the default path: FB.dw_transposed)
-    import olsm.kernels.matrix.fused_bwd as FB
-
-    monkeypatch.setenv("OLSM_MATRIX_DQDW", "transposed")
-    assert FB.dw_transposed(0) and FB.dw_transposed(1) and not FB.dw_transposed(2)
+def test_dq_dw_both_products(decay, monkeypatch):
+    # OLSM_MATRIX_DQDW=both (the way back; the default forms dw transposed from dA alone without
+    # a low-rank part, which every other test here runs): dA and dAᵀ by two products; odd
+    # lengths, key and value dims that are not powers of two, packed sequences with an empty one
+    monkeypatch.setenv("OLSM_MATRIX_DQDW", "both")
     check(make_inputs(31, T=75, H=2, K=20, V=12, decay=decay), chunk_size=32)
     cu = (0, 12, 12, 50)
     check(make_inputs(32, T=cu[-1], H=1, decay=decay, N=len(cu) - 1), cu_seqlens=cu, chunk_size=16)
+
+
+def test_dq_dw_switch(monkeypatch):
+    # auto: transposed without a low-rank part, both in the delta form; a per-key decay always both
+    import olsm.kernels.matrix.fused_bwd as FB
+
+    monkeypatch.delenv("OLSM_MATRIX_DQDW", raising=False)
+    assert FB.dw_transposed(0) and FB.dw_transposed(1) and not FB.dw_transposed(2)
+    assert not FB.dw_transposed(0, delta=True) and not FB.dw_transposed(1, delta=True)
+    monkeypatch.setenv("OLSM_MATRIX_DQDW", "transposed")
+    assert FB.dw_transposed(1, delta=True) and not FB.dw_transposed(2)
+    monkeypatch.setenv("OLSM_MATRIX_DQDW", "both")
+    assert not FB.dw_transposed(0) and not FB.dw_transposed(1, delta=True)
     monkeypatch.setenv("OLSM_MATRIX_DQDW", "transpose")
     with pytest.raises(BackendError, match="OLSM_MATRIX_DQDW='transpose'"):
         FB.dw_transposed(0)

@@ -126,10 +126,11 @@ def test_fp32_dots_rank0(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["linear_attention", "mamba2", "deltanet", "gated_deltanet", "longhorn"])
-def test_dw_transposed(name, monkeypatch):
-    # OLSM_MATRIX_DQDW=transposed (opt-in): the dq/dw kernel forms dw transposed from dA alone,
-    # bf16 and fp32, packed sequences in bf16
-    monkeypatch.setenv("OLSM_MATRIX_DQDW", "transposed")
+def test_dq_dw_switch(name, monkeypatch):
+    # OLSM_MATRIX_DQDW away from each member's default (auto: dw transposed from dA alone without
+    # a low-rank part, dA and dAᵀ by two products in the delta form): both for the rank-0
+    # members, transposed for the delta members; bf16 and fp32, packed sequences in bf16
+    monkeypatch.setenv("OLSM_MATRIX_DQDW", "both" if name in ("linear_attention", "mamba2") else "transposed")
     for dtype in (torch.bfloat16, torch.float32):
         run_case(name, dtype, B=2, T=300, H=4, K=128, V=128)
     run_case(name, torch.bfloat16, B=1, T=400, H=4, K=128, V=128, cu_seqlens=(0, 57, 300, 400))

@@ -373,7 +373,7 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
             q, k, u, d_o, gd, states, dstates, dq, dk, dlam, lay.tok_start, lay.tok_stop, scale, B * T,
             nu, dnu, t_wy, e_cc, cn, dbb, dkk if dkk is not None else dbb, dbb, H, K=K, V=V, C=C, DECAY=decay,
             BKS=shape.BKS, BV=shape.BV_dqdw, PRECISION=prec, DELTA=True, LOWP=lowp, KK_GRAD=dkk is not None,
-            DW_T=dw_transposed(decay), num_warps=shape.warps_chunk,
+            DW_T=dw_transposed(decay, delta=True), num_warps=shape.warps_chunk,
         )
     else:
         for t in (dq, dk, du, cbuf):

@@ -87,12 +87,19 @@ def launch_dstate(grid, args, **kw):
     return launch_staged(_dstate_bwd_kernel, grid, args, dstate_stages(kw["DECAY"], kw["LOWRANK"]), **kw)
 
 
-def dw_transposed(decay: int) -> bool:
-    """``OLSM_MATRIX_DQDW`` (read at each call): ``both`` (the default), :func:`_dqdw_bwd_kernel`
-    forms dA and dAᵀ by two products per value block; ``transposed``, dw transposed from dA alone
-    (its DW_T; a per-key decay keeps both, its kernel returning early). Opt-in until timed on a
-    GPU (on the H200, run 18, this kernel took 1.5× the time of FLA's ``chunk_bwd_kernel_dqkwg``)."""
-    return env_choice("OLSM_MATRIX_DQDW", ("both", "transposed")) == "transposed" and decay != 2
+def dw_transposed(decay: int, delta: bool = False) -> bool:
+    """``OLSM_MATRIX_DQDW`` (read at each call): whether :func:`_dqdw_bwd_kernel` forms dw
+    transposed from dA alone (its DW_T) instead of dA and dAᵀ by two products per value block.
+    ``auto`` (the default): transposed without a low-rank part, both in the delta form;
+    ``transposed`` / ``both``: everywhere. A per-key decay always keeps both (its kernel returns
+    early). On the H200 (run 18, bf16, fwd+bwd): transposed took linear attention from 0.972 to
+    0.906 ms at (8, 2048, 16, 128) in CUDA graphs and from 2.15 to 2.02 at (1, 32768), Mamba-2 from
+    1.216 to 1.131 and from 2.64 to 2.45; DeltaNet went 1.36 -> 1.39 and 3.51 -> 3.58 (its delta
+    terms spill 56 bytes there), so the delta form keeps both."""
+    choice = env_choice("OLSM_MATRIX_DQDW", ("auto", "both", "transposed"))
+    if decay == 2 or choice == "both":
+        return False
+    return choice == "transposed" or not delta
 
 
 @triton.jit
@@ -237,7 +244,7 @@ def _dqdw_bwd_kernel(
     fp16 inputs; fp32 accumulators) instead of fp32 copies. KK_GRAD (DELTA): dw also gets
     2 dkk_t w_t, dkk ``[B·T, H]`` fp32 the gradient of ‖k_t‖² through the implicit step's
     normaliser (:mod:`.delta`); that path lies outside the recurrence, so dlam does not see it.
-    DW_T (DECAY 0 or 1; ``OLSM_MATRIX_DQDW=transposed``, :func:`dw_transposed`): dw is formed transposed, ``[BKS, C]``,
+    DW_T (DECAY 0 or 1; :func:`dw_transposed`: the default without DELTA): dw is formed transposed, ``[BKS, C]``,
     from dA alone (dWᵀ = dS Uᵀ + scale · Qᵀ dA, the delta terms likewise) and stored through
     transposed addresses: one C×C product per value block instead of two, and neither dO nor U
     loaded twice (no ``tl.trans``: DESIGN §7).
