@@ -393,12 +393,11 @@ def _dqdw_transposed(
 
     col_k = (tok[None, :] * H + i_h) * K + offs_k[:, None]             # [BKS, C] addresses of [C, BKS]
     mask_col = mask_k[:, None] & valid[None, :]
-    Q = tl.load(q + row_k, mask=mask_row, other=0.).to(tl.float32)     # [C, BKS]
-    W = tl.load(w + row_k, mask=mask_row, other=0.).to(tl.float32)
-    # Qᵀ, Wᵀ [BKS, C] as stored (dot operands; widened where they meet fp32 sums): fewer live registers
-    Q_T = tl.load(q + col_k, mask=mask_col, other=0.)
-    W_T = tl.load(w + col_k, mask=mask_col, other=0.)
     incl = offs_c[:, None] >= offs_c[None, :]
+    if DELTA:   # first, so the dXᵀ accumulator ends before the epilogue's tiles
+        rows = nh * C * C + offs_c[:, None] * C + offs_c[None, :]
+        cols = nh * C * C + offs_c[None, :] * C + offs_c[:, None]              # transposed
+        dWc_T = tl.dot(dX_T, tl.load(t_wy + rows), input_precision=PRECISION)  # (−∂L/∂(c e^{G_{t−1}} k))ᵀ
     if DECAY == 1:
         g_c, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
         dA = dA * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
@@ -406,18 +405,20 @@ def _dqdw_transposed(
         dw_sT = dw_sT * tl.exp(g_total - G)[None, :]
     else:
         dA = tl.where(incl, dA, 0.)
+    W = tl.load(w + row_k, mask=mask_row, other=0.)
     dQ = scale * (dq_s + tl.dot(dA.to(od), W.to(od), input_precision=PRECISION))
     tl.store(dq + row_k, dQ.to(dq.dtype.element_ty), mask=mask_row)
-    lam = tl.sum(Q * dQ, axis=1)     # dQ and Q end here, before the delta terms' tiles
+    Q = tl.load(q + row_k, mask=mask_row, other=0.).to(tl.float32)
+    lam = tl.sum(Q * dQ, axis=1)     # dQ and Q end here, before the transposed tiles
+    # Qᵀ, Wᵀ [BKS, C] as stored (dot operands; widened where they meet fp32 sums)
+    Q_T = tl.load(q + col_k, mask=mask_col, other=0.)
     dW_T = dw_sT + scale * tl.dot(Q_T.to(od), dA.to(od), input_precision=PRECISION)
+    W_T = tl.load(w + col_k, mask=mask_col, other=0.)
     part = i_k.to(tl.int64) * BT * H + tok * H + i_h
     if DELTA:
-        rows = nh * C * C + offs_c[:, None] * C + offs_c[None, :]
-        cols = nh * C * C + offs_c[None, :] * C + offs_c[:, None]              # transposed
         cb = tl.load(c + tok * H + i_h, mask=valid, other=0.)                  # c e^{G_{t−1}}
         if DECAY == 1:
             cb = cb * tl.exp(G - g_c)
-        dWc_T = tl.dot(dX_T, tl.load(t_wy + rows), input_precision=PRECISION)  # (−∂L/∂(c e^{G_{t−1}} k))ᵀ
         dB_T = tl.dot(W_T.to(tl.float32), tl.load(e_cc + cols), input_precision=PRECISION) - cb[None, :] * dWc_T
         dW_T += dB_T + tl.dot(W_T.to(tl.float32), tl.load(e_cc + rows), input_precision=PRECISION)
         bb = tl.sum(W_T.to(tl.float32) * dB_T, axis=0)
