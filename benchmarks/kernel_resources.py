@@ -228,8 +228,9 @@ def elementwise_configs(K=16, V=1536, C=64):
             yield (f"elementwise fwd {name} [{t.BT},{cfg.BK},{t.BV}]{tag}", mod.fwd_kernel, fwd, types, t.num_warps,
                    lean)
             if lean:  # few programs per SM (choose_config's FEW_PROGRAMS_PER_SM): the doubled block, on
-                # the default path but let spill: longhorn_diag's spills 24 B on Triton 3.6 and still
-                # measured faster there (H200 run 18: 0.613 -> 0.539 ms at B = 2, T = 8192)
+                # the default path but let spill: longhorn_diag's spills (696 B of stack here on Triton
+                # 3.6, 344 B on 3.9; the H200 sweep's compiled handle said n_spills 24) and still
+                # measured faster (H200 run 18: 0.613 -> 0.539 ms at B = 2, T = 8192)
                 few = choose_config(2048, K, V, C, torch.device("cuda"), sequences_heads=1, sms=132).fwd
                 yield (f"elementwise fwd {name} [{few.BT},{cfg.BK},{few.BV}] few programs", mod.fwd_kernel,
                        dict(fwd, BT=few.BT, BV=few.BV), types, few.num_warps, FEW)
