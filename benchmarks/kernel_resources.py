@@ -96,6 +96,8 @@ def configs(K=128, V=128, C=64):
                dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DW_T=FB.dw_transposed(decay)), sh.warps_chunk, True)
         yield (f"bwd dq dw both products decay={decay}", FB._dqdw_bwd_kernel,
                dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DW_T=False), sh.warps_chunk, False)
+        yield (f"bwd dq dw whole key row decay={decay}", FB._dqdw_bwd_kernel,     # OLSM_MATRIX_DQDW_KEYS=whole
+               dict(d, BKS=sh.BK, BV=sh.BV_dqdw, DW_T=True), 8, False)
         yield (f"bwd du decay={decay}", FB._du_bwd_kernel, dict(d, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, True)
         yield (f"bwd rank-1 cc decay={decay}", FB._lowrank_cc_kernel, dict(d, BK=sh.BK, BV=sh.BV_rank1),
                sh.warps_rank1, True)

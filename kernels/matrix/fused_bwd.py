@@ -102,6 +102,18 @@ def dw_transposed(decay: int, delta: bool = False) -> bool:
     return choice == "transposed" or not delta
 
 
+def dqdw_key_slice(shape, decay: int) -> tuple:
+    """``(BKS, num_warps)`` of the rank-0 dq/dw launch. ``OLSM_MATRIX_DQDW_KEYS`` (read at each call):
+    ``slices`` (the default), key slices of ``shape.BKS`` (64) on ``shape.warps_chunk`` warps, each
+    recomputing the chunk's dA; ``whole`` (opt-in, untimed), the whole key row on 8 warps when the
+    transposed dw is on (:func:`dw_transposed`): dA once per chunk, and dO, U loaded once (sm_90,
+    Triton 3.6, K = 128: 164 registers, 72 KB shared, no spills; run 18)."""
+    if env_choice("OLSM_MATRIX_DQDW_KEYS", ("slices", "whole")) == "whole" and dw_transposed(decay) \
+            and shape.BK > shape.BKS:
+        return shape.BK, 8
+    return shape.BKS, shape.warps_chunk
+
+
 @triton.jit
 def _dstate_bwd_kernel(
     q, a, do, g, x_wy, d_final, dstates, dprobes, dh0, tok_start, tok_stop, chunk_offsets, scale, amat,
@@ -827,16 +839,17 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             dq.zero_(), dw.zero_(), du.zero_(), da.zero_(), db.zero_(), d32.zero_()
     else:
         pk = decay == 2
-        dlam = dbb = dummy if pk else torch.empty(NK, B * T, H, **f32)   # per key: λ goes to dq32
+        BKS_q, warps_q = dqdw_key_slice(shape, decay)
+        dlam = dbb = dummy if pk else torch.empty(cdiv(K, BKS_q), B * T, H, **f32)   # per key: λ goes to dq32
         # per key (.perkey): the dq/dw kernel leaves fp32 inter-chunk parts and dA, the intra
         # kernel finishes dq, dw and leaves the decay terms λ in dq32; du reads the forward's A
         dq32, dw32 = (torch.empty(B * T, H, K, **f32) for _ in range(2)) if pk else (dq, dw)
         dA = torch.empty(NC, H, C, C, **f32) if pk else dummy
         if NC > 0:
-            _dqdw_bwd_kernel[(NK, NC * H)](
+            _dqdw_bwd_kernel[(cdiv(K, BKS_q), NC * H)](
                 q, w, u, d_o, g if g is not None else dummy, states, dstates, dq32, dw32, dlam,
                 lay.tok_start, lay.tok_stop, scale, B * T, *(dummy,) * 7, dA, H, K=K, V=V, C=C, DECAY=decay,
-                BKS=BKS, BV=shape.BV_dqdw, PRECISION=prec, DW_T=dw_transposed(decay), num_warps=shape.warps_chunk,
+                BKS=BKS_q, BV=shape.BV_dqdw, PRECISION=prec, DW_T=dw_transposed(decay), num_warps=warps_q,
             )
             if pk and amat is None:
                 amat = perkey.intra_gram(q, w, g, lay.tok_start, lay.tok_stop, H, K, C, prec, shape.warps_pair)
