@@ -56,7 +56,7 @@ def _kernels_for(rec, prefetch, lean):
 def lean_template() -> bool:
     """``OLSM_ELEMENTWISE_LEAN`` (read at each call): ``1`` or unset, the lean template of
     :func:`~.codegen.generate_source` (the default since run 18: fewer instructions per block, and
-    on the H200 0.83–0.97× the classic template's fwd+bwd time at the paper's shapes); ``0``, the
+    on the H200 0.84–0.97× the classic template's fwd+bwd time at the paper's shapes); ``0``, the
     classic template (the way back, and the A/B baseline)."""
     value = os.environ.get("OLSM_ELEMENTWISE_LEAN", "1")
     if value not in ("0", "1", ""):
