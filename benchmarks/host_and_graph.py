@@ -16,7 +16,9 @@ next. For each planned call this prints, side by side:
 
     python -u benchmarks/host_and_graph.py linear_attention:bwd:8,2048,16,128 longhorn:bwd:8,2048,16,128 [--fla]
 
-(items ``method:fwd|bwd[:B,T,H,D]``, shape (8, 2048, 16, 128) unless given; ``--fla`` adds FLA's
+(items ``method:fwd|bwd[:B,T,H,D]``, shape (8, 2048, 16, 128) unless given; ``--variants=a,b``
+times our call on each of ``bench_matrix``'s variants (e.g. ``new,dwwhole``: A/B in CUDA graphs,
+where eager rows are host-bound); ``--fla`` adds FLA's
 kernel for the same recurrence, where it has one; ``--profile`` adds, per call, the GPU time of
 each kernel (``torch.profiler``) and the host's costliest Python functions (``cProfile`` over
 the tiny calls); ``--autotune-cache=PATH`` seeds FLA's autotuning from
@@ -26,6 +28,8 @@ is not a launch cost), to check the calls.
 """
 from __future__ import annotations
 
+import functools
+import os
 import statistics
 import sys
 import time
@@ -163,7 +167,19 @@ def main(argv):
         import autotune_cache
 
         autotune_cache.enable(seed[0])
+    variants = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("--variants=")), ["new"])
+    for v in variants:
+        BM.variant_name(v)
     plan = parse([a for a in argv if not a.startswith("--")]) or parse(["linear_attention:bwd", "longhorn:bwd"])
+    saved = dict(os.environ)
+    try:
+        _run(plan, variants, fla_too, "--profile" in argv)
+    finally:    # the variants' switches are process-wide: leave the environment as found
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _run(plan, variants, fla_too, profile_too):
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     km = BM.import_kernels()
@@ -172,15 +188,19 @@ def main(argv):
         import triton
         print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     for method, backward, shape in plan:
-        impls = [("ours", lambda z, m=method: BM.ours(m, z, km))]
+        # (name, variant, call): ours per variant (its call made once the variant is set), then FLA's
+        impls = [("ours" if v == "new" else f"ours@{v}", v, None) for v in variants]
         if fla is not None and method in BM.FLA_NAME:
-            impls.append(("fla." + BM.FLA_NAME[method], lambda z, m=method: BM.theirs(m, z, fla)))
+            impls.append(("fla." + BM.FLA_NAME[method], "new", lambda z, m=method: BM.theirs(m, z, fla)))
         B, T, H, D = shape if cuda else (1, 70, 2, 16)
         dtype = torch.bfloat16 if cuda else torch.float32
         big = BM.make_inputs(B, T, H, D, dtype=dtype, device=dev)
         tiny = BM.make_inputs(1, 64, H, D, dtype=dtype, device=dev)
-        for name, fn in impls:
+        for name, variant, fn in impls:
             label = f"{method} {'fwd+bwd' if backward else 'fwd'} {name}"
+            delta = BM.set_variant(variant)     # its switches, read by our calls while they run
+            if fn is None:
+                fn = functools.partial(lambda z, m, d: BM.ours(m, z, km, d), m=method, d=delta)
             try:
                 tiny_step = step_fn(fn, tiny, backward)
                 host = host_ms(tiny_step, calls=50 if cuda else 2)
@@ -193,7 +213,7 @@ def main(argv):
                     graph = graph_ms(step)
                     print(f"{label:44s} {shape} eager {eager:.3f} ms | graph {graph:.3f} ms | "
                           f"host {host:.3f} ms/call | {launches} launches", flush=True)
-                    if "--profile" in argv:
+                    if profile_too:
                         profile(step, tiny_step)
                 else:
                     print(f"{label:44s} (interpreter) host {host:.1f} ms/call | {launches} launches", flush=True)

@@ -95,9 +95,12 @@ def test_host_and_graph_calls_run(capsys):
     from triton.runtime import interpreter, jit
 
     runs = (jit.JITFunction.run, interpreter.InterpretedFunction.run)
-    HG.main(["linear_attention:bwd", "deltanet:fwd:1,64,2,16"])
+    env = dict(os.environ)
+    HG.main(["linear_attention:bwd", "deltanet:fwd:1,64,2,16", "--variants=new,dwboth"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and all("failed" not in line for line in lines), lines
+    assert len(lines) == 4 and all("failed" not in line for line in lines), lines
+    assert sum("ours@dwboth" in line for line in lines) == 2, lines
+    assert dict(os.environ) == env   # the variants' switches are undone
     assert all(int(line.split("|")[-1].split()[0]) > 0 for line in lines), lines
     assert (jit.JITFunction.run, interpreter.InterpretedFunction.run) == runs
     with pytest.raises(SystemExit):
