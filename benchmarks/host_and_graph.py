@@ -28,7 +28,6 @@ is not a launch cost), to check the calls.
 """
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 import sys
@@ -200,7 +199,7 @@ def _run(plan, variants, fla_too, profile_too):
             label = f"{method} {'fwd+bwd' if backward else 'fwd'} {name}"
             delta = BM.set_variant(variant)     # its switches, read by our calls while they run
             if fn is None:
-                fn = functools.partial(lambda z, m, d: BM.ours(m, z, km, d), m=method, d=delta)
+                fn = lambda z, m=method, d=delta: BM.ours(m, z, km, d)  # noqa: E731
             try:
                 tiny_step = step_fn(fn, tiny, backward)
                 host = host_ms(tiny_step, calls=50 if cuda else 2)

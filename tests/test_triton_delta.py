@@ -243,7 +243,7 @@ def test_auto_splits_only_the_forward_without_decay_at_few_programs(monkeypatch)
     check_delta(delta_inputs(35, T=150, H=1, decay=True), chunk_size=16)
     assert ran == [], ran
     split = importlib.import_module("olsm.kernels.matrix.split")
-    monkeypatch.setattr(split, "_sm_count", lambda device: 1)       # 1 program: more than half of 1 SM
+    monkeypatch.setattr(split, "sm_count", lambda device: 1)       # 1 program: more than half of 1 SM
     check_delta(delta_inputs(36, T=150, H=1), chunk_size=16)
     assert ran == [], ran
 

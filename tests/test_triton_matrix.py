@@ -480,7 +480,7 @@ def test_state_pass_auto_splits_only_few_programs_of_rank_0_without_decay(monkey
     check(make_inputs(50, B=1, T=150, H=1, decay="none", lowrank="delta"), chunk_size=16)
     assert ran == [], ran
     split = importlib.import_module("olsm.kernels.matrix.split")
-    monkeypatch.setattr(split, "_sm_count", lambda device: 3)      # 2 sequences x 2 heads: 4 programs
+    monkeypatch.setattr(split, "sm_count", lambda device: 3)      # 2 sequences x 2 heads: 4 programs
     check(make_inputs(47, B=2, T=150, H=2, decay="none"), chunk_size=16)
     assert ran == [], ran
 
@@ -546,9 +546,9 @@ def test_dq_dw_whole_key_row(decay, monkeypatch):
     import olsm.kernels.matrix.fused_bwd as FB
 
     monkeypatch.setenv("OLSM_MATRIX_DQDW_KEYS", "whole")
-    assert FB.dqdw_key_slice(F.launch_shape(80, 20, 32), 1) == (128, 8)
-    assert FB.dqdw_key_slice(F.launch_shape(80, 20, 32), 2)[0] == 64       # per key: never
-    assert FB.dqdw_key_slice(F.launch_shape(48, 20, 32), 1)[0] == 64       # one slice already
+    assert FB.dqdw_key_slice(F.launch_shape(80, 20, 32), FB.dw_transposed(1)) == (128, 8)
+    assert FB.dqdw_key_slice(F.launch_shape(80, 20, 32), FB.dw_transposed(2))[0] == 64   # per key: never
+    assert FB.dqdw_key_slice(F.launch_shape(48, 20, 32), FB.dw_transposed(1))[0] == 64   # one slice already
     check(make_inputs(33, T=75, H=2, K=80, V=20, decay=decay), chunk_size=32)
     cu = (0, 12, 12, 50)
     check(make_inputs(34, T=cu[-1], H=1, K=80, V=20, decay=decay, N=len(cu) - 1), cu_seqlens=cu, chunk_size=16)

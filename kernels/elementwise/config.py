@@ -33,16 +33,15 @@ unless set).
 """
 from __future__ import annotations
 
-import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from olsm.errors import BackendError, InputError
 
-from ..ints import cdiv, next_pow2
+from ..ints import cdiv, next_pow2, sm_count
 
 #: register-tile elements per program: forward, backward (BT · BK · BV)
 TILE_ELEMS = (2048, 512)
@@ -176,12 +175,6 @@ def _tile(T: int, BK: int, V: int, elems: int, per_thread: int, max_bv: int,
     return Tile(BT=BT, BV=BV, num_warps=_pow2(warps, "num_warps"), maxnreg=maxnreg)
 
 
-@functools.lru_cache(maxsize=None)
-def sm_count(index: int) -> int:
-    """Streaming multiprocessors of CUDA device ``index``."""
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def default_slab() -> str:
     """``$OLSM_ELEMENTWISE_SLAB`` if set, else :data:`DEFAULT_SLAB`."""
     return os.environ.get("OLSM_ELEMENTWISE_SLAB", "") or DEFAULT_SLAB
@@ -241,9 +234,9 @@ def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
     else:
         fwd = _tile(T, BK, V, TILE_ELEMS[0], ELEMS_PER_THREAD[0], MAX_BV[0], bt[0], bv[0], nw[0], mr[0])
         if bt[0] is None and sequences_heads is not None and fwd.BT < min(MAX_BT, next_pow2(max(T, 1))):
-            sms = sm_count(device.index if device.index is not None else torch.cuda.current_device()) if sms is None else sms
+            sms = sm_count(device) if sms is None else sms
             if sequences_heads * cdiv(V, fwd.BV) < FEW_PROGRAMS_PER_SM * sms:
-                fwd = _tile(T, BK, V, 0, 0, 0, fwd.BT * 2, fwd.BV, nw[0] or fwd.num_warps, mr[0])
+                fwd = replace(fwd, BT=fwd.BT * 2)
         bwd = _tile(T, BK, V, TILE_ELEMS[1], ELEMS_PER_THREAD[1], MAX_BV[1], bt[1], bv[1], nw[1], mr[1])
     step = max(fwd.BT, bwd.BT)
     C = -(-int(chunk_size) // step) * step

@@ -44,7 +44,7 @@ from olsm.errors import BackendError
 
 from . import perkey, perkey_pair
 from .perkey_pair import BA, BW, QA, QW
-from ..ints import cdiv, next_pow2
+from ..ints import cdiv, next_pow2, sm_count
 from .tiles import (
     chunk_decay, chunk_key_tiles, chunk_tokens, gamma_at, segment_start, store_segment_end, walk_bounds,
     walk_program, walk_tokens,
@@ -561,14 +561,6 @@ def launch_shape(K: int, V: int, C: int, fp32: bool = False) -> LaunchShape:
                        warps_rank1=w4 if small else 8, warps_pair=4 if small else 8)
 
 
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device``; 132 (an H100) where there is no GPU, so the CPU
-    interpreter takes the same launch decisions the tests are meant to cover."""
-    if device.type != "cuda":
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank: bool, device):
     """``(grid, BK, BV)`` of the sequential passes (forward state, reverse dS): one program per
     sequence × head × value block × key block, each walking its sequence's chunks in order.
@@ -582,7 +574,7 @@ def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank:
     32 only with BK >= 128: :func:`launch_shape`).
     """
     BK, BV = shape.BK, shape.BV
-    sms = _sm_count(device)
+    sms = sm_count(device)
     if not lowrank:
         while BK > 32 and N * H * cdiv(V, BV) * cdiv(K, BK) < 2 * sms:
             BK //= 2

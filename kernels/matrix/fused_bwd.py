@@ -102,14 +102,14 @@ def dw_transposed(decay: int, delta: bool = False) -> bool:
     return choice == "transposed" or not delta
 
 
-def dqdw_key_slice(shape, decay: int) -> tuple:
-    """``(BKS, num_warps)`` of the rank-0 dq/dw launch. ``OLSM_MATRIX_DQDW_KEYS`` (read at each call):
-    ``slices`` (the default), key slices of ``shape.BKS`` (64) on ``shape.warps_chunk`` warps, each
-    recomputing the chunk's dA; ``whole`` (opt-in, untimed), the whole key row on 8 warps when the
-    transposed dw is on (:func:`dw_transposed`): dA once per chunk, and dO, U loaded once (sm_90,
-    Triton 3.6, K = 128: 164 registers, 72 KB shared, no spills; run 18)."""
-    if env_choice("OLSM_MATRIX_DQDW_KEYS", ("slices", "whole")) == "whole" and dw_transposed(decay) \
-            and shape.BK > shape.BKS:
+def dqdw_key_slice(shape, transposed: bool) -> tuple:
+    """``(BKS, num_warps)`` of the rank-0 dq/dw launch, ``transposed`` its :func:`dw_transposed`.
+    ``OLSM_MATRIX_DQDW_KEYS`` (read at each call): ``slices`` (the default), key slices of
+    ``shape.BKS`` (64) on ``shape.warps_chunk`` warps, each recomputing the chunk's dA; ``whole``
+    (opt-in, untimed), the whole key row on 8 warps when the transposed dw is on: dA once per
+    chunk, and dO, U loaded once (sm_90, Triton 3.6, K = 128: 164 registers, 72 KB shared, no
+    spills; run 18)."""
+    if env_choice("OLSM_MATRIX_DQDW_KEYS", ("slices", "whole")) == "whole" and transposed and shape.BK > shape.BKS:
         return shape.BK, 8
     return shape.BKS, shape.warps_chunk
 
@@ -264,12 +264,12 @@ def _dqdw_bwd_kernel(
     nh, i_h, offs_c, valid, tok, i_k, offs_k, mask_k, row_k, mask_row = kslice_program(tok_start, tok_stop, H, K,
                                                                                        C, BKS)
 
-    od = q.dtype.element_ty if LOWP else tl.float32   # dot operands: fp32 copies, or as stored (LOWP)
     if DW_T:
         _dqdw_transposed(q, w, u, do, g, states, dstates, dq, dw, dlam, tok_start, tok_stop, scale, BT,
                          probes, dprobes, t_wy, e_cc, c, dbb, dkk, nh, i_h, offs_c, valid, tok, i_k, offs_k,
                          mask_k, row_k, mask_row, H, K, V, C, DECAY, BKS, BV, PRECISION, DELTA, LOWP, KK_GRAD)
         return
+    od = q.dtype.element_ty if LOWP else tl.float32   # dot operands: fp32 copies, or as stored (LOWP)
     dA = tl.zeros([C, C], dtype=tl.float32)       # [t, s]: scale · dO_t · u_s (masked below)
     dA_T = tl.zeros([C, C], dtype=tl.float32)     # [s, t]
     dq_s = tl.zeros([C, BKS], dtype=tl.float32)   # dO S_nᵀ
@@ -839,17 +839,19 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             dq.zero_(), dw.zero_(), du.zero_(), da.zero_(), db.zero_(), d32.zero_()
     else:
         pk = decay == 2
-        BKS_q, warps_q = dqdw_key_slice(shape, decay)
-        dlam = dbb = dummy if pk else torch.empty(cdiv(K, BKS_q), B * T, H, **f32)   # per key: λ goes to dq32
+        dw_t = dw_transposed(decay)
+        BKS_q, warps_q = dqdw_key_slice(shape, dw_t)
+        NK_q = cdiv(K, BKS_q)
+        dlam = dbb = dummy if pk else torch.empty(NK_q, B * T, H, **f32)   # per key: λ goes to dq32
         # per key (.perkey): the dq/dw kernel leaves fp32 inter-chunk parts and dA, the intra
         # kernel finishes dq, dw and leaves the decay terms λ in dq32; du reads the forward's A
         dq32, dw32 = (torch.empty(B * T, H, K, **f32) for _ in range(2)) if pk else (dq, dw)
         dA = torch.empty(NC, H, C, C, **f32) if pk else dummy
         if NC > 0:
-            _dqdw_bwd_kernel[(cdiv(K, BKS_q), NC * H)](
+            _dqdw_bwd_kernel[(NK_q, NC * H)](
                 q, w, u, d_o, g if g is not None else dummy, states, dstates, dq32, dw32, dlam,
                 lay.tok_start, lay.tok_stop, scale, B * T, *(dummy,) * 7, dA, H, K=K, V=V, C=C, DECAY=decay,
-                BKS=BKS_q, BV=shape.BV_dqdw, PRECISION=prec, DW_T=dw_transposed(decay), num_warps=warps_q,
+                BKS=BKS_q, BV=shape.BV_dqdw, PRECISION=prec, DW_T=dw_t, num_warps=warps_q,
             )
             if pk and amat is None:
                 amat = perkey.intra_gram(q, w, g, lay.tok_start, lay.tok_stop, H, K, C, prec, shape.warps_pair)

@@ -44,9 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ints import cdiv
+from ..ints import cdiv, sm_count
 
-from .fused import _sm_count, env_choice
+from .fused import env_choice
 
 
 @triton.jit
@@ -100,7 +100,7 @@ def segment_length(programs: int, max_chunks: int, device) -> int:
     if max_chunks <= 4:
         return max(max_chunks, 1)
     per_sm = int(env_choice("OLSM_MATRIX_SPLIT_PER_SM", ("4", "1", "2", "8")))
-    nseg = max(1, min(max_chunks // 4, -(-per_sm * _sm_count(device) // max(programs, 1))))
+    nseg = max(1, min(max_chunks // 4, -(-per_sm * sm_count(device) // max(programs, 1))))
     return -(-max_chunks // nseg)
 
 
@@ -151,8 +151,8 @@ def walk_sequences(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV
         # decay were slower or within noise (run 13, benchmarks/README.md): the transition's
         # columns and the second walk re-read X and W.
         programs = grid[0] * grid[1] * grid[2]
-        rank0 = decay == 0 and not lowrank and programs <= _sm_count(device)
-        delta_fwd = delta and not reverse and decay == 0 and 2 * programs <= _sm_count(device)
+        rank0 = decay == 0 and not lowrank and programs <= sm_count(device)
+        delta_fwd = delta and not reverse and decay == 0 and 2 * programs <= sm_count(device)
         mode = "split" if rank0 or delta_fwd else "walk"
     if mode == "split":
         if split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV, decay,
