@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import statistics
 import sys
 import time
@@ -231,6 +232,17 @@ def slab_variants(spec: str):
     return out
 
 
+def parse_split(item: str):
+    """``--seq-splits`` item -> ``seq_split``: ``4`` both kernels, ``f4`` / ``b4`` one of them,
+    ``f2b4`` each its own."""
+    m = re.fullmatch(r"(\d+)|(?:f(\d+))?(?:b(\d+))?", item)
+    if not m or not item:
+        raise SystemExit(f"--seq-splits item {item!r} is not S, fS, bS or fAbB")
+    if m.group(1):
+        return int(m.group(1))
+    return tuple(int(g) if g else None for g in m.group(2, 3))
+
+
 def checkpoint_note(T: int, E: int, slab, segments) -> str:
     """The checkpoint interval and the memory of checkpoints and slab at one shape."""
     from olsm.kernels.elementwise.config import choose_config
@@ -299,8 +311,9 @@ def main():
                     help="comma-separated backward slabs to also time: global, registers, registers:S "
                          "(S segments per checkpoint interval)")
     ap.add_argument("--seq-splits", default="",
-                    help="comma-separated segment counts of the forward's split along the sequence "
-                         "also timed (olsm-triton-splitS; 1: no split; the plain row is the default)")
+                    help="comma-separated splits along the sequence also timed: S (both kernels in S "
+                         "segments), fS (the forward only), bS (the backward only), fAbB (A and B); rows "
+                         "olsm-triton-split<item>; the plain row is the default")
     ap.add_argument("--recurrences", default="longhorn_diag,mamba1", help="comma-separated subset to time")
     ap.add_argument("--classic", action="store_true",
                     help="also time the classic kernel template (olsm-triton-classic; OLSM_ELEMENTWISE_LEAN=0)")
@@ -398,9 +411,10 @@ def main():
         if args.classic:
             measure(dict(base, impl="olsm-triton-classic", note="classic template (OLSM_ELEMENTWISE_LEAN=0)"),
                     *olsm_triton(recs[name], q, k, v, coefs, D, lean=False))
-        for S in filter(None, args.seq_splits.split(",")):
-            measure(dict(base, impl=f"olsm-triton-split{int(S)}", note=f"seq_split={int(S)}"),
-                    *olsm_triton(recs[name], q, k, v, coefs, D, seq_split=int(S)))
+        for item in filter(None, args.seq_splits.split(",")):
+            split = parse_split(item)
+            measure(dict(base, impl=f"olsm-triton-split{item}", note=f"seq_split={split}"),
+                    *olsm_triton(recs[name], q, k, v, coefs, D, seq_split=split))
         tiles = swept_tiles(args.tiles, B, T)
         if tiles is not None:
             measure(dict(base, impl="olsm-triton-swept",

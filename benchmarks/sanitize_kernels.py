@@ -20,7 +20,7 @@ cases and the one-head rank-0 ones use T = 1300: the segments need long sequence
 programs; without a decay the default splits them). Four heads at B = 2 give few programs, so the
 sequential passes take their narrowest blocks (``sequence_launch``); twenty keep the wide ones. Path ``elem:<objective>`` runs
 the catalogue's elementwise member through ``Recurrence`` (backend triton) with K = d_state and
-V = E channels (heads and switches unused).
+V = E channels (heads unused; ``OLSM_ELEMENTWISE_BWD_SPLIT=2`` splits the backward's two chunks).
 """
 from __future__ import annotations
 
@@ -56,6 +56,8 @@ CASES = [
     ("dplr-strong", 128, 128, "bf16", 1, 4, ""), ("dplr-strong128", 100, 72, "bf16", 1, 4, ""),
     ("elem:mamba1", 16, 384, "bf16", 0, 1, ""), ("elem:longhorn_diag", 16, 384, "bf16", 0, 1, ""),
     ("elem:mamba1", 16, 384, "fp32", 0, 1, ""), ("elem:longhorn_diag", 8, 100, "bf16", 0, 1, ""),
+    ("elem:mamba1", 16, 384, "bf16", 0, 1, "OLSM_ELEMENTWISE_BWD_SPLIT=2"),
+    ("elem:longhorn_diag", 8, 100, "bf16", 0, 1, "OLSM_ELEMENTWISE_BWD_SPLIT=2"),
 ]
 DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
 

@@ -16,8 +16,10 @@ from olsm.kernels.elementwise.config import (
     REG_SLOTS,
     TILE_ELEMS,
     Tile,
+    auto_backward_split,
     choose_config,
 )
+from olsm.kernels.elementwise.scan import backward_segments, default_backward_split
 
 CUDA = torch.device("cuda")  # constructing the device needs no GPU
 
@@ -27,6 +29,7 @@ def compiled_path(monkeypatch):
     # the GPU heuristic, not the interpreter's small tiles; the library's default slab
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("OLSM_ELEMENTWISE_SLAB", raising=False)
+    monkeypatch.delenv("OLSM_ELEMENTWISE_BWD_SPLIT", raising=False)
 
 
 def test_measured_defaults_at_the_paper_shape():
@@ -129,3 +132,43 @@ def test_slab_errors():
         choose_config(2048, 16, 1536, 64, CUDA, slab="global", slab_segments=4)
     with pytest.raises(BackendError, match="power of two"):
         choose_config(2048, 16, 1536, 64, CUDA, slab="registers", slab_slots=3)
+
+
+def test_backward_split_where_the_h200_measured_it():
+    """Run 19 (H200, 132 SMs): four segments won at B = 2, T = 8192, d_model 768 (768 backward
+    programs), lost at d_model 1024 (1024 programs, one full wave) and at B = 8, T = 2048."""
+    cfg = choose_config(8192, 16, 1536, 64, CUDA)
+    assert default_backward_split(cfg, 2, 8192, 1536, CUDA, packed=False, sms=132) == 4
+    assert default_backward_split(cfg, 2, 8192, 2048, CUDA, packed=False, sms=132) == 1
+    assert default_backward_split(choose_config(2048, 16, 1536, 64, CUDA), 8, 2048, 1536, CUDA, packed=False, sms=132) == 1
+    # packed sequences are never split by default
+    assert default_backward_split(cfg, 2, 8192, 1536, CUDA, packed=True, sms=132) == 1
+    # segments come in whole checkpoint intervals: four of 2048 tokens here
+    assert backward_segments(cfg, 8192, 4) == 2048
+
+
+def test_backward_split_model():
+    """Waves of BWD_PROGRAMS_PER_SM programs per SM: the smallest S of the best modelled time,
+    taken at SPLIT_GAIN or better, segments at least MIN_SPLIT_TOKENS long."""
+    assert auto_backward_split(768, 8192, 132) == 4       # 1 wave -> 3 waves of walks 4x shorter
+    assert auto_backward_split(384, 8192, 132) == 8
+    assert auto_backward_split(384, 2048, 132) == 2       # only 2 segments of 1024 tokens
+    assert auto_backward_split(384, 2047, 132) == 1
+    assert auto_backward_split(1056, 8192, 132) == 1      # a full wave: nothing to gain
+    # a second wave of 44 programs walking whole sequences: 2 walks -> 9 waves of 1/8 walks
+    assert auto_backward_split(1100, 8192, 132) == 8
+    assert auto_backward_split(1, 1 << 20, 132) == 8      # capped at MAX_AUTO_SPLIT
+
+
+def test_backward_split_environment(monkeypatch):
+    cfg = choose_config(8192, 16, 1536, 64, CUDA)
+    monkeypatch.setenv("OLSM_ELEMENTWISE_BWD_SPLIT", "1")
+    assert default_backward_split(cfg, 2, 8192, 1536, CUDA, packed=False, sms=132) == 1
+    monkeypatch.setenv("OLSM_ELEMENTWISE_BWD_SPLIT", "3")
+    assert default_backward_split(cfg, 2, 8192, 1536, CUDA, packed=True, sms=132) == 3
+    monkeypatch.setenv("OLSM_ELEMENTWISE_BWD_SPLIT", "auto")
+    assert default_backward_split(cfg, 2, 8192, 1536, CUDA, packed=False, sms=132) == 4
+    for bad in ("0", "two", "-2"):
+        monkeypatch.setenv("OLSM_ELEMENTWISE_BWD_SPLIT", bad)
+        with pytest.raises(BackendError, match="OLSM_ELEMENTWISE_BWD_SPLIT"):
+            default_backward_split(cfg, 2, 8192, 1536, CUDA, packed=False, sms=132)

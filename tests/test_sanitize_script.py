@@ -23,7 +23,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
                                   ("dplr", 16, 16, "fp32", 1, 1, ""), ("dplr128", 16, 16, "fp32", 1, 1, ""),
                                   ("dplr-strong", 16, 16, "fp32", 1, 1, ""),
                                   ("elem:mamba1", 4, 24, "fp32", 0, 1, ""),
-                                  ("elem:longhorn_diag", 4, 24, "fp32", 0, 1, "")])
+                                  ("elem:longhorn_diag", 4, 24, "fp32", 0, 1, ""),
+                                  ("elem:mamba1", 4, 24, "fp32", 0, 1, "OLSM_ELEMENTWISE_BWD_SPLIT=2")])
 def test_case_bodies_run(case, monkeypatch):
     path, K, V, dtype, decay, H, switches = case
     for kv in filter(None, switches.split(",")):
@@ -33,10 +34,10 @@ def test_case_bodies_run(case, monkeypatch):
 
 def test_cases_are_well_formed():
     # every case names a path the runner knows, seven fields the child process parses, and
-    # NAME=value switches of the matrix kernels
+    # NAME=value switches of its kernel family
     for case in SK.CASES:
         assert len(case) == 7 and (case[0] in ("delta", "longhorn", "pair", "rank0", "dplr", "dplr128", "dplr-strong", "dplr-strong128") or case[0].startswith("elem:"))
         assert case[3] in SK.DTYPES
         for kv in filter(None, case[-1].split(",")):
             name, value = kv.split("=")
-            assert name.startswith("OLSM_MATRIX_") and value, case
+            assert name.startswith("OLSM_MATRIX_" if not case[0].startswith("elem:") else "OLSM_ELEMENTWISE_") and value, case

@@ -55,6 +55,7 @@ TOL32 = 1e-4
 CLASSIC_ON_CPU = {"test_longhorn_diag_odd_T_initial_state_D", "test_mamba1_param_A_and_value_tiles",
                   "test_user_objective_every_input_kind", "test_register_slab_varlen",
                   "test_register_slab_segments_varlen_user_objective", "test_sequence_split_varlen_user_objective",
+                  "test_backward_split_varlen_mamba1_value_tiles",
                   "test_deep_prefetch_short_chunks_and_sequences", "test_decode_step_equals_full_forward",
                   "test_forward_only_no_checkpoints_and_no_final_state", "test_lean_template_is_the_one_compiled",
                   "test_few_programs_block_only_on_the_lean_template"}
@@ -345,6 +346,66 @@ def test_sequence_split_is_refused_below_one():
     q, k, v, coefs = make_inputs("longhorn_diag", 1, 8, 1, 4, 4)
     with pytest.raises(InputError, match="seq_split"):
         elementwise_scan(rec, q, k, v, coefs, seq_split=0)
+    with pytest.raises(InputError, match="seq_split"):
+        elementwise_scan(rec, q, k, v, coefs, seq_split=(None, 0))
+    with pytest.raises(InputError, match="pair"):
+        elementwise_scan(rec, q, k, v, coefs, seq_split=(1, 2, 3))
+
+
+# the backward split along the sequence (seq_split=(forward, backward)): every segment but the
+# first walked for its (gate product, gradient from zero) pair, then every segment's backward
+# from the gradient reaching its end, carried through the later segments' pairs
+
+
+class _GridLog:
+    """Stands in for a kernel: records the grids it is launched on, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+def test_backward_split_global_slab_user_objective(monkeypatch):
+    """Three backward segments of 16 tokens over T = 45 (the last partial), the forward whole:
+    the global slab (its scratch per segment: C = 8 over blocks of 4), h0, dht, D and every
+    parameter kind (partial sums per segment); the carry pass runs on segments 1 and 2."""
+    rec = get_rec("user")
+    _, mod = compile_recurrence(rec)
+    log = _GridLog(mod.bwd_carry_kernel)
+    monkeypatch.setattr(mod, "bwd_carry_kernel", log)
+    check(*run_both("user", 2, 45, 1, 4, 3, h0=True, D=True, seed=31, chunk_size=8, block_t=(4, 4),
+                    slab="global", seq_split=(None, 3)))
+    assert log.grids == [(2, 1, 2)]  # (sequences · heads, value slices, segments 1..2)
+
+
+def test_backward_split_by_default_setting(monkeypatch):
+    """A call that names no split takes ``OLSM_ELEMENTWISE_BWD_SPLIT`` (the automatic rule is
+    pinned in test_elementwise_config.py); a call without gradients runs no carry pass."""
+    rec = get_rec("mamba1")
+    _, mod = compile_recurrence(rec)
+    log = _GridLog(mod.bwd_carry_kernel)
+    monkeypatch.setattr(mod, "bwd_carry_kernel", log)
+    monkeypatch.setenv("OLSM_ELEMENTWISE_BWD_SPLIT", "2")
+    check(*run_both("mamba1", 1, 20, 1, 4, 4, h0=True, D=True, seed=34, slab="registers", slab_slots=2))
+    assert log.grids == [(1, 1, 1)]
+    q, k, v, coefs = make_inputs("mamba1", 1, 20, 1, 4, 4)
+    with torch.no_grad():
+        elementwise_scan(rec, q, k, v, coefs, slab="registers", slab_slots=2)
+    assert len(log.grids) == 1
+
+
+def test_backward_split_varlen_mamba1_value_tiles():
+    """Packed sequences (one empty, one shorter than a segment) and two value slices, split in
+    the backward only and in both kernels differently: segments past a sequence's end carry
+    nothing and sum nothing."""
+    cu = [0, 5, 5, 30, 41]
+    check(*run_both("mamba1", 1, 41, 1, 4, 8, h0=True, D=True, cu_seqlens=cu, block_v=4, seed=32,
+                    slab="registers", slab_slots=2, seq_split=(None, 4)))
+    check(*run_both("longhorn_diag", 1, 41, 1, 4, 4, h0=True, cu_seqlens=cu, seed=33,
+                    slab="registers", slab_slots=2, seq_split=(2, 3)))
 
 
 def test_varlen_user_objective_matches_separate_calls():
@@ -539,9 +600,10 @@ def test_gpu_varlen_bf16(seq_split):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("name", ["longhorn_diag", "mamba1"])
-@pytest.mark.parametrize("seq_split", [None, 3, 8])
+@pytest.mark.parametrize("seq_split", [None, 3, 8, (None, 4)])
 def test_gpu_sequence_split_paper_shape(name, seq_split):
-    """B = 2, T = 4000 at E = 1536 (384 forward programs), whole or split along the sequence."""
+    """B = 2, T = 4000 at E = 1536 (384 forward programs), whole or split along the sequence
+    (both kernels, or the backward only)."""
     got, ref = run_both(name, 2, 4000, 1, 16, 1536, h0=True, D=True, chunk_size=64, dtype=torch.bfloat16,
                         seed=13, seq_split=seq_split)
     check(got, ref, tol=2e-2, gtol=5e-2)

@@ -90,7 +90,7 @@ from .emit import (
 from .plan import Factor, Plan
 
 #: bump whenever the generated source changes for the same expressions
-GENERATOR_VERSION = "elementwise-9-lean-switch"
+GENERATOR_VERSION = "elementwise-10-backward-split"
 
 #: default of the backward's ``SLAB_IN_REGS`` constexpr (the launcher always passes it and
 #: ``HAS_H0``; the defaults serve compiles that name only the older constexprs, e.g.
@@ -136,6 +136,11 @@ def _exp(x):
 @triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + _exp(-x))
+
+
+@triton.jit
+def _mul(a, b):
+    return a * b
 
 
 @triton.jit
@@ -444,6 +449,69 @@ def _reverse_block(src: Src, plan: Plan, rev_loads, full: bool, lean: bool):
             src(f"acc_{fac.input} += {g}")
 
 
+def _carry_block(src: Src, plan: Plan, loads, full: bool):
+    """One block of the backward's carry walk: the block's gate prefix products fold its
+    tokens' ``X_t = scale · q_t do_tᵀ`` into L, and its gate product into A."""
+    src("t_blk = t0 + i_blk * BT")
+    loads.take(src, "t_blk", "BT", "i_blk", "n_blk")
+    emit_block_masks(src, "t_blk", full=full)
+    emit_factors(src, plan)
+    Coefficients(plan, with_partials=False).emit_values(src)
+    src(
+        "cp = tl.associative_scan(G, 0, _mul)  # cp[r] = G_0 ⊙ .. ⊙ G_r (rows past the end: G = 1)",
+        "L += A * _sum(cp * ((q_c * scale)[:, :, None] * do_c[:, None, :]), 0)",
+        "A = A * _sum(tl.where(r3 == BT - 1, cp, -0.0), 0)",
+    )
+
+
+def _backward_carry(src: Src, plan: Plan, depth: int, coef_args: str, lean: bool):
+    loads = BlockLoads(plan, with_q=True, with_do=True, depth=depth)
+    src("@triton.jit")
+    src(
+        "def bwd_carry_kernel(\n"
+        f"    q, k, v, do, {coef_args}carry, cu_seqlens, chunk_offsets,\n"
+        "    scale, T, NSPLIT,\n"
+        f"{_SIZES}\n"
+        "    IS_VARLEN: tl.constexpr, SPLIT_T: tl.constexpr,\n"
+        "):"
+    )
+    src.indent()
+    src(
+        '"""The backward split along the sequence, first pass: one program per (sequence, head,',
+        "BV-slice, segment s >= 1) walks segment s forward and writes to ``carry`` [N·H, NV,",
+        "NSPLIT - 1, 2, BK, BV] slot s - 1 the pair (A, L): A = ⊙_t G_t over the segment and",
+        "L = Σ_t (G_{t0} ⊙ .. ⊙ G_t) ⊙ X_t, the gradient its tokens' outputs send to the state",
+        "before it. The gradient leaving the segment is then A ⊙ P + L for P the one reaching its",
+        "end (the reverse scan's recurrence P_{t-1} = G_t ⊙ (X_t + P_t), unrolled). Segment 0's",
+        'pair would reach no one."""',
+        _head(lean),
+    )
+    emit_params(src, plan)
+    src(
+        "i_s = tl.program_id(2) + 1",
+        "t0 = bos + i_s * SPLIT_T",
+        "eos = tl.minimum(eos, t0 + SPLIT_T)  # the block masks stop at the segment's end",
+        "A = tl.full([BK, BV], 1.0, dtype=tl.float32)",
+        "L = tl.full([BK, BV], 0.0, dtype=tl.float32)",
+        "n_blk = _cdiv(tl.maximum(eos - t0, 0).to(tl.int32), BT)",
+    )
+    loads.prologue(src, "t0", "BT", "n_blk")
+    if lean:
+        src("n_full = (tl.maximum(eos - t0, 0) // BT).to(tl.int32)")
+        loops = (("for i_blk in range(0, n_full):", True), ("for i_blk in range(n_full, n_blk):", False))
+    else:
+        loops = (("for i_blk in range(0, n_blk):", False),)
+    _emit_loops(src, loops, lambda full: _carry_block(src, plan, loads, full))
+    src(
+        "o_car = carry + ((i_bh * tl.num_programs(1) + i_v).to(tl.int64) * (NSPLIT - 1) + i_s - 1) * 2 * BK * BV",
+        "o_tile = n_k[:, None] * BV + tl.arange(0, BV)[None, :]",
+        "tl.store(o_car + o_tile, A)",
+        "tl.store(o_car + BK * BV + o_tile, L)",
+    )
+    src.dedent()
+    src("", "")
+
+
 def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, lean: bool):
     rec_loads = BlockLoads(plan, with_q=False, with_do=False, depth=depth)
     rev_loads = BlockLoads(plan, with_q=True, with_do=True, depth=depth)
@@ -457,7 +525,7 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         "    NB_C: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,\n"
         "    HAS_D: tl.constexpr, IS_VARLEN: tl.constexpr, SPLIT_V: tl.constexpr,\n"
         f"    HAS_H0: tl.constexpr = False, SLAB_IN_REGS: tl.constexpr = {DEFAULT_SLAB_IN_REGS},\n"
-        "    NSEG: tl.constexpr = 1,\n"
+        "    NSEG: tl.constexpr = 1, carry=None, NSPLIT=1, SPLIT_T: tl.constexpr = 0,\n"
         "):"
     )
     src.indent()
@@ -470,10 +538,20 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         "checkpoint covers NSEG segments of NB_C blocks: a first replay keeps the state entering",
         "each segment in registers ([NSEG, BK, BV]), and each segment is then done as a chunk.",
         "",
+        "SPLIT_T > 0 (a multiple of C): the sequence split into NSPLIT segments of SPLIT_T tokens,",
+        "the grid's third axis the segment i_p; its walk starts from the gradient reaching its end,",
+        "dht carried through the later segments' (gate product, local gradient) pairs in",
+        "``carry`` [N·H, NV, NSPLIT - 1, 2, BK, BV] (``bwd_carry_kernel``).",
+        "",
         "Outputs that sum over the value axis (dq, dk, per-key/per-head coefficients) are",
         "accumulated over the value slices (atomics when SPLIT_V); per-value ones are written;",
-        'parameters are summed over time here and over sequences/slices by the caller."""',
+        "parameters and the D gradient are summed over time here, per segment, and over",
+        'sequences/segments/slices by the caller."""',
         _head(lean),
+        "i_p = 0  # segment of the sequence split",
+        "if SPLIT_T > 0:",
+        "    i_p = tl.program_id(2)",
+        "i_bp = i_b * NSPLIT + i_p  # row of the per-sequence partial sums (parameters, D)",
     )
     emit_params(src, plan)
     acc_shape = {"": "[1]", "K": "[BK]", "V": "[BV]", "VK": "[BK, BV]"}
@@ -491,20 +569,32 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         "P = tl.full([BK, BV], 0.0, dtype=tl.float32)",
         "if HAS_DHT:",
         "    P = tl.load(dht + i_bh.to(tl.int64) * K * V + o_state, mask=m_kv, other=0.0).to(tl.float32)",
+        "c_lo = 0  # this program's chunks: [c_lo, c_hi)",
+        "c_hi = _cdiv(n_tok, C)",
+        "if SPLIT_T > 0:",
+        "    c_lo = i_p * (SPLIT_T // C)",
+        "    c_hi = tl.minimum(c_hi, c_lo + SPLIT_T // C)",
+        "    # the gradient reaching this segment's end: through the later segments, last first,",
+        "    # P <- A_s ⊙ P + L_s (segment s's gate product and gradient from zero at its start)",
+        "    o_car = carry + (i_bh * NV + i_v).to(tl.int64) * (NSPLIT - 1) * 2 * BK * BV",
+        "    o_tile = n_k[:, None] * BV + tl.arange(0, BV)[None, :]",
+        "    for i_s in range(0, NSPLIT - 1 - i_p):",
+        "        i_cs = NSPLIT - 2 - i_s  # carry slot of segment NSPLIT - 1 - i_s",
+        "        A_s = tl.load(o_car + (2 * i_cs) * BK * BV + o_tile)",
+        "        P = A_s * P + tl.load(o_car + (2 * i_cs + 1) * BK * BV + o_tile)",
         "if NB_C > 1:",
         "    if SLAB_IN_REGS:",
         "        slot = tl.arange(0, NB_C)[:, None, None]  # slab slot of each block of a chunk",
         "    else:",
         "        o_slab = n_k[:, None] * BV + tl.arange(0, BV)[None, :]",
-        "        scr = scratch + (i_bh * NV + i_v).to(tl.int64) * NB_C * BK * BV",
+        "        scr = scratch + ((i_bh * NV + i_v) * NSPLIT + i_p).to(tl.int64) * NB_C * BK * BV",
         "if NSEG > 1:",
         "    sslot = tl.arange(0, NSEG)[:, None, None]  # segment-slab slot of each segment",
-        "n_chunks = _cdiv(n_tok, C)",
-        "for i_r in range(0, n_chunks):",
+        "for i_r in range(0, c_hi - c_lo):",
     )
     src.indent()
     src(
-        "i_c = n_chunks - 1 - i_r",
+        "i_c = c_hi - 1 - i_r",
         "t_chunk = bos + i_c * C",
         "n_seg = _cdiv(tl.minimum(C, n_tok - i_c * C), NB_C * BT)  # segments in this chunk",
         "if i_c > 0:",
@@ -577,24 +667,25 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
     src.dedent()
     src(
         "if STORE_DH0:",
-        "    tl.store(dh0 + i_bh.to(tl.int64) * K * V + o_state, P, mask=m_kv)",
+        "    if i_p == 0:  # the first segment's walk ends at h0",
+        "        tl.store(dh0 + i_bh.to(tl.int64) * K * V + o_state, P, mask=m_kv)",
         "if HAS_D:",
-        "    tl.store(dd_skip + (i_b * H + i_h) * V + j_v, acc_d, mask=m_v)",
+        "    tl.store(dd_skip + (i_bp * H + i_h) * V + j_v, acc_d, mask=m_v)",
     )
-    # parameters: [N, NV, H, ...] partial sums (or [N, H, V, ...] when they span V), reduced
-    # by the caller
+    # parameters: [N · NSPLIT, NV, H, ...] partial sums (or [N · NSPLIT, H, V, ...] when they
+    # span V), reduced by the caller
     for fac in plan.factors:
         if fac.per_token:
             continue
         gp, acc = "g_" + fac.input, "acc_" + fac.input
         if fac.axes == "":
-            src(f"tl.store({gp} + (i_b * NV + i_v) * H + i_h + tl.arange(0, 1), {acc})")
+            src(f"tl.store({gp} + (i_bp * NV + i_v) * H + i_h + tl.arange(0, 1), {acc})")
         elif fac.axes == "K":
-            src(f"tl.store({gp} + ((i_b * NV + i_v) * H + i_h) * K + n_k, {acc}, mask=m_k)")
+            src(f"tl.store({gp} + ((i_bp * NV + i_v) * H + i_h) * K + n_k, {acc}, mask=m_k)")
         elif fac.axes == "V":
-            src(f"tl.store({gp} + (i_b * H + i_h) * V + j_v, {acc}, mask=m_v)")
+            src(f"tl.store({gp} + (i_bp * H + i_h) * V + j_v, {acc}, mask=m_v)")
         else:
-            src(f"tl.store({gp} + ((i_b * H + i_h) * V + j_v[None, :]) * K + n_k[:, None], {acc}, mask=m_kv)")
+            src(f"tl.store({gp} + ((i_bp * H + i_h) * V + j_v[None, :]) * K + n_k[:, None], {acc}, mask=m_kv)")
     src.dedent()
 
 
@@ -634,4 +725,6 @@ def generate_source(plan: Plan, prefetch: Tuple[int, int] = (1, 1), lean: bool =
     grad_args = "".join(f"g_{s.name}, " for s in plan.inputs)
     _forward(src, plan, prefetch[0], coef_args, lean)
     _backward(src, plan, prefetch[1], coef_args, grad_args, lean)
+    src("", "")
+    _backward_carry(src, plan, prefetch[1], coef_args, lean)
     return src.text()

@@ -63,6 +63,16 @@ MIN_BT, MAX_BT = 4, 64
 #: T = 2048 (11.6 per SM) mamba1 0.237 -> 0.293, longhorn_diag 0.278 -> 0.332
 FEW_PROGRAMS_PER_SM = 8
 
+#: backward programs resident per SM (one warp each): the default backward tile takes 228-249
+#: registers a thread on sm_90 (kernel_resources_sm90_triton36.md), 8 warps' worth of the 64 K
+#: register file. The automatic backward split (:func:`auto_backward_split`) counts waves of these.
+BWD_PROGRAMS_PER_SM = 8
+
+#: the automatic backward split's segments: powers of two up to this many, none shorter than
+#: :data:`MIN_SPLIT_TOKENS`, and taken only when they cut the modelled time to
+#: :data:`SPLIT_GAIN` or less of the unsplit walk's
+MAX_AUTO_SPLIT, MIN_SPLIT_TOKENS, SPLIT_GAIN = 8, 1024, 0.8
+
 #: where the backward keeps the block-entering states of a chunk
 SLABS = ("global", "registers")
 
@@ -173,6 +183,40 @@ def _tile(T: int, BK: int, V: int, elems: int, per_thread: int, max_bv: int,
     if maxnreg is not None and not (isinstance(maxnreg, int) and 0 < maxnreg <= 255):
         raise BackendError(f"max_registers must be an int in 1..255 (registers per thread), got {maxnreg!r}")
     return Tile(BT=BT, BV=BV, num_warps=_pow2(warps, "num_warps"), maxnreg=maxnreg)
+
+
+def auto_backward_split(programs: int, T: int, sms: int) -> int:
+    """Segments the backward's split along the sequence takes by default (1: none).
+
+    The backward's programs (sequences × heads × value slices) each walk a whole sequence;
+    with one warp and ~240 registers, :data:`BWD_PROGRAMS_PER_SM` of them fit an SM at once.
+    Model the time as waves × walk length: ``ceil(P · S / slots) / S`` for S segments of P
+    programs on ``slots = sms · BWD_PROGRAMS_PER_SM``. A split pays when it cuts that to
+    :data:`SPLIT_GAIN` of the unsplit time (the carry pass and the later segments' folds cost
+    the rest); the smallest S of the best cost wins. H200 run 19 (E = 1536 / 2048, N = 16,
+    T = 8192, bf16; results/elementwise_h200_run19_split.md), backward segments 2 / 4 / 8 against
+    none, fwd+bwd ms: at B = 2, d_model 768 (768 programs, cost 1 → 0.75 at S = 4) mamba1
+    2.318 → 2.612 / 2.143 / 2.139 and longhorn_diag 2.953 → 3.166 / 2.624 / 2.619; at d_model
+    1024 (1024 programs, cost 1 at every S) 2.432 → 2.822 / 2.645 / 2.664 and 3.068 → 3.300 /
+    3.269 / 3.271; at B = 8, T = 2048 (3072+ programs) every split was slower.
+
+    Args:
+        programs: backward programs of the unsplit launch.
+        T: tokens per sequence.
+        sms: streaming multiprocessors.
+
+    Returns:
+        the number of segments, 1 for none.
+    """
+    slots = max(sms * BWD_PROGRAMS_PER_SM, 1)
+    best, best_cost = 1, float(cdiv(programs, slots))
+    S = 2
+    while S <= MAX_AUTO_SPLIT and T // S >= MIN_SPLIT_TOKENS:
+        cost = cdiv(programs * S, slots) / S
+        if cost < best_cost - 1e-9:
+            best, best_cost = S, cost
+        S *= 2
+    return best if best_cost <= SPLIT_GAIN * cdiv(programs, slots) else 1
 
 
 def default_slab() -> str:
