@@ -17,7 +17,7 @@ next. For each planned call this prints, side by side:
     python -u benchmarks/host_and_graph.py linear_attention:bwd:8,2048,16,128 longhorn:bwd:8,2048,16,128 [--fla]
 
 (items ``method:fwd|bwd[:B,T,H,D]``, shape (8, 2048, 16, 128) unless given; ``--variants=a,b``
-times our call on each of ``bench_matrix``'s variants (e.g. ``new,dwwhole``: A/B in CUDA graphs,
+times our call on each of ``bench_matrix``'s variants (e.g. ``new,dwboth``: A/B in CUDA graphs,
 where eager rows are host-bound); ``--fla`` adds FLA's
 kernel for the same recurrence, where it has one; ``--profile`` adds, per call, the GPU time of
 each kernel (``torch.profiler``) and the host's costliest Python functions (``cProfile`` over

@@ -96,8 +96,6 @@ def configs(K=128, V=128, C=64):
                dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DW_T=FB.dw_transposed(decay)), sh.warps_chunk, True)
         yield (f"bwd dq dw both products decay={decay}", FB._dqdw_bwd_kernel,
                dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DW_T=False), sh.warps_chunk, False)
-        yield (f"bwd dq dw whole key row decay={decay}", FB._dqdw_bwd_kernel,     # OLSM_MATRIX_DQDW_KEYS=whole
-               dict(d, BKS=sh.BK, BV=sh.BV_dqdw, DW_T=True), 8, False)
         yield (f"bwd du decay={decay}", FB._du_bwd_kernel, dict(d, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, True)
         yield (f"bwd rank-1 cc decay={decay}", FB._lowrank_cc_kernel, dict(d, BK=sh.BK, BV=sh.BV_rank1),
                sh.warps_rank1, True)
@@ -242,10 +240,18 @@ def elementwise_configs(K=16, V=1536, C=64):
                        dict(fwd, SEG_T=2048, PHASE=phase, STORE_HT=True), dict(types, seg="*fp32", NSEG="i32"),
                        t.num_warps, False)
             t = cfg.bwd
-            yield (f"elementwise bwd {name} [{t.BT},{cfg.BK},{t.BV}]{tag}", mod.bwd_kernel,
-                   dict(sizes, BV=t.BV, BT=t.BT, NB_C=cfg.slots, HAS_DHT=False, STORE_DH0=True, SPLIT_V=True,
-                        HAS_H0=True, SLAB_IN_REGS=int(cfg.slab == "registers"), NSEG=cfg.segments), types,
+            bwd = dict(sizes, BV=t.BV, BT=t.BT, NB_C=cfg.slots, HAS_DHT=False, STORE_DH0=True, SPLIT_V=True,
+                       HAS_H0=True, SLAB_IN_REGS=int(cfg.slab == "registers"), NSEG=cfg.segments)
+            yield (f"elementwise bwd {name} [{t.BT},{cfg.BK},{t.BV}]{tag}", mod.bwd_kernel, bwd, types,
                    t.num_warps, lean)
+            if lean:  # the backward split along the sequence, automatic at few programs per SM
+                # (scan.default_backward_split): the carry pass, then each segment's backward
+                split_types = dict(types, carry="*fp32", NSPLIT="i32")
+                yield (f"elementwise bwd {name} [{t.BT},{cfg.BK},{t.BV}] split", mod.bwd_kernel,
+                       dict(bwd, SPLIT_T=2048), split_types, t.num_warps, FEW)
+                carry = dict(H=1, K=K, V=V, BK=cfg.BK, BV=t.BV, BT=t.BT, C=cfg.C, IS_VARLEN=False, SPLIT_T=2048)
+                yield (f"elementwise bwd carry {name} [{t.BT},{cfg.BK},{t.BV}]", mod.bwd_carry_kernel, carry,
+                       split_types, t.num_warps, FEW)
 
 
 #: the "default path" mark of a launch taken only at few programs per SM: it must fit, and may spill

@@ -537,23 +537,6 @@ def test_dq_dw_both_products(decay, monkeypatch):
     check(make_inputs(32, T=cu[-1], H=1, decay=decay, N=len(cu) - 1), cu_seqlens=cu, chunk_size=16)
 
 
-@pytest.mark.parametrize("decay", ["none", "scalar"])
-def test_dq_dw_whole_key_row(decay, monkeypatch):
-    # OLSM_MATRIX_DQDW_KEYS=whole (opt-in): the rank-0 dq/dw kernel over the whole key row (K = 80:
-    # one 128-wide masked slice on 8 warps instead of two of 64), so the decay terms λ come from
-    # one slice
-    import olsm.kernels.matrix.fused as F
-    import olsm.kernels.matrix.fused_bwd as FB
-
-    monkeypatch.setenv("OLSM_MATRIX_DQDW_KEYS", "whole")
-    assert FB.dqdw_key_slice(F.launch_shape(80, 20, 32), FB.dw_transposed(1)) == (128, 8)
-    assert FB.dqdw_key_slice(F.launch_shape(80, 20, 32), FB.dw_transposed(2))[0] == 64   # per key: never
-    assert FB.dqdw_key_slice(F.launch_shape(48, 20, 32), FB.dw_transposed(1))[0] == 64   # one slice already
-    check(make_inputs(33, T=75, H=2, K=80, V=20, decay=decay), chunk_size=32)
-    cu = (0, 12, 12, 50)
-    check(make_inputs(34, T=cu[-1], H=1, K=80, V=20, decay=decay, N=len(cu) - 1), cu_seqlens=cu, chunk_size=16)
-
-
 def test_dq_dw_switch(monkeypatch):
     # auto: transposed without a low-rank part, both in the delta form; a per-key decay always both
     import olsm.kernels.matrix.fused_bwd as FB

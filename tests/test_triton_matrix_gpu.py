@@ -136,15 +136,6 @@ def test_dq_dw_switch(name, monkeypatch):
     run_case(name, torch.bfloat16, B=1, T=400, H=4, K=128, V=128, cu_seqlens=(0, 57, 300, 400))
 
 
-@pytest.mark.parametrize("name", ["linear_attention", "mamba2"])
-def test_dq_dw_whole_key_row(name, monkeypatch):
-    # OLSM_MATRIX_DQDW_KEYS=whole (opt-in): the rank-0 dq/dw kernel over the whole key row on 8 warps
-    monkeypatch.setenv("OLSM_MATRIX_DQDW_KEYS", "whole")
-    for dtype in (torch.bfloat16, torch.float32):
-        run_case(name, dtype, B=2, T=300, H=4, K=128, V=128)
-    run_case(name, torch.bfloat16, B=1, T=400, H=4, K=100, V=128, cu_seqlens=(0, 57, 300, 400))
-
-
 @pytest.mark.parametrize("name", ["gated_deltanet", "dplr", "gla"])
 def test_odd_dims_and_wide_heads(name):
     run_case(name, torch.bfloat16, B=1, T=200, H=2, K=100, V=200)

@@ -67,7 +67,18 @@ twice over segments of SEG_T tokens (a multiple of C), the grid's third axis the
 and its end state; ``PHASE = 2`` starts each segment from h0 carried through the earlier
 segments' pairs (``S ← A_i ⊙ S + E_i``, in the program) and stores outputs and checkpoints at
 their global positions, so the backward does not know. (On the H200 it did not speed up the
-forward at the paper's shapes: ``benchmarks/README.md``, run 13.)
+forward at the paper's shapes: ``benchmarks/README.md``, runs 13 and 19.)
+
+**The backward split along the sequence** (automatic at few programs, :func:`~.scan.default_backward_split`).
+With ``SPLIT_T > 0`` the backward's grid gets a third axis, segments of SPLIT_T tokens (whole
+checkpoint intervals), each walked by its own program from the gradient reaching its end. The
+reverse scan's recurrence ``P_{t-1} = G_t ⊙ (X_t + P_t)`` is affine in P, so over a segment it is
+``P_out = A ⊙ P_in + L`` with A the product of the segment's gates and L what its own tokens send
+back from P_in = 0. ``bwd_carry_kernel`` walks every segment but the first forward in time for
+that pair (per block, one product scan of G: ``L += A ⊙ Σ_r cp_r ⊙ X_r``, ``A ⊙= cp_last``);
+``bwd_kernel`` then starts segment i from dht folded through the pairs of segments S−1 .. i+1.
+Each segment restarts from the forward's checkpoints, so nothing else changes; the parameters'
+and D's sums over time get one row per segment, reduced by the caller.
 
 The key axis is never split across programs: K (d_state) is small in the models this class
 serves (16 in Mamba-1 and Longhorn), kᵀk needs the whole key, and a split would turn dv and
@@ -549,9 +560,12 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         'sequences/segments/slices by the caller."""',
         _head(lean),
         "i_p = 0  # segment of the sequence split",
+        "i_bp = i_b  # row of the per-sequence partial sums (parameters, D)",
+        "i_prog = i_bh * NV + i_v  # this program's global-slab scratch",
         "if SPLIT_T > 0:",
         "    i_p = tl.program_id(2)",
-        "i_bp = i_b * NSPLIT + i_p  # row of the per-sequence partial sums (parameters, D)",
+        "    i_bp = i_b * NSPLIT + i_p",
+        "    i_prog = i_prog * NSPLIT + i_p",
     )
     emit_params(src, plan)
     acc_shape = {"": "[1]", "K": "[BK]", "V": "[BV]", "VK": "[BK, BV]"}
@@ -587,7 +601,7 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         "        slot = tl.arange(0, NB_C)[:, None, None]  # slab slot of each block of a chunk",
         "    else:",
         "        o_slab = n_k[:, None] * BV + tl.arange(0, BV)[None, :]",
-        "        scr = scratch + ((i_bh * NV + i_v) * NSPLIT + i_p).to(tl.int64) * NB_C * BK * BV",
+        "        scr = scratch + i_prog.to(tl.int64) * NB_C * BK * BV",
         "if NSEG > 1:",
         "    sslot = tl.arange(0, NSEG)[:, None, None]  # segment-slab slot of each segment",
         "for i_r in range(0, c_hi - c_lo):",

@@ -63,9 +63,9 @@ MIN_BT, MAX_BT = 4, 64
 #: T = 2048 (11.6 per SM) mamba1 0.237 -> 0.293, longhorn_diag 0.278 -> 0.332
 FEW_PROGRAMS_PER_SM = 8
 
-#: backward programs resident per SM (one warp each): the default backward tile takes 228-249
-#: registers a thread on sm_90 (kernel_resources_sm90_triton36.md), 8 warps' worth of the 64 K
-#: register file. The automatic backward split (:func:`auto_backward_split`) counts waves of these.
+#: backward programs resident per SM (one warp each): the default backward tile takes 236-246
+#: registers a thread on sm_90 with Triton 3.6 (results/kernel_resources_sm90_triton36.md), so 8
+#: warps fill the 64 K register file. The automatic backward split (:func:`auto_backward_split`) counts waves of these.
 BWD_PROGRAMS_PER_SM = 8
 
 #: the automatic backward split's segments: powers of two up to this many, none shorter than

@@ -102,18 +102,6 @@ def dw_transposed(decay: int, delta: bool = False) -> bool:
     return choice == "transposed" or not delta
 
 
-def dqdw_key_slice(shape, transposed: bool) -> tuple:
-    """``(BKS, num_warps)`` of the rank-0 dq/dw launch, ``transposed`` its :func:`dw_transposed`.
-    ``OLSM_MATRIX_DQDW_KEYS`` (read at each call): ``slices`` (the default), key slices of
-    ``shape.BKS`` (64) on ``shape.warps_chunk`` warps, each recomputing the chunk's dA; ``whole``
-    (opt-in, untimed), the whole key row on 8 warps when the transposed dw is on: dA once per
-    chunk, and dO, U loaded once (sm_90, Triton 3.6, K = 128: 164 registers, 72 KB shared, no
-    spills; run 18)."""
-    if env_choice("OLSM_MATRIX_DQDW_KEYS", ("slices", "whole")) == "whole" and transposed and shape.BK > shape.BKS:
-        return shape.BK, 8
-    return shape.BKS, shape.warps_chunk
-
-
 @triton.jit
 def _dstate_bwd_kernel(
     q, a, do, g, x_wy, d_final, dstates, dprobes, dh0, tok_start, tok_stop, chunk_offsets, scale, amat,
@@ -840,7 +828,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     else:
         pk = decay == 2
         dw_t = dw_transposed(decay)
-        BKS_q, warps_q = dqdw_key_slice(shape, dw_t)
+        BKS_q, warps_q = shape.BKS, shape.warps_chunk
         NK_q = cdiv(K, BKS_q)
         dlam = dbb = dummy if pk else torch.empty(NK_q, B * T, H, **f32)   # per key: λ goes to dq32
         # per key (.perkey): the dq/dw kernel leaves fp32 inter-chunk parts and dA, the intra
