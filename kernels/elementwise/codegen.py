@@ -238,6 +238,20 @@ def _emit_loops(src: Src, loops, block) -> None:
         src.dedent()
 
 
+def _walk_forward(src: Src, loads, lean: bool, block) -> None:
+    """The blocks from token ``t0`` to ``eos`` in time order, ``block(full)`` the body of each;
+    ``n_blk`` is their count (lean: the whole blocks first, with token masks the compiler knows
+    are true, so their selects and compares drop out, then the partial last block if any)."""
+    src("n_blk = _cdiv(tl.maximum(eos - t0, 0).to(tl.int32), BT)")
+    loads.prologue(src, "t0", "BT", "n_blk")
+    if lean:
+        src("n_full = (tl.maximum(eos - t0, 0) // BT).to(tl.int32)")
+        loops = (("for i_blk in range(0, n_full):", True), ("for i_blk in range(n_full, n_blk):", False))
+    else:
+        loops = (("for i_blk in range(0, n_blk):", False),)
+    _emit_loops(src, loops, block)
+
+
 def _scan_block_end(src: Src, lean: bool):
     """S <- the state after the block (G, wk, wv of the block in scope)."""
     src(
@@ -334,17 +348,8 @@ def _forward(src: Src, plan: Plan, depth: int, coef_args: str, lean: bool):
         "        for i in range(0, i_s):",
         "            A_i = tl.load(o_seg + (2 * i) * BK * BV + o_tile)",
         "            S = A_i * S + tl.load(o_seg + (2 * i + 1) * BK * BV + o_tile)",
-        "n_blk = _cdiv(tl.maximum(eos - t0, 0).to(tl.int32), BT)",
     )
-    loads.prologue(src, "t0", "BT", "n_blk")
-    if lean:
-        # the whole blocks first, with token masks the compiler knows are true (their selects
-        # and compares drop out), then the sequence's last, partial block if there is one
-        src("n_full = (tl.maximum(eos - t0, 0) // BT).to(tl.int32)")
-        loops = (("for i_blk in range(0, n_full):", True), ("for i_blk in range(n_full, n_blk):", False))
-    else:
-        loops = (("for i_blk in range(0, n_blk):", False),)
-    _emit_loops(src, loops, lambda full: _forward_block(src, plan, loads, full, lean))
+    _walk_forward(src, loads, lean, lambda full: _forward_block(src, plan, loads, full, lean))
     src(
         "if PHASE == 1:",
         "    tl.store(o_seg + (2 * i_s) * BK * BV + o_tile, A)",
@@ -504,15 +509,8 @@ def _backward_carry(src: Src, plan: Plan, depth: int, coef_args: str, lean: bool
         "eos = tl.minimum(eos, t0 + SPLIT_T)  # the block masks stop at the segment's end",
         "A = tl.full([BK, BV], 1.0, dtype=tl.float32)",
         "L = tl.full([BK, BV], 0.0, dtype=tl.float32)",
-        "n_blk = _cdiv(tl.maximum(eos - t0, 0).to(tl.int32), BT)",
     )
-    loads.prologue(src, "t0", "BT", "n_blk")
-    if lean:
-        src("n_full = (tl.maximum(eos - t0, 0) // BT).to(tl.int32)")
-        loops = (("for i_blk in range(0, n_full):", True), ("for i_blk in range(n_full, n_blk):", False))
-    else:
-        loops = (("for i_blk in range(0, n_blk):", False),)
-    _emit_loops(src, loops, lambda full: _carry_block(src, plan, loads, full))
+    _walk_forward(src, loads, lean, lambda full: _carry_block(src, plan, loads, full))
     src(
         "o_car = carry + ((i_bh * tl.num_programs(1) + i_v).to(tl.int64) * (NSPLIT - 1) + i_s - 1) * 2 * BK * BV",
         "o_tile = n_k[:, None] * BV + tl.arange(0, BV)[None, :]",
