@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .testing.checks import ALL_CHECKS, CHECKS
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="olsm: declare an online-learning objective, get a proven recurrence and a layer.")
 console = Console()
@@ -58,16 +60,25 @@ def derive(objective: str = typer.Argument(..., help="catalogue name or FILE.py:
 def verify(objectives: List[str] = typer.Argument(..., help="names, FILE.py:OBJ, or 'all'"),
            examples: int = typer.Option(20, help="random problems per property"),
            seed: int = typer.Option(0, help="random seed"),
-           plot: Optional[str] = typer.Option(None, help="save a bar plot of max errors to this PNG")):
+           plot: Optional[str] = typer.Option(None, help="save a bar plot of max errors to this PNG"),
+           checks: str = typer.Option(",".join(CHECKS),
+                                      help="comma-separated subset of " + ", ".join(ALL_CHECKS)
+                                      + " (kernel: the Triton backend against the reference; on a CPU "
+                                      "set TRITON_INTERPRET=1)")):
     """Run the property checks of olsm.testing and print a pass/fail table."""
     from rich.progress import track
 
     from .load import catalogue
-    from .testing import CHECKS, run_check
+    from .testing import run_check
 
+    chosen = [c.strip() for c in checks.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in ALL_CHECKS]
+    if unknown or not chosen:
+        console.print(f"[red]unknown check(s) {unknown or checks!r}[/red]; choose from {', '.join(ALL_CHECKS)}")
+        raise typer.Exit(2)
     names = list(catalogue()) if objectives == ["all"] else objectives
     rows = []
-    jobs = [(n, c) for n in names for c in CHECKS]
+    jobs = [(n, c) for n in names for c in chosen]
     start = time.perf_counter()
     for name, check in track(jobs, description="verifying", console=console, transient=True):
         rows.append(run_check(name, check, examples=examples, seed=seed))

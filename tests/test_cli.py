@@ -42,3 +42,12 @@ def test_verify_table_and_plot(tmp_path):
     r = runner.invoke(app, ["verify", "deltanet", "mamba1", "--examples", "1", "--plot", str(png)])
     assert r.exit_code == 0, r.output
     assert r.output.count("pass") == 6 and png.stat().st_size > 1000
+
+
+def test_verify_checks_option():
+    # the opt-in kernel check by name (the interpreter runs it here); an unknown name is an error
+    r = runner.invoke(app, ["verify", "mamba1", "--checks", "kernel", "--examples", "1"])
+    assert r.exit_code == 0, r.output
+    assert "kernel" in r.output and "pass" in r.output and "argmin" not in r.output
+    r = runner.invoke(app, ["verify", "mamba1", "--checks", "argmin,bogus"])
+    assert r.exit_code == 2 and "bogus" in r.output

@@ -41,3 +41,30 @@ def test_chunked_check_detects_a_broken_backend(monkeypatch):
 
     monkeypatch.setattr(chunked, "matrix", off_by_one)
     assert chunked_error(olsm.derive("mamba2")) > 1e-3
+
+
+def test_kernel_check_passes_on_a_user_objective_and_the_catalogue():
+    """The opt-in kernel check: the Triton backend in float32 (here in the interpreter) against
+    the float64 reference, gradients included, for a user's objective of each class."""
+    from olsm.testing import ALL_CHECKS, kernel_error
+
+    beta = Input("beta", constraint="positive")
+    mine = Objective(proximal() + squared_loss(beta) + weight_decay(0.1), name="ridge_longhorn")
+    rows = check_objective(mine, examples=1, checks=("kernel",))
+    assert rows[0].check == "kernel" and rows[0].max_error < 1e-5 and "kernel" in ALL_CHECKS
+    assert kernel_error(olsm.derive("longhorn_diag"), dims=(1, 21, 1, 4, 3)) < 1e-5
+
+
+def test_kernel_check_detects_a_broken_kernel(monkeypatch):
+    import olsm.kernels.elementwise as elementwise
+
+    real = elementwise.elementwise_scan
+
+    def off(*a, **kw):
+        o, S = real(*a, **kw)
+        return o * 1.01, S
+
+    monkeypatch.setattr(elementwise, "elementwise_scan", off)
+    from olsm.testing import kernel_error
+
+    assert kernel_error(olsm.derive("mamba1"), dims=(1, 21, 1, 4, 3)) > 5e-3

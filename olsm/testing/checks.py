@@ -7,7 +7,13 @@ argmin     derived update == the declared objective's update, computed numerical
 chunked    torch (chunked) backend == reference: outputs, final state, every gradient
 split      one run == the same sequence in pieces with the state carried over,
            == token-by-token decoding with ``rec.step``
+kernel     (opt-in) the Triton backend in float32 == the float64 reference: outputs,
+           final state, every gradient; compiled on a GPU, or in Triton's interpreter
+           on a CPU (``TRITON_INTERPRET=1`` before triton is imported)
 =========  ===================================================================
+
+``CHECKS`` are the default ones (``olsm verify``); ``ALL_CHECKS`` adds ``kernel``
+(``olsm verify NAME --checks kernel``, ``check_objective(obj, checks=ALL_CHECKS)``).
 """
 from __future__ import annotations
 
@@ -21,7 +27,10 @@ from .argmin import declared_gate_and_write, declared_update
 from .inputs import random_inputs
 
 CHECKS = ("argmin", "chunked", "split")
-TOLERANCE = {"argmin": 1e-9, "chunked": 1e-10, "split": 1e-10}
+ALL_CHECKS = CHECKS + ("kernel",)
+#: float64 checks near rounding; the kernel check's float32 (and, on a GPU, tf32 dots for the
+#: matrix class) errors as the GPU tests bound them
+TOLERANCE = {"argmin": 1e-9, "chunked": 1e-10, "split": 1e-10, "kernel": 1e-3}
 
 
 @dataclass
@@ -107,7 +116,39 @@ def split_error(rec, dims=(1, 29, 2, 6, 4), seed=0, cut=(11, 12), backend="torch
     return max(err, rel_err(torch.stack(steps, 1), o_full), rel_err(S, S_full))
 
 
-_FNS = {"argmin": argmin_error, "chunked": chunked_error, "split": split_error}
+def kernel_error(rec, dims=(2, 37, 2, 8, 5), seed=0, chunk_size=16) -> float:
+    """Max error of the Triton backend, run in float32, against the float64 reference over
+    outputs, final state and every gradient, each as ``‖x − ref‖ / ‖ref‖`` (a norm, as the GPU
+    tests measure: float32 sums round differently from one token to the next).
+
+    The kernels run compiled on a CUDA device, or in Triton's interpreter on a CPU, which needs
+    ``TRITON_INTERPRET=1`` in the environment before triton is first imported (otherwise the
+    backend raises a ``BackendError`` that says so). Long sequences on a GPU also take the
+    launch decisions of real calls (e.g. the elementwise backward's split along the sequence).
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, coefs, h0 = random_inputs(rec, dims, seed, requires_grad=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    B, T, H, K, V = dims
+    w_o = torch.randn(B, T, H, V, generator=g, dtype=torch.float64)
+    w_S = torch.randn(B, H, K, V, generator=g, dtype=torch.float64)
+
+    def run(leaves, backend):
+        q, k, v, h0, *cs = leaves
+        o, S = rec(q, k, v, initial_state=h0, output_final_state=True, backend=backend, chunk_size=chunk_size,
+                   **dict(zip(coefs, cs)))
+        loss = (o.double() * w_o.to(o.device)).sum() + (S.double() * w_S.to(S.device)).sum()
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads = [torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads)]
+        return [t.detach().double().cpu() for t in (o, S, *grads)]
+
+    leaves = [q, k, v, h0, *coefs.values()]
+    ref = run(leaves, "reference")
+    got = run([x.detach().to(device, torch.float32).requires_grad_() for x in leaves], "triton")
+    return max(((x - r).norm() / r.norm().clamp(min=1e-30)).item() for x, r in zip(got, ref))
+
+
+_FNS = {"argmin": argmin_error, "chunked": chunked_error, "split": split_error, "kernel": kernel_error}
 
 
 def run_check(objective, check: str, examples: int = 5, seed: int = 0) -> CheckResult:
@@ -130,7 +171,7 @@ def check_objective(objective, examples: int = 5, seed: int = 0, checks=CHECKS):
         objective: an Objective, catalogue name or ``FILE.py:NAME``.
         examples: random problems per property.
         seed: first seed.
-        checks: subset of :data:`CHECKS`.
+        checks: subset of :data:`ALL_CHECKS` (default :data:`CHECKS`; ``kernel`` is opt-in).
 
     Returns:
         list of :class:`CheckResult`.
