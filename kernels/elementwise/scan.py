@@ -318,7 +318,7 @@ class _ElementwiseScan(torch.autograd.Function):
         dummy = dv
         split = {}
         if nsplit > 1:
-            # the split along the sequence (:func:`sequence_segments`): every segment but the
+            # the split along the sequence (:func:`backward_segments`): every segment but the
             # first walked for its (gate product, gradient from zero) pair, then every segment's
             # backward from the gradient reaching its end
             carry = torch.empty(N * H * NV * (nsplit - 1) * 2 * cfg.BK * tile.BV, **f32)
