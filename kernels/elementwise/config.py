@@ -209,14 +209,15 @@ def auto_backward_split(programs: int, T: int, sms: int) -> int:
         the number of segments, 1 for none.
     """
     slots = max(sms * BWD_PROGRAMS_PER_SM, 1)
-    best, best_cost = 1, float(cdiv(programs, slots))
+    unsplit = cdiv(programs, slots)     # waves of whole walks
+    best, best_cost = 1, float(unsplit)
     S = 2
     while S <= MAX_AUTO_SPLIT and T // S >= MIN_SPLIT_TOKENS:
         cost = cdiv(programs * S, slots) / S
         if cost < best_cost - 1e-9:
             best, best_cost = S, cost
         S *= 2
-    return best if best_cost <= SPLIT_GAIN * cdiv(programs, slots) else 1
+    return best if best_cost <= SPLIT_GAIN * unsplit else 1
 
 
 def default_slab() -> str:

@@ -37,7 +37,7 @@ import torch
 from olsm.errors import BackendError, InputError
 
 from .cache import load_kernels
-from ..ints import sm_count
+from ..ints import cdiv, sm_count
 from .config import Config, Knob, _pair, auto_backward_split, choose_config, interpreting
 from .plan import Plan
 
@@ -189,7 +189,7 @@ def default_backward_split(cfg: Config, sequences_heads: int, T: int, V: int, de
         return int(value)
     if packed:
         return 1
-    programs = sequences_heads * (-(-V // cfg.bwd.BV))
+    programs = sequences_heads * cdiv(V, cfg.bwd.BV)
     return auto_backward_split(programs, T, sm_count(device) if sms is None else sms)
 
 
@@ -284,7 +284,7 @@ class _ElementwiseScan(torch.autograd.Function):
         V = v.shape[-1]
         tile = cfg.bwd
         NV = -(-V // tile.BV)
-        nsplit = -(-T // split_t) if split_t else 1
+        nsplit = cdiv(T, split_t) if split_t else 1
         split_v = NV > 1
         dev = q.device
         f32 = dict(dtype=torch.float32, device=dev)

@@ -828,18 +828,16 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     else:
         pk = decay == 2
         dw_t = dw_transposed(decay)
-        BKS_q, warps_q = shape.BKS, shape.warps_chunk
-        NK_q = cdiv(K, BKS_q)
-        dlam = dbb = dummy if pk else torch.empty(NK_q, B * T, H, **f32)   # per key: λ goes to dq32
+        dlam = dbb = dummy if pk else torch.empty(NK, B * T, H, **f32)   # per key: λ goes to dq32
         # per key (.perkey): the dq/dw kernel leaves fp32 inter-chunk parts and dA, the intra
         # kernel finishes dq, dw and leaves the decay terms λ in dq32; du reads the forward's A
         dq32, dw32 = (torch.empty(B * T, H, K, **f32) for _ in range(2)) if pk else (dq, dw)
         dA = torch.empty(NC, H, C, C, **f32) if pk else dummy
         if NC > 0:
-            _dqdw_bwd_kernel[(NK_q, NC * H)](
+            _dqdw_bwd_kernel[(NK, NC * H)](
                 q, w, u, d_o, g if g is not None else dummy, states, dstates, dq32, dw32, dlam,
                 lay.tok_start, lay.tok_stop, scale, B * T, *(dummy,) * 7, dA, H, K=K, V=V, C=C, DECAY=decay,
-                BKS=BKS_q, BV=shape.BV_dqdw, PRECISION=prec, DW_T=dw_t, num_warps=warps_q,
+                BKS=BKS, BV=shape.BV_dqdw, PRECISION=prec, DW_T=dw_t, num_warps=shape.warps_chunk,
             )
             if pk and amat is None:
                 amat = perkey.intra_gram(q, w, g, lay.tok_start, lay.tok_stop, H, K, C, prec, shape.warps_pair)

@@ -77,22 +77,34 @@ def argmin_error(rec, dims=(1, 1, 1, 3, 2), seed=0) -> float:
     return err
 
 
+def _loss_weights(dims, seed):
+    """Random float64 weights of the outputs and the final state in the checks' scalar loss."""
+    g = torch.Generator().manual_seed(seed + 1)
+    B, T, H, K, V = dims
+    return torch.randn(B, T, H, V, generator=g, dtype=torch.float64), torch.randn(B, H, K, V, generator=g,
+                                                                                  dtype=torch.float64)
+
+
+def _outputs_and_grads(rec, leaves, names, backend, chunk_size, weights):
+    """``[o, S, d/d leaf ...]`` (float64, on the CPU) of one run of ``rec`` on ``leaves`` =
+    ``[q, k, v, h0, *coefficients named names]``, the loss weighting o and S by ``weights``."""
+    q, k, v, h0, *cs = leaves
+    o, S = rec(q, k, v, initial_state=h0, output_final_state=True, backend=backend, chunk_size=chunk_size,
+               **dict(zip(names, cs)))
+    w_o, w_S = weights
+    loss = (o.double() * w_o.to(o.device)).sum() + (S.double() * w_S.to(S.device)).sum()
+    # an objective may ignore an input (weight decay alone never reads v): its grad is 0
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    grads = [torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads)]
+    return [t.detach().double().cpu() for t in (o, S, *grads)]
+
+
 def chunked_error(rec, dims=(2, 37, 2, 8, 5), seed=0, chunk_size=16, backend="torch") -> float:
     """Max relative error of ``backend`` vs reference over outputs, final state and gradients."""
-    results = []
-    for name in ("reference", backend):
-        q, k, v, coefs, h0 = random_inputs(rec, dims, seed, requires_grad=True)
-        o, S = rec(q, k, v, initial_state=h0, output_final_state=True, backend=name,
-                   chunk_size=chunk_size, **coefs)
-        g = torch.Generator().manual_seed(seed + 1)
-        loss = (o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() + \
-            (S * torch.randn(S.shape, generator=g, dtype=S.dtype)).sum()
-        leaves = [q, k, v, h0, *coefs.values()]
-        # an objective may ignore an input (weight decay alone never reads v): its grad is 0
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
-        results.append([o.detach(), S.detach(), *grads])
-    return max(rel_err(x, r) for x, r in zip(results[1], results[0]))
+    q, k, v, coefs, h0 = random_inputs(rec, dims, seed, requires_grad=True)
+    leaves, weights = [q, k, v, h0, *coefs.values()], _loss_weights(dims, seed)
+    ref, got = (_outputs_and_grads(rec, leaves, coefs, name, chunk_size, weights) for name in ("reference", backend))
+    return max(rel_err(x, r) for x, r in zip(got, ref))
 
 
 def split_error(rec, dims=(1, 29, 2, 6, 4), seed=0, cut=(11, 12), backend="torch") -> float:
@@ -128,23 +140,10 @@ def kernel_error(rec, dims=(2, 37, 2, 8, 5), seed=0, chunk_size=16) -> float:
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v, coefs, h0 = random_inputs(rec, dims, seed, requires_grad=True)
-    g = torch.Generator().manual_seed(seed + 1)
-    B, T, H, K, V = dims
-    w_o = torch.randn(B, T, H, V, generator=g, dtype=torch.float64)
-    w_S = torch.randn(B, H, K, V, generator=g, dtype=torch.float64)
-
-    def run(leaves, backend):
-        q, k, v, h0, *cs = leaves
-        o, S = rec(q, k, v, initial_state=h0, output_final_state=True, backend=backend, chunk_size=chunk_size,
-                   **dict(zip(coefs, cs)))
-        loss = (o.double() * w_o.to(o.device)).sum() + (S.double() * w_S.to(S.device)).sum()
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        grads = [torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads)]
-        return [t.detach().double().cpu() for t in (o, S, *grads)]
-
-    leaves = [q, k, v, h0, *coefs.values()]
-    ref = run(leaves, "reference")
-    got = run([x.detach().to(device, torch.float32).requires_grad_() for x in leaves], "triton")
+    leaves, weights = [q, k, v, h0, *coefs.values()], _loss_weights(dims, seed)
+    ref = _outputs_and_grads(rec, leaves, coefs, "reference", chunk_size, weights)
+    leaves32 = [x.detach().to(device, torch.float32).requires_grad_() for x in leaves]
+    got = _outputs_and_grads(rec, leaves32, coefs, "triton", chunk_size, weights)
     return max(((x - r).norm() / r.norm().clamp(min=1e-30)).item() for x, r in zip(got, ref))
 
 
