@@ -349,21 +349,38 @@ class _ElementwiseScan(torch.autograd.Function):
             SLAB_IN_REGS=int(in_regs), NSEG=cfg.segments, **split,
             **tile.launch_options(),
         )
-        dcoefs = []
-        for spec, buf, c, dt in zip(plan.inputs, gbufs, coefs, ctx.coef_dtypes):
-            if plan.input_factor[spec.name] is None:
-                dcoefs.append(torch.zeros_like(c))
-                continue
-            ax = tuple(spec.axes)
-            if spec.per_token:
-                g = buf
-            else:
-                g = buf.sum(0) if "V" in ax else buf.sum((0, 1))
-            dcoefs.append(g.reshape(c.shape).to(dt))
+        dcoefs = [_reduce_coef_grad(spec, plan.input_factor[spec.name] is not None, gbufs, i, c, dt)
+                  for i, (spec, c, dt) in enumerate(zip(plan.inputs, coefs, ctx.coef_dtypes))]
         dh0 = dh0.to(ctx.state_dtype) if dh0 is not None else None
         dD = dD.sum(0).to(ctx.D_dtype) if dD is not None else None
-        return (None, None, None, None, None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv, dh0, dD,
-                None, *dcoefs)
+        # the peak is the kernel's: every float32 buffer is dropped as soon as it is reduced or
+        # cast, so no two casts' copies are alive beside the buffers they come from
+        dq = dq.to(q.dtype)
+        dk = dk.to(k.dtype)
+        return (None, None, None, None, None, None, None, dq, dk, dv, dh0, dD, None, *dcoefs)
+
+
+def _reduce_coef_grad(spec, used: bool, gbufs: list, i: int, c: torch.Tensor, dtype) -> torch.Tensor:
+    """The gradient of coefficient ``c`` from its kernel buffer ``gbufs[i]``, which is released.
+
+    Args:
+        spec: the coefficient's input spec (its axes, per token or not).
+        used: whether the recurrence reads the coefficient (else its gradient is zero).
+        gbufs: the backward kernel's gradient buffers; entry i is set to None.
+        i: the coefficient's index.
+        c: the coefficient, ``[B, T, H, ...]`` per token or ``[H, ...]``.
+        dtype: the dtype the gradient is returned in.
+
+    Returns:
+        a tensor of ``c``'s shape: the per-token buffer cast, or the per-(sequence, segment)
+        partial sums (and value slices) summed.
+    """
+    buf, gbufs[i] = gbufs[i], None
+    if not used:
+        return torch.zeros_like(c)
+    if not spec.per_token:
+        buf = buf.sum(0) if "V" in tuple(spec.axes) else buf.sum((0, 1))
+    return buf.reshape(c.shape).to(dtype)
 
 
 def elementwise_scan(
