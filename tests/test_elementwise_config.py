@@ -30,6 +30,7 @@ def compiled_path(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("OLSM_ELEMENTWISE_SLAB", raising=False)
     monkeypatch.delenv("OLSM_ELEMENTWISE_BWD_SPLIT", raising=False)
+    monkeypatch.delenv("OLSM_ELEMENTWISE_SLAB_SEGMENTS", raising=False)
 
 
 def test_measured_defaults_at_the_paper_shape():
@@ -123,6 +124,26 @@ def test_register_slab_checkpoint_interval():
     assert cfg.C >= 100 and cfg.slots * cfg.segments * cfg.bwd.BT == cfg.C and cfg.C <= 256
     cfg = choose_config(2048, 16, 1536, 64, CUDA, block_t=(64, 8), slab_slots=2, **reg)
     assert cfg.C % 64 == 0 and cfg.slots == 8
+
+
+def test_slab_segments_environment(monkeypatch):
+    """``$OLSM_ELEMENTWISE_SLAB_SEGMENTS`` sets the segments of calls that name none."""
+    monkeypatch.setenv("OLSM_ELEMENTWISE_SLAB_SEGMENTS", "8")
+    cfg = choose_config(2048, 16, 1536, 64, CUDA)
+    assert (cfg.slab, cfg.slots, cfg.segments, cfg.C) == ("registers", 16, 8, 1024)
+    assert choose_config(2048, 16, 1536, 64, CUDA, slab_segments=2).segments == 2   # the argument wins
+    assert choose_config(256, 16, 1536, 64, CUDA).segments == 2      # never more than the sequence needs
+    monkeypatch.setenv("OLSM_ELEMENTWISE_SLAB_SEGMENTS", "1")
+    assert choose_config(2048, 16, 1536, 64, CUDA).C == 128
+    monkeypatch.setenv("OLSM_ELEMENTWISE_SLAB_SEGMENTS", "")
+    assert choose_config(2048, 16, 1536, 64, CUDA).segments == 1
+    for bad in ("0", "3", "eight", "-4"):
+        monkeypatch.setenv("OLSM_ELEMENTWISE_SLAB_SEGMENTS", bad)
+        with pytest.raises(BackendError, match="OLSM_ELEMENTWISE_SLAB_SEGMENTS"):
+            choose_config(2048, 16, 1536, 64, CUDA)
+    monkeypatch.setenv("OLSM_ELEMENTWISE_SLAB_SEGMENTS", "4")
+    with pytest.raises(InputError, match="OLSM_ELEMENTWISE_SLAB_SEGMENTS=4 needs slab='registers'"):
+        choose_config(2048, 16, 1536, 64, CUDA, slab="global")
 
 
 def test_slab_errors():

@@ -304,6 +304,25 @@ def test_register_slab_segments_odd_T():
                     slab="registers", slab_slots=2, slab_segments=4))
 
 
+def test_register_slab_segments_from_the_environment(monkeypatch):
+    """``$OLSM_ELEMENTWISE_SLAB_SEGMENTS`` reaches calls that name no segments (the layers' way
+    to the checkpoint-lean backward) and its gradients match the reference; mamba1, h0, D."""
+    import olsm.kernels.elementwise.scan as scan_mod
+
+    seen = []
+    real = scan_mod.choose_config
+
+    def spy(*args, **kwargs):
+        cfg = real(*args, **kwargs)
+        seen.append(cfg.segments)
+        return cfg
+
+    monkeypatch.setattr(scan_mod, "choose_config", spy)
+    monkeypatch.setenv("OLSM_ELEMENTWISE_SLAB_SEGMENTS", "4")
+    check(*run_both("mamba1", 2, 45, 1, 8, 6, h0=True, D=True, seed=15, slab="registers", slab_slots=2))
+    assert seen and set(seen) == {4}
+
+
 def test_register_slab_segments_of_one_block():
     """Segments of a single block (slots = 1, so no block slab), mamba1 with two value slices."""
     check(*run_both("mamba1", 1, 27, 2, 4, 8, block_v=4, block_t=4, seed=13,

@@ -225,6 +225,29 @@ def default_slab() -> str:
     return os.environ.get("OLSM_ELEMENTWISE_SLAB", "") or DEFAULT_SLAB
 
 
+def default_slab_segments() -> Optional[int]:
+    """``$OLSM_ELEMENTWISE_SLAB_SEGMENTS`` (a power of two) if set, else None (one segment).
+
+    The way to the checkpoint-lean backward from code that does not call
+    :func:`~.scan.elementwise_scan` itself (``Recurrence(..., backend="triton")``, the layers):
+    8 segments put one checkpoint every 1024 tokens instead of every 128, for a second forward
+    replay in the backward. H200, run 20 (bf16, N = 16, ``results/elementwise_h200_run20_memory.md``),
+    mamba1 fwd+bwd ms / peak MiB, default → 8 segments: d_model 768, B = 8, T = 2048 1.699 / 158.1
+    → 1.958 / 147.6; d_model 768, B = 2, T = 8192 2.141 / 159.8 → 2.393 / 149.3 (mamba_ssm, run 19:
+    2.113 / 148.6 and 2.226 / 148.6).
+
+    Raises:
+        BackendError: a value that is not a positive power of two.
+    """
+    value = os.environ.get("OLSM_ELEMENTWISE_SLAB_SEGMENTS", "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
+        raise BackendError(f"OLSM_ELEMENTWISE_SLAB_SEGMENTS={value!r} is not a positive power of two; "
+                           "unset it for the default (1: a checkpoint every 128 tokens)")
+    return int(value)
+
+
 def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
                   block_t: Knob = None, block_v: Knob = None, num_warps: Knob = None,
                   max_registers: Knob = None, slab: Optional[str] = None,
@@ -248,7 +271,8 @@ def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
             :data:`REG_SLOTS`, at most :data:`MAX_REG_SLOTS`. Never more than the sequence
             needs, never a C shorter than the forward's block.
         slab_segments: register slab only: segments of ``bwd.BT · slots`` tokens per
-            checkpoint interval, a power of two (None: 1): ``C = bwd.BT · slots · segments``,
+            checkpoint interval, a power of two (None: :func:`default_slab_segments`, unset
+            1): ``C = bwd.BT · slots · segments``,
             at the price of a second forward replay in the backward. Never more than the
             sequence needs.
         sequences_heads: sequences × heads of the call (None: unknown). When the forward
@@ -289,8 +313,12 @@ def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
     if slab not in SLABS:
         raise InputError(f"slab must be one of {SLABS}, got {slab!r}")
     segments = 1
+    from_env = slab_segments is None
+    if from_env:
+        slab_segments = default_slab_segments()
     if slab == "global" and slab_segments not in (None, 1):
-        raise InputError(f"slab_segments needs slab='registers', got slab_segments={slab_segments} with the global slab")
+        where = "$OLSM_ELEMENTWISE_SLAB_SEGMENTS" if from_env else "slab_segments"
+        raise InputError(f"{where}={slab_segments} needs slab='registers', not the global slab")
     if slab == "registers":
         if slab_slots is not None:
             slots = _pow2(slab_slots, "slab_slots")
