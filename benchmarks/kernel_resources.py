@@ -210,7 +210,7 @@ def elementwise_configs(K=16, V=1536, C=64):
 
     import olsm
     from olsm.kernels.elementwise import compile_recurrence
-    from olsm.kernels.elementwise.config import choose_config
+    from olsm.kernels.elementwise.config import carry_block, choose_config
     from olsm.objectives import longhorn_diag, mamba1
 
     # the GPU path of choose_config, asked from a CPU machine
@@ -249,8 +249,9 @@ def elementwise_configs(K=16, V=1536, C=64):
                 split_types = dict(types, carry="*fp32", NSPLIT="i32")
                 yield (f"elementwise bwd {name} [{t.BT},{cfg.BK},{t.BV}] split", mod.bwd_kernel,
                        dict(bwd, SPLIT_T=2048), split_types, t.num_warps, FEW)
-                carry = dict(H=1, K=K, V=V, BK=cfg.BK, BV=t.BV, BT=t.BT, C=cfg.C, IS_VARLEN=False, SPLIT_T=2048)
-                yield (f"elementwise bwd carry {name} [{t.BT},{cfg.BK},{t.BV}]", mod.bwd_carry_kernel, carry,
+                cbt = carry_block(cfg)
+                carry = dict(H=1, K=K, V=V, BK=cfg.BK, BV=t.BV, BT=cbt, C=cfg.C, IS_VARLEN=False, SPLIT_T=2048)
+                yield (f"elementwise bwd carry {name} [{cbt},{cfg.BK},{t.BV}]", mod.bwd_carry_kernel, carry,
                        split_types, t.num_warps, FEW)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from olsm.errors import BackendError, InputError
 from olsm.kernels.elementwise.config import (
+    CARRY_BT,
     DEFAULT_SLAB,
     FEW_PROGRAMS_PER_SM,
     MAX_BT,
@@ -17,6 +18,7 @@ from olsm.kernels.elementwise.config import (
     TILE_ELEMS,
     Tile,
     auto_backward_split,
+    carry_block,
     choose_config,
 )
 from olsm.kernels.elementwise.scan import backward_segments, default_backward_split
@@ -31,6 +33,7 @@ def compiled_path(monkeypatch):
     monkeypatch.delenv("OLSM_ELEMENTWISE_SLAB", raising=False)
     monkeypatch.delenv("OLSM_ELEMENTWISE_BWD_SPLIT", raising=False)
     monkeypatch.delenv("OLSM_ELEMENTWISE_SLAB_SEGMENTS", raising=False)
+    monkeypatch.delenv("OLSM_ELEMENTWISE_CARRY_BT", raising=False)
 
 
 def test_measured_defaults_at_the_paper_shape():
@@ -144,6 +147,21 @@ def test_slab_segments_environment(monkeypatch):
     monkeypatch.setenv("OLSM_ELEMENTWISE_SLAB_SEGMENTS", "4")
     with pytest.raises(InputError, match="OLSM_ELEMENTWISE_SLAB_SEGMENTS=4 needs slab='registers'"):
         choose_config(2048, 16, 1536, 64, CUDA, slab="global")
+
+
+def test_carry_block(monkeypatch):
+    """The split's carry pass walks 32-token blocks, never more than C's largest power-of-two
+    divisor; ``$OLSM_ELEMENTWISE_CARRY_BT`` overrides (for the GPU A/B)."""
+    cfg = choose_config(8192, 16, 1536, 64, CUDA)
+    assert (cfg.C, cfg.bwd.BT, carry_block(cfg)) == (128, 8, CARRY_BT) and CARRY_BT == 32
+    assert carry_block(choose_config(2048, 16, 1536, 8, CUDA, slab="global")) == 16   # C = 16
+    assert carry_block(choose_config(2048, 16, 1536, 48, CUDA, slab="global")) == 16  # C = 48 = 3 · 16
+    monkeypatch.setenv("OLSM_ELEMENTWISE_CARRY_BT", "8")
+    assert carry_block(cfg) == 8
+    for bad in ("0", "12", "x"):
+        monkeypatch.setenv("OLSM_ELEMENTWISE_CARRY_BT", bad)
+        with pytest.raises(BackendError, match="OLSM_ELEMENTWISE_CARRY_BT"):
+            carry_block(cfg)
 
 
 def test_slab_errors():

@@ -377,20 +377,28 @@ def test_sequence_split_is_refused_below_one():
 
 
 class _GridLog:
-    """Stands in for a kernel: records the grids it is launched on, then launches it."""
+    """Stands in for a kernel: records the grids it is launched on and each launch's token
+    block ``BT``, then launches it."""
 
     def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
+        self.kernel, self.grids, self.blocks = kernel, [], []
 
     def __getitem__(self, grid):
         self.grids.append(tuple(grid))
-        return self.kernel[grid]
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.blocks.append(kwargs.get("BT"))
+            return launch(*args, **kwargs)
+        return run
 
 
 def test_backward_split_global_slab_user_objective(monkeypatch):
     """Three backward segments of 16 tokens over T = 45 (the last partial), the forward whole:
     the global slab (its scratch per segment: C = 8 over blocks of 4), h0, dht, D and every
-    parameter kind (partial sums per segment); the carry pass runs on segments 1 and 2."""
+    parameter kind (atomic sums from every segment); the carry pass runs on segments 1 and 2,
+    in blocks of 8 tokens (config.carry_block: the largest power of two dividing C), not the
+    backward's 4."""
     rec = get_rec("user")
     _, mod = compile_recurrence(rec)
     log = _GridLog(mod.bwd_carry_kernel)
@@ -398,6 +406,11 @@ def test_backward_split_global_slab_user_objective(monkeypatch):
     check(*run_both("user", 2, 45, 1, 4, 3, h0=True, D=True, seed=31, chunk_size=8, block_t=(4, 4),
                     slab="global", seq_split=(None, 3)))
     assert log.grids == [(2, 1, 2)]  # (sequences · heads, value slices, segments 1..2)
+    assert log.blocks == [8]
+    monkeypatch.setenv("OLSM_ELEMENTWISE_CARRY_BT", "2")   # shorter than the backward's block
+    check(*run_both("user", 2, 45, 1, 4, 3, h0=True, D=True, seed=31, chunk_size=8, block_t=(4, 4),
+                    slab="global", seq_split=(None, 3)))
+    assert log.blocks == [8, 2]
 
 
 def test_backward_split_by_default_setting(monkeypatch):

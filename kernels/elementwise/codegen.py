@@ -59,7 +59,8 @@ block at row 0) and P_t (exclusive), so ``dS_t = X_t + P_t``. Then, for all BT t
 pushed through the printed partial derivatives to every factor. Gradients that sum over the
 value axis (dq, dk, per-key and per-head coefficients) receive one contribution per value
 slice: with several slices they are added with float32 atomics into one ``[B, T, H, ...]``
-buffer (no per-slice partial copies); parameters are summed over time in registers.
+buffer (no per-slice partial copies); parameters and D are summed over a program's tokens in
+registers and then added atomically into one float32 tensor of their own shape.
 
 **Split along the sequence (opt-in, ``seq_split``).** With ``SEG_T > 0`` the forward runs
 twice over segments of SEG_T tokens (a multiple of C), the grid's third axis the segment:
@@ -77,8 +78,8 @@ reverse scan's recurrence ``P_{t-1} = G_t ⊙ (X_t + P_t)`` is affine in P, so o
 back from P_in = 0. ``bwd_carry_kernel`` walks every segment but the first forward in time for
 that pair (per block, one product scan of G: ``L += A ⊙ Σ_r cp_r ⊙ X_r``, ``A ⊙= cp_last``);
 ``bwd_kernel`` then starts segment i from dht folded through the pairs of segments S−1 .. i+1.
-Each segment restarts from the forward's checkpoints, so nothing else changes; the parameters'
-and D's sums over time get one row per segment, reduced by the caller.
+Each segment restarts from the forward's checkpoints, so nothing else changes (the parameters'
+and D's sums are atomic adds already).
 
 The key axis is never split across programs: K (d_state) is small in the models this class
 serves (16 in Mamba-1 and Longhorn), kᵀk needs the whole key, and a split would turn dv and
@@ -101,7 +102,7 @@ from .emit import (
 from .plan import Factor, Plan
 
 #: bump whenever the generated source changes for the same expressions
-GENERATOR_VERSION = "elementwise-10-backward-split"
+GENERATOR_VERSION = "elementwise-11-parameter-atomics"
 
 #: default of the backward's ``SLAB_IN_REGS`` constexpr (the launcher always passes it and
 #: ``HAS_H0``; the defaults serve compiles that name only the older constexprs, e.g.
@@ -554,15 +555,13 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         "",
         "Outputs that sum over the value axis (dq, dk, per-key/per-head coefficients) are",
         "accumulated over the value slices (atomics when SPLIT_V); per-value ones are written;",
-        "parameters and the D gradient are summed over time here, per segment, and over",
-        'sequences/segments/slices by the caller."""',
+        "parameters and the D gradient are summed over this program's tokens, then added",
+        'atomically across sequences, segments and slices."""',
         _head(lean),
         "i_p = 0  # segment of the sequence split",
-        "i_bp = i_b  # row of the per-sequence partial sums (parameters, D)",
         "i_prog = i_bh * NV + i_v  # this program's global-slab scratch",
         "if SPLIT_T > 0:",
         "    i_p = tl.program_id(2)",
-        "    i_bp = i_b * NSPLIT + i_p",
         "    i_prog = i_prog * NSPLIT + i_p",
     )
     emit_params(src, plan)
@@ -682,22 +681,24 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         "    if i_p == 0:  # the first segment's walk ends at h0",
         "        tl.store(dh0 + i_bh.to(tl.int64) * K * V + o_state, P, mask=m_kv)",
         "if HAS_D:",
-        "    tl.store(dd_skip + (i_bp * H + i_h) * V + j_v, acc_d, mask=m_v)",
+        "    tl.atomic_add(dd_skip + i_h * V + j_v, acc_d, mask=m_v, sem='relaxed')",
     )
-    # parameters: [N · NSPLIT, NV, H, ...] partial sums (or [N · NSPLIT, H, V, ...] when they
-    # span V), reduced by the caller
+    # parameters (shaped as the input, [H, ...], float32, zeroed by the caller): each program's
+    # sum over its tokens added atomically, as dq and dk across value slices, instead of one
+    # row per (sequence, segment[, value slice]) that the caller sums: those rows took
+    # N · NSPLIT times the parameter's size (0.75 MiB for mamba1's A at E = 1536, B = 8)
     for fac in plan.factors:
         if fac.per_token:
             continue
         gp, acc = "g_" + fac.input, "acc_" + fac.input
         if fac.axes == "":
-            src(f"tl.store({gp} + (i_bp * NV + i_v) * H + i_h + tl.arange(0, 1), {acc})")
+            src(f"tl.atomic_add({gp} + i_h + tl.arange(0, 1), {acc}, sem='relaxed')")
         elif fac.axes == "K":
-            src(f"tl.store({gp} + ((i_bp * NV + i_v) * H + i_h) * K + n_k, {acc}, mask=m_k)")
+            src(f"tl.atomic_add({gp} + i_h * K + n_k, {acc}, mask=m_k, sem='relaxed')")
         elif fac.axes == "V":
-            src(f"tl.store({gp} + (i_bp * H + i_h) * V + j_v, {acc}, mask=m_v)")
+            src(f"tl.atomic_add({gp} + i_h * V + j_v, {acc}, mask=m_v, sem='relaxed')")
         else:
-            src(f"tl.store({gp} + ((i_bp * H + i_h) * V + j_v[None, :]) * K + n_k[:, None], {acc}, mask=m_kv)")
+            src(f"tl.atomic_add({gp} + (i_h * V + j_v[None, :]) * K + n_k[:, None], {acc}, mask=m_kv, sem='relaxed')")
     src.dedent()
 
 

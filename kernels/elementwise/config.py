@@ -73,6 +73,16 @@ BWD_PROGRAMS_PER_SM = 8
 #: :data:`SPLIT_GAIN` or less of the unsplit walk's
 MAX_AUTO_SPLIT, MIN_SPLIT_TOKENS, SPLIT_GAIN = 8, 1024, 0.8
 
+#: tokens per block of the split's first pass (``bwd_carry_kernel``), which runs only at few
+#: programs per SM: one product scan per block and no replay, so its chain of dependent block
+#: steps, not its registers, bounds it. Compiled for sm_90 (Triton 3.6, one warp, [BT, 16, 4]):
+#: BT 8 / 16 / 32 / 64 take 64 / 113 / 137 / 255 registers for longhorn_diag (64 spills 152 B),
+#: 62 / 67 / 128 / 168 for mamba1 (64 spills 8 B); 32 is the longest block that spills in
+#: neither, and 4 times fewer steps than the backward's own block. (The forward, the same kind
+#: of walk, was fastest at 32-token blocks at few programs: H200 runs 17-18.) Untimed on a GPU
+#: against the backward's block; ``$OLSM_ELEMENTWISE_CARRY_BT`` sets it for that A/B.
+CARRY_BT = 32
+
 #: where the backward keeps the block-entering states of a chunk
 SLABS = ("global", "registers")
 
@@ -218,6 +228,25 @@ def auto_backward_split(programs: int, T: int, sms: int) -> int:
             best, best_cost = S, cost
         S *= 2
     return best if best_cost <= SPLIT_GAIN * unsplit else 1
+
+
+def carry_block(cfg: Config) -> int:
+    """Token block of ``bwd_carry_kernel``: ``$OLSM_ELEMENTWISE_CARRY_BT`` (a power of two) or
+    :data:`CARRY_BT`, at most the largest power of two dividing the checkpoint interval C (so
+    the blocks stay aligned with the segments, whole numbers of C).
+
+    Raises:
+        BackendError: an environment value that is not a positive power of two.
+    """
+    value = os.environ.get("OLSM_ELEMENTWISE_CARRY_BT", "")
+    if value:
+        if not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
+            raise BackendError(f"OLSM_ELEMENTWISE_CARRY_BT={value!r} is not a positive power of two; "
+                               f"unset it for the default ({CARRY_BT})")
+        bt = int(value)
+    else:
+        bt = CARRY_BT
+    return min(bt, cfg.C & -cfg.C)
 
 
 def default_slab() -> str:

@@ -38,7 +38,7 @@ from olsm.errors import BackendError, InputError
 
 from .cache import load_kernels
 from ..ints import cdiv, sm_count
-from .config import Config, Knob, _pair, auto_backward_split, choose_config, interpreting
+from .config import Config, Knob, _pair, auto_backward_split, carry_block, choose_config, interpreting
 from .plan import Plan
 
 #: largest key dimension (d_state): the whole key axis sits in each program's tiles
@@ -297,8 +297,8 @@ class _ElementwiseScan(torch.autograd.Function):
         dk = alloc_sum(B, T, H, K, **f32)
         dv = alloc(B, T, H, V, dtype=v.dtype, device=dev)
         dh0 = torch.empty(N, H, K, V, **f32) if has_h0 else None
-        # partial sums per (sequence, segment), reduced below
-        dD = torch.empty(N * nsplit, H, V, **f32) if D is not None else None
+        # D's and the parameters' gradients: every program adds its sum over its tokens
+        dD = torch.zeros(H, V, **f32) if D is not None else None
         nb_c = cfg.slots
         in_regs = cfg.slab == "registers"
         # the global slab: C / BT block-entering states per program (none in registers)
@@ -313,8 +313,7 @@ class _ElementwiseScan(torch.autograd.Function):
                 gbufs.append(alloc(*c.shape, dtype=c.dtype, device=dev) if "V" in ax
                              else alloc_sum(*c.shape, **f32))
             else:
-                shape = (N * nsplit, H) + tail if "V" in ax else (N * nsplit, NV, H) + tail
-                gbufs.append(torch.empty(*shape, **f32))
+                gbufs.append(torch.zeros(H, *tail, **f32))
         dummy = dv
         split = {}
         if nsplit > 1:
@@ -327,7 +326,7 @@ class _ElementwiseScan(torch.autograd.Function):
                 cu_seqlens if cu_seqlens is not None else dummy,
                 chunk_offsets if chunk_offsets is not None else dummy,
                 scale, T, nsplit,
-                H=H, K=K, V=V, BK=cfg.BK, BV=tile.BV, BT=tile.BT, C=cfg.C,
+                H=H, K=K, V=V, BK=cfg.BK, BV=tile.BV, BT=carry_block(cfg), C=cfg.C,
                 IS_VARLEN=cu_seqlens is not None, SPLIT_T=split_t, **tile.launch_options(),
             )
             split = dict(carry=carry, NSPLIT=nsplit, SPLIT_T=split_t)
@@ -349,10 +348,10 @@ class _ElementwiseScan(torch.autograd.Function):
             SLAB_IN_REGS=int(in_regs), NSEG=cfg.segments, **split,
             **tile.launch_options(),
         )
-        dcoefs = [_reduce_coef_grad(spec, plan.input_factor[spec.name] is not None, gbufs, i, c, dt)
+        dcoefs = [_take_coef_grad(plan.input_factor[spec.name] is not None, gbufs, i, c, dt)
                   for i, (spec, c, dt) in enumerate(zip(plan.inputs, coefs, ctx.coef_dtypes))]
         dh0 = dh0.to(ctx.state_dtype) if dh0 is not None else None
-        dD = dD.sum(0).to(ctx.D_dtype) if dD is not None else None
+        dD = dD.to(ctx.D_dtype) if dD is not None else None
         # the peak is the kernel's: every float32 buffer is dropped as soon as it is reduced or
         # cast, so no two casts' copies are alive beside the buffers they come from
         dq = dq.to(q.dtype)
@@ -360,11 +359,10 @@ class _ElementwiseScan(torch.autograd.Function):
         return (None, None, None, None, None, None, None, dq, dk, dv, dh0, dD, None, *dcoefs)
 
 
-def _reduce_coef_grad(spec, used: bool, gbufs: list, i: int, c: torch.Tensor, dtype) -> torch.Tensor:
+def _take_coef_grad(used: bool, gbufs: list, i: int, c: torch.Tensor, dtype) -> torch.Tensor:
     """The gradient of coefficient ``c`` from its kernel buffer ``gbufs[i]``, which is released.
 
     Args:
-        spec: the coefficient's input spec (its axes, per token or not).
         used: whether the recurrence reads the coefficient (else its gradient is zero).
         gbufs: the backward kernel's gradient buffers; entry i is set to None.
         i: the coefficient's index.
@@ -372,14 +370,11 @@ def _reduce_coef_grad(spec, used: bool, gbufs: list, i: int, c: torch.Tensor, dt
         dtype: the dtype the gradient is returned in.
 
     Returns:
-        a tensor of ``c``'s shape: the per-token buffer cast, or the per-(sequence, segment)
-        partial sums (and value slices) summed.
+        the buffer (per token, or a parameter's float32 sum) cast, in ``c``'s shape.
     """
     buf, gbufs[i] = gbufs[i], None
     if not used:
         return torch.zeros_like(c)
-    if not spec.per_token:
-        buf = buf.sum(0) if "V" in tuple(spec.axes) else buf.sum((0, 1))
     return buf.reshape(c.shape).to(dtype)
 
 
