@@ -116,7 +116,8 @@ def make_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0, device="cuda"):
 ENV_DEFAULTS = {"OLSM_MATRIX_PATH": "auto", "OLSM_MATRIX_SOLVE": "triton", "OLSM_MATRIX_BWD": "auto",
                 "OLSM_MATRIX_INVERSE": "rows4", "OLSM_MATRIX_DOTS": "storage", "OLSM_MATRIX_DELTA_SAVE": "keep",
                 "OLSM_MATRIX_STATE": "auto", "OLSM_MATRIX_SPLIT_PER_SM": "4", "OLSM_MATRIX_STATE_STAGES": "auto",
-                "OLSM_MATRIX_WY_DOTS": "storage", "OLSM_MATRIX_DQDW": "auto"}
+                "OLSM_MATRIX_WY_DOTS": "storage", "OLSM_MATRIX_DQDW": "auto",
+                "OLSM_MATRIX_BWD_DOTS": "fp32"}
 # this script's own switches (not the library's), reset with ENV_DEFAULTS by every variant
 BENCH_DEFAULTS = {"OLSM_BENCH_CHUNK": "64"}
 VARIANTS = {
@@ -134,7 +135,8 @@ VARIANTS = {
     "stages3": ({"OLSM_MATRIX_STATE_STAGES": "3"}, True),
     "stages4": ({"OLSM_MATRIX_STATE_STAGES": "4"}, True),
     "wyfp32": ({"OLSM_MATRIX_WY_DOTS": "fp32"}, True),       # the WY kernel's X, Y dots on fp32 copies (run 16's default)
-    "dwt": ({"OLSM_MATRIX_DQDW": "transposed"}, True),      # dw transposed from dA alone, the delta form too
+    "dwt": ({"OLSM_MATRIX_DQDW": "transposed"}, True),
+    "bwdlowp": ({"OLSM_MATRIX_BWD_DOTS": "storage"}, True),  # rank-0 dq/dw's dA products and du on bf16 operands      # dw transposed from dA alone, the delta form too
     "dwboth": ({"OLSM_MATRIX_DQDW": "both"}, True),         # dA and dAᵀ by two products everywhere (run 17's)
     "chunk128": ({"OLSM_BENCH_CHUNK": "128"}, True),     # C = 128: half the chunk states (this script's switch)
     "pair": ({}, False),

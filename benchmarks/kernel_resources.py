@@ -97,6 +97,11 @@ def configs(K=128, V=128, C=64):
         yield (f"bwd dq dw both products decay={decay}", FB._dqdw_bwd_kernel,
                dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DW_T=False), sh.warps_chunk, False)
         yield (f"bwd du decay={decay}", FB._du_bwd_kernel, dict(d, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, True)
+        # OLSM_MATRIX_BWD_DOTS=storage (opt-in): the dA products and du's on bf16 operands
+        yield (f"bwd dq dw storage dots decay={decay}", FB._dqdw_bwd_kernel,
+               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DW_T=FB.dw_transposed(decay), LOWP=True), sh.warps_chunk, False)
+        yield (f"bwd du storage dots decay={decay}", FB._du_bwd_kernel,
+               dict(d, BKS=sh.BKS_du, BV=sh.BV_wide, LOWP=True), sh.warps_chunk, False)
         yield (f"bwd rank-1 cc decay={decay}", FB._lowrank_cc_kernel, dict(d, BK=sh.BK, BV=sh.BV_rank1),
                sh.warps_rank1, True)
         yield (f"bwd rank-1 dk decay={decay}", FB._lowrank_dk_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_rank1),
@@ -128,6 +133,8 @@ def configs(K=128, V=128, C=64):
                                 FB.dstate_warps(sh, 2, False), False, K, V)
             yield ("bwd dq dw per-key", FB._dqdw_bwd_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)
             yield ("bwd du per-key", FB._du_bwd_kernel, dict(d2, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, True)
+            yield ("bwd du per-key storage dots", FB._du_bwd_kernel, dict(d2, BKS=sh.BKS_du, BV=sh.BV_wide, LOWP=True),
+                   sh.warps_chunk, False)
             bks = PK.whole_keys(K)
             yield ("bwd per-key intra", PK._intra_bwd_whole_kernel,
                    dict(K=K, C=C, BKS=bks, PRECISION="tf32", CHUNK_RANGE=PK.CHUNK_RANGE), sh.warps_pair, True)

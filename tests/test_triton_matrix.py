@@ -177,6 +177,15 @@ def test_fp32_dots_without_a_pair(decay, monkeypatch):
     check(make_inputs(31, decay=decay), chunk_size=16)
 
 
+@pytest.mark.parametrize("decay", ["none", "scalar", "key"])
+def test_storage_dots_in_the_rank0_backward(decay, monkeypatch):
+    # OLSM_MATRIX_BWD_DOTS=storage (opt-in): the rank-0 dq/dw kernel's dA products and the du
+    # kernel on storage-dtype operands (float32 here: the code path only; bf16 numerics in the
+    # GPU tests)
+    monkeypatch.setenv("OLSM_MATRIX_BWD_DOTS", "storage")
+    check(make_inputs(32, decay=decay), chunk_size=16)
+
+
 @pytest.mark.parametrize("levels", ["levels2", "levels3", "rows16", "rows4"])
 @pytest.mark.parametrize("chunk", [16, 64, 128])
 def test_fused_wy_inverse_over_several_blocks(chunk, levels, monkeypatch):

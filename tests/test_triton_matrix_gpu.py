@@ -125,6 +125,15 @@ def test_fp32_dots_rank0(name, monkeypatch):
     run_case(name, torch.bfloat16, B=1, T=400, H=4, K=128, V=128, cu_seqlens=(0, 57, 300, 400))
 
 
+@pytest.mark.parametrize("name", ["linear_attention", "mamba2", "gla"])
+def test_storage_dots_rank0_backward(name, monkeypatch):
+    # OLSM_MATRIX_BWD_DOTS=storage (opt-in): the rank-0 backward's dA products and du on bf16
+    # operands, as FLA's; held to the same bf16 tolerance, packed sequences too
+    monkeypatch.setenv("OLSM_MATRIX_BWD_DOTS", "storage")
+    run_case(name, torch.bfloat16, B=2, T=300, H=4, K=128, V=128)
+    run_case(name, torch.bfloat16, B=1, T=400, H=4, K=128, V=128, cu_seqlens=(0, 57, 300, 400))
+
+
 @pytest.mark.parametrize("name", ["linear_attention", "mamba2", "deltanet", "gated_deltanet", "longhorn"])
 def test_dq_dw_switch(name, monkeypatch):
     # OLSM_MATRIX_DQDW away from each member's default (auto: dw transposed from dA alone without

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from . import perkey, perkey_pair
-from .fused import env_choice, launch_shape, launch_staged, launch_wy, no_segments, rank0_warps, sequence_launch
+from .fused import bwd_dots_lowp, env_choice, launch_shape, launch_staged, launch_wy, no_segments, rank0_warps, sequence_launch
 from .decay_grad import decay_gradient, decay_gradient_per_key
 from .perkey_pair import BA, BW, QA, QW
 from .split import walk_sequences
@@ -438,13 +438,15 @@ def _dqdw_transposed(
 def _du_bwd_kernel(
     q, w, do, g, dstates, du, amat, tok_start, tok_stop, scale,
     H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
-    BKS: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    BKS: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, LOWP: tl.constexpr = False,
 ):
     """Kernel 3: du for one V-block × chunk × head.
 
     Shapes: q, w ``[B·T, H, K]``; do ``[B·T, H, V]``; dstates ``[NC, H, K, V]``; writes du
     ``[B·T, H, V]``. DECAY = 2 (per key): g is the cumulative G ``[B·T, H, K]`` and the intra-chunk
     matrix is the forward's A read from amat ``[NC, H, C, C]`` (:mod:`.perkey`), not q wᵀ.
+    LOWP (:func:`~.fused.bwd_dots_lowp`): both products take operands in the storage dtype (the
+    intra-chunk matrix and the decayed W rounded to it once), else fp32 copies.
     """
     i_v = tl.program_id(0)
     nh = tl.program_id(1).to(tl.int64)
@@ -452,6 +454,7 @@ def _du_bwd_kernel(
     offs_c, valid, tok = chunk_tokens(tok_start, tok_stop, nh // H, C)
     offs_v = i_v * BV + tl.arange(0, BV)
     mask_v = offs_v < V
+    od = q.dtype.element_ty if LOWP else tl.float32   # dot operands: fp32 copies, or as stored (LOWP)
 
     M_T = tl.zeros([C, C], dtype=tl.float32)       # [s, t] = w_s · q_t
     acc = tl.zeros([C, BV], dtype=tl.float32)      # W dS_{n+1}
@@ -467,12 +470,12 @@ def _du_bwd_kernel(
             G = tl.load(g + (tok[:, None] * H + i_h) * K + offs_k[None, :],
                         mask=valid[:, None] & mask_k[None, :], other=0.)
             gam = chunk_gamma(g, tok_stop, nh // H, i_h, H, K, offs_k, mask_k)
-            acc += tl.dot(W.to(tl.float32) * tl.exp(gam[None, :] - G), dS, input_precision=PRECISION)
+            acc += tl.dot((W.to(tl.float32) * tl.exp(gam[None, :] - G)).to(od), dS.to(od), input_precision=PRECISION)
         else:
             Q_T = tl.load(q + (tok[None, :] * H + i_h) * K + offs_k[:, None],
                           mask=mask_k[:, None] & valid[None, :], other=0.)
             M_T += tl.dot(W, Q_T, input_precision=PRECISION)
-            acc += tl.dot(W.to(tl.float32), dS, input_precision=PRECISION)
+            acc += tl.dot(W.to(od), dS.to(od), input_precision=PRECISION)
     upper = offs_c[:, None] <= offs_c[None, :]
     if DECAY == 2:
         M_T = tl.load(amat + nh * C * C + offs_c[None, :] * C + offs_c[:, None])   # Aᵀ, zeros below the diagonal
@@ -483,8 +486,8 @@ def _du_bwd_kernel(
     elif DECAY == 0:
         M_T = tl.where(upper, M_T, 0.)
     dO = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :],
-                 mask=valid[:, None] & mask_v[None, :], other=0.).to(tl.float32)
-    acc += scale * tl.dot(M_T, dO, input_precision=PRECISION)
+                 mask=valid[:, None] & mask_v[None, :], other=0.).to(od)
+    acc += scale * tl.dot(M_T.to(od), dO, input_precision=PRECISION)
     tl.store(du + (tok[:, None] * H + i_h) * V + offs_v[None, :], acc.to(du.dtype.element_ty),
              mask=valid[:, None] & mask_v[None, :])
 
@@ -828,6 +831,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     else:
         pk = decay == 2
         dw_t = dw_transposed(decay)
+        lowp = bwd_dots_lowp()
         dlam = dbb = dummy if pk else torch.empty(NK, B * T, H, **f32)   # per key: λ goes to dq32
         # per key (.perkey): the dq/dw kernel leaves fp32 inter-chunk parts and dA, the intra
         # kernel finishes dq, dw and leaves the decay terms λ in dq32; du reads the forward's A
@@ -837,14 +841,14 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             _dqdw_bwd_kernel[(NK, NC * H)](
                 q, w, u, d_o, g if g is not None else dummy, states, dstates, dq32, dw32, dlam,
                 lay.tok_start, lay.tok_stop, scale, B * T, *(dummy,) * 7, dA, H, K=K, V=V, C=C, DECAY=decay,
-                BKS=BKS, BV=shape.BV_dqdw, PRECISION=prec, DW_T=dw_t, num_warps=shape.warps_chunk,
+                BKS=BKS, BV=shape.BV_dqdw, PRECISION=prec, DW_T=dw_t, LOWP=lowp, num_warps=shape.warps_chunk,
             )
             if pk and amat is None:
                 amat = perkey.intra_gram(q, w, g, lay.tok_start, lay.tok_stop, H, K, C, prec, shape.warps_pair)
             _du_bwd_kernel[(cdiv(V, shape.BV_wide), NC * H)](
                 q, w, d_o, g if g is not None else dummy, dstates, du, amat if pk else dummy, lay.tok_start,
                 lay.tok_stop, scale,
-                H, K=K, V=V, C=C, DECAY=decay, BKS=shape.BKS_du, BV=shape.BV_wide, PRECISION=prec,
+                H, K=K, V=V, C=C, DECAY=decay, BKS=shape.BKS_du, BV=shape.BV_wide, PRECISION=prec, LOWP=lowp,
                 num_warps=shape.warps_chunk,
             )
             if pk:
