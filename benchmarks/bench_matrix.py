@@ -135,8 +135,8 @@ VARIANTS = {
     "stages3": ({"OLSM_MATRIX_STATE_STAGES": "3"}, True),
     "stages4": ({"OLSM_MATRIX_STATE_STAGES": "4"}, True),
     "wyfp32": ({"OLSM_MATRIX_WY_DOTS": "fp32"}, True),       # the WY kernel's X, Y dots on fp32 copies (run 16's default)
-    "dwt": ({"OLSM_MATRIX_DQDW": "transposed"}, True),
-    "bwdlowp": ({"OLSM_MATRIX_BWD_DOTS": "storage"}, True),  # rank-0 dq/dw's dA products and du on bf16 operands      # dw transposed from dA alone, the delta form too
+    "dwt": ({"OLSM_MATRIX_DQDW": "transposed"}, True),      # dw transposed from dA alone, the delta form too
+    "bwdlowp": ({"OLSM_MATRIX_BWD_DOTS": "storage"}, True),  # the rank-0 dq/dw and du kernels on bf16 operands
     "dwboth": ({"OLSM_MATRIX_DQDW": "both"}, True),         # dA and dAᵀ by two products everywhere (run 17's)
     "chunk128": ({"OLSM_BENCH_CHUNK": "128"}, True),     # C = 128: half the chunk states (this script's switch)
     "pair": ({}, False),

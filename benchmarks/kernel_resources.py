@@ -133,6 +133,8 @@ def configs(K=128, V=128, C=64):
                                 FB.dstate_warps(sh, 2, False), False, K, V)
             yield ("bwd dq dw per-key", FB._dqdw_bwd_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)
             yield ("bwd du per-key", FB._du_bwd_kernel, dict(d2, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, True)
+            yield ("bwd dq dw per-key storage dots", FB._dqdw_bwd_kernel,
+                   dict(d2, BKS=sh.BKS, BV=sh.BV_dqdw, LOWP=True), sh.warps_chunk, False)
             yield ("bwd du per-key storage dots", FB._du_bwd_kernel, dict(d2, BKS=sh.BKS_du, BV=sh.BV_wide, LOWP=True),
                    sh.warps_chunk, False)
             bks = PK.whole_keys(K)

@@ -145,8 +145,12 @@ def test_slab_segments_environment(monkeypatch):
         with pytest.raises(BackendError, match="OLSM_ELEMENTWISE_SLAB_SEGMENTS"):
             choose_config(2048, 16, 1536, 64, CUDA)
     monkeypatch.setenv("OLSM_ELEMENTWISE_SLAB_SEGMENTS", "4")
+    assert choose_config(2048, 16, 1536, 64, CUDA, slab_segments=1).segments == 1   # an explicit 1 wins
+    cfg = choose_config(2048, 16, 1536, 64, CUDA, slab="global")     # a call naming the global slab keeps it
+    assert (cfg.slab, cfg.segments) == ("global", 1)
+    monkeypatch.setenv("OLSM_ELEMENTWISE_SLAB", "global")            # both from the environment: a conflict
     with pytest.raises(InputError, match="OLSM_ELEMENTWISE_SLAB_SEGMENTS=4 needs slab='registers'"):
-        choose_config(2048, 16, 1536, 64, CUDA, slab="global")
+        choose_config(2048, 16, 1536, 64, CUDA)
 
 
 def test_carry_block(monkeypatch):

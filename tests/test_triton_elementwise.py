@@ -61,6 +61,14 @@ CLASSIC_ON_CPU = {"test_longhorn_diag_odd_T_initial_state_D", "test_mamba1_param
                   "test_few_programs_block_only_on_the_lean_template"}
 
 
+@pytest.fixture(autouse=True)
+def library_defaults(monkeypatch):
+    """The library's own defaults, whatever the shell running the tests has set."""
+    for name in ("OLSM_ELEMENTWISE_SLAB", "OLSM_ELEMENTWISE_SLAB_SEGMENTS", "OLSM_ELEMENTWISE_BWD_SPLIT",
+                 "OLSM_ELEMENTWISE_CARRY_BT"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(autouse=True, params=["lean", "classic"])
 def template(request, monkeypatch):
     """Every test on both kernel templates: the lean default (folded masks, the walks' whole

@@ -182,8 +182,26 @@ def test_storage_dots_in_the_rank0_backward(decay, monkeypatch):
     # OLSM_MATRIX_BWD_DOTS=storage (opt-in): the rank-0 dq/dw kernel's dA products and the du
     # kernel on storage-dtype operands (float32 here: the code path only; bf16 numerics in the
     # GPU tests)
+    fb = importlib.import_module("olsm.kernels.matrix.fused_bwd")
+    seen = {}
+    for name in ("_dqdw_bwd_kernel", "_du_bwd_kernel"):
+        real = getattr(fb, name)
+
+        class Spy:   # records the LOWP each launch is given
+            def __getitem__(self, grid, _real=real, _name=name):
+                def run(*a, **kw):
+                    seen.setdefault(_name, []).append(kw.get("LOWP", False))
+                    return _real[grid](*a, **kw)
+                return run
+
+        monkeypatch.setattr(fb, name, Spy())
     monkeypatch.setenv("OLSM_MATRIX_BWD_DOTS", "storage")
     check(make_inputs(32, decay=decay), chunk_size=16)
+    assert seen == {"_dqdw_bwd_kernel": [True], "_du_bwd_kernel": [True]}
+    monkeypatch.delenv("OLSM_MATRIX_BWD_DOTS")
+    seen.clear()
+    check(make_inputs(33, decay=decay), chunk_size=16)
+    assert seen == {"_dqdw_bwd_kernel": [False], "_du_bwd_kernel": [False]}   # the default: fp32 copies
 
 
 @pytest.mark.parametrize("levels", ["levels2", "levels3", "rows16", "rows4"])

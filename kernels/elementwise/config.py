@@ -258,7 +258,9 @@ def default_slab_segments() -> Optional[int]:
     """``$OLSM_ELEMENTWISE_SLAB_SEGMENTS`` (a power of two) if set, else None (one segment).
 
     The way to the checkpoint-lean backward from code that does not call
-    :func:`~.scan.elementwise_scan` itself (``Recurrence(..., backend="triton")``, the layers):
+    :func:`~.scan.elementwise_scan` itself (``Recurrence(..., backend="triton")``, the layers);
+    register slab only (a call naming ``slab="global"`` ignores it; ``$OLSM_ELEMENTWISE_SLAB=global``
+    beside it is an error):
     8 segments put one checkpoint every 1024 tokens instead of every 128, for a second forward
     replay in the backward. H200, run 20 (bf16, N = 16, ``results/elementwise_h200_run20_memory.md``),
     mamba1 fwd+bwd ms / peak MiB, default → 8 segments: d_model 768, B = 8, T = 2048 1.699 / 158.1
@@ -338,12 +340,15 @@ def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
         bwd = _tile(T, BK, V, TILE_ELEMS[1], ELEMS_PER_THREAD[1], MAX_BV[1], bt[1], bv[1], nw[1], mr[1])
     step = max(fwd.BT, bwd.BT)
     C = -(-int(chunk_size) // step) * step
+    slab_named = slab is not None
     slab = default_slab() if slab is None else slab
     if slab not in SLABS:
         raise InputError(f"slab must be one of {SLABS}, got {slab!r}")
     segments = 1
     from_env = slab_segments is None
-    if from_env:
+    if from_env and not (slab_named and slab == "global"):
+        # the environment's segments are a default for the register slab: a call that names the
+        # global slab keeps it; the global slab from the environment too is a conflict (below)
         slab_segments = default_slab_segments()
     if slab == "global" and slab_segments not in (None, 1):
         where = "$OLSM_ELEMENTWISE_SLAB_SEGMENTS" if from_env else "slab_segments"
