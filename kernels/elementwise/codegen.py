@@ -253,6 +253,15 @@ def _walk_forward(src: Src, loads, lean: bool, block) -> None:
     _emit_loops(src, loops, block)
 
 
+def _block_values(src: Src, plan: Plan, loads, count: str, full: bool) -> None:
+    """The block at ``t_blk`` (block ``i_blk`` of ``count``) walked forward in time: its loads,
+    token masks (none when ``full``), factors and the values of G, k̃, ṽ (no partials)."""
+    loads.take(src, "t_blk", "BT", "i_blk", count)
+    emit_block_masks(src, "t_blk", full=full)
+    emit_factors(src, plan)
+    Coefficients(plan, with_partials=False).emit_values(src)
+
+
 def _scan_block_end(src: Src, lean: bool):
     """S <- the state after the block (G, wk, wv of the block in scope)."""
     src(
@@ -275,10 +284,7 @@ def _forward_block(src: Src, plan: Plan, loads, full: bool, lean: bool):
         "    if (g_blk % (C // BT) == 0) & (g_blk > 0):",
         "        tl.store(ckpt + ((ck0 + g_blk // (C // BT) - 1) * H + i_h) * K * V + o_state, S, mask=m_kv)",
     )
-    loads.take(src, "t_blk", "BT", "i_blk", "n_blk")
-    emit_block_masks(src, "t_blk", full=full)
-    emit_factors(src, plan)
-    Coefficients(plan, with_partials=False).emit_values(src)
+    _block_values(src, plan, loads, "n_blk", full)
     src(
         _fold_entering("S", lean),
         "A3, S3 = tl.associative_scan((G, b), 0, _affine)  # S3[r] = state after token r",
@@ -385,12 +391,9 @@ def _replay_loop(src, plan: Plan, rec_loads, t0: str, count: str, lean: bool) ->
     src(f"for i_blk in range(0, {count}):")
     src.indent()
     src(f"t_blk = {t0} + i_blk * BT")
-    rec_loads.take(src, "t_blk", "BT", "i_blk", count)
     # a replay never reaches a segment's last block, the only one that can be partial (lean:
     # no token masks)
-    emit_block_masks(src, "t_blk", full=lean)
-    emit_factors(src, plan)
-    Coefficients(plan, with_partials=False).emit_values(src)
+    _block_values(src, plan, rec_loads, count, lean)
     _scan_block_end(src, lean)
 
 
@@ -470,10 +473,7 @@ def _carry_block(src: Src, plan: Plan, loads, full: bool):
     """One block of the backward's carry walk: the block's gate prefix products fold its
     tokens' ``X_t = scale · q_t do_tᵀ`` into L, and its gate product into A."""
     src("t_blk = t0 + i_blk * BT")
-    loads.take(src, "t_blk", "BT", "i_blk", "n_blk")
-    emit_block_masks(src, "t_blk", full=full)
-    emit_factors(src, plan)
-    Coefficients(plan, with_partials=False).emit_values(src)
+    _block_values(src, plan, loads, "n_blk", full)
     src(
         "cp = tl.associative_scan(G, 0, _mul)  # cp[r] = G_0 ⊙ .. ⊙ G_r (rows past the end: G = 1)",
         "L += A * _sum(cp * ((q_c * scale)[:, :, None] * do_c[:, None, :]), 0)",

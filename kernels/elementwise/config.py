@@ -238,15 +238,22 @@ def carry_block(cfg: Config) -> int:
     Raises:
         BackendError: an environment value that is not a positive power of two.
     """
-    value = os.environ.get("OLSM_ELEMENTWISE_CARRY_BT", "")
-    if value:
-        if not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
-            raise BackendError(f"OLSM_ELEMENTWISE_CARRY_BT={value!r} is not a positive power of two; "
-                               f"unset it for the default ({CARRY_BT})")
-        bt = int(value)
-    else:
-        bt = CARRY_BT
+    bt = _env_pow2("OLSM_ELEMENTWISE_CARRY_BT", f"{CARRY_BT}") or CARRY_BT
     return min(bt, cfg.C & -cfg.C)
+
+
+def _env_pow2(name: str, default: str) -> Optional[int]:
+    """The positive power of two in ``$name``, or None when it is unset or empty.
+
+    Raises:
+        BackendError: any other value; the message names ``default``, what unsetting it gives.
+    """
+    value = os.environ.get(name, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
+        raise BackendError(f"{name}={value!r} is not a positive power of two; unset it for the default ({default})")
+    return int(value)
 
 
 def default_slab() -> str:
@@ -270,13 +277,7 @@ def default_slab_segments() -> Optional[int]:
     Raises:
         BackendError: a value that is not a positive power of two.
     """
-    value = os.environ.get("OLSM_ELEMENTWISE_SLAB_SEGMENTS", "")
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
-        raise BackendError(f"OLSM_ELEMENTWISE_SLAB_SEGMENTS={value!r} is not a positive power of two; "
-                           "unset it for the default (1: a checkpoint every 128 tokens)")
-    return int(value)
+    return _env_pow2("OLSM_ELEMENTWISE_SLAB_SEGMENTS", "1: a checkpoint every 128 tokens")
 
 
 def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
