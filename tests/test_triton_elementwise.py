@@ -437,6 +437,40 @@ def test_backward_split_by_default_setting(monkeypatch):
     assert len(log.grids) == 1
 
 
+def test_backward_split_folds_carries_without_final_state(monkeypatch):
+    """No final state asked for (no dht): the fold starts from zero. The backward kernel gets
+    one folded [BK, BV] tile per segment but the last (fold.py), not the carry pass's pairs."""
+    rec = get_rec("mamba1")
+    _, mod = compile_recurrence(rec)
+    seen = []
+    kernel = mod.bwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.append((grid, kwargs["carry"].numel(), kwargs["NSPLIT"]))
+                return kernel[grid](*args, **kwargs)
+            return run
+    monkeypatch.setattr(mod, "bwd_kernel", Spy())
+    B, T, H, K, V = 2, 37, 1, 4, 8
+    q, k, v, coefs = make_inputs("mamba1", B, T, H, K, V, seed=35)
+    do = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(36)).to(DEV)
+    grads = []
+    for fn, cast in ((elementwise_scan, None), (elementwise_scan_torch, torch.float64)):
+        x = [t.detach().to(cast) if cast else t.detach().clone() for t in (q, k, v, *coefs.values())]
+        for t in x:
+            t.requires_grad_(True)
+        kw = dict(block_v=4, slab="registers", slab_slots=2, seq_split=(None, 3)) if cast is None else {}
+        o, S = fn(rec, x[0], x[1], x[2], dict(zip(coefs, x[3:])), scale=K**-0.5, chunk_size=8, **kw)
+        assert S is None
+        grads.append(torch.autograd.grad((o.double() * do.double()).sum(), x))
+    for name, g, g_r in zip(["q", "k", "v", *coefs], *grads):
+        assert rel(g, g_r) < TOL32, name
+    (grid, numel, nsplit), = seen
+    assert grid == (B * H, 2, 3) and nsplit == 3
+    assert numel == B * H * 2 * (nsplit - 1) * 4 * 4  # (sequences · heads, slices, segments 0..1, BK, BV)
+
+
 def test_backward_split_varlen_mamba1_value_tiles():
     """Packed sequences (one empty, one shorter than a segment) and two value slices, split in
     the backward only and in both kernels differently: segments past a sequence's end carry

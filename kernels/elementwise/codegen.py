@@ -76,8 +76,10 @@ checkpoint intervals), each walked by its own program from the gradient reaching
 reverse scan's recurrence ``P_{t-1} = G_t ⊙ (X_t + P_t)`` is affine in P, so over a segment it is
 ``P_out = A ⊙ P_in + L`` with A the product of the segment's gates and L what its own tokens send
 back from P_in = 0. ``bwd_carry_kernel`` walks every segment but the first forward in time for
-that pair (per block, one product scan of G: ``L += A ⊙ Σ_r cp_r ⊙ X_r``, ``A ⊙= cp_last``);
-``bwd_kernel`` then starts segment i from dht folded through the pairs of segments S−1 .. i+1.
+that pair (per block, one product scan of G: ``L += A ⊙ Σ_r cp_r ⊙ X_r``, ``A ⊙= cp_last``) into
+two buffers; ``fold.fold_carries_kernel`` folds dht through them, last segment first, writing
+each segment's starting gradient over its L, so the A buffer is freed before the backward runs;
+``bwd_kernel`` then starts segment i from that tile (the last segment from dht).
 Each segment restarts from the forward's checkpoints, so nothing else changes (the parameters'
 and D's sums are atomic adds already).
 
@@ -102,7 +104,7 @@ from .emit import (
 from .plan import Factor, Plan
 
 #: bump whenever the generated source changes for the same expressions
-GENERATOR_VERSION = "elementwise-11-parameter-atomics"
+GENERATOR_VERSION = "elementwise-12-folded-carries"
 
 #: default of the backward's ``SLAB_IN_REGS`` constexpr (the launcher always passes it and
 #: ``HAS_H0``; the defaults serve compiles that name only the older constexprs, e.g.
@@ -486,7 +488,7 @@ def _backward_carry(src: Src, plan: Plan, depth: int, coef_args: str, lean: bool
     src("@triton.jit")
     src(
         "def bwd_carry_kernel(\n"
-        f"    q, k, v, do, {coef_args}carry, cu_seqlens, chunk_offsets,\n"
+        f"    q, k, v, do, {coef_args}carry_a, carry_l, cu_seqlens, chunk_offsets,\n"
         "    scale, T, NSPLIT,\n"
         f"{_SIZES}\n"
         "    IS_VARLEN: tl.constexpr, SPLIT_T: tl.constexpr,\n"
@@ -495,8 +497,8 @@ def _backward_carry(src: Src, plan: Plan, depth: int, coef_args: str, lean: bool
     src.indent()
     src(
         '"""The backward split along the sequence, first pass: one program per (sequence, head,',
-        "BV-slice, segment s >= 1) walks segment s forward and writes to ``carry`` [N·H, NV,",
-        "NSPLIT - 1, 2, BK, BV] slot s - 1 the pair (A, L): A = ⊙_t G_t over the segment and",
+        "BV-slice, segment s >= 1) walks segment s forward and writes slot s - 1 of ``carry_a``",
+        "and ``carry_l`` ([N·H, NV, NSPLIT - 1, BK, BV] each) the pair (A, L): A = ⊙_t G_t over the segment and",
         "L = Σ_t (G_{t0} ⊙ .. ⊙ G_t) ⊙ X_t, the gradient its tokens' outputs send to the state",
         "before it. The gradient leaving the segment is then A ⊙ P + L for P the one reaching its",
         "end (the reverse scan's recurrence P_{t-1} = G_t ⊙ (X_t + P_t), unrolled). Segment 0's",
@@ -513,10 +515,10 @@ def _backward_carry(src: Src, plan: Plan, depth: int, coef_args: str, lean: bool
     )
     _walk_forward(src, loads, lean, lambda full: _carry_block(src, plan, loads, full))
     src(
-        "o_car = carry + ((i_bh * tl.num_programs(1) + i_v).to(tl.int64) * (NSPLIT - 1) + i_s - 1) * 2 * BK * BV",
-        "o_tile = n_k[:, None] * BV + tl.arange(0, BV)[None, :]",
-        "tl.store(o_car + o_tile, A)",
-        "tl.store(o_car + BK * BV + o_tile, L)",
+        "o_car = ((i_bh * tl.num_programs(1) + i_v).to(tl.int64) * (NSPLIT - 1) + i_s - 1) * BK * BV",
+        "o_car += n_k[:, None] * BV + tl.arange(0, BV)[None, :]",
+        "tl.store(carry_a + o_car, A)",
+        "tl.store(carry_l + o_car, L)",
     )
     src.dedent()
     src("", "")
@@ -549,9 +551,10 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         "each segment in registers ([NSEG, BK, BV]), and each segment is then done as a chunk.",
         "",
         "SPLIT_T > 0 (a multiple of C): the sequence split into NSPLIT segments of SPLIT_T tokens,",
-        "the grid's third axis the segment i_p; its walk starts from the gradient reaching its end,",
-        "dht carried through the later segments' (gate product, local gradient) pairs in",
-        "``carry`` [N·H, NV, NSPLIT - 1, 2, BK, BV] (``bwd_carry_kernel``).",
+        "the grid's third axis the segment i_p; its walk starts from the gradient reaching its end:",
+        "dht for the last segment, slot i_p of ``carry`` [N·H, NV, NSPLIT - 1, BK, BV] for the",
+        "others (dht folded through the later segments' pairs: ``bwd_carry_kernel``, then",
+        "``fold.fold_carries_kernel``).",
         "",
         "Outputs that sum over the value axis (dq, dk, per-key/per-head coefficients) are",
         "accumulated over the value slices (atomics when SPLIT_V); per-value ones are written;",
@@ -585,14 +588,11 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         "if SPLIT_T > 0:",
         "    c_lo = i_p * (SPLIT_T // C)",
         "    c_hi = tl.minimum(c_hi, c_lo + SPLIT_T // C)",
-        "    # the gradient reaching this segment's end: through the later segments, last first,",
-        "    # P <- A_s ⊙ P + L_s (segment s's gate product and gradient from zero at its start)",
-        "    o_car = carry + (i_bh * NV + i_v).to(tl.int64) * (NSPLIT - 1) * 2 * BK * BV",
-        "    o_tile = n_k[:, None] * BV + tl.arange(0, BV)[None, :]",
-        "    for i_s in range(0, NSPLIT - 1 - i_p):",
-        "        i_cs = NSPLIT - 2 - i_s  # carry slot of segment NSPLIT - 1 - i_s",
-        "        A_s = tl.load(o_car + (2 * i_cs) * BK * BV + o_tile)",
-        "        P = A_s * P + tl.load(o_car + (2 * i_cs + 1) * BK * BV + o_tile)",
+        "    if i_p < NSPLIT - 1:",
+        "        # the gradient reaching this segment's end, dht folded through the later segments",
+        "        # (fold.fold_carries_kernel); the last segment's is dht itself",
+        "        o_car = ((i_bh * NV + i_v).to(tl.int64) * (NSPLIT - 1) + i_p) * BK * BV",
+        "        P = tl.load(carry + o_car + n_k[:, None] * BV + tl.arange(0, BV)[None, :])",
         "if NB_C > 1:",
         "    if SLAB_IN_REGS:",
         "        slot = tl.arange(0, NB_C)[:, None, None]  # slab slot of each block of a chunk",

@@ -39,6 +39,7 @@ from olsm.errors import BackendError, InputError
 from .cache import load_kernels
 from ..ints import cdiv, sm_count
 from .config import Config, Knob, _pair, auto_backward_split, carry_block, choose_config, interpreting
+from .fold import fold_carries_kernel
 from .plan import Plan
 
 #: largest key dimension (d_state): the whole key axis sits in each program's tiles
@@ -289,6 +290,27 @@ class _ElementwiseScan(torch.autograd.Function):
         dev = q.device
         f32 = dict(dtype=torch.float32, device=dev)
         do = do.contiguous()
+        split = {}
+        if nsplit > 1:
+            # the split along the sequence (:func:`backward_segments`): every segment but the
+            # first walked for its (gate product, gradient from zero) pair, then every segment's
+            # backward from the gradient reaching its end. It runs before the gradients are
+            # allocated, and the pairs' A half is freed once folded (fold.py): only one [K, BV]
+            # tile per segment is alive at the backward kernel's peak
+            carry_a, carry_l = (torch.empty(N * H * NV * (nsplit - 1) * cfg.BK * tile.BV, **f32) for _ in "al")
+            mod.bwd_carry_kernel[(N * H, NV, nsplit - 1)](
+                q, k, v, do, *coefs, carry_a, carry_l,
+                cu_seqlens if cu_seqlens is not None else do,
+                chunk_offsets if chunk_offsets is not None else do,
+                scale, T, nsplit,
+                H=H, K=K, V=V, BK=cfg.BK, BV=tile.BV, BT=carry_block(cfg), C=cfg.C,
+                IS_VARLEN=cu_seqlens is not None, SPLIT_T=split_t, **tile.launch_options(),
+            )
+            fold_carries_kernel[(N * H, NV)](carry_a, carry_l, dht.contiguous() if dht is not None else do,
+                                             nsplit, K=K, V=V, BK=cfg.BK, BV=tile.BV, HAS_DHT=dht is not None)
+            del carry_a
+            split = dict(carry=carry_l, NSPLIT=nsplit, SPLIT_T=split_t)
+            del carry_l
         # tokens outside every packed sequence are never visited, and sums over the value
         # slices start from zero
         alloc = torch.zeros if cu_seqlens is not None else torch.empty
@@ -315,21 +337,6 @@ class _ElementwiseScan(torch.autograd.Function):
             else:
                 gbufs.append(torch.zeros(H, *tail, **f32))
         dummy = dv
-        split = {}
-        if nsplit > 1:
-            # the split along the sequence (:func:`backward_segments`): every segment but the
-            # first walked for its (gate product, gradient from zero) pair, then every segment's
-            # backward from the gradient reaching its end
-            carry = torch.empty(N * H * NV * (nsplit - 1) * 2 * cfg.BK * tile.BV, **f32)
-            mod.bwd_carry_kernel[(N * H, NV, nsplit - 1)](
-                q, k, v, do, *coefs, carry,
-                cu_seqlens if cu_seqlens is not None else dummy,
-                chunk_offsets if chunk_offsets is not None else dummy,
-                scale, T, nsplit,
-                H=H, K=K, V=V, BK=cfg.BK, BV=tile.BV, BT=carry_block(cfg), C=cfg.C,
-                IS_VARLEN=cu_seqlens is not None, SPLIT_T=split_t, **tile.launch_options(),
-            )
-            split = dict(carry=carry, NSPLIT=nsplit, SPLIT_T=split_t)
         mod.bwd_kernel[(N * H, NV, nsplit)](
             q, k, v, do, *coefs,
             D if D is not None else dummy,
@@ -348,6 +355,7 @@ class _ElementwiseScan(torch.autograd.Function):
             SLAB_IN_REGS=int(in_regs), NSEG=cfg.segments, **split,
             **tile.launch_options(),
         )
+        split = None  # the folded carries (a [K, BV] tile per segment), before the casts below
         dcoefs = [_take_coef_grad(plan.input_factor[spec.name] is not None, gbufs, i, c, dt)
                   for i, (spec, c, dt) in enumerate(zip(plan.inputs, coefs, ctx.coef_dtypes))]
         dh0 = dh0.to(ctx.state_dtype) if dh0 is not None else None
