@@ -93,15 +93,16 @@ def configs(K=128, V=128, C=64):
         # dw formed transposed from dA alone (the default without a low-rank part), and the way
         # back OLSM_MATRIX_DQDW=both (dA and dAᵀ by two products)
         yield (f"bwd dq dw decay={decay}", FB._dqdw_bwd_kernel,
-               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DW_T=FB.dw_transposed(decay)), sh.warps_chunk, True)
+               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DW_T=FB.dw_transposed(decay), LOWP=True), sh.warps_chunk, True)
         yield (f"bwd dq dw both products decay={decay}", FB._dqdw_bwd_kernel,
-               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DW_T=False), sh.warps_chunk, False)
-        yield (f"bwd du decay={decay}", FB._du_bwd_kernel, dict(d, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, True)
-        # OLSM_MATRIX_BWD_DOTS=storage (opt-in): the dA products and du's on bf16 operands
-        yield (f"bwd dq dw storage dots decay={decay}", FB._dqdw_bwd_kernel,
-               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DW_T=FB.dw_transposed(decay), LOWP=True), sh.warps_chunk, False)
-        yield (f"bwd du storage dots decay={decay}", FB._du_bwd_kernel,
-               dict(d, BKS=sh.BKS_du, BV=sh.BV_wide, LOWP=True), sh.warps_chunk, False)
+               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DW_T=False, LOWP=True), sh.warps_chunk, False)
+        yield (f"bwd du decay={decay}", FB._du_bwd_kernel, dict(d, BKS=sh.BKS_du, BV=sh.BV_wide, LOWP=True),
+               sh.warps_chunk, True)
+        # OLSM_MATRIX_BWD_DOTS=fp32 (the default up to run 20): the dA products and du's on fp32 copies
+        yield (f"bwd dq dw fp32 dots decay={decay}", FB._dqdw_bwd_kernel,
+               dict(d, BKS=sh.BKS, BV=sh.BV_dqdw, DW_T=FB.dw_transposed(decay)), sh.warps_chunk, False)
+        yield (f"bwd du fp32 dots decay={decay}", FB._du_bwd_kernel,
+               dict(d, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, False)
         yield (f"bwd rank-1 cc decay={decay}", FB._lowrank_cc_kernel, dict(d, BK=sh.BK, BV=sh.BV_rank1),
                sh.warps_rank1, True)
         yield (f"bwd rank-1 dk decay={decay}", FB._lowrank_dk_kernel, dict(d, BKS=sh.BKS, BV=sh.BV_rank1),

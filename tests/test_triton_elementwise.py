@@ -460,7 +460,7 @@ def test_backward_split_folds_carries_without_final_state(monkeypatch):
         x = [t.detach().to(cast) if cast else t.detach().clone() for t in (q, k, v, *coefs.values())]
         for t in x:
             t.requires_grad_(True)
-        kw = dict(block_v=4, slab="registers", slab_slots=2, seq_split=(None, 3)) if cast is None else {}
+        kw = dict(block_v=4, block_t=(4, 4), slab="registers", slab_slots=2, seq_split=(None, 3)) if cast is None else {}
         o, S = fn(rec, x[0], x[1], x[2], dict(zip(coefs, x[3:])), scale=K**-0.5, chunk_size=8, **kw)
         assert S is None
         grads.append(torch.autograd.grad((o.double() * do.double()).sum(), x))

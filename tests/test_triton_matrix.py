@@ -179,9 +179,9 @@ def test_fp32_dots_without_a_pair(decay, monkeypatch):
 
 @pytest.mark.parametrize("decay", ["none", "scalar", "key"])
 def test_storage_dots_in_the_rank0_backward(decay, monkeypatch):
-    # OLSM_MATRIX_BWD_DOTS=storage (opt-in): the rank-0 dq/dw kernel's dA products and the du
-    # kernel on storage-dtype operands (float32 here: the code path only; bf16 numerics in the
-    # GPU tests)
+    # OLSM_MATRIX_BWD_DOTS: storage (the default) gives the rank-0 dq/dw kernel's dA products and
+    # the du kernel storage-dtype operands, fp32 their fp32 copies (float32 here: the code paths
+    # and the switch's wiring; bf16 numerics in the GPU tests)
     fb = importlib.import_module("olsm.kernels.matrix.fused_bwd")
     seen = {}
     for name in ("_dqdw_bwd_kernel", "_du_bwd_kernel"):
@@ -195,13 +195,13 @@ def test_storage_dots_in_the_rank0_backward(decay, monkeypatch):
                 return run
 
         monkeypatch.setattr(fb, name, Spy())
-    monkeypatch.setenv("OLSM_MATRIX_BWD_DOTS", "storage")
+    monkeypatch.delenv("OLSM_MATRIX_BWD_DOTS", raising=False)
     check(make_inputs(32, decay=decay), chunk_size=16)
-    assert seen == {"_dqdw_bwd_kernel": [True], "_du_bwd_kernel": [True]}
-    monkeypatch.delenv("OLSM_MATRIX_BWD_DOTS")
+    assert seen == {"_dqdw_bwd_kernel": [True], "_du_bwd_kernel": [True]}   # the default: storage
+    monkeypatch.setenv("OLSM_MATRIX_BWD_DOTS", "fp32")
     seen.clear()
     check(make_inputs(33, decay=decay), chunk_size=16)
-    assert seen == {"_dqdw_bwd_kernel": [False], "_du_bwd_kernel": [False]}   # the default: fp32 copies
+    assert seen == {"_dqdw_bwd_kernel": [False], "_du_bwd_kernel": [False]}
 
 
 @pytest.mark.parametrize("levels", ["levels2", "levels3", "rows16", "rows4"])

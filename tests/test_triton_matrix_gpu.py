@@ -126,10 +126,10 @@ def test_fp32_dots_rank0(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["linear_attention", "mamba2", "gla"])
-def test_storage_dots_rank0_backward(name, monkeypatch):
-    # OLSM_MATRIX_BWD_DOTS=storage (opt-in): the rank-0 backward's dA products and du on bf16
-    # operands, as FLA's; held to the same bf16 tolerance, packed sequences too
-    monkeypatch.setenv("OLSM_MATRIX_BWD_DOTS", "storage")
+def test_fp32_dots_rank0_backward(name, monkeypatch):
+    # OLSM_MATRIX_BWD_DOTS=fp32 (the default is storage, as FLA's): the rank-0 backward's dA
+    # products and du on fp32 copies of the bf16 operands; packed sequences too
+    monkeypatch.setenv("OLSM_MATRIX_BWD_DOTS", "fp32")
     run_case(name, torch.bfloat16, B=2, T=300, H=4, K=128, V=128)
     run_case(name, torch.bfloat16, B=1, T=400, H=4, K=128, V=128, cu_seqlens=(0, 57, 300, 400))
 

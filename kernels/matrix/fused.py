@@ -650,16 +650,18 @@ def dots_lowp() -> bool:
 
 
 def bwd_dots_lowp() -> bool:
-    """``OLSM_MATRIX_BWD_DOTS`` (read at each call): ``fp32`` (the default) or ``storage``, the
-    rank-0 backward's per-chunk kernels (linear attention, Mamba-2, GLA) on storage-dtype operands,
+    """``OLSM_MATRIX_BWD_DOTS`` (read at each call): ``storage`` (the default) or ``fp32``. Storage:
+    the rank-0 backward's per-chunk kernels (linear attention, Mamba-2, GLA) on storage-dtype operands,
     as FLA's ``chunk_bwd_kernel_dqkwg`` and ``chunk_bwd_kernel_dv`` take them: in
     :func:`.fused_bwd._dqdw_bwd_kernel` the value loop's dO, U and the chunk states S_n, dS_{n+1}
     (stored in the inputs' dtype already) and the two dA products (dA rounded once); in
     :func:`.fused_bwd._du_bwd_kernel` W, dS_{n+1} and the intra-chunk matrix (rounded once) with dO.
     Else fp32 copies, which Triton multiplies as tf32 at half the bf16 rate and with twice the
-    shared memory. Opt-in until timed: FLA's two kernels took
-    0.564 and 0.251 ms at (1, 32768, 16, 128) on the H200 (run 18), ours 0.726 and 0.393 (run 20)."""
-    return env_choice("OLSM_MATRIX_BWD_DOTS", ("fp32", "storage")) == "storage"
+    shared memory (the default up to run 20). On the H200 (run 21, bf16, ``quick_ab.py``) fwd+bwd
+    at (1, 32768, 16, 128) went 2.021 -> 1.523 ms (linear attention), 2.474 -> 2.017 (Mamba-2),
+    5.402 -> 4.894 (GLA); in CUDA graphs at (8, 2048, 16, 128) linear attention 0.904 -> 0.656 ms,
+    against FLA's ``chunk_simple_gla`` at 0.815."""
+    return env_choice("OLSM_MATRIX_BWD_DOTS", ("storage", "fp32")) == "storage"
 
 
 def wy_dots_lowp() -> bool:
