@@ -154,14 +154,15 @@ def test_slab_segments_environment(monkeypatch):
 
 
 def test_carry_block(monkeypatch):
-    """The split's carry pass walks 32-token blocks, never more than C's largest power-of-two
-    divisor; ``$OLSM_ELEMENTWISE_CARRY_BT`` overrides (for the GPU A/B)."""
+    """The split's carry pass walks the backward's blocks by default (run 21: 32-token ones
+    slowed longhorn_diag's split row); ``$OLSM_ELEMENTWISE_CARRY_BT`` sets a longer one (for the
+    GPU A/B), never more than C's largest power-of-two divisor."""
     cfg = choose_config(8192, 16, 1536, 64, CUDA)
-    assert (cfg.C, cfg.bwd.BT, carry_block(cfg)) == (128, 8, CARRY_BT) and CARRY_BT == 32
+    assert (cfg.C, cfg.bwd.BT, carry_block(cfg)) == (128, 8, 8) and CARRY_BT is None
+    monkeypatch.setenv("OLSM_ELEMENTWISE_CARRY_BT", "32")
+    assert carry_block(cfg) == 32
     assert carry_block(choose_config(2048, 16, 1536, 8, CUDA, slab="global")) == 16   # C = 16
     assert carry_block(choose_config(2048, 16, 1536, 48, CUDA, slab="global")) == 16  # C = 48 = 3 · 16
-    monkeypatch.setenv("OLSM_ELEMENTWISE_CARRY_BT", "8")
-    assert carry_block(cfg) == 8
     for bad in ("0", "12", "x"):
         monkeypatch.setenv("OLSM_ELEMENTWISE_CARRY_BT", bad)
         with pytest.raises(BackendError, match="OLSM_ELEMENTWISE_CARRY_BT"):

@@ -405,8 +405,8 @@ def test_backward_split_global_slab_user_objective(monkeypatch):
     """Three backward segments of 16 tokens over T = 45 (the last partial), the forward whole:
     the global slab (its scratch per segment: C = 8 over blocks of 4), h0, dht, D and every
     parameter kind (atomic sums from every segment); the carry pass runs on segments 1 and 2,
-    in blocks of 8 tokens (config.carry_block: the largest power of two dividing C), not the
-    backward's 4."""
+    in the backward's blocks of 4 tokens (config.carry_block), then in 16-token ones asked for
+    and capped at 8 (the largest power of two dividing C), then in 2-token ones."""
     rec = get_rec("user")
     _, mod = compile_recurrence(rec)
     log = _GridLog(mod.bwd_carry_kernel)
@@ -414,11 +414,12 @@ def test_backward_split_global_slab_user_objective(monkeypatch):
     check(*run_both("user", 2, 45, 1, 4, 3, h0=True, D=True, seed=31, chunk_size=8, block_t=(4, 4),
                     slab="global", seq_split=(None, 3)))
     assert log.grids == [(2, 1, 2)]  # (sequences · heads, value slices, segments 1..2)
-    assert log.blocks == [8]
-    monkeypatch.setenv("OLSM_ELEMENTWISE_CARRY_BT", "2")   # shorter than the backward's block
-    check(*run_both("user", 2, 45, 1, 4, 3, h0=True, D=True, seed=31, chunk_size=8, block_t=(4, 4),
-                    slab="global", seq_split=(None, 3)))
-    assert log.blocks == [8, 2]
+    assert log.blocks == [4]
+    for bt in ("16", "2"):   # longer than C (capped), shorter than the backward's block
+        monkeypatch.setenv("OLSM_ELEMENTWISE_CARRY_BT", bt)
+        check(*run_both("user", 2, 45, 1, 4, 3, h0=True, D=True, seed=31, chunk_size=8, block_t=(4, 4),
+                        slab="global", seq_split=(None, 3)))
+    assert log.blocks == [4, 8, 2]
 
 
 def test_backward_split_by_default_setting(monkeypatch):

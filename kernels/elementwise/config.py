@@ -74,14 +74,16 @@ BWD_PROGRAMS_PER_SM = 8
 MAX_AUTO_SPLIT, MIN_SPLIT_TOKENS, SPLIT_GAIN = 8, 1024, 0.8
 
 #: tokens per block of the split's first pass (``bwd_carry_kernel``), which runs only at few
-#: programs per SM: one product scan per block and no replay, so its chain of dependent block
-#: steps, not its registers, bounds it. Compiled for sm_90 (Triton 3.6, one warp, [BT, 16, 4]):
-#: BT 8 / 16 / 32 / 64 take 64 / 113 / 137 / 255 registers for longhorn_diag (64 spills 152 B),
-#: 62 / 67 / 128 / 168 for mamba1 (64 spills 8 B); 32 is the longest block that spills in
-#: neither, and 4 times fewer steps than the backward's own block. (The forward, the same kind
-#: of walk, was fastest at 32-token blocks at few programs: H200 runs 17-18.) Untimed on a GPU
-#: against the backward's block; ``$OLSM_ELEMENTWISE_CARRY_BT`` sets it for that A/B.
-CARRY_BT = 32
+#: programs per SM; None: the backward's own block (``cfg.bwd.BT``). Compiled for sm_90 (Triton
+#: 3.6, one warp, [BT, 16, 4]): BT 8 / 16 / 32 / 64 take 64 / 113 / 137 / 255 registers for
+#: longhorn_diag (64 spills 152 B), 62 / 67 / 128 / 168 for mamba1 (64 spills 8 B). 32-token
+#: blocks (4 times fewer dependent steps) were the default for H200 run 21's calls, where the one
+#: row that splits (d_model 768, B = 2, T = 8192, four segments) took longhorn_diag's fwd+bwd from
+#: 2.625 / 2.639 ms (runs 20 / 19, the backward's 8-token blocks) to 2.851 / 2.865, 1.07× its CUDA
+#: peer, while mamba1's moved 2.141 -> 2.105 (the other rows, which do not split, got 1-3 %
+#: faster): back to the backward's block until an A/B in one process; ``$OLSM_ELEMENTWISE_CARRY_BT``
+#: sets it for that A/B.
+CARRY_BT: Optional[int] = None
 
 #: where the backward keeps the block-entering states of a chunk
 SLABS = ("global", "registers")
@@ -232,13 +234,13 @@ def auto_backward_split(programs: int, T: int, sms: int) -> int:
 
 def carry_block(cfg: Config) -> int:
     """Token block of ``bwd_carry_kernel``: ``$OLSM_ELEMENTWISE_CARRY_BT`` (a power of two) or
-    :data:`CARRY_BT`, at most the largest power of two dividing the checkpoint interval C (so
-    the blocks stay aligned with the segments, whole numbers of C).
+    :data:`CARRY_BT` (None: the backward's block), at most the largest power of two dividing the
+    checkpoint interval C (so the blocks stay aligned with the segments, whole numbers of C).
 
     Raises:
         BackendError: an environment value that is not a positive power of two.
     """
-    bt = _env_pow2("OLSM_ELEMENTWISE_CARRY_BT", f"{CARRY_BT}") or CARRY_BT
+    bt = _env_pow2("OLSM_ELEMENTWISE_CARRY_BT", "the backward's block") or CARRY_BT or cfg.bwd.BT
     return min(bt, cfg.C & -cfg.C)
 
 
