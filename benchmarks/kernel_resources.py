@@ -221,6 +221,7 @@ def elementwise_configs(K=16, V=1536, C=64):
     import olsm
     from olsm.kernels.elementwise import compile_recurrence
     from olsm.kernels.elementwise.config import carry_block, choose_config
+    from olsm.kernels.elementwise.fold import fold_carries_kernel
     from olsm.objectives import longhorn_diag, mamba1
 
     # the GPU path of choose_config, asked from a CPU machine
@@ -263,6 +264,9 @@ def elementwise_configs(K=16, V=1536, C=64):
                 carry = dict(H=1, K=K, V=V, BK=cfg.BK, BV=t.BV, BT=cbt, C=cfg.C, IS_VARLEN=False, SPLIT_T=2048)
                 yield (f"elementwise bwd carry {name} [{cbt},{cfg.BK},{t.BV}]", mod.bwd_carry_kernel, carry,
                        split_types, t.num_warps, FEW)
+                if name == "mamba1":   # the fold between the two (recurrence-independent: one row)
+                    yield (f"elementwise bwd carry fold [{cfg.BK},{t.BV}]", fold_carries_kernel,
+                           dict(K=K, V=V, BK=cfg.BK, BV=t.BV, HAS_DHT=True), dict(NSPLIT="i32"), 1, FEW)
 
 
 #: the "default path" mark of a launch taken only at few programs per SM: it must fit, and may spill

@@ -46,10 +46,11 @@ def test_default_path_kernels_compile_for_hopper_and_fit():
     assert len([line for line in run.stdout.splitlines() if line.startswith("| delta")]) == 21
     # the generated elementwise kernels at their default tiles: compiled, and no register spills
     # (forward, backward) × 2 models, and each model's launches at few programs per SM (compiled;
-    # allowed to spill): the forward's doubled block, the backward split and its carry pass; the
-    # forward's opt-in split phases are not on the default path
+    # allowed to spill): the forward's doubled block, the backward split and its carry pass, and
+    # the carry fold (one kernel for every model); the forward's opt-in split phases are not on
+    # the default path
     ew = [line for line in run.stdout.splitlines() if line.startswith("| elementwise")]
-    assert len(ew) == 10 and sum("| few programs |" in line for line in ew) == 6
+    assert len(ew) == 11 and sum("| few programs |" in line for line in ew) == 7
     # the sequential walks (forward state, reverse dS) on the default path leave no load in their
     # loop synchronous: on a walk each is a memory latency per chunk (run 15: the forward walk's Y
     # was; its load a chunk ahead took DeltaNet's forward 1.694 -> 1.581 ms). Except a per-key γ in
