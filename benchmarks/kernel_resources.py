@@ -44,20 +44,22 @@ TYPES = dict(BF16, dq32="*fp32", dw32="*fp32", da32="*fp32", db32="*fp32", tok_s
              NSEG="i32", SEG_L="i32")
 
 
-def segments(name, kernel, consts, warps, lowrank, K, V, walk=True):
+def segments(name, kernel, consts, warps, lowrank, K, V, walk=True, seg_warps=None):
     """A sequential pass's launches: the whole walk (unless ``walk`` is False) and the two
     segment walks of :mod:`olsm.kernels.matrix.split`, with a pair also walking the segment's
     transition and in value blocks of 32 (the few-program case,
     :func:`~olsm.kernels.matrix.fused.sequence_launch`). The segments are on the default path
     (``OLSM_MATRIX_STATE=auto``, few programs, :func:`~olsm.kernels.matrix.split.walk_sequences`)
-    without a decay, for rank 0 and for the delta form's forward pass."""
+    without a decay, for rank 0 and for the delta form's forward pass. ``seg_warps``: the segment
+    walks' num_warps when not the whole walk's (:func:`~olsm.kernels.matrix.fused.split_warps`)."""
     if walk:
         yield (name, kernel, consts, warps, True)
     seg = dict(consts, SEG_L=8, SEG_W=V + K if lowrank else V, BV=32 if lowrank else consts["BV"])
     delta_fwd = consts.get("DELTA", False) and kernel is F._state_fwd_kernel
     default = consts["DECAY"] == 0 and (not lowrank or delta_fwd)
-    yield (f"{name}, segments", kernel, dict(seg, SEG_EXT=lowrank), warps, default)
-    yield (f"{name}, segments restart", kernel, dict(seg, SEG_START=True), warps, default)
+    seg_warps = seg_warps or warps
+    yield (f"{name}, segments", kernel, dict(seg, SEG_EXT=lowrank), seg_warps, default)
+    yield (f"{name}, segments restart", kernel, dict(seg, SEG_START=True), seg_warps, default)
 
 
 def configs(K=128, V=128, C=64):
@@ -74,7 +76,7 @@ def configs(K=128, V=128, C=64):
                    dict(d, LOWRANK=lr, BK=sh.BK, BV=F.output_block(sh, lr), **lowp), sh.warps_out, True)
             fwd = dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, **lowp)
             yield from segments(f"fwd state {tag}", F._state_fwd_kernel, fwd, F.state_warps(sh, decay, lr, sh.BV),
-                                lr, K, V)
+                                lr, K, V, seg_warps=F.split_warps(sh, decay, lr))
             yield (f"fwd split combine {tag}", SP._combine_kernel,
                    dict(K=K, V=V, BK=sh.BK, BV=32 if lr else sh.BV, HAS_INIT=True, DECAY=decay, MAT=lr),
                    8 if lr else 4, decay == 0 and not lr)
@@ -87,7 +89,8 @@ def configs(K=128, V=128, C=64):
             bwd = dict(d, HAS_DFINAL=True, LOWRANK=lr, BK=sh.BK, BV=sh.BV)
             wb = FB.dstate_warps(sh, decay, lr)
             yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, wb, True)
-            yield from segments(f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, wb, lr, K, V, walk=False)
+            yield from segments(f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, wb, lr, K, V, walk=False,
+                                seg_warps=F.split_warps(sh, decay, lr))
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False)
         yield (f"fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         # dw formed transposed from dA alone (the default without a low-rank part), and the way

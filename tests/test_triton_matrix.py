@@ -493,6 +493,34 @@ def test_state_pass_split_along_the_sequence(decay, lowrank, monkeypatch):
     assert ran and all(ran) and len(ran) == 2 * (3 + strong), ran    # forward and reverse pass
 
 
+def test_split_walks_with_a_scalar_decay_take_their_own_warps(monkeypatch):
+    # the split's segment walks (steps 1 and 3, both directions) launch on fused.split_warps:
+    # warps_split_decay with a scalar decay and no pair (the single walk takes warps_walk_decay,
+    # and fewer of the split's programs would fit on an SM), else the single walk's
+    F = importlib.import_module("olsm.kernels.matrix.fused")
+    FB = importlib.import_module("olsm.kernels.matrix.fused_bwd")
+    sh = F.launch_shape(128, 128, 64)
+    assert F.split_warps(sh, 1, False) == sh.warps_split_decay == 4 != sh.warps_walk_decay
+    assert F.split_warps(sh, 0, False) is None and F.split_warps(sh, 1, True) is None
+    assert F.split_warps(sh, 2, False) is None
+    spy_split(monkeypatch)
+    seen = []
+    for mod in (F, FB):
+        real = mod.launch_staged
+
+        def spy(kernel, grid, args, stages, _real=real, **kw):
+            seen.append((kernel.fn.__name__, kw.get("SEG_L", 0) > 0, kw["num_warps"]))
+            return _real(kernel, grid, args, stages, **kw)
+        monkeypatch.setattr(mod, "launch_staged", spy)
+        monkeypatch.setattr(mod, "split_warps", lambda shape, decay, lowrank: 2 if decay == 1 and not lowrank else None)
+    check(make_inputs(48, B=1, T=150, H=1, decay="scalar"), chunk_size=16)
+    assert sorted(set(seen)) == [("_dstate_bwd_kernel", True, 2), ("_state_fwd_kernel", True, 2)], seen
+    seen.clear()
+    check(make_inputs(48, B=1, T=150, H=1, decay="none"), chunk_size=16)
+    # no decay: the single walk's warps (the override above answers None)
+    assert len(seen) == 4 and all(seg and w != 2 for _, seg, w in seen), seen
+
+
 def test_state_pass_auto_splits_only_few_programs_of_rank_0_without_decay(monkeypatch):
     # OLSM_MATRIX_STATE unset (auto): one head's long sequence (a few programs for 132 SMs) is
     # split, with or without packing; with a decay (scalar or per key), a pair, or many programs,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -492,7 +493,15 @@ class LaunchShape:
             the shared memory of 3, sm_90 compile at C = 64); warps_walk_decay: both walks
             without a pair with a scalar decay (:func:`rank0_warps`); warps_delta_decay: the
             delta form's reverse pass with a decay (:func:`.fused_bwd.dstate_warps`; a field
-            so that ``tune_fused.py`` can move it; measured on an H200, run 16).
+            so that ``tune_fused.py`` can move it; measured on an H200, run 16);
+            warps_split_decay: the segment walks of those two walks split along the sequence
+            (``OLSM_MATRIX_STATE=split``, :mod:`.split`). The split launches about four programs
+            per SM, and at warps_walk_decay (8) fewer fit: on the sm_90 compile (Triton 3.6, BK =
+            32, BV = 64, as at (1, 32768, 16, 128)) the forward's segment walks take 76 / 92
+            registers on 8 warps, 3 / 2 programs per SM, against 110 / 112 on 4 warps, 4 per SM
+            (the reverse ones 2 per SM against 3–4); linear attention's, on 4 warps, fit 8.
+            Run 20's profile had Mamba-2's split forward walk at 0.605 ms against linear
+            attention's 0.315. Untimed on a GPU at 4 (the split is not the default with a decay).
 
     The values are what ``benchmarks/tune_fused.py`` measured fastest on an H100 at
     (8, 2048, 16, 128), bf16, C = 64 (one knob at a time, 2026-11-24): 4 warps beat 8 for every
@@ -523,6 +532,7 @@ class LaunchShape:
     stages_pair: int = 2
     warps_walk_decay: int = 8
     warps_delta_decay: int = 4
+    warps_split_decay: int = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -750,6 +760,14 @@ def rank0_warps(shape: LaunchShape, decay: int) -> int:
     return shape.warps_walk_decay if decay == DECAY_SCALAR else shape.warps_seq
 
 
+def split_warps(shape: LaunchShape, decay: int, lowrank: bool) -> Optional[int]:
+    """num_warps of the segment walks when a walk without a pair is split along the sequence
+    (:func:`.split.walk_sequences`): ``warps_split_decay`` with a scalar decay, where the single
+    walk takes 8 (:func:`rank0_warps`) and fewer of the split's programs would fit on an SM; None
+    (the single walk's) otherwise."""
+    return shape.warps_split_decay if decay == DECAY_SCALAR and not lowrank else None
+
+
 def state_warps(shape: LaunchShape, decay: int, lowrank: bool, BV: int, delta: bool = False) -> int:
     """num_warps of :func:`_state_fwd_kernel` at value block ``BV``: :func:`rank0_warps` for rank 0,
     ``warps_state_lr`` with a pair, except the delta form, which takes 4 without a decay or at
@@ -850,9 +868,9 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
               PRECISION=prec, LOWP=lowp and R == 0, num_warps=state_warps(shape, decay, R > 0, BV))
     from .split import walk_sequences     # split imports this module
 
-    walk_sequences(lambda grid_, args_, **extra: _launch_state(grid_, args_, **kw, **extra),
+    walk_sequences(lambda grid_, args_, **extra: _launch_state(grid_, args_, **{**kw, **extra}),
                    grid, args, h0_, final, chunk_offsets, H, K, V, BK_seq, BV, decay, max_chunks, dev,
-                   lowrank=R > 0)
+                   lowrank=R > 0, split_warps=split_warps(shape, decay, R > 0))
     if NC > 0:
         BVO = output_block(shape, R > 0)
         _output_fwd_kernel[(cdiv(V, BVO), NC * H)](

@@ -49,7 +49,8 @@ import triton
 import triton.language as tl
 
 from . import perkey, perkey_pair
-from .fused import bwd_dots_lowp, env_choice, launch_shape, launch_staged, launch_wy, no_segments, rank0_warps, sequence_launch
+from .fused import (bwd_dots_lowp, env_choice, launch_shape, launch_staged, launch_wy, no_segments, rank0_warps,
+                    sequence_launch, split_warps)
 from .decay_grad import decay_gradient, decay_gradient_per_key
 from .perkey_pair import BA, BW, QA, QW
 from .split import walk_sequences
@@ -791,9 +792,9 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
             H) + no_segments(dummy)
     kw = dict(K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None, LOWRANK=R > 0, BK=BK_seq, BV=BV,
               PRECISION=prec, num_warps=dstate_warps(shape, decay, R > 0))
-    walk_sequences(lambda grid_, args_, **extra: launch_dstate(grid_, args_, **kw, **extra),
+    walk_sequences(lambda grid_, args_, **extra: launch_dstate(grid_, args_, **{**kw, **extra}),
                    grid, args, df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev,
-                   reverse=True, lowrank=R > 0)
+                   reverse=True, lowrank=R > 0, split_warps=split_warps(shape, decay, R > 0))
     dq, dw, du = torch.empty_like(q), torch.empty_like(w), torch.empty_like(u)
     da = db = None
     if R:

@@ -5,7 +5,10 @@ an SM's worth of programs or fewer; ``split`` splits every pass with more than o
 decay, with or without a pair: below), ``walk`` none. Run 9 on the H200 (bf16, H = 16, D = 128): linear attention's
 forward at (1, 32768) took 0.554 ms split and 0.752 walked (fwd+bwd 2.337 / 2.574), but fwd+bwd
 at (2, 8192), 256 programs, 1.231 split vs 1.106 walked, and Mamba-2's fwd+bwd at (1, 32768)
-5.90 split vs 4.91 walked (not understood yet; hence no decay in ``auto``).
+5.90 split vs 4.91 walked (hence no decay in ``auto``). A likely cause, found on the sm_90 compile
+(run 21): the scalar decay's walks run on 8 warps, at which 2–3 of the split's programs fit on an
+SM where it launches about 4 per SM (linear attention's, on 4 warps, fit 8); its segment walks now
+take ``warps_split_decay`` (4; :func:`.fused.split_warps`), untimed on a GPU.
 
 The state pass walks each sequence's chunks in order, one latency-bound step per chunk: at
 B = 1, T = 32768 (512 chunks) its few programs take most of the forward. Without a low-rank
@@ -105,7 +108,7 @@ def segment_length(programs: int, max_chunks: int, device) -> int:
 
 
 def split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV, decay, max_chunks,
-                     device, reverse=False, lowrank=False):
+                     device, reverse=False, lowrank=False, warps=None):
     """Steps 1–3 of the module docstring. ``launch(grid, args, **constexprs)`` runs the sequence
     kernel (:func:`.fused._state_fwd_kernel`, or with ``reverse`` the reverse pass
     :func:`.fused_bwd._dstate_bwd_kernel`) with ``args`` as for the single walk, ``args[-3:]``
@@ -113,6 +116,7 @@ def split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, 
     states (S_n, or dS_{n+1}) where the single walk would; ``init`` (h0 or d_final, or None)
     starts the join and ``out`` (final state or dh0) receives its end. ``lowrank``: the walk has
     a low-rank part (one key block of all K), so step 1 also walks the transition (``SEG_EXT``).
+    ``warps``: num_warps of steps 1 and 3 (None: the single walk's; :func:`.fused.split_warps`).
 
     Returns:
         whether it ran (False: one segment would cover every sequence; the caller walks them whole).
@@ -127,21 +131,23 @@ def split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, 
     seg_end = torch.empty(NH, nseg, K, W, **f32)
     seg_g = torch.empty(NH, nseg, K if decay == 2 else 1, **f32)
     seg_args = args[:-3] + (seg_end, seg_g, nseg)
-    launch((cdiv(W, BV) * nseg, NH, nk), seg_args, SEG_L=L, SEG_W=W, SEG_EXT=lowrank)
+    seg_kw = dict(num_warps=warps) if warps else {}
+    launch((cdiv(W, BV) * nseg, NH, nk), seg_args, SEG_L=L, SEG_W=W, SEG_EXT=lowrank, **seg_kw)
     _combine_kernel[(nv, NH, nk)](seg_end, seg_g, init if init is not None else seg_end, out, chunk_offsets, H, nseg,
                                   L, K=K, V=V, BK=BK, BV=BV, HAS_INIT=init is not None, DECAY=decay,
                                   REVERSE=reverse, MAT=lowrank, num_warps=8 if lowrank else 4)
-    launch((nv * nseg, NH, nk), seg_args, SEG_L=L, SEG_W=W, SEG_START=True)
+    launch((nv * nseg, NH, nk), seg_args, SEG_L=L, SEG_W=W, SEG_START=True, **seg_kw)
     return True
 
 
 def walk_sequences(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV, decay, max_chunks,
-                   device, reverse=False, lowrank=False, delta=False):
+                   device, reverse=False, lowrank=False, delta=False, split_warps=None):
     """Run a sequential pass: split along the sequence (:func:`split_state_pass`) when
     ``OLSM_MATRIX_STATE`` asks for it (module docstring) and there is more than one segment;
     else one launch ``launch(grid, args)`` walking whole sequences. ``lowrank``: the pass has a
     low-rank part (its segments carry their ``[K, K]`` transitions); ``delta``: it is the delta
-    form's (:mod:`.delta`)."""
+    form's (:mod:`.delta`); ``split_warps``: num_warps of the split's segment walks (None: the
+    single walk's)."""
     mode = env_choice("OLSM_MATRIX_STATE", ("auto", "walk", "split"))
     if mode == "auto":
         # rank 0 without decay; and the delta form's forward without decay at half an SM's worth
@@ -156,6 +162,6 @@ def walk_sequences(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV
         mode = "split" if rank0 or delta_fwd else "walk"
     if mode == "split":
         if split_state_pass(launch, grid, args, init, out, chunk_offsets, H, K, V, BK, BV, decay,
-                            max_chunks, device, reverse, lowrank):
+                            max_chunks, device, reverse, lowrank, split_warps):
             return
     launch(grid, args)
