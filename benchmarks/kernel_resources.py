@@ -135,11 +135,14 @@ def configs(K=128, V=128, C=64):
             yield from segments("bwd dstate per-key", FB._dstate_bwd_kernel,
                                 dict(d2, HAS_DFINAL=True, LOWRANK=False, BK=sh.BK, BV=sh.BV),
                                 FB.dstate_warps(sh, 2, False), False, K, V)
-            yield ("bwd dq dw per-key", FB._dqdw_bwd_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_dqdw), sh.warps_chunk, True)
-            yield ("bwd du per-key", FB._du_bwd_kernel, dict(d2, BKS=sh.BKS_du, BV=sh.BV_wide), sh.warps_chunk, True)
-            yield ("bwd dq dw per-key storage dots", FB._dqdw_bwd_kernel,
-                   dict(d2, BKS=sh.BKS, BV=sh.BV_dqdw, LOWP=True), sh.warps_chunk, False)
-            yield ("bwd du per-key storage dots", FB._du_bwd_kernel, dict(d2, BKS=sh.BKS_du, BV=sh.BV_wide, LOWP=True),
+            yield ("bwd dq dw per-key", FB._dqdw_bwd_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_dqdw, LOWP=True),
+                   sh.warps_chunk, True)
+            yield ("bwd du per-key", FB._du_bwd_kernel, dict(d2, BKS=sh.BKS_du, BV=sh.BV_wide, LOWP=True),
+                   sh.warps_chunk, True)
+            # OLSM_MATRIX_BWD_DOTS=fp32 (the default up to run 20)
+            yield ("bwd dq dw per-key fp32 dots", FB._dqdw_bwd_kernel, dict(d2, BKS=sh.BKS, BV=sh.BV_dqdw),
+                   sh.warps_chunk, False)
+            yield ("bwd du per-key fp32 dots", FB._du_bwd_kernel, dict(d2, BKS=sh.BKS_du, BV=sh.BV_wide),
                    sh.warps_chunk, False)
             bks = PK.whole_keys(K)
             yield ("bwd per-key intra", PK._intra_bwd_whole_kernel,

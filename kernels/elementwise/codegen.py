@@ -78,8 +78,9 @@ reverse scan's recurrence ``P_{t-1} = G_t ⊙ (X_t + P_t)`` is affine in P, so o
 back from P_in = 0. ``bwd_carry_kernel`` walks every segment but the first forward in time for
 that pair (per block, one product scan of G: ``L += A ⊙ Σ_r cp_r ⊙ X_r``, ``A ⊙= cp_last``) into
 two buffers; ``fold.fold_carries_kernel`` folds dht through them, last segment first, writing
-each segment's starting gradient over its L, so the A buffer is freed before the backward runs;
-``bwd_kernel`` then starts segment i from that tile (the last segment from dht).
+the gradient reaching the end of segment s − 1 over L_s (slot s − 1), so the A buffer is freed
+before the backward runs; ``bwd_kernel`` then starts segment i from slot i (the last segment from
+dht).
 Each segment restarts from the forward's checkpoints, so nothing else changes (the parameters'
 and D's sums are atomic adds already).
 

@@ -295,8 +295,8 @@ class _ElementwiseScan(torch.autograd.Function):
             # the split along the sequence (:func:`backward_segments`): every segment but the
             # first walked for its (gate product, gradient from zero) pair, then every segment's
             # backward from the gradient reaching its end. It runs before the gradients are
-            # allocated, and the pairs' A half is freed once folded (fold.py): only one [K, BV]
-            # tile per segment is alive at the backward kernel's peak
+            # allocated, and the pairs' A half is freed once folded (fold.py): only one [BK, BV]
+            # tile per segment but the last is alive at the backward kernel's peak
             carry_a, carry_l = (torch.empty(N * H * NV * (nsplit - 1) * cfg.BK * tile.BV, **f32) for _ in "al")
             mod.bwd_carry_kernel[(N * H, NV, nsplit - 1)](
                 q, k, v, do, *coefs, carry_a, carry_l,
@@ -306,8 +306,11 @@ class _ElementwiseScan(torch.autograd.Function):
                 H=H, K=K, V=V, BK=cfg.BK, BV=tile.BV, BT=carry_block(cfg), C=cfg.C,
                 IS_VARLEN=cu_seqlens is not None, SPLIT_T=split_t, **tile.launch_options(),
             )
+            # a [BK, BV] tile per program (64 elements at the paper's shapes): one warp, as compiled
+            # in kernel_resources.py
             fold_carries_kernel[(N * H, NV)](carry_a, carry_l, dht.contiguous() if dht is not None else do,
-                                             nsplit, K=K, V=V, BK=cfg.BK, BV=tile.BV, HAS_DHT=dht is not None)
+                                             nsplit, K=K, V=V, BK=cfg.BK, BV=tile.BV, HAS_DHT=dht is not None,
+                                             num_warps=1, num_stages=1)
             del carry_a
             split = dict(carry=carry_l, NSPLIT=nsplit, SPLIT_T=split_t)
             del carry_l
@@ -355,7 +358,7 @@ class _ElementwiseScan(torch.autograd.Function):
             SLAB_IN_REGS=int(in_regs), NSEG=cfg.segments, **split,
             **tile.launch_options(),
         )
-        split = None  # the folded carries (a [K, BV] tile per segment), before the casts below
+        split = None  # the folded carries (a [BK, BV] tile per segment), before the casts below
         dcoefs = [_take_coef_grad(plan.input_factor[spec.name] is not None, gbufs, i, c, dt)
                   for i, (spec, c, dt) in enumerate(zip(plan.inputs, coefs, ctx.coef_dtypes))]
         dh0 = dh0.to(ctx.state_dtype) if dh0 is not None else None
