@@ -9,9 +9,10 @@ each sequence in blocks of tokens and solve the recurrence inside a block with o
 associative scan over ``[tokens, keys, values]`` tiles (the algorithm: :mod:`.codegen`).
 
 Modules, one idea each: :mod:`.plan` (what to compute, from sympy), :mod:`.printer` (sympy
-to Triton expressions), :mod:`.emit` (source of one block step), :mod:`.codegen` (the two
-kernels), :mod:`.cache` (disk cache and import), :mod:`.config` (tile shapes),
-:mod:`.scan` (launchers, autograd, public API), :mod:`.torch_ref` (the materialised-G
+to Triton expressions), :mod:`.emit` (source of one block step), :mod:`.codegen` (the generated
+kernels: forward, backward, the split's carry pass), :mod:`.cache` (disk cache and import), :mod:`.config` (tile shapes),
+:mod:`.scan` (launchers, autograd, public API), :mod:`.fold` (the backward split's one
+hand-written kernel, the same for every recurrence), :mod:`.torch_ref` (the materialised-G
 reference the kernels are tested against).
 """
 from .cache import cache_dir, load_kernels
