@@ -76,7 +76,7 @@ def configs(K=128, V=128, C=64):
                    dict(d, LOWRANK=lr, BK=sh.BK, BV=F.output_block(sh, lr), **lowp), sh.warps_out, True)
             fwd = dict(d, LOWRANK=lr, HAS_H0=True, BK=sh.BK, BV=sh.BV, **lowp)
             yield from segments(f"fwd state {tag}", F._state_fwd_kernel, fwd, F.state_warps(sh, decay, lr, sh.BV),
-                                lr, K, V, seg_warps=F.split_warps(sh, decay, lr))
+                                lr, K, V, seg_warps=F.split_warps(sh, decay, lr, sh.BK))
             yield (f"fwd split combine {tag}", SP._combine_kernel,
                    dict(K=K, V=V, BK=sh.BK, BV=32 if lr else sh.BV, HAS_INIT=True, DECAY=decay, MAT=lr),
                    8 if lr else 4, decay == 0 and not lr)
@@ -90,7 +90,7 @@ def configs(K=128, V=128, C=64):
             wb = FB.dstate_warps(sh, decay, lr)
             yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, wb, True)
             yield from segments(f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, wb, lr, K, V, walk=False,
-                                seg_warps=F.split_warps(sh, decay, lr))
+                                seg_warps=F.split_warps(sh, decay, lr, sh.BK))
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False)
         yield (f"fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         # dw formed transposed from dA alone (the default without a low-rank part), and the way

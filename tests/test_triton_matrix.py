@@ -495,14 +495,16 @@ def test_state_pass_split_along_the_sequence(decay, lowrank, monkeypatch):
 
 def test_split_walks_with_a_scalar_decay_take_their_own_warps(monkeypatch):
     # the split's segment walks (steps 1 and 3, both directions) launch on fused.split_warps:
-    # warps_split_decay with a scalar decay and no pair (the single walk takes warps_walk_decay,
-    # and fewer of the split's programs would fit on an SM), else the single walk's
+    # warps_split_decay with a scalar decay, no pair and key blocks of at most 64 (the single walk
+    # takes warps_walk_decay, and fewer of the split's programs would fit on an SM), else the
+    # single walk's
     F = importlib.import_module("olsm.kernels.matrix.fused")
     FB = importlib.import_module("olsm.kernels.matrix.fused_bwd")
     sh = F.launch_shape(128, 128, 64)
-    assert F.split_warps(sh, 1, False) == sh.warps_split_decay == 4 != sh.warps_walk_decay
-    assert F.split_warps(sh, 0, False) is None and F.split_warps(sh, 1, True) is None
-    assert F.split_warps(sh, 2, False) is None
+    assert F.split_warps(sh, 1, False, 32) == sh.warps_split_decay == 4 != sh.warps_walk_decay
+    assert F.split_warps(sh, 1, False, 64) == 4 and F.split_warps(sh, 1, False, 128) is None
+    assert F.split_warps(sh, 0, False, 32) is None and F.split_warps(sh, 1, True, 32) is None
+    assert F.split_warps(sh, 2, False, 32) is None
     spy_split(monkeypatch)
     seen = []
     for mod in (F, FB):
@@ -512,7 +514,7 @@ def test_split_walks_with_a_scalar_decay_take_their_own_warps(monkeypatch):
             seen.append((kernel.fn.__name__, kw.get("SEG_L", 0) > 0, kw["num_warps"]))
             return _real(kernel, grid, args, stages, **kw)
         monkeypatch.setattr(mod, "launch_staged", spy)
-        monkeypatch.setattr(mod, "split_warps", lambda shape, decay, lowrank: 2 if decay == 1 and not lowrank else None)
+        monkeypatch.setattr(mod, "split_warps", lambda shape, decay, lowrank, BK: 2 if decay == 1 and not lowrank else None)
     check(make_inputs(48, B=1, T=150, H=1, decay="scalar"), chunk_size=16)
     assert sorted(set(seen)) == [("_dstate_bwd_kernel", True, 2), ("_state_fwd_kernel", True, 2)], seen
     seen.clear()

@@ -495,11 +495,12 @@ class LaunchShape:
             delta form's reverse pass with a decay (:func:`.fused_bwd.dstate_warps`; a field
             so that ``tune_fused.py`` can move it; measured on an H200, run 16);
             warps_split_decay: the segment walks of those two walks split along the sequence
-            (``OLSM_MATRIX_STATE=split``, :mod:`.split`). The split launches about four programs
-            per SM, and at warps_walk_decay (8) fewer fit: on the sm_90 compile (Triton 3.6, BK =
-            32, BV = 64, as at (1, 32768, 16, 128)) the forward's segment walks take 76 / 92
-            registers on 8 warps, 3 / 2 programs per SM, against 110 / 112 on 4 warps, 4 per SM
-            (the reverse ones 2 per SM against 3–4); linear attention's, on 4 warps, fit 8.
+            (``OLSM_MATRIX_STATE=split``, :mod:`.split`) at key blocks of at most 64
+            (:func:`split_warps`). The split launches about four programs per SM, and at
+            warps_walk_decay (8) fewer fit: on the sm_90 compile (Triton 3.6, BK = 32, BV = 64,
+            as at (1, 32768, 16, 128)) the forward's segment walks take 76 / 92 registers on 8
+            warps, 3 / 2 programs per SM, against 110 / 112 on 4 warps, 4 per SM (the reverse
+            ones 2 per SM against 3–4); linear attention's, on 4 warps, fit 8.
             Run 20's profile had Mamba-2's split forward walk at 0.605 ms against linear
             attention's 0.315. Untimed on a GPU at 4 (the split is not the default with a decay).
 
@@ -760,12 +761,14 @@ def rank0_warps(shape: LaunchShape, decay: int) -> int:
     return shape.warps_walk_decay if decay == DECAY_SCALAR else shape.warps_seq
 
 
-def split_warps(shape: LaunchShape, decay: int, lowrank: bool) -> Optional[int]:
+def split_warps(shape: LaunchShape, decay: int, lowrank: bool, BK: int) -> Optional[int]:
     """num_warps of the segment walks when a walk without a pair is split along the sequence
-    (:func:`.split.walk_sequences`): ``warps_split_decay`` with a scalar decay, where the single
-    walk takes 8 (:func:`rank0_warps`) and fewer of the split's programs would fit on an SM; None
-    (the single walk's) otherwise."""
-    return shape.warps_split_decay if decay == DECAY_SCALAR and not lowrank else None
+    (:func:`.split.walk_sequences`) at key blocks ``BK``: ``warps_split_decay`` with a scalar decay
+    and key blocks of at most 64 (:func:`sequence_launch` narrows them at few programs, where the
+    split pays), where the single walk takes 8 (:func:`rank0_warps`) and fewer of the split's
+    programs would fit on an SM; None (the single walk's) otherwise. At whole 128-key rows the
+    reverse segment walk takes 255 registers on 4 warps (sm_90, Triton 3.6; 16 B spilled on 3.9)."""
+    return shape.warps_split_decay if decay == DECAY_SCALAR and not lowrank and BK <= 64 else None
 
 
 def state_warps(shape: LaunchShape, decay: int, lowrank: bool, BV: int, delta: bool = False) -> int:
@@ -870,7 +873,7 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
 
     walk_sequences(lambda grid_, args_, **extra: _launch_state(grid_, args_, **{**kw, **extra}),
                    grid, args, h0_, final, chunk_offsets, H, K, V, BK_seq, BV, decay, max_chunks, dev,
-                   lowrank=R > 0, split_warps=split_warps(shape, decay, R > 0))
+                   lowrank=R > 0, split_warps=split_warps(shape, decay, R > 0, BK_seq))
     if NC > 0:
         BVO = output_block(shape, R > 0)
         _output_fwd_kernel[(cdiv(V, BVO), NC * H)](

@@ -794,7 +794,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
               PRECISION=prec, num_warps=dstate_warps(shape, decay, R > 0))
     walk_sequences(lambda grid_, args_, **extra: launch_dstate(grid_, args_, **{**kw, **extra}),
                    grid, args, df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev,
-                   reverse=True, lowrank=R > 0, split_warps=split_warps(shape, decay, R > 0))
+                   reverse=True, lowrank=R > 0, split_warps=split_warps(shape, decay, R > 0, BK_seq))
     dq, dw, du = torch.empty_like(q), torch.empty_like(w), torch.empty_like(u)
     da = db = None
     if R:
