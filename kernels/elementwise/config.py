@@ -80,7 +80,7 @@ MAX_AUTO_SPLIT, MIN_SPLIT_TOKENS, SPLIT_GAIN = 8, 1024, 0.8
 #: blocks (4 times fewer dependent steps) were the default for H200 run 21's calls, where the one
 #: row that splits (d_model 768, B = 2, T = 8192, four segments) took longhorn_diag's fwd+bwd from
 #: 2.625 / 2.639 ms (runs 20 / 19, the backward's 8-token blocks) to 2.851 / 2.865, 1.07× its CUDA
-#: peer, while mamba1's moved 2.141 -> 2.105 (the other rows, which do not split, got 1-3 %
+#: peer, while mamba1's moved 2.141 -> 2.105 (the other rows, which do not split, got 0-3 %
 #: faster): back to the backward's block until an A/B in one process; ``$OLSM_ELEMENTWISE_CARRY_BT``
 #: sets it for that A/B.
 CARRY_BT: Optional[int] = None
