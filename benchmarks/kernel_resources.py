@@ -91,6 +91,14 @@ def configs(K=128, V=128, C=64):
             yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, wb, True)
             yield from segments(f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, wb, lr, K, V, walk=False,
                                 seg_warps=F.split_warps(sh, decay, lr, sh.BK))
+            if decay == 1 and not lr:
+                # at few programs (B = 1, T = 32768: 32 of them) sequence_launch narrows the key
+                # blocks to 32, where the split's segment walks take warps_split_decay (opt-in: the
+                # split is off with a decay by default)
+                for name, kernel, consts, warps in (("fwd state", F._state_fwd_kernel, fwd, F.state_warps(sh, 1, False, sh.BV)),
+                                                    ("bwd dstate", FB._dstate_bwd_kernel, bwd, wb)):
+                    yield from segments(f"{name} {tag} BK=32", kernel, dict(consts, BK=32), warps, lr, K, V,
+                                        seg_warps=F.split_warps(sh, decay, lr, 32))
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False)
         yield (f"fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         # dw formed transposed from dA alone (the default without a low-rank part), and the way
