@@ -170,9 +170,13 @@ def _pair(knob: Knob, name: str) -> Tuple[Optional[int], Optional[int]]:
     return knob[0], knob[1]
 
 
+def _is_pow2(x: int) -> bool:
+    return x >= 1 and not x & (x - 1)
+
+
 def _pow2(x: int, name: str) -> int:
     x = int(x)
-    if x < 1 or x & (x - 1):
+    if not _is_pow2(x):
         raise BackendError(f"{name} must be a positive power of two, got {x}")
     return x
 
@@ -204,7 +208,8 @@ def auto_backward_split(programs: int, T: int, sms: int) -> int:
     with one warp and ~240 registers, :data:`BWD_PROGRAMS_PER_SM` of them fit an SM at once.
     Model the time as waves × walk length: ``ceil(P · S / slots) / S`` for S segments of P
     programs on ``slots = sms · BWD_PROGRAMS_PER_SM``. A split pays when it cuts that to
-    :data:`SPLIT_GAIN` of the unsplit time (the carry pass and the fold cost the rest); the smallest S of the best cost wins. H200 run 19 (E = 1536 / 2048, N = 16,
+    :data:`SPLIT_GAIN` of the unsplit time (the carry pass and the fold cost the rest); the
+    smallest S of the best cost wins. H200 run 19 (E = 1536 / 2048, N = 16,
     T = 8192, bf16; results/elementwise_h200_run19_split.md), backward segments 2 / 4 / 8 against
     none, fwd+bwd ms: at B = 2, d_model 768 (768 programs, cost 1 → 0.75 at S = 4) mamba1
     2.318 → 2.612 / 2.143 / 2.139 and longhorn_diag 2.953 → 3.166 / 2.624 / 2.619; at d_model
@@ -252,7 +257,7 @@ def _env_pow2(name: str, default: str) -> Optional[int]:
     value = os.environ.get(name, "")
     if not value:
         return None
-    if not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
+    if not value.isdigit() or not _is_pow2(int(value)):
         raise BackendError(f"{name}={value!r} is not a positive power of two; unset it for the default ({default})")
     return int(value)
 
