@@ -15,9 +15,9 @@ is ``chunk_matrix`` with the pair ``(−c k, k)``, ``rank0`` has no low-rank par
 ``chunk_matrix`` with a per-key decay and an unrelated pair (a, b) (the RWKV-7 form;
 ``dplr128``: chunks of 128, where the rank-1 kernels take 8 warps; ``dplr-strong[128]``: decays
 strong enough for ``perkey_pair``'s 16-row sub-block kernels); switches are
-``OLSM_MATRIX_*=value`` settings away from the library's defaults, comma-separated (the split
-cases and the one-head rank-0 ones use T = 1300: the segments need long sequences and few
-programs; without a decay the default splits them). Four heads at B = 2 give few programs, so the
+``OLSM_MATRIX_*=value`` / ``OLSM_ELEMENTWISE_*=value`` settings away from the library's defaults,
+comma-separated (the split cases, the slab-segment one and the one-head rank-0 ones use T = 1300:
+the segments need long sequences and few programs; without a decay the default splits them). Four heads at B = 2 give few programs, so the
 sequential passes take their narrowest blocks (``sequence_launch``); twenty keep the wide ones. Path ``elem:<objective>`` runs
 the catalogue's elementwise member through ``Recurrence`` (backend triton) with K = d_state and
 V = E channels (heads unused; ``OLSM_ELEMENTWISE_BWD_SPLIT=2`` splits the backward's two chunks).
@@ -58,6 +58,8 @@ CASES = [
     ("elem:mamba1", 16, 384, "fp32", 0, 1, ""), ("elem:longhorn_diag", 8, 100, "bf16", 0, 1, ""),
     ("elem:mamba1", 16, 384, "bf16", 0, 1, "OLSM_ELEMENTWISE_BWD_SPLIT=2"),
     ("elem:longhorn_diag", 8, 100, "bf16", 0, 1, "OLSM_ELEMENTWISE_BWD_SPLIT=2"),
+    ("elem:mamba1", 16, 384, "bf16", 0, 1, "OLSM_ELEMENTWISE_SLAB_SEGMENTS=2,OLSM_ELEMENTWISE_BWD_SPLIT=2"),
+    ("rank0", 128, 128, "bf16", 1, 1, SPLIT),
 ]
 DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
 
@@ -129,7 +131,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.case:
         path, K, V, dtype, decay, H, switches = args.case
-        long = "STATE=split" in switches or (path == "rank0" and H == "1")   # the split needs long sequences
+        # the splits need long sequences (and slab segments long checkpoint intervals)
+        long = any(w in switches for w in ("STATE=split", "SLAB_SEGMENTS")) or (path == "rank0" and H == "1")
         run_case(path, int(K), int(V), dtype, int(decay), int(H), T=1300 if long else 130)
         return
     lines, bad = [f"# compute-sanitizer memcheck, {torch.cuda.get_device_name()}, torch {torch.__version__}"], 0
