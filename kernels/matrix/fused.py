@@ -503,6 +503,8 @@ class LaunchShape:
             ones 2 per SM against 3–4); linear attention's, on 4 warps, fit 8.
             Run 20's profile had Mamba-2's split forward walk at 0.605 ms against linear
             attention's 0.315. Untimed on a GPU at 4 (the split is not the default with a decay).
+        BK_seq_min: the narrowest key block :func:`sequence_launch` cuts the walks without a pair
+            to at few programs.
 
     The values are what ``benchmarks/tune_fused.py`` measured fastest on an H100 at
     (8, 2048, 16, 128), bf16, C = 64 (one knob at a time, 2026-11-24): 4 warps beat 8 for every
@@ -534,6 +536,7 @@ class LaunchShape:
     warps_walk_decay: int = 8
     warps_delta_decay: int = 4
     warps_split_decay: int = 4
+    BK_seq_min: int = 32
 
 
 @functools.lru_cache(maxsize=None)
@@ -578,7 +581,7 @@ def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank:
 
     Without a low-rank part the rows of S are independent, so when there are few sequences ×
     heads (B = 1 at T = 32768: 32 programs on 132 SMs, each walking 512 chunks) K is split too,
-    down to blocks of 32, until there are about two programs per SM. With one (P = X S reads
+    down to blocks of ``BK_seq_min`` (32), until there are about two programs per SM. With one (P = X S reads
     all of S) the key block is all of K and the value block halves instead, down to 32, while
     there are fewer programs than half the SMs (H200, deltanet at (8, 2048, 16, 128): value
     blocks of 32 instead of 64 slowed the forward state pass from 0.24 to 0.36 ms; value blocks of
@@ -587,7 +590,7 @@ def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank:
     BK, BV = shape.BK, shape.BV
     sms = sm_count(device)
     if not lowrank:
-        while BK > 32 and N * H * cdiv(V, BV) * cdiv(K, BK) < 2 * sms:
+        while BK > shape.BK_seq_min and N * H * cdiv(V, BV) * cdiv(K, BK) < 2 * sms:
             BK //= 2
     else:
         # 32-wide blocks only with a whole 128-key row (BK = 128: clean under compute-sanitizer;
