@@ -91,6 +91,11 @@ def configs(K=128, V=128, C=64):
             yield (f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, wb, True)
             yield from segments(f"bwd dstate {tag}", FB._dstate_bwd_kernel, bwd, wb, lr, K, V, walk=False,
                                 seg_warps=F.split_warps(sh, decay, lr, sh.BK))
+            if decay == 0 and not lr:
+                # at few programs the forward walk without a decay narrows its key blocks to
+                # BK_walk_fwd_min (64), not 32 (sequence_launch's min_BK; split by default there)
+                yield from segments(f"fwd state {tag} BK={sh.BK_walk_fwd_min}", F._state_fwd_kernel,
+                                    dict(fwd, BK=sh.BK_walk_fwd_min), F.state_warps(sh, 0, False, sh.BV), lr, K, V)
             if decay == 1 and not lr:
                 # at few programs (B = 1, T = 32768: 32 of them) sequence_launch narrows the key
                 # blocks to 32, where the split's segment walks take warps_split_decay (opt-in: the

@@ -39,9 +39,10 @@ def test_default_path_kernels_compile_for_hopper_and_fit():
     # 16 launches × 2 decays (the 5 rank-0 split launches only without decay: OLSM_MATRIX_STATE=auto
     # splits no other rank-0 pass) + the decay gradient's 3 + 13 per-key (GLA) + 10 per-key with a pair (DPLR);
     # both per-key families have whole-chunk and sub-block kernels for their Grams and intra backward;
-    # + the scalar decay's two walks at 32-key blocks (few programs: sequence_launch narrows them);
-    # exit code 0: every default-path launch fits
-    assert len(rows) == 55
+    # + the scalar decay's two walks at 32-key blocks (few programs: sequence_launch narrows them)
+    # + the forward walk without a decay at 64-key blocks and its 2 segment walks (the same, at
+    # BK_walk_fwd_min); exit code 0: every default-path launch fits
+    assert len(rows) == 58
     # 9 × 2 decays, and without a decay the forward's split (two segment walks and the join: auto
     # splits the delta form's forward at few programs)
     assert len([line for line in run.stdout.splitlines() if line.startswith("| delta")]) == 21

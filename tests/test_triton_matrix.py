@@ -428,8 +428,8 @@ def _spy_sequence_launch(monkeypatch):
     launches = []
     real = fused.sequence_launch
 
-    def spy(*args):
-        launches.append(real(*args))
+    def spy(*args, **kw):
+        launches.append(real(*args, **kw))
         return launches[-1]
     monkeypatch.setattr(fused, "sequence_launch", spy)
     monkeypatch.setattr(importlib.import_module("olsm.kernels.matrix.fused_bwd"), "sequence_launch", spy)
@@ -439,10 +439,12 @@ def _spy_sequence_launch(monkeypatch):
 @pytest.mark.parametrize("decay", ["none", "scalar"])
 def test_sequential_passes_split_along_keys(decay, monkeypatch):
     # without a low-rank part, few sequences × heads split the sequential passes along K
-    # (fused.sequence_launch): K = 80 in blocks of 32 is three key blocks, the last one masked
+    # (fused.sequence_launch): K = 80 in blocks of 32 is three key blocks, the last one masked;
+    # without a decay the forward walk stops at blocks of 64 (BK_walk_fwd_min): two blocks
     grids = _spy_sequence_launch(monkeypatch)
     check(make_inputs(21, B=2, T=75, H=1, K=80, V=20, decay=decay), chunk_size=32)
-    assert len(grids) == 2 and all(grid[2] == 3 and bk == 32 for grid, bk, _ in grids), grids
+    fwd_blocks = (2, 64) if decay == "none" else (3, 32)
+    assert [(grid[2], bk) for grid, bk, _ in grids] == [fwd_blocks, (3, 32)], grids
 
 
 def test_sequential_passes_with_a_pair_split_along_values(monkeypatch):

@@ -504,7 +504,10 @@ class LaunchShape:
             Run 20's profile had Mamba-2's split forward walk at 0.605 ms against linear
             attention's 0.315. Untimed on a GPU at 4 (the split is not the default with a decay).
         BK_seq_min: the narrowest key block :func:`sequence_launch` cuts the walks without a pair
-            to at few programs.
+            to at few programs; BK_walk_fwd_min: the same for the forward walk without a pair or a
+            decay (linear attention), whose split walk at (1, 32768, 16, 128) took 0.225 ms at 64-key
+            blocks against 0.316 at 32 (H200, run 22, ``tune_fused.py``). Its reverse walk lost at 64
+            (0.367 → 0.557), and so did Mamba-2's forward walk (0.410 → 0.517; 0.467 on 4 warps).
 
     The values are what ``benchmarks/tune_fused.py`` measured fastest on an H100 at
     (8, 2048, 16, 128), bf16, C = 64 (one knob at a time, 2026-11-24): 4 warps beat 8 for every
@@ -537,6 +540,7 @@ class LaunchShape:
     warps_delta_decay: int = 4
     warps_split_decay: int = 4
     BK_seq_min: int = 32
+    BK_walk_fwd_min: int = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -575,7 +579,8 @@ def launch_shape(K: int, V: int, C: int, fp32: bool = False) -> LaunchShape:
                        warps_rank1=w4 if small else 8, warps_pair=4 if small else 8)
 
 
-def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank: bool, device):
+def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank: bool, device,
+                    min_BK: Optional[int] = None):
     """``(grid, BK, BV)`` of the sequential passes (forward state, reverse dS): one program per
     sequence × head × value block × key block, each walking its sequence's chunks in order.
 
@@ -585,12 +590,14 @@ def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank:
     all of S) the key block is all of K and the value block halves instead, down to 32, while
     there are fewer programs than half the SMs (H200, deltanet at (8, 2048, 16, 128): value
     blocks of 32 instead of 64 slowed the forward state pass from 0.24 to 0.36 ms; value blocks of
-    32 only with BK >= 128: :func:`launch_shape`).
+    32 only with BK >= 128: :func:`launch_shape`). ``min_BK``: the narrowest key block without a
+    pair (default ``shape.BK_seq_min``).
     """
     BK, BV = shape.BK, shape.BV
     sms = sm_count(device)
     if not lowrank:
-        while BK > shape.BK_seq_min and N * H * cdiv(V, BV) * cdiv(K, BK) < 2 * sms:
+        floor = shape.BK_seq_min if min_BK is None else min_BK
+        while BK > floor and N * H * cdiv(V, BV) * cdiv(K, BK) < 2 * sms:
             BK //= 2
     else:
         # 32-wide blocks only with a whole 128-key row (BK = 128: clean under compute-sanitizer;
@@ -867,7 +874,8 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
         launch_wy(shape, w, a, b, u, g, tok_start, tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec, grams=amat)
     h0_ = None if h0 is None else h0.float().contiguous()
     lowp = dots_lowp()
-    grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev)
+    grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev,
+                                       min_BK=shape.BK_walk_fwd_min if decay == DECAY_NONE else None)
     args = (w, a, u, g if g is not None else dummy, x_wy, y_wy, h0_ if h0_ is not None else dummy,
             states, probes, final, tok_start, tok_stop, chunk_offsets, H) + no_segments(dummy)
     kw = dict(K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,
