@@ -60,6 +60,8 @@ CASES = [
     ("elem:longhorn_diag", 8, 100, "bf16", 0, 1, "OLSM_ELEMENTWISE_BWD_SPLIT=2"),
     ("elem:mamba1", 16, 384, "bf16", 0, 1, "OLSM_ELEMENTWISE_SLAB_SEGMENTS=2,OLSM_ELEMENTWISE_BWD_SPLIT=2"),
     ("rank0", 128, 128, "bf16", 1, 1, SPLIT),
+    ("rank0", 128, 128, "bf16", 1, 1, "OLSM_MATRIX_WALK_DECAY=cumsum"),
+    ("rank0", 128, 128, "bf16", 1, 1, SPLIT + ",OLSM_MATRIX_WALK_DECAY=cumsum"),
 ]
 DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
 

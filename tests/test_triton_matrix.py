@@ -204,6 +204,34 @@ def test_storage_dots_in_the_rank0_backward(decay, monkeypatch):
     assert seen == {"_dqdw_bwd_kernel": [False], "_du_bwd_kernel": [False]}
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_walks_read_a_precomputed_cumulative_decay(split, monkeypatch):
+    # OLSM_MATRIX_WALK_DECAY=cumsum: the rank-0 walks with a scalar decay (forward state, reverse
+    # dS; whole or in segments) read G made once by perkey.chunk_cumsum instead of summing each
+    # chunk's steps inline; a short last chunk (T = 45 at C = 16) and packed sequences check that G
+    # past a chunk's end is its total. A pair keeps the inline sums (fused.walk_log_decay).
+    fused = importlib.import_module("olsm.kernels.matrix.fused")
+    fb = importlib.import_module("olsm.kernels.matrix.fused_bwd")
+    seen = []
+    for mod, name in ((fused, "_launch_state"), (fb, "launch_dstate")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda grid, args, _real=real, **kw: seen.append(kw["G_CUM"]) or _real(grid, args, **kw))
+    monkeypatch.setenv("OLSM_MATRIX_WALK_DECAY", "cumsum")
+    ran = spy_split(monkeypatch) if split else None     # 10 chunks of 16: two segments
+    check(make_inputs(34, T=157 if split else 45, decay="scalar"), chunk_size=16)
+    if not split:
+        check(make_inputs(35, T=CU_SEQLENS[-1], H=1, decay="scalar", N=len(CU_SEQLENS) - 1), chunk_size=16,
+              cu_seqlens=CU_SEQLENS)
+    assert seen and all(seen), seen
+    assert ran is None or ran == [True, True], ran
+    seen.clear()
+    check(make_inputs(36, T=45, decay="scalar", lowrank="delta"), chunk_size=16)
+    assert seen and not any(seen), seen
+    monkeypatch.setenv("OLSM_MATRIX_WALK_DECAY", "cumsums")
+    with pytest.raises(BackendError, match="OLSM_MATRIX_WALK_DECAY='cumsums'"):
+        check(make_inputs(37, decay="scalar"), chunk_size=16)
+
+
 @pytest.mark.parametrize("levels", ["levels2", "levels3", "rows16", "rows4"])
 @pytest.mark.parametrize("chunk", [16, 64, 128])
 def test_fused_wy_inverse_over_several_blocks(chunk, levels, monkeypatch):

@@ -134,6 +134,16 @@ def test_fp32_dots_rank0_backward(name, monkeypatch):
     run_case(name, torch.bfloat16, B=1, T=400, H=4, K=128, V=128, cu_seqlens=(0, 57, 300, 400))
 
 
+@pytest.mark.parametrize("state", ["walk", "split"])
+def test_walk_decay_cumsum(state, monkeypatch):
+    # OLSM_MATRIX_WALK_DECAY=cumsum: Mamba-2's walks read the precomputed cumulative decay
+    # (fused.walk_log_decay); one head and long sequences give the 32-key blocks of (1, 32768)
+    monkeypatch.setenv("OLSM_MATRIX_WALK_DECAY", "cumsum")
+    monkeypatch.setenv("OLSM_MATRIX_STATE", state)
+    run_case("mamba2", torch.bfloat16, B=2, T=300, H=4, K=128, V=128)
+    run_case("mamba2", torch.bfloat16, B=1, T=3000, H=1, K=128, V=128, cu_seqlens=(0, 57, 2100, 3000))
+
+
 @pytest.mark.parametrize("name", ["linear_attention", "mamba2", "deltanet", "gated_deltanet", "longhorn"])
 def test_dq_dw_switch(name, monkeypatch):
     # OLSM_MATRIX_DQDW away from each member's default (auto: dw transposed from dA alone without

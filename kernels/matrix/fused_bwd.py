@@ -50,14 +50,14 @@ import triton.language as tl
 
 from . import perkey, perkey_pair
 from .fused import (bwd_dots_lowp, env_choice, launch_shape, launch_staged, launch_wy, no_segments, rank0_warps,
-                    sequence_launch, split_warps)
+                    sequence_launch, split_warps, walk_log_decay)
 from .decay_grad import decay_gradient, decay_gradient_per_key
 from .perkey_pair import BA, BW, QA, QW
 from .split import walk_sequences
 from ..ints import cdiv
 from .tiles import (
     chunk_decay, chunk_gamma, chunk_key_tiles, chunk_tokens, gamma_at, kslice_program, segment_start,
-    store_segment_end, walk_bounds, walk_program, walk_tokens,
+    store_segment_end, walk_bounds, walk_decay, walk_program, walk_tokens,
 )
 
 
@@ -110,7 +110,7 @@ def _dstate_bwd_kernel(
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, HAS_DFINAL: tl.constexpr,
     LOWRANK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
     LOWP: tl.constexpr = False, SEG_L: tl.constexpr = 0, SEG_START: tl.constexpr = False,
-    SEG_W: tl.constexpr = 0, SEG_EXT: tl.constexpr = False,
+    SEG_W: tl.constexpr = 0, SEG_EXT: tl.constexpr = False, G_CUM: tl.constexpr = False,
 ):
     """Kernel 1: one sequence × head × BV value columns (× a BK key block without a low-rank
     part, :func:`~.fused.sequence_launch`) walks its chunks backwards. LOWP (the delta form, with
@@ -156,7 +156,7 @@ def _dstate_bwd_kernel(
         dO = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :],
                      mask=valid[:, None] & mask_u[None, :], other=0.).to(od)           # [C, BV]
         if DECAY == 1:
-            _, G, g_total = chunk_decay(g, tok, valid, i_h, H, offs_c)
+            G, g_total = walk_decay(g, tok, valid, last, i_h, H, offs_c, G_CUM)
         if DECAY == 2:
             # per key: g is the cumulative G [B·T, H, K] of .perkey, γ its chunk's last row
             # loaded in the step that uses it (sync loads 1 without a pair): a hand prefetch a
@@ -787,11 +787,12 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     else:
         x_wy = dprobes = dstates
     grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev)
-    args = (q, a, d_o, g if g is not None else dummy, x_wy, df if df is not None else dummy, dstates, dprobes,
-            dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale, amat if R and decay == 2 else dummy,
-            H) + no_segments(dummy)
+    g_walk, g_cum = walk_log_decay(g, decay, R > 0, lay.tok_start, lay.tok_stop, H, C)
+    args = (q, a, d_o, g_walk if g is not None else dummy, x_wy, df if df is not None else dummy, dstates,
+            dprobes, dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale,
+            amat if R and decay == 2 else dummy, H) + no_segments(dummy)
     kw = dict(K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None, LOWRANK=R > 0, BK=BK_seq, BV=BV,
-              PRECISION=prec, num_warps=dstate_warps(shape, decay, R > 0))
+              PRECISION=prec, G_CUM=g_cum, num_warps=dstate_warps(shape, decay, R > 0))
     walk_sequences(lambda grid_, args_, **extra: launch_dstate(grid_, args_, **{**kw, **extra}),
                    grid, args, df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev,
                    reverse=True, lowrank=R > 0, split_warps=split_warps(shape, decay, R > 0, BK_seq))

@@ -142,6 +142,21 @@ def chunk_decay(g, tok, valid, i_h, H, offs_c):
 
 
 @triton.jit
+def walk_decay(g, tok, valid, last, i_h, H, offs_c, G_CUM: tl.constexpr):
+    """A walk's scalar log-decay of one chunk × head: ``(G [C], total)`` as :func:`chunk_decay`'s.
+    With G_CUM, g already holds G (:func:`.perkey.chunk_cumsum` of the log-decay, ``[B·T, H]``
+    fp32), so the walk loads G and reads the total at the chunk's last token instead of a
+    ``tl.cumsum`` and a ``tl.sum`` across its warps on the sequential path; past the chunk's end G
+    is the total, as the cumulative sum of zeros there gives (so ``e^{G_t − G_s}`` stays finite)."""
+    if G_CUM:
+        total = tl.load(g + last * H + i_h)
+        G = tl.where(valid, tl.load(g + tok * H + i_h, mask=valid, other=0.), total)
+    else:
+        _, G, total = chunk_decay(g, tok, valid, i_h, H, offs_c)
+    return G, total
+
+
+@triton.jit
 def chunk_key_tiles(tok_start, tok_stop, nh, H, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, k0):
     """Keys ``[k0, k0 + BK)`` of chunk × head ``nh`` (= chunk · H + head): returns
     ``(i_h, offs_c, valid, tok, offs_k, mask_k, row_k, mask_row, col_k, mask_col)`` with ``row_k``
