@@ -136,8 +136,8 @@ VARIANTS = {
     "stages4": ({"OLSM_MATRIX_STATE_STAGES": "4"}, True),
     "wyfp32": ({"OLSM_MATRIX_WY_DOTS": "fp32"}, True),       # the WY kernel's X, Y dots on fp32 copies (run 16's default)
     "dwt": ({"OLSM_MATRIX_DQDW": "transposed"}, True),      # dw transposed from dA alone, the delta form too
-    "bwdfp32": ({"OLSM_MATRIX_BWD_DOTS": "fp32"}, True),
-    "walkcumsum": ({"OLSM_MATRIX_WALK_DECAY": "cumsum"}, True),  # scalar-decay walks read G made once (run 22)  # the rank-0 dq/dw and du kernels on fp32 copies (run 20's)
+    "bwdfp32": ({"OLSM_MATRIX_BWD_DOTS": "fp32"}, True),  # the rank-0 dq/dw and du kernels on fp32 copies (run 20's)
+    "walkcumsum": ({"OLSM_MATRIX_WALK_DECAY": "cumsum"}, True),  # scalar-decay walks read G made once (run 22)
     "dwboth": ({"OLSM_MATRIX_DQDW": "both"}, True),         # dA and dAᵀ by two products everywhere (run 17's)
     "chunk128": ({"OLSM_BENCH_CHUNK": "128"}, True),     # C = 128: half the chunk states (this script's switch)
     "pair": ({}, False),
