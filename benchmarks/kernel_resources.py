@@ -104,6 +104,9 @@ def configs(K=128, V=128, C=64):
                                                     ("bwd dstate", FB._dstate_bwd_kernel, bwd, wb)):
                     yield from segments(f"{name} {tag} BK=32", kernel, dict(consts, BK=32), warps, lr, K, V,
                                         seg_warps=F.split_warps(sh, decay, lr, 32))
+                    # OLSM_MATRIX_WALK_DECAY=cumsum (opt-in): the walk reads G made beforehand
+                    yield (f"{name} {tag} BK=32 cumulative decay", kernel, dict(consts, BK=32, G_CUM=True), warps,
+                           False)
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False)
         yield (f"fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         # dw formed transposed from dA alone (the default without a low-rank part), and the way

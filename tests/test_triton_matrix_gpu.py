@@ -138,10 +138,17 @@ def test_fp32_dots_rank0_backward(name, monkeypatch):
 def test_walk_decay_cumsum(state, monkeypatch):
     # OLSM_MATRIX_WALK_DECAY=cumsum: Mamba-2's walks read the precomputed cumulative decay
     # (fused.walk_log_decay); one head and long sequences give the 32-key blocks of (1, 32768)
+    import importlib
+
+    perkey = importlib.import_module("olsm.kernels.matrix.perkey")
+    made = []     # a scalar decay reaches chunk_cumsum only through the switch (both walks)
+    real = perkey.chunk_cumsum
+    monkeypatch.setattr(perkey, "chunk_cumsum", lambda *a: made.append(a[3:5]) or real(*a))
     monkeypatch.setenv("OLSM_MATRIX_WALK_DECAY", "cumsum")
     monkeypatch.setenv("OLSM_MATRIX_STATE", state)
-    run_case("mamba2", torch.bfloat16, B=2, T=300, H=4, K=128, V=128)
     run_case("mamba2", torch.bfloat16, B=1, T=3000, H=1, K=128, V=128, cu_seqlens=(0, 57, 2100, 3000))
+    assert len(made) >= 2, made
+    run_case("mamba2", torch.bfloat16, B=2, T=300, H=4, K=128, V=128)
 
 
 @pytest.mark.parametrize("name", ["linear_attention", "mamba2", "deltanet", "gated_deltanet", "longhorn"])

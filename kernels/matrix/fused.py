@@ -697,7 +697,7 @@ def wy_dots_lowp() -> bool:
     return env_choice("OLSM_MATRIX_WY_DOTS", ("storage", "fp32")) == "storage"
 
 
-def walk_log_decay(g, decay: int, lowrank: bool, tok_start, tok_stop, H: int, C: int):
+def walk_log_decay(g, decay: int, lowrank: bool, BK: int, tok_start, tok_stop, H: int, C: int):
     """The log-decay a walk (forward state or reverse dS) reads, and its ``G_CUM`` constexpr.
 
     ``OLSM_MATRIX_WALK_DECAY`` (read at each call): ``inline`` (the default) or ``cumsum``. With
@@ -707,13 +707,15 @@ def walk_log_decay(g, decay: int, lowrank: bool, tok_start, tok_stop, H: int, C:
     Compiled for sm_90 by Triton 3.6 at the launch of (1, 32768, 16, 128) (BK = 32, 8 warps), the
     forward walk's loop drops from 2512 to 1648 SASS instructions per chunk (its barriers from 9
     to under 4 per warp) and the reverse walk's from 2856 to 2272; at BK = 128 the forward's
-    rises (3408 to 3624), and the walks with a pair rise too, so they keep the inline sums.
-    Untimed on a GPU (run 22), hence opt-in.
+    rises (3408 to 3624), and the walks with a pair rise too, so those keep the inline sums: the
+    switch applies to key blocks ``BK`` of at most 64 without a pair. Untimed on a GPU (run 22),
+    hence opt-in. The variable is read (and a bad value refused) on every path.
 
     Returns:
         ``(g_walk, G_CUM)``: G and True, or ``g`` itself and False.
     """
-    if decay == DECAY_SCALAR and not lowrank and env_choice("OLSM_MATRIX_WALK_DECAY", ("inline", "cumsum")) == "cumsum":
+    cumsum = env_choice("OLSM_MATRIX_WALK_DECAY", ("inline", "cumsum")) == "cumsum"
+    if cumsum and decay == DECAY_SCALAR and not lowrank and BK <= 64:
         return perkey.chunk_cumsum(g, tok_start, tok_stop, H, 1, C), True
     return g, False
 
@@ -897,7 +899,7 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
     lowp = dots_lowp()
     grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev,
                                        min_BK=shape.BK_walk_fwd_min if decay == DECAY_NONE else None)
-    g_walk, g_cum = walk_log_decay(g, decay, R > 0, tok_start, tok_stop, H, C)
+    g_walk, g_cum = walk_log_decay(g, decay, R > 0, BK_seq, tok_start, tok_stop, H, C)
     args = (w, a, u, g_walk if g is not None else dummy, x_wy, y_wy, h0_ if h0_ is not None else dummy,
             states, probes, final, tok_start, tok_stop, chunk_offsets, H) + no_segments(dummy)
     kw = dict(K=K, V=V, C=C, DECAY=decay, LOWRANK=R > 0, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,

@@ -787,7 +787,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     else:
         x_wy = dprobes = dstates
     grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev)
-    g_walk, g_cum = walk_log_decay(g, decay, R > 0, lay.tok_start, lay.tok_stop, H, C)
+    g_walk, g_cum = walk_log_decay(g, decay, R > 0, BK_seq, lay.tok_start, lay.tok_stop, H, C)
     args = (q, a, d_o, g_walk if g is not None else dummy, x_wy, df if df is not None else dummy, dstates,
             dprobes, dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale,
             amat if R and decay == 2 else dummy, H) + no_segments(dummy)
