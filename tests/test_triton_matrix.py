@@ -15,6 +15,7 @@ bf16/fp16/fp32 at realistic shapes on the GPU: ``tests/test_triton_matrix_gpu.py
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -612,6 +613,10 @@ def test_value_blocks_never_narrower_than_64_below_128_keys():
             for N, H in ((1, 1), (8, 16)):
                 _, BK, BV = fused.sequence_launch(shape, N, H, K, V, True, torch.device("cpu"))
                 assert BV >= (32 if BK >= 128 else 64), (K, V, N, H, BK, BV)
+    # BV_seq_min_lr (a tuning field) stops the halving earlier: one head of 128 keys keeps 64
+    wide = dataclasses.replace(fused.launch_shape(128, 128, 64), BV_seq_min_lr=64)
+    assert fused.sequence_launch(wide, 1, 1, 128, 128, True, torch.device("cpu"))[2] == 64
+    assert fused.sequence_launch(fused.launch_shape(128, 128, 64), 1, 1, 128, 128, True, torch.device("cpu"))[2] == 32
 
 
 @pytest.mark.parametrize("decay", ["none", "scalar"])

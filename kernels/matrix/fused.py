@@ -508,6 +508,10 @@ class LaunchShape:
             decay (linear attention), whose split walk at (1, 32768, 16, 128) took 0.225 ms at 64-key
             blocks against 0.316 at 32 (H200, run 22, ``tune_fused.py``). Its reverse walk lost at 64
             (0.367 → 0.557), and so did Mamba-2's forward walk (0.410 → 0.517; 0.467 on 4 warps).
+        BV_seq_min_lr: the narrowest value block the walks with a pair halve to at few programs
+            (never under 64 below 128-key rows, :func:`sequence_launch`); a field so that
+            ``tune_fused.py`` can time FLA's gated delta h kernel's 64 at (1, 32768), where ours
+            walks blocks of 32 (gated DeltaNet's forward walk 1.001 ms against FLA's 0.788, run 22).
 
     The values are what ``benchmarks/tune_fused.py`` measured fastest on an H100 at
     (8, 2048, 16, 128), bf16, C = 64 (one knob at a time, 2026-11-24): 4 warps beat 8 for every
@@ -541,6 +545,7 @@ class LaunchShape:
     warps_split_decay: int = 4
     BK_seq_min: int = 32
     BK_walk_fwd_min: int = 64
+    BV_seq_min_lr: int = 32
 
 
 @functools.lru_cache(maxsize=None)
@@ -602,7 +607,7 @@ def sequence_launch(shape: LaunchShape, N: int, H: int, K: int, V: int, lowrank:
     else:
         # 32-wide blocks only with a whole 128-key row (BK = 128: clean under compute-sanitizer;
         # narrower rows at K = 64 were not, see launch_shape)
-        while BV > (32 if BK >= 128 else 64) and 2 * N * H * cdiv(V, BV) < sms:
+        while BV > max(shape.BV_seq_min_lr, 32 if BK >= 128 else 64) and 2 * N * H * cdiv(V, BV) < sms:
             BV //= 2
     return (cdiv(V, BV), N * H, cdiv(K, BK)), BK, BV
 
