@@ -102,11 +102,13 @@ def configs(K=128, V=128, C=64):
                 # split is off with a decay by default)
                 for name, kernel, consts, warps in (("fwd state", F._state_fwd_kernel, fwd, F.state_warps(sh, 1, False, sh.BV)),
                                                     ("bwd dstate", FB._dstate_bwd_kernel, bwd, wb)):
-                    yield from segments(f"{name} {tag} BK=32", kernel, dict(consts, BK=32), warps, lr, K, V,
-                                        seg_warps=F.split_warps(sh, decay, lr, 32))
-                    # OLSM_MATRIX_WALK_DECAY=cumsum (opt-in): the walk reads G made beforehand
+                    # the default (OLSM_MATRIX_WALK_DECAY=auto) at 32-key blocks: the walk reads G
+                    # made beforehand (fused.walk_log_decay); the inline sums are the opt-out
                     yield (f"{name} {tag} BK=32 cumulative decay", kernel, dict(consts, BK=32, G_CUM=True), warps,
-                           False)
+                           True)
+                    yield (f"{name} {tag} BK=32", kernel, dict(consts, BK=32), warps, False)
+                    yield from segments(f"{name} {tag} BK=32", kernel, dict(consts, BK=32), warps, lr, K, V,
+                                        walk=False, seg_warps=F.split_warps(sh, decay, lr, 32))
         wy = F.wy_constexprs(sh, K, V, C, decay, "tf32", store_t=False)
         yield (f"fwd wy decay={decay}", F._wy_fwd_kernel, wy, wy.pop("num_warps"), True)
         # dw formed transposed from dA alone (the default without a low-rank part), and the way

@@ -234,6 +234,25 @@ def test_walks_read_a_precomputed_cumulative_decay(split, monkeypatch):
         check(make_inputs(37, decay="scalar"), chunk_size=16)
 
 
+def test_walk_decay_default_reads_cumulative_decay_at_narrow_key_blocks(monkeypatch):
+    # OLSM_MATRIX_WALK_DECAY=auto (the default) reads G at key blocks of at most 32 (the
+    # few-program launches, where it was faster on the H200) and sums inline above; cumsum up to
+    # 64; inline never; a pair or no scalar decay always sums inline (fused.walk_log_decay)
+    fused = importlib.import_module("olsm.kernels.matrix.fused")
+    g = torch.zeros(8, 2)
+    monkeypatch.setattr(fused.perkey, "chunk_cumsum", lambda *a: "G")
+    cases = {("auto", 32): True, ("auto", 64): False, ("cumsum", 64): True, ("cumsum", 128): False,
+             ("inline", 32): False}
+    for (mode, BK), want in cases.items():
+        monkeypatch.setenv("OLSM_MATRIX_WALK_DECAY", mode)
+        got = fused.walk_log_decay(g, fused.DECAY_SCALAR, False, BK, None, None, 2, 16)
+        assert got == (("G", True) if want else (g, False)), (mode, BK, got)
+        assert fused.walk_log_decay(g, fused.DECAY_SCALAR, True, BK, None, None, 2, 16)[1] is False
+        assert fused.walk_log_decay(g, fused.DECAY_PER_KEY, False, BK, None, None, 2, 16)[1] is False
+    monkeypatch.delenv("OLSM_MATRIX_WALK_DECAY")
+    assert fused.walk_log_decay(g, fused.DECAY_SCALAR, False, 32, None, None, 2, 16)[1] is True
+
+
 @pytest.mark.parametrize("levels", ["levels2", "levels3", "rows16", "rows4"])
 @pytest.mark.parametrize("chunk", [16, 64, 128])
 def test_fused_wy_inverse_over_several_blocks(chunk, levels, monkeypatch):

@@ -702,25 +702,33 @@ def wy_dots_lowp() -> bool:
     return env_choice("OLSM_MATRIX_WY_DOTS", ("storage", "fp32")) == "storage"
 
 
+WALK_CUMSUM_MAX_BK = 32   # the widest key block whose scalar-decay walks read G by default
+
+
 def walk_log_decay(g, decay: int, lowrank: bool, BK: int, tok_start, tok_stop, H: int, C: int):
     """The log-decay a walk (forward state or reverse dS) reads, and its ``G_CUM`` constexpr.
 
-    ``OLSM_MATRIX_WALK_DECAY`` (read at each call): ``inline`` (the default) or ``cumsum``. With
-    cumsum a walk with a scalar decay and no pair (Mamba-2) reads G, the chunk-relative cumulative
+    A walk with a scalar decay and no pair (Mamba-2) can read G, the chunk-relative cumulative
     log-decay made once by :func:`.perkey.chunk_cumsum` (one small launch, ``[B·T, H]`` fp32),
     instead of a ``tl.cumsum`` and a ``tl.sum`` of the chunk's steps in every step of its walk.
     Compiled for sm_90 by Triton 3.6 at the launch of (1, 32768, 16, 128) (BK = 32, 8 warps), the
     forward walk's loop drops from 2512 to 1648 SASS instructions per chunk (its barriers from 9
     to under 4 per warp) and the reverse walk's from 2856 to 2272; at BK = 128 the forward's
-    rises (3408 to 3624), and the walks with a pair rise too, so those keep the inline sums: the
-    switch applies to key blocks ``BK`` of at most 64 without a pair. Untimed on a GPU (run 22),
-    hence opt-in. The variable is read (and a bad value refused) on every path.
+    rises (3408 to 3624), and the walks with a pair rise too, so those keep the inline sums.
+
+    ``OLSM_MATRIX_WALK_DECAY`` (read at each call): ``auto`` (the default) reads G at key blocks
+    of at most :data:`WALK_CUMSUM_MAX_BK` (32, the few-program launches of long sequences),
+    ``cumsum`` at key blocks of at most 64, ``inline`` never. H200, bf16, Mamba-2 (run 23,
+    ``quick_ab.py``, cumsum against inline): at (1, 32768, 16, 128) (BK = 32) the forward went
+    0.658 → 0.590 ms and fwd+bwd 2.012 → 1.953; at (8, 2048, 16, 128) (BK = 64) the forward went
+    0.238 → 0.260 and fwd+bwd 0.993 → 1.121, hence the 32 of auto.
 
     Returns:
         ``(g_walk, G_CUM)``: G and True, or ``g`` itself and False.
     """
-    cumsum = env_choice("OLSM_MATRIX_WALK_DECAY", ("inline", "cumsum")) == "cumsum"
-    if cumsum and decay == DECAY_SCALAR and not lowrank and BK <= 64:
+    mode = env_choice("OLSM_MATRIX_WALK_DECAY", ("auto", "inline", "cumsum"))
+    max_BK = {"auto": WALK_CUMSUM_MAX_BK, "cumsum": 64, "inline": 0}[mode]
+    if decay == DECAY_SCALAR and not lowrank and BK <= max_BK:
         return perkey.chunk_cumsum(g, tok_start, tok_stop, H, 1, C), True
     return g, False
 
