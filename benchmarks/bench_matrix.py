@@ -117,7 +117,7 @@ ENV_DEFAULTS = {"OLSM_MATRIX_PATH": "auto", "OLSM_MATRIX_SOLVE": "triton", "OLSM
                 "OLSM_MATRIX_INVERSE": "rows4", "OLSM_MATRIX_DOTS": "storage", "OLSM_MATRIX_DELTA_SAVE": "keep",
                 "OLSM_MATRIX_STATE": "auto", "OLSM_MATRIX_SPLIT_PER_SM": "4", "OLSM_MATRIX_STATE_STAGES": "auto",
                 "OLSM_MATRIX_WY_DOTS": "storage", "OLSM_MATRIX_DQDW": "auto",
-                "OLSM_MATRIX_BWD_DOTS": "storage", "OLSM_MATRIX_WALK_DECAY": "inline"}
+                "OLSM_MATRIX_BWD_DOTS": "storage", "OLSM_MATRIX_WALK_DECAY": "auto"}
 # this script's own switches (not the library's), reset with ENV_DEFAULTS by every variant
 BENCH_DEFAULTS = {"OLSM_BENCH_CHUNK": "64"}
 VARIANTS = {
@@ -138,6 +138,8 @@ VARIANTS = {
     "dwt": ({"OLSM_MATRIX_DQDW": "transposed"}, True),      # dw transposed from dA alone, the delta form too
     "bwdfp32": ({"OLSM_MATRIX_BWD_DOTS": "fp32"}, True),  # the rank-0 dq/dw and du kernels on fp32 copies (run 20's)
     "walkcumsum": ({"OLSM_MATRIX_WALK_DECAY": "cumsum"}, True),  # scalar-decay walks read G made once (run 22)
+    "walkinline": ({"OLSM_MATRIX_WALK_DECAY": "inline"}, True),  # every walk sums its decay inline (run 22's)
+    "walkcumsumall": ({"OLSM_MATRIX_WALK_DECAY": "cumsum_all"}, True),  # the walks with a pair read G too
     "dwboth": ({"OLSM_MATRIX_DQDW": "both"}, True),         # dA and dAᵀ by two products everywhere (run 17's)
     "chunk128": ({"OLSM_BENCH_CHUNK": "128"}, True),     # C = 128: half the chunk states (this script's switch)
     "pair": ({}, False),

@@ -230,6 +230,31 @@ def test_state_passes_split_along_the_sequence(decay, monkeypatch):
     assert ran == [True] * 6, ran
 
 
+@pytest.mark.parametrize("state", ["walk", "split"])
+def test_walks_read_a_precomputed_cumulative_decay(state, monkeypatch):
+    # OLSM_MATRIX_WALK_DECAY=cumsum_all (opt-in): the delta form's forward and reverse walks read
+    # G made once by perkey.chunk_cumsum (fused.walk_log_decay), whole or in segments; short last
+    # chunks, packed sequences with an empty one, strong decays
+    from test_triton_matrix import spy_split
+
+    delta = importlib.import_module("olsm.kernels.matrix.delta")
+    seen = []
+    for mod, name in ((delta, "_launch_state"), (delta, "launch_dstate")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda grid, args, _real=real, **kw: seen.append(kw["G_CUM"]) or _real(grid, args, **kw))
+    monkeypatch.setenv("OLSM_MATRIX_WALK_DECAY", "cumsum_all")
+    ran = spy_split(monkeypatch) if state == "split" else None
+    if ran is None:
+        monkeypatch.setenv("OLSM_MATRIX_STATE", "walk")
+    check_delta(delta_inputs(41, T=150, H=2, decay=True, strong=True), chunk_size=16)
+    check_delta(delta_inputs(42, T=61, N=4, decay=True), cu_seqlens=(0, 9, 9, 46, 61))
+    assert seen and all(seen), seen
+    assert ran is None or ran[:2] == [True, True], ran     # the 10-chunk sequence splits
+    seen.clear()
+    check_delta(delta_inputs(43, T=45, decay=False), chunk_size=16)    # no decay: nothing to read
+    assert seen and not any(seen), seen
+
+
 def test_auto_splits_only_the_forward_without_decay_at_few_programs(monkeypatch):
     # OLSM_MATRIX_STATE unset: the delta form's forward state pass is split when it has at most
     # half an SM's worth of programs and no decay; its reverse pass, a decay or more programs walk

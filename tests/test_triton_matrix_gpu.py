@@ -268,7 +268,8 @@ def test_chunk_delta_realistic(dtype, decay, make, kw, dots, monkeypatch):
 
 @pytest.mark.parametrize("switch", ["", "OLSM_MATRIX_DELTA_SAVE=recompute", "OLSM_MATRIX_INVERSE=rows16",
                                     "OLSM_MATRIX_INVERSE=levels2", "OLSM_MATRIX_INVERSE=levels3",
-                                    "OLSM_MATRIX_WY_DOTS=fp32", "OLSM_MATRIX_DQDW=transposed"])
+                                    "OLSM_MATRIX_WY_DOTS=fp32", "OLSM_MATRIX_DQDW=transposed",
+                                    "OLSM_MATRIX_WALK_DECAY=cumsum_all"])
 def test_chunk_delta_switches(switch, monkeypatch):
     # the delta path's defaults ("") and each switch away from them, bf16 with a decay and
     # u_scale, correlated keys for the inverses (the decay gradient held as in

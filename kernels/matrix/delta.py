@@ -49,7 +49,7 @@ from olsm.errors import InputError
 from .chunk import _check_backend, _check_inputs, _interpreting, _layout, chunk_matrix, leaf_grads
 from .fused import (
     MAX_FUSED_DIM, _launch_state, _output_fwd_kernel, dots_lowp, env_choice, launch_shape, launch_wy,
-    no_segments, sequence_launch, state_dtype, state_warps,
+    no_segments, sequence_launch, state_dtype, state_warps, walk_log_decay,
 )
 from .decay_grad import decay_gradient
 from .fused_bwd import _dqdw_bwd_kernel, dstate_warps, dw_transposed, launch_dstate
@@ -247,12 +247,13 @@ def delta_forward(q, k, u, c, log_decay, h0, lay, meta, u_scale=None, kk_coef=No
     launch_wy(shape, k, k, k, u, g, lay.tok_start, lay.tok_stop, x_wy, y_wy, t_wy, H, K, V, C, decay, prec, c=cf,
               u_scale=sf, kk_coef=kb, kk_out=kk)
     h0_ = None if h0 is None else h0.float().contiguous()
-    gd = g if g is not None else u
     grid, BK_seq, BV = _sequence_launch(meta, shape, N, H, K, V, dev)
+    g_walk, g_cum = walk_log_decay(g, decay, True, BK_seq, lay.tok_start, lay.tok_stop, H, C)
+    gd, gw = (g, g_walk) if g is not None else (u, u)
     kw = dict(K=K, V=V, C=C, DECAY=decay, LOWRANK=True, HAS_H0=h0 is not None, BK=BK_seq, BV=BV,
-              PRECISION=prec, DELTA=True, num_warps=state_warps(shape, decay, True, BV, delta=True))
+              PRECISION=prec, DELTA=True, G_CUM=g_cum, num_warps=state_warps(shape, decay, True, BV, delta=True))
     walk_sequences(lambda grid_, args_, **extra: _launch_state(grid_, args_, **kw, **extra),
-                   grid, (k, k, u, gd, x_wy, y_wy, h0_ if h0_ is not None else u, states, nu, final, lay.tok_start,
+                   grid, (k, k, u, gw, x_wy, y_wy, h0_ if h0_ is not None else u, states, nu, final, lay.tok_start,
                           lay.tok_stop, lay.chunk_offsets, H) + no_segments(u),
                    h0_, final, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev, lowrank=True,
                    delta=True)
@@ -337,10 +338,12 @@ def delta_backward(q, k, u, c, log_decay, h0, states, t_wy, final, d_o, d_final,
     dh0 = torch.empty(N, H, K, V, **f32)
     df = None if d_final is None else d_final.float().contiguous()
     grid, BK_seq, BV = _sequence_launch(meta, shape, N, H, K, V, dev)
+    g_walk, g_cum = walk_log_decay(g, decay, True, BK_seq, lay.tok_start, lay.tok_stop, H, C)
+    gw = g_walk if g is not None else u
     kw = dict(K=K, V=V, C=C, DECAY=decay, HAS_DFINAL=df is not None, LOWRANK=True, BK=BK_seq, BV=BV,
-              PRECISION=prec, LOWP=True, num_warps=dstate_warps(shape, decay, True, delta=True))
+              PRECISION=prec, LOWP=True, G_CUM=g_cum, num_warps=dstate_warps(shape, decay, True, delta=True))
     walk_sequences(lambda grid_, args_, **extra: launch_dstate(grid_, args_, **kw, **extra),
-                   grid, (q, k, d_o, gd, x_wy, df if df is not None else u, dstates, dnu, dh0, lay.tok_start,
+                   grid, (q, k, d_o, gw, x_wy, df if df is not None else u, dstates, dnu, dh0, lay.tok_start,
                           lay.tok_stop, lay.chunk_offsets, scale, u, H) + no_segments(u),
                    df, dh0, lay.chunk_offsets, H, K, V, BK_seq, BV, decay, lay.max_chunks, dev, reverse=True,
                    lowrank=True, delta=True)

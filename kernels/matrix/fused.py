@@ -718,17 +718,18 @@ def walk_log_decay(g, decay: int, lowrank: bool, BK: int, tok_start, tok_stop, H
 
     ``OLSM_MATRIX_WALK_DECAY`` (read at each call): ``auto`` (the default) reads G at key blocks
     of at most :data:`WALK_CUMSUM_MAX_BK` (32, the few-program launches of long sequences),
-    ``cumsum`` at key blocks of at most 64, ``inline`` never. H200, bf16, Mamba-2 (run 23,
-    ``quick_ab.py``, cumsum against inline): at (1, 32768, 16, 128) (BK = 32) the forward went
-    0.658 → 0.590 ms and fwd+bwd 2.012 → 1.953; at (8, 2048, 16, 128) (BK = 64) the forward went
-    0.238 → 0.260 and fwd+bwd 0.993 → 1.121, hence the 32 of auto.
+    ``cumsum`` at key blocks of at most 64, ``inline`` never; ``cumsum_all`` (opt-in, for A/B
+    timing) at every key block, the walks with a pair too (the delta form's, :mod:`.delta`).
+    H200, bf16, Mamba-2 (run 23, ``quick_ab.py``, cumsum against inline): at (1, 32768, 16, 128)
+    (BK = 32) the forward went 0.658 → 0.590 ms and fwd+bwd 2.012 → 1.953; at (8, 2048, 16, 128)
+    (BK = 64) the forward went 0.238 → 0.260 and fwd+bwd 0.993 → 1.121, hence the 32 of auto.
 
     Returns:
         ``(g_walk, G_CUM)``: G and True, or ``g`` itself and False.
     """
-    mode = env_choice("OLSM_MATRIX_WALK_DECAY", ("auto", "inline", "cumsum"))
-    max_BK = {"auto": WALK_CUMSUM_MAX_BK, "cumsum": 64, "inline": 0}[mode]
-    if decay == DECAY_SCALAR and not lowrank and BK <= max_BK:
+    mode = env_choice("OLSM_MATRIX_WALK_DECAY", ("auto", "inline", "cumsum", "cumsum_all"))
+    max_BK = {"auto": WALK_CUMSUM_MAX_BK, "cumsum": 64, "inline": 0, "cumsum_all": BK}[mode]
+    if decay == DECAY_SCALAR and (not lowrank or mode == "cumsum_all") and BK <= max_BK:
         return perkey.chunk_cumsum(g, tok_start, tok_stop, H, 1, C), True
     return g, False
 
