@@ -6,7 +6,8 @@ H200 with Triton 3.6, value blocks of 16 / 32 next to 64-key rows did, and fault
 processes (``fused.launch_shape``). Each case runs in its own process (a fault poisons the CUDA
 context), small enough that the sanitizer's slowdown stays in seconds; compiles dominate.
 
-    python -u benchmarks/sanitize_kernels.py [--only matrix|elementwise|defaults] [--jobs 6]
+    python -u benchmarks/sanitize_kernels.py [--only matrix|elementwise|defaults] [--paths rank0 ...]
+        [--switch WALK_DECAY] [--jobs 6]
         [--out benchmarks/results/sanitizer.txt]
 
 Cases: ``(path, K, V, dtype, decay, heads, switches)``; path ``delta`` is ``chunk_delta``
@@ -62,6 +63,8 @@ CASES = [
     ("rank0", 128, 128, "bf16", 1, 1, SPLIT),
     ("rank0", 128, 128, "bf16", 1, 1, "OLSM_MATRIX_WALK_DECAY=cumsum"),
     ("rank0", 128, 128, "bf16", 1, 1, SPLIT + ",OLSM_MATRIX_WALK_DECAY=cumsum"),
+    ("delta", 128, 128, "bf16", 1, 1, "OLSM_MATRIX_WALK_DECAY=cumsum_all"),
+    ("delta", 128, 128, "bf16", 1, 1, SPLIT + ",OLSM_MATRIX_WALK_DECAY=cumsum_all"),
 ]
 DTYPES = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
 
@@ -128,6 +131,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("matrix", "elementwise", "defaults"),
                     help="run one family's cases, or the matrix cases on the library's default path")
     ap.add_argument("--paths", nargs="*", help="only the cases whose path starts with one of these, e.g. dplr")
+    ap.add_argument("--switch", help="only the cases whose switches contain this text, e.g. WALK_DECAY")
     ap.add_argument("--jobs", type=int, default=1, help="cases run at once (each its own process)")
     ap.add_argument("--case", nargs=7, help=argparse.SUPPRESS)      # the child process
     args = ap.parse_args()
@@ -140,7 +144,8 @@ def main() -> None:
     lines, bad = [f"# compute-sanitizer memcheck, {torch.cuda.get_device_name()}, torch {torch.__version__}"], 0
     family = {"matrix": lambda c: not c[0].startswith("elem:"), "elementwise": lambda c: c[0].startswith("elem:"),
               "defaults": lambda c: not c[0].startswith("elem:") and not c[-1], None: lambda c: True}[args.only]
-    cases = [c for c in CASES if family(c) and (not args.paths or c[0].startswith(tuple(args.paths)))]
+    cases = [c for c in CASES if family(c) and (not args.paths or c[0].startswith(tuple(args.paths)))
+             and (not args.switch or args.switch in c[-1])]
     def check(case):
         """One case in its own sanitized process -> its verdict line."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("OLSM_MATRIX_")}
