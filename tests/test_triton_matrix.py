@@ -218,6 +218,10 @@ def test_walks_read_a_precomputed_cumulative_decay(split, monkeypatch):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda grid, args, _real=real, **kw: seen.append(kw["G_CUM"]) or _real(grid, args, **kw))
     monkeypatch.setenv("OLSM_MATRIX_WALK_DECAY", "cumsum")
+    # G is made once per forward and kept for the backward's walk (fused_backward's kept)
+    perkey = importlib.import_module("olsm.kernels.matrix.perkey")
+    made, real_cumsum = [], perkey.chunk_cumsum
+    monkeypatch.setattr(perkey, "chunk_cumsum", lambda *a: made.append(a[4]) or real_cumsum(*a))
     ran = spy_split(monkeypatch) if split else None     # 10 chunks of 16: two segments
     check(make_inputs(34, T=157 if split else 45, decay="scalar"), chunk_size=16)
     if not split:
@@ -225,6 +229,7 @@ def test_walks_read_a_precomputed_cumulative_decay(split, monkeypatch):
               cu_seqlens=CU_SEQLENS)
     # two checks × (forward, reverse) walked whole, or one check × two segment launches each
     assert seen == [True] * 4, seen
+    assert made == [1] * (1 if split else 2), made
     assert ran is None or ran == [True, True], ran
     seen.clear()
     check(make_inputs(36, T=45, decay="scalar", lowrank="delta"), chunk_size=16)

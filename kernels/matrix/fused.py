@@ -705,7 +705,7 @@ def wy_dots_lowp() -> bool:
 WALK_CUMSUM_MAX_BK = 32   # the widest key block whose scalar-decay walks read G by default
 
 
-def walk_log_decay(g, decay: int, lowrank: bool, BK: int, tok_start, tok_stop, H: int, C: int):
+def walk_log_decay(g, decay: int, lowrank: bool, BK: int, tok_start, tok_stop, H: int, C: int, made=None):
     """The log-decay a walk (forward state or reverse dS) reads, and its ``G_CUM`` constexpr.
 
     A walk with a scalar decay and no pair (Mamba-2) can read G, the chunk-relative cumulative
@@ -724,13 +724,16 @@ def walk_log_decay(g, decay: int, lowrank: bool, BK: int, tok_start, tok_stop, H
     (BK = 32) the forward went 0.658 → 0.590 ms and fwd+bwd 2.012 → 1.953; at (8, 2048, 16, 128)
     (BK = 64) the forward went 0.238 → 0.260 and fwd+bwd 0.993 → 1.121, hence the 32 of auto.
 
+    ``made``: G as the forward made it (the backward passes what the forward kept), taken
+    instead of a second :func:`.perkey.chunk_cumsum` when G is to be read.
+
     Returns:
         ``(g_walk, G_CUM)``: G and True, or ``g`` itself and False.
     """
     mode = env_choice("OLSM_MATRIX_WALK_DECAY", ("auto", "inline", "cumsum", "cumsum_all"))
     max_BK = {"auto": WALK_CUMSUM_MAX_BK, "cumsum": 64, "inline": 0, "cumsum_all": BK}[mode]
     if decay == DECAY_SCALAR and (not lowrank or mode == "cumsum_all") and BK <= max_BK:
-        return perkey.chunk_cumsum(g, tok_start, tok_stop, H, 1, C), True
+        return (made if made is not None else perkey.chunk_cumsum(g, tok_start, tok_stop, H, 1, C)), True
     return g, False
 
 
@@ -932,4 +935,6 @@ def fused_forward(q, w, u, log_decay, lowrank, h0, tok_start, tok_stop, chunk_of
             PRECISION=prec, LOWP=lowp and R == 0, num_warps=shape.warps_out,
         )
     kept = () if amat is None else (amat,) if t_wy is None else (amat, t_wy, x_wy, probes)
+    if g_cum:
+        kept = (g_walk,)    # a scalar decay's G, which the backward's walk reads again
     return (o, final, states) + kept

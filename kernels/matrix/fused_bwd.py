@@ -734,14 +734,14 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
         (from the forward; states in :func:`.fused.state_dtype`, final fp32); d_o ``[B, T, H, V]`` or None; d_final ``[N, H, K, V]`` or None;
         lay: the chunk layout; meta: ``scale``, ``precision``; needs: which of
         (q, w, u, log_decay, h0) need a gradient; lowrank_flat: ``()`` or ``(a, b)``;
-        kept: what :func:`.fused.fused_forward` kept for the backward with a per-key decay: ``(A,)``
-            without a pair, ``(grams, T, X, P)`` with one (``()``: made again).
+        kept: what :func:`.fused.fused_forward` kept for the backward: with a per-key decay
+            ``(A,)`` without a pair, ``(grams, T, X, P)`` with one; with a scalar decay whose walks
+            read G (:func:`.fused.walk_log_decay`) ``(G,)``; ``()``: made again.
 
     Returns:
         ``(dq, dw, du, d_log_decay, dh0)``, then ``(da, db)`` with a low-rank pair; None where
         not needed.
     """
-    amat = kept[0] if kept else None
     B, T, H, K = q.shape
     V = u.shape[-1]
     NC, C = lay.tok_start.numel(), lay.C
@@ -754,6 +754,8 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     # a per-key log-decay is read in its own dtype by .perkey's cumsum (fp32 out), no cast here
     g = None if log_decay is None else log_decay.contiguous() if log_decay.dim() == 4 else log_decay.float().contiguous()
     decay = 0 if g is None else 1 if g.dim() == 3 else 2
+    amat = kept[0] if kept and decay == 2 else None
+    g_made = kept[0] if kept and decay == 1 else None
     dummy = u
     prec, scale = meta["precision"], float(meta["scale"])
     shape = launch_shape(K, V, C, fp32=prec == "ieee")
@@ -787,7 +789,7 @@ def fused_backward(q, w, u, log_decay, h0, states, final, d_o, d_final, lay, met
     else:
         x_wy = dprobes = dstates
     grid, BK_seq, BV = sequence_launch(shape, N, H, K, V, R > 0, dev)
-    g_walk, g_cum = walk_log_decay(g, decay, R > 0, BK_seq, lay.tok_start, lay.tok_stop, H, C)
+    g_walk, g_cum = walk_log_decay(g, decay, R > 0, BK_seq, lay.tok_start, lay.tok_stop, H, C, made=g_made)
     args = (q, a, d_o, g_walk if g is not None else dummy, x_wy, df if df is not None else dummy, dstates,
             dprobes, dh0, lay.tok_start, lay.tok_stop, lay.chunk_offsets, scale,
             amat if R and decay == 2 else dummy, H) + no_segments(dummy)
