@@ -235,13 +235,10 @@ def test_walks_read_a_precomputed_cumulative_decay(state, monkeypatch):
     # OLSM_MATRIX_WALK_DECAY=cumsum_all (opt-in): the delta form's forward and reverse walks read
     # G made once by perkey.chunk_cumsum (fused.walk_log_decay), whole or in segments; short last
     # chunks, packed sequences with an empty one, strong decays
-    from test_triton_matrix import spy_split
+    from test_triton_matrix import spy_split, spy_walk_decay
 
     delta = importlib.import_module("olsm.kernels.matrix.delta")
-    seen = []
-    for mod, name in ((delta, "_launch_state"), (delta, "launch_dstate")):
-        real = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda grid, args, _real=real, **kw: seen.append(kw["G_CUM"]) or _real(grid, args, **kw))
+    seen = spy_walk_decay(monkeypatch, delta, delta)
     monkeypatch.setenv("OLSM_MATRIX_WALK_DECAY", "cumsum_all")
     ran = spy_split(monkeypatch) if state == "split" else None
     if ran is None:

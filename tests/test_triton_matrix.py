@@ -205,18 +205,24 @@ def test_storage_dots_in_the_rank0_backward(decay, monkeypatch):
     assert seen == {"_dqdw_bwd_kernel": [False], "_du_bwd_kernel": [False]}
 
 
+def spy_walk_decay(monkeypatch, fwd_module, bwd_module) -> list:
+    """Record the ``G_CUM`` of every forward-state (``fwd_module._launch_state``) and reverse
+    (``bwd_module.launch_dstate``) walk launch; returns the list they append to."""
+    seen = []
+    for mod, name in ((fwd_module, "_launch_state"), (bwd_module, "launch_dstate")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda grid, args, _real=real, **kw: seen.append(kw["G_CUM"]) or _real(grid, args, **kw))
+    return seen
+
+
 @pytest.mark.parametrize("split", [False, True])
 def test_walks_read_a_precomputed_cumulative_decay(split, monkeypatch):
     # OLSM_MATRIX_WALK_DECAY=cumsum: the rank-0 walks with a scalar decay (forward state, reverse
     # dS; whole or in segments) read G made once by perkey.chunk_cumsum instead of summing each
     # chunk's steps inline, on a short last chunk (T = 45 at C = 16) and packed sequences (the
     # chunks' totals at their last tokens). A pair keeps the inline sums (fused.walk_log_decay).
-    fused = importlib.import_module("olsm.kernels.matrix.fused")
-    fb = importlib.import_module("olsm.kernels.matrix.fused_bwd")
-    seen = []
-    for mod, name in ((fused, "_launch_state"), (fb, "launch_dstate")):
-        real = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda grid, args, _real=real, **kw: seen.append(kw["G_CUM"]) or _real(grid, args, **kw))
+    seen = spy_walk_decay(monkeypatch, importlib.import_module("olsm.kernels.matrix.fused"),
+                          importlib.import_module("olsm.kernels.matrix.fused_bwd"))
     monkeypatch.setenv("OLSM_MATRIX_WALK_DECAY", "cumsum")
     # G is made once per forward and kept for the backward's walk (fused_backward's kept)
     perkey = importlib.import_module("olsm.kernels.matrix.perkey")
