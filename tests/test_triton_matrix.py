@@ -240,6 +240,11 @@ def test_walks_read_a_precomputed_cumulative_decay(split, monkeypatch):
     seen.clear()
     check(make_inputs(36, T=45, decay="scalar", lowrank="delta"), chunk_size=16)
     assert len(seen) >= 2 and not any(seen), seen
+    # cumsum_all (opt-in): the fused path's walks with a pair read G as well
+    monkeypatch.setenv("OLSM_MATRIX_WALK_DECAY", "cumsum_all")
+    seen.clear()
+    check(make_inputs(38, T=45, decay="scalar", lowrank="general"), chunk_size=16)
+    assert len(seen) >= 2 and all(seen), seen
     monkeypatch.setenv("OLSM_MATRIX_WALK_DECAY", "cumsums")
     with pytest.raises(BackendError, match="OLSM_MATRIX_WALK_DECAY='cumsums'"):
         check(make_inputs(37, decay="scalar"), chunk_size=16)

@@ -719,7 +719,7 @@ def walk_log_decay(g, decay: int, lowrank: bool, BK: int, tok_start, tok_stop, H
     ``OLSM_MATRIX_WALK_DECAY`` (read at each call): ``auto`` (the default) reads G at key blocks
     of at most :data:`WALK_CUMSUM_MAX_BK` (32, the few-program launches of long sequences),
     ``cumsum`` at key blocks of at most 64, ``inline`` never; ``cumsum_all`` (opt-in, for A/B
-    timing) at every key block, the walks with a pair too (the delta form's, :mod:`.delta`).
+    timing) at every key block, the walks with a pair too (the fused path's and the delta form's).
     H200, bf16, Mamba-2 (run 23, ``quick_ab.py``, cumsum against inline): at (1, 32768, 16, 128)
     (BK = 32) the forward went 0.658 → 0.590 ms and fwd+bwd 2.012 → 1.953; at (8, 2048, 16, 128)
     (BK = 64) the forward went 0.238 → 0.260 and fwd+bwd 0.993 → 1.121, hence the 32 of auto.
