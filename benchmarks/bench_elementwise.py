@@ -132,13 +132,14 @@ def io_bytes_fwd(name: str, B: int, T: int, E: int, elem: int = 2) -> int:
 
 # ------------------------------------------------------------------------------ runners
 def olsm_triton(rec, q, k, v, coefs, D, block_t=None, block_v=None, num_warps=None, prefetch=None,
-                max_registers=None, chunk_size=64, slab=None, slab_segments=None, seq_split=None, lean=None):
+                max_registers=None, chunk_size=64, slab=None, slab_segments=None, seq_split=None, lean=None,
+                slab_slots=None):
     from olsm.kernels.elementwise import elementwise_scan
 
     leaves = [q, k, v, D, *coefs.values()]
     opts = dict(scale=1.0, block_t=block_t, block_v=block_v, num_warps=num_warps, prefetch=prefetch,
                 max_registers=max_registers, chunk_size=chunk_size, slab=slab, slab_segments=slab_segments,
-                seq_split=seq_split, lean=lean)
+                seq_split=seq_split, lean=lean, slab_slots=slab_slots)
 
     def fwd():
         with torch.no_grad():
@@ -232,6 +233,22 @@ def slab_variants(spec: str):
     return out
 
 
+def bwd_tile_variants(spec: str):
+    """``--bwd-tiles`` as ``(impl name, olsm_triton keywords)``: items ``BT:BV:W:S`` (the backward's
+    token block, value slice, warps and register-slab slots, so one checkpoint every ``BT · S``
+    tokens and a single replay of it), separated by commas."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        try:
+            bt, bv, w, s = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise SystemExit(f"--bwd-tiles item {item!r} is not BT:BV:W:S") from None
+        out.append((f"olsm-triton-bwd{bt}x{bv}w{w}s{s}",
+                    dict(block_t=(None, bt), block_v=(None, bv), num_warps=(None, w), slab="registers",
+                         slab_slots=s, slab_segments=1)))
+    return out
+
+
 def parse_split(item: str):
     """``--seq-splits`` item -> ``seq_split``: ``4`` both kernels, ``f4`` / ``b4`` one of them,
     ``f2b4`` each its own."""
@@ -310,6 +327,9 @@ def main():
     ap.add_argument("--slabs", default="",
                     help="comma-separated backward slabs to also time: global, registers, registers:S "
                          "(S segments per checkpoint interval)")
+    ap.add_argument("--bwd-tiles", default="",
+                    help="comma-separated backward tiles also timed, BT:BV:W:S (tokens per block, value "
+                         "slice, warps, register-slab slots: a checkpoint every BT·S tokens, one replay)")
     ap.add_argument("--seq-splits", default="",
                     help="comma-separated splits along the sequence also timed: S (both kernels in S "
                          "segments), fS (the forward only), bS (the backward only), fAbB (A and B); rows "
@@ -347,16 +367,18 @@ def main():
     wanted = set(args.recurrences.split(","))
     recs = {n: olsm.derive(o) for n, o in (("longhorn_diag", longhorn_diag), ("mamba1", mamba1)) if n in wanted}
     variants = slab_variants(args.slabs)
+    tile_variants = bwd_tile_variants(args.bwd_tiles)
     if args.warm:
         # the kernels' constexprs depend on E, (through C) on T, and (through the forward's
         # few-programs block, config.FEW_PROGRAMS_PER_SM) on B: each case at its own shape
         i, n = (int(x) for x in args.warm.split("/"))
-        classic = [("olsm-triton-classic", None, None, False)] if args.classic else []
+        classic = [("olsm-triton-classic", dict(lean=False))] if args.classic else []
         shard = [(name, d, B, T, v) for name in recs for (d, B, T) in (CASES[:1] if args.quick else CASES)
-                 for v in [("olsm-triton", None, None, None)] + [(*x, None) for x in variants] + classic][i::n]
-        for name, d, B, T, (_, slab, seg, lean) in shard:
+                 for v in [("olsm-triton", dict())] + [(x[0], dict(slab=x[1], slab_segments=x[2])) for x in variants]
+                 + classic + tile_variants][i::n]
+        for name, d, B, T, (_, kw) in shard:
             q, k, v, coefs, D = make_inputs(name, B, T, 2 * d)
-            olsm_triton(recs[name], q, k, v, coefs, D, slab=slab, slab_segments=seg, lean=lean)[1]()
+            olsm_triton(recs[name], q, k, v, coefs, D, **kw)[1]()
         torch.cuda.synchronize()
         print(f"warm {args.warm}: {len(shard)} compiled", flush=True)
         # the kernels are in Triton's disk cache; skip interpreter teardown, where a compile
@@ -408,6 +430,9 @@ def main():
         for impl, slab, seg in variants:
             measure(dict(base, impl=impl, note=checkpoint_note(T, E, slab, seg)),
                     *olsm_triton(recs[name], q, k, v, coefs, D, slab=slab, slab_segments=seg))
+        for impl, kw in tile_variants:
+            measure(dict(base, impl=impl, note=f"C={kw['block_t'][1] * kw['slab_slots']}, one replay"),
+                    *olsm_triton(recs[name], q, k, v, coefs, D, **kw))
         if args.classic:
             measure(dict(base, impl="olsm-triton-classic", note="classic template (OLSM_ELEMENTWISE_LEAN=0)"),
                     *olsm_triton(recs[name], q, k, v, coefs, D, lean=False))
