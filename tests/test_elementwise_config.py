@@ -11,6 +11,7 @@ from olsm.kernels.elementwise.config import (
     CARRY_BT,
     DEFAULT_SLAB,
     FEW_PROGRAMS_PER_SM,
+    GRADS_C,
     MAX_BT,
     MAX_REG_SLOTS,
     MIN_BT,
@@ -216,3 +217,25 @@ def test_backward_split_environment(monkeypatch):
         monkeypatch.setenv("OLSM_ELEMENTWISE_BWD_SPLIT", bad)
         with pytest.raises(BackendError, match="OLSM_ELEMENTWISE_BWD_SPLIT"):
             default_backward_split(cfg, 2, 8192, 1536, CUDA, packed=False, sms=132)
+
+
+def test_grads_slab_blocks_and_interval(monkeypatch):
+    """The gradient-buffer slab: backward blocks of at least BK tokens (row k of a state in token
+    k), one checkpoint every GRADS_C tokens by default (at most the sequence), or BT · slots;
+    segments and shorter blocks are refused."""
+    assert GRADS_C == 2048
+    cfg = choose_config(8192, 16, 1536, 64, CUDA, slab="grads")
+    assert (cfg.slab, cfg.bwd.BT, cfg.bwd.BV, cfg.C, cfg.slots, cfg.segments) == ("grads", 16, 4, 2048, 128, 1)
+    assert choose_config(1000, 16, 1536, 64, CUDA, slab="grads").C == 1024      # one interval covers T
+    assert choose_config(8192, 16, 1536, 4096, CUDA, slab="grads").C == 4096    # a longer chunk_size wins
+    assert choose_config(8192, 16, 1536, 64, CUDA, slab="grads", slab_slots=64).C == 1024
+    assert choose_config(8192, 64, 64, 64, CUDA, slab="grads").bwd.BT == 64      # K = 64: 64-token blocks
+    with pytest.raises(BackendError, match="block_t >= 16"):
+        choose_config(8192, 16, 1536, 64, CUDA, slab="grads", block_t=(None, 8))
+    with pytest.raises(InputError, match="slab_segments=8 needs slab='registers'"):
+        choose_config(8192, 16, 1536, 64, CUDA, slab="grads", slab_segments=8)
+    monkeypatch.setenv("OLSM_ELEMENTWISE_SLAB_SEGMENTS", "8")    # a default for the register slab only
+    assert choose_config(8192, 16, 1536, 64, CUDA, slab="grads").segments == 1
+    monkeypatch.setenv("OLSM_ELEMENTWISE_SLAB", "grads")         # both from the environment: a conflict
+    with pytest.raises(InputError, match="needs slab='registers'"):
+        choose_config(8192, 16, 1536, 64, CUDA)

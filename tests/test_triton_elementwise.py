@@ -343,6 +343,48 @@ def test_register_slab_segments_varlen_user_objective():
                     slab="registers", slab_slots=2, slab_segments=2))
 
 
+# the gradient-buffer slab (slab="grads"): the backward keeps a segment's block-entering states
+# in the cells of dv (and of a per-value coefficient's gradient) that it has not written yet, row
+# k of a state in token k of its block, so the block is at least K tokens: one replay of a long
+# checkpoint interval at no memory. At K = 4 the interpreter's 4-token blocks stay.
+
+
+@pytest.mark.parametrize("slots", [2, None])
+def test_grads_slab_longhorn_diag_odd_T_initial_state_D(slots):
+    """float32 (a state in dv's cells whole): C = 8 < T = 19 with a partial last chunk, or the
+    default interval, one chunk of five blocks; h0, D, two sequences."""
+    check(*run_both("longhorn_diag", 2, 19, 1, 4, 6, h0=True, D=True, slab="grads", slab_slots=slots))
+
+
+def test_grads_slab_varlen_value_tiles_and_backward_split():
+    """Packed sequences (one empty) over two value slices, and a backward split in two; mamba1."""
+    check(*run_both("mamba1", 1, 29, 1, 4, 8, block_v=4, h0=True, cu_seqlens=[0, 3, 20, 20, 29], seed=6,
+                    slab="grads", slab_slots=2))
+    check(*run_both("mamba1", 2, 37, 1, 4, 8, block_v=4, D=True, seed=7, slab="grads", slab_slots=2,
+                    seq_split=(None, 2)))
+
+
+@pytest.mark.parametrize("name", ["longhorn_diag", "mamba1"])
+def test_grads_slab_halves_equal_register_slab_float16(name):
+    """2-byte inputs: a state's high 16 bits in dv, its low 16 bits in dβ / dΔ. At the same
+    block and interval the register slab holds the same states, so every output is bitwise
+    equal (dropping the low halves moves the gradients by ~2e-3)."""
+    common = dict(h0=True, D=True, dtype=torch.float16, seed=8, slab_slots=2, block_t=(None, 4))
+    (o1, S1, d1), ref = run_both(name, 1, 23, 1, 4, 4, slab="grads", **common)
+    (o2, S2, d2), _ = run_both(name, 1, 23, 1, 4, 4, slab="registers", **common)
+    assert torch.equal(o1, o2) and torch.equal(S1, S2)
+    for n in d1:
+        assert torch.equal(d1[n], d2[n]), n
+    check((o1, S1, d1), ref, tol=2e-3, gtol=5e-3)
+
+
+def test_grads_slab_needs_room_for_a_float32_state():
+    """2-byte v and no per-value coefficient (the user objective): a clear error; float32 runs."""
+    with pytest.raises(InputError, match="slab='grads'.*slab='registers'"):
+        run_both("user", 1, 9, 1, 4, 3, dtype=torch.float16, slab="grads")
+    check(*run_both("user", 1, 23, 2, 5, 3, h0=True, D=True, seed=4, slab="grads", slab_slots=2))
+
+
 # the forward split along the sequence (seq_split): every segment but the last walked from zero
 # for its gate product and end state, then every segment from its true start; the backward
 # restarts from the checkpoints the second walk stored
@@ -695,4 +737,19 @@ def test_gpu_register_slab_paper_shapes(name, dtype, segments):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     got, ref = run_both(name, 2, 2000, 1, 16, 1536, h0=True, D=True, chunk_size=64, dtype=dtype, seed=12,
                         slab="registers", slab_segments=segments)
+    check(got, ref, tol=tol, gtol=tol if dtype == torch.float32 else 5e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["longhorn_diag", "mamba1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seq_split", [None, (None, 4)])
+def test_gpu_grads_slab_paper_shapes(name, dtype, seq_split):
+    """The gradient-buffer slab compiled (16-token blocks, a checkpoint every 2048 tokens; in
+    bf16 the states' halves in dv and dβ / dΔ), T = 5000 not a multiple of either, whole or
+    with the backward split in four."""
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    got, ref = run_both(name, 2, 5000, 1, 16, 1536, h0=True, D=True, chunk_size=64, dtype=dtype, seed=14,
+                        slab="grads", seq_split=seq_split)
     check(got, ref, tol=tol, gtol=tol if dtype == torch.float32 else 5e-2)

@@ -62,6 +62,17 @@ slice: with several slices they are added with float32 atomics into one ``[B, T,
 buffer (no per-slice partial copies); parameters and D are summed over a program's tokens in
 registers and then added atomically into one float32 tensor of their own shape.
 
+**The gradient-buffer slab** (``SLAB_IN_REGS = 2``, ``slab="grads"``). The cells of dv — and,
+for 2-byte inputs, of one per-token, per-value coefficient's gradient (dΔ, dβ) — that belong to a
+block are this program's alone and are written only when its reverse walk reaches that block.
+With blocks of at least K tokens they hold the block's entering state until then: row k of the
+float32 state in token k (whole in a 4-byte dv; as its high 16 bits in dv and low 16 bits in the
+coefficient's gradient, bit for bit, for 2-byte ones). The replay stores every block's state but
+the segment's last (which may be partial and stays in registers), and the reverse walk loads
+each block's state one block ahead, a barrier ending every block so a load is done before that
+block's gradients overwrite it. One replay of a checkpoint interval of any length, no slab
+memory and no slab registers; the price is the longer block.
+
 **Split along the sequence (opt-in, ``seq_split``).** With ``SEG_T > 0`` the forward runs
 twice over segments of SEG_T tokens (a multiple of C), the grid's third axis the segment:
 ``PHASE = 1`` walks every segment but the last from zero and keeps only the product of its gates
@@ -105,7 +116,7 @@ from .emit import (
 from .plan import Factor, Plan
 
 #: bump whenever the generated source changes for the same expressions
-GENERATOR_VERSION = "elementwise-12-folded-carries"
+GENERATOR_VERSION = "elementwise-13-gradient-slab"
 
 #: default of the backward's ``SLAB_IN_REGS`` constexpr (the launcher always passes it and
 #: ``HAS_H0``; the defaults serve compiles that name only the older constexprs, e.g.
@@ -179,6 +190,41 @@ def _accumulate(ptr, val, mask, ATOMIC: tl.constexpr):
         tl.atomic_add(ptr, val, mask=mask, sem="relaxed")
     else:
         tl.store(ptr, val, mask=mask)
+
+
+@triton.jit
+def _grads_slab_at(t_blk, i_h, o_gs, H: tl.constexpr, V: tl.constexpr):
+    # cells of the state entering the block at token t_blk: row k in token t_blk + k (o_gs)
+    return (t_blk * H + i_h).to(tl.int64) * V + o_gs
+
+
+@triton.jit
+def _grads_slab_store(dv, lo, off, S, m, i, n, HALVES: tl.constexpr):
+    # a block-entering state (slot i, stored if i < n) kept in gradient cells this program writes
+    # later: float32 whole in a 4-byte dv, or bit for bit as its high 16 bits in dv and its low
+    # 16 bits in lo. (The slot test is broadcast through off: the interpreter refuses a
+    # scalar-and-block mask.)
+    slot = off * 0 + i
+    mask = m & (slot >= 0) & (slot < n)
+    if HALVES == 1:
+        tl.store(dv + off, S, mask=mask)
+    else:
+        bits = S.to(tl.int32, bitcast=True)
+        tl.store(dv.to(tl.pointer_type(tl.int16)) + off, (bits >> 16).to(tl.int16), mask=mask)
+        tl.store(lo.to(tl.pointer_type(tl.int16)) + off, bits.to(tl.int16), mask=mask)
+
+
+@triton.jit
+def _grads_slab_load(dv, lo, off, m, i, n, HALVES: tl.constexpr):
+    slot = off * 0 + i
+    mask = m & (slot >= 0) & (slot < n)
+    if HALVES == 1:
+        S = tl.load(dv + off, mask=mask, other=0.0)
+    else:
+        hi = tl.load(dv.to(tl.pointer_type(tl.int16)) + off, mask=mask, other=0).to(tl.int32)
+        low = tl.load(lo.to(tl.pointer_type(tl.int16)) + off, mask=mask, other=0).to(tl.int32)
+        S = ((hi << 16) | (low & 0xFFFF)).to(tl.float32, bitcast=True)
+    return S
 
 
 '''
@@ -407,9 +453,15 @@ def _reverse_block(src: Src, plan: Plan, rev_loads, full: bool, lean: bool):
     rev_loads.take(src, "t_blk", "-BT", "i_rb", "nb")
     src(
         "if NB_C > 1:",
-        "    if SLAB_IN_REGS:",
+        "    if SLAB_IN_REGS == 1:",
         "        # slot i_blk: a select over the slots, in each thread's own registers",
         "        S0 = _sum(tl.where(slot == i_blk, slab, -0.0), 0)",
+        "    elif SLAB_IN_REGS == 2:",
+        "        # loaded one block ahead (the last block's, which may be partial, is S itself); the",
+        "        # barrier that ends the block orders the load before the previous block's stores",
+        "        S0 = S_next",
+        "        S_next = _grads_slab_load(dv, scratch, _grads_slab_at(t_blk - BT, i_h, o_gs, H, V), m_kv,",
+        "                                  i_blk - 1, nb - 1, SLAB_HALVES)",
         "    else:",
         "        S0 = tl.load(scr + i_blk * BK * BV + o_slab)",
         "else:",
@@ -470,6 +522,11 @@ def _reverse_block(src: Src, plan: Plan, rev_loads, full: bool, lean: bool):
             _store_token_grad(src, "g_" + fac.input, fac.axes, g, cast=True)
         else:
             src(f"acc_{fac.input} += {g}")
+    src(
+        "if NB_C > 1:",
+        "    if SLAB_IN_REGS == 2:",
+        "        tl.debug_barrier()  # the next block's state is read before that block's gradients overwrite it",
+    )
 
 
 def _carry_block(src: Src, plan: Plan, loads, full: bool):
@@ -539,6 +596,7 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         "    HAS_D: tl.constexpr, IS_VARLEN: tl.constexpr, SPLIT_V: tl.constexpr,\n"
         f"    HAS_H0: tl.constexpr = False, SLAB_IN_REGS: tl.constexpr = {DEFAULT_SLAB_IN_REGS},\n"
         "    NSEG: tl.constexpr = 1, carry=None, NSPLIT=1, SPLIT_T: tl.constexpr = 0,\n"
+        "    SLAB_HALVES: tl.constexpr = 1,\n"
         "):"
     )
     src.indent()
@@ -546,8 +604,10 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         '"""Reverse pass of one (sequence, head, BV-slice): chunks last to first, and inside a',
         "chunk its NB_C = C / BT blocks last to first, each replayed from the block's entering",
         "state and differentiated with one forward and one reverse scan. The chunk's NB_C",
-        "block-entering states live in registers ([NB_C, BK, BV], SLAB_IN_REGS; NB_C a power of",
-        "two) or in a per-program global scratch slab. With NSEG > 1 (register slab only) a",
+        "block-entering states live in registers ([NB_C, BK, BV], SLAB_IN_REGS = 1; NB_C a power of",
+        "two), in a per-program global scratch slab (0), or (2) in this program's own cells of the",
+        "gradient buffers it has not written yet (dv, and ``scratch``: a per-value coefficient's",
+        "gradient buffer when SLAB_HALVES = 2). With NSEG > 1 (register slab only) a",
         "checkpoint covers NSEG segments of NB_C blocks: a first replay keeps the state entering",
         "each segment in registers ([NSEG, BK, BV]), and each segment is then done as a chunk.",
         "",
@@ -595,11 +655,14 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         "        o_car = ((i_bh * NV + i_v).to(tl.int64) * (NSPLIT - 1) + i_p) * BK * BV",
         "        P = tl.load(carry + o_car + n_k[:, None] * BV + tl.arange(0, BV)[None, :])",
         "if NB_C > 1:",
-        "    if SLAB_IN_REGS:",
+        "    if SLAB_IN_REGS == 1:",
         "        slot = tl.arange(0, NB_C)[:, None, None]  # slab slot of each block of a chunk",
-        "    else:",
+        "    elif SLAB_IN_REGS == 0:",
         "        o_slab = n_k[:, None] * BV + tl.arange(0, BV)[None, :]",
         "        scr = scratch + i_prog.to(tl.int64) * NB_C * BK * BV",
+        "    else:",
+        "        # slot i of a segment: row k of the state in token k of block i (BT >= BK), value j",
+        "        o_gs = n_k[:, None].to(tl.int64) * (H * V) + j_v[None, :]",
         "if NSEG > 1:",
         "    sslot = tl.arange(0, NSEG)[:, None, None]  # segment-slab slot of each segment",
         "for i_r in range(0, c_hi - c_lo):",
@@ -642,25 +705,36 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
     src.indent()
     src(
         "# 1) replay the segment forward; slot i of the slab holds the state entering block i",
-        "if SLAB_IN_REGS:",
+        "# (the gradient-buffer slab stores none for the last block, which keeps its state in S)",
+        "if SLAB_IN_REGS == 1:",
         "    slab = tl.where(slot == 0, S[None, :, :], 0.0)",
+        "elif SLAB_IN_REGS == 2:",
+        "    _grads_slab_store(dv, scratch, _grads_slab_at(t_seg, i_h, o_gs, H, V), S, m_kv, 0, nb - 1, SLAB_HALVES)",
         "else:",
         "    tl.store(scr + o_slab, S)",
     )
     _replay_loop(src, plan, rec_loads, "t_seg", "nb - 1", lean)
     src(
-        "if SLAB_IN_REGS:",
+        "if SLAB_IN_REGS == 1:",
         "    slab = tl.where(slot == i_blk + 1, S[None, :, :], slab)",
+        "elif SLAB_IN_REGS == 2:",
+        "    _grads_slab_store(dv, scratch, _grads_slab_at(t_blk + BT, i_h, o_gs, H, V), S, m_kv, i_blk + 1, nb - 1,",
+        "                      SLAB_HALVES)",
         "else:",
         "    tl.store(scr + (i_blk + 1) * BK * BV + o_slab, S)",
     )
     src.dedent()
     src(
-        "if SLAB_IN_REGS == 0:",
+        "if SLAB_IN_REGS != 1:",
         "    tl.debug_barrier()  # the slab is read back by other threads",
     )
     src.dedent()
     src("# 2) the segment's blocks, last to first")
+    src(
+        "if NB_C > 1:",
+        "    if SLAB_IN_REGS == 2:",
+        "        S_next = S  # the state entering the segment's last block",
+    )
     rev_loads.prologue(src, "t_seg + (nb - 1) * BT", "-BT", "nb")
     if lean:
         # the segment's last block first, with token masks if it is the sequence's partial last

@@ -28,8 +28,10 @@ so the register slab checkpoints less often by default: every ``BT · REG_SLOTS`
 unless ``chunk_size`` asks for more. ``slab_segments = S`` multiplies that by S with a
 second register tensor of S segment-entering states and a second replay (16 slots × 8
 segments, C = 1024: 248 / 255 registers, no spills; × 16 segments, C = 2048: 252 / 255, and
-longhorn_diag spills 32 bytes). ``OLSM_ELEMENTWISE_SLAB`` sets the default slab (``global``
-unless set).
+longhorn_diag spills 32 bytes). ``"grads"``: the states in the cells of the gradient buffers
+the backward has not written yet (:mod:`.codegen`), on blocks of at least K tokens, one replay
+of an interval of :data:`GRADS_C` tokens at no slab memory. ``OLSM_ELEMENTWISE_SLAB`` sets the
+default slab.
 """
 from __future__ import annotations
 
@@ -86,7 +88,13 @@ MAX_AUTO_SPLIT, MIN_SPLIT_TOKENS, SPLIT_GAIN = 8, 1024, 0.8
 CARRY_BT: Optional[int] = None
 
 #: where the backward keeps the block-entering states of a chunk
-SLABS = ("global", "registers")
+SLABS = ("global", "registers", "grads")
+
+#: the gradient-buffer slab (``slab="grads"``): the shortest checkpoint interval it takes. Its
+#: slots cost no memory and no registers, so one interval can be long; a checkpoint every 2048
+#: tokens costs 0.56 MiB at B = 2, T = 8192, E = 1536, N = 16 (mamba_ssm keeps one state per
+#: 2048-token chunk too)
+GRADS_C = 2048
 
 #: default of ``slab`` (``$OLSM_ELEMENTWISE_SLAB`` overrides it). On the H200 (run 10, bf16, the
 #: paper shapes, ``benchmarks/results/elementwise_slab_h200.md``) the register slab (C = 128) took
@@ -303,7 +311,10 @@ def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
         block_t, block_v, num_warps: overrides, each an int for both kernels or a
             ``(forward, backward)`` pair whose ``None`` entries keep the heuristic.
         max_registers: per-thread register cap (CUDA only), int or pair; None: no cap.
-        slab: ``"global"`` or ``"registers"`` (None: :func:`default_slab`).
+        slab: ``"global"``, ``"registers"`` or ``"grads"`` (None: :func:`default_slab`). The
+            gradient slab takes backward blocks of at least ``BK`` tokens and checkpoints every
+            ``max(chunk_size, GRADS_C)`` tokens (at most the sequence, a multiple of both
+            blocks), or ``bwd.BT · slab_slots``.
         slab_slots: register slab only: the backward blocks per checkpoint interval, a power
             of two (``C = bwd.BT · slab_slots``); None: enough for ``chunk_size`` and at least
             :data:`REG_SLOTS`, at most :data:`MAX_REG_SLOTS`. Never more than the sequence
@@ -353,13 +364,26 @@ def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
         raise InputError(f"slab must be one of {SLABS}, got {slab!r}")
     segments = 1
     from_env = slab_segments is None
-    if from_env and not (slab_named and slab == "global"):
-        # the environment's segments are a default for the register slab: a call that names the
-        # global slab keeps it; the global slab from the environment too is a conflict (below)
+    if from_env and not (slab_named and slab != "registers"):
+        # the environment's segments are a default for the register slab: a call that names
+        # another slab keeps it; another slab from the environment too is a conflict (below)
         slab_segments = default_slab_segments()
-    if slab == "global" and slab_segments not in (None, 1):
+    if slab != "registers" and slab_segments not in (None, 1):
         where = "$OLSM_ELEMENTWISE_SLAB_SEGMENTS" if from_env else "slab_segments"
-        raise InputError(f"{where}={slab_segments} needs slab='registers', not the global slab")
+        raise InputError(f"{where}={slab_segments} needs slab='registers', not slab={slab!r}")
+    if slab == "grads":
+        # row k of a block-entering state goes to token k of its block: blocks of at least BK tokens
+        if bt[1] is not None and bt[1] < BK:
+            raise BackendError(f"slab='grads' needs the backward's block_t >= {BK} (the padded key "
+                               f"dimension), got {bt[1]}")
+        bwd = replace(bwd, BT=max(bwd.BT, BK))
+        step = max(fwd.BT, bwd.BT)
+        if slab_slots is not None:
+            C = bwd.BT * _pow2(slab_slots, "slab_slots")
+        else:
+            C = max(int(chunk_size), GRADS_C)
+            C = min(C, next_pow2(max(T, 1)))  # one interval covers the sequence
+        C = -(-C // step) * step
     if slab == "registers":
         if slab_slots is not None:
             slots = _pow2(slab_slots, "slab_slots")

@@ -21,6 +21,11 @@ checkpoint per sequence: 0.75 MiB; at B = 2, T = 8192: 0.19 MiB):
     registers, C = 128:                 15 checkpoints 11.3 MiB                (T = 8192: 11.8)
     registers, 8 segments, C = 1024:     1 checkpoint   0.75 MiB               (T = 8192: 1.3)
     registers, 16 segments, C = 2048:    none                                  (T = 8192: 0.56)
+    grads,                C = 2048:    none                                  (T = 8192: 0.56)
+
+``slab="grads"`` keeps them in the cells of dv (and of dΔ / dβ for 2-byte inputs) that the
+backward has not written yet, with one replay of each interval instead of the segments' two
+(:func:`grads_slab_cells`); its backward blocks are at least K tokens long.
 
 The backward also takes one float32 ``[B, T, H, K]`` buffer each for dq and dk (summed over
 value slices with atomics) and writes the per-value gradients (dv, dβ, dΔ) straight in their
@@ -325,10 +330,6 @@ class _ElementwiseScan(torch.autograd.Function):
         # D's and the parameters' gradients: every program adds its sum over its tokens
         dD = torch.zeros(H, V, **f32) if D is not None else None
         nb_c = cfg.slots
-        in_regs = cfg.slab == "registers"
-        # the global slab: C / BT block-entering states per program (none in registers)
-        scratch = torch.empty(N * H * NV * nsplit * nb_c * cfg.BK * tile.BV if nb_c > 1 and not in_regs else 1,
-                              **f32)
         gbufs = []
         for spec, c in zip(plan.inputs, coefs):
             ax = tuple(spec.axes)
@@ -339,6 +340,13 @@ class _ElementwiseScan(torch.autograd.Function):
                              else alloc_sum(*c.shape, **f32))
             else:
                 gbufs.append(torch.zeros(H, *tail, **f32))
+        halves, lo = grads_slab_cells(plan, v, coefs) if cfg.slab == "grads" else (0, None)
+        if cfg.slab == "global":
+            # C / BT block-entering states per program
+            scratch = torch.empty(N * H * NV * nsplit * nb_c * cfg.BK * tile.BV if nb_c > 1 else 1, **f32)
+        else:
+            # none (registers), or this program's cells of dv and of the gradient holding the low halves
+            scratch = gbufs[lo] if lo is not None else dv
         dummy = dv
         mod.bwd_kernel[(N * H, NV, nsplit)](
             q, k, v, do, *coefs,
@@ -355,7 +363,7 @@ class _ElementwiseScan(torch.autograd.Function):
             H=H, K=K, V=V, BK=cfg.BK, BV=tile.BV, BT=tile.BT, C=cfg.C, NB_C=nb_c,
             HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
             HAS_D=D is not None, IS_VARLEN=cu_seqlens is not None, SPLIT_V=split_v,
-            SLAB_IN_REGS=int(in_regs), NSEG=cfg.segments, **split,
+            SLAB_IN_REGS=SLAB_MODES[cfg.slab], SLAB_HALVES=max(halves, 1), NSEG=cfg.segments, **split,
             **tile.launch_options(),
         )
         split = None  # the folded carries (a [BK, BV] tile per segment), before the casts below
@@ -368,6 +376,29 @@ class _ElementwiseScan(torch.autograd.Function):
         dq = dq.to(q.dtype)
         dk = dk.to(k.dtype)
         return (None, None, None, None, None, None, None, dq, dk, dv, dh0, dD, None, *dcoefs)
+
+
+#: the backward's ``SLAB_IN_REGS`` constexpr of each slab
+SLAB_MODES = {"global": 0, "registers": 1, "grads": 2}
+
+
+def grads_slab_cells(plan: Plan, v: torch.Tensor, coefs) -> Tuple[int, Optional[int]]:
+    """Where the gradient-buffer slab (``slab="grads"``) keeps a float32 state: in 4-byte dv
+    cells whole (``(1, None)``), or split into 16-bit halves over 2-byte dv cells and the same
+    cells of a per-token, per-value coefficient's 2-byte gradient (``(2, i)``, i its index in
+    ``plan.inputs``); ``(0, None)`` if neither fits.
+
+    A block of BT >= K tokens has BT · BV cells of each [B, T, H, V] buffer for this program
+    alone, which it writes only when its reverse walk reaches that block: until then row k of
+    the state entering the block lives in the block's token k.
+    """
+    if v.element_size() == 4:
+        return 1, None
+    if v.element_size() == 2:
+        for i, (spec, c) in enumerate(zip(plan.inputs, coefs)):
+            if spec.per_token and tuple(spec.axes) == ("V",) and c.shape == v.shape and c.element_size() == 2:
+                return 2, i
+    return 0, None
 
 
 def _take_coef_grad(used: bool, gbufs: list, i: int, c: torch.Tensor, dtype) -> torch.Tensor:
@@ -440,8 +471,10 @@ def elementwise_scan(
         max_registers: per-thread register cap of the compiled kernels (CUDA), an int or a
             ``(forward, backward)`` pair; None leaves it to the compiler.
         slab: where the backward keeps a chunk's block-entering states: ``"global"`` (a
-            scratch slab in global memory) or ``"registers"`` (none off chip, fewer
-            checkpoints); None: ``$OLSM_ELEMENTWISE_SLAB`` or :data:`~.config.DEFAULT_SLAB`.
+            scratch slab in global memory), ``"registers"`` (none off chip, fewer
+            checkpoints) or ``"grads"`` (the gradient buffers' unwritten cells: a checkpoint
+            every 2048 tokens, one replay; needs a 4-byte v, or a 2-byte v and a per-value
+            coefficient); None: ``$OLSM_ELEMENTWISE_SLAB`` or :data:`~.config.DEFAULT_SLAB`.
         slab_slots: register slab only: backward blocks per segment (a power of two; None:
             :func:`~.config.choose_config`'s choice).
         slab_segments: register slab only: segments per checkpoint interval (a power of two,
@@ -471,6 +504,10 @@ def elementwise_scan(
                         # classic one spills there (H200 run 18: longhorn_diag B = 2 forward 0.64 -> 1.12 ms)
                         sequences_heads=N * H if lean else None)
     coef_list = [coefs[s.name] for s in rec.inputs]
+    if cfg.slab == "grads" and not grads_slab_cells(plan, v, coef_list)[0]:
+        raise InputError("slab='grads' keeps float32 states in the gradient buffers' cells: it needs a "
+                         "4-byte v, or a 2-byte v and a per-token, per-value coefficient of 2 bytes "
+                         f"(v is {v.dtype}); use slab='registers'")
     tensors = [q, k, v, initial_state, D, *coef_list]
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if cu_seqlens is not None:
