@@ -101,7 +101,7 @@ def test_bad_overrides_are_clear_errors():
 
 
 def test_slab_default_and_environment(monkeypatch):
-    assert DEFAULT_SLAB == "registers"
+    assert DEFAULT_SLAB == "auto"   # the launcher's choice (slab_choice); the config itself: registers
     cfg = choose_config(2048, 16, 1536, 64, CUDA)
     assert (cfg.slab, cfg.C, cfg.slots, cfg.segments) == ("registers", 128, 16, 1)
     monkeypatch.setenv("OLSM_ELEMENTWISE_SLAB", "global")
@@ -239,3 +239,36 @@ def test_grads_slab_blocks_and_interval(monkeypatch):
     monkeypatch.setenv("OLSM_ELEMENTWISE_SLAB", "grads")         # both from the environment: a conflict
     with pytest.raises(InputError, match="needs slab='registers'"):
         choose_config(8192, 16, 1536, 64, CUDA)
+
+
+def test_auto_slab_takes_the_gradient_slab_where_it_compiles_lean():
+    """``slab="auto"``: the gradient-buffer slab when a backward is recorded on a GPU, the
+    buffers have room and nothing pins the register slab, and its kernel spills at most
+    GRADS_MAX_SPILL bytes; otherwise the register slab, without compiling the probe. A probe
+    that fails falls back with a warning. An explicit slab is taken as it is."""
+    from olsm.kernels.elementwise.slab_choice import GRADS_MAX_SPILL, choose_slab
+
+    probes = []
+
+    def spills(n):
+        def probe():
+            probes.append(n)
+            return n
+        return probe
+
+    ok = dict(need_grad=True, compiled=True, cells=True, pinned=False)
+    assert GRADS_MAX_SPILL == 256
+    assert choose_slab("auto", spills=spills(192), **ok) == "grads"          # mamba1 on the H200
+    assert choose_slab("auto", spills=spills(624), **ok) == "registers"      # longhorn_diag
+    assert probes == [192, 624]
+    for off in ("need_grad", "compiled", "cells"):
+        assert choose_slab("auto", spills=spills(0), **dict(ok, **{off: False})) == "registers"
+    assert choose_slab("auto", spills=spills(0), **dict(ok, pinned=True)) == "registers"
+    assert probes == [192, 624]                                               # no probe compiled for those
+    for slab in ("global", "registers", "grads"):
+        assert choose_slab(slab, spills=spills(10**6), **ok) == slab
+
+    def broken():
+        raise FileNotFoundError("cuobjdump")
+    with pytest.warns(RuntimeWarning, match="register slab"):
+        assert choose_slab("auto", spills=broken, **ok) == "registers"

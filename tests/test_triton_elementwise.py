@@ -753,3 +753,28 @@ def test_gpu_grads_slab_paper_shapes(name, dtype, seq_split):
     got, ref = run_both(name, 2, 5000, 1, 16, 1536, h0=True, D=True, chunk_size=64, dtype=dtype, seed=14,
                         slab="grads", seq_split=seq_split)
     check(got, ref, tol=tol, gtol=tol if dtype == torch.float32 else 5e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_auto_slab_choice(monkeypatch):
+    """The default slab ("auto") on the GPU: mamba1's gradient-slab backward compiles lean, so it
+    takes that slab (a checkpoint every 2048 tokens); longhorn_diag's spills, so it keeps the
+    register slab; without a backward nothing is probed. Gradients match the reference."""
+    import olsm.kernels.elementwise.scan as scan_mod
+
+    seen = []
+    real = scan_mod.choose_config
+
+    def spy(*args, **kwargs):
+        cfg = real(*args, **kwargs)
+        seen.append(cfg.slab)
+        return cfg
+
+    monkeypatch.setattr(scan_mod, "choose_config", spy)
+    for name, slab in (("mamba1", "grads"), ("longhorn_diag", "registers")):
+        seen.clear()
+        got, ref = run_both(name, 2, 3000, 1, 16, 1536, h0=True, D=True, chunk_size=64, dtype=torch.bfloat16,
+                            seed=15)
+        check(got, ref, tol=2e-2, gtol=5e-2)
+        assert seen[-1] == slab, (name, seen)

@@ -96,11 +96,14 @@ SLABS = ("global", "registers", "grads")
 #: 2048-token chunk too)
 GRADS_C = 2048
 
-#: default of ``slab`` (``$OLSM_ELEMENTWISE_SLAB`` overrides it). On the H200 (run 10, bf16, the
-#: paper shapes, ``benchmarks/results/elementwise_slab_h200.md``) the register slab (C = 128) took
-#: 0.99–1.01× the global slab's fwd+bwd time for mamba1 and 1.02–1.04× for longhorn_diag, with
-#: 8–10 % less peak memory (mamba1 at D = 768, B = 8, T = 2048: 159.1 vs 177.1 MiB)
-DEFAULT_SLAB = "registers"
+#: default of ``slab`` (``$OLSM_ELEMENTWISE_SLAB`` overrides it): ``"auto"``, the gradient-buffer
+#: slab where its backward compiles without heavy spills (decided per call by the launcher,
+#: :mod:`.slab_choice`; H200 run 24: mamba1 yes, longhorn_diag no), else the register slab, which
+#: is what :func:`choose_config` makes of it. The register slab (C = 128) took 0.99–1.01× the
+#: global slab's fwd+bwd time for mamba1 and 1.02–1.04× for longhorn_diag on the H200 (run 10,
+#: bf16, the paper shapes, ``benchmarks/results/elementwise_slab_h200.md``), with 8–10 % less
+#: peak memory (mamba1 at D = 768, B = 8, T = 2048: 159.1 vs 177.1 MiB)
+DEFAULT_SLAB = "auto"
 
 #: register slab: default slots (backward blocks per checkpoint interval), and the most a
 #: ``chunk_size`` can ask for without naming ``slab_slots`` (more spill registers)
@@ -311,7 +314,8 @@ def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
         block_t, block_v, num_warps: overrides, each an int for both kernels or a
             ``(forward, backward)`` pair whose ``None`` entries keep the heuristic.
         max_registers: per-thread register cap (CUDA only), int or pair; None: no cap.
-        slab: ``"global"``, ``"registers"`` or ``"grads"`` (None: :func:`default_slab`). The
+        slab: ``"global"``, ``"registers"``, ``"grads"`` or ``"auto"`` (the register slab here;
+            None: :func:`default_slab`). The
             gradient slab takes backward blocks of at least ``BK`` tokens and checkpoints every
             ``max(chunk_size, GRADS_C)`` tokens (at most the sequence, a multiple of both
             blocks), or ``bwd.BT · slab_slots``.
@@ -360,8 +364,10 @@ def choose_config(T: int, K: int, V: int, chunk_size: int, device: torch.device,
     C = -(-int(chunk_size) // step) * step
     slab_named = slab is not None
     slab = default_slab() if slab is None else slab
-    if slab not in SLABS:
-        raise InputError(f"slab must be one of {SLABS}, got {slab!r}")
+    if slab not in SLABS + ("auto",):
+        raise InputError(f"slab must be one of {SLABS + ('auto',)}, got {slab!r}")
+    if slab == "auto":
+        slab = "registers"  # the launcher (scan.elementwise_scan) asks for "grads" where it pays
     segments = 1
     from_env = slab_segments is None
     if from_env and not (slab_named and slab != "registers"):

@@ -42,10 +42,12 @@ import torch
 from olsm.errors import BackendError, InputError
 
 from .cache import load_kernels
-from ..ints import cdiv, sm_count
-from .config import Config, Knob, _pair, auto_backward_split, carry_block, choose_config, interpreting
+from ..ints import cdiv, next_pow2, sm_count
+from .config import (Config, Knob, _pair, auto_backward_split, carry_block, choose_config, default_slab,
+                     default_slab_segments, interpreting)
 from .fold import fold_carries_kernel
 from .plan import Plan
+from .slab_choice import backward_spills, choose_slab, pointer_type
 
 #: largest key dimension (d_state): the whole key axis sits in each program's tiles
 MAX_K = 256
@@ -401,6 +403,33 @@ def grads_slab_cells(plan: Plan, v: torch.Tensor, coefs) -> Tuple[int, Optional[
     return 0, None
 
 
+def _grads_backward_spills(plan: Plan, mod, cfg: Config, backward_split, q, v, coefs, D, initial_state,
+                           cu_seqlens, H: int) -> int:
+    """Spill bytes per thread of the gradient-slab backward this call would launch (its tiles,
+    interval, dtypes and switches; no final-state gradient), compiled for the call's GPU."""
+    halves, lo = grads_slab_cells(plan, v, coefs)
+    K, V = q.shape[-1], v.shape[-1]
+    split_t = backward_split(cfg)
+    consts = dict(H=H, K=K, V=V, BK=cfg.BK, BV=cfg.bwd.BV, BT=cfg.bwd.BT, C=cfg.C, NB_C=cfg.slots,
+                  HAS_DHT=False, STORE_DH0=initial_state is not None, HAS_D=D is not None,
+                  IS_VARLEN=cu_seqlens is not None, SPLIT_V=-(-V // cfg.bwd.BV) > 1,
+                  HAS_H0=initial_state is not None, SLAB_IN_REGS=SLAB_MODES["grads"], NSEG=1,
+                  SPLIT_T=split_t, SLAB_HALVES=halves)
+    types = dict(q=pointer_type(q.dtype), k=pointer_type(q.dtype), do=pointer_type(q.dtype),
+                 v=pointer_type(v.dtype), dv=pointer_type(v.dtype),
+                 scratch=pointer_type(coefs[lo].dtype if lo is not None else v.dtype),
+                 cu_seqlens="*i32", chunk_offsets="*i32", scale="fp32", T="i32", NV="i32", NSPLIT="i32")
+    for spec, c in zip(plan.inputs, coefs):
+        types[f"x_{spec.name}"] = pointer_type(c.dtype)
+        if spec.per_token and "V" in spec.axes:
+            types[f"g_{spec.name}"] = pointer_type(c.dtype)
+    if D is not None:
+        types["d_skip"] = pointer_type(D.dtype)
+    if initial_state is not None:
+        types["h0"] = pointer_type(initial_state.dtype)
+    return backward_spills(mod, consts, types, cfg.bwd.num_warps, q.device)
+
+
 def _take_coef_grad(used: bool, gbufs: list, i: int, c: torch.Tensor, dtype) -> torch.Tensor:
     """The gradient of coefficient ``c`` from its kernel buffer ``gbufs[i]``, which is released.
 
@@ -498,24 +527,40 @@ def elementwise_scan(
     lean = lean_template() if lean is None else bool(lean)
     plan, mod = compile_recurrence(rec, prefetch, lean)
     B, T, H, K, V, N = _check(rec, plan, q, k, v, coefs, initial_state, cu_seqlens, D)
-    cfg = choose_config(T, K, V, chunk_size, q.device, block_t, block_v, num_warps, max_registers,
-                        slab=slab, slab_slots=slab_slots, slab_segments=slab_segments,
-                        # the few-programs forward block was measured on the lean template; the
-                        # classic one spills there (H200 run 18: longhorn_diag B = 2 forward 0.64 -> 1.12 ms)
-                        sequences_heads=N * H if lean else None)
     coef_list = [coefs[s.name] for s in rec.inputs]
-    if cfg.slab == "grads" and not grads_slab_cells(plan, v, coef_list)[0]:
-        raise InputError("slab='grads' keeps float32 states in the gradient buffers' cells: it needs a "
-                         "4-byte v, or a 2-byte v and a per-token, per-value coefficient of 2 bytes "
-                         f"(v is {v.dtype}); use slab='registers'")
     tensors = [q, k, v, initial_state, D, *coef_list]
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     split_fwd, split_bwd = _pair(seq_split, "seq_split")
-    if split_bwd is None and need:
-        split_bwd = default_backward_split(cfg, N * H, T, V, q.device, packed=cu_seqlens is not None)
-    seg_ts = (sequence_segments(cfg, T, split_fwd), backward_segments(cfg, T, split_bwd))
+    config = functools.partial(choose_config, T, K, V, chunk_size, q.device, block_t, block_v, num_warps,
+                               max_registers, slab_slots=slab_slots, slab_segments=slab_segments,
+                               # the few-programs forward block was measured on the lean template; the
+                               # classic one spills there (H200 run 18: longhorn_diag B = 2 forward 0.64 -> 1.12 ms)
+                               sequences_heads=N * H if lean else None)
+
+    def backward_split(cfg):
+        if split_bwd is None and need:
+            return backward_segments(cfg, T, default_backward_split(cfg, N * H, T, V, q.device,
+                                                                    packed=cu_seqlens is not None))
+        return backward_segments(cfg, T, split_bwd)
+
+    bt_bwd = _pair(block_t, "block_t")[1]
+    slab = choose_slab(
+        slab if slab is not None else default_slab(), need_grad=need,
+        compiled=q.device.type == "cuda" and not interpreting(),
+        cells=bool(grads_slab_cells(plan, v, coef_list)[0]),
+        pinned=(slab_slots is not None or slab_segments is not None or default_slab_segments() is not None
+                or (bt_bwd is not None and bt_bwd < next_pow2(K))),
+        spills=lambda: _grads_backward_spills(plan, mod, config(slab="grads"), backward_split, q, v, coef_list,
+                                              D, initial_state, cu_seqlens, H),
+    )
+    cfg = config(slab=slab)
+    if cfg.slab == "grads" and not grads_slab_cells(plan, v, coef_list)[0]:
+        raise InputError("slab='grads' keeps float32 states in the gradient buffers' cells: it needs a "
+                         "4-byte v, or a 2-byte v and a per-token, per-value coefficient of 2 bytes "
+                         f"(v is {v.dtype}); use slab='registers'")
+    seg_ts = (sequence_segments(cfg, T, split_fwd), backward_split(cfg))
     return _ElementwiseScan.apply(
         plan, mod, cfg, scale, output_final_state, need, seg_ts, q, k, v, initial_state, D, cu_seqlens,
         *coef_list,
