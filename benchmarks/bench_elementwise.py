@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import re
 import statistics
@@ -260,13 +261,16 @@ def parse_split(item: str):
     return tuple(int(g) if g else None for g in m.group(2, 3))
 
 
-def checkpoint_note(T: int, E: int, slab, segments) -> str:
-    """The checkpoint interval and the memory of checkpoints and slab at one shape."""
-    from olsm.kernels.elementwise.config import choose_config
+def checkpoint_note(rec, q, k, v, coefs, D, **opts) -> str:
+    """The slab and checkpoint interval the call with ``opts`` (olsm_triton's) takes, as planned
+    by the launcher (``slab="auto"`` resolved), with its backward tile."""
+    from olsm.kernels.elementwise.scan import launch_plan
 
-    cfg = choose_config(T, N_STATE, E, 64, torch.device("cuda"), slab=slab, slab_segments=segments)
-    stored = -(-T // cfg.C) - 1
-    return f"slab={cfg.slab}, C={cfg.C} ({stored} checkpoints/seq), slots={cfg.slots}, segments={cfg.segments}"
+    opts = {key: val for key, val in opts.items() if val is not None}
+    cfg = launch_plan(rec, q, k, v, coefs, D=D, need_grad=True, **opts).cfg
+    stored = -(-q.shape[1] // cfg.C) - 1
+    return (f"slab={cfg.slab}, C={cfg.C} ({stored} checkpoints/seq), slots={cfg.slots}, segments={cfg.segments}, "
+            f"bwd [{cfg.bwd.BT},{cfg.BK},{cfg.bwd.BV}] on {cfg.bwd.num_warps} warp(s)")
 
 
 def swept_tiles(path: str, B: int, T: int):
@@ -425,13 +429,14 @@ def main():
         q, k, v, coefs, D = make_inputs(name, B, T, E)
         floor = io_bytes_fwd(name, B, T, E) / (bw * 1e12) * 1e3
         base = dict(recurrence=name, d_model=d, E=E, B=B, T=T, io_floor_fwd_ms=floor)
-        measure(dict(base, impl="olsm-triton", note=checkpoint_note(T, E, None, None)),
+        note = functools.partial(checkpoint_note, recs[name], q, k, v, coefs, D)
+        measure(dict(base, impl="olsm-triton", note=note()),
                 *olsm_triton(recs[name], q, k, v, coefs, D))
         for impl, slab, seg in variants:
-            measure(dict(base, impl=impl, note=checkpoint_note(T, E, slab, seg)),
+            measure(dict(base, impl=impl, note=note(slab=slab, slab_segments=seg)),
                     *olsm_triton(recs[name], q, k, v, coefs, D, slab=slab, slab_segments=seg))
         for impl, kw in tile_variants:
-            measure(dict(base, impl=impl, note=f"C={kw['block_t'][1] * kw['slab_slots']}, one replay"),
+            measure(dict(base, impl=impl, note=note(**kw)),
                     *olsm_triton(recs[name], q, k, v, coefs, D, **kw))
         if args.classic:
             measure(dict(base, impl="olsm-triton-classic", note="classic template (OLSM_ELEMENTWISE_LEAN=0)"),

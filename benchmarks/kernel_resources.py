@@ -279,6 +279,12 @@ def elementwise_configs(K=16, V=1536, C=64):
                        HAS_H0=True, SLAB_IN_REGS=int(cfg.slab == "registers"), NSEG=cfg.segments)
             yield (f"elementwise bwd {name} [{t.BT},{cfg.BK},{t.BV}]{tag}", mod.bwd_kernel, bwd, types,
                    t.num_warps, lean)
+            if lean:  # the gradient-buffer slab (slab="grads", 16-token blocks, a checkpoint every 2048
+                # tokens): on the default path (slab="auto") where it spills at most GRADS_MAX_SPILL bytes
+                g = choose_config(2048, K, V, C, torch.device("cuda"), slab="grads")
+                yield (f"elementwise bwd {name} [{g.bwd.BT},{g.BK},{g.bwd.BV}] grads slab", mod.bwd_kernel,
+                       dict(bwd, BT=g.bwd.BT, BV=g.bwd.BV, C=g.C, NB_C=g.slots, SLAB_IN_REGS=2, SLAB_HALVES=2),
+                       dict(types, scratch="*bf16"), g.bwd.num_warps, AUTO)
             if lean:  # the backward split along the sequence, automatic at few programs per SM
                 # (scan.default_backward_split): the carry pass, then each segment's backward
                 split_types = dict(types, carry="*fp32", NSPLIT="i32")
@@ -295,6 +301,17 @@ def elementwise_configs(K=16, V=1536, C=64):
 
 #: the "default path" mark of a launch taken only at few programs per SM: it must fit, and may spill
 FEW = "few programs"
+
+#: the mark of the gradient-slab backward: on the default path (slab="auto") where it spills at most
+#: ``slab_choice.GRADS_MAX_SPILL`` bytes a thread, else opt-in; it must fit
+AUTO = "auto slab"
+
+
+def _auto_mark(stack: int) -> str:
+    """Whether ``slab="auto"`` takes a gradient-slab backward that spills ``stack`` bytes."""
+    from olsm.kernels.elementwise.slab_choice import GRADS_MAX_SPILL
+
+    return "auto: yes" if stack <= GRADS_MAX_SPILL else "auto: no (spills)"
 
 
 def stages_of(name: str, consts: dict) -> int:
@@ -353,8 +370,9 @@ def main():
             continue
         r = compile_for(kernel, consts, types, num_warps=warps, num_stages=stages_of(name, consts))
         fits = r["shared"] <= HOPPER_SHARED_BYTES
-        bad += bool(default) and (not fits or (r["stack"] > 0 and default is not FEW))
-        print(f"| {name} | {'few programs' if default is FEW else 'yes' if default else 'opt-in'} | {warps} | {r['shared']} | {'yes' if fits else '**no**'} "
+        bad += bool(default) and (not fits or (r["stack"] > 0 and default not in (FEW, AUTO)))
+        mark = {FEW: FEW, AUTO: _auto_mark(r["stack"])}.get(default, "yes" if default else "opt-in")
+        print(f"| {name} | {mark} | {warps} | {r['shared']} | {'yes' if fits else '**no**'} "
               f"| {r['registers']} | {r['stack']}{' **spills**' if r['stack'] else ''} | {r['sync_loads']} |")
     sys.exit(1 if bad else 0)
 

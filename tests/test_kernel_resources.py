@@ -50,9 +50,13 @@ def test_default_path_kernels_compile_for_hopper_and_fit():
     # (forward, backward) × 2 models, and each model's launches at few programs per SM (compiled;
     # allowed to spill): the forward's doubled block, the backward split and its carry pass, and
     # the carry fold (one kernel for every model); the forward's opt-in split phases are not on
-    # the default path
+    # the default path. Plus each model's gradient-slab backward, which slab="auto" takes where it
+    # spills at most GRADS_MAX_SPILL bytes: mamba1 (88 B on Triton 3.9, 192 on 3.6), not
+    # longhorn_diag (824 / 624 B)
     ew = [line for line in run.stdout.splitlines() if line.startswith("| elementwise")]
-    assert len(ew) == 11 and sum("| few programs |" in line for line in ew) == 7
+    assert len(ew) == 13 and sum("| few programs |" in line for line in ew) == 7
+    grads = {line.split("|")[1].split()[2]: line.split("|")[2].strip() for line in ew if "grads slab" in line}
+    assert grads == {"mamba1": "auto: yes", "longhorn_diag": "auto: no (spills)"}
     # the sequential walks (forward state, reverse dS) on the default path leave no load in their
     # loop synchronous: on a walk each is a memory latency per chunk (run 15: the forward walk's Y
     # was; its load a chunk ahead took DeltaNet's forward 1.694 -> 1.581 ms). Except a per-key γ in

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -524,12 +524,46 @@ def elementwise_scan(
         ``(o [B, T, H, V] in q's dtype, S [N, H, K, V] float32 or None)``. Differentiable with
         respect to q, k, v, every coefficient, ``initial_state`` and ``D``.
     """
+    launch = launch_plan(rec, q, k, v, coefs, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                         chunk_size=chunk_size, D=D, block_t=block_t, block_v=block_v, num_warps=num_warps,
+                         prefetch=prefetch, max_registers=max_registers, slab=slab, slab_slots=slab_slots,
+                         slab_segments=slab_segments, seq_split=seq_split, lean=lean)
+    plan, mod, cfg, need, seg_ts, cu_seqlens, coef_list = launch
+    return _ElementwiseScan.apply(
+        plan, mod, cfg, scale, output_final_state, need, seg_ts, q, k, v, initial_state, D, cu_seqlens,
+        *coef_list,
+    )
+
+
+class LaunchPlan(NamedTuple):
+    """What one :func:`elementwise_scan` call launches (:func:`launch_plan`)."""
+
+    plan: Plan
+    mod: object
+    cfg: Config
+    need: bool
+    seg_ts: Tuple[int, int]
+    cu_seqlens: Optional[torch.Tensor]
+    coefs: list
+
+
+def launch_plan(rec, q, k, v, coefs: dict, *, initial_state=None, cu_seqlens=None, chunk_size: int = 64,
+                D=None, block_t: Knob = None, block_v: Knob = None, num_warps: Knob = None, prefetch=None,
+                max_registers: Knob = None, slab: Optional[str] = None, slab_slots: Optional[int] = None,
+                slab_segments: Optional[int] = None, seq_split: Knob = None, lean: Optional[bool] = None,
+                need_grad: Optional[bool] = None) -> LaunchPlan:
+    """The kernels, launch shape, slab and splits of an :func:`elementwise_scan` call with these
+    arguments (the inputs are checked; nothing runs but, for ``slab="auto"`` on a GPU, the compile
+    of the gradient-slab backward whose spills decide it). ``need_grad`` (None: whether autograd
+    would record the call) says whether a backward is planned. Used by the benchmarks to report
+    the configuration a call really takes."""
     lean = lean_template() if lean is None else bool(lean)
     plan, mod = compile_recurrence(rec, prefetch, lean)
     B, T, H, K, V, N = _check(rec, plan, q, k, v, coefs, initial_state, cu_seqlens, D)
     coef_list = [coefs[s.name] for s in rec.inputs]
     tensors = [q, k, v, initial_state, D, *coef_list]
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    need = need if need_grad is None else bool(need_grad)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     split_fwd, split_bwd = _pair(seq_split, "seq_split")
@@ -561,10 +595,7 @@ def elementwise_scan(
                          "4-byte v, or a 2-byte v and a per-token, per-value coefficient of 2 bytes "
                          f"(v is {v.dtype}); use slab='registers'")
     seg_ts = (sequence_segments(cfg, T, split_fwd), backward_split(cfg))
-    return _ElementwiseScan.apply(
-        plan, mod, cfg, scale, output_final_state, need, seg_ts, q, k, v, initial_state, D, cu_seqlens,
-        *coef_list,
-    )
+    return LaunchPlan(plan, mod, cfg, need, seg_ts, cu_seqlens, coef_list)
 
 
 def elementwise_step(
