@@ -312,23 +312,28 @@ def test_register_slab_segments_odd_T():
                     slab="registers", slab_slots=2, slab_segments=4))
 
 
-def test_register_slab_segments_from_the_environment(monkeypatch):
-    """``$OLSM_ELEMENTWISE_SLAB_SEGMENTS`` reaches calls that name no segments (the layers' way
-    to the checkpoint-lean backward) and its gradients match the reference; mamba1, h0, D."""
+def spy_configs(monkeypatch) -> list:
+    """Every launch shape the scan's launcher makes from now on (``choose_config``'s results)."""
     import olsm.kernels.elementwise.scan as scan_mod
 
     seen = []
     real = scan_mod.choose_config
 
     def spy(*args, **kwargs):
-        cfg = real(*args, **kwargs)
-        seen.append(cfg.segments)
-        return cfg
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
 
     monkeypatch.setattr(scan_mod, "choose_config", spy)
+    return seen
+
+
+def test_register_slab_segments_from_the_environment(monkeypatch):
+    """``$OLSM_ELEMENTWISE_SLAB_SEGMENTS`` reaches calls that name no segments (the layers' way
+    to the checkpoint-lean backward) and its gradients match the reference; mamba1, h0, D."""
+    seen = spy_configs(monkeypatch)
     monkeypatch.setenv("OLSM_ELEMENTWISE_SLAB_SEGMENTS", "4")
     check(*run_both("mamba1", 2, 45, 1, 8, 6, h0=True, D=True, seed=15, slab="registers", slab_slots=2))
-    assert seen and set(seen) == {4}
+    assert seen and {cfg.segments for cfg in seen} == {4}
 
 
 def test_register_slab_segments_of_one_block():
@@ -726,6 +731,14 @@ def test_gpu_sequence_split_paper_shape(name, seq_split):
     check(got, ref, tol=2e-2, gtol=5e-2)
 
 
+def check_paper_shape(name, T, dtype, **kw):
+    """B = 2, one head, K = 16, E = 1536, h0 and D, against the float64 reference (fp32 to 1e-4;
+    bf16 to 2e-2 for o and S, 5e-2 for the gradients)."""
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    got, ref = run_both(name, 2, T, 1, 16, 1536, h0=True, D=True, chunk_size=64, dtype=dtype, **kw)
+    check(got, ref, tol=tol, gtol=tol if dtype == torch.float32 else 5e-2)
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("name", ["longhorn_diag", "mamba1"])
@@ -734,10 +747,7 @@ def test_gpu_sequence_split_paper_shape(name, seq_split):
 def test_gpu_register_slab_paper_shapes(name, dtype, segments):
     """The register slab compiled: checkpoints every 128 tokens, or every 1024 (8 segments),
     T = 2000 not a multiple of either."""
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    got, ref = run_both(name, 2, 2000, 1, 16, 1536, h0=True, D=True, chunk_size=64, dtype=dtype, seed=12,
-                        slab="registers", slab_segments=segments)
-    check(got, ref, tol=tol, gtol=tol if dtype == torch.float32 else 5e-2)
+    check_paper_shape(name, 2000, dtype, seed=12, slab="registers", slab_segments=segments)
 
 
 @pytest.mark.gpu
@@ -749,10 +759,7 @@ def test_gpu_grads_slab_paper_shapes(name, dtype, seq_split):
     """The gradient-buffer slab compiled (16-token blocks, a checkpoint every 2048 tokens; in
     bf16 the states' halves in dv and dβ / dΔ), T = 5000 not a multiple of either, whole or
     with the backward split in four."""
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    got, ref = run_both(name, 2, 5000, 1, 16, 1536, h0=True, D=True, chunk_size=64, dtype=dtype, seed=14,
-                        slab="grads", seq_split=seq_split)
-    check(got, ref, tol=tol, gtol=tol if dtype == torch.float32 else 5e-2)
+    check_paper_shape(name, 5000, dtype, seed=14, slab="grads", seq_split=seq_split)
 
 
 @pytest.mark.gpu
@@ -760,21 +767,11 @@ def test_gpu_grads_slab_paper_shapes(name, dtype, seq_split):
 def test_gpu_auto_slab_choice(monkeypatch):
     """The default slab ("auto") on the GPU: mamba1's gradient-slab backward compiles lean, so it
     takes that slab (a checkpoint every 2048 tokens); longhorn_diag's spills, so it keeps the
-    register slab; without a backward nothing is probed. Gradients match the reference."""
-    import olsm.kernels.elementwise.scan as scan_mod
-
-    seen = []
-    real = scan_mod.choose_config
-
-    def spy(*args, **kwargs):
-        cfg = real(*args, **kwargs)
-        seen.append(cfg.slab)
-        return cfg
-
-    monkeypatch.setattr(scan_mod, "choose_config", spy)
+    register slab. Gradients match the reference."""
+    seen = spy_configs(monkeypatch)
     for name, slab in (("mamba1", "grads"), ("longhorn_diag", "registers")):
         seen.clear()
         got, ref = run_both(name, 2, 3000, 1, 16, 1536, h0=True, D=True, chunk_size=64, dtype=torch.bfloat16,
                             seed=15)
         check(got, ref, tol=2e-2, gtol=5e-2)
-        assert seen[-1] == slab, (name, seen)
+        assert seen[-1].slab == slab, (name, [cfg.slab for cfg in seen])
