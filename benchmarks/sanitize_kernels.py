@@ -17,7 +17,7 @@ is ``chunk_matrix`` with the pair ``(−c k, k)``, ``rank0`` has no low-rank par
 ``dplr128``: chunks of 128, where the rank-1 kernels take 8 warps; ``dplr-strong[128]``: decays
 strong enough for ``perkey_pair``'s 16-row sub-block kernels); switches are
 ``OLSM_MATRIX_*=value`` / ``OLSM_ELEMENTWISE_*=value`` settings away from the library's defaults,
-comma-separated (the split cases, the slab-segment one and the one-head rank-0 ones use T = 1300:
+comma-separated (the split cases, the slab-segment and gradient-slab ones and the one-head rank-0 ones use T = 1300:
 the segments need long sequences and few programs; without a decay the default splits them). Four heads at B = 2 give few programs, so the
 sequential passes take their narrowest blocks (``sequence_launch``); twenty keep the wide ones. Path ``elem:<objective>`` runs
 the catalogue's elementwise member through ``Recurrence`` (backend triton) with K = d_state and
@@ -60,6 +60,10 @@ CASES = [
     ("elem:mamba1", 16, 384, "bf16", 0, 1, "OLSM_ELEMENTWISE_BWD_SPLIT=2"),
     ("elem:longhorn_diag", 8, 100, "bf16", 0, 1, "OLSM_ELEMENTWISE_BWD_SPLIT=2"),
     ("elem:mamba1", 16, 384, "bf16", 0, 1, "OLSM_ELEMENTWISE_SLAB_SEGMENTS=2,OLSM_ELEMENTWISE_BWD_SPLIT=2"),
+    # the gradient-buffer slab (the default slab "auto" takes it for mamba1 on a GPU): named for
+    # longhorn_diag (bf16: halves in dv and dβ) and mamba1 in fp32 (whole in dv), T = 1300
+    ("elem:longhorn_diag", 16, 384, "bf16", 0, 1, "OLSM_ELEMENTWISE_SLAB=grads"),
+    ("elem:mamba1", 16, 384, "fp32", 0, 1, "OLSM_ELEMENTWISE_SLAB=grads"),
     ("rank0", 128, 128, "bf16", 1, 1, SPLIT),
     ("rank0", 128, 128, "bf16", 1, 1, "OLSM_MATRIX_WALK_DECAY=cumsum"),
     ("rank0", 128, 128, "bf16", 1, 1, SPLIT + ",OLSM_MATRIX_WALK_DECAY=cumsum"),
@@ -138,7 +142,7 @@ def main() -> None:
     if args.case:
         path, K, V, dtype, decay, H, switches = args.case
         # the splits need long sequences (and slab segments long checkpoint intervals)
-        long = any(w in switches for w in ("STATE=split", "SLAB_SEGMENTS")) or (path == "rank0" and H == "1")
+        long = any(w in switches for w in ("STATE=split", "SLAB_SEGMENTS", "SLAB=grads")) or (path == "rank0" and H == "1")
         run_case(path, int(K), int(V), dtype, int(decay), int(H), T=1300 if long else 130)
         return
     lines, bad = [f"# compute-sanitizer memcheck, {torch.cuda.get_device_name()}, torch {torch.__version__}"], 0
