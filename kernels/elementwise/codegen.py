@@ -116,7 +116,7 @@ from .emit import (
 from .plan import Factor, Plan
 
 #: bump whenever the generated source changes for the same expressions
-GENERATOR_VERSION = "elementwise-13-gradient-slab"
+GENERATOR_VERSION = "elementwise-14-gradient-slab-cells"
 
 #: default of the backward's ``SLAB_IN_REGS`` constexpr (the launcher always passes it and
 #: ``HAS_H0``; the defaults serve compiles that name only the older constexprs, e.g.
@@ -193,19 +193,19 @@ def _accumulate(ptr, val, mask, ATOMIC: tl.constexpr):
 
 
 @triton.jit
-def _grads_slab_at(t_blk, i_h, o_gs, H: tl.constexpr, V: tl.constexpr):
-    # cells of the state entering the block at token t_blk: row k in token t_blk + k (o_gs)
-    return (t_blk * H + i_h).to(tl.int64) * V + o_gs
+def _grads_slab_at(t_blk, i_h, o_gs, m, i, n, H: tl.constexpr, V: tl.constexpr):
+    # cells (offsets, mask) of slot i, the state entering the block at token t_blk: row k in token
+    # t_blk + k (o_gs); only slots 0 <= i < n are kept. (The slot test is broadcast through the
+    # offsets: the interpreter refuses a scalar-and-block mask.)
+    off = (t_blk * H + i_h).to(tl.int64) * V + o_gs
+    slot = off * 0 + i
+    return off, m & (slot >= 0) & (slot < n)
 
 
 @triton.jit
-def _grads_slab_store(dv, lo, off, S, m, i, n, HALVES: tl.constexpr):
-    # a block-entering state (slot i, stored if i < n) kept in gradient cells this program writes
-    # later: float32 whole in a 4-byte dv, or bit for bit as its high 16 bits in dv and its low
-    # 16 bits in lo. (The slot test is broadcast through off: the interpreter refuses a
-    # scalar-and-block mask.)
-    slot = off * 0 + i
-    mask = m & (slot >= 0) & (slot < n)
+def _grads_slab_store(dv, lo, off, mask, S, HALVES: tl.constexpr):
+    # a block-entering state kept in gradient cells this program writes later: float32 whole in a
+    # 4-byte dv, or bit for bit as its high 16 bits in dv and its low 16 bits in lo
     if HALVES == 1:
         tl.store(dv + off, S, mask=mask)
     else:
@@ -215,9 +215,7 @@ def _grads_slab_store(dv, lo, off, S, m, i, n, HALVES: tl.constexpr):
 
 
 @triton.jit
-def _grads_slab_load(dv, lo, off, m, i, n, HALVES: tl.constexpr):
-    slot = off * 0 + i
-    mask = m & (slot >= 0) & (slot < n)
+def _grads_slab_load(dv, lo, off, mask, HALVES: tl.constexpr):
     if HALVES == 1:
         S = tl.load(dv + off, mask=mask, other=0.0)
     else:
@@ -460,8 +458,8 @@ def _reverse_block(src: Src, plan: Plan, rev_loads, full: bool, lean: bool):
         "        # loaded one block ahead (the last block's, which may be partial, is S itself); the",
         "        # barrier that ends the block orders the load before the previous block's stores",
         "        S0 = S_next",
-        "        S_next = _grads_slab_load(dv, scratch, _grads_slab_at(t_blk - BT, i_h, o_gs, H, V), m_kv,",
-        "                                  i_blk - 1, nb - 1, SLAB_HALVES)",
+        "        o_nx, m_nx = _grads_slab_at(t_blk - BT, i_h, o_gs, m_kv, i_blk - 1, nb - 1, H, V)",
+        "        S_next = _grads_slab_load(dv, scratch, o_nx, m_nx, SLAB_HALVES)",
         "    else:",
         "        S0 = tl.load(scr + i_blk * BK * BV + o_slab)",
         "else:",
@@ -709,7 +707,8 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         "if SLAB_IN_REGS == 1:",
         "    slab = tl.where(slot == 0, S[None, :, :], 0.0)",
         "elif SLAB_IN_REGS == 2:",
-        "    _grads_slab_store(dv, scratch, _grads_slab_at(t_seg, i_h, o_gs, H, V), S, m_kv, 0, nb - 1, SLAB_HALVES)",
+        "    o_sl, m_sl = _grads_slab_at(t_seg, i_h, o_gs, m_kv, 0, nb - 1, H, V)",
+        "    _grads_slab_store(dv, scratch, o_sl, m_sl, S, SLAB_HALVES)",
         "else:",
         "    tl.store(scr + o_slab, S)",
     )
@@ -718,8 +717,8 @@ def _backward(src: Src, plan: Plan, depth: int, coef_args: str, grad_args: str, 
         "if SLAB_IN_REGS == 1:",
         "    slab = tl.where(slot == i_blk + 1, S[None, :, :], slab)",
         "elif SLAB_IN_REGS == 2:",
-        "    _grads_slab_store(dv, scratch, _grads_slab_at(t_blk + BT, i_h, o_gs, H, V), S, m_kv, i_blk + 1, nb - 1,",
-        "                      SLAB_HALVES)",
+        "    o_sl, m_sl = _grads_slab_at(t_blk + BT, i_h, o_gs, m_kv, i_blk + 1, nb - 1, H, V)",
+        "    _grads_slab_store(dv, scratch, o_sl, m_sl, S, SLAB_HALVES)",
         "else:",
         "    tl.store(scr + (i_blk + 1) * BK * BV + o_slab, S)",
     )

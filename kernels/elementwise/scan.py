@@ -580,17 +580,18 @@ def launch_plan(rec, q, k, v, coefs: dict, *, initial_state=None, cu_seqlens=Non
         return backward_segments(cfg, T, split_bwd)
 
     bt_bwd = _pair(block_t, "block_t")[1]
+    cells = grads_slab_cells(plan, v, coef_list)[0]   # 0: no room for the gradient-buffer slab
     slab = choose_slab(
         slab if slab is not None else default_slab(), need_grad=need,
         compiled=q.device.type == "cuda" and not interpreting(),
-        cells=bool(grads_slab_cells(plan, v, coef_list)[0]),
+        cells=bool(cells),
         pinned=(slab_slots is not None or slab_segments is not None or default_slab_segments() is not None
                 or (bt_bwd is not None and bt_bwd < next_pow2(K))),
         spills=lambda: _grads_backward_spills(plan, mod, config(slab="grads"), backward_split, q, v, coef_list,
                                               D, initial_state, cu_seqlens, H),
     )
     cfg = config(slab=slab)
-    if cfg.slab == "grads" and not grads_slab_cells(plan, v, coef_list)[0]:
+    if cfg.slab == "grads" and not cells:
         raise InputError("slab='grads' keeps float32 states in the gradient buffers' cells: it needs a "
                          "4-byte v, or a 2-byte v and a per-token, per-value coefficient of 2 bytes "
                          f"(v is {v.dtype}); use slab='registers'")
